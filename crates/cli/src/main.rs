@@ -1,0 +1,269 @@
+//! The `ampoule` command.
+//!
+//! Data goes to stdout, diagnostics to stderr. Exit codes of `ampoule run`: the program's own,
+//! 124 when it timed out, 137 when a limit killed it, 125 when ampoule itself failed.
+#![forbid(unsafe_code)]
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use ampoule_runtime::doctor::{self, Level};
+use ampoule_runtime::scratch::{CODE, DATA};
+use ampoule_runtime::{Host, Interpreter, SandboxConfig};
+use ampoule_types::{ExecutionStatus, Language, Limits, RunResult};
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+
+/// Exit code when ampoule itself fails (as `timeout` and `docker run` use 125).
+const EXIT_INTERNAL: u8 = 125;
+
+#[derive(Parser)]
+#[command(
+    name = "ampoule",
+    version,
+    about = "Run untrusted code in sealed, throw-away Linux sandboxes"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run code once in a fresh sandbox, then destroy it.
+    Run(RunArgs),
+    /// Check which isolation layers and language runtimes work on this host.
+    Doctor {
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Language of the code: python, javascript (js, node) or shell (bash).
+    #[arg(long, short, default_value = "python")]
+    lang: String,
+    /// Wall-clock limit in seconds.
+    #[arg(long, default_value_t = Limits::default().timeout_s)]
+    timeout: f64,
+    /// Memory limit in MiB (including swap).
+    #[arg(long, default_value_t = Limits::default().memory_mib)]
+    memory: u64,
+    /// Maximum number of processes and threads.
+    #[arg(long, default_value_t = Limits::default().pids)]
+    pids: u64,
+    /// Size of /mnt/data plus /tmp, in MiB.
+    #[arg(long, default_value_t = Limits::default().disk_mib)]
+    disk: u64,
+    /// Bytes kept per output stream.
+    #[arg(long, default_value_t = Limits::default().output_bytes)]
+    output_bytes: u64,
+    /// Allow network access to this host (repeatable).
+    #[arg(long = "allow-host", value_name = "HOST")]
+    allow_host: Vec<String>,
+    /// Copy this file into /mnt/data before the code runs (repeatable).
+    #[arg(long = "file", value_name = "PATH")]
+    files: Vec<PathBuf>,
+    /// Copy what the code left in /mnt/data into this directory.
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// Print the full result object as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+    /// File with the code, or `-` for standard input.
+    code: String,
+}
+
+fn main() -> ExitCode {
+    // The same binary is the sandbox's init; this must run before anything else (no threads,
+    // no runtime, no logging).
+    if std::env::args_os().nth(1).as_deref() == Some(ampoule_runtime::init::INIT_ARG.as_ref()) {
+        ampoule_runtime::init::main();
+    }
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("AMPOULE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let cli = Cli::parse();
+    // Sandboxes ask to die with the thread that spawned them: a current-thread runtime keeps
+    // that thread (the main thread) alive for as long as they live.
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return report(anyhow::Error::new(e).context("starting the async runtime")),
+    };
+    let result = rt.block_on(async {
+        match cli.command {
+            Command::Run(args) => run(args).await,
+            Command::Doctor { json } => doctor(json).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => report(e),
+    }
+}
+
+fn report(e: anyhow::Error) -> ExitCode {
+    let mut msg = format!("error: {e}");
+    for cause in e.chain().skip(1) {
+        msg.push_str(&format!("\n  caused by: {cause}"));
+    }
+    eprintln!("{msg}");
+    ExitCode::from(EXIT_INTERNAL)
+}
+
+async fn run(args: RunArgs) -> Result<ExitCode> {
+    let Some(language) = Language::parse(&args.lang) else {
+        bail!(
+            "unknown language {:?}\nhint: use python, javascript or shell",
+            args.lang
+        );
+    };
+    if !args.allow_host.is_empty() {
+        bail!(
+            "--allow-host needs the egress proxy, which this build does not have yet; \
+             sandboxes have no network\nhint: drop --allow-host"
+        );
+    }
+    if !(args.timeout > 0.0 && args.timeout.is_finite()) {
+        bail!("--timeout must be a positive number of seconds");
+    }
+    let code = if args.code == "-" {
+        let mut buf = Vec::new();
+        std::io::stdin()
+            .read_to_end(&mut buf)
+            .context("reading code from stdin")?;
+        buf
+    } else {
+        std::fs::read(&args.code).with_context(|| format!("reading {}", args.code))?
+    };
+    let mut inputs = Vec::new();
+    for path in &args.files {
+        let name = path
+            .file_name()
+            .with_context(|| format!("{} has no file name", path.display()))?
+            .to_string_lossy()
+            .into_owned();
+        let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        inputs.push((name, data));
+    }
+
+    let interpreter = Interpreter::find(language)?;
+    let mut cfg = SandboxConfig::new(interpreter.argv());
+    cfg.env.extend(interpreter.env.iter().cloned());
+    cfg.ro_binds = interpreter.binds.clone();
+    cfg.limits = Limits {
+        timeout_s: args.timeout,
+        memory_mib: args.memory,
+        pids: args.pids,
+        disk_mib: args.disk,
+        output_bytes: args.output_bytes,
+        ..Limits::default()
+    };
+
+    let host = Host::detect().context("preparing the host")?;
+    host.sweep_orphans();
+    let file_name = interpreter.file_name;
+    let (result, sandbox) = ampoule_runtime::run::run(&host, &cfg, |scratch| {
+        scratch.write(CODE, file_name, &code, 0o644)?;
+        for (name, data) in &inputs {
+            scratch.write(DATA, name, data, 0o644)?;
+        }
+        Ok(())
+    })
+    .await?;
+    if let Some(dir) = &args.out {
+        sandbox
+            .scratch()
+            .copy_out(dir, cfg.limits.disk_mib.saturating_mul(1024 * 1024))
+            .with_context(|| format!("copying outputs to {}", dir.display()))?;
+    }
+    drop(sandbox);
+    print_result(&result, &cfg.limits, args.json)?;
+    Ok(ExitCode::from(
+        u8::try_from(result.exit_code & 0xff).unwrap_or(1),
+    ))
+}
+
+fn print_result(r: &RunResult, limits: &Limits, json: bool) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, r)?;
+        writeln!(out)?;
+        return Ok(());
+    }
+    out.write_all(r.stdout.as_bytes())?;
+    out.flush()?;
+    let mut err = std::io::stderr().lock();
+    err.write_all(r.stderr.as_bytes())?;
+    for (name, cut) in [
+        ("stdout", r.stdout_truncated),
+        ("stderr", r.stderr_truncated),
+    ] {
+        if cut {
+            writeln!(
+                err,
+                "ampoule: {name} truncated at {} bytes",
+                limits.output_bytes
+            )?;
+        }
+    }
+    match (r.status, r.limit) {
+        (ExecutionStatus::TimedOut, _) => {
+            writeln!(err, "ampoule: timed out after {} s", limits.timeout_s)?;
+        }
+        (ExecutionStatus::Killed, Some(limit)) => {
+            let what = match limit {
+                ampoule_types::LimitKind::Memory => {
+                    format!("memory limit ({} MiB)", limits.memory_mib)
+                }
+                ampoule_types::LimitKind::Pids => format!("process limit ({})", limits.pids),
+                ampoule_types::LimitKind::Disk => format!("disk limit ({} MiB)", limits.disk_mib),
+                ampoule_types::LimitKind::Output => {
+                    format!("output limit ({} bytes)", limits.output_bytes)
+                }
+                other => format!("{other} limit"),
+            };
+            writeln!(err, "ampoule: killed: {what}")?;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+async fn doctor(json: bool) -> Result<ExitCode> {
+    let checks = doctor::run().await;
+    let failed = checks.iter().any(|c| c.level == Level::Fail);
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, &checks)?;
+        writeln!(out)?;
+    } else {
+        let width = checks.iter().map(|c| c.name.len()).max().unwrap_or(0);
+        for c in &checks {
+            let tag = match c.level {
+                Level::Ok => "ok  ",
+                Level::Warn => "warn",
+                Level::Fail => "FAIL",
+            };
+            writeln!(out, "{tag}  {:width$}  {}", c.name, c.detail)?;
+            if let Some(fix) = &c.fix {
+                writeln!(out, "      {:width$}  fix: {fix}", "")?;
+            }
+        }
+    }
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}

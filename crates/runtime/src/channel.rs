@@ -1,0 +1,289 @@
+//! The control channel between the supervisor and the sandbox's init processes.
+//!
+//! A `SOCK_SEQPACKET` socket pair: every message is one JSON datagram (so no framing code), and
+//! a message may carry one file descriptor with `SCM_RIGHTS` (the scratch directory). The init
+//! side is blocking (it is single-threaded); the supervisor side is async.
+//!
+//! This is the runtime's internal channel, not the host↔interpreter protocol: it only carries
+//! setup and lifecycle messages, never user data.
+
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+
+use nix::sys::socket::{
+    AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, recvmsg,
+    sendmsg, socketpair,
+};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio::io::unix::AsyncFd;
+
+use crate::error::{Error, Result};
+
+/// Largest message we accept.
+const MAX_MESSAGE: usize = 256 * 1024;
+
+/// Everything the init process needs to build the sandbox.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct InitSpec {
+    pub(crate) argv: Vec<String>,
+    pub(crate) env: Vec<(String, String)>,
+    pub(crate) cwd: String,
+    pub(crate) hostname: String,
+    pub(crate) privileged: bool,
+    pub(crate) host_uid: u32,
+    pub(crate) host_gid: u32,
+    pub(crate) sandbox_uid: u32,
+    pub(crate) sandbox_gid: u32,
+    pub(crate) cgroup_procs: Vec<PathBuf>,
+    pub(crate) stage_dir: PathBuf,
+    pub(crate) scratch_dir: PathBuf,
+    pub(crate) ro_binds: Vec<PathBuf>,
+    pub(crate) etc_files: Vec<(String, String)>,
+    pub(crate) etc_binds: Vec<String>,
+    pub(crate) scratch_bytes: u64,
+    pub(crate) scratch_inodes: u64,
+    pub(crate) rlimit_nofile: u64,
+    pub(crate) rlimit_fsize: u64,
+    pub(crate) rlimit_cpu_s: u64,
+    pub(crate) rlimit_nproc: Option<u64>,
+}
+
+/// Supervisor → init.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum ToInit {
+    /// Build the sandbox described here (first message).
+    Spec(Box<InitSpec>),
+    /// The supervisor has put the inputs in place: start the program.
+    Start,
+}
+
+/// Init → supervisor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) enum FromInit {
+    /// Carries the scratch directory's descriptor.
+    Scratch,
+    /// The program is about to `exec`; the layers are in place.
+    Ready {
+        /// Landlock status as the kernel reported it.
+        landlock: String,
+    },
+    /// A setup stage failed; nothing of the user's ran.
+    Failed {
+        /// The stage.
+        stage: String,
+        /// The error.
+        message: String,
+    },
+    /// The program exited with this code.
+    Exited {
+        /// Exit code.
+        code: i32,
+    },
+    /// The program was ended by this signal.
+    Signaled {
+        /// Signal number.
+        signal: i32,
+    },
+    /// The sandbox's pid 1 itself died from a signal (e.g. the OOM killer or a cgroup kill).
+    InitKilled {
+        /// Signal number.
+        signal: i32,
+    },
+}
+
+/// Creates the socket pair: (supervisor end, init end). Both are close-on-exec; the init end
+/// is moved to descriptor 3 in the child by `pre_exec`.
+pub(crate) fn pair() -> Result<(OwnedFd, OwnedFd)> {
+    socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(|e| Error::io("creating the control socket pair", e.into()))
+}
+
+fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(msg).map_err(|e| Error::Channel(format!("encode: {e}")))
+}
+
+fn decode<T: DeserializeOwned>(buf: &[u8]) -> Result<T> {
+    serde_json::from_slice(buf).map_err(|e| Error::Channel(format!("decode: {e}")))
+}
+
+fn send_raw(fd: RawFd, buf: &[u8], pass: Option<RawFd>, flags: MsgFlags) -> nix::Result<usize> {
+    let iov = [IoSlice::new(buf)];
+    match pass {
+        Some(p) => {
+            let fds = [p];
+            sendmsg::<()>(fd, &iov, &[ControlMessage::ScmRights(&fds)], flags, None)
+        }
+        None => sendmsg::<()>(fd, &iov, &[], flags, None),
+    }
+}
+
+/// Receives one datagram; `Ok(None)` on end of stream.
+fn recv_raw(fd: RawFd, flags: MsgFlags) -> nix::Result<Option<(Vec<u8>, Option<OwnedFd>)>> {
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    let mut cmsg = nix::cmsg_space!([RawFd; 2]);
+    let (len, received) = {
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        let msg = recvmsg::<()>(
+            fd,
+            &mut iov,
+            Some(&mut cmsg),
+            flags | MsgFlags::MSG_CMSG_CLOEXEC,
+        )?;
+        let mut received = Vec::new();
+        if let Ok(cmsgs) = msg.cmsgs() {
+            for c in cmsgs {
+                if let ControlMessageOwned::ScmRights(fds) = c {
+                    received.extend(fds);
+                }
+            }
+        }
+        (msg.bytes, received)
+    };
+    let mut owned: Vec<OwnedFd> = received.into_iter().map(crate::sys::own_fd).collect();
+    if len == 0 && owned.is_empty() {
+        return Ok(None);
+    }
+    buf.truncate(len);
+    let fd = owned.pop();
+    Ok(Some((buf, fd)))
+}
+
+/// Blocking end used by the init processes.
+pub(crate) struct InitChannel {
+    fd: OwnedFd,
+}
+
+impl InitChannel {
+    /// Wraps the channel and marks it close-on-exec, so the program never inherits it.
+    pub(crate) fn new(fd: OwnedFd) -> Self {
+        let _ = nix::fcntl::fcntl(
+            &fd,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        );
+        Self { fd }
+    }
+
+    pub(crate) fn send(&self, msg: &FromInit, pass: Option<RawFd>) -> Result<()> {
+        let buf = encode(msg)?;
+        send_raw(self.fd.as_raw_fd(), &buf, pass, MsgFlags::MSG_NOSIGNAL)
+            .map(drop)
+            .map_err(|e| Error::Channel(format!("send: {e}")))
+    }
+
+    pub(crate) fn recv(&self) -> Result<ToInit> {
+        loop {
+            match recv_raw(self.fd.as_raw_fd(), MsgFlags::empty()) {
+                Ok(Some((buf, _))) => return decode(&buf),
+                Ok(None) => return Err(Error::Channel("supervisor went away".into())),
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(Error::Channel(format!("recv: {e}"))),
+            }
+        }
+    }
+}
+
+/// Async end used by the supervisor.
+#[derive(Debug)]
+pub(crate) struct HostChannel {
+    fd: AsyncFd<OwnedFd>,
+}
+
+impl HostChannel {
+    pub(crate) fn new(fd: OwnedFd) -> Result<Self> {
+        nix::fcntl::fcntl(
+            &fd,
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        )
+        .map_err(|e| Error::io("making the control socket non-blocking", e.into()))?;
+        Ok(Self {
+            fd: crate::sys::register_async(fd)
+                .map_err(|e| Error::io("registering the control socket", e))?,
+        })
+    }
+
+    pub(crate) async fn send(&self, msg: &ToInit) -> Result<()> {
+        let buf = encode(msg)?;
+        loop {
+            let mut guard = self
+                .fd
+                .writable()
+                .await
+                .map_err(|e| Error::io("control socket", e))?;
+            match send_raw(
+                self.fd.get_ref().as_raw_fd(),
+                &buf,
+                None,
+                MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+            ) {
+                Ok(_) => return Ok(()),
+                Err(nix::errno::Errno::EAGAIN) => guard.clear_ready(),
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(Error::Channel(format!("send: {e}"))),
+            }
+        }
+    }
+
+    /// Next message and its descriptor; `Ok(None)` when every init process has exited.
+    pub(crate) async fn recv(&self) -> Result<Option<(FromInit, Option<OwnedFd>)>> {
+        loop {
+            let mut guard = self
+                .fd
+                .readable()
+                .await
+                .map_err(|e| Error::io("control socket", e))?;
+            match recv_raw(self.fd.get_ref().as_raw_fd(), MsgFlags::MSG_DONTWAIT) {
+                Ok(Some((buf, fd))) => return Ok(Some((decode(&buf)?, fd))),
+                Ok(None) => return Ok(None),
+                Err(nix::errno::Errno::EAGAIN) => guard.clear_ready(),
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(Error::Channel(format!("recv: {e}"))),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_have_a_stable_json_shape() {
+        let m = FromInit::Failed {
+            stage: "mount".into(),
+            message: "EPERM".into(),
+        };
+        assert_eq!(
+            serde_json::to_string(&m).unwrap(),
+            r#"{"Failed":{"stage":"mount","message":"EPERM"}}"#
+        );
+        assert_eq!(serde_json::to_string(&ToInit::Start).unwrap(), r#""Start""#);
+    }
+
+    #[tokio::test]
+    async fn a_descriptor_crosses_the_channel() {
+        let (host, init) = pair().unwrap();
+        let host = HostChannel::new(host).unwrap();
+        let init = InitChannel::new(init);
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("marker"), b"x").unwrap();
+        let dirfd = std::fs::File::open(dir.path()).unwrap();
+        init.send(&FromInit::Scratch, Some(dirfd.as_raw_fd()))
+            .unwrap();
+        let (msg, fd) = host.recv().await.unwrap().unwrap();
+        assert_eq!(msg, FromInit::Scratch);
+        let fd = fd.expect("descriptor passed");
+        let st = nix::sys::stat::fstatat(&fd, "marker", nix::fcntl::AtFlags::empty()).unwrap();
+        assert_eq!(st.st_size, 1);
+        host.send(&ToInit::Start).await.unwrap();
+        assert!(matches!(init.recv().unwrap(), ToInit::Start));
+        drop(init);
+        assert!(host.recv().await.unwrap().is_none());
+    }
+}

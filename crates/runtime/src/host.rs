@@ -1,0 +1,190 @@
+//! What the host offers to sandboxes, decided once per process: privilege mode, the runtime
+//! directory, cgroups, and the pool of unique host uids (slots).
+//!
+//! A slot is a lock file `<runtime dir>/slots/<n>.lock` held with `flock` for as long as a
+//! sandbox lives. It gives the sandbox a host uid nobody else uses (`uid_base + n`, root mode
+//! only) and names its cgroup `sbx-<n>`. Because the kernel drops the lock when its holder dies,
+//! a cgroup whose slot lock can be taken belongs to nobody: that is an orphan, and
+//! [`Host::sweep_orphans`] kills and removes it.
+
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{Flock, FlockArg};
+
+use crate::cgroup::CgroupRoot;
+use crate::error::{Error, IoContext, Result};
+
+/// Number of slots, hence of sandboxes that can live at once on one host.
+pub const SLOTS: u32 = 16_384;
+
+/// First host uid (and gid) given to sandboxes in root mode; far above any uid a distribution
+/// hands out and above the ranges of `/etc/subuid` defaults.
+pub const UID_BASE: u32 = 1_100_000_000;
+
+/// How this process runs sandboxes.
+#[derive(Debug, Clone)]
+pub struct Host {
+    /// Root in the initial user namespace: unique uid per sandbox, cgroups, privileged mounts.
+    pub privileged: bool,
+    /// Where slot locks and mount staging directories live.
+    pub runtime_dir: PathBuf,
+    /// Where sandbox cgroups go, when cgroups are usable.
+    pub cgroups: Option<CgroupRoot>,
+}
+
+/// A reserved slot. Dropping it releases the lock.
+#[derive(Debug)]
+pub struct Slot {
+    index: u32,
+    _lock: Flock<File>,
+}
+
+impl Slot {
+    /// The slot number.
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// The cgroup name of the sandbox in this slot.
+    pub fn cgroup_name(&self) -> String {
+        format!("sbx-{}", self.index)
+    }
+}
+
+impl Host {
+    /// Detects the mode from the effective uid and prepares the runtime directory and cgroups.
+    pub fn detect() -> Result<Self> {
+        let privileged = nix::unistd::geteuid().is_root();
+        let runtime_dir = if privileged {
+            PathBuf::from("/run/ampoule")
+        } else if let Some(xdg) = std::env::var_os("XDG_RUNTIME_DIR") {
+            PathBuf::from(xdg).join("ampoule")
+        } else {
+            PathBuf::from(format!("/tmp/ampoule-{}", nix::unistd::geteuid()))
+        };
+        let cgroups = CgroupRoot::detect().filter(|root| root.prepare().is_ok());
+        Self::with(privileged, runtime_dir, cgroups)
+    }
+
+    /// A host with explicit settings (tests).
+    pub fn with(
+        privileged: bool,
+        runtime_dir: PathBuf,
+        cgroups: Option<CgroupRoot>,
+    ) -> Result<Self> {
+        let host = Self {
+            privileged,
+            runtime_dir,
+            cgroups,
+        };
+        for dir in [
+            host.runtime_dir.clone(),
+            host.slots_dir(),
+            host.stage_dir(),
+            host.scratch_mount_dir(),
+        ] {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(&dir)
+                .ctx(|| format!("creating {}", dir.display()))?;
+        }
+        // The slots directory holds lock files only the supervisor should touch.
+        let _ = fs::set_permissions(host.slots_dir(), fs::Permissions::from_mode(0o700));
+        Ok(host)
+    }
+
+    fn slots_dir(&self) -> PathBuf {
+        self.runtime_dir.join("slots")
+    }
+
+    /// The empty directory a sandbox mounts its new root on, inside its private mount
+    /// namespace (so concurrent sandboxes never see each other's mounts).
+    pub fn stage_dir(&self) -> PathBuf {
+        self.runtime_dir.join("stage")
+    }
+
+    /// The empty directory a sandbox mounts its scratch tmpfs on before binding its parts.
+    pub fn scratch_mount_dir(&self) -> PathBuf {
+        self.runtime_dir.join("scratch")
+    }
+
+    /// Reserves a free slot.
+    pub fn acquire_slot(&self) -> Result<Slot> {
+        // Start at a pseudo-random place so concurrent processes rarely contend.
+        let start = (std::process::id().wrapping_mul(2_654_435_761)
+            ^ std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos())
+                .unwrap_or(0))
+            % SLOTS;
+        for i in 0..SLOTS {
+            let index = (start + i) % SLOTS;
+            if let Some(slot) = self.try_slot(index)? {
+                return Ok(slot);
+            }
+        }
+        Err(Error::NoSlot(SLOTS as usize))
+    }
+
+    fn try_slot(&self, index: u32) -> Result<Option<Slot>> {
+        let path = self.slots_dir().join(format!("{index}.lock"));
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .ctx(|| format!("opening {}", path.display()))?;
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => Ok(Some(Slot { index, _lock: lock })),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+            Err((_, e)) => Err(Error::io(
+                format!("locking {}", path.display()),
+                std::io::Error::from(e),
+            )),
+        }
+    }
+
+    /// The host uid and gid of the sandbox in `slot`.
+    pub fn ids_for(&self, slot: &Slot) -> (u32, u32) {
+        if self.privileged {
+            (UID_BASE + slot.index, UID_BASE + slot.index)
+        } else {
+            (
+                nix::unistd::geteuid().as_raw(),
+                nix::unistd::getegid().as_raw(),
+            )
+        }
+    }
+
+    /// Kills and removes every sandbox cgroup whose slot no live process holds: the leftovers of
+    /// a supervisor that was killed mid-run. Returns how many were swept.
+    pub fn sweep_orphans(&self) -> usize {
+        let Some(root) = &self.cgroups else { return 0 };
+        let mut swept = 0;
+        for name in root.children() {
+            let Some(index) = name
+                .strip_prefix("sbx-")
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            // Holding the lock while we sweep keeps a new sandbox from taking the slot meanwhile.
+            let Ok(Some(_slot)) = self.try_slot(index) else {
+                continue;
+            };
+            let cg = root.open(&name);
+            cg.kill_and_remove();
+            tracing::info!(cgroup = %name, "swept orphaned sandbox");
+            swept += 1;
+        }
+        swept
+    }
+
+    /// Whether `path` is inside the runtime directory (used to refuse binding it).
+    pub fn owns(&self, path: &Path) -> bool {
+        path.starts_with(&self.runtime_dir)
+    }
+}

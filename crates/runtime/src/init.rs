@@ -1,0 +1,685 @@
+//! The sandbox's own processes: what runs between the supervisor's `spawn` and the user's code.
+//!
+//! The supervisor starts the ampoule binary again (`ampoule __sandbox-init`, a fresh,
+//! single-threaded process, so namespaces can be unshared and memory allocated freely) with the
+//! control channel on descriptor 3. Three processes follow:
+//!
+//! * **outer init** (host pid namespace): joins the cgroup, lowers rlimits, unshares every
+//!   namespace, builds the new root on a tmpfs, hands the scratch directory to the supervisor,
+//!   waits for `Start`, forks the inner init and reports if that one dies abnormally.
+//!   In root mode the root is built *before* the user namespace is created, as real root, so
+//!   every mount is owned by the initial namespace and locked: nothing inside can unmount or
+//!   remount it, even with every capability of its own user namespace.
+//! * **inner init** (pid 1 of the new pid namespace): mounts `/proc`, pivots into the new root,
+//!   masks `/proc`, sets the hostname, brings up loopback, applies Landlock, drops every
+//!   capability, sets `no_new_privs`, installs seccomp, then forks the program, reaps zombies
+//!   and reports the program's exit. When it exits, the kernel kills everything left in the pid
+//!   namespace: no daemon outlives a run.
+//! * **program**: `setsid`, then `execve` of the interpreter with a clean environment.
+//!
+//! Any error before `exec` is reported on the channel as `Failed { stage, .. }`.
+
+use std::ffi::CString;
+use std::fs;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
+use nix::sched::{CloneFlags, unshare};
+use nix::sys::resource::{Resource, setrlimit};
+use nix::sys::signal::Signal;
+use nix::sys::wait::{WaitStatus, waitpid};
+use nix::unistd::{Gid, Pid, Uid};
+
+use crate::channel::{FromInit, InitChannel, InitSpec, ToInit};
+use crate::seccomp::SeccompPolicy;
+use crate::sys::{self, Fork};
+
+/// The argument that makes the ampoule binary act as a sandbox init.
+pub const INIT_ARG: &str = "__sandbox-init";
+
+/// Descriptor number of the control channel in the init process.
+const CHANNEL_FD: RawFd = 3;
+
+/// A failed stage: its name and the error.
+struct StageError {
+    stage: &'static str,
+    message: String,
+}
+
+type Stage<T> = std::result::Result<T, StageError>;
+
+trait StageContext<T> {
+    fn stage(self, stage: &'static str) -> Stage<T>;
+}
+
+impl<T, E: std::fmt::Display> StageContext<T> for std::result::Result<T, E> {
+    fn stage(self, stage: &'static str) -> Stage<T> {
+        self.map_err(|e| StageError {
+            stage,
+            message: e.to_string(),
+        })
+    }
+}
+
+fn fail(stage: &'static str, message: impl Into<String>) -> StageError {
+    StageError {
+        stage,
+        message: message.into(),
+    }
+}
+
+/// Entry point of `ampoule __sandbox-init`. Never returns.
+pub fn main() -> ! {
+    // Die with the supervisor. If it already died, stop here.
+    let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+    if nix::unistd::getppid().as_raw() == 1 {
+        std::process::exit(111);
+    }
+    // Nothing inherited beyond stdio and the channel may reach the sandbox.
+    let _ = sys::close_from(CHANNEL_FD as u32 + 1);
+    let chan = InitChannel::new(sys::own_fd(CHANNEL_FD));
+    let code = match outer(&chan) {
+        Ok(code) => code,
+        Err(e) => {
+            let _ = chan.send(
+                &FromInit::Failed {
+                    stage: e.stage.to_owned(),
+                    message: e.message,
+                },
+                None,
+            );
+            112
+        }
+    };
+    std::process::exit(code)
+}
+
+fn outer(chan: &InitChannel) -> Stage<i32> {
+    let spec = match chan.recv().stage("channel")? {
+        ToInit::Spec(spec) => *spec,
+        ToInit::Start => return Err(fail("channel", "expected the spec first")),
+    };
+    let seccomp = SeccompPolicy::default_policy().stage("seccomp")?;
+
+    for procs in &spec.cgroup_procs {
+        fs::write(procs, "0").stage("cgroup")?;
+    }
+    set_rlimits(&spec).stage("rlimit")?;
+
+    let namespaces = CloneFlags::CLONE_NEWUSER
+        | CloneFlags::CLONE_NEWNS
+        | CloneFlags::CLONE_NEWPID
+        | CloneFlags::CLONE_NEWNET
+        | CloneFlags::CLONE_NEWIPC
+        | CloneFlags::CLONE_NEWUTS
+        | CloneFlags::CLONE_NEWCGROUP;
+    if spec.privileged {
+        // Build everything as real root in a private mount namespace first.
+        unshare(CloneFlags::CLONE_NEWNS).stage("unshare mount")?;
+        make_private().stage("mount private")?;
+        mount_scratch(&spec)?;
+        build_root(&spec)?;
+        let gid = Gid::from_raw(spec.host_gid);
+        let uid = Uid::from_raw(spec.host_uid);
+        nix::unistd::setgroups(&[gid]).stage("setgroups")?;
+        nix::unistd::setresgid(gid, gid, gid).stage("setresgid")?;
+        nix::unistd::setresuid(uid, uid, uid).stage("setresuid")?;
+        // setresuid cleared "dumpable", which would make our own uid_map root-owned.
+        nix::sys::prctl::set_dumpable(true).stage("dumpable")?;
+        unshare(namespaces).stage("unshare")?;
+        write_id_maps(&spec).stage("id maps")?;
+    } else {
+        unshare(namespaces).stage("unshare")?;
+        write_id_maps(&spec).stage("id maps")?;
+        make_private().stage("mount private")?;
+        mount_scratch(&spec)?;
+        build_root(&spec)?;
+    }
+
+    let scratch = fs::File::open(&spec.scratch_dir).stage("scratch")?;
+    chan.send(&FromInit::Scratch, Some(scratch.as_raw_fd()))
+        .stage("channel")?;
+    drop(scratch);
+    match chan.recv().stage("channel")? {
+        ToInit::Start => {}
+        ToInit::Spec(_) => return Err(fail("channel", "unexpected second spec")),
+    }
+
+    match sys::fork().stage("fork")? {
+        Fork::Child => {
+            let code = match inner(&spec, chan, &seccomp) {
+                Ok(code) => code,
+                Err(e) => {
+                    let _ = chan.send(
+                        &FromInit::Failed {
+                            stage: e.stage.to_owned(),
+                            message: e.message,
+                        },
+                        None,
+                    );
+                    112
+                }
+            };
+            std::process::exit(code)
+        }
+        Fork::Parent(child) => {
+            detach_stdio();
+            loop {
+                match waitpid(child, None) {
+                    Ok(WaitStatus::Exited(_, code)) => return Ok(code),
+                    Ok(WaitStatus::Signaled(_, sig, _)) => {
+                        let _ = chan.send(&FromInit::InitKilled { signal: sig as i32 }, None);
+                        return Ok(128 + sig as i32);
+                    }
+                    Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+                    Err(e) => return Err(fail("wait", e.to_string())),
+                }
+            }
+        }
+    }
+}
+
+/// Points stdin/stdout/stderr at /dev/null, so only the program holds the output pipes and the
+/// supervisor sees end-of-file when the program's processes are gone.
+fn detach_stdio() {
+    if let Ok(null) = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
+        for fd in 0..3 {
+            let _ = sys::dup2_raw(null.as_raw_fd(), fd);
+        }
+    }
+}
+
+fn set_rlimits(spec: &InitSpec) -> nix::Result<()> {
+    setrlimit(Resource::RLIMIT_CORE, 0, 0)?;
+    setrlimit(
+        Resource::RLIMIT_NOFILE,
+        spec.rlimit_nofile,
+        spec.rlimit_nofile,
+    )?;
+    setrlimit(Resource::RLIMIT_FSIZE, spec.rlimit_fsize, spec.rlimit_fsize)?;
+    setrlimit(
+        Resource::RLIMIT_CPU,
+        spec.rlimit_cpu_s,
+        spec.rlimit_cpu_s.saturating_add(1),
+    )?;
+    if let Some(n) = spec.rlimit_nproc {
+        setrlimit(Resource::RLIMIT_NPROC, n, n)?;
+    }
+    Ok(())
+}
+
+fn make_private() -> nix::Result<()> {
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+}
+
+fn write_id_maps(spec: &InitSpec) -> std::io::Result<()> {
+    fs::write(
+        "/proc/self/uid_map",
+        format!("{} {} 1\n", spec.sandbox_uid, spec.host_uid),
+    )?;
+    fs::write("/proc/self/setgroups", "deny")?;
+    fs::write(
+        "/proc/self/gid_map",
+        format!("{} {} 1\n", spec.sandbox_gid, spec.host_gid),
+    )?;
+    Ok(())
+}
+
+fn tmpfs(target: &Path, opts: &str, flags: MsFlags) -> Stage<()> {
+    mount(Some("tmpfs"), target, Some("tmpfs"), flags, Some(opts))
+        .map_err(|e| fail("mount", format!("tmpfs on {}: {e}", target.display())))
+}
+
+/// The scratch tmpfs holds everything the sandbox may write: `/mnt/data`, `/tmp`, `/dev/shm`.
+/// One filesystem, so one size and inode limit covers all three.
+fn mount_scratch(spec: &InitSpec) -> Stage<()> {
+    let dir = &spec.scratch_dir;
+    tmpfs(
+        dir,
+        &format!(
+            "size={},nr_inodes={},mode=0755",
+            spec.scratch_bytes.max(4096),
+            spec.scratch_inodes.max(64)
+        ),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+    )?;
+    for (name, mode) in [
+        ("data", 0o755),
+        (".ampoule", 0o755),
+        ("tmp", 0o1777),
+        ("shm", 0o1777),
+    ] {
+        let p = dir.join(name);
+        fs::DirBuilder::new()
+            .mode(mode)
+            .create(&p)
+            .stage("scratch")?;
+        fs::set_permissions(&p, fs::Permissions::from_mode(mode)).stage("scratch")?;
+        if spec.privileged && name != ".ampoule" {
+            nix::unistd::chown(
+                &p,
+                Some(Uid::from_raw(spec.host_uid)),
+                Some(Gid::from_raw(spec.host_gid)),
+            )
+            .stage("scratch")?;
+        }
+    }
+    Ok(())
+}
+
+/// Mount flags a bind must keep when remounted: in a user namespace the kernel refuses to drop
+/// flags that were set on the source mount ("locked" flags).
+fn locked_flags(path: &Path) -> MsFlags {
+    use nix::sys::statvfs::FsFlags;
+    let Ok(st) = nix::sys::statvfs::statvfs(path) else {
+        return MsFlags::empty();
+    };
+    let f = st.flags();
+    let mut out = MsFlags::empty();
+    for (from, to) in [
+        (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
+        (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
+        (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
+        (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
+        (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
+        (FsFlags::ST_RELATIME, MsFlags::MS_RELATIME),
+    ] {
+        if f.contains(from) {
+            out |= to;
+        }
+    }
+    out
+}
+
+/// Binds `src` onto `dst` (non-recursively: submounts of the host stay invisible) and remounts
+/// it with `extra` flags.
+fn bind(src: &Path, dst: &Path, extra: MsFlags) -> Stage<()> {
+    mount(Some(src), dst, None::<&str>, MsFlags::MS_BIND, None::<&str>).map_err(|e| {
+        fail(
+            "mount",
+            format!("bind {} on {}: {e}", src.display(), dst.display()),
+        )
+    })?;
+    let flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | extra | locked_flags(src);
+    mount(None::<&str>, dst, None::<&str>, flags, None::<&str>)
+        .map_err(|e| fail("mount", format!("remount {}: {e}", dst.display())))
+}
+
+fn mkdir_p(p: &Path) -> Stage<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(p)
+        .map_err(|e| fail("rootfs", format!("mkdir {}: {e}", p.display())))
+}
+
+fn touch(p: &Path) -> Stage<()> {
+    fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(p)
+        .map(drop)
+        .map_err(|e| fail("rootfs", format!("create {}: {e}", p.display())))
+}
+
+/// Joins an absolute host path under the stage directory.
+fn under(stage: &Path, abs: &Path) -> PathBuf {
+    stage.join(abs.strip_prefix("/").unwrap_or(abs))
+}
+
+/// Builds the new root on a tmpfs at `stage_dir`: read-only binds of the runtimes, a generated
+/// `/etc`, a minimal `/dev`, and the scratch parts; then makes the root itself read-only.
+fn build_root(spec: &InitSpec) -> Stage<()> {
+    let stage = spec.stage_dir.as_path();
+    tmpfs(
+        stage,
+        "size=8m,nr_inodes=4096,mode=0755",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+    )?;
+    for d in [
+        "etc",
+        "proc",
+        "dev",
+        "tmp",
+        "mnt/data",
+        "usr",
+        "run/ampoule",
+        "var/tmp",
+    ] {
+        mkdir_p(&stage.join(d))?;
+    }
+    let ro = MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+
+    // Merged-/usr hosts have /bin → usr/bin and friends; keep the same shape.
+    let mut binds: Vec<PathBuf> = vec![PathBuf::from("/usr")];
+    for top in ["bin", "sbin", "lib", "lib32", "lib64", "libx32"] {
+        let host = Path::new("/").join(top);
+        match fs::symlink_metadata(&host) {
+            Ok(m) if m.file_type().is_symlink() => {
+                let target = fs::read_link(&host).stage("rootfs")?;
+                std::os::unix::fs::symlink(&target, stage.join(top)).stage("rootfs")?;
+            }
+            Ok(m) if m.is_dir() => binds.push(host),
+            _ => {}
+        }
+    }
+    binds.extend(spec.ro_binds.iter().cloned());
+    for src in &binds {
+        let dst = under(stage, src);
+        if src.is_dir() {
+            mkdir_p(&dst)?;
+        } else {
+            if let Some(parent) = dst.parent() {
+                mkdir_p(parent)?;
+            }
+            touch(&dst)?;
+        }
+        bind(src, &dst, ro)?;
+    }
+
+    // /etc: generated files, plus a few public host files (CA certificates, linker cache).
+    let etc = stage.join("etc");
+    for (name, contents) in &spec.etc_files {
+        fs::write(etc.join(name), contents)
+            .map_err(|e| fail("rootfs", format!("write /etc/{name}: {e}")))?;
+    }
+    for name in &spec.etc_binds {
+        let src = Path::new("/etc").join(name);
+        let dst = etc.join(name);
+        // Resolve symlinks on the host side (e.g. /etc/alternatives entries stay symlinks).
+        match fs::symlink_metadata(&src) {
+            Ok(m) if m.file_type().is_symlink() => {
+                let target = fs::read_link(&src).stage("rootfs")?;
+                std::os::unix::fs::symlink(&target, &dst).stage("rootfs")?;
+            }
+            Ok(m) if m.is_dir() => {
+                mkdir_p(&dst)?;
+                bind(&src, &dst, ro)?;
+            }
+            Ok(_) => {
+                touch(&dst)?;
+                bind(&src, &dst, ro)?;
+            }
+            Err(_) => {}
+        }
+    }
+
+    // /dev: a small tmpfs with bind-mounted character devices (mknod is impossible in a user
+    // namespace, and unnecessary).
+    let dev = stage.join("dev");
+    tmpfs(
+        &dev,
+        "size=64k,nr_inodes=64,mode=0755",
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+    )?;
+    for node in ["null", "zero", "full", "random", "urandom"] {
+        let dst = dev.join(node);
+        touch(&dst)?;
+        mount(
+            Some(&Path::new("/dev").join(node)),
+            &dst,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(|e| fail("mount", format!("bind /dev/{node}: {e}")))?;
+    }
+    for (name, target) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        std::os::unix::fs::symlink(target, dev.join(name)).stage("rootfs")?;
+    }
+    mkdir_p(&dev.join("shm"))?;
+
+    // The scratch parts.
+    let scratch = spec.scratch_dir.as_path();
+    let rw = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    bind(&scratch.join("data"), &stage.join("mnt/data"), rw)?;
+    bind(&scratch.join("tmp"), &stage.join("tmp"), rw)?;
+    bind(&scratch.join("shm"), &dev.join("shm"), rw)?;
+    bind(&scratch.join("tmp"), &stage.join("var/tmp"), rw)?;
+    // The code the supervisor hands over lives here, read-only to the sandbox.
+    bind(&scratch.join(".ampoule"), &stage.join("run/ampoule"), ro)?;
+
+    mount(
+        None::<&str>,
+        &dev,
+        None::<&str>,
+        MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(|e| fail("mount", format!("remount /dev read-only: {e}")))?;
+    mount(
+        None::<&str>,
+        stage,
+        None::<&str>,
+        MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        None::<&str>,
+    )
+    .map_err(|e| fail("mount", format!("remount / read-only: {e}")))?;
+    Ok(())
+}
+
+/// `/proc` entries that reveal or change host state; masked as runc does.
+const PROC_MASKED_FILES: &[&str] = &[
+    "kcore",
+    "keys",
+    "key-users",
+    "sysrq-trigger",
+    "timer_list",
+    "sched_debug",
+    "latency_stats",
+    "kallsyms",
+    "kpagecount",
+    "kpageflags",
+    "kpagecgroup",
+    "config.gz",
+    "vmallocinfo",
+    "slabinfo",
+];
+const PROC_MASKED_DIRS: &[&str] = &["acpi", "scsi", "irq", "bus", "fs", "driver", "tty", "sys"];
+
+fn mount_proc(stage: &Path) -> Stage<()> {
+    let proc_dir = stage.join("proc");
+    mount(
+        Some("proc"),
+        &proc_dir,
+        Some("proc"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(|e| fail("proc", format!("mount /proc: {e}")))?;
+    let null = stage.join("dev/null");
+    for f in PROC_MASKED_FILES {
+        let p = proc_dir.join(f);
+        if p.exists() {
+            mount(
+                Some(&null),
+                &p,
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .map_err(|e| fail("proc", format!("mask /proc/{f}: {e}")))?;
+        }
+    }
+    for d in PROC_MASKED_DIRS {
+        let p = proc_dir.join(d);
+        if p.is_dir() {
+            tmpfs(
+                &p,
+                "size=4k,nr_inodes=4,mode=0555",
+                MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn pivot(stage: &Path) -> Stage<()> {
+    // In root mode the stage is a locked mount (made before the user namespace existed), and
+    // pivot_root refuses a locked new root: a bind of it onto itself is a fresh, unlocked mount.
+    mount(
+        Some(stage),
+        stage,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(|e| fail("pivot_root", format!("bind stage: {e}")))?;
+    nix::unistd::chdir(stage).stage("pivot_root")?;
+    // pivot_root(".", ".") stacks the old root on top of the new one; detaching it leaves only
+    // the new tree, with no directory for the old root to hide in.
+    nix::unistd::pivot_root(".", ".").stage("pivot_root")?;
+    umount2(".", MntFlags::MNT_DETACH).stage("pivot_root")?;
+    nix::unistd::chdir("/").stage("pivot_root")?;
+    Ok(())
+}
+
+fn landlock() -> Stage<String> {
+    use landlock::{
+        ABI, Access, AccessFs, CompatLevel, Compatible, PathBeneath, PathFd, Ruleset, RulesetAttr,
+        RulesetCreatedAttr, RulesetStatus, Scope,
+    };
+    let abi = ABI::V6;
+    let rw_dirs = ["/mnt/data", "/tmp", "/dev/shm", "/var/tmp"];
+    let rw_devs = [
+        "/dev/null",
+        "/dev/zero",
+        "/dev/full",
+        "/dev/random",
+        "/dev/urandom",
+    ];
+    let status = (|| -> std::result::Result<RulesetStatus, String> {
+        let fd = |p: &str| PathFd::new(p).map_err(|e| format!("{p}: {e}"));
+        let e = |e: landlock::RulesetError| e.to_string();
+        let mut ruleset = Ruleset::default()
+            .set_compatibility(CompatLevel::BestEffort)
+            .handle_access(AccessFs::from_all(abi))
+            .map_err(e)?
+            .scope(Scope::AbstractUnixSocket | Scope::Signal)
+            .map_err(e)?
+            .create()
+            .map_err(e)?
+            .add_rule(PathBeneath::new(fd("/")?, AccessFs::from_read(abi)))
+            .map_err(e)?;
+        for d in rw_dirs {
+            ruleset = ruleset
+                .add_rule(PathBeneath::new(fd(d)?, AccessFs::from_all(abi)))
+                .map_err(e)?;
+        }
+        for d in rw_devs {
+            ruleset = ruleset
+                .add_rule(PathBeneath::new(fd(d)?, AccessFs::from_file(abi)))
+                .map_err(e)?;
+        }
+        Ok(ruleset.restrict_self().map_err(e)?.ruleset)
+    })()
+    .stage("landlock")?;
+    Ok(match status {
+        RulesetStatus::FullyEnforced => "fully_enforced",
+        RulesetStatus::PartiallyEnforced => "partially_enforced",
+        RulesetStatus::NotEnforced => "not_enforced",
+    }
+    .to_owned())
+}
+
+fn drop_capabilities() -> Stage<()> {
+    use caps::CapSet;
+    caps::clear(None, CapSet::Ambient).stage("capabilities")?;
+    for cap in caps::all() {
+        caps::drop(None, CapSet::Bounding, cap).stage("capabilities")?;
+    }
+    caps::clear(None, CapSet::Inheritable).stage("capabilities")?;
+    caps::clear(None, CapSet::Effective).stage("capabilities")?;
+    caps::clear(None, CapSet::Permitted).stage("capabilities")?;
+    Ok(())
+}
+
+fn cstrings(items: impl IntoIterator<Item = String>) -> Stage<Vec<CString>> {
+    items
+        .into_iter()
+        .map(|s| CString::new(s).map_err(|_| fail("exec", "argument contains a NUL byte")))
+        .collect()
+}
+
+/// Pid 1 of the sandbox.
+fn inner(spec: &InitSpec, chan: &InitChannel, seccomp: &SeccompPolicy) -> Stage<i32> {
+    let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+    let argv = cstrings(spec.argv.iter().cloned())?;
+    let env = cstrings(spec.env.iter().map(|(k, v)| format!("{k}={v}")))?;
+    let Some(path) = argv.first().cloned() else {
+        return Err(fail("exec", "empty argv"));
+    };
+
+    mount_proc(&spec.stage_dir)?;
+    pivot(&spec.stage_dir)?;
+    nix::unistd::sethostname(&spec.hostname).stage("hostname")?;
+    sys::loopback_up().stage("loopback")?;
+    nix::unistd::chdir(spec.cwd.as_str()).stage("cwd")?;
+    let landlock = landlock()?;
+    drop_capabilities()?;
+    nix::sys::prctl::set_no_new_privs().stage("no_new_privs")?;
+    nix::sys::prctl::set_dumpable(false).stage("dumpable")?;
+    seccomp.apply().stage("seccomp")?;
+    chan.send(&FromInit::Ready { landlock }, None)
+        .stage("channel")?;
+
+    match sys::fork().stage("fork")? {
+        Fork::Child => {
+            let _ = nix::unistd::setsid();
+            let err = nix::unistd::execve(&path, &argv, &env).err();
+            let _ = chan.send(
+                &FromInit::Failed {
+                    stage: "exec".into(),
+                    message: format!(
+                        "{}: {}",
+                        spec.argv.first().map(String::as_str).unwrap_or(""),
+                        err.map(|e| e.desc()).unwrap_or("exec failed")
+                    ),
+                },
+                None,
+            );
+            std::process::exit(127)
+        }
+        Fork::Parent(program) => {
+            detach_stdio();
+            reap_until(program, chan)
+        }
+    }
+}
+
+/// Reaps every child (orphans are re-parented to pid 1) until the program itself exits, then
+/// reports its status. Returning ends pid 1, which makes the kernel kill the rest.
+fn reap_until(program: Pid, chan: &InitChannel) -> Stage<i32> {
+    loop {
+        match waitpid(None::<Pid>, None) {
+            Ok(WaitStatus::Exited(pid, code)) if pid == program => {
+                let _ = chan.send(&FromInit::Exited { code }, None);
+                return Ok(0);
+            }
+            Ok(WaitStatus::Signaled(pid, sig, _)) if pid == program => {
+                let _ = chan.send(&FromInit::Signaled { signal: sig as i32 }, None);
+                return Ok(0);
+            }
+            Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(fail("wait", e.to_string())),
+        }
+    }
+}

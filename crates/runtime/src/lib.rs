@@ -1,0 +1,29 @@
+//! The sandbox runtime: everything that touches Linux isolation.
+//!
+//! This is the privileged crate of ampoule and the only one allowed `unsafe` (confined to
+//! [`sys`]). It turns a [`SandboxConfig`] into a sealed process tree: user, mount, pid, net,
+//! ipc, uts and cgroup namespaces, a fresh read-only root, Landlock, seccomp, a cgroup and
+//! rlimits, and tears it all down again. Nothing above this crate knows how isolation works.
+//!
+//! Entry points: [`Host::detect`] once per process, [`Sandbox::spawn`] for a live sandbox,
+//! [`run::run`] for a one-shot execution, [`init::main`] as the in-sandbox side (called by the
+//! ampoule binary when started as `ampoule __sandbox-init`), [`doctor::run`] for diagnostics.
+
+pub mod cgroup;
+mod channel;
+pub mod doctor;
+pub mod error;
+pub mod host;
+pub mod init;
+pub mod language;
+pub mod run;
+pub mod sandbox;
+pub mod scratch;
+pub mod seccomp;
+mod sys;
+
+pub use error::{Error, Result};
+pub use host::Host;
+pub use language::Interpreter;
+pub use sandbox::{ProgramExit, Sandbox, SandboxConfig};
+pub use scratch::Scratch;

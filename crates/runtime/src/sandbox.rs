@@ -1,0 +1,339 @@
+//! The supervisor side of one sandbox: spawn, hand over inputs, wait, kill, tear down.
+//!
+//! [`Sandbox::spawn`] starts the init process (see [`crate::init`]), sends it the spec, lets the
+//! caller write inputs into the scratch space, then starts the program. The sandbox is killed
+//! through its cgroup (and through its outer init, our direct child, whose death takes the pid
+//! namespace down with it). [`Sandbox::finish`] reaps, reads the cgroup's figures and removes
+//! it; dropping a `Sandbox` (or the `spawn` future) at any point still kills and removes
+//! everything.
+//!
+//! Note: the outer init asks for `SIGKILL` when its parent *thread* exits, so sandboxes must be
+//! spawned from threads that live as long as the sandbox (tokio worker threads or the main
+//! thread; never from `spawn_blocking`).
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Instant;
+
+use ampoule_types::Limits;
+use tokio::process::{Child, ChildStderr, ChildStdin, ChildStdout};
+
+use crate::cgroup::{Cgroup, CgroupStats};
+use crate::channel::{self, FromInit, HostChannel, InitSpec, ToInit};
+use crate::error::{Error, Result};
+use crate::host::{Host, Slot};
+use crate::init::INIT_ARG;
+use crate::scratch::Scratch;
+
+/// Uid and gid of the sandbox user as the code sees them.
+pub const SANDBOX_UID: u32 = 1000;
+
+/// What to run and with which limits.
+#[derive(Debug, Clone)]
+pub struct SandboxConfig {
+    /// Program and arguments; `argv[0]` is an absolute path inside the sandbox.
+    pub argv: Vec<String>,
+    /// The complete environment of the program.
+    pub env: Vec<(String, String)>,
+    /// Working directory inside the sandbox.
+    pub cwd: String,
+    /// Resource limits.
+    pub limits: Limits,
+    /// Extra host paths bound read-only at the same place (runtimes outside `/usr`).
+    pub ro_binds: Vec<PathBuf>,
+    /// Give the program a stdin pipe (otherwise `/dev/null`).
+    pub stdin: bool,
+}
+
+impl SandboxConfig {
+    /// A config with the default limits, cwd `/mnt/data` and the base environment.
+    pub fn new(argv: Vec<String>) -> Self {
+        Self {
+            argv,
+            env: crate::language::base_env(),
+            cwd: "/mnt/data".into(),
+            limits: Limits::default(),
+            ro_binds: Vec::new(),
+            stdin: false,
+        }
+    }
+}
+
+/// How the program ended, as the sandbox's init reported it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProgramExit {
+    /// Exited with this code.
+    Exited(i32),
+    /// Ended by this signal.
+    Signaled(i32),
+    /// The sandbox was torn down before the program's end could be reported (a kill).
+    Killed,
+}
+
+/// What [`Sandbox::finish`] measured.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Finished {
+    /// Cgroup figures, when cgroups are in use.
+    pub stats: Option<CgroupStats>,
+}
+
+/// The files generated for the sandbox's `/etc`.
+fn etc_files() -> Vec<(String, String)> {
+    [
+        (
+            "passwd",
+            "root:x:0:0:root:/root:/usr/sbin/nologin\n\
+             sandbox:x:1000:1000:sandbox:/mnt/data:/bin/bash\n\
+             nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n",
+        ),
+        ("group", "root:x:0:\nsandbox:x:1000:\nnogroup:x:65534:\n"),
+        (
+            "hosts",
+            "127.0.0.1\tlocalhost sandbox\n::1\tlocalhost ip6-localhost ip6-loopback\n",
+        ),
+        ("hostname", "sandbox\n"),
+        ("resolv.conf", "# no network\n"),
+        (
+            "nsswitch.conf",
+            "passwd: files\ngroup: files\nshadow: files\nhosts: files dns\n",
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect()
+}
+
+/// Public, secret-free host files the runtimes need (certificates, linker cache, fonts).
+const ETC_BINDS: &[&str] = &[
+    "ssl",
+    "ca-certificates",
+    "ca-certificates.conf",
+    "ld.so.cache",
+    "ld.so.conf",
+    "ld.so.conf.d",
+    "alternatives",
+    "fonts",
+    "mime.types",
+    "matplotlibrc",
+    "protocols",
+    "services",
+    "os-release",
+];
+
+/// A running sandbox.
+#[derive(Debug)]
+pub struct Sandbox {
+    // Field order matters for drop: the init is killed before the cgroup is emptied and removed.
+    child: Child,
+    cgroup: Option<OwnedCgroup>,
+    chan: HostChannel,
+    scratch: Scratch,
+    _slot: Slot,
+    landlock: String,
+    started: Instant,
+    exit: Option<ProgramExit>,
+    /// The program's stdin, when [`SandboxConfig::stdin`] asked for one.
+    pub stdin: Option<ChildStdin>,
+    /// The program's stdout.
+    pub stdout: Option<ChildStdout>,
+    /// The program's stderr.
+    pub stderr: Option<ChildStderr>,
+}
+
+impl Sandbox {
+    /// Builds a sandbox and starts `cfg.argv` in it. `prepare` runs after the scratch space
+    /// exists and before the program starts: that is where inputs and code are written.
+    pub async fn spawn(
+        host: &Host,
+        cfg: &SandboxConfig,
+        prepare: impl FnOnce(&Scratch) -> Result<()>,
+    ) -> Result<Self> {
+        if cfg.argv.is_empty() {
+            return Err(Error::Invalid("nothing to run".into()));
+        }
+        let slot = host.acquire_slot()?;
+        let (host_uid, host_gid) = host.ids_for(&slot);
+        let cgroup = match &host.cgroups {
+            Some(root) => Some(OwnedCgroup(root.create(&slot.cgroup_name(), &cfg.limits)?)),
+            None => None,
+        };
+        let limits = &cfg.limits;
+        let disk_bytes = limits.disk_mib.saturating_mul(1024 * 1024);
+        let spec = InitSpec {
+            argv: cfg.argv.clone(),
+            env: cfg.env.clone(),
+            cwd: cfg.cwd.clone(),
+            hostname: "sandbox".into(),
+            privileged: host.privileged,
+            host_uid,
+            host_gid,
+            sandbox_uid: SANDBOX_UID,
+            sandbox_gid: SANDBOX_UID,
+            cgroup_procs: cgroup
+                .as_ref()
+                .map(|c| c.0.procs_files())
+                .unwrap_or_default(),
+            stage_dir: host.stage_dir(),
+            scratch_dir: host.scratch_mount_dir(),
+            ro_binds: cfg.ro_binds.clone(),
+            etc_files: etc_files(),
+            etc_binds: ETC_BINDS.iter().map(|s| (*s).to_owned()).collect(),
+            scratch_bytes: disk_bytes,
+            scratch_inodes: limits.disk_inodes,
+            rlimit_nofile: limits.open_files,
+            rlimit_fsize: disk_bytes.max(1),
+            // CPU seconds backstop: generous, the wall clock and cgroup quota do the real work.
+            rlimit_cpu_s: (limits.timeout_s * limits.cpus.max(1.0) * 2.0).ceil() as u64 + 10,
+            // A unique host uid makes RLIMIT_NPROC a per-sandbox process limit; without one
+            // (unprivileged mode) it would count the user's own processes too.
+            rlimit_nproc: host.privileged.then_some(limits.pids),
+        };
+
+        let (ours, theirs) = channel::pair()?;
+        let exe = std::env::current_exe().map_err(|e| Error::io("locating own binary", e))?;
+        let mut cmd = tokio::process::Command::new(exe);
+        cmd.arg(INIT_ARG)
+            .env_clear()
+            .stdin(if cfg.stdin {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        {
+            use std::os::fd::AsRawFd;
+            crate::sys::pass_fd(&mut cmd, theirs.as_raw_fd(), 3);
+        }
+        let started = Instant::now();
+        let spawned = cmd.spawn();
+        drop(theirs);
+        let mut child = spawned.map_err(|e| Error::io("starting the sandbox init", e))?;
+        let (stdin, stdout, stderr) =
+            (child.stdin.take(), child.stdout.take(), child.stderr.take());
+        let chan = HostChannel::new(ours)?;
+        // From here on, an error (or the caller dropping this future) drops `child`, which kills
+        // the init and with it the pid namespace, and `cgroup`, which kills and removes it.
+        chan.send(&ToInit::Spec(Box::new(spec))).await?;
+        let fd = match chan.recv().await? {
+            Some((FromInit::Scratch, Some(fd))) => fd,
+            Some((FromInit::Failed { stage, message }, _)) => {
+                return Err(Error::Setup { stage, message });
+            }
+            other => {
+                return Err(Error::Channel(format!(
+                    "expected the scratch directory, got {other:?}"
+                )));
+            }
+        };
+        let scratch = Scratch::new(fd, host.privileged.then_some((host_uid, host_gid)));
+        prepare(&scratch)?;
+        chan.send(&ToInit::Start).await?;
+        let landlock = match chan.recv().await? {
+            Some((FromInit::Ready { landlock }, _)) => landlock,
+            Some((FromInit::Failed { stage, message }, _)) => {
+                return Err(Error::Setup { stage, message });
+            }
+            other => return Err(Error::Channel(format!("expected ready, got {other:?}"))),
+        };
+        Ok(Self {
+            child,
+            cgroup,
+            chan,
+            scratch,
+            _slot: slot,
+            landlock,
+            started,
+            exit: None,
+            stdin,
+            stdout,
+            stderr,
+        })
+    }
+
+    /// The scratch space (inputs, outputs).
+    pub fn scratch(&self) -> &Scratch {
+        &self.scratch
+    }
+
+    /// Landlock's status inside this sandbox (`fully_enforced`, `partially_enforced`,
+    /// `not_enforced`).
+    pub fn landlock(&self) -> &str {
+        &self.landlock
+    }
+
+    /// When the init process was started.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// The host pid of the outer init (for diagnostics).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// Waits until the program ends (or the sandbox is killed). Cancel-safe.
+    pub async fn wait(&mut self) -> Result<ProgramExit> {
+        if let Some(exit) = self.exit {
+            return Ok(exit);
+        }
+        loop {
+            let exit = match self.chan.recv().await? {
+                Some((FromInit::Exited { code }, _)) => ProgramExit::Exited(code),
+                Some((FromInit::Signaled { signal }, _)) => ProgramExit::Signaled(signal),
+                Some((FromInit::InitKilled { .. }, _)) | None => ProgramExit::Killed,
+                Some((FromInit::Failed { stage, message }, _)) => {
+                    // The program could not be executed.
+                    self.exit = Some(ProgramExit::Exited(127));
+                    return Err(Error::Setup { stage, message });
+                }
+                Some(_) => continue,
+            };
+            self.exit = Some(exit);
+            return Ok(exit);
+        }
+    }
+
+    /// Kills every process of the sandbox. Idempotent.
+    pub fn kill(&mut self) {
+        if let Some(cg) = &self.cgroup {
+            cg.0.kill();
+        }
+        let _ = self.child.start_kill();
+    }
+
+    /// Current cgroup figures (while running).
+    pub fn stats(&self) -> Option<CgroupStats> {
+        self.cgroup.as_ref().map(|c| c.0.stats())
+    }
+
+    /// Makes sure nothing of the sandbox runs any more, reaps it, reads the final figures and
+    /// removes the cgroup. The scratch space stays readable until `self` is dropped.
+    pub async fn finish(&mut self) -> Finished {
+        if self.exit.is_none() {
+            self.kill();
+        }
+        // The outer init exits right after pid 1; make sure, then reap it.
+        if tokio::time::timeout(std::time::Duration::from_secs(2), self.child.wait())
+            .await
+            .is_err()
+        {
+            self.kill();
+            let _ = self.child.wait().await;
+        }
+        // Dropping the cgroup kills whatever is left and removes it.
+        let stats = self.cgroup.take().map(|cg| cg.0.stats());
+        Finished { stats }
+    }
+}
+
+/// A sandbox cgroup that kills its processes and removes itself when dropped.
+#[derive(Debug)]
+struct OwnedCgroup(Cgroup);
+
+impl Drop for OwnedCgroup {
+    fn drop(&mut self) {
+        self.0.kill_and_remove();
+    }
+}

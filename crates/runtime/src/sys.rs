@@ -1,0 +1,147 @@
+//! The only module of ampoule that may use `unsafe`.
+//!
+//! Each function wraps one system call (or one `libc` call) that no safe crate offers in the
+//! form we need, and documents the invariant that makes it sound. Everything else in the runtime
+//! calls these wrappers.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+
+use nix::unistd::Pid;
+
+/// Result of [`fork`].
+pub(crate) enum Fork {
+    /// We are the parent; the child has this pid.
+    Parent(Pid),
+    /// We are the child.
+    Child,
+}
+
+/// Forks the calling process.
+///
+/// Only called from the sandbox init process, which is single-threaded (it is a fresh `exec` of
+/// the ampoule binary that never starts a runtime), so the child may allocate and take locks.
+pub(crate) fn fork() -> io::Result<Fork> {
+    // JUSTIFICATION: neither nix nor rustix offers a safe fork; it cannot be safe in general.
+    // SAFETY: the caller is single-threaded (see above), so no lock can be held by another
+    // thread at the time of the fork, and the child may continue running ordinary Rust code.
+    match unsafe { nix::unistd::fork() }.map_err(io::Error::from)? {
+        nix::unistd::ForkResult::Parent { child } => Ok(Fork::Parent(child)),
+        nix::unistd::ForkResult::Child => Ok(Fork::Child),
+    }
+}
+
+/// Closes every file descriptor from `first` upwards.
+pub(crate) fn close_from(first: u32) -> io::Result<()> {
+    // JUSTIFICATION: close_range(2) has no wrapper in nix 0.30.
+    // SAFETY: close_range only closes descriptors; callers make sure no Rust object still owns a
+    // descriptor at or above `first` that it will use afterwards (init closes before it builds
+    // any such object, or forgets them first).
+    let rc = unsafe { libc::syscall(libc::SYS_close_range, first, u32::MAX, 0u32) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Makes `fd` become descriptor `target` in a child about to `exec`, for `pre_exec`.
+///
+/// Async-signal-safe: it only calls dup2(2).
+pub(crate) fn dup2_raw(fd: RawFd, target: RawFd) -> io::Result<()> {
+    // SAFETY: dup2 takes plain integers and touches no memory; a bad descriptor yields EBADF.
+    let rc = unsafe { libc::dup2(fd, target) };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Registers a closure that runs in the forked child before `exec` (see
+/// [`std::os::unix::process::CommandExt::pre_exec`]) which moves `fd` to descriptor `target`.
+pub(crate) fn pass_fd(cmd: &mut tokio::process::Command, fd: RawFd, target: RawFd) {
+    // SAFETY: the closure only calls dup2 (async-signal-safe), allocates nothing and takes no
+    // lock, which is what pre_exec requires of code running between fork and exec in a
+    // multi-threaded parent. `fd` stays open in the parent until spawn returns.
+    unsafe {
+        cmd.pre_exec(move || dup2_raw(fd, target));
+    }
+}
+
+/// Brings the loopback interface of the current network namespace up.
+pub(crate) fn loopback_up() -> io::Result<()> {
+    let sock = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Inet,
+        nix::sys::socket::SockType::Datagram,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(io::Error::from)?;
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
+    }
+    // JUSTIFICATION: no crate wraps SIOCGIFFLAGS/SIOCSIFFLAGS without pulling in netlink.
+    // SAFETY: `req` is a properly sized, NUL-terminated ifreq that outlives both calls, and the
+    // socket is a valid descriptor owned by `sock`.
+    unsafe {
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Applies a compiled seccomp program to the calling thread.
+///
+/// A thin wrapper so the sandbox can install several filters in a chosen order.
+pub(crate) fn apply_seccomp(prog: &[seccompiler::sock_filter]) -> io::Result<()> {
+    seccompiler::apply_filter(prog).map_err(|e| io::Error::other(e.to_string()))
+}
+
+/// Takes ownership of a descriptor the kernel just handed us (`SCM_RIGHTS`, or descriptor 3
+/// passed to the init process).
+pub(crate) fn own_fd(fd: RawFd) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    // SAFETY: callers pass a descriptor that was just received from the kernel (recvmsg) or
+    // that was placed at a fixed number by our own pre_exec, and that no other object owns.
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }
+}
+
+/// The Landlock ABI version the kernel offers, or the errno when it offers none.
+pub(crate) fn landlock_abi() -> io::Result<i64> {
+    const LANDLOCK_CREATE_RULESET_VERSION: u32 = 1;
+    // JUSTIFICATION: the landlock crate reports enforcement, not the raw ABI number we show.
+    // SAFETY: with a null attribute pointer, size 0 and the VERSION flag, the syscall only
+    // returns a number and touches no memory.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<u8>(),
+            0usize,
+            LANDLOCK_CREATE_RULESET_VERSION,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// Registers an owned descriptor with tokio's reactor.
+pub(crate) fn register_async(
+    fd: std::os::fd::OwnedFd,
+) -> io::Result<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>> {
+    // SAFETY: the AsyncFd takes ownership of the OwnedFd, so the descriptor cannot be closed or
+    // reused behind the reactor's back while it is registered (the I/O-safety requirement of
+    // `register`).
+    unsafe { tokio::io::unix::AsyncFd::register(fd) }.map_err(io::Error::from)
+}

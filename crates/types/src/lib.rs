@@ -1,0 +1,236 @@
+//! Wire types shared by every ampoule crate.
+//!
+//! This crate owns the shapes that cross a boundary: what a caller asks for (limits, language)
+//! and what comes back (an execution result). It depends on nothing but `serde`, so the CLI
+//! client, the server and the sandbox runtime all agree on one definition.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// Resource limits for one sandbox. Every field has a safe default (see [`Limits::default`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Memory including swap, in MiB (cgroup `memory.max` / `memsw`).
+    pub memory_mib: u64,
+    /// CPU bandwidth in cores (cgroup `cpu.max` / `cfs_quota_us`).
+    pub cpus: f64,
+    /// Maximum number of live processes and threads (cgroup `pids.max`).
+    pub pids: u64,
+    /// Size of the writable scratch space (`/mnt/data`, `/tmp` and `/dev/shm` together), in MiB.
+    pub disk_mib: u64,
+    /// Maximum number of inodes in the scratch space.
+    pub disk_inodes: u64,
+    /// Wall-clock time limit per execution, in seconds.
+    pub timeout_s: f64,
+    /// Bytes kept per output stream; beyond it the output is cut and marked truncated.
+    pub output_bytes: u64,
+    /// Maximum number of open files per process (`RLIMIT_NOFILE`).
+    pub open_files: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            memory_mib: 512,
+            cpus: 1.0,
+            pids: 256,
+            disk_mib: 1024,
+            disk_inodes: 65_536,
+            timeout_s: 220.0,
+            output_bytes: 1_048_576,
+            open_files: 1024,
+        }
+    }
+}
+
+/// A language a sandbox can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Language {
+    /// CPython 3.
+    Python,
+    /// Node.js.
+    Javascript,
+    /// GNU bash.
+    Shell,
+}
+
+impl Language {
+    /// Every language, in the order `doctor` reports them.
+    pub const ALL: [Language; 3] = [Language::Python, Language::Javascript, Language::Shell];
+
+    /// The canonical name, as used in configs and on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Language::Python => "python",
+            Language::Javascript => "javascript",
+            Language::Shell => "shell",
+        }
+    }
+
+    /// Parses a name or a common alias (`py`, `js`, `node`, `bash`, `sh`).
+    pub fn parse(name: &str) -> Option<Language> {
+        match name.to_ascii_lowercase().as_str() {
+            "python" | "python3" | "py" => Some(Language::Python),
+            "javascript" | "js" | "node" | "nodejs" => Some(Language::Javascript),
+            "shell" | "bash" | "sh" => Some(Language::Shell),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Language {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How an execution ended (PRODUCT.md §5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExecutionStatus {
+    /// The code ran to completion and exited 0.
+    Succeeded,
+    /// The code raised or exited non-zero.
+    Failed,
+    /// The wall-clock limit ran out and the sandbox was stopped.
+    TimedOut,
+    /// A resource limit (memory, pids, disk, output, cpu) stopped the code.
+    Killed,
+}
+
+impl ExecutionStatus {
+    /// The wire name (`succeeded`, `failed`, `timed_out`, `killed`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExecutionStatus::Succeeded => "succeeded",
+            ExecutionStatus::Failed => "failed",
+            ExecutionStatus::TimedOut => "timed_out",
+            ExecutionStatus::Killed => "killed",
+        }
+    }
+}
+
+impl fmt::Display for ExecutionStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A resource limit that was reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LimitKind {
+    /// Wall-clock time.
+    Time,
+    /// Memory (the cgroup OOM killer fired).
+    Memory,
+    /// Number of processes (`pids.max` refused a fork).
+    Pids,
+    /// Scratch space or file size (`ENOSPC`, inode exhaustion, `RLIMIT_FSIZE`).
+    Disk,
+    /// Output bytes on stdout or stderr.
+    Output,
+    /// CPU seconds (`RLIMIT_CPU` backstop).
+    Cpu,
+}
+
+impl LimitKind {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LimitKind::Time => "time",
+            LimitKind::Memory => "memory",
+            LimitKind::Pids => "pids",
+            LimitKind::Disk => "disk",
+            LimitKind::Output => "output",
+            LimitKind::Cpu => "cpu",
+        }
+    }
+}
+
+impl fmt::Display for LimitKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A file the code left in `/mnt/data`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    /// Path relative to `/mnt/data`, with `/` separators.
+    pub path: String,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// The result of running code once (`ampoule run --json` prints this object).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunResult {
+    /// How it ended.
+    pub status: ExecutionStatus,
+    /// The exit code `ampoule run` returns: the program's own, 124 on timeout, 137 when a limit
+    /// killed it, 128+N when a signal N ended it.
+    pub exit_code: i32,
+    /// The signal that ended the program, when one did.
+    pub signal: Option<i32>,
+    /// The limit that decided the outcome, when one did.
+    pub limit: Option<LimitKind>,
+    /// Every limit that was reached during the run, even when the program survived it.
+    pub limits_hit: Vec<LimitKind>,
+    /// Standard output (UTF-8, lossy), cut at the output limit.
+    pub stdout: String,
+    /// Standard error (UTF-8, lossy), cut at the output limit.
+    pub stderr: String,
+    /// Whether stdout was cut.
+    pub stdout_truncated: bool,
+    /// Whether stderr was cut.
+    pub stderr_truncated: bool,
+    /// Wall-clock duration from start to exit, in milliseconds.
+    pub duration_ms: f64,
+    /// CPU time of every process of the sandbox, in milliseconds, when it could be measured.
+    pub cpu_time_ms: Option<f64>,
+    /// Peak memory of the sandbox in bytes, when it could be measured.
+    pub peak_memory_bytes: Option<u64>,
+    /// Files left in `/mnt/data` when the run ended.
+    pub files: Vec<FileEntry>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_and_limit_names_are_stable() {
+        assert_eq!(
+            serde_json::to_string(&ExecutionStatus::TimedOut).unwrap(),
+            "\"timed_out\""
+        );
+        assert_eq!(serde_json::to_string(&LimitKind::Pids).unwrap(), "\"pids\"");
+        assert_eq!(
+            serde_json::to_string(&Language::Javascript).unwrap(),
+            "\"javascript\""
+        );
+    }
+
+    #[test]
+    fn language_aliases_parse() {
+        assert_eq!(Language::parse("py"), Some(Language::Python));
+        assert_eq!(Language::parse("Node"), Some(Language::Javascript));
+        assert_eq!(Language::parse("bash"), Some(Language::Shell));
+        assert_eq!(Language::parse("cobol"), None);
+    }
+
+    #[test]
+    fn limits_reject_unknown_fields() {
+        let err = serde_json::from_str::<Limits>(r#"{"memory_mb": 5}"#).unwrap_err();
+        assert!(err.to_string().contains("unknown field"), "{err}");
+        let l: Limits = serde_json::from_str(r#"{"memory_mib": 64}"#).unwrap();
+        assert_eq!(l.memory_mib, 64);
+        assert_eq!(l.pids, Limits::default().pids);
+    }
+}
