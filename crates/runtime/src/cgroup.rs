@@ -162,9 +162,15 @@ impl CgroupRoot {
     /// memory controller is bound to v1 (as on this project's CI); otherwise uses v2 when its
     /// hierarchy offers the memory and pids controllers. `None` when neither can limit memory.
     pub fn detect() -> Option<Self> {
+        Self::detect_with_leaf("ampoule")
+    }
+
+    /// Like [`CgroupRoot::detect`], with another directory name under our own cgroup (the
+    /// containment suite gives every test its own).
+    pub fn detect_with_leaf(leaf: &str) -> Option<Self> {
         let mountinfo = fs::read_to_string("/proc/self/mountinfo").ok()?;
         let own = fs::read_to_string("/proc/self/cgroup").ok()?;
-        Self::from_tables(&mountinfo, &own, "ampoule")
+        Self::from_tables(&mountinfo, &own, leaf)
     }
 
     fn from_tables(mountinfo: &str, own: &str, leaf: &str) -> Option<Self> {

@@ -185,8 +185,16 @@ impl Sandbox {
             // CPU seconds backstop: generous, the wall clock and cgroup quota do the real work.
             rlimit_cpu_s: (limits.timeout_s * limits.cpus.max(1.0) * 2.0).ceil() as u64 + 10,
             // A unique host uid makes RLIMIT_NPROC a per-sandbox process limit; without one
-            // (unprivileged mode) it would count the user's own processes too.
-            rlimit_nproc: host.privileged.then_some(limits.pids),
+            // (unprivileged mode) it would count the user's own processes too. With a cgroup it
+            // is only a backstop, set above pids.max so the cgroup (which reports the event)
+            // refuses first.
+            rlimit_nproc: host.privileged.then(|| {
+                if host.cgroups.is_some() {
+                    limits.pids.saturating_add(16)
+                } else {
+                    limits.pids
+                }
+            }),
         };
 
         let (ours, theirs) = channel::pair()?;
