@@ -170,8 +170,10 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
         ..Limits::default()
     };
 
+    tracing::debug!("preparing the host");
     let host = Host::detect().context("preparing the host")?;
     host.sweep_orphans();
+    tracing::debug!("host ready");
     let file_name = interpreter.file_name;
     let (result, sandbox) = ampoule_runtime::run::run(&host, &cfg, |scratch| {
         scratch.write(CODE, file_name, &code, 0o644)?;
@@ -188,6 +190,7 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
             .with_context(|| format!("copying outputs to {}", dir.display()))?;
     }
     drop(sandbox);
+    tracing::debug!("sandbox gone");
     print_result(&result, &cfg.limits, args.json)?;
     Ok(ExitCode::from(
         u8::try_from(result.exit_code & 0xff).unwrap_or(1),

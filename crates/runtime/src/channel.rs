@@ -36,7 +36,8 @@ pub(crate) struct InitSpec {
     pub(crate) host_gid: u32,
     pub(crate) sandbox_uid: u32,
     pub(crate) sandbox_gid: u32,
-    pub(crate) cgroup_procs: Vec<PathBuf>,
+    /// cgroup v1 `tasks` files the outer init writes `0` to (moves itself, see init.rs).
+    pub(crate) cgroup_tasks: Vec<PathBuf>,
     pub(crate) stage_dir: PathBuf,
     pub(crate) scratch_dir: PathBuf,
     pub(crate) ro_binds: Vec<PathBuf>,

@@ -4,13 +4,13 @@
 //! single-threaded process, so namespaces can be unshared and memory allocated freely) with the
 //! control channel on descriptor 3. Three processes follow:
 //!
-//! * **outer init** (host pid namespace): joins the cgroup, lowers rlimits, unshares every
-//!   namespace, builds the new root on a tmpfs, hands the scratch directory to the supervisor,
+//! * **outer init** (host pid namespace): joins its cgroup (v1; on v2 the supervisor moves it
+//!   meanwhile), lowers rlimits, unshares every namespace but the cgroup one, builds the new root on a tmpfs, hands the scratch directory to the supervisor,
 //!   waits for `Start`, forks the inner init and reports if that one dies abnormally.
 //!   In root mode the root is built *before* the user namespace is created, as real root, so
 //!   every mount is owned by the initial namespace and locked: nothing inside can unmount or
 //!   remount it, even with every capability of its own user namespace.
-//! * **inner init** (pid 1 of the new pid namespace): mounts `/proc`, pivots into the new root,
+//! * **inner init** (pid 1 of the new pid namespace): enters a new cgroup namespace, mounts `/proc`, pivots into the new root,
 //!   masks `/proc`, sets the hostname, brings up loopback, applies Landlock, drops every
 //!   capability, sets `no_new_privs`, installs seccomp, then forks the program, reaps zombies
 //!   and reports the program's exit. When it exits, the kernel kills everything left in the pid
@@ -103,8 +103,12 @@ fn outer(chan: &InitChannel) -> Stage<i32> {
     };
     let seccomp = SeccompPolicy::default_policy().stage("seccomp")?;
 
-    for procs in &spec.cgroup_procs {
-        fs::write(procs, "0").stage("cgroup")?;
+    // cgroup v1: moving *ourselves* by thread through `tasks` skips the kernel's global
+    // threadgroup lock, whose write side waits for an RCU grace period (~14 ms) when a whole
+    // process is moved through `cgroup.procs`. We are single-threaded, so this moves the
+    // process, and every child forked later inherits the cgroup.
+    for tasks in &spec.cgroup_tasks {
+        fs::write(tasks, "0").stage("cgroup")?;
     }
     set_rlimits(&spec).stage("rlimit")?;
 
@@ -113,8 +117,7 @@ fn outer(chan: &InitChannel) -> Stage<i32> {
         | CloneFlags::CLONE_NEWPID
         | CloneFlags::CLONE_NEWNET
         | CloneFlags::CLONE_NEWIPC
-        | CloneFlags::CLONE_NEWUTS
-        | CloneFlags::CLONE_NEWCGROUP;
+        | CloneFlags::CLONE_NEWUTS;
     if spec.privileged {
         // Build everything as real root in a private mount namespace first.
         unshare(CloneFlags::CLONE_NEWNS).stage("unshare mount")?;
@@ -622,6 +625,9 @@ fn cstrings(items: impl IntoIterator<Item = String>) -> Stage<Vec<CString>> {
 /// Pid 1 of the sandbox.
 fn inner(spec: &InitSpec, chan: &InitChannel, seccomp: &SeccompPolicy) -> Stage<i32> {
     let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+    // The supervisor moved the outer init into the sandbox cgroup before sending `Start`; only
+    // now is the current cgroup the right root for the sandbox's cgroup namespace.
+    unshare(CloneFlags::CLONE_NEWCGROUP).stage("unshare cgroup")?;
     let argv = cstrings(spec.argv.iter().cloned())?;
     let env = cstrings(spec.env.iter().map(|(k, v)| format!("{k}={v}")))?;
     let Some(path) = argv.first().cloned() else {

@@ -72,14 +72,12 @@ impl Interpreter {
                 binds.push(prefix.to_owned());
             }
         }
-        if let Ok(real) = std::fs::canonicalize(&path) {
-            if !real.starts_with("/usr") {
-                if let Some(prefix) = real.parent().and_then(Path::parent) {
-                    if !binds.iter().any(|b| real.starts_with(b)) {
-                        binds.push(prefix.to_owned());
-                    }
-                }
-            }
+        if let Ok(real) = std::fs::canonicalize(&path)
+            && !real.starts_with("/usr")
+            && let Some(prefix) = real.parent().and_then(Path::parent)
+            && !binds.iter().any(|b| real.starts_with(b))
+        {
+            binds.push(prefix.to_owned());
         }
         let (args, file_name, env): (Vec<String>, _, Vec<(String, String)>) = match language {
             Language::Python => (

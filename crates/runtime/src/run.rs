@@ -97,7 +97,9 @@ pub async fn run(
             return Err(e);
         }
     };
+    tracing::debug!(elapsed = ?sb.started().elapsed(), "program ended");
     let finished = sb.finish().await;
+    tracing::debug!(elapsed = ?sb.started().elapsed(), "sandbox torn down");
     let out = match stdout {
         Some(h) => h.await.unwrap_or_default(),
         None => Captured::default(),

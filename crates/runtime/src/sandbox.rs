@@ -169,9 +169,9 @@ impl Sandbox {
             host_gid,
             sandbox_uid: SANDBOX_UID,
             sandbox_gid: SANDBOX_UID,
-            cgroup_procs: cgroup
+            cgroup_tasks: cgroup
                 .as_ref()
-                .map(|c| c.0.procs_files())
+                .map(|c| c.0.self_join_files())
                 .unwrap_or_default(),
             stage_dir: host.stage_dir(),
             scratch_dir: host.scratch_mount_dir(),
@@ -220,12 +220,31 @@ impl Sandbox {
         let mut child = spawned.map_err(|e| Error::io("starting the sandbox init", e))?;
         let (stdin, stdout, stderr) =
             (child.stdin.take(), child.stdout.take(), child.stderr.take());
+        // On v1 the init moves itself (see init.rs). On v2, move it while it builds the
+        // sandbox: moving a process waits for an RCU grace period, and nothing of the program
+        // runs before `Start`, which is only sent once the move is done.
+        let attach = match (&cgroup, child.id()) {
+            (Some(cg), _) if cg.0.version() == crate::cgroup::CgroupVersion::V1 => None,
+            (Some(cg), Some(pid)) => {
+                let files = cg.0.procs_files();
+                Some(tokio::task::spawn_blocking(move || {
+                    crate::cgroup::attach_files(&files, pid)
+                }))
+            }
+            (Some(_), None) => {
+                return Err(Error::Channel("the sandbox init exited at once".into()));
+            }
+            (None, _) => None,
+        };
         let chan = HostChannel::new(ours)?;
         // From here on, an error (or the caller dropping this future) drops `child`, which kills
         // the init and with it the pid namespace, and `cgroup`, which kills and removes it.
         chan.send(&ToInit::Spec(Box::new(spec))).await?;
         let fd = match chan.recv().await? {
-            Some((FromInit::Scratch, Some(fd))) => fd,
+            Some((FromInit::Scratch, Some(fd))) => {
+                tracing::debug!(elapsed = ?started.elapsed(), "sandbox root built");
+                fd
+            }
             Some((FromInit::Failed { stage, message }, _)) => {
                 return Err(Error::Setup { stage, message });
             }
@@ -237,9 +256,18 @@ impl Sandbox {
         };
         let scratch = Scratch::new(fd, host.privileged.then_some((host_uid, host_gid)));
         prepare(&scratch)?;
+        if let Some(attach) = attach {
+            attach
+                .await
+                .map_err(|e| Error::Channel(format!("cgroup attach task: {e}")))??;
+            tracing::debug!(elapsed = ?started.elapsed(), "init moved into its cgroup");
+        }
         chan.send(&ToInit::Start).await?;
         let landlock = match chan.recv().await? {
-            Some((FromInit::Ready { landlock }, _)) => landlock,
+            Some((FromInit::Ready { landlock }, _)) => {
+                tracing::debug!(elapsed = ?started.elapsed(), "sandbox ready, program starting");
+                landlock
+            }
             Some((FromInit::Failed { stage, message }, _)) => {
                 return Err(Error::Setup { stage, message });
             }

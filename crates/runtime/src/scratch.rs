@@ -210,11 +210,10 @@ impl Scratch {
                     path,
                     size: st.st_size as u64,
                 });
-            } else if kind == SFlag::S_IFDIR {
-                if let Ok(sub) = self.open_at(&dir, &name, OFlag::O_DIRECTORY | OFlag::O_RDONLY, 0)
-                {
-                    self.walk(sub, &path, out, depth + 1)?;
-                }
+            } else if kind == SFlag::S_IFDIR
+                && let Ok(sub) = self.open_at(&dir, &name, OFlag::O_DIRECTORY | OFlag::O_RDONLY, 0)
+            {
+                self.walk(sub, &path, out, depth + 1)?;
             }
         }
         Ok(())

@@ -1,0 +1,295 @@
+//! `ampoule run` and `ampoule doctor` as a user calls them: exit codes, inputs and outputs,
+//! JSON results, clear errors for bad input, and the orphan sweep after a killed supervisor.
+//!
+//! These tests start real sandboxes, so they need root (as CI has); without it they print why
+//! and return early.
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn ampoule() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_ampoule"))
+}
+
+fn root_or_skip(test: &str) -> bool {
+    let root = std::fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false);
+    if !root {
+        eprintln!("{test}: skipped: starting sandboxes in tests needs root");
+    }
+    root
+}
+
+fn run_stdin(args: &[&str], code: &str) -> Output {
+    let mut child = ampoule()
+        .arg("run")
+        .args(args)
+        .arg("-")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(code.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn prints_output_and_returns_the_programs_exit_code() {
+    if !root_or_skip("prints_output") {
+        return;
+    }
+    let out = run_stdin(
+        &[],
+        "import sys\nprint(1)\nprint('err', file=sys.stderr)\nsys.exit(3)\n",
+    );
+    assert_eq!(text(&out.stdout), "1\n");
+    assert_eq!(text(&out.stderr), "err\n");
+    assert_eq!(out.status.code(), Some(3));
+}
+
+#[test]
+fn every_language_runs() {
+    if !root_or_skip("every_language_runs") {
+        return;
+    }
+    let out = run_stdin(&["--lang", "javascript"], "console.log(6 * 7)");
+    assert_eq!(text(&out.stdout), "42\n", "{}", text(&out.stderr));
+    let out = run_stdin(&["--lang", "bash"], "echo $((6 * 7)); exit 4");
+    assert_eq!(text(&out.stdout), "42\n");
+    assert_eq!(out.status.code(), Some(4));
+}
+
+#[test]
+fn code_from_a_file_inputs_in_and_outputs_out() {
+    if !root_or_skip("files") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let code = dir.path().join("job.py");
+    std::fs::write(
+        &code,
+        "import os\n\
+         data = open('input.csv').read()\n\
+         os.makedirs('reports', exist_ok=True)\n\
+         open('reports/summary.txt', 'w').write(data.upper())\n\
+         os.symlink('/etc/hostname', 'link')\n\
+         print(sorted(os.listdir('.')))\n",
+    )
+    .unwrap();
+    let input = dir.path().join("input.csv");
+    std::fs::write(&input, "a,b\n1,2\n").unwrap();
+    let out_dir = dir.path().join("out");
+    let out = ampoule()
+        .args(["run", "--json", "--file"])
+        .arg(&input)
+        .arg("--out")
+        .arg(&out_dir)
+        .arg(&code)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["status"], "succeeded");
+    assert_eq!(r["stdout"], "['input.csv', 'link', 'reports']\n");
+    let files: Vec<&str> = r["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(files, vec!["input.csv", "reports/summary.txt"]);
+    assert_eq!(
+        std::fs::read_to_string(out_dir.join("reports/summary.txt")).unwrap(),
+        "A,B\n1,2\n"
+    );
+    // The symlink the code planted is neither listed nor followed.
+    assert!(!out_dir.join("link").exists());
+}
+
+#[test]
+fn json_result_reports_the_limit_that_decided() {
+    if !root_or_skip("json_limit") {
+        return;
+    }
+    let out = run_stdin(
+        &["--json", "--timeout", "0.5"],
+        "import time\nprint('before', flush=True)\ntime.sleep(10)\n",
+    );
+    assert_eq!(out.status.code(), Some(124));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["status"], "timed_out");
+    assert_eq!(r["limit"], "time");
+    assert_eq!(r["stdout"], "before\n");
+    assert!(r["duration_ms"].as_f64().unwrap() < 5000.0);
+}
+
+#[test]
+fn bad_input_gets_a_clear_error_and_a_nonzero_exit() {
+    let out = ampoule()
+        .args(["run", "--lang", "cobol", "-"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    assert!(text(&out.stderr).contains("unknown language \"cobol\""));
+    assert!(text(&out.stderr).contains("hint:"));
+
+    let out = ampoule()
+        .args(["run", "/nonexistent/code.py"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    assert!(text(&out.stderr).contains("reading /nonexistent/code.py"));
+
+    let out = ampoule()
+        .args(["run", "--allow-host", "example.com", "-"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    assert!(text(&out.stderr).contains("--allow-host"));
+
+    let out = ampoule()
+        .args(["run", "--timeout", "-1", "-"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    assert!(text(&out.stderr).contains("--timeout"));
+
+    let out = ampoule().args(["frobnicate"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn doctor_reports_every_layer_and_runtime() {
+    if !root_or_skip("doctor") {
+        return;
+    }
+    let out = ampoule().args(["doctor", "--json"]).output().unwrap();
+    let checks: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<&str> = checks
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    for want in [
+        "mode",
+        "user namespaces",
+        "seccomp",
+        "landlock",
+        "cgroups",
+        "sandbox",
+        "runtime python",
+        "runtime javascript",
+        "runtime shell",
+    ] {
+        assert!(names.contains(&want), "doctor lacks {want}: {names:?}");
+    }
+    let sandbox = checks
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "sandbox")
+        .unwrap();
+    assert_eq!(sandbox["level"], "ok", "{sandbox}");
+    // Every failing check carries a fix.
+    for c in checks.as_array().unwrap() {
+        if c["level"] != "ok" {
+            assert!(c["fix"].is_string(), "{c} has no fix");
+        }
+    }
+}
+
+/// Lists the sandbox cgroups under every hierarchy's `ampoule` directory.
+fn sandbox_cgroups() -> Vec<String> {
+    ampoule_runtime::cgroup::CgroupRoot::detect()
+        .map(|r| r.children())
+        .unwrap_or_default()
+}
+
+fn sandbox_processes(marker: &str) -> Vec<i32> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) {
+            if String::from_utf8_lossy(&cmd).contains(marker) {
+                v.push(pid);
+            }
+        }
+    }
+    v
+}
+
+#[test]
+fn a_killed_supervisor_leaves_nothing_running_and_the_next_start_sweeps_its_cgroup() {
+    if !root_or_skip("orphan_sweep") {
+        return;
+    }
+    let marker = format!("orphan-marker-{}", std::process::id());
+    let mut child = ampoule()
+        .args(["run", "--lang", "bash", "--timeout", "60", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("echo started; exec -a {marker} sleep 600").as_bytes())
+        .unwrap();
+    // Wait until the program runs.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sandbox_processes(&marker).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the sandboxed program never started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The sandbox's cgroup, as the kernel reports it for the program.
+    let pid = sandbox_processes(&marker)[0];
+    let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let name = own
+        .lines()
+        .find_map(|l| l.rsplit('/').next().filter(|n| n.starts_with("sbx-")))
+        .map(str::to_owned)
+        .expect("the program runs in a sandbox cgroup");
+    assert!(sandbox_cgroups().contains(&name));
+    // Kill the supervisor the hard way.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // Its sandbox dies with it (parent-death signals down the init chain).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !sandbox_processes(&marker).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "sandboxed processes outlived the supervisor"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Its cgroup is still there (nobody removed it) until the next start sweeps it.
+    let out = run_stdin(&["--lang", "bash"], "true");
+    assert!(out.status.success());
+    assert!(
+        !sandbox_cgroups().contains(&name),
+        "orphaned cgroup {name} not swept"
+    );
+}

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs the system packages ampoule and its tests need, when they are missing (Debian/Ubuntu).
+# Idempotent; does nothing when everything is present.
+set -euo pipefail
+
+need=()
+have() { command -v "$1" >/dev/null 2>&1; }
+[ -x /usr/bin/python3 ] || need+=(python3)
+/usr/bin/python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
+[ -x /usr/bin/node ] || need+=(nodejs)
+have unshare || need+=(util-linux)
+have ip || need+=(iproute2)
+have gcc || need+=(gcc)
+have pkg-config || need+=(pkg-config)
+[ -x /usr/bin/csharp ] || need+=(mono-complete)
+
+if [ ${#need[@]} -eq 0 ]; then
+  exit 0
+fi
+if [ "$(id -u)" -ne 0 ]; then
+  echo "ampoule needs these packages: ${need[*]}" >&2
+  echo "hint: sudo apt-get install -y ${need[*]}" >&2
+  exit 1
+fi
+echo "installing: ${need[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq >/dev/null
+apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null

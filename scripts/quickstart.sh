@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Sets ampoule up on this machine and runs a first Python snippet in a sandbox.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "error: cargo not found" >&2
+  echo "hint: install Rust with rustup (https://rustup.rs), then re-run this script" >&2
+  exit 1
+fi
+bash scripts/deps.sh
+cargo build --release --locked -p ampoule-cli
+bin=target/release/ampoule
+"$bin" doctor
+echo
+echo '$ echo '"'"'print("hello from a sandbox")'"'"' | ampoule run -'
+echo 'import platform, os; print("hello from a sandbox:", platform.node(), "uid", os.getuid())' | "$bin" run -

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The whole test suite: formatting, lints, unit and API tests, privileged end-to-end tests and
+# the containment suite. Installs what it needs first. CI runs exactly this (.ci/run).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/deps.sh
+echo "== fmt" >&2
+cargo fmt --all -- --check
+echo "== clippy" >&2
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== build" >&2
+cargo build --workspace --locked
+if [ -f crates/cli/src/setup.rs ]; then
+  echo "== ampoule setup (python environment for sessions)" >&2
+  target/debug/ampoule setup
+fi
+echo "== doctor" >&2
+target/debug/ampoule doctor || true
+echo "== tests" >&2
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --locked --no-fail-fast
+else
+  cargo test --workspace --locked --no-fail-fast
+fi
