@@ -163,7 +163,7 @@ fn bad_input_gets_a_clear_error_and_a_nonzero_exit() {
     assert!(text(&out.stderr).contains("--allow-host"));
 
     let out = ampoule()
-        .args(["run", "--timeout", "-1", "-"])
+        .args(["run", "--timeout=0", "-"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(125));
