@@ -32,6 +32,10 @@ pub struct Host {
     pub runtime_dir: PathBuf,
     /// Where sandbox cgroups go, when cgroups are usable.
     pub cgroups: Option<CgroupRoot>,
+    /// The executable started as the sandbox init: the ampoule binary itself
+    /// (`/proc/self/exe`, which keeps working when the file is replaced during an upgrade), or
+    /// `AMPOULE_INIT_EXE` for test binaries and embedders that are not the ampoule binary.
+    pub init_exe: PathBuf,
 }
 
 /// A reserved slot. Dropping it releases the lock.
@@ -78,6 +82,9 @@ impl Host {
             privileged,
             runtime_dir,
             cgroups,
+            init_exe: std::env::var_os("AMPOULE_INIT_EXE")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("/proc/self/exe")),
         };
         for dir in [
             host.runtime_dir.clone(),

@@ -198,8 +198,7 @@ impl Sandbox {
         };
 
         let (ours, theirs) = channel::pair()?;
-        let exe = std::env::current_exe().map_err(|e| Error::io("locating own binary", e))?;
-        let mut cmd = tokio::process::Command::new(exe);
+        let mut cmd = tokio::process::Command::new(&host.init_exe);
         cmd.arg(INIT_ARG)
             .env_clear()
             .stdin(if cfg.stdin {
