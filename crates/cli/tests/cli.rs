@@ -293,3 +293,72 @@ fn a_killed_supervisor_leaves_nothing_running_and_the_next_start_sweeps_its_cgro
         "orphaned cgroup {name} not swept"
     );
 }
+
+#[test]
+fn an_ordinary_user_gets_a_sandbox_and_doctor_says_what_is_weaker() {
+    if !root_or_skip("unprivileged") {
+        return;
+    }
+    // A copy of the binary that user `nobody` can execute.
+    let dir = tempfile::tempdir().unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = dir.path().join("ampoule");
+    std::fs::copy(env!("CARGO_BIN_EXE_ampoule"), &bin).unwrap();
+    let as_nobody = |args: &[&str], stdin: &str| {
+        let mut child = Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "--reset-env",
+            ])
+            .arg(&bin)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let out = as_nobody(
+        &["run", "-"],
+        "import os\nst = open('/proc/self/status').read()\nprint(os.getuid(), 'CapEff:\\t0000000000000000' in st, 'Seccomp:\\t2' in st)\n",
+    );
+    assert_eq!(
+        text(&out.stdout),
+        "1000 True True\n",
+        "{}",
+        text(&out.stderr)
+    );
+    let out = as_nobody(&["doctor", "--json"], "");
+    let checks: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let find = |name: &str| {
+        checks
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .cloned()
+            .unwrap()
+    };
+    assert!(
+        find("mode")["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("unprivileged")
+    );
+    assert_eq!(find("sandbox")["level"], "ok");
+    // Without a delegated cgroup, the missing limits are reported, never silently skipped.
+    let cg = find("cgroups");
+    assert_eq!(cg["level"], "warn", "{cg}");
+    assert!(cg["detail"].as_str().unwrap().contains("limits are off"));
+    assert!(cg["fix"].is_string());
+}

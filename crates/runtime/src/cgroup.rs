@@ -256,6 +256,18 @@ impl CgroupRoot {
         self.bases.iter().map(|(_, d)| d.as_path())
     }
 
+    /// Whether this process may create sandbox cgroups under every base directory (as root, or
+    /// in a cgroup delegated to the user).
+    pub fn writable(&self) -> bool {
+        self.bases.iter().all(|(_, d)| {
+            nix::unistd::access(
+                d.as_path(),
+                nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK,
+            )
+            .is_ok()
+        })
+    }
+
     /// Creates the base directories and, on v2, delegates the controllers down to them.
     pub fn prepare(&self) -> Result<()> {
         for (_, dir) in &self.bases {

@@ -68,7 +68,7 @@ impl Host {
         } else {
             PathBuf::from(format!("/tmp/ampoule-{}", nix::unistd::geteuid()))
         };
-        let cgroups = CgroupRoot::detect().filter(|root| root.prepare().is_ok());
+        let cgroups = CgroupRoot::detect().filter(|root| root.prepare().is_ok() && root.writable());
         Self::with(privileged, runtime_dir, cgroups)
     }
 
