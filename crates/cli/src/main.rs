@@ -175,7 +175,13 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
     host.sweep_orphans();
     tracing::debug!("host ready");
     let file_name = interpreter.file_name;
-    let (result, sandbox) = ampoule_runtime::run::run(&host, &cfg, |scratch| {
+    // Without --json the program's output streams to ours as it is produced.
+    let echo = if args.json {
+        ampoule_runtime::run::Echo::Off
+    } else {
+        ampoule_runtime::run::Echo::On
+    };
+    let (result, sandbox) = ampoule_runtime::run::run(&host, &cfg, echo, |scratch| {
         scratch.write(CODE, file_name, &code, 0o644)?;
         for (name, data) in &inputs {
             scratch.write(DATA, name, data, 0o644)?;
@@ -204,10 +210,8 @@ fn print_result(r: &RunResult, limits: &Limits, json: bool) -> Result<()> {
         writeln!(out)?;
         return Ok(());
     }
-    out.write_all(r.stdout.as_bytes())?;
-    out.flush()?;
+    // The output itself was streamed while the program ran; only ampoule's notes remain.
     let mut err = std::io::stderr().lock();
-    err.write_all(r.stderr.as_bytes())?;
     for (name, cut) in [
         ("stdout", r.stdout_truncated),
         ("stderr", r.stderr_truncated),

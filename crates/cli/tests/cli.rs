@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, reason = "a failed unwrap is a failed test")]
 //! `ampoule run` and `ampoule doctor` as a user calls them: exit codes, inputs and outputs,
 //! JSON results, clear errors for bad input, and the orphan sweep after a killed supervisor.
 //!

@@ -235,7 +235,7 @@ async fn end_to_end(host: &Host) -> Check {
         timeout_s: 10.0,
         ..Limits::default()
     };
-    match crate::run::run(host, &cfg, |_| Ok(())).await {
+    match crate::run::run(host, &cfg, crate::run::Echo::Off, |_| Ok(())).await {
         Ok((r, sb)) => {
             let s = &r.stdout;
             let ok = s.starts_with(&format!("{SANDBOX_UID}\n"))

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use ampoule_types::{ExecutionStatus, LimitKind, RunResult};
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
 
 use crate::error::Result;
@@ -21,11 +21,12 @@ struct Captured {
     truncated: bool,
 }
 
-/// Reads `reader` to its end, keeping at most `cap` bytes. On the first byte over the cap it
-/// sets `over` and wakes `notify`, then keeps draining (so the writer never blocks on a full
-/// pipe while the sandbox is being killed).
-async fn capture<R: AsyncRead + Unpin>(
+/// Reads `reader` to its end, keeping at most `cap` bytes, and copies what it keeps to `echo`
+/// as it arrives. On the first byte over the cap it sets `over` and wakes `notify`, then keeps
+/// draining (so the writer never blocks on a full pipe while the sandbox is being killed).
+async fn capture<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     mut reader: R,
+    mut echo: Option<W>,
     cap: usize,
     over: Arc<AtomicBool>,
     notify: Arc<Notify>,
@@ -37,15 +38,19 @@ async fn capture<R: AsyncRead + Unpin>(
             Ok(0) | Err(_) => break,
             Ok(n) => {
                 let room = cap.saturating_sub(out.bytes.len());
-                if n > room {
-                    out.bytes.extend_from_slice(&buf[..room]);
-                    if !out.truncated {
-                        out.truncated = true;
-                        over.store(true, Ordering::SeqCst);
-                        notify.notify_one();
-                    }
-                } else {
-                    out.bytes.extend_from_slice(&buf[..n]);
+                let keep = n.min(room);
+                out.bytes.extend_from_slice(&buf[..keep]);
+                if let Some(w) = echo.as_mut()
+                    && keep > 0
+                    && (w.write_all(&buf[..keep]).await.is_err() || w.flush().await.is_err())
+                {
+                    // The reader of our own output went away; keep capturing.
+                    echo = None;
+                }
+                if n > room && !out.truncated {
+                    out.truncated = true;
+                    over.store(true, Ordering::SeqCst);
+                    notify.notify_one();
                 }
             }
         }
@@ -53,24 +58,38 @@ async fn capture<R: AsyncRead + Unpin>(
     out
 }
 
-/// What a caller wants besides the config: the prepare hook writes code and inputs.
+/// Whether [`run`] copies the program's output to this process's stdout and stderr while it
+/// runs (the CLI's live output), on top of capturing it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Echo {
+    /// Capture only.
+    Off,
+    /// Capture and copy, up to the output limit.
+    On,
+}
+
+/// Runs `cfg` once in a fresh sandbox under every limit. `prepare` writes code and inputs into
+/// the scratch space before the program starts. Returns the result and the finished sandbox,
+/// whose scratch space is still readable (outputs).
 pub async fn run(
     host: &Host,
     cfg: &SandboxConfig,
+    echo: Echo,
     prepare: impl FnOnce(&Scratch) -> Result<()>,
 ) -> Result<(RunResult, Sandbox)> {
     let mut sb = Sandbox::spawn(host, cfg, prepare).await?;
     let cap = usize::try_from(cfg.limits.output_bytes).unwrap_or(usize::MAX);
     let over = Arc::new(AtomicBool::new(false));
     let notify = Arc::new(Notify::new());
-    let stdout = sb
-        .stdout
-        .take()
-        .map(|r| tokio::spawn(capture(r, cap, over.clone(), notify.clone())));
-    let stderr = sb
-        .stderr
-        .take()
-        .map(|r| tokio::spawn(capture(r, cap, over.clone(), notify.clone())));
+    let on = echo == Echo::On;
+    let stdout = sb.stdout.take().map(|r| {
+        let w = on.then(tokio::io::stdout);
+        tokio::spawn(capture(r, w, cap, over.clone(), notify.clone()))
+    });
+    let stderr = sb.stderr.take().map(|r| {
+        let w = on.then(tokio::io::stderr);
+        tokio::spawn(capture(r, w, cap, over.clone(), notify.clone()))
+    });
 
     let timeout = Duration::from_secs_f64(cfg.limits.timeout_s.max(0.001));
     let deadline = tokio::time::Instant::from_std(sb.started()) + timeout;

@@ -189,7 +189,7 @@ mod tests {
     #[test]
     fn a_policy_without_the_sandbox_filter_is_refused() {
         let err = SeccompPolicy::compile(
-            r#"{"other": {"default_action": "allow", "filter_action": "allow", "filter": []}}"#,
+            r#"{"other": {"default_action": "allow", "filter_action": {"errno": 1}, "filter": []}}"#,
         )
         .unwrap_err();
         assert!(err.to_string().contains("sandbox"), "{err}");
