@@ -7,10 +7,20 @@
 //! outside the scratch space. Hard links cannot point outside either: the scratch is its own
 //! filesystem. The descriptor keeps the tmpfs alive after the sandbox's processes are gone,
 //! which is how outputs are collected after a run.
+//!
+//! The server's file endpoints use the streaming half ([`Scratch::create`], [`Scratch::open`],
+//! [`Scratch::stat`], [`Scratch::remove`]), which reports refusals as [`FileError`] so that a
+//! caller can tell "no such file" from "not allowed". Uploads are written to a fresh temporary
+//! name and renamed into place on commit, so they never write through an existing inode (a
+//! hard link planted by sandboxed code) and an aborted upload leaves nothing behind. Files with
+//! more than one hard link are never opened for reading: on a scratch space that is not its
+//! own filesystem (a test directory), such a link could name a file outside it.
 
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
 
 use ampoule_types::FileEntry;
 use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
@@ -22,6 +32,140 @@ use crate::error::{Error, IoContext, Result};
 pub const DATA: &str = "data";
 /// Sub-directory of the scratch root that is `/run/ampoule` (read-only) in the sandbox.
 pub const CODE: &str = ".ampoule";
+
+/// Prefix of the temporary names uploads are written to before [`NewFile::commit`]; such
+/// files are never listed.
+const UPLOAD_PREFIX: &str = ".ampoule-upload-";
+
+/// Why a file operation of the streaming API was refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    /// The path itself is not acceptable (absolute, `..`, NUL, empty, too long).
+    #[error("{0}")]
+    Invalid(String),
+    /// Nothing exists at the path.
+    #[error("{0:?} does not exist")]
+    NotFound(String),
+    /// A component of the path is a symbolic link, or the file has other hard links: it is
+    /// never followed.
+    #[error("{0:?} is a link, which is never followed")]
+    Link(String),
+    /// The path names a directory, device or other non-regular file where a file was needed,
+    /// or a component of the path is not a directory.
+    #[error("{0:?} is not a regular file")]
+    NotAFile(String),
+    /// The scratch space is full.
+    #[error("no space left in the session's files")]
+    NoSpace,
+    /// A system call failed.
+    #[error("{what}")]
+    Io {
+        /// What we were doing.
+        what: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl FileError {
+    fn from_errno(path: &str, e: nix::errno::Errno, what: &str) -> Self {
+        use nix::errno::Errno;
+        match e {
+            Errno::ELOOP | Errno::EXDEV => FileError::Link(path.to_owned()),
+            Errno::ENOENT => FileError::NotFound(path.to_owned()),
+            Errno::ENOTDIR | Errno::EISDIR => FileError::NotAFile(path.to_owned()),
+            Errno::ENOSPC | Errno::EDQUOT => FileError::NoSpace,
+            other => FileError::Io {
+                what: format!("{what} {path}"),
+                source: other.into(),
+            },
+        }
+    }
+}
+
+impl From<Error> for FileError {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Invalid(msg) => FileError::Invalid(msg),
+            Error::Io { what, source } => FileError::Io { what, source },
+            other => FileError::Io {
+                what: other.to_string(),
+                source: std::io::Error::other("scratch"),
+            },
+        }
+    }
+}
+
+/// What [`Scratch::stat`] and [`Scratch::list_info`] report about a file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileInfo {
+    /// Path relative to the base directory, with `/` separators.
+    pub path: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Last modification time.
+    pub modified: SystemTime,
+    /// Whether it is a regular file (otherwise a directory, link, device...).
+    pub regular: bool,
+}
+
+fn modified_of(st: &FileStat) -> SystemTime {
+    let secs = u64::try_from(st.st_mtime).unwrap_or(0);
+    let nanos = u32::try_from(st.st_mtime_nsec).unwrap_or(0);
+    SystemTime::UNIX_EPOCH + Duration::new(secs, nanos.min(999_999_999))
+}
+
+/// A file being written by [`Scratch::create`]: it lives under a temporary name until
+/// [`NewFile::commit`] renames it over the target, and is removed if dropped uncommitted.
+#[derive(Debug)]
+pub struct NewFile {
+    dir: OwnedFd,
+    temp: String,
+    name: String,
+    path: String,
+    file: std::fs::File,
+    committed: bool,
+}
+
+impl NewFile {
+    /// The open file to write the contents to.
+    pub fn file(&mut self) -> &mut std::fs::File {
+        &mut self.file
+    }
+
+    /// Makes the file visible under its name, replacing whatever file or link was there.
+    pub fn commit(mut self) -> Result<FileInfo, FileError> {
+        self.file.flush().map_err(|e| FileError::Io {
+            what: format!("write {}", self.path),
+            source: e,
+        })?;
+        let st = nix::sys::stat::fstat(&self.file)
+            .map_err(|e| FileError::from_errno(&self.path, e, "stat"))?;
+        // rename(2) replaces a link itself, never its target.
+        nix::fcntl::renameat(&self.dir, self.temp.as_str(), &self.dir, self.name.as_str())
+            .map_err(|e| FileError::from_errno(&self.path, e, "rename"))?;
+        self.committed = true;
+        Ok(FileInfo {
+            path: self.path.clone(),
+            size: st.st_size as u64,
+            modified: modified_of(&st),
+            regular: true,
+        })
+    }
+}
+
+impl Drop for NewFile {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = nix::unistd::unlinkat(
+                &self.dir,
+                self.temp.as_str(),
+                nix::unistd::UnlinkatFlags::NoRemoveDir,
+            );
+        }
+    }
+}
 
 /// Descriptor-based handle on a scratch space.
 #[derive(Debug)]
@@ -72,6 +216,145 @@ impl Scratch {
     /// Wraps the root descriptor; files created through it are chowned to `owner` (root mode).
     pub(crate) fn new(root: OwnedFd, owner: Option<(u32, u32)>) -> Self {
         Self { root, owner }
+    }
+
+    /// A scratch space on a directory the caller opened (test doubles of a sandbox): `root`
+    /// must hold the [`DATA`] directory. Files created through it keep the caller's owner.
+    pub fn from_dir(root: OwnedFd) -> Self {
+        Self { root, owner: None }
+    }
+
+    /// Splits a caller's path into its parent directory (opened, optionally created) and its
+    /// final name.
+    fn parent_of(
+        &self,
+        base: &str,
+        path: &str,
+        create: bool,
+    ) -> Result<(OwnedFd, String), FileError> {
+        let comps = normalize(path)?;
+        let (name, parents) = comps
+            .split_last()
+            .ok_or_else(|| FileError::Invalid("empty path".into()))?;
+        let dir = self.open_dir(base, parents, create).map_err(|e| match e {
+            Error::Invalid(msg) if msg.contains("link") => FileError::Link(path.to_owned()),
+            Error::Invalid(msg) if msg.contains("does not exist") => {
+                FileError::NotFound(path.to_owned())
+            }
+            Error::Invalid(msg) if msg.contains("not a directory") => {
+                FileError::NotAFile(path.to_owned())
+            }
+            other => other.into(),
+        })?;
+        Ok((dir, name.clone()))
+    }
+
+    /// Starts writing a file below `base`, creating parent directories. Nothing is visible
+    /// under `path` until [`NewFile::commit`].
+    pub fn create(&self, base: &str, path: &str, mode: u32) -> Result<NewFile, FileError> {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let (dir, name) = self.parent_of(base, path, true)?;
+        let temp = format!(
+            "{UPLOAD_PREFIX}{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let how = OpenHow::new()
+            .flags(
+                OFlag::O_WRONLY
+                    | OFlag::O_CREAT
+                    | OFlag::O_EXCL
+                    | OFlag::O_CLOEXEC
+                    | OFlag::O_NOFOLLOW,
+            )
+            .mode(Mode::from_bits_truncate(mode))
+            .resolve(resolve());
+        let fd = openat2(&dir, temp.as_str(), how)
+            .map_err(|e| FileError::from_errno(path, e, "create"))?;
+        if let Some((uid, gid)) = self.owner {
+            nix::unistd::fchown(
+                &fd,
+                Some(nix::unistd::Uid::from_raw(uid)),
+                Some(nix::unistd::Gid::from_raw(gid)),
+            )
+            .map_err(|e| FileError::from_errno(path, e, "chown"))?;
+        }
+        Ok(NewFile {
+            dir,
+            temp,
+            name,
+            path: normalize(path)?.join("/"),
+            file: std::fs::File::from(fd),
+            committed: false,
+        })
+    }
+
+    /// Opens a regular file below `base` for reading. Links (symbolic, or a file with other
+    /// hard links) are refused, never followed.
+    pub fn open(&self, base: &str, path: &str) -> Result<(std::fs::File, FileInfo), FileError> {
+        let (dir, name) = self.parent_of(base, path, false)?;
+        let how = OpenHow::new()
+            .flags(OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK)
+            .resolve(resolve());
+        let fd = openat2(&dir, name.as_str(), how)
+            .map_err(|e| FileError::from_errno(path, e, "open"))?;
+        let st = nix::sys::stat::fstat(&fd).map_err(|e| FileError::from_errno(path, e, "stat"))?;
+        if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG {
+            return Err(FileError::NotAFile(path.to_owned()));
+        }
+        if st.st_nlink > 1 {
+            return Err(FileError::Link(path.to_owned()));
+        }
+        let info = FileInfo {
+            path: normalize(path)?.join("/"),
+            size: st.st_size as u64,
+            modified: modified_of(&st),
+            regular: true,
+        };
+        Ok((std::fs::File::from(fd), info))
+    }
+
+    /// Describes what is at `path` below `base` without following a final link.
+    pub fn stat(&self, base: &str, path: &str) -> Result<FileInfo, FileError> {
+        let (dir, name) = self.parent_of(base, path, false)?;
+        let st = fstatat(
+            &dir,
+            name.as_str(),
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+        .map_err(|e| FileError::from_errno(path, e, "stat"))?;
+        Ok(FileInfo {
+            path: normalize(path)?.join("/"),
+            size: st.st_size as u64,
+            modified: modified_of(&st),
+            regular: SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFREG,
+        })
+    }
+
+    /// Removes a file (or a link itself, never its target) below `base`. Directories are
+    /// refused.
+    pub fn remove(&self, base: &str, path: &str) -> Result<(), FileError> {
+        let (dir, name) = self.parent_of(base, path, false)?;
+        let st = fstatat(
+            &dir,
+            name.as_str(),
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+        .map_err(|e| FileError::from_errno(path, e, "stat"))?;
+        if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR {
+            return Err(FileError::NotAFile(path.to_owned()));
+        }
+        nix::unistd::unlinkat(&dir, name.as_str(), nix::unistd::UnlinkatFlags::NoRemoveDir)
+            .map_err(|e| FileError::from_errno(path, e, "remove"))
+    }
+
+    /// Like [`Scratch::list`], with modification times.
+    pub fn list_info(&self, base: &str) -> Result<Vec<FileInfo>> {
+        let mut out = Vec::new();
+        let root = self.open_dir(base, &[], false)?;
+        self.walk(root, "", &mut out, 0)?;
+        out.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(out)
     }
 
     fn open_dir(&self, base: &str, comps: &[String], create: bool) -> Result<OwnedFd> {
@@ -170,14 +453,17 @@ impl Scratch {
     /// Lists the regular files below `base`, recursively. Symlinks, devices and FIFOs are not
     /// listed (they are never followed).
     pub fn list(&self, base: &str) -> Result<Vec<FileEntry>> {
-        let mut out = Vec::new();
-        let root = self.open_dir(base, &[], false)?;
-        self.walk(root, "", &mut out, 0)?;
-        out.sort_by(|a, b| a.path.cmp(&b.path));
-        Ok(out)
+        Ok(self
+            .list_info(base)?
+            .into_iter()
+            .map(|f| FileEntry {
+                path: f.path,
+                size: f.size,
+            })
+            .collect())
     }
 
-    fn walk(&self, dir: OwnedFd, prefix: &str, out: &mut Vec<FileEntry>, depth: u32) -> Result<()> {
+    fn walk(&self, dir: OwnedFd, prefix: &str, out: &mut Vec<FileInfo>, depth: u32) -> Result<()> {
         if depth > 64 || out.len() > 100_000 {
             return Ok(());
         }
@@ -187,7 +473,7 @@ impl Scratch {
             d.iter()
                 .filter_map(|e| e.ok())
                 .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n != "." && n != "..")
+                .filter(|n| n != "." && n != ".." && !n.starts_with(UPLOAD_PREFIX))
                 .collect()
         };
         for name in names {
@@ -206,9 +492,11 @@ impl Scratch {
                 format!("{prefix}/{name}")
             };
             if kind == SFlag::S_IFREG {
-                out.push(FileEntry {
+                out.push(FileInfo {
                     path,
                     size: st.st_size as u64,
+                    modified: modified_of(&st),
+                    regular: true,
                 });
             } else if kind == SFlag::S_IFDIR
                 && let Ok(sub) = self.open_at(&dir, &name, OFlag::O_DIRECTORY | OFlag::O_RDONLY, 0)
@@ -297,5 +585,79 @@ mod tests {
         );
         assert!(!outside.path().join("new").exists());
         assert!(s.list(DATA).unwrap().is_empty());
+    }
+
+    #[test]
+    fn streaming_api_never_follows_links() {
+        let (tmp, s) = scratch();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret"), b"s3cret").unwrap();
+        std::os::unix::fs::symlink(outside.path().join("secret"), tmp.path().join("data/leak"))
+            .unwrap();
+        std::os::unix::fs::symlink(outside.path(), tmp.path().join("data/dirlink")).unwrap();
+        // A hard link: same filesystem here, so it could name a file outside the data dir.
+        std::fs::write(tmp.path().join("outside-data"), b"hidden").unwrap();
+        std::fs::hard_link(
+            tmp.path().join("outside-data"),
+            tmp.path().join("data/hard"),
+        )
+        .unwrap();
+        assert!(matches!(s.open(DATA, "leak"), Err(FileError::Link(_))));
+        assert!(matches!(
+            s.open(DATA, "dirlink/secret"),
+            Err(FileError::Link(_))
+        ));
+        assert!(matches!(s.open(DATA, "hard"), Err(FileError::Link(_))));
+        assert!(matches!(
+            s.open(DATA, "missing"),
+            Err(FileError::NotFound(_))
+        ));
+        assert!(matches!(s.open(DATA, "../x"), Err(FileError::Invalid(_))));
+        assert!(s.create(DATA, "dirlink/new", 0o644).is_err());
+        // Uploading over a link or a hard link replaces the name, never writes through it.
+        for name in ["leak", "hard"] {
+            let mut f = s.create(DATA, name, 0o644).unwrap();
+            f.file().write_all(b"new").unwrap();
+            assert_eq!(f.commit().unwrap().size, 3);
+            let (mut file, _) = s.open(DATA, name).unwrap();
+            let mut got = Vec::new();
+            file.read_to_end(&mut got).unwrap();
+            assert_eq!(got, b"new");
+        }
+        assert_eq!(
+            std::fs::read(outside.path().join("secret")).unwrap(),
+            b"s3cret"
+        );
+        assert_eq!(
+            std::fs::read(tmp.path().join("outside-data")).unwrap(),
+            b"hidden"
+        );
+        // Removing a link removes the link only.
+        std::os::unix::fs::symlink(outside.path().join("secret"), tmp.path().join("data/l2"))
+            .unwrap();
+        s.remove(DATA, "l2").unwrap();
+        assert!(outside.path().join("secret").exists());
+        assert!(matches!(
+            s.remove(DATA, "dirlink/secret"),
+            Err(FileError::Link(_))
+        ));
+    }
+
+    #[test]
+    fn uncommitted_uploads_leave_nothing() {
+        let (tmp, s) = scratch();
+        let mut f = s.create(DATA, "a/b.txt", 0o644).unwrap();
+        f.file().write_all(b"partial").unwrap();
+        assert!(s.list(DATA).unwrap().is_empty(), "temporary name listed");
+        drop(f);
+        assert!(s.list(DATA).unwrap().is_empty());
+        assert_eq!(
+            std::fs::read_dir(tmp.path().join("data/a"))
+                .unwrap()
+                .count(),
+            0
+        );
+        let info = s.stat(DATA, "a").unwrap();
+        assert!(!info.regular);
     }
 }

@@ -1,8 +1,10 @@
 //! Wire types shared by every ampoule crate.
 //!
 //! This crate owns the shapes that cross a boundary: what a caller asks for (limits, language)
-//! and what comes back (an execution result). It depends on nothing but `serde`, so the CLI
-//! client, the server and the sandbox runtime all agree on one definition.
+//! and what comes back (an execution result). It depends on `serde` and `serde_json` only (MIME
+//! bundles carry arbitrary JSON), so the CLI client, the server and the sandbox runtime all
+//! agree on one definition; the `openapi` feature derives OpenAPI schemas for the
+//! server's generated document without making every user pay for `utoipa`.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -49,6 +51,7 @@ impl Default for Limits {
 
 /// A language a sandbox can run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Language {
     /// CPython 3.
@@ -91,6 +94,7 @@ impl fmt::Display for Language {
 
 /// How an execution ended (PRODUCT.md §5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum ExecutionStatus {
     /// The code ran to completion and exited 0.
@@ -123,6 +127,7 @@ impl fmt::Display for ExecutionStatus {
 
 /// A resource limit that was reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum LimitKind {
     /// Wall-clock time.
@@ -161,6 +166,7 @@ impl fmt::Display for LimitKind {
 
 /// A file the code left in `/mnt/data`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct FileEntry {
     /// Path relative to `/mnt/data`, with `/` separators.
     pub path: String,
@@ -198,6 +204,97 @@ pub struct RunResult {
     pub peak_memory_bytes: Option<u64>,
     /// Files left in `/mnt/data` when the run ended.
     pub files: Vec<FileEntry>,
+}
+
+/// A MIME bundle: MIME type to data. Text types carry a string, `application/json` any JSON
+/// value, binary types (`image/png`) a base64 string.
+pub type MimeBundle = std::collections::BTreeMap<String, serde_json::Value>;
+
+/// Whether a session's interpreter state (variables, imports, cwd) survived an execution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum SessionState {
+    /// The interpreter is still the same: the next execution sees the state.
+    Kept,
+    /// The interpreter was restarted (a limit or a timeout killed it): the state is gone.
+    Lost,
+}
+
+/// The error an execution raised.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ExecutionError {
+    /// Exception or error name (`ZeroDivisionError`).
+    pub name: String,
+    /// Its message.
+    pub value: String,
+    /// Traceback lines, starting at the caller's code.
+    pub traceback: Vec<String>,
+}
+
+/// The result of one execution in a session (PRODUCT.md §1 and §5); the native API returns it
+/// as is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ExecutionResult {
+    /// How it ended.
+    pub status: ExecutionStatus,
+    /// The limit that decided the outcome, when one did.
+    pub limit: Option<LimitKind>,
+    /// Whether the session's state survived (always `kept` after `succeeded`/`failed`).
+    pub session_state: SessionState,
+    /// Standard output (UTF-8, lossy), cut at the output limit.
+    pub stdout: String,
+    /// Standard error (UTF-8, lossy), cut at the output limit.
+    pub stderr: String,
+    /// Whether stdout was cut.
+    pub stdout_truncated: bool,
+    /// Whether stderr was cut.
+    pub stderr_truncated: bool,
+    /// The value of the last expression, as a MIME bundle (`text/plain` always; also
+    /// `application/json` for plain JSON values and rich types such as `image/png`).
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
+    pub result: Option<MimeBundle>,
+    /// Rich outputs displayed during the execution (plots, tables), in order.
+    #[cfg_attr(feature = "openapi", schema(value_type = Vec<Object>))]
+    pub outputs: Vec<MimeBundle>,
+    /// The error the code raised, when it did.
+    pub error: Option<ExecutionError>,
+    /// The execution's number in its session, when the interpreter counts them.
+    pub execution_count: Option<u64>,
+    /// The exit status of the code, for languages that have one (shell).
+    pub exit_code: Option<i32>,
+    /// Wall-clock duration, in milliseconds.
+    pub duration_ms: f64,
+    /// CPU time used by the session during the execution, when it could be measured.
+    pub cpu_time_ms: Option<f64>,
+    /// Peak memory of the session in bytes, when it could be measured.
+    pub peak_memory_bytes: Option<u64>,
+}
+
+/// Output of an execution delivered while it runs (the streaming form of the native API
+/// sends these as they happen, then the [`ExecutionResult`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ExecutionEvent {
+    /// Text written to stdout.
+    Stdout {
+        /// The text.
+        text: String,
+    },
+    /// Text written to stderr.
+    Stderr {
+        /// The text.
+        text: String,
+    },
+    /// A rich output (plot, table).
+    Display {
+        /// Its representations.
+        #[cfg_attr(feature = "openapi", schema(value_type = Object))]
+        data: MimeBundle,
+    },
 }
 
 #[cfg(test)]

@@ -1,0 +1,637 @@
+//! The native REST API, `/v1` (PRODUCT.md §2.2), and its OpenAPI document, generated from
+//! these handlers (utoipa) and committed as `openapi.json` at the repository root.
+//!
+//! Invariants: every error is an [`ApiError`] JSON body with a stable code, including the
+//! rejections of the JSON, path and query extractors; a session of another tenant answers
+//! 404 exactly like a missing one; executions run in their own task, so a client that goes
+//! away mid-execution never leaves a session half-way.
+
+use ampoule_types::{ExecutionEvent, ExecutionResult};
+use axum::body::Body;
+use axum::extract::{FromRequest, FromRequestParts, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header, request::Parts};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::AppState;
+use crate::auth::Tenant;
+use crate::engine::ExecRequest;
+use crate::error::{ApiError, ErrorBody, ErrorCode};
+use crate::files;
+use crate::manager::{PoolStatus, Session};
+
+/// A JSON body whose rejections are [`ApiError`]s.
+pub struct JsonBody<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        // Clients differ in the Content-Type they send; the body decides.
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|e| ApiError::invalid(format!("reading the body: {}", e.body_text())))?;
+        serde_json::from_slice(&bytes)
+            .map(JsonBody)
+            .map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")))
+    }
+}
+
+/// Path parameters whose rejections are [`ApiError`]s.
+pub struct PathParams<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for PathParams<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|p| PathParams(p.0))
+            .map_err(|e| ApiError::invalid(format!("invalid path: {}", e.body_text())))
+    }
+}
+
+/// Query parameters whose rejections are [`ApiError`]s.
+pub struct QueryParams<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for QueryParams<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|q| QueryParams(q.0))
+            .map_err(|e| ApiError::invalid(format!("invalid query: {}", e.body_text())))
+    }
+}
+
+/// Answers a known path called with the wrong method.
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        ErrorCode::MethodNotAllowed,
+        "this method is not allowed on this path",
+    )
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "ampoule",
+        description = "Run untrusted code in Linux sandboxes: sessions, executions and files. \
+                       The ACA dynamic-sessions compatible API is served on every other path \
+                       and documented in the README.",
+        license(name = "Apache-2.0")
+    ),
+    modifiers(&BearerAuth),
+    security(("bearer" = [])),
+    components(schemas(ErrorBody, ExecutionEvent))
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("An API key from the server's config"))
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// The `/v1` routes and `/healthz`, and their OpenAPI document.
+pub fn routes() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
+    let (router, mut doc) = router().split_for_parts();
+    // axum spells a catch-all `{*path}`; OpenAPI path templates know only `{path}`.
+    let paths = std::mem::take(&mut doc.paths.paths);
+    doc.paths.paths = paths
+        .into_iter()
+        .map(|(k, v)| (k.replace("{*", "{"), v))
+        .collect();
+    (router, doc)
+}
+
+fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(healthz))
+        .routes(routes!(list_pools))
+        .routes(routes!(create_session, list_sessions))
+        .routes(routes!(get_session, delete_session))
+        .routes(routes!(execute))
+        .routes(routes!(execute_stream))
+        .routes(routes!(list_files, upload_files))
+        .routes(routes!(get_file, put_file, delete_file))
+}
+
+/// `GET /healthz`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    /// Always `ok` while the server answers.
+    pub status: String,
+}
+
+/// Liveness: answers while the server runs (no key needed).
+#[utoipa::path(get, path = "/healthz", tag = "server", security(()),
+    responses((status = 200, body = Health)))]
+async fn healthz() -> axum::Json<Health> {
+    axum::Json(Health {
+        status: "ok".into(),
+    })
+}
+
+/// `GET /v1/pools`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PoolList {
+    /// Every pool.
+    pub pools: Vec<PoolStatus>,
+}
+
+/// The pools with their ready, busy and maximum session counts.
+#[utoipa::path(get, path = "/v1/pools", tag = "pools",
+    responses((status = 200, body = PoolList), (status = 401, body = ErrorBody)))]
+async fn list_pools(State(state): State<AppState>, _tenant: Tenant) -> axum::Json<PoolList> {
+    axum::Json(PoolList {
+        pools: state.manager.pools(),
+    })
+}
+
+/// `POST /v1/sessions`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSession {
+    /// The pool (default: the server's default pool).
+    pub pool: Option<String>,
+    /// The caller's name for the session (1-256 characters); when a session of this name
+    /// exists in the pool, it is returned instead of a new one.
+    pub identifier: Option<String>,
+}
+
+/// A session.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SessionInfo {
+    /// The session's id, for the `/v1/sessions/{id}` paths.
+    pub id: String,
+    /// Its pool.
+    pub pool: String,
+    /// The caller's name for it (the ACA `identifier`).
+    pub identifier: String,
+    /// The language of its interpreter.
+    pub language: String,
+    /// When it was created (RFC 3339).
+    pub created_at: String,
+    /// When it was last used (RFC 3339).
+    pub last_used_at: String,
+    /// When it expires if left idle (RFC 3339).
+    pub expires_at: String,
+    /// Executions so far.
+    pub executions: u64,
+    /// Whether a call is running in it now.
+    pub busy: bool,
+}
+
+fn session_info(state: &AppState, s: &Session) -> SessionInfo {
+    let pool = state.manager.pool(&s.pool).ok();
+    let idle = pool.map(|p| p.idle_timeout).unwrap_or_default();
+    SessionInfo {
+        id: s.id.clone(),
+        pool: s.pool.clone(),
+        identifier: s.identifier.clone(),
+        language: pool
+            .map(|p| p.spec.language.as_str().to_owned())
+            .unwrap_or_default(),
+        created_at: files::rfc3339(s.created_at),
+        last_used_at: files::rfc3339(s.last_used_at()),
+        expires_at: files::rfc3339(s.last_used_at() + idle),
+        executions: s.executions(),
+        busy: s.busy(),
+    }
+}
+
+/// Creates a session (or returns the existing one of the same identifier).
+#[utoipa::path(post, path = "/v1/sessions", tag = "sessions", request_body = CreateSession,
+    responses(
+        (status = 201, description = "created", body = SessionInfo),
+        (status = 200, description = "a session of this identifier existed", body = SessionInfo),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 404, description = "no such pool", body = ErrorBody),
+        (status = 429, description = "the pool or the tenant is full", body = ErrorBody),
+        (status = 503, description = "no sandbox could be started", body = ErrorBody)))]
+async fn create_session(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    JsonBody(req): JsonBody<CreateSession>,
+) -> Result<Response, ApiError> {
+    if let Some(id) = &req.identifier {
+        crate::aca::check_identifier(id)?;
+    }
+    let (s, created) = state
+        .manager
+        .create(&tenant, req.pool.as_deref(), req.identifier.as_deref())
+        .await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, axum::Json(session_info(&state, &s))).into_response())
+}
+
+/// `GET /v1/sessions`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SessionList {
+    /// The caller's sessions, oldest first.
+    pub sessions: Vec<SessionInfo>,
+}
+
+/// The caller's sessions.
+#[utoipa::path(get, path = "/v1/sessions", tag = "sessions",
+    responses((status = 200, body = SessionList), (status = 401, body = ErrorBody)))]
+async fn list_sessions(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+) -> axum::Json<SessionList> {
+    let sessions = state
+        .manager
+        .list(&tenant)
+        .iter()
+        .map(|s| session_info(&state, s))
+        .collect();
+    axum::Json(SessionList { sessions })
+}
+
+/// One session.
+#[utoipa::path(get, path = "/v1/sessions/{id}", tag = "sessions",
+    params(("id" = String, Path, description = "session id")),
+    responses((status = 200, body = SessionInfo), (status = 404, body = ErrorBody)))]
+async fn get_session(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    PathParams(id): PathParams<String>,
+) -> Result<axum::Json<SessionInfo>, ApiError> {
+    let s = state.manager.get(&tenant, &id)?;
+    Ok(axum::Json(session_info(&state, &s)))
+}
+
+/// Destroys a session and everything in it.
+#[utoipa::path(delete, path = "/v1/sessions/{id}", tag = "sessions",
+    params(("id" = String, Path, description = "session id")),
+    responses((status = 204, description = "deleted"), (status = 404, body = ErrorBody)))]
+async fn delete_session(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    PathParams(id): PathParams<String>,
+) -> Result<StatusCode, ApiError> {
+    state.manager.delete(&tenant, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /v1/sessions/{id}/executions`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExecuteRequest {
+    /// The code.
+    pub code: String,
+    /// The language; must be the session's (default: the session's).
+    pub language: Option<String>,
+    /// Wall-clock limit in seconds (default: the pool's; at most the pool's maximum).
+    pub timeout_s: Option<f64>,
+    /// A JSON object available to the code as `inputs`.
+    #[schema(value_type = Option<Object>)]
+    pub inputs: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+fn exec_request(
+    state: &AppState,
+    s: &Session,
+    req: ExecuteRequest,
+) -> Result<ExecRequest, ApiError> {
+    let pool = state.manager.pool(&s.pool)?;
+    if let Some(lang) = &req.language {
+        match ampoule_types::Language::parse(lang) {
+            Some(l) if l == pool.spec.language => {}
+            Some(l) => {
+                return Err(ApiError::invalid(format!(
+                    "this session runs {}, not {l}",
+                    pool.spec.language
+                )));
+            }
+            None => return Err(ApiError::invalid(format!("unknown language {lang:?}"))),
+        }
+    }
+    Ok(ExecRequest {
+        code: req.code,
+        timeout_s: state.manager.timeout_for(&s.pool, req.timeout_s)?,
+        inputs: req.inputs,
+    })
+}
+
+/// Runs code in a session and returns the result when it is over.
+#[utoipa::path(post, path = "/v1/sessions/{id}/executions", tag = "executions",
+    params(("id" = String, Path, description = "session id")),
+    request_body = ExecuteRequest,
+    responses((status = 200, body = ExecutionResult), (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody)))]
+async fn execute(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    PathParams(id): PathParams<String>,
+    JsonBody(req): JsonBody<ExecuteRequest>,
+) -> Result<axum::Json<ExecutionResult>, ApiError> {
+    let s = state.manager.get(&tenant, &id)?;
+    let req = exec_request(&state, &s, req)?;
+    Ok(axum::Json(state.manager.execute(&s, req, None).await?))
+}
+
+/// One line of the streaming form: the output events, then the result (or an error).
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum StreamEnd {
+    /// The execution is over.
+    Result {
+        /// Its result.
+        result: Box<ExecutionResult>,
+    },
+    /// The execution could not run.
+    Error {
+        /// The error.
+        error: crate::error::ErrorDetail,
+    },
+}
+
+/// Runs code and streams its output as it happens: NDJSON (`application/x-ndjson`, the
+/// default) or server-sent events (`Accept: text/event-stream`). Each line or event is an
+/// `ExecutionEvent` (`stdout`, `stderr`, `display`); the last one is `result` (or `error`).
+#[utoipa::path(post, path = "/v1/sessions/{id}/executions/stream", tag = "executions",
+    params(("id" = String, Path, description = "session id")),
+    request_body = ExecuteRequest,
+    responses(
+        (status = 200, description = "NDJSON lines or SSE events: ExecutionEvent..., then StreamEnd",
+            content_type = "application/x-ndjson", body = StreamEnd),
+        (status = 404, body = ErrorBody)))]
+async fn execute_stream(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    headers: HeaderMap,
+    PathParams(id): PathParams<String>,
+    JsonBody(req): JsonBody<ExecuteRequest>,
+) -> Result<Response, ApiError> {
+    let s = state.manager.get(&tenant, &id)?;
+    let req = exec_request(&state, &s, req)?;
+    let sse = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("text/event-stream"));
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<ExecutionEvent>();
+    let manager = state.manager.clone();
+    let run = tokio::spawn(async move { manager.execute(&s, req, Some(tx)).await });
+
+    enum St {
+        Events(
+            tokio::sync::mpsc::UnboundedReceiver<ExecutionEvent>,
+            tokio::task::JoinHandle<Result<ExecutionResult, ApiError>>,
+        ),
+        Done,
+    }
+    let frame = move |kind: &str, json: String| -> axum::body::Bytes {
+        if sse {
+            format!("event: {kind}\ndata: {json}\n\n").into()
+        } else {
+            format!("{json}\n").into()
+        }
+    };
+    let stream = futures_util::stream::unfold(St::Events(rx, run), move |st| async move {
+        match st {
+            St::Events(mut rx, run) => match rx.recv().await {
+                Some(ev) => {
+                    let kind = match &ev {
+                        ExecutionEvent::Stdout { .. } => "stdout",
+                        ExecutionEvent::Stderr { .. } => "stderr",
+                        ExecutionEvent::Display { .. } => "display",
+                    };
+                    let json = serde_json::to_string(&ev).unwrap_or_default();
+                    Some((
+                        Ok::<_, std::convert::Infallible>(frame(kind, json)),
+                        St::Events(rx, run),
+                    ))
+                }
+                None => {
+                    let end = match run.await {
+                        Ok(Ok(result)) => StreamEnd::Result {
+                            result: Box::new(result),
+                        },
+                        Ok(Err(e)) => StreamEnd::Error {
+                            error: crate::error::ErrorDetail {
+                                code: e.code.as_str().to_owned(),
+                                message: e.message,
+                            },
+                        },
+                        Err(e) => {
+                            let e = ApiError::internal(e);
+                            StreamEnd::Error {
+                                error: crate::error::ErrorDetail {
+                                    code: e.code.as_str().to_owned(),
+                                    message: e.message,
+                                },
+                            }
+                        }
+                    };
+                    let kind = match end {
+                        StreamEnd::Result { .. } => "result",
+                        StreamEnd::Error { .. } => "error",
+                    };
+                    let json = serde_json::to_string(&end).unwrap_or_default();
+                    Some((Ok(frame(kind, json)), St::Done))
+                }
+            },
+            St::Done => None,
+        }
+    });
+    let mut resp = Body::from_stream(stream).into_response();
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(if sse {
+            "text/event-stream"
+        } else {
+            "application/x-ndjson"
+        }),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    Ok(resp)
+}
+
+/// A file in a session.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FileItem {
+    /// Path relative to `/mnt/data`.
+    pub path: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Last modification (RFC 3339).
+    pub modified_at: String,
+}
+
+impl From<&ampoule_runtime::scratch::FileInfo> for FileItem {
+    fn from(f: &ampoule_runtime::scratch::FileInfo) -> Self {
+        Self {
+            path: f.path.clone(),
+            size: f.size,
+            modified_at: files::rfc3339(f.modified),
+        }
+    }
+}
+
+/// A list of files.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FileList {
+    /// The files, by path.
+    pub files: Vec<FileItem>,
+}
+
+/// `?path=` of the file list and multipart upload.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct DirQuery {
+    /// A directory below `/mnt/data` (list: only files below it; upload: where parts go).
+    pub path: Option<String>,
+}
+
+/// The regular files in the session's `/mnt/data`, recursively.
+#[utoipa::path(get, path = "/v1/sessions/{id}/files", tag = "files",
+    params(("id" = String, Path, description = "session id"), DirQuery),
+    responses((status = 200, body = FileList), (status = 404, body = ErrorBody)))]
+async fn list_files(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    PathParams(id): PathParams<String>,
+    QueryParams(q): QueryParams<DirQuery>,
+) -> Result<axum::Json<FileList>, ApiError> {
+    let s = state.manager.get(&tenant, &id)?;
+    let _call = state.manager.file_call(&s);
+    let all = files::list(&s.live()).await?;
+    let prefix = match q.path.as_deref().map(|p| {
+        p.trim_start_matches("/mnt/data")
+            .trim_matches('/')
+            .to_owned()
+    }) {
+        Some(p) if p.split('/').any(|c| c == "..") => {
+            return Err(ApiError::new(ErrorCode::InvalidPath, "`..` is not allowed"));
+        }
+        Some(p) if !p.is_empty() => format!("{p}/"),
+        _ => String::new(),
+    };
+    Ok(axum::Json(FileList {
+        files: all
+            .iter()
+            .filter(|f| f.path.starts_with(&prefix))
+            .map(FileItem::from)
+            .collect(),
+    }))
+}
+
+/// Uploads files as `multipart/form-data`: every part with a file name is stored under that
+/// name (below `?path=` when given).
+#[utoipa::path(post, path = "/v1/sessions/{id}/files", tag = "files",
+    params(("id" = String, Path, description = "session id"), DirQuery),
+    request_body(content_type = "multipart/form-data", content = String),
+    responses((status = 201, body = FileList), (status = 400, body = ErrorBody),
+        (status = 413, body = ErrorBody)))]
+async fn upload_files(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    PathParams(id): PathParams<String>,
+    QueryParams(q): QueryParams<DirQuery>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<(StatusCode, axum::Json<FileList>), ApiError> {
+    files::check_content_length(&headers, state.max_upload)?;
+    let s = state.manager.get(&tenant, &id)?;
+    let _call = state.manager.file_call(&s);
+    let stored = files::upload_multipart(
+        &s.live(),
+        q.path.as_deref(),
+        &headers,
+        body,
+        state.max_upload,
+    )
+    .await?;
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(FileList {
+            files: stored.iter().map(FileItem::from).collect(),
+        }),
+    ))
+}
+
+/// `…/files/{path}`: metadata, or the content when the path ends in `/content`.
+#[utoipa::path(get, path = "/v1/sessions/{id}/files/{*path}", tag = "files",
+    params(("id" = String, Path, description = "session id"),
+        ("path" = String, Path, description = "file path below /mnt/data; append `/content` for the bytes")),
+    responses((status = 200, description = "the file's metadata (FileItem), or its bytes for `…/content`",
+            body = FileItem),
+        (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn get_file(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    PathParams((id, path)): PathParams<(String, String)>,
+) -> Result<Response, ApiError> {
+    let s = state.manager.get(&tenant, &id)?;
+    let _call = state.manager.file_call(&s);
+    match path.strip_suffix("/content") {
+        Some(file) => files::download(&s.live(), file).await,
+        None => {
+            let info = files::stat(&s.live(), &path).await?;
+            if !info.regular {
+                return Err(ApiError::new(ErrorCode::NotAFile, "not a regular file"));
+            }
+            Ok(axum::Json(FileItem::from(&info)).into_response())
+        }
+    }
+}
+
+/// Writes the raw request body to a file (parents created, an existing file replaced).
+#[utoipa::path(put, path = "/v1/sessions/{id}/files/{*path}", tag = "files",
+    params(("id" = String, Path, description = "session id"),
+        ("path" = String, Path, description = "file path below /mnt/data")),
+    request_body(content_type = "application/octet-stream", content = String),
+    responses((status = 201, body = FileItem), (status = 400, body = ErrorBody),
+        (status = 413, body = ErrorBody)))]
+async fn put_file(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    PathParams((id, path)): PathParams<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<(StatusCode, axum::Json<FileItem>), ApiError> {
+    files::check_content_length(&headers, state.max_upload)?;
+    let s = state.manager.get(&tenant, &id)?;
+    let _call = state.manager.file_call(&s);
+    let info = files::upload_raw(&s.live(), &path, body, state.max_upload).await?;
+    Ok((StatusCode::CREATED, axum::Json(FileItem::from(&info))))
+}
+
+/// Deletes a file (a link itself, never what it points to).
+#[utoipa::path(delete, path = "/v1/sessions/{id}/files/{*path}", tag = "files",
+    params(("id" = String, Path, description = "session id"),
+        ("path" = String, Path, description = "file path below /mnt/data")),
+    responses((status = 204, description = "deleted"), (status = 404, body = ErrorBody)))]
+async fn delete_file(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    PathParams((id, path)): PathParams<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    let s = state.manager.get(&tenant, &id)?;
+    let _call = state.manager.file_call(&s);
+    files::remove(&s.live(), &path).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,98 @@
+//! Bearer API keys and the tenants they belong to.
+//!
+//! Invariants: keys exist here only as SHA-256 digests; a request's key is hashed and looked
+//! up, never compared in clear. Placeholder tokens that buggy clients send (`Bearer None`,
+//! empty) are refused like any unknown key, with a message that says what happened.
+
+use std::collections::HashMap;
+
+use axum::extract::FromRequestParts;
+use axum::http::{HeaderMap, header, request::Parts};
+
+use crate::AppState;
+use crate::config::sha256_hex;
+use crate::error::{ApiError, ErrorCode};
+
+/// Key digests → tenants.
+#[derive(Debug, Clone, Default)]
+pub struct Keys {
+    by_digest: HashMap<String, String>,
+}
+
+impl Keys {
+    /// From `(sha256 hex, tenant)` pairs.
+    pub fn new(pairs: impl IntoIterator<Item = (String, String)>) -> Self {
+        Self {
+            by_digest: pairs
+                .into_iter()
+                .map(|(d, t)| (d.to_ascii_lowercase(), t))
+                .collect(),
+        }
+    }
+
+    /// The tenant of the request's `Authorization: Bearer` key.
+    pub fn tenant(&self, headers: &HeaderMap) -> Result<String, ApiError> {
+        let unauthorized = |msg: &str| ApiError::new(ErrorCode::Unauthorized, msg);
+        let value = headers
+            .get(header::AUTHORIZATION)
+            .ok_or_else(|| unauthorized("missing `Authorization: Bearer <api key>` header"))?
+            .to_str()
+            .map_err(|_| unauthorized("the Authorization header is not text"))?
+            .trim();
+        let (scheme, token) = value.split_once(' ').unwrap_or((value, ""));
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return Err(unauthorized("expected `Authorization: Bearer <api key>`"));
+        }
+        let token = token.trim();
+        if token.is_empty() || matches!(token, "None" | "null" | "undefined") {
+            return Err(unauthorized(
+                "the bearer token is empty or a placeholder (the client's token provider \
+                 returned nothing)",
+            ));
+        }
+        self.by_digest
+            .get(&sha256_hex(token))
+            .cloned()
+            .ok_or_else(|| unauthorized("unknown API key"))
+    }
+}
+
+/// The caller's tenant, from its API key (native API extractor; ACA handlers call
+/// [`Keys::tenant`] themselves to answer in their dialect).
+#[derive(Debug, Clone)]
+pub struct Tenant(pub String);
+
+impl FromRequestParts<AppState> for Tenant {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        state.keys.tenant(&parts.headers).map(Tenant)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    fn headers(auth: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(header::AUTHORIZATION, HeaderValue::from_str(auth).unwrap());
+        h
+    }
+
+    #[test]
+    fn keys_map_to_tenants_and_placeholders_are_refused() {
+        let keys = Keys::new([(sha256_hex("k1"), "a".to_owned())]);
+        assert_eq!(keys.tenant(&headers("Bearer k1")).unwrap(), "a");
+        assert_eq!(keys.tenant(&headers("bearer  k1 ")).unwrap(), "a");
+        for bad in ["Bearer None", "Bearer ", "Basic k1", "Bearer k2", "k1"] {
+            let e = keys.tenant(&headers(bad)).unwrap_err();
+            assert_eq!(e.code, ErrorCode::Unauthorized, "{bad}");
+        }
+        assert!(keys.tenant(&HeaderMap::new()).is_err());
+    }
+}

@@ -1,0 +1,542 @@
+//! The server's TOML configuration (PRODUCT.md §3) and where its defaults come from.
+//!
+//! Invariants: unknown keys are errors (a typo never silently becomes a default); API keys are
+//! only ever held as SHA-256 hex digests, whether they come from the file, from an environment
+//! variable, or from the key generated on first start (whose digest is stored in the data
+//! directory and whose clear text is printed once and never again).
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use ampoule_types::{Language, Limits};
+use serde::Deserialize;
+use sha2::Digest;
+
+use crate::engine::PoolSpec;
+use crate::error::Error;
+
+/// The address the server listens on when neither the config nor `--listen` says.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+
+/// The whole config file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// `[server]`.
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// `[auth]`.
+    #[serde(default)]
+    pub auth: AuthConfig,
+    /// `[pools.NAME]`; none configured means one default `python` pool.
+    #[serde(default)]
+    pub pools: BTreeMap<String, PoolConfig>,
+    /// `[tenants.NAME]`: per-tenant overrides.
+    #[serde(default)]
+    pub tenants: BTreeMap<String, TenantConfig>,
+    /// `[egress]` (the egress proxy is a later issue; accepted so documented configs load).
+    #[serde(default)]
+    pub egress: EgressConfig,
+    /// `[audit]` (the audit log is a later issue; accepted so documented configs load).
+    #[serde(default)]
+    pub audit: AuditConfig,
+}
+
+/// `[server]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Listen address (`host:port`).
+    pub listen: Option<String>,
+    /// Where the server keeps its state (the generated key's digest).
+    pub data_dir: Option<PathBuf>,
+    /// PEM certificate chain: with `tls_key`, the listener speaks HTTPS.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// The pool of the ACA API's bare root and of `/v1` requests that name none (default:
+    /// `python` when configured, else the first pool by name).
+    pub default_pool: Option<String>,
+    /// Largest upload accepted, in MiB (default 128, as ACA); larger answers 413.
+    pub max_upload_mib: Option<u64>,
+    /// Most live sessions one tenant may hold across pools (default: no limit beyond the
+    /// pools' own).
+    pub max_sessions_per_tenant: Option<usize>,
+}
+
+/// `[auth]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// `[[auth.keys]]`.
+    #[serde(default)]
+    pub keys: Vec<KeyConfig>,
+}
+
+/// One API key and its tenant.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyConfig {
+    /// The tenant the key belongs to.
+    pub tenant: String,
+    /// SHA-256 of the key, hex.
+    pub key_sha256: Option<String>,
+    /// Name of an environment variable holding the key itself.
+    pub key_env: Option<String>,
+}
+
+/// `[tenants.NAME]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    /// Most live sessions of this tenant.
+    pub max_sessions: Option<usize>,
+}
+
+/// `[pools.NAME]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    /// `python`, `javascript` or `shell` (aliases accepted).
+    #[serde(default = "default_language")]
+    pub language: String,
+    /// Ready sessions kept waiting.
+    #[serde(default = "default_warm")]
+    pub warm: usize,
+    /// Most live sessions in the pool.
+    #[serde(default = "default_max_sessions")]
+    pub max_sessions: usize,
+    /// Seconds without a call after which a session is destroyed.
+    #[serde(default = "default_idle")]
+    pub idle_timeout_s: u64,
+    /// Seconds after which a session is destroyed, busy or not.
+    #[serde(default = "default_lifetime")]
+    pub max_lifetime_s: u64,
+    /// `[pools.NAME.limits]`.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// `[pools.NAME.network]`.
+    #[serde(default)]
+    pub network: NetworkConfig,
+}
+
+fn default_language() -> String {
+    "python".into()
+}
+fn default_warm() -> usize {
+    4
+}
+fn default_max_sessions() -> usize {
+    600
+}
+fn default_idle() -> u64 {
+    300
+}
+fn default_lifetime() -> u64 {
+    86_400
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            language: default_language(),
+            warm: default_warm(),
+            max_sessions: default_max_sessions(),
+            idle_timeout_s: default_idle(),
+            max_lifetime_s: default_lifetime(),
+            limits: LimitsConfig::default(),
+            network: NetworkConfig::default(),
+        }
+    }
+}
+
+/// `[pools.NAME.limits]`: [`Limits`] plus the longest timeout a request may ask for.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Memory in MiB.
+    pub memory_mib: Option<u64>,
+    /// CPU cores.
+    pub cpus: Option<f64>,
+    /// Processes and threads.
+    pub pids: Option<u64>,
+    /// `/mnt/data` plus `/tmp`, in MiB.
+    pub disk_mib: Option<u64>,
+    /// Inodes in the scratch space.
+    pub disk_inodes: Option<u64>,
+    /// Default seconds per execution.
+    pub timeout_s: Option<f64>,
+    /// Most seconds a request may ask for.
+    pub max_timeout_s: Option<f64>,
+    /// Bytes kept per output stream.
+    pub output_bytes: Option<u64>,
+    /// Open files per process.
+    pub open_files: Option<u64>,
+}
+
+/// `[pools.NAME.network]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// `host:port` patterns the sandbox may reach through the egress proxy.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// Headers the egress proxy adds.
+    #[serde(default)]
+    pub inject: Vec<toml::Value>,
+}
+
+/// `[egress]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EgressConfig {
+    /// Static name → address pins.
+    #[serde(default)]
+    pub hosts: BTreeMap<String, String>,
+}
+
+/// `[audit]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Database URL.
+    pub url: Option<String>,
+    /// Keep the code of each execution.
+    pub keep_code: Option<bool>,
+    /// Output bytes kept per record.
+    pub output_bytes: Option<u64>,
+    /// Days records are kept.
+    pub retention_days: Option<u64>,
+}
+
+/// A pool as the session manager uses it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolSettings {
+    /// What its sessions are made of.
+    pub spec: PoolSpec,
+    /// Ready sessions kept waiting.
+    pub warm: usize,
+    /// Most live sessions.
+    pub max_sessions: usize,
+    /// Idle timeout.
+    pub idle_timeout: std::time::Duration,
+    /// Maximum lifetime.
+    pub max_lifetime: std::time::Duration,
+    /// Most seconds one execution may ask for.
+    pub max_timeout_s: f64,
+}
+
+impl Config {
+    /// Reads and parses a config file.
+    pub fn load(path: &Path) -> Result<Self, Error> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+        Self::parse(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+    }
+
+    /// Parses a config text.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let cfg: Config = toml::from_str(text).map_err(|e| e.to_string())?;
+        cfg.pool_settings()?;
+        Ok(cfg)
+    }
+
+    /// The pools, with defaults applied (one `python` pool when none is configured).
+    pub fn pool_settings(&self) -> Result<BTreeMap<String, PoolSettings>, String> {
+        let mut pools = self.pools.clone();
+        if pools.is_empty() {
+            pools.insert("python".into(), PoolConfig::default());
+        }
+        let mut out = BTreeMap::new();
+        for (name, p) in pools {
+            if name.is_empty() || name.len() > 64 || name.contains(['/', '?', '#', '%']) {
+                return Err(format!(
+                    "pool name {name:?} must be 1-64 URL-safe characters"
+                ));
+            }
+            let language = Language::parse(&p.language).ok_or_else(|| {
+                format!(
+                    "pools.{name}.language: unknown language {:?} (python, javascript, shell)",
+                    p.language
+                )
+            })?;
+            if !p.network.allow.is_empty() || !p.network.inject.is_empty() {
+                return Err(format!(
+                    "pools.{name}.network: the egress proxy is not built yet, so sandboxes have \
+                     no network; remove `allow` and `inject`"
+                ));
+            }
+            let d = Limits::default();
+            let l = &p.limits;
+            let limits = Limits {
+                memory_mib: l.memory_mib.unwrap_or(d.memory_mib),
+                cpus: l.cpus.unwrap_or(d.cpus),
+                pids: l.pids.unwrap_or(d.pids),
+                disk_mib: l.disk_mib.unwrap_or(d.disk_mib),
+                disk_inodes: l.disk_inodes.unwrap_or(d.disk_inodes),
+                timeout_s: l.timeout_s.unwrap_or(d.timeout_s),
+                output_bytes: l.output_bytes.unwrap_or(d.output_bytes),
+                open_files: l.open_files.unwrap_or(d.open_files),
+            };
+            let max_timeout_s = l.max_timeout_s.unwrap_or(600.0).max(limits.timeout_s);
+            if !(limits.timeout_s > 0.0 && max_timeout_s.is_finite()) {
+                return Err(format!("pools.{name}.limits: timeouts must be positive"));
+            }
+            if !(limits.cpus > 0.0 && limits.cpus.is_finite()) {
+                return Err(format!("pools.{name}.limits.cpus must be positive"));
+            }
+            if p.max_sessions == 0 {
+                return Err(format!("pools.{name}.max_sessions must be at least 1"));
+            }
+            out.insert(
+                name.clone(),
+                PoolSettings {
+                    spec: PoolSpec {
+                        name,
+                        language,
+                        limits,
+                    },
+                    warm: p.warm,
+                    max_sessions: p.max_sessions,
+                    idle_timeout: std::time::Duration::from_secs(p.idle_timeout_s.max(1)),
+                    max_lifetime: std::time::Duration::from_secs(p.max_lifetime_s.max(1)),
+                    max_timeout_s,
+                },
+            );
+        }
+        Ok(out)
+    }
+
+    /// The default pool's name.
+    pub fn default_pool(&self) -> Result<String, String> {
+        let pools = self.pool_settings()?;
+        match &self.server.default_pool {
+            Some(name) if pools.contains_key(name) => Ok(name.clone()),
+            Some(name) => Err(format!("server.default_pool: no pool named {name:?}")),
+            None if pools.contains_key("python") => Ok("python".into()),
+            None => pools
+                .keys()
+                .next()
+                .cloned()
+                .ok_or_else(|| "no pools".to_owned()),
+        }
+    }
+
+    /// Largest upload in bytes.
+    pub fn max_upload_bytes(&self) -> u64 {
+        self.server
+            .max_upload_mib
+            .unwrap_or(128)
+            .saturating_mul(1024 * 1024)
+    }
+
+    /// The data directory: configured, else `/var/lib/ampoule` for root, else
+    /// `$XDG_DATA_HOME/ampoule` or `~/.local/share/ampoule`.
+    pub fn data_dir(&self) -> PathBuf {
+        if let Some(d) = &self.server.data_dir {
+            return d.clone();
+        }
+        if nix_is_root() {
+            return PathBuf::from("/var/lib/ampoule");
+        }
+        if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|x| !x.is_empty()) {
+            return PathBuf::from(x).join("ampoule");
+        }
+        match std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+            Some(h) => PathBuf::from(h).join(".local/share/ampoule"),
+            None => PathBuf::from("/tmp/ampoule-data"),
+        }
+    }
+
+    /// The key digests and their tenants from `[[auth.keys]]` (environment variables read
+    /// now). Empty when no key is configured.
+    pub fn key_digests(&self) -> Result<Vec<(String, String)>, Error> {
+        let mut out = Vec::new();
+        for (i, k) in self.auth.keys.iter().enumerate() {
+            if k.tenant.is_empty() {
+                return Err(Error::Config(format!("auth.keys[{i}].tenant is empty")));
+            }
+            let digest = match (&k.key_sha256, &k.key_env) {
+                (Some(h), None) => {
+                    let h = h.trim().to_ascii_lowercase();
+                    if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+                        return Err(Error::Config(format!(
+                            "auth.keys[{i}].key_sha256 must be 64 hex digits"
+                        )));
+                    }
+                    h
+                }
+                (None, Some(var)) => {
+                    let key = std::env::var(var).map_err(|_| {
+                        Error::Config(format!(
+                            "auth.keys[{i}].key_env: environment variable {var} is not set"
+                        ))
+                    })?;
+                    if key.trim().is_empty() {
+                        return Err(Error::Config(format!(
+                            "auth.keys[{i}].key_env: environment variable {var} is empty"
+                        )));
+                    }
+                    sha256_hex(key.trim())
+                }
+                _ => {
+                    return Err(Error::Config(format!(
+                        "auth.keys[{i}] needs exactly one of key_sha256 and key_env"
+                    )));
+                }
+            };
+            out.push((digest, k.tenant.clone()));
+        }
+        Ok(out)
+    }
+}
+
+fn nix_is_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    // /proc/self belongs to the effective uid of the process that looks at it.
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+/// SHA-256 of a key, lowercase hex.
+pub fn sha256_hex(key: &str) -> String {
+    let digest = sha2::Sha256::digest(key.as_bytes());
+    let mut out = String::with_capacity(64);
+    for b in digest {
+        out.push_str(&format!("{b:02x}"));
+    }
+    out
+}
+
+/// The tenant of the key generated on first start.
+pub const GENERATED_TENANT: &str = "default";
+
+/// Name of the file in the data directory holding the generated key's digest.
+pub const GENERATED_KEY_FILE: &str = "api-key.sha256";
+
+/// Loads the digest of the key generated on an earlier start, or generates a key, stores its
+/// digest and returns the key itself (to be printed once).
+pub fn generated_key(data_dir: &Path) -> Result<(String, Option<String>), Error> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let path = data_dir.join(GENERATED_KEY_FILE);
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        let digest = text.trim().to_ascii_lowercase();
+        if digest.len() == 64 && digest.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Ok((digest, None));
+        }
+        return Err(Error::Config(format!(
+            "{} does not hold a SHA-256 digest; remove it to generate a new key",
+            path.display()
+        )));
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(data_dir)
+        .map_err(|e| Error::io(format!("creating {}", data_dir.display()), e))?;
+    let mut raw = [0u8; 24];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut raw))
+        .map_err(|e| Error::io("reading /dev/urandom", e))?;
+    let mut key = String::from("amp_");
+    for b in raw {
+        key.push_str(&format!("{b:02x}"));
+    }
+    let digest = sha256_hex(&key);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+    std::io::Write::write_all(&mut f, format!("{digest}\n").as_bytes())
+        .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+    Ok((digest, Some(key)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_documented_example_parses() {
+        let text = r#"
+[server]
+listen = "127.0.0.1:8080"
+data_dir = "/var/lib/ampoule"
+
+[[auth.keys]]
+tenant = "team-a"
+key_sha256 = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae"
+
+[pools.python]
+language = "python"
+warm = 4
+max_sessions = 600
+idle_timeout_s = 300
+max_lifetime_s = 86400
+[pools.python.limits]
+memory_mib = 512
+cpus = 1.0
+pids = 256
+disk_mib = 1024
+timeout_s = 220
+max_timeout_s = 600
+output_bytes = 1048576
+[pools.python.network]
+allow = []
+
+[egress.hosts]
+
+[audit]
+keep_code = true
+output_bytes = 4096
+retention_days = 90
+"#;
+        let cfg = Config::parse(text).unwrap();
+        let pools = cfg.pool_settings().unwrap();
+        let p = &pools["python"];
+        assert_eq!(p.warm, 4);
+        assert_eq!(p.spec.limits.memory_mib, 512);
+        assert_eq!(p.max_timeout_s, 600.0);
+        assert_eq!(cfg.default_pool().unwrap(), "python");
+        assert_eq!(
+            cfg.key_digests().unwrap(),
+            vec![(
+                "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae".to_owned(),
+                "team-a".to_owned()
+            )]
+        );
+    }
+
+    #[test]
+    fn typos_and_bad_values_are_errors() {
+        assert!(Config::parse("[server]\nlisten_addr = \"x\"").is_err());
+        assert!(Config::parse("[pools.py]\nlanguage = \"cobol\"").is_err());
+        assert!(Config::parse("[pools.py.limits]\nmemory_mb = 5").is_err());
+        assert!(Config::parse("[pools.py.network]\nallow = [\"pypi.org:443\"]").is_err());
+        let cfg = Config::parse("[[auth.keys]]\ntenant = \"a\"\nkey_sha256 = \"xyz\"").unwrap();
+        assert!(cfg.key_digests().is_err());
+    }
+
+    #[test]
+    fn no_config_means_one_python_pool() {
+        let cfg = Config::default();
+        let pools = cfg.pool_settings().unwrap();
+        assert_eq!(pools.keys().collect::<Vec<_>>(), ["python"]);
+        assert_eq!(cfg.max_upload_bytes(), 128 * 1024 * 1024);
+    }
+
+    #[test]
+    fn the_generated_key_is_printed_once_and_stored_hashed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (digest, key) = generated_key(dir.path()).unwrap();
+        let key = key.unwrap();
+        assert_eq!(sha256_hex(&key), digest);
+        let stored = std::fs::read_to_string(dir.path().join(GENERATED_KEY_FILE)).unwrap();
+        assert!(!stored.contains(&key));
+        let (again, none) = generated_key(dir.path()).unwrap();
+        assert_eq!(again, digest);
+        assert!(none.is_none());
+    }
+}

@@ -1,0 +1,90 @@
+//! The seam between the server and whatever runs code: an [`Engine`] starts
+//! [`LiveSession`]s from a [`PoolSpec`].
+//!
+//! The server never knows how a sandbox is built. The real engine
+//! ([`crate::session_engine::SessionEngine`]) starts interpreter sessions in sandboxes; the
+//! fake one ([`crate::fake::FakeEngine`]) runs a toy language on a temporary directory so the
+//! HTTP layer and the session manager are tested without root.
+//!
+//! Contract for implementations:
+//! - [`Engine::start`] is called from a tokio worker thread (never `spawn_blocking`), because a
+//!   sandbox dies with the thread that spawned it.
+//! - [`LiveSession::execute`] is never called concurrently on one session (the manager holds
+//!   the session's execution lock), but [`LiveSession::scratch`] is used while an execution
+//!   runs: file access must not need the interpreter.
+//! - [`LiveSession::close`] is idempotent and leaves nothing of the session on the host.
+
+use ampoule_runtime::Scratch;
+use ampoule_types::{ExecutionEvent, ExecutionResult, Language, Limits};
+use async_trait::async_trait;
+use tokio::sync::mpsc::UnboundedSender;
+
+/// What a pool's sessions are made of.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolSpec {
+    /// The pool's name.
+    pub name: String,
+    /// The language of its interpreters.
+    pub language: Language,
+    /// Resource limits of each session (`timeout_s` is the default per execution).
+    pub limits: Limits,
+}
+
+/// One execution to run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExecRequest {
+    /// Source code.
+    pub code: String,
+    /// Wall-clock limit for this execution, in seconds (already capped by the pool).
+    pub timeout_s: f64,
+    /// A JSON object made available to the code as `inputs`.
+    pub inputs: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// Where output is sent while an execution runs (the streaming API).
+pub type EventSender = UnboundedSender<ExecutionEvent>;
+
+/// Why an engine could not do what it was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// A sandbox could not be started.
+    #[error("starting a session: {0}")]
+    Start(String),
+    /// The interpreter broke down (not an error of the user's code, which is a result).
+    #[error("executing: {0}")]
+    Execute(String),
+    /// The session was closed.
+    #[error("the session is closed")]
+    Closed,
+}
+
+/// Starts sessions.
+#[async_trait]
+pub trait Engine: Send + Sync + 'static {
+    /// Starts a fresh session for a pool: a sandbox with a live interpreter, ready to execute.
+    async fn start(&self, spec: &PoolSpec) -> Result<Box<dyn LiveSession>, EngineError>;
+}
+
+/// One live session: a sandbox with an interpreter and its files.
+#[async_trait]
+pub trait LiveSession: Send + Sync + 'static {
+    /// Runs code against the session's state. Output is also sent to `events` as it happens.
+    /// A failure of the user's code (an exception, a timeout, a limit) is a result, not an
+    /// error; after a timeout or a kill the result says whether the state survived.
+    async fn execute(
+        &self,
+        req: ExecRequest,
+        events: Option<EventSender>,
+    ) -> Result<ExecutionResult, EngineError>;
+
+    /// The session's files (`/mnt/data` is [`ampoule_runtime::scratch::DATA`]).
+    fn scratch(&self) -> &Scratch;
+
+    /// Whether the sandbox is still usable (a warm session whose sandbox died is discarded).
+    fn alive(&self) -> bool {
+        true
+    }
+
+    /// Stops the interpreter and destroys the sandbox. Idempotent.
+    async fn close(&self);
+}

@@ -1,0 +1,305 @@
+//! A fake [`Engine`] for tests and development: no sandbox, no root.
+//!
+//! Each session is a directory `<root>/<n>` whose `data` sub-directory is served through a real
+//! [`Scratch`] (so file-endpoint attacks are tested against the same descriptor-based code as
+//! production), and a toy interpreter with state. Its language, one statement per line or `;`:
+//!
+//! | statement | effect |
+//! |---|---|
+//! | `name = expr` | stores an integer |
+//! | `print(text)` / `eprint(text)` | writes `text` (quotes stripped) to stdout / stderr |
+//! | `raise Name` | fails with error `Name` |
+//! | `sleep S` | waits S seconds (a timeout ends the execution as `timed_out`) |
+//! | `plot` | displays a PNG |
+//! | `exit N` | sets the exit code (non-zero fails) |
+//! | `expr` (last line) | the result: integers with `+` and `*`, variable names, `'strings'`, `image` |
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use ampoule_runtime::Scratch;
+use ampoule_types::{
+    ExecutionError, ExecutionEvent, ExecutionResult, ExecutionStatus, LimitKind, MimeBundle,
+    SessionState,
+};
+use async_trait::async_trait;
+
+use crate::engine::{Engine, EngineError, EventSender, ExecRequest, LiveSession, PoolSpec};
+
+/// A 1×1 transparent PNG, base64.
+pub const PNG_1X1: &str =
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAQAAAC1HAwCAAAAC0lEQVR42mNkYAAAAAYAAjCB0C8AAAAASUVORK5CYII=";
+
+/// Counters a test can read to see what the manager did.
+#[derive(Debug, Default)]
+pub struct FakeStats {
+    /// Sessions started.
+    pub started: AtomicUsize,
+    /// Sessions closed.
+    pub closed: AtomicUsize,
+}
+
+/// Starts [`FakeSession`]s below a directory.
+#[derive(Debug)]
+pub struct FakeEngine {
+    root: PathBuf,
+    next: AtomicU64,
+    /// What happened so far.
+    pub stats: Arc<FakeStats>,
+    /// Delay of every start (to observe warm pools).
+    pub start_delay: Duration,
+}
+
+impl FakeEngine {
+    /// An engine keeping its sessions below `root` (which must exist).
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self {
+            root: root.into(),
+            next: AtomicU64::new(0),
+            stats: Arc::default(),
+            start_delay: Duration::ZERO,
+        }
+    }
+}
+
+#[async_trait]
+impl Engine for FakeEngine {
+    async fn start(&self, _spec: &PoolSpec) -> Result<Box<dyn LiveSession>, EngineError> {
+        if !self.start_delay.is_zero() {
+            tokio::time::sleep(self.start_delay).await;
+        }
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let dir = self.root.join(format!("session-{n}"));
+        let data = dir.join(ampoule_runtime::scratch::DATA);
+        std::fs::create_dir_all(&data).map_err(|e| EngineError::Start(e.to_string()))?;
+        let fd: std::os::fd::OwnedFd = std::fs::File::open(&dir)
+            .map_err(|e| EngineError::Start(e.to_string()))?
+            .into();
+        self.stats.started.fetch_add(1, Ordering::SeqCst);
+        Ok(Box::new(FakeSession {
+            dir,
+            scratch: Scratch::from_dir(fd),
+            vars: std::sync::Mutex::new(HashMap::new()),
+            count: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
+            stats: self.stats.clone(),
+        }))
+    }
+}
+
+/// One toy session.
+#[derive(Debug)]
+pub struct FakeSession {
+    dir: PathBuf,
+    scratch: Scratch,
+    vars: std::sync::Mutex<HashMap<String, i64>>,
+    count: AtomicU64,
+    closed: AtomicBool,
+    stats: Arc<FakeStats>,
+}
+
+enum Value {
+    Int(i64),
+    Str(String),
+    Image,
+}
+
+impl FakeSession {
+    fn eval(&self, expr: &str) -> Result<Value, ExecutionError> {
+        let expr = expr.trim();
+        if expr == "image" {
+            return Ok(Value::Image);
+        }
+        if let Some(s) = expr
+            .strip_prefix('\'')
+            .and_then(|s| s.strip_suffix('\''))
+            .or_else(|| expr.strip_prefix('"').and_then(|s| s.strip_suffix('"')))
+        {
+            return Ok(Value::Str(s.to_owned()));
+        }
+        let vars = self
+            .vars
+            .lock()
+            .map_err(|_| err("SystemError", "poisoned"))?;
+        let mut sum: i64 = 0;
+        for term in expr.split('+') {
+            let mut product: i64 = 1;
+            for factor in term.split('*') {
+                let f = factor.trim();
+                let v = match f.parse::<i64>() {
+                    Ok(v) => v,
+                    Err(_) => *vars
+                        .get(f)
+                        .ok_or_else(|| err("NameError", &format!("name '{f}' is not defined")))?,
+                };
+                product = product.wrapping_mul(v);
+            }
+            sum = sum.wrapping_add(product);
+        }
+        Ok(Value::Int(sum))
+    }
+}
+
+fn err(name: &str, value: &str) -> ExecutionError {
+    ExecutionError {
+        name: name.to_owned(),
+        value: value.to_owned(),
+        traceback: vec![format!("{name}: {value}")],
+    }
+}
+
+fn unquote(s: &str) -> &str {
+    let s = s.trim();
+    s.strip_prefix(['\'', '"'])
+        .and_then(|s| s.strip_suffix(['\'', '"']))
+        .unwrap_or(s)
+}
+
+#[async_trait]
+impl LiveSession for FakeSession {
+    async fn execute(
+        &self,
+        req: ExecRequest,
+        events: Option<EventSender>,
+    ) -> Result<ExecutionResult, EngineError> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(EngineError::Closed);
+        }
+        let started = Instant::now();
+        let count = self.count.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut out = ExecutionResult {
+            status: ExecutionStatus::Succeeded,
+            limit: None,
+            session_state: SessionState::Kept,
+            stdout: String::new(),
+            stderr: String::new(),
+            stdout_truncated: false,
+            stderr_truncated: false,
+            result: None,
+            outputs: Vec::new(),
+            error: None,
+            execution_count: Some(count),
+            exit_code: None,
+            duration_ms: 0.0,
+            cpu_time_ms: None,
+            peak_memory_bytes: None,
+        };
+        let emit = |ev: ExecutionEvent| {
+            if let Some(tx) = &events {
+                let _ = tx.send(ev);
+            }
+        };
+        let statements: Vec<&str> = req
+            .code
+            .split(['\n', ';'])
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect();
+        let deadline = started + Duration::from_secs_f64(req.timeout_s.max(0.0));
+        for (i, stmt) in statements.iter().enumerate() {
+            let last = i + 1 == statements.len();
+            if let Some(text) = stmt
+                .strip_prefix("print(")
+                .and_then(|s| s.strip_suffix(')'))
+            {
+                let line = format!("{}\n", unquote(text));
+                out.stdout.push_str(&line);
+                emit(ExecutionEvent::Stdout { text: line });
+            } else if let Some(text) = stmt
+                .strip_prefix("eprint(")
+                .and_then(|s| s.strip_suffix(')'))
+            {
+                let line = format!("{}\n", unquote(text));
+                out.stderr.push_str(&line);
+                emit(ExecutionEvent::Stderr { text: line });
+            } else if let Some(name) = stmt.strip_prefix("raise ") {
+                out.error = Some(err(name.trim(), "raised"));
+                break;
+            } else if let Some(secs) = stmt.strip_prefix("sleep ") {
+                let secs: f64 = secs.trim().parse().unwrap_or(0.0);
+                let until = Instant::now() + Duration::from_secs_f64(secs.max(0.0));
+                if until > deadline {
+                    tokio::time::sleep_until(deadline.into()).await;
+                    out.status = ExecutionStatus::TimedOut;
+                    out.limit = Some(LimitKind::Time);
+                    break;
+                }
+                tokio::time::sleep_until(until.into()).await;
+            } else if *stmt == "plot" {
+                let mut data = MimeBundle::new();
+                data.insert("image/png".into(), PNG_1X1.into());
+                data.insert("text/plain".into(), "<Figure>".into());
+                emit(ExecutionEvent::Display { data: data.clone() });
+                out.outputs.push(data);
+            } else if let Some(code) = stmt.strip_prefix("exit ") {
+                let code: i32 = code.trim().parse().unwrap_or(1);
+                out.exit_code = Some(code);
+                if code != 0 {
+                    out.error = Some(err("ExitStatus", &code.to_string()));
+                }
+                break;
+            } else if let Some((name, expr)) = stmt.split_once('=') {
+                match self.eval(expr) {
+                    Ok(Value::Int(v)) => {
+                        if let Ok(mut vars) = self.vars.lock() {
+                            vars.insert(name.trim().to_owned(), v);
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        out.error = Some(e);
+                        break;
+                    }
+                }
+            } else if last {
+                let mut data = MimeBundle::new();
+                match self.eval(stmt) {
+                    Ok(Value::Int(v)) => {
+                        data.insert("text/plain".into(), v.to_string().into());
+                        data.insert("application/json".into(), v.into());
+                    }
+                    Ok(Value::Str(s)) => {
+                        data.insert("text/plain".into(), format!("'{s}'").into());
+                        data.insert("application/json".into(), s.into());
+                    }
+                    Ok(Value::Image) => {
+                        data.insert("text/plain".into(), "<Image>".into());
+                        data.insert("image/png".into(), PNG_1X1.into());
+                    }
+                    Err(e) => {
+                        out.error = Some(e);
+                        break;
+                    }
+                }
+                out.result = Some(data);
+            } else if let Err(e) = self.eval(stmt) {
+                out.error = Some(e);
+                break;
+            }
+        }
+        if let Some(e) = &out.error {
+            out.status = ExecutionStatus::Failed;
+            out.stderr.push_str(&e.traceback.join("\n"));
+        }
+        out.duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+        Ok(out)
+    }
+
+    fn scratch(&self) -> &Scratch {
+        &self.scratch
+    }
+
+    fn alive(&self) -> bool {
+        !self.closed.load(Ordering::SeqCst)
+    }
+
+    async fn close(&self) {
+        if !self.closed.swap(true, Ordering::SeqCst) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+            self.stats.closed.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}

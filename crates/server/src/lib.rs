@@ -1,0 +1,69 @@
+//! The ampoule server: session pools behind a native REST API (`/v1`) and an Azure Container
+//! Apps dynamic-sessions compatible API.
+//!
+//! How a request flows: a front door ([`api`] for `/v1`, [`aca`] for every other path)
+//! authenticates the bearer key to a tenant ([`auth`]), then calls the [`manager::Manager`],
+//! which finds or starts the tenant's session (from the pool's warm stock when it can) and runs
+//! the execution under the session's lock, or hands the session's [`ampoule_runtime::Scratch`]
+//! to [`files`] for uploads and downloads. Sessions come from an [`engine::Engine`]: the real
+//! one runs interpreters in sandboxes, the [`fake`] one runs a toy language on a temporary
+//! directory so this crate's tests need no root.
+//!
+//! [`app`] builds the router (tested with `oneshot`, no socket); [`serve`] runs it.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod aca;
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod fake;
+pub mod files;
+pub mod manager;
+pub mod serve;
+pub mod tls;
+
+use std::sync::Arc;
+
+use axum::Router;
+
+pub use config::Config;
+pub use engine::{Engine, LiveSession, PoolSpec};
+pub use error::{ApiError, Error, ErrorCode};
+pub use manager::Manager;
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    /// The session manager.
+    pub manager: Manager,
+    /// API keys.
+    pub keys: Arc<auth::Keys>,
+    /// Largest upload, in bytes.
+    pub max_upload: u64,
+}
+
+/// The whole HTTP application: `/healthz`, `/openapi.json`, `/v1/...`, and the ACA-compatible
+/// API on every other path.
+pub fn app(state: AppState) -> Router {
+    let (router, openapi) = api::routes();
+    let openapi = Arc::new(openapi);
+    router
+        .route(
+            "/openapi.json",
+            axum::routing::get(move || {
+                let doc = openapi.clone();
+                async move { axum::Json(doc.as_ref().clone()) }
+            }),
+        )
+        .method_not_allowed_fallback(api::method_not_allowed)
+        .fallback(aca::dispatch)
+        .with_state(state)
+}
+
+/// The OpenAPI document of the native API (what `/openapi.json` serves).
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    api::routes().1
+}

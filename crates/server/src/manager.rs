@@ -1,0 +1,739 @@
+//! The session manager: pools, live sessions, warm sessions, limits, expiry and shutdown.
+//!
+//! Every front door (the native API, the ACA-compatible API) calls this one service; it never
+//! sees HTTP. It owns:
+//! - the session table, keyed by `(tenant, pool, identifier)` and by session id. A session is
+//!   pinned to the tenant that created it: every lookup takes the tenant, and another
+//!   tenant's session is indistinguishable from a missing one;
+//! - per pool, a stock of `warm` pre-started sessions, refilled in the background, so that a
+//!   new identifier gets a live interpreter at once;
+//! - the limits: `max_sessions` per pool and per tenant, counted when a session is reserved
+//!   (before its sandbox exists), so concurrent first calls can never overshoot;
+//! - expiry: a reaper destroys sessions idle for longer than their pool's `idle_timeout`
+//!   (every call resets it) and sessions older than `max_lifetime`;
+//! - shutdown: every session and warm sandbox is closed.
+//!
+//! Invariants: at most one sandbox is ever started for one key (concurrent first calls wait on
+//! the same start); executions in one session are serialized by its execution lock; no lock of
+//! the table is held across an `.await`.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::io::Read;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use ampoule_types::ExecutionResult;
+use tokio::sync::{Notify, OnceCell};
+
+use crate::config::PoolSettings;
+use crate::engine::{Engine, EventSender, ExecRequest, LiveSession};
+use crate::error::{ApiError, ErrorCode};
+
+/// Limits that are not a pool's.
+#[derive(Debug, Clone, Default)]
+pub struct TenantLimits {
+    /// Most sessions per tenant unless overridden.
+    pub default: Option<usize>,
+    /// Per-tenant overrides.
+    pub per_tenant: HashMap<String, usize>,
+}
+
+type Key = (String, String, String);
+
+/// A live session as the server knows it.
+pub struct Session {
+    /// Server-assigned id (`ses_…`), used by the native API.
+    pub id: String,
+    /// The owning tenant.
+    pub tenant: String,
+    /// The pool it came from.
+    pub pool: String,
+    /// The caller's name for it (ACA `identifier`).
+    pub identifier: String,
+    /// When it was assigned to its identifier.
+    pub created_at: SystemTime,
+    created: Instant,
+    live: Arc<dyn LiveSession>,
+    exec_lock: tokio::sync::Mutex<()>,
+    last_used: Mutex<(Instant, SystemTime)>,
+    in_flight: AtomicUsize,
+    executions: AtomicU64,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("id", &self.id)
+            .field("tenant", &self.tenant)
+            .field("pool", &self.pool)
+            .field("identifier", &self.identifier)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Session {
+    /// Resets the idle timer.
+    pub fn touch(&self) {
+        if let Ok(mut t) = self.last_used.lock() {
+            *t = (Instant::now(), SystemTime::now());
+        }
+    }
+
+    /// When the session was last used.
+    pub fn last_used_at(&self) -> SystemTime {
+        self.last_used
+            .lock()
+            .map(|t| t.1)
+            .unwrap_or(self.created_at)
+    }
+
+    fn idle_for(&self) -> Duration {
+        self.last_used
+            .lock()
+            .map(|t| t.0.elapsed())
+            .unwrap_or_default()
+    }
+
+    /// The live sandbox, for file access (resets the idle timer).
+    pub fn live(&self) -> Arc<dyn LiveSession> {
+        self.touch();
+        self.live.clone()
+    }
+
+    /// Whether an execution or file call is running.
+    pub fn busy(&self) -> bool {
+        self.in_flight.load(Ordering::SeqCst) > 0
+    }
+
+    /// Executions so far.
+    pub fn executions(&self) -> u64 {
+        self.executions.load(Ordering::SeqCst)
+    }
+}
+
+/// A reserved place in the table: the session starts once, whoever asks first.
+struct Slot {
+    key: Key,
+    id: String,
+    cell: OnceCell<Arc<Session>>,
+}
+
+#[derive(Default)]
+struct Table {
+    by_key: HashMap<Key, Arc<Slot>>,
+    by_id: HashMap<String, Arc<Slot>>,
+    per_pool: HashMap<String, usize>,
+    per_tenant: HashMap<String, usize>,
+}
+
+struct Pool {
+    settings: PoolSettings,
+    warm: Mutex<VecDeque<Arc<dyn LiveSession>>>,
+    starting: AtomicUsize,
+    refill: Notify,
+}
+
+struct Inner {
+    engine: Arc<dyn Engine>,
+    pools: BTreeMap<String, Pool>,
+    default_pool: String,
+    tenants: TenantLimits,
+    table: Mutex<Table>,
+    shutting_down: AtomicBool,
+    shutdown: Notify,
+}
+
+/// What `GET /v1/pools` reports about a pool.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+pub struct PoolStatus {
+    /// The pool's name.
+    pub name: String,
+    /// Its language.
+    pub language: String,
+    /// Warm sessions waiting to be assigned.
+    pub ready: usize,
+    /// Sessions running an execution or file call now.
+    pub busy: usize,
+    /// Sessions assigned to identifiers.
+    pub sessions: usize,
+    /// Most sessions the pool holds.
+    pub max_sessions: usize,
+    /// Warm sessions the pool keeps.
+    pub warm: usize,
+}
+
+/// The session manager (cheap to clone).
+#[derive(Clone)]
+pub struct Manager {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Manager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Manager")
+            .field("pools", &self.inner.pools.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+/// `n` random bytes as hex (ids, generated identifiers).
+pub(crate) fn random_hex(n: usize) -> String {
+    let mut raw = vec![0u8; n];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut raw))
+        .is_err()
+    {
+        // Ids only need to be unique, not secret: fall back to time and a counter.
+        static FALLBACK: AtomicU64 = AtomicU64::new(0);
+        let t = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let c = FALLBACK.fetch_add(1, Ordering::Relaxed);
+        let seed = format!("{t:x}{c:x}");
+        raw = seed.bytes().cycle().take(n).collect();
+    }
+    raw.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl Manager {
+    /// A manager over `pools`; call [`Manager::start_background`] to fill warm pools and
+    /// reap expired sessions.
+    pub fn new(
+        engine: Arc<dyn Engine>,
+        pools: BTreeMap<String, PoolSettings>,
+        default_pool: String,
+        tenants: TenantLimits,
+    ) -> Self {
+        let pools = pools
+            .into_iter()
+            .map(|(name, settings)| {
+                (
+                    name,
+                    Pool {
+                        settings,
+                        warm: Mutex::new(VecDeque::new()),
+                        starting: AtomicUsize::new(0),
+                        refill: Notify::new(),
+                    },
+                )
+            })
+            .collect();
+        Self {
+            inner: Arc::new(Inner {
+                engine,
+                pools,
+                default_pool,
+                tenants,
+                table: Mutex::new(Table::default()),
+                shutting_down: AtomicBool::new(false),
+                shutdown: Notify::new(),
+            }),
+        }
+    }
+
+    /// The default pool's name.
+    pub fn default_pool(&self) -> &str {
+        &self.inner.default_pool
+    }
+
+    /// A pool's settings.
+    pub fn pool(&self, name: &str) -> Result<&PoolSettings, ApiError> {
+        self.inner
+            .pools
+            .get(name)
+            .map(|p| &p.settings)
+            .ok_or_else(|| ApiError::new(ErrorCode::PoolNotFound, format!("no pool {name:?}")))
+    }
+
+    /// Starts the background tasks: one warm-pool filler per pool and the reaper. Must be
+    /// called from within a tokio runtime; the tasks end at [`Manager::shutdown`].
+    pub fn start_background(&self) {
+        for name in self.inner.pools.keys() {
+            let me = self.clone();
+            let name = name.clone();
+            tokio::spawn(async move { me.fill_warm(&name).await });
+        }
+        let me = self.clone();
+        tokio::spawn(async move { me.reap_loop().await });
+    }
+
+    async fn fill_warm(&self, name: &str) {
+        let Some(pool) = self.inner.pools.get(name) else {
+            return;
+        };
+        let target = pool.settings.warm;
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            if self.inner.shutting_down.load(Ordering::SeqCst) {
+                return;
+            }
+            let have = pool.warm.lock().map(|w| w.len()).unwrap_or(target);
+            if have < target {
+                // Sandboxes die with the thread that started them: this task runs on a worker
+                // thread, which lives as long as the runtime.
+                match self.inner.engine.start(&pool.settings.spec).await {
+                    Ok(live) => {
+                        backoff = Duration::from_millis(500);
+                        let live: Arc<dyn LiveSession> = Arc::from(live);
+                        if self.inner.shutting_down.load(Ordering::SeqCst) {
+                            live.close().await;
+                            return;
+                        }
+                        match pool.warm.lock() {
+                            Ok(mut w) => w.push_back(live),
+                            Err(_) => return,
+                        }
+                        tracing::debug!(pool = name, "warm session ready");
+                    }
+                    Err(e) => {
+                        tracing::warn!(pool = name, error = %e, "could not start a warm session");
+                        tokio::select! {
+                            () = tokio::time::sleep(backoff) => {}
+                            () = self.inner.shutdown.notified() => return,
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                    }
+                }
+                continue;
+            }
+            tokio::select! {
+                () = pool.refill.notified() => {}
+                () = self.inner.shutdown.notified() => return,
+                () = tokio::time::sleep(Duration::from_secs(5)) => {}
+            }
+        }
+    }
+
+    async fn reap_loop(&self) {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = self.inner.shutdown.notified() => return,
+            }
+            if self.inner.shutting_down.load(Ordering::SeqCst) {
+                return;
+            }
+            self.reap_once().await;
+        }
+    }
+
+    /// Destroys sessions past their idle timeout or lifetime (the reaper's one round).
+    pub async fn reap_once(&self) -> usize {
+        let expired: Vec<Arc<Slot>> = {
+            let Ok(table) = self.inner.table.lock() else {
+                return 0;
+            };
+            table
+                .by_id
+                .values()
+                .filter(|slot| {
+                    let Some(s) = slot.cell.get() else {
+                        return false;
+                    };
+                    let Some(pool) = self.inner.pools.get(&s.pool) else {
+                        return true;
+                    };
+                    let too_old = s.created.elapsed() >= pool.settings.max_lifetime;
+                    let idle = !s.busy() && s.idle_for() >= pool.settings.idle_timeout;
+                    too_old || idle || !s.live.alive()
+                })
+                .cloned()
+                .collect()
+        };
+        let n = expired.len();
+        for slot in expired {
+            if let Some(s) = slot.cell.get() {
+                tracing::info!(session = %s.id, pool = %s.pool, "session expired");
+            }
+            self.remove_and_close(&slot).await;
+        }
+        n
+    }
+
+    fn tenant_limit(&self, tenant: &str) -> Option<usize> {
+        self.inner
+            .tenants
+            .per_tenant
+            .get(tenant)
+            .copied()
+            .or(self.inner.tenants.default)
+    }
+
+    /// Reserves a slot for a new key, enforcing the limits.
+    fn reserve(&self, key: &Key) -> Result<(Arc<Slot>, bool), ApiError> {
+        let mut table = self
+            .inner
+            .table
+            .lock()
+            .map_err(|_| ApiError::internal("session table poisoned"))?;
+        if let Some(slot) = table.by_key.get(key) {
+            return Ok((slot.clone(), false));
+        }
+        let (tenant, pool_name, _) = key;
+        let pool = self.pool(pool_name)?;
+        if table.per_pool.get(pool_name).copied().unwrap_or(0) >= pool.max_sessions {
+            return Err(ApiError::new(
+                ErrorCode::PoolFull,
+                format!(
+                    "pool {pool_name:?} is at its maximum of {} sessions",
+                    pool.max_sessions
+                ),
+            ));
+        }
+        if let Some(max) = self.tenant_limit(tenant)
+            && table.per_tenant.get(tenant).copied().unwrap_or(0) >= max
+        {
+            return Err(ApiError::new(
+                ErrorCode::TenantFull,
+                format!("this tenant is at its maximum of {max} sessions"),
+            ));
+        }
+        let slot = Arc::new(Slot {
+            key: key.clone(),
+            id: format!("ses_{}", random_hex(12)),
+            cell: OnceCell::new(),
+        });
+        table.by_key.insert(key.clone(), slot.clone());
+        table.by_id.insert(slot.id.clone(), slot.clone());
+        *table.per_pool.entry(pool_name.clone()).or_default() += 1;
+        *table.per_tenant.entry(tenant.clone()).or_default() += 1;
+        Ok((slot, true))
+    }
+
+    /// Takes the slot out of the table (if it is still there) and closes its session.
+    async fn remove_and_close(&self, slot: &Arc<Slot>) {
+        self.unlist(slot);
+        if let Some(s) = slot.cell.get() {
+            s.live.close().await;
+        }
+    }
+
+    fn unlist(&self, slot: &Arc<Slot>) {
+        let Ok(mut table) = self.inner.table.lock() else {
+            return;
+        };
+        let listed = table
+            .by_key
+            .get(&slot.key)
+            .is_some_and(|s| Arc::ptr_eq(s, slot));
+        if listed {
+            table.by_key.remove(&slot.key);
+            table.by_id.remove(&slot.id);
+            let (tenant, pool, _) = &slot.key;
+            if let Some(n) = table.per_pool.get_mut(pool) {
+                *n = n.saturating_sub(1);
+            }
+            if let Some(n) = table.per_tenant.get_mut(tenant) {
+                *n = n.saturating_sub(1);
+            }
+        }
+    }
+
+    async fn start_live(&self, pool_name: &str) -> Result<Arc<dyn LiveSession>, ApiError> {
+        let pool = self
+            .inner
+            .pools
+            .get(pool_name)
+            .ok_or_else(|| ApiError::new(ErrorCode::PoolNotFound, "no such pool"))?;
+        loop {
+            let warm = pool.warm.lock().ok().and_then(|mut w| w.pop_front());
+            match warm {
+                Some(live) if live.alive() => {
+                    pool.refill.notify_one();
+                    return Ok(live);
+                }
+                Some(dead) => dead.close().await,
+                None => break,
+            }
+        }
+        pool.refill.notify_one();
+        pool.starting.fetch_add(1, Ordering::SeqCst);
+        let started = self.inner.engine.start(&pool.settings.spec).await;
+        pool.starting.fetch_sub(1, Ordering::SeqCst);
+        Ok(Arc::from(started?))
+    }
+
+    /// The session of `identifier` in `pool` for `tenant`, started on first use. Returns it and
+    /// whether this call created it.
+    pub async fn get_or_create(
+        &self,
+        tenant: &str,
+        pool: Option<&str>,
+        identifier: &str,
+    ) -> Result<(Arc<Session>, bool), ApiError> {
+        if self.inner.shutting_down.load(Ordering::SeqCst) {
+            return Err(ApiError::new(
+                ErrorCode::ShuttingDown,
+                "the server is shutting down",
+            ));
+        }
+        let pool = pool.unwrap_or(&self.inner.default_pool).to_owned();
+        self.pool(&pool)?;
+        let key: Key = (tenant.to_owned(), pool.clone(), identifier.to_owned());
+        let (slot, reserved) = self.reserve(&key)?;
+        let init = slot
+            .cell
+            .get_or_try_init(|| async {
+                let live = self.start_live(&pool).await?;
+                let now = (Instant::now(), SystemTime::now());
+                Ok::<_, ApiError>(Arc::new(Session {
+                    id: slot.id.clone(),
+                    tenant: tenant.to_owned(),
+                    pool: pool.clone(),
+                    identifier: identifier.to_owned(),
+                    created_at: now.1,
+                    created: now.0,
+                    live,
+                    exec_lock: tokio::sync::Mutex::new(()),
+                    last_used: Mutex::new(now),
+                    in_flight: AtomicUsize::new(0),
+                    executions: AtomicU64::new(0),
+                }))
+            })
+            .await;
+        match init {
+            Ok(session) => {
+                let session = session.clone();
+                if self.inner.shutting_down.load(Ordering::SeqCst) {
+                    self.remove_and_close(&slot).await;
+                    return Err(ApiError::new(
+                        ErrorCode::ShuttingDown,
+                        "the server is shutting down",
+                    ));
+                }
+                session.touch();
+                Ok((session, reserved))
+            }
+            Err(e) => {
+                // Nobody else can use a slot whose start failed; the next call tries afresh.
+                self.unlist(&slot);
+                Err(e)
+            }
+        }
+    }
+
+    /// Creates a session with a generated identifier, or returns the named one.
+    pub async fn create(
+        &self,
+        tenant: &str,
+        pool: Option<&str>,
+        identifier: Option<&str>,
+    ) -> Result<(Arc<Session>, bool), ApiError> {
+        match identifier {
+            Some(id) => self.get_or_create(tenant, pool, id).await,
+            None => {
+                let id = random_hex(16);
+                self.get_or_create(tenant, pool, &id).await
+            }
+        }
+    }
+
+    /// The session of `identifier` in `pool`, when it exists for `tenant`.
+    pub fn find(&self, tenant: &str, pool: &str, identifier: &str) -> Option<Arc<Session>> {
+        let table = self.inner.table.lock().ok()?;
+        let key: Key = (tenant.to_owned(), pool.to_owned(), identifier.to_owned());
+        table.by_key.get(&key)?.cell.get().cloned()
+    }
+
+    /// The session with this id, when it belongs to `tenant` (else: not found).
+    pub fn get(&self, tenant: &str, id: &str) -> Result<Arc<Session>, ApiError> {
+        let table = self
+            .inner
+            .table
+            .lock()
+            .map_err(|_| ApiError::internal("session table poisoned"))?;
+        table
+            .by_id
+            .get(id)
+            .and_then(|slot| slot.cell.get())
+            .filter(|s| s.tenant == tenant)
+            .cloned()
+            .ok_or_else(ApiError::session_not_found)
+    }
+
+    /// The tenant's live sessions, oldest first.
+    pub fn list(&self, tenant: &str) -> Vec<Arc<Session>> {
+        let Ok(table) = self.inner.table.lock() else {
+            return Vec::new();
+        };
+        let mut out: Vec<Arc<Session>> = table
+            .by_id
+            .values()
+            .filter_map(|slot| slot.cell.get())
+            .filter(|s| s.tenant == tenant)
+            .cloned()
+            .collect();
+        out.sort_by_key(|s| s.created);
+        out
+    }
+
+    /// Destroys a session of `tenant` by id.
+    pub async fn delete(&self, tenant: &str, id: &str) -> Result<(), ApiError> {
+        let slot = {
+            let table = self
+                .inner
+                .table
+                .lock()
+                .map_err(|_| ApiError::internal("session table poisoned"))?;
+            table
+                .by_id
+                .get(id)
+                .filter(|slot| slot.cell.get().is_some_and(|s| s.tenant == tenant))
+                .cloned()
+        };
+        let slot = slot.ok_or_else(ApiError::session_not_found)?;
+        self.remove_and_close(&slot).await;
+        Ok(())
+    }
+
+    /// Destroys the session of `identifier` in `pool`; false when there was none.
+    pub async fn delete_identifier(&self, tenant: &str, pool: &str, identifier: &str) -> bool {
+        let key: Key = (tenant.to_owned(), pool.to_owned(), identifier.to_owned());
+        let slot = self
+            .inner
+            .table
+            .lock()
+            .ok()
+            .and_then(|t| t.by_key.get(&key).cloned())
+            .filter(|slot| slot.cell.get().is_some());
+        match slot {
+            Some(slot) => {
+                self.remove_and_close(&slot).await;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The timeout of one execution: the request's, else the pool's default, never above
+    /// the pool's maximum.
+    pub fn timeout_for(&self, pool: &str, requested: Option<f64>) -> Result<f64, ApiError> {
+        let p = self.pool(pool)?;
+        let t = match requested {
+            Some(t) if !(t > 0.0 && t.is_finite()) => {
+                return Err(ApiError::invalid("the timeout must be a positive number"));
+            }
+            Some(t) => t,
+            None => p.spec.limits.timeout_s,
+        };
+        Ok(t.min(p.max_timeout_s))
+    }
+
+    /// Runs code in a session: serialized with the session's other executions; the idle timer
+    /// restarts when the call starts and when it ends.
+    pub async fn execute(
+        &self,
+        session: &Arc<Session>,
+        req: ExecRequest,
+        events: Option<EventSender>,
+    ) -> Result<ExecutionResult, ApiError> {
+        session.in_flight.fetch_add(1, Ordering::SeqCst);
+        session.touch();
+        let result = {
+            let _turn = session.exec_lock.lock().await;
+            session.executions.fetch_add(1, Ordering::SeqCst);
+            session.live.execute(req, events).await
+        };
+        session.touch();
+        session.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if !session.live.alive() {
+            // The sandbox is gone (a limit killed it): the next call with this identifier
+            // starts a fresh session instead of failing forever.
+            let slot = self
+                .inner
+                .table
+                .lock()
+                .ok()
+                .and_then(|t| t.by_id.get(&session.id).cloned());
+            if let Some(slot) = slot {
+                self.remove_and_close(&slot).await;
+            }
+        }
+        Ok(result?)
+    }
+
+    /// Marks the start and end of a file call, so the reaper leaves a session alone while it
+    /// streams a large file.
+    pub fn file_call<'a>(&self, session: &'a Arc<Session>) -> FileCall<'a> {
+        session.in_flight.fetch_add(1, Ordering::SeqCst);
+        session.touch();
+        FileCall(session)
+    }
+
+    /// Every pool's figures.
+    pub fn pools(&self) -> Vec<PoolStatus> {
+        let (sessions, busy) = {
+            let mut sessions: HashMap<String, usize> = HashMap::new();
+            let mut busy: HashMap<String, usize> = HashMap::new();
+            if let Ok(table) = self.inner.table.lock() {
+                for s in table.by_id.values().filter_map(|slot| slot.cell.get()) {
+                    *sessions.entry(s.pool.clone()).or_default() += 1;
+                    if s.busy() {
+                        *busy.entry(s.pool.clone()).or_default() += 1;
+                    }
+                }
+            }
+            (sessions, busy)
+        };
+        self.inner
+            .pools
+            .iter()
+            .map(|(name, p)| PoolStatus {
+                name: name.clone(),
+                language: p.settings.spec.language.as_str().to_owned(),
+                ready: p.warm.lock().map(|w| w.len()).unwrap_or(0),
+                busy: busy.get(name).copied().unwrap_or(0),
+                sessions: sessions.get(name).copied().unwrap_or(0),
+                max_sessions: p.settings.max_sessions,
+                warm: p.settings.warm,
+            })
+            .collect()
+    }
+
+    /// Whether [`Manager::shutdown`] has begun.
+    pub fn is_shutting_down(&self) -> bool {
+        self.inner.shutting_down.load(Ordering::SeqCst)
+    }
+
+    /// Stops the background tasks and closes every session and warm sandbox. New sessions are
+    /// refused from now on.
+    pub async fn shutdown(&self) {
+        self.inner.shutting_down.store(true, Ordering::SeqCst);
+        self.inner.shutdown.notify_waiters();
+        let slots: Vec<Arc<Slot>> = match self.inner.table.lock() {
+            Ok(mut t) => {
+                t.by_key.clear();
+                t.per_pool.clear();
+                t.per_tenant.clear();
+                t.by_id.drain().map(|(_, s)| s).collect()
+            }
+            Err(_) => Vec::new(),
+        };
+        let mut lives: Vec<Arc<dyn LiveSession>> = slots
+            .iter()
+            .filter_map(|slot| slot.cell.get().map(|s| s.live.clone()))
+            .collect();
+        for pool in self.inner.pools.values() {
+            if let Ok(mut w) = pool.warm.lock() {
+                lives.extend(w.drain(..));
+            }
+        }
+        let n = lives.len();
+        futures_util::future::join_all(lives.iter().map(|l| l.close())).await;
+        tracing::info!(sessions = n, "closed every session");
+    }
+}
+
+/// A file call in progress (see [`Manager::file_call`]).
+pub struct FileCall<'a>(&'a Arc<Session>);
+
+impl Drop for FileCall<'_> {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}

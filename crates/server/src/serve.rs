@@ -1,0 +1,161 @@
+//! `ampoule serve`: builds the state from the config, listens (HTTP or HTTPS), and shuts
+//! down gracefully.
+//!
+//! Start: orphaned sandboxes of an earlier run are swept, warm pools start filling, and when
+//! no key is configured a key is generated on first start and printed once. Stop (SIGTERM or
+//! SIGINT): new connections are refused, every session is closed (which ends running
+//! executions), in-flight responses get a short grace period, and nothing of any session is
+//! left on the host.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::auth::Keys;
+use crate::config::{self, Config};
+use crate::engine::Engine;
+use crate::error::Error;
+use crate::manager::{Manager, TenantLimits};
+use crate::{AppState, app};
+
+/// How long in-flight responses may take once shutdown has begun.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Resolves the API keys: the configured ones, else the generated one (printed once).
+pub fn keys(cfg: &Config) -> Result<Keys, Error> {
+    let mut pairs = cfg.key_digests()?;
+    if pairs.is_empty() {
+        let dir = cfg.data_dir();
+        let (digest, new_key) = config::generated_key(&dir)?;
+        match new_key {
+            Some(key) => {
+                // The key is data the operator must keep: stdout, once.
+                println!("{key}");
+                eprintln!(
+                    "ampoule: generated an API key for tenant {:?} (printed above, shown only \
+                     this once; its SHA-256 is in {})",
+                    config::GENERATED_TENANT,
+                    dir.join(config::GENERATED_KEY_FILE).display()
+                );
+            }
+            None => eprintln!(
+                "ampoule: using the API key generated on first start (SHA-256 in {})",
+                dir.join(config::GENERATED_KEY_FILE).display()
+            ),
+        }
+        pairs.push((digest, config::GENERATED_TENANT.to_owned()));
+    }
+    Ok(Keys::new(pairs))
+}
+
+/// Builds the manager and state for a config and an engine.
+pub fn state(cfg: &Config, engine: Arc<dyn Engine>, keys: Keys) -> Result<AppState, Error> {
+    let pools = cfg.pool_settings().map_err(Error::Config)?;
+    let default_pool = cfg.default_pool().map_err(Error::Config)?;
+    let tenants = TenantLimits {
+        default: cfg.server.max_sessions_per_tenant,
+        per_tenant: cfg
+            .tenants
+            .iter()
+            .filter_map(|(t, c)| c.max_sessions.map(|m| (t.clone(), m)))
+            .collect(),
+    };
+    Ok(AppState {
+        manager: Manager::new(engine, pools, default_pool, tenants),
+        keys: Arc::new(keys),
+        max_upload: cfg.max_upload_bytes(),
+    })
+}
+
+/// Resolves when SIGTERM or SIGINT arrives.
+pub async fn signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+}
+
+/// Serves `state` on `listen` until `stop` resolves, then closes every session.
+pub async fn serve_with(
+    cfg: &Config,
+    listen: Option<&str>,
+    state: AppState,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    let addr = listen
+        .map(str::to_owned)
+        .or_else(|| cfg.server.listen.clone())
+        .unwrap_or_else(|| config::DEFAULT_LISTEN.to_owned());
+    let tcp = tokio::net::TcpListener::bind(&addr)
+        .await
+        .map_err(|e| Error::io(format!("listening on {addr}"), e))?;
+    let local = tcp
+        .local_addr()
+        .map_err(|e| Error::io("reading the listen address", e))?;
+    let manager = state.manager.clone();
+    manager.start_background();
+    let pools: Vec<String> = manager.pools().into_iter().map(|p| p.name).collect();
+    let router = app(state);
+    let signalled = Arc::new(tokio::sync::Notify::new());
+    let shutdown = {
+        let manager = manager.clone();
+        let signalled = signalled.clone();
+        async move {
+            stop.await;
+            eprintln!("ampoule: shutting down, closing every session");
+            signalled.notify_one();
+            manager.shutdown().await;
+        }
+    };
+    let grace = {
+        let signalled = signalled.clone();
+        async move {
+            signalled.notified().await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        }
+    };
+    let tls = match (&cfg.server.tls_cert, &cfg.server.tls_key) {
+        (Some(cert), Some(key)) => Some(crate::tls::load(cert, key)?),
+        (None, None) => None,
+        _ => {
+            return Err(Error::Config(
+                "server.tls_cert and server.tls_key go together".into(),
+            ));
+        }
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    eprintln!(
+        "ampoule: listening on {scheme}://{local} (pools: {}; default: {})",
+        pools.join(", "),
+        manager.default_pool()
+    );
+    let served = match tls {
+        Some(tls) => {
+            let listener = crate::tls::TlsListener::new(tcp, tls)
+                .map_err(|e| Error::io("starting the TLS listener", e))?;
+            let server = axum::serve(listener, router).with_graceful_shutdown(shutdown);
+            tokio::select! {
+                r = server => r,
+                () = grace => Ok(()),
+            }
+        }
+        None => {
+            let server = axum::serve(tcp, router).with_graceful_shutdown(shutdown);
+            tokio::select! {
+                r = server => r,
+                () = grace => Ok(()),
+            }
+        }
+    };
+    // Sessions started while the last responses were written are closed too.
+    manager.shutdown().await;
+    served.map_err(|e| Error::io("serving", e))
+}
