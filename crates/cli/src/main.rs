@@ -33,12 +33,24 @@ struct Cli {
 enum Command {
     /// Run code once in a fresh sandbox, then destroy it.
     Run(RunArgs),
+    /// The server: native REST API (/v1) and the ACA dynamic-sessions compatible API.
+    Serve(ServeArgs),
     /// Check which isolation layers and language runtimes work on this host.
     Doctor {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// The TOML config (PRODUCT.md §3); without one: a `python` pool, a generated API key.
+    #[arg(long, value_name = "FILE", env = "AMPOULE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Listen address, overriding the config's `[server] listen` (default 127.0.0.1:8080).
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
 }
 
 #[derive(Args)]
@@ -92,17 +104,21 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     // Sandboxes ask to die with the thread that spawned them: a current-thread runtime keeps
-    // that thread (the main thread) alive for as long as they live.
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    // that thread (the main thread) alive for as long as they live. `serve` runs many at once
+    // on a multi-thread runtime, whose worker threads live as long as the runtime does (it
+    // never starts a sandbox from `spawn_blocking`).
+    let mut builder = match cli.command {
+        Command::Serve(_) => tokio::runtime::Builder::new_multi_thread(),
+        _ => tokio::runtime::Builder::new_current_thread(),
+    };
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => return report(anyhow::Error::new(e).context("starting the async runtime")),
     };
     let result = rt.block_on(async {
         match cli.command {
             Command::Run(args) => run(args).await,
+            Command::Serve(args) => serve(args).await,
             Command::Doctor { json } => doctor(json).await,
         }
     });
@@ -110,6 +126,15 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => report(e),
     }
+}
+
+async fn serve(args: ServeArgs) -> Result<ExitCode> {
+    let cfg = match &args.config {
+        Some(path) => ampoule_server::Config::load(path)?,
+        None => ampoule_server::Config::default(),
+    };
+    ampoule_server::serve::serve(cfg, args.listen).await?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn report(e: anyhow::Error) -> ExitCode {

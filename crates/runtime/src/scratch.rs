@@ -224,6 +224,16 @@ impl Scratch {
         Self { root, owner: None }
     }
 
+    /// A second handle on the same scratch space (the root descriptor duplicated), for a
+    /// caller that serves files while the owner of the sandbox is busy. The tmpfs lives until
+    /// every handle is dropped.
+    pub fn try_clone(&self) -> Result<Self> {
+        Ok(Self {
+            root: self.root.try_clone().ctx(|| "duplicating the scratch descriptor".into())?,
+            owner: self.owner,
+        })
+    }
+
     /// Splits a caller's path into its parent directory (opened, optionally created) and its
     /// final name.
     fn parent_of(

@@ -331,22 +331,13 @@ impl Config {
             .saturating_mul(1024 * 1024)
     }
 
-    /// The data directory: configured, else `/var/lib/ampoule` for root, else
-    /// `$XDG_DATA_HOME/ampoule` or `~/.local/share/ampoule`.
+    /// The data directory: configured, else the one sessions use (`$AMPOULE_DATA_DIR`,
+    /// `/var/lib/ampoule` for root, `~/.local/share/ampoule` otherwise).
     pub fn data_dir(&self) -> PathBuf {
-        if let Some(d) = &self.server.data_dir {
-            return d.clone();
-        }
-        if nix_is_root() {
-            return PathBuf::from("/var/lib/ampoule");
-        }
-        if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|x| !x.is_empty()) {
-            return PathBuf::from(x).join("ampoule");
-        }
-        match std::env::var_os("HOME").filter(|h| !h.is_empty()) {
-            Some(h) => PathBuf::from(h).join(".local/share/ampoule"),
-            None => PathBuf::from("/tmp/ampoule-data"),
-        }
+        self.server
+            .data_dir
+            .clone()
+            .unwrap_or_else(ampoule_session::paths::data_dir)
     }
 
     /// The key digests and their tenants from `[[auth.keys]]` (environment variables read
@@ -390,12 +381,6 @@ impl Config {
         }
         Ok(out)
     }
-}
-
-fn nix_is_root() -> bool {
-    use std::os::unix::fs::MetadataExt;
-    // /proc/self belongs to the effective uid of the process that looks at it.
-    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
 }
 
 /// SHA-256 of a key, lowercase hex.

@@ -12,10 +12,14 @@
 //! - [`LiveSession::execute`] is never called concurrently on one session (the manager holds
 //!   the session's execution lock), but [`LiveSession::scratch`] is used while an execution
 //!   runs: file access must not need the interpreter.
-//! - [`LiveSession::close`] is idempotent and leaves nothing of the session on the host.
+//! - [`LiveSession::close`] may be called while an execution runs (delete, lifetime,
+//!   shutdown): it ends that execution, is idempotent, and leaves nothing of the session on
+//!   the host.
 
 use ampoule_runtime::Scratch;
 use ampoule_types::{ExecutionEvent, ExecutionResult, Language, Limits};
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -77,8 +81,10 @@ pub trait LiveSession: Send + Sync + 'static {
         events: Option<EventSender>,
     ) -> Result<ExecutionResult, EngineError>;
 
-    /// The session's files (`/mnt/data` is [`ampoule_runtime::scratch::DATA`]).
-    fn scratch(&self) -> &Scratch;
+    /// The session's files (`/mnt/data` is [`ampoule_runtime::scratch::DATA`]); refused
+    /// once the session is closed. Callers drop the handle when their call is over, so that
+    /// nothing of a closed session stays alive.
+    fn scratch(&self) -> Result<Arc<Scratch>, EngineError>;
 
     /// Whether the sandbox is still usable (a warm session whose sandbox died is discarded).
     fn alive(&self) -> bool {

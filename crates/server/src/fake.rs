@@ -81,7 +81,7 @@ impl Engine for FakeEngine {
         self.stats.started.fetch_add(1, Ordering::SeqCst);
         Ok(Box::new(FakeSession {
             dir,
-            scratch: Scratch::from_dir(fd),
+            scratch: std::sync::Mutex::new(Some(Arc::new(Scratch::from_dir(fd)))),
             vars: std::sync::Mutex::new(HashMap::new()),
             count: AtomicU64::new(0),
             closed: AtomicBool::new(false),
@@ -94,7 +94,7 @@ impl Engine for FakeEngine {
 #[derive(Debug)]
 pub struct FakeSession {
     dir: PathBuf,
-    scratch: Scratch,
+    scratch: std::sync::Mutex<Option<Arc<Scratch>>>,
     vars: std::sync::Mutex<HashMap<String, i64>>,
     count: AtomicU64,
     closed: AtomicBool,
@@ -288,8 +288,12 @@ impl LiveSession for FakeSession {
         Ok(out)
     }
 
-    fn scratch(&self) -> &Scratch {
-        &self.scratch
+    fn scratch(&self) -> Result<Arc<Scratch>, EngineError> {
+        self.scratch
+            .lock()
+            .ok()
+            .and_then(|s| s.clone())
+            .ok_or(EngineError::Closed)
     }
 
     fn alive(&self) -> bool {
@@ -298,6 +302,9 @@ impl LiveSession for FakeSession {
 
     async fn close(&self) {
         if !self.closed.swap(true, Ordering::SeqCst) {
+            if let Ok(mut s) = self.scratch.lock() {
+                s.take();
+            }
             let _ = std::fs::remove_dir_all(&self.dir);
             self.stats.closed.fetch_add(1, Ordering::SeqCst);
         }

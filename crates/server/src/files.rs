@@ -78,7 +78,7 @@ fn limited(
 async fn create(live: &Arc<dyn LiveSession>, path: &str) -> Result<NewFile, ApiError> {
     let live = live.clone();
     let path = path.to_owned();
-    blocking(move || Ok(live.scratch().create(DATA, &path, 0o644)?)).await
+    blocking(move || Ok(live.scratch()?.create(DATA, &path, 0o644)?)).await
 }
 
 async fn commit(file: NewFile) -> Result<FileInfo, ApiError> {
@@ -265,7 +265,7 @@ pub async fn upload_multipart(
 pub async fn list(live: &Arc<dyn LiveSession>) -> Result<Vec<FileInfo>, ApiError> {
     let live = live.clone();
     blocking(move || {
-        live.scratch()
+        live.scratch()?
             .list_info(DATA)
             .map_err(|e| ApiError::internal(format!("listing files: {e}")))
     })
@@ -276,21 +276,21 @@ pub async fn list(live: &Arc<dyn LiveSession>) -> Result<Vec<FileInfo>, ApiError
 pub async fn stat(live: &Arc<dyn LiveSession>, path: &str) -> Result<FileInfo, ApiError> {
     let live = live.clone();
     let path = path.to_owned();
-    blocking(move || Ok(live.scratch().stat(DATA, &path)?)).await
+    blocking(move || Ok(live.scratch()?.stat(DATA, &path)?)).await
 }
 
 /// Removes the file at `path` (a link itself, never its target).
 pub async fn remove(live: &Arc<dyn LiveSession>, path: &str) -> Result<(), ApiError> {
     let live = live.clone();
     let path = path.to_owned();
-    blocking(move || Ok(live.scratch().remove(DATA, &path)?)).await
+    blocking(move || Ok(live.scratch()?.remove(DATA, &path)?)).await
 }
 
 /// Streams the file at `path` as the response body.
 pub async fn download(live: &Arc<dyn LiveSession>, path: &str) -> Result<Response, ApiError> {
     let live = live.clone();
     let p = path.to_owned();
-    let (file, info) = blocking(move || Ok(live.scratch().open(DATA, &p)?)).await?;
+    let (file, info) = blocking(move || Ok(live.scratch()?.open(DATA, &p)?)).await?;
     let size = info.size;
     // Sandboxed code may grow the file meanwhile: never send more than announced.
     let reader = tokio::fs::File::from_std(file).take(size);

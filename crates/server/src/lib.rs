@@ -23,6 +23,7 @@ pub mod fake;
 pub mod files;
 pub mod manager;
 pub mod serve;
+pub mod session_engine;
 pub mod tls;
 
 use std::sync::Arc;

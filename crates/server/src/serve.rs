@@ -67,6 +67,28 @@ pub fn state(cfg: &Config, engine: Arc<dyn Engine>, keys: Keys) -> Result<AppSta
     })
 }
 
+/// `ampoule serve`: sweeps orphaned sandboxes, starts the real engine, serves until SIGTERM
+/// or SIGINT. Must run on a multi-thread runtime (sandboxes die with the thread that spawned
+/// them; worker threads live as long as the runtime).
+pub async fn serve(cfg: Config, listen: Option<String>) -> Result<(), Error> {
+    let pools = cfg.pool_settings().map_err(Error::Config)?;
+    // A pool whose runtime is missing would fail every session: say so now.
+    for (name, p) in &pools {
+        ampoule_session::language::find(p.spec.language.as_str())
+            .and_then(|k| k.locate(&p.spec.limits))
+            .map_err(|e| Error::Config(format!("pool {name}: {e}")))?;
+    }
+    let keys = keys(&cfg)?;
+    let host = ampoule_runtime::Host::detect().map_err(Error::Host)?;
+    let swept = host.sweep_orphans();
+    if swept > 0 {
+        tracing::info!(swept, "removed orphaned sandboxes of an earlier run");
+    }
+    let engine = Arc::new(crate::session_engine::SessionEngine::new(Arc::new(host)));
+    let state = state(&cfg, engine, keys)?;
+    serve_with(&cfg, listen.as_deref(), state, signal()).await
+}
+
 /// Resolves when SIGTERM or SIGINT arrives.
 pub async fn signal() {
     let term = async {
