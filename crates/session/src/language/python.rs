@@ -1,0 +1,61 @@
+//! Python: the host's CPython 3, inside the environment `ampoule setup` builds when it exists.
+
+use ampoule_types::Limits;
+
+use super::{
+    KERNELIO, Kernel, KernelFile, LanguageSpec, base_python, binds_for, in_sandbox, string,
+};
+use crate::error::Result;
+use crate::setup::PythonEnv;
+
+const KERNEL: KernelFile = KernelFile {
+    name: "kernel.py",
+    contents: include_str!("../../../../kernels/python/kernel.py"),
+};
+
+/// The Python plug-in (`kernels/python/kernel.py`).
+#[derive(Debug, Clone, Copy)]
+pub struct Python;
+
+impl Kernel for Python {
+    fn name(&self) -> &'static str {
+        "python"
+    }
+
+    fn aliases(&self) -> &'static [&'static str] {
+        &["py", "python3"]
+    }
+
+    fn locate(&self, _limits: &Limits) -> Result<LanguageSpec> {
+        let env = PythonEnv::default_location();
+        let (python, note) = if env.exists() {
+            (env.python(), format!("environment {}", env.dir().display()))
+        } else {
+            (
+                base_python("python")?,
+                "no package environment: run `ampoule setup` for numpy, pandas, matplotlib…"
+                    .to_owned(),
+            )
+        };
+        let bin_dir = python.parent().map(string).unwrap_or_default();
+        Ok(LanguageSpec {
+            language: "python",
+            argv: vec![string(&python), in_sandbox(KERNEL.name)],
+            env: vec![
+                (
+                    "PATH".into(),
+                    format!("{bin_dir}:/usr/local/bin:/usr/bin:/bin"),
+                ),
+                ("PYTHONUNBUFFERED".into(), "1".into()),
+                ("PYTHONDONTWRITEBYTECODE".into(), "1".into()),
+                ("MPLBACKEND".into(), "Agg".into()),
+                // Caches and configs go to /tmp, never into the user's /mnt/data.
+                ("MPLCONFIGDIR".into(), "/tmp/.config/matplotlib".into()),
+                ("XDG_CACHE_HOME".into(), "/tmp/.cache".into()),
+            ],
+            ro_binds: binds_for(&python),
+            files: vec![KERNEL, KERNELIO],
+            note: Some(note),
+        })
+    }
+}

@@ -1,0 +1,47 @@
+//! Shell: one long-lived GNU bash, driven by a small Python program.
+
+use ampoule_types::Limits;
+
+use super::{
+    KERNELIO, Kernel, KernelFile, LanguageSpec, base_python, binds_for, find_executable,
+    in_sandbox, string,
+};
+use crate::error::Result;
+
+const KERNEL: KernelFile = KernelFile {
+    name: "kernel.py",
+    contents: include_str!("../../../../kernels/shell/kernel.py"),
+};
+
+/// The shell plug-in (`kernels/shell/kernel.py`).
+#[derive(Debug, Clone, Copy)]
+pub struct Shell;
+
+impl Kernel for Shell {
+    fn name(&self) -> &'static str {
+        "shell"
+    }
+
+    fn aliases(&self) -> &'static [&'static str] {
+        &["bash", "sh"]
+    }
+
+    fn locate(&self, _limits: &Limits) -> Result<LanguageSpec> {
+        let bash = find_executable(
+            "shell",
+            &["/usr/bin/bash", "/bin/bash"],
+            "apt-get install bash",
+        )?;
+        let python = base_python("shell")?;
+        let mut ro_binds = binds_for(&python);
+        ro_binds.extend(binds_for(&bash));
+        Ok(LanguageSpec {
+            language: "shell",
+            argv: vec![string(&python), in_sandbox(KERNEL.name)],
+            env: vec![("AMPOULE_BASH".into(), string(&bash))],
+            ro_binds,
+            files: vec![KERNEL, KERNELIO],
+            note: None,
+        })
+    }
+}

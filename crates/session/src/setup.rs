@@ -1,0 +1,431 @@
+//! The Python environment sessions run in, and `ampoule setup`, which builds it.
+//!
+//! The environment is a virtual environment of the host's Python 3 at
+//! [`crate::paths::python_env_dir`], holding exactly the pinned packages of
+//! `kernels/python/requirements.txt` (embedded here as [`REQUIREMENTS`]). Building it is
+//! idempotent: when every pin is installed nothing runs. Everything in it is created with
+//! umask 022, because sandboxes bind it read-only and run as another user.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// The pinned requirements (`kernels/python/requirements.txt`).
+pub const REQUIREMENTS: &str = include_str!("../../../kernels/python/requirements.txt");
+
+/// One pinned requirement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Requirement {
+    /// Normalized name (PEP 503).
+    pub name: String,
+    /// The pinned version.
+    pub version: String,
+}
+
+/// The pins of [`REQUIREMENTS`].
+pub fn requirements() -> Vec<Requirement> {
+    REQUIREMENTS
+        .lines()
+        .map(|l| l.split('#').next().unwrap_or_default().trim())
+        .filter_map(|l| l.split_once("=="))
+        .map(|(name, version)| Requirement {
+            name: normalize(name),
+            version: version.trim().to_owned(),
+        })
+        .collect()
+}
+
+/// PEP 503 name normalization: lowercase, runs of `-`, `_`, `.` become one `-`.
+pub fn normalize(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    let mut sep = false;
+    for c in name.trim().chars() {
+        if matches!(c, '-' | '_' | '.') {
+            sep = true;
+        } else {
+            if sep && !out.is_empty() {
+                out.push('-');
+            }
+            sep = false;
+            out.push(c.to_ascii_lowercase());
+        }
+    }
+    out
+}
+
+/// An installed distribution.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Package {
+    /// Normalized name.
+    pub name: String,
+    /// Installed version.
+    pub version: String,
+}
+
+/// A Python virtual environment for sessions.
+#[derive(Debug, Clone)]
+pub struct PythonEnv {
+    dir: PathBuf,
+}
+
+/// Lists installed distributions as JSON (run by the environment's own interpreter).
+const LIST_PACKAGES: &str = "import json, importlib.metadata as m\n\
+print(json.dumps(sorted({(d.metadata['Name'] or '', d.version) for d in m.distributions()})))";
+
+impl PythonEnv {
+    /// The environment at `dir`.
+    pub fn at(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    /// The environment sessions use ([`crate::paths::python_env_dir`]).
+    pub fn default_location() -> Self {
+        Self::at(crate::paths::python_env_dir())
+    }
+
+    /// Its directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Its interpreter.
+    pub fn python(&self) -> PathBuf {
+        self.dir.join("bin/python3")
+    }
+
+    /// Whether the environment has been created.
+    pub fn exists(&self) -> bool {
+        crate::language::is_executable(&self.python())
+    }
+
+    /// The installed distributions, sorted by name.
+    pub fn packages(&self) -> Result<Vec<Package>> {
+        let out = Command::new(self.python())
+            .args(["-I", "-c", LIST_PACKAGES])
+            .env_clear()
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| Error::io(format!("running {}", self.python().display()), e))?;
+        if !out.status.success() {
+            return Err(Error::Setup {
+                step: "listing packages".into(),
+                detail: tail(&String::from_utf8_lossy(&out.stderr)),
+            });
+        }
+        let pairs: Vec<(String, String)> =
+            serde_json::from_slice(&out.stdout).map_err(|e| Error::Setup {
+                step: "listing packages".into(),
+                detail: e.to_string(),
+            })?;
+        let mut packages: Vec<Package> = pairs
+            .into_iter()
+            .map(|(name, version)| Package {
+                name: normalize(&name),
+                version,
+            })
+            .collect();
+        packages.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(packages)
+    }
+
+    /// The pins that are not installed as pinned (`name==version (installed: …)`); empty when
+    /// the environment is complete.
+    pub fn outdated(&self) -> Result<Vec<String>> {
+        if !self.exists() {
+            return Ok(requirements()
+                .into_iter()
+                .map(|r| format!("{}=={} (missing)", r.name, r.version))
+                .collect());
+        }
+        let installed = self.packages()?;
+        Ok(requirements()
+            .into_iter()
+            .filter_map(|r| match installed.iter().find(|p| p.name == r.name) {
+                Some(p) if p.version == r.version => None,
+                Some(p) => Some(format!(
+                    "{}=={} (installed: {})",
+                    r.name, r.version, p.version
+                )),
+                None => Some(format!("{}=={} (missing)", r.name, r.version)),
+            })
+            .collect())
+    }
+}
+
+/// What [`setup_python`] is doing, for a progress display.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SetupEvent {
+    /// Creating the virtual environment.
+    CreatingEnv,
+    /// pip starts resolving `total` pinned packages.
+    Resolving {
+        /// Number of pins.
+        total: usize,
+    },
+    /// pip reached one package (downloaded or found it already satisfied).
+    Collected {
+        /// Its name.
+        name: String,
+    },
+    /// pip is installing the downloaded packages.
+    Installing {
+        /// How many.
+        count: usize,
+    },
+    /// Checking the result against the pins.
+    Verifying,
+}
+
+/// How [`setup_python`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetupOutcome {
+    /// Every pin was installed already; nothing ran.
+    UpToDate,
+    /// The environment was created or brought up to date.
+    Installed,
+}
+
+/// Builds or refreshes the environment with `base_python` (`/usr/bin/python3`), reporting
+/// progress to `on_event`. Needs network access to the package index unless the wheels are
+/// cached.
+pub fn setup_python(
+    env: &PythonEnv,
+    base_python: &Path,
+    on_event: &mut dyn FnMut(SetupEvent),
+) -> Result<SetupOutcome> {
+    if env.exists() && env.outdated()?.is_empty() {
+        return Ok(SetupOutcome::UpToDate);
+    }
+    if !env.exists() {
+        on_event(SetupEvent::CreatingEnv);
+        let usable = Command::new(base_python)
+            .args(["-c", "import venv, ensurepip"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map_err(|e| Error::io(format!("running {}", base_python.display()), e))?;
+        if !usable.success() {
+            return Err(Error::VenvUnavailable {
+                python: base_python.to_owned(),
+            });
+        }
+        create_world_readable(env.dir().parent())?;
+        run_quiet(
+            "creating the virtual environment",
+            umask_022(base_python).args(["-m", "venv"]).arg(env.dir()),
+        )?;
+    }
+    let req_file = env.dir().join("ampoule-requirements.txt");
+    std::fs::write(&req_file, REQUIREMENTS)
+        .map_err(|e| Error::io(format!("writing {}", req_file.display()), e))?;
+    on_event(SetupEvent::Resolving {
+        total: requirements().len(),
+    });
+    pip_install(env, &req_file, on_event)?;
+    on_event(SetupEvent::Verifying);
+    let outdated = env.outdated()?;
+    if !outdated.is_empty() {
+        return Err(Error::Setup {
+            step: "pip install".into(),
+            detail: format!("still not as pinned: {}", outdated.join(", ")),
+        });
+    }
+    Ok(SetupOutcome::Installed)
+}
+
+fn pip_install(
+    env: &PythonEnv,
+    req_file: &Path,
+    on_event: &mut dyn FnMut(SetupEvent),
+) -> Result<()> {
+    let mut cmd = umask_022(&env.python());
+    cmd.args([
+        "-m",
+        "pip",
+        "install",
+        "--disable-pip-version-check",
+        "--no-input",
+        "--only-binary=:all:",
+        "--progress-bar",
+        "off",
+        "-r",
+    ])
+    .arg(req_file)
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = cmd.spawn().map_err(|e| Error::io("starting pip", e))?;
+    let stderr = child.stderr.take();
+    let err_reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        if let Some(mut s) = stderr {
+            let _ = s.read_to_string(&mut text);
+        }
+        text
+    });
+    let mut log = String::new();
+    if let Some(stdout) = child.stdout.take() {
+        for line in BufReader::new(stdout).lines().map_while(|l| l.ok()) {
+            if let Some(event) = pip_event(&line) {
+                on_event(event);
+            }
+            log.push_str(&line);
+            log.push('\n');
+        }
+    }
+    let status = child.wait().map_err(|e| Error::io("waiting for pip", e))?;
+    let err = err_reader.join().unwrap_or_default();
+    if !status.success() {
+        return Err(Error::Setup {
+            step: "pip install".into(),
+            detail: tail(&format!("{log}{err}")),
+        });
+    }
+    Ok(())
+}
+
+/// Turns one line of pip's output into a progress event.
+fn pip_event(line: &str) -> Option<SetupEvent> {
+    let name_of = |spec: &str| {
+        let end = spec
+            .find(['=', '<', '>', '!', '~', ' ', '[', ';'])
+            .unwrap_or(spec.len());
+        normalize(&spec[..end])
+    };
+    if let Some(rest) = line.strip_prefix("Collecting ") {
+        return Some(SetupEvent::Collected {
+            name: name_of(rest),
+        });
+    }
+    if let Some(rest) = line.strip_prefix("Requirement already satisfied: ") {
+        return Some(SetupEvent::Collected {
+            name: name_of(rest),
+        });
+    }
+    if let Some(rest) = line.strip_prefix("Installing collected packages: ") {
+        return Some(SetupEvent::Installing {
+            count: rest.split(',').count(),
+        });
+    }
+    None
+}
+
+/// A command that runs `program` with umask 022 (the sandbox user must read what it creates).
+fn umask_022(program: &Path) -> Command {
+    let mut cmd = Command::new("/bin/sh");
+    cmd.args(["-c", "umask 022 && exec \"$@\"", "sh"])
+        .arg(program);
+    cmd
+}
+
+fn run_quiet(step: &str, cmd: &mut Command) -> Result<()> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| Error::io(step.to_owned(), e))?;
+    if !out.status.success() {
+        return Err(Error::Setup {
+            step: step.to_owned(),
+            detail: tail(&format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )),
+        });
+    }
+    Ok(())
+}
+
+fn create_world_readable(dir: Option<&Path>) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(dir) = dir else { return Ok(()) };
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+        .map_err(|e| Error::io(format!("setting permissions of {}", dir.display()), e))
+}
+
+/// The last lines of a command's output, for an error message.
+fn tail(text: &str) -> String {
+    let lines: Vec<&str> = text.trim_end().lines().collect();
+    lines[lines.len().saturating_sub(12)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pins_cover_the_promised_packages() {
+        let reqs = requirements();
+        for name in [
+            "numpy",
+            "pandas",
+            "matplotlib",
+            "scipy",
+            "scikit-learn",
+            "openpyxl",
+            "pyarrow",
+            "requests",
+            "setuptools",
+        ] {
+            assert!(reqs.iter().any(|r| r.name == name), "{name} is not pinned");
+        }
+        let setuptools = reqs.iter().find(|r| r.name == "setuptools").unwrap();
+        let major: u32 = setuptools
+            .version
+            .split('.')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(
+            major < 81,
+            "setuptools {} has no pkg_resources",
+            setuptools.version
+        );
+    }
+
+    #[test]
+    fn names_are_normalized() {
+        assert_eq!(normalize("Charset_Normalizer"), "charset-normalizer");
+        assert_eq!(normalize("et_xmlfile"), "et-xmlfile");
+        assert_eq!(normalize("zope..interface"), "zope-interface");
+    }
+
+    #[test]
+    fn pip_lines_become_progress() {
+        assert_eq!(
+            pip_event("Collecting numpy==2.4.6 (from -r req.txt (line 4))"),
+            Some(SetupEvent::Collected {
+                name: "numpy".into()
+            })
+        );
+        assert_eq!(
+            pip_event("Requirement already satisfied: Pillow==13.0.0 in ./lib"),
+            Some(SetupEvent::Collected {
+                name: "pillow".into()
+            })
+        );
+        assert_eq!(
+            pip_event("Installing collected packages: a, b, c"),
+            Some(SetupEvent::Installing { count: 3 })
+        );
+        assert_eq!(pip_event("  Downloading x.whl"), None);
+    }
+
+    #[test]
+    fn a_missing_environment_is_all_outdated() {
+        let env = PythonEnv::at("/nonexistent/ampoule-env");
+        assert!(!env.exists());
+        assert_eq!(env.outdated().unwrap().len(), requirements().len());
+    }
+}
