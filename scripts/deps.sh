@@ -12,6 +12,7 @@ have unshare || need+=(util-linux)
 have ip || need+=(iproute2)
 have gcc || need+=(gcc)
 have pkg-config || need+=(pkg-config)
+have openssl || need+=(openssl)
 [ -x /usr/bin/csharp ] || need+=(mono-complete)
 
 if [ ${#need[@]} -eq 0 ]; then

@@ -17,6 +17,19 @@ if [ -f crates/cli/src/setup.rs ]; then
 fi
 echo "== doctor" >&2
 target/debug/ampoule doctor || true
+echo "== client libraries (venv for the server's end-to-end test)" >&2
+# The real ACA clients, driven against `ampoule serve` by crates/server/tests/e2e.rs. Created
+# once; recreated when the requirements change. The test fails when the venv named here is
+# missing.
+venv=target/client-venv
+reqs=crates/server/tests/clients/requirements.txt
+if ! cmp -s "$reqs" "$venv/requirements.txt"; then
+  rm -rf "$venv"
+  /usr/bin/python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check -r "$reqs"
+  cp "$reqs" "$venv/requirements.txt"
+fi
+export AMPOULE_CLIENT_VENV="$PWD/$venv"
 echo "== tests" >&2
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --no-fail-fast

@@ -624,8 +624,22 @@ impl Manager {
     }
 
     /// Runs code in a session: serialized with the session's other executions; the idle timer
-    /// restarts when the call starts and when it ends.
+    /// restarts when the call starts and when it ends. The execution runs in its own task, so
+    /// a caller that goes away (a client disconnecting) never cancels it half-way.
     pub async fn execute(
+        &self,
+        session: &Arc<Session>,
+        req: ExecRequest,
+        events: Option<EventSender>,
+    ) -> Result<ExecutionResult, ApiError> {
+        let me = self.clone();
+        let session = session.clone();
+        tokio::spawn(async move { me.execute_here(&session, req, events).await })
+            .await
+            .map_err(ApiError::internal)?
+    }
+
+    async fn execute_here(
         &self,
         session: &Arc<Session>,
         req: ExecRequest,

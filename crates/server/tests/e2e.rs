@@ -1,0 +1,784 @@
+//! End to end: the real `ampoule serve` binary with real Python sessions in real sandboxes,
+//! driven with raw HTTP (every ACA quirk, link attacks from inside the sandbox, tenants) and by
+//! the real ACA client libraries (`tests/clients/smoke_clients.py`, in the virtual environment
+//! named by `AMPOULE_CLIENT_VENV`, which `scripts/test.sh` creates).
+//!
+//! Needs root (sandboxes with their own uids and cgroups); as another user it says why and
+//! passes. Only 127.0.0.1 is ever bound or contacted.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+const KEY_A: &str = "e2e-key-tenant-a";
+const KEY_B: &str = "e2e-key-tenant-b";
+const V1: &str = "api-version=2024-02-02-preview";
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .map(|ids| ids.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The `ampoule` binary: `$AMPOULE_BIN`, else the workspace's debug build (built if missing).
+fn binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("AMPOULE_BIN") {
+        return PathBuf::from(p);
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target"));
+    let bin = target.join("debug/ampoule");
+    if !bin.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let st = Command::new(cargo)
+            .args(["build", "-p", "ampoule-cli", "--bin", "ampoule"])
+            .current_dir(workspace())
+            .status()
+            .unwrap();
+        assert!(st.success(), "building the ampoule binary failed");
+    }
+    bin
+}
+
+struct Server {
+    child: Child,
+    port: u16,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Server {
+    fn start(config: &Path) -> Server {
+        let mut child = Command::new(binary())
+            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+            .arg(config)
+            .env("AMPOULE_E2E_KEY_A", KEY_A)
+            .env("AMPOULE_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                {
+                    let mut l = log2.lock().unwrap();
+                    l.push_str(&line);
+                    l.push('\n');
+                }
+                if let Some(addr) = line
+                    .split("listening on ")
+                    .nth(1)
+                    .and_then(|rest| rest.split_whitespace().next())
+                {
+                    let _ = tx.send(addr.to_owned());
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("the server did not start: {}", log.lock().unwrap()));
+        let port = addr.rsplit(':').next().unwrap().parse().unwrap();
+        Server {
+            child,
+            port,
+            stderr: log,
+        }
+    }
+
+    /// SIGTERM, and the exit status.
+    fn stop(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let t = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "the server did not stop on SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Pids of the sandbox inits this server started (its direct children).
+    fn sandboxes(&self) -> Vec<u32> {
+        let me = self.child.id();
+        let mut out = Vec::new();
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
+            let ppid = stat
+                .rsplit(')')
+                .next()
+                .and_then(|rest| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            if ppid == Some(me) {
+                out.push(pid);
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Resp {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Resp {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "{} not JSON ({e}): {}",
+                self.status,
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+enum Payload<'a> {
+    None,
+    Fixed(&'a [u8]),
+    /// Sent with `Transfer-Encoding: chunked`, in pieces of this size.
+    Chunked(&'a [u8], usize),
+}
+
+/// One HTTP/1.1 request over a fresh connection, byte for byte as given.
+fn http(port: u16, method: &str, path: &str, headers: &[(&str, &str)], payload: Payload) -> Resp {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(240))).unwrap();
+    let mut req =
+        format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    match &payload {
+        Payload::None => req.push_str("Content-Length: 0\r\n\r\n"),
+        Payload::Fixed(b) => req.push_str(&format!("Content-Length: {}\r\n\r\n", b.len())),
+        Payload::Chunked(..) => req.push_str("Transfer-Encoding: chunked\r\n\r\n"),
+    }
+    s.write_all(req.as_bytes()).unwrap();
+    match payload {
+        Payload::None => {}
+        Payload::Fixed(b) => s.write_all(b).unwrap(),
+        Payload::Chunked(b, n) => {
+            for c in b.chunks(n) {
+                // The server may answer 413 and close before the whole body is sent.
+                if s.write_all(format!("{:x}\r\n", c.len()).as_bytes())
+                    .is_err()
+                    || s.write_all(c).is_err()
+                    || s.write_all(b"\r\n").is_err()
+                {
+                    break;
+                }
+            }
+            let _ = s.write_all(b"0\r\n\r\n");
+        }
+    }
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no response head: {:?}", String::from_utf8_lossy(&raw)));
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect();
+    let mut body = raw[split + 4..].to_vec();
+    let chunked = headers.iter().any(|(k, v)| {
+        k.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked")
+    });
+    if chunked {
+        let mut out = Vec::new();
+        let mut rest = body.as_slice();
+        while let Some(pos) = rest.windows(2).position(|w| w == b"\r\n") {
+            let len = usize::from_str_radix(String::from_utf8_lossy(&rest[..pos]).trim(), 16)
+                .unwrap_or(0);
+            if len == 0 {
+                break;
+            }
+            out.extend_from_slice(&rest[pos + 2..pos + 2 + len]);
+            rest = &rest[pos + 2 + len + 2..];
+        }
+        body = out;
+    }
+    Resp {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn bearer(key: &str) -> String {
+    format!("Bearer {key}")
+}
+
+fn exec(port: u16, prefix: &str, id: &str, key: &str, code: &str) -> Value {
+    let body = json!({"properties": {"codeInputType": "inline", "executionType": "synchronous", "code": code}}).to_string();
+    let auth = bearer(key);
+    let r = http(
+        port,
+        "POST",
+        &format!("{prefix}/code/execute?identifier={id}&{V1}"),
+        &[
+            ("Authorization", &auth),
+            ("Content-Type", "application/json"),
+        ],
+        Payload::Fixed(body.as_bytes()),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    r.json()["properties"].clone()
+}
+
+fn multipart(boundary: &str, filename: &str, contents: &[u8]) -> Vec<u8> {
+    let mut b = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{filename}\"\r\n\
+         Content-Type: application/octet-stream\r\n\r\n"
+    )
+    .into_bytes();
+    b.extend_from_slice(contents);
+    b.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    b
+}
+
+fn write_config(dir: &Path, extra: &str) -> PathBuf {
+    let path = dir.join("ampoule.toml");
+    let text = format!(
+        "[server]\ndata_dir = \"{}\"\nmax_upload_mib = 1\n{extra}\n\
+         [[auth.keys]]\ntenant = \"a\"\nkey_env = \"AMPOULE_E2E_KEY_A\"\n\
+         [[auth.keys]]\ntenant = \"b\"\nkey_sha256 = \"{}\"\n\
+         [pools.python]\nwarm = 1\nmax_sessions = 20\n\
+         [pools.tiny]\nwarm = 0\nmax_sessions = 1\n",
+        dir.join("data").display(),
+        ampoule_server::config::sha256_hex(KEY_B)
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn ampoule_serve_end_to_end() {
+    if !is_root() {
+        eprintln!("skipped: the end-to-end test runs sandboxes and needs root");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&write_config(tmp.path(), ""));
+    let port = server.port;
+    let a = bearer(KEY_A);
+    let b = bearer(KEY_B);
+
+    // Execute and state, under every prefix shape.
+    let p = exec(port, "", "e2e-0001", KEY_A, "6 * 7");
+    assert_eq!(p["status"], "Success");
+    assert_eq!(p["result"], 42);
+    assert_eq!(p["executionResult"], 42);
+    exec(
+        port,
+        "/pools/python",
+        "e2e-0001",
+        KEY_A,
+        "import os\nx = 40",
+    );
+    let p = exec(
+        port,
+        "/subscriptions/s/resourceGroups/r/sessionPools/python",
+        "e2e-0001",
+        KEY_A,
+        "print(os.getcwd()); x + 2",
+    );
+    assert_eq!(p["result"], 42);
+    assert_eq!(p["stdout"], "/mnt/data\n");
+    let p = exec(port, "//", "e2e-0001", KEY_A, "1 / 0");
+    assert_eq!(p["status"], "Failure");
+    assert!(
+        p["stderr"].as_str().unwrap().contains("ZeroDivisionError"),
+        "{p}"
+    );
+    assert_eq!(p["result"], "");
+    // An unencoded identifier with characters others would encode.
+    let p = exec(port, "", "id|with{odd}chars", KEY_A, "'ok'");
+    assert_eq!(p["result"], "ok");
+    // A plot comes back as an image result.
+    let p = exec(
+        port,
+        "",
+        "e2e-plot",
+        KEY_A,
+        "import matplotlib.pyplot as plt\nplt.plot([1, 2, 3])\nplt.show()",
+    );
+    if p["status"] == "Success" {
+        assert_eq!(p["result"]["type"], "image", "{p}");
+        assert_eq!(p["result"]["format"], "png");
+    } else {
+        eprintln!("note: matplotlib is not in this host's Python environment: {p}");
+    }
+
+    // Bearer None, and no key at all.
+    for auth in ["Bearer None", "Bearer "] {
+        let r = http(
+            port,
+            "POST",
+            &format!("/code/execute?identifier=e2e-0001&{V1}"),
+            &[("Authorization", auth)],
+            Payload::Fixed(b"{}"),
+        );
+        assert_eq!(r.status, 401);
+        assert_eq!(r.header("x-ms-error-code"), Some("Unauthorized"));
+    }
+
+    // Uploads: multipart with a lying Content-Type, chunked, and over the limit.
+    let base = format!("identifier=e2e-0001&{V1}");
+    let r = http(
+        port,
+        "POST",
+        &format!("/files/upload?{base}"),
+        &[("Authorization", &a), ("Content-Type", "application/json")],
+        Payload::Fixed(&multipart(
+            "sk-style-boundary",
+            "/mnt/data/data.csv",
+            b"a,b\n1,2\n",
+        )),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["value"][0]["properties"]["filename"], "data.csv");
+    let big = vec![b'x'; 300_000];
+    let r = http(
+        port,
+        "POST",
+        &format!("/files/upload?{base}"),
+        &[
+            ("Authorization", &a),
+            ("Content-Type", "multipart/form-data; boundary=ag"),
+        ],
+        Payload::Chunked(&multipart("ag", "chunked.txt", &big), 8192),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["value"][0]["properties"]["size"], 300_000);
+    let too_big = vec![b'y'; 2 * 1024 * 1024];
+    let r = http(
+        port,
+        "POST",
+        &format!("/files/upload?{base}"),
+        &[
+            ("Authorization", &a),
+            ("Content-Type", "multipart/form-data; boundary=ag"),
+        ],
+        Payload::Chunked(&multipart("ag", "big.txt", &too_big), 65536),
+    );
+    assert_eq!(r.status, 413);
+    assert_eq!(r.header("x-ms-error-code"), Some("PayloadTooLarge"));
+    // The code sees the uploads; the oversized one left nothing.
+    let p = exec(
+        port,
+        "",
+        "e2e-0001",
+        KEY_A,
+        "sorted(os.listdir('/mnt/data'))",
+    );
+    assert_eq!(p["result"], json!(["chunked.txt", "data.csv"]));
+    let r = http(
+        port,
+        "GET",
+        &format!("/files/content/data.csv?{base}"),
+        &[("Authorization", &a)],
+        Payload::None,
+    );
+    assert_eq!(r.body, b"a,b\n1,2\n");
+    let r = http(
+        port,
+        "GET",
+        &format!("/files?{base}"),
+        &[("Authorization", &a)],
+        Payload::None,
+    );
+    assert_eq!(r.json()["value"].as_array().unwrap().len(), 2);
+
+    // Links planted by sandboxed code are never followed by the server.
+    exec(
+        port,
+        "",
+        "e2e-0001",
+        KEY_A,
+        "os.symlink('/etc/shadow', 'leak')\nos.symlink('/', 'root')\nos.symlink('/etc', 'etcdir')",
+    );
+    for path in [
+        "leak",
+        "root/etc/shadow",
+        "etcdir/passwd",
+        "..%2F..%2Fetc%2Fpasswd",
+        "%2Fetc%2Fpasswd",
+    ] {
+        let r = http(
+            port,
+            "GET",
+            &format!("/files/content/{path}?{base}"),
+            &[("Authorization", &a)],
+            Payload::None,
+        );
+        assert_eq!(r.status, 400, "{path}");
+        let text = String::from_utf8_lossy(&r.body);
+        assert!(!text.contains("root:"), "{path}: {text}");
+    }
+    let marker = format!("ampoule-e2e-{}", std::process::id());
+    for name in [
+        format!("root/tmp/{marker}"),
+        format!("../../tmp/{marker}"),
+        format!("/tmp/{marker}"),
+    ] {
+        let r = http(
+            port,
+            "POST",
+            &format!("/files/upload?{base}"),
+            &[
+                ("Authorization", &a),
+                ("Content-Type", "multipart/form-data; boundary=m"),
+            ],
+            Payload::Fixed(&multipart("m", &name, b"planted")),
+        );
+        assert_eq!(r.status, 400, "{name}");
+    }
+    assert!(
+        !Path::new("/tmp").join(&marker).exists(),
+        "an upload escaped the session"
+    );
+    let r = http(
+        port,
+        "DELETE",
+        &format!("/files/etcdir/passwd?{base}"),
+        &[("Authorization", &a)],
+        Payload::None,
+    );
+    assert_eq!(r.status, 400);
+    assert!(Path::new("/etc/passwd").exists());
+
+    // Tenants: B cannot see, execute in, read or delete A's session.
+    let r = http(
+        port,
+        "DELETE",
+        "/session?identifier=e2e-0001&api-version=2025-10-02-preview",
+        &[("Authorization", &b)],
+        Payload::None,
+    );
+    assert_eq!(r.status, 404);
+    let p = exec(port, "", "e2e-0001", KEY_B, "'x' in globals()");
+    assert_eq!(p["result"], false, "tenant B saw tenant A's state");
+    let r = http(
+        port,
+        "GET",
+        &format!("/files/content/data.csv?{base}"),
+        &[("Authorization", &b)],
+        Payload::None,
+    );
+    assert_eq!(r.status, 404);
+    let p = exec(port, "", "e2e-0001", KEY_A, "x");
+    assert_eq!(p["result"], 40, "tenant A's session was disturbed");
+    let v1 = http(
+        port,
+        "GET",
+        "/v1/sessions",
+        &[("Authorization", &a)],
+        Payload::None,
+    )
+    .json();
+    let a_id = v1["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["identifier"] == "e2e-0001")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for (m, path) in [
+        ("GET", format!("/v1/sessions/{a_id}")),
+        ("GET", format!("/v1/sessions/{a_id}/files")),
+        ("DELETE", format!("/v1/sessions/{a_id}")),
+    ] {
+        assert_eq!(
+            http(port, m, &path, &[("Authorization", &b)], Payload::None).status,
+            404,
+            "{m} {path}"
+        );
+    }
+    let r = http(
+        port,
+        "POST",
+        &format!("/v1/sessions/{a_id}/executions"),
+        &[("Authorization", &b)],
+        Payload::Fixed(br#"{"code":"x"}"#),
+    );
+    assert_eq!(r.status, 404);
+
+    // Native streaming with a real interpreter.
+    let r = http(
+        port,
+        "POST",
+        &format!("/v1/sessions/{a_id}/executions/stream"),
+        &[("Authorization", &a), ("Content-Type", "application/json")],
+        Payload::Fixed(br#"{"code":"import time\nprint('first', flush=True)\ntime.sleep(0.2)\nprint('second')\nx + 2"}"#),
+    );
+    assert_eq!(r.status, 200);
+    let lines: Vec<Value> = String::from_utf8_lossy(&r.body)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let last = lines.last().unwrap();
+    assert_eq!(last["type"], "result", "{lines:?}");
+    assert_eq!(last["result"]["result"]["application/json"], 42);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["type"] == "stdout" && l["text"].as_str().unwrap_or("").contains("first"))
+    );
+
+    // A full pool answers 404 (ACA) and 429 (/v1); DELETE session answers 204.
+    exec(port, "/pools/tiny", "tiny-1", KEY_A, "1");
+    let body = json!({"properties": {"code": "1"}}).to_string();
+    let r = http(
+        port,
+        "POST",
+        &format!("/pools/tiny/code/execute?identifier=tiny-2&{V1}"),
+        &[("Authorization", &a)],
+        Payload::Fixed(body.as_bytes()),
+    );
+    assert_eq!(r.status, 404);
+    assert_eq!(
+        r.header("x-ms-error-code"),
+        Some("SessionPoolMaxSessionsReached")
+    );
+    let r = http(
+        port,
+        "POST",
+        "/v1/sessions",
+        &[("Authorization", &a)],
+        Payload::Fixed(br#"{"pool":"tiny"}"#),
+    );
+    assert_eq!(r.status, 429);
+    let r = http(
+        port,
+        "DELETE",
+        "/pools/tiny/session?identifier=tiny-1&api-version=2025-10-02-preview",
+        &[("Authorization", &a)],
+        Payload::None,
+    );
+    assert_eq!(r.status, 204);
+    assert!(r.body.is_empty());
+    exec(port, "/pools/tiny", "tiny-2", KEY_A, "1");
+
+    // The real client libraries.
+    run_clients(
+        &format!("http://127.0.0.1:{port}"),
+        &["langchain", "llamaindex", "autogen"],
+    );
+    run_clients(
+        &format!("http://127.0.0.1:{port}/subscriptions/s/resourceGroups/r/sessionPools/python"),
+        &["langchain"],
+    );
+
+    // Graceful shutdown destroys every session.
+    let sandboxes = server.sandboxes();
+    assert!(!sandboxes.is_empty(), "no sandbox seen");
+    let log = server.stderr.clone();
+    let st = server.stop();
+    assert!(st.success(), "exit {st:?}: {}", log.lock().unwrap());
+    for pid in sandboxes {
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "sandbox {pid} outlived the server"
+        );
+    }
+    assert!(log.lock().unwrap().contains("closing every session"));
+}
+
+/// HTTPS: the listener speaks TLS with a PEM certificate, and a client that refuses plain
+/// http (as Semantic Kernel does) works against it.
+#[test]
+fn ampoule_serve_over_https() {
+    if !is_root() {
+        eprintln!("skipped: the end-to-end test runs sandboxes and needs root");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (cert, key) = (tmp.path().join("cert.pem"), tmp.path().join("key.pem"));
+    let st = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+            "-keyout",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(Stdio::null())
+        .status();
+    if !st.is_ok_and(|s| s.success()) {
+        panic!("openssl could not make a test certificate (apt-get install openssl)");
+    }
+    let extra = format!(
+        "tls_cert = \"{}\"\ntls_key = \"{}\"",
+        cert.display(),
+        key.display()
+    );
+    let server = Server::start(&write_config(tmp.path(), &extra));
+    assert!(server.stderr.lock().unwrap().contains("https://"));
+    // Plain HTTP on the TLS port gets no HTTP answer.
+    let mut s = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf).unwrap_or(0);
+    assert!(!String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    match client_venv() {
+        Some(venv) => {
+            let out = Command::new(venv.join("bin/python"))
+                .arg("-c")
+                .arg(
+                    "import ssl, sys, urllib.request, json\n\
+                     ctx = ssl.create_default_context(cafile=sys.argv[2])\n\
+                     print(json.load(urllib.request.urlopen(sys.argv[1] + '/healthz', context=ctx))['status'])",
+                )
+                .arg(format!("https://127.0.0.1:{}", server.port))
+                .arg(&cert)
+                .output()
+                .unwrap();
+            assert_eq!(
+                String::from_utf8_lossy(&out.stdout).trim(),
+                "ok",
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            run_clients_with(
+                &format!("https://127.0.0.1:{}", server.port),
+                &["langchain"],
+                &[
+                    ("REQUESTS_CA_BUNDLE", cert.as_path()),
+                    ("SSL_CERT_FILE", cert.as_path()),
+                ],
+            );
+        }
+        None => eprintln!("note: no client venv; HTTPS checked without the client libraries"),
+    }
+    assert!(server.stop().success());
+}
+
+/// The client venv: `$AMPOULE_CLIENT_VENV`. When it is set, or in CI, a missing venv fails
+/// the test instead of skipping the client checks.
+fn client_venv() -> Option<PathBuf> {
+    match std::env::var_os("AMPOULE_CLIENT_VENV") {
+        Some(v) => {
+            let venv = PathBuf::from(v);
+            assert!(
+                venv.join("bin/python").exists(),
+                "AMPOULE_CLIENT_VENV={} has no bin/python; scripts/test.sh creates it",
+                venv.display()
+            );
+            Some(venv)
+        }
+        None => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI must run the client libraries: set AMPOULE_CLIENT_VENV (scripts/test.sh does)"
+            );
+            None
+        }
+    }
+}
+
+fn run_clients(endpoint: &str, clients: &[&str]) {
+    run_clients_with(endpoint, clients, &[]);
+}
+
+fn run_clients_with(endpoint: &str, clients: &[&str], env: &[(&str, &Path)]) {
+    let Some(venv) = client_venv() else {
+        eprintln!("skipped the client libraries: set AMPOULE_CLIENT_VENV to a venv with them");
+        return;
+    };
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/smoke_clients.py");
+    let mut cmd = Command::new(venv.join("bin/python"));
+    cmd.arg(&script)
+        .arg(endpoint)
+        .args(clients)
+        .env("AMPOULE_API_KEY", KEY_A);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let t = Instant::now();
+    let out = cmd.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!(
+        "clients against {endpoint} ({:.1} s):\n{stdout}",
+        t.elapsed().as_secs_f64()
+    );
+    assert!(
+        out.status.success(),
+        "the client libraries failed against {endpoint}:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for c in clients {
+        let name = if *c == "llamaindex" { "llama-index" } else { c };
+        assert!(
+            stdout.contains(&format!("{name} OK")),
+            "{c} did not finish: {stdout}"
+        );
+    }
+}
