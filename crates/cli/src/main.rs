@@ -4,6 +4,8 @@
 //! 124 when it timed out, 137 when a limit killed it, 125 when ampoule itself failed.
 #![forbid(unsafe_code)]
 
+mod setup;
+
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -35,6 +37,8 @@ enum Command {
     Run(RunArgs),
     /// The server: native REST API (/v1) and the ACA dynamic-sessions compatible API.
     Serve(ServeArgs),
+    /// Install or refresh the language environments sessions use (Python packages).
+    Setup(setup::SetupArgs),
     /// Check which isolation layers and language runtimes work on this host.
     Doctor {
         /// Print the report as JSON.
@@ -119,6 +123,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Run(args) => run(args).await,
             Command::Serve(args) => serve(args).await,
+            Command::Setup(args) => setup::run(args),
             Command::Doctor { json } => doctor(json).await,
         }
     });
