@@ -589,16 +589,10 @@ async fn list(call: &Call) -> Result<Response, ApiError> {
         return Ok(axum::Json(envelope_a(&all)).into_response());
     }
     // Family B lists one directory (`path`, default /mnt/data), recursively on request.
-    let dir = param(&call.query, "path")
-        .map(|p| {
-            p.trim_start_matches("/mnt/data")
-                .trim_matches('/')
-                .to_owned()
-        })
-        .unwrap_or_default();
-    if dir.split('/').any(|c| c == "..") {
-        return Err(ApiError::new(ErrorCode::InvalidPath, "`..` is not allowed"));
-    }
+    let dir = match param(&call.query, "path") {
+        Some(p) => files::data_dir_param(p)?,
+        None => String::new(),
+    };
     let recursive = param(&call.query, "recursive").is_some_and(|r| r.eq_ignore_ascii_case("true"));
     let prefix = if dir.is_empty() {
         String::new()

@@ -519,14 +519,7 @@ async fn list_files(
     let s = state.manager.get(&tenant, &id)?;
     let _call = state.manager.file_call(&s);
     let all = files::list(&s.live()).await?;
-    let prefix = match q.path.as_deref().map(|p| {
-        p.trim_start_matches("/mnt/data")
-            .trim_matches('/')
-            .to_owned()
-    }) {
-        Some(p) if p.split('/').any(|c| c == "..") => {
-            return Err(ApiError::new(ErrorCode::InvalidPath, "`..` is not allowed"));
-        }
+    let prefix = match q.path.as_deref().map(files::data_dir_param).transpose()? {
         Some(p) if !p.is_empty() => format!("{p}/"),
         _ => String::new(),
     };

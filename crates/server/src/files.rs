@@ -189,17 +189,46 @@ where
     Ok((boundary, head.chain(stream)))
 }
 
+/// A directory named by a client (`?path=`) as a path relative to `/mnt/data` (`""` for
+/// `/mnt/data` itself). Absolute paths elsewhere and `..` are refused.
+pub fn data_dir_param(dir: &str) -> Result<String, ApiError> {
+    let rel = if dir == "/mnt/data" {
+        ""
+    } else if let Some(rest) = dir.strip_prefix("/mnt/data/") {
+        rest
+    } else if dir.starts_with('/') {
+        return Err(ApiError::new(
+            ErrorCode::InvalidPath,
+            format!("{dir:?} is not below /mnt/data"),
+        ));
+    } else {
+        dir
+    };
+    let parts: Vec<&str> = rel
+        .split('/')
+        .filter(|c| !c.is_empty() && *c != ".")
+        .collect();
+    if parts.contains(&"..") || rel.contains('\0') {
+        return Err(ApiError::new(
+            ErrorCode::InvalidPath,
+            format!("{dir:?} leaves /mnt/data"),
+        ));
+    }
+    Ok(parts.join("/"))
+}
+
 /// Target path of an uploaded part: its file name (which clients use as the destination,
 /// sometimes as `/mnt/data/name`), below `dir` when one is given.
-fn part_target(dir: Option<&str>, file_name: &str) -> String {
+fn part_target(dir: Option<&str>, file_name: &str) -> Result<String, ApiError> {
     // requests/httpx send `"` in a file name as `%22`.
     let name = file_name.replace("%22", "\"");
     match dir
-        .map(|d| d.trim_start_matches("/mnt/data").trim_matches('/'))
+        .map(data_dir_param)
+        .transpose()?
         .filter(|d| !d.is_empty())
     {
-        Some(d) => format!("{d}/{}", name.trim_start_matches("/mnt/data/")),
-        None => name,
+        Some(d) => Ok(format!("{d}/{}", name.trim_start_matches("/mnt/data/"))),
+        None => Ok(name),
     }
 }
 
@@ -238,7 +267,7 @@ pub async fn upload_multipart(
             // Form fields without a file name carry nothing to store.
             continue;
         };
-        let target = part_target(dir, &file_name);
+        let target = part_target(dir, &file_name)?;
         let mut file = create(live, &target).await?;
         let mut w = writer(&mut file).await?;
         let mut field = field;
@@ -385,15 +414,14 @@ mod tests {
 
     #[test]
     fn part_names_become_paths_below_mnt_data() {
-        assert_eq!(
-            part_target(None, "/mnt/data/data.csv"),
-            "/mnt/data/data.csv"
-        );
-        assert_eq!(part_target(Some("/mnt/data"), "a.txt"), "a.txt");
-        assert_eq!(
-            part_target(Some("/mnt/data/sub"), "/mnt/data/a.txt"),
-            "sub/a.txt"
-        );
-        assert_eq!(part_target(None, "say %22hi%22.txt"), "say \"hi\".txt");
+        let t = |d, n| part_target(d, n).unwrap();
+        assert_eq!(t(None, "/mnt/data/data.csv"), "/mnt/data/data.csv");
+        assert_eq!(t(Some("/mnt/data"), "a.txt"), "a.txt");
+        assert_eq!(t(Some("/mnt/data/sub"), "/mnt/data/a.txt"), "sub/a.txt");
+        assert_eq!(t(Some("sub/"), "a.txt"), "sub/a.txt");
+        assert_eq!(t(None, "say %22hi%22.txt"), "say \"hi\".txt");
+        for bad in ["/etc", "/mnt/database", "../x", "/mnt/data/../etc"] {
+            assert!(part_target(Some(bad), "a").is_err(), "{bad}");
+        }
     }
 }

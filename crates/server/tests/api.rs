@@ -1531,3 +1531,184 @@ fn the_committed_openapi_document_matches_the_code() {
          and commit the result"
     );
 }
+
+#[tokio::test]
+async fn malformed_requests_are_never_server_errors() {
+    let h = harness();
+    let sid = h.json("POST", "/v1/sessions", A, json!({})).await.json()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let truncated =
+        b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x\"\r\n\r\nabc".to_vec();
+    let no_name = multipart("b", "", b"abc");
+    let cases: Vec<(&str, String, Option<&str>, Vec<u8>)> = vec![
+        (
+            "PUT",
+            format!("/code/execute?identifier=g-1&{V1}"),
+            None,
+            b"{}".to_vec(),
+        ),
+        (
+            "POST",
+            format!("/code/execute?identifier=g-1&{V1}"),
+            None,
+            vec![0xff, 0xfe, 0x00],
+        ),
+        (
+            "POST",
+            "/code/execute?identifier=%FF%FE".to_owned(),
+            None,
+            b"{}".to_vec(),
+        ),
+        (
+            "POST",
+            "/code/execute?identifier=a%00b".to_owned(),
+            None,
+            b"{}".to_vec(),
+        ),
+        (
+            "GET",
+            format!("/files/content/%ZZ?identifier=g-1&{V1}"),
+            None,
+            vec![],
+        ),
+        (
+            "GET",
+            format!("/files/content/%FF?identifier=g-1&{V1}"),
+            None,
+            vec![],
+        ),
+        (
+            "GET",
+            format!("/files/content/.?identifier=g-1&{V1}"),
+            None,
+            vec![],
+        ),
+        (
+            "GET",
+            format!("/files/content/a%2F..?identifier=g-1&{V1}"),
+            None,
+            vec![],
+        ),
+        (
+            "POST",
+            format!("/files/upload?identifier=g-1&{V1}"),
+            Some("multipart/form-data; boundary=b"),
+            truncated.clone(),
+        ),
+        (
+            "POST",
+            format!("/files/upload?identifier=g-1&{V1}"),
+            Some("application/json"),
+            truncated,
+        ),
+        (
+            "POST",
+            format!("/files/upload?identifier=g-1&{V1}"),
+            Some("multipart/form-data; boundary=b"),
+            no_name,
+        ),
+        (
+            "POST",
+            format!("/files/upload?identifier=g-1&{V1}"),
+            Some("multipart/form-data"),
+            vec![],
+        ),
+        (
+            "POST",
+            format!("/files/upload?identifier=g-1&{V1}"),
+            None,
+            vec![],
+        ),
+        (
+            "POST",
+            format!("/files?identifier=g-1&{V2}&path=..%2F.."),
+            Some("multipart/form-data; boundary=b"),
+            multipart("b", "x", b"1"),
+        ),
+        (
+            "GET",
+            format!("/files?identifier=g-1&{V2}&path=..%2F.."),
+            None,
+            vec![],
+        ),
+        (
+            "DELETE",
+            format!("/files/sub?identifier=g-1&{V1}"),
+            None,
+            vec![],
+        ),
+        (
+            "GET",
+            format!("/executions/abc?identifier=g-1&{V2}"),
+            None,
+            vec![],
+        ),
+        (
+            "PUT",
+            format!("/v1/sessions/{sid}/files/"),
+            None,
+            b"x".to_vec(),
+        ),
+        (
+            "PUT",
+            format!("/v1/sessions/{sid}/files/a%00b"),
+            None,
+            b"x".to_vec(),
+        ),
+        (
+            "GET",
+            format!("/v1/sessions/{sid}/files/content"),
+            None,
+            vec![],
+        ),
+        (
+            "GET",
+            format!("/v1/sessions/{sid}/files/%2F/content"),
+            None,
+            vec![],
+        ),
+        (
+            "POST",
+            format!("/v1/sessions/{sid}/executions"),
+            None,
+            b"{\"code\": 1}".to_vec(),
+        ),
+        (
+            "POST",
+            format!("/v1/sessions/{sid}/executions"),
+            None,
+            b"{\"code\": \"1\", \"timeout_s\": 1e400}".to_vec(),
+        ),
+        (
+            "POST",
+            format!("/v1/sessions/{sid}/files?path=%2Fetc"),
+            Some("multipart/form-data; boundary=b"),
+            multipart("b", "x", b"1"),
+        ),
+        (
+            "DELETE",
+            format!("/v1/sessions/{sid}/files/nothing"),
+            None,
+            vec![],
+        ),
+    ];
+    for (method, uri, ct, body) in cases {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(&uri)
+            .header("authorization", format!("Bearer {A}"));
+        if let Some(ct) = ct {
+            req = req.header("content-type", ct);
+        }
+        let r = h.send(req.body(Body::from(body)).unwrap()).await;
+        assert!(
+            r.status.is_client_error(),
+            "{method} {uri}: {} {}",
+            r.status,
+            String::from_utf8_lossy(&r.body)
+        );
+        assert!(!r.code().is_empty(), "{method} {uri}: no error code");
+    }
+}
