@@ -6,13 +6,16 @@
 
 mod setup;
 
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
+use ampoule_egress::{Egress, EgressSettings, InjectRule, Policy, PolicyConfig};
 use ampoule_runtime::doctor::{self, Level};
 use ampoule_runtime::scratch::{CODE, DATA};
-use ampoule_runtime::{Host, Interpreter, SandboxConfig};
+use ampoule_runtime::{Host, Interpreter, Network, SandboxConfig};
 use ampoule_types::{ExecutionStatus, Language, Limits, RunResult};
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
@@ -77,9 +80,21 @@ struct RunArgs {
     /// Bytes kept per output stream.
     #[arg(long, default_value_t = Limits::default().output_bytes)]
     output_bytes: u64,
-    /// Allow network access to this host (repeatable).
+    /// Let the code reach this host through the egress gateway (repeatable; root only):
+    /// `host`, `host:port`, `*.domain[:port]` or an IP literal. Without it: no network.
     #[arg(long = "allow-host", value_name = "HOST")]
     allow_host: Vec<String>,
+    /// Refuse this host even when an --allow-host rule matches it (repeatable).
+    #[arg(long = "deny-host", value_name = "HOST")]
+    deny_host: Vec<String>,
+    /// Make the egress gateway resolve NAME to IP, like curl's --resolve (repeatable). A pin
+    /// also permits a private address for that name.
+    #[arg(long = "resolve", value_name = "NAME=IP")]
+    resolve: Vec<String>,
+    /// Add HEADER to every request for HOST, with the value of this process's environment
+    /// variable ENV_VAR; the sandbox never sees it (repeatable).
+    #[arg(long = "inject", value_name = "HOST:HEADER=ENV_VAR")]
+    inject: Vec<String>,
     /// Copy this file into /mnt/data before the code runs (repeatable).
     #[arg(long = "file", value_name = "PATH")]
     files: Vec<PathBuf>,
@@ -158,10 +173,12 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
             args.lang
         );
     };
-    if !args.allow_host.is_empty() {
+    if args.allow_host.is_empty()
+        && (!args.deny_host.is_empty() || !args.resolve.is_empty() || !args.inject.is_empty())
+    {
         bail!(
-            "--allow-host needs the egress proxy, which this build does not have yet; \
-             sandboxes have no network\nhint: drop --allow-host"
+            "--deny-host, --resolve and --inject only apply to hosts allowed with --allow-host\n\
+             hint: add --allow-host HOST"
         );
     }
     if !(args.timeout > 0.0 && args.timeout.is_finite()) {
@@ -200,6 +217,16 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
         ..Limits::default()
     };
 
+    let egress = if args.allow_host.is_empty() {
+        None
+    } else {
+        let (egress, policy) = egress_setup(&args)?;
+        cfg.network = Network::Allowlist {
+            trusted_ca_pem: egress.trusted_ca_pem(&policy),
+        };
+        Some((egress, Arc::new(policy)))
+    };
+
     tracing::debug!("preparing the host");
     let host = Host::detect().context("preparing the host")?;
     host.sweep_orphans();
@@ -211,7 +238,17 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
     } else {
         ampoule_runtime::run::Echo::On
     };
-    let (result, sandbox) = ampoule_runtime::run::run(&host, &cfg, echo, |scratch| {
+    let mut gateway = None;
+    let (mut result, sandbox) = ampoule_runtime::run::run_with(&host, &cfg, echo, |p| {
+        // The gateway must listen before the program's first connection.
+        if let (Some((egress, policy)), Some(addrs)) = (&egress, p.network) {
+            gateway = Some(
+                egress
+                    .start(addrs.proxy(), addrs.dns(), policy.clone(), &addrs.interface)
+                    .map_err(|e| ampoule_runtime::Error::Network(format!("egress gateway: {e}")))?,
+            );
+        }
+        let scratch = p.scratch;
         scratch.write(CODE, file_name, &code, 0o644)?;
         for (name, data) in &inputs {
             scratch.write(DATA, name, data, 0o644)?;
@@ -227,6 +264,15 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
     }
     drop(sandbox);
     tracing::debug!("sandbox gone");
+    if let Some(gw) = gateway {
+        result.egress = gw.events();
+        if gw.dropped_events() > 0 {
+            tracing::warn!(
+                dropped = gw.dropped_events(),
+                "egress events beyond the cap were logged but not kept"
+            );
+        }
+    }
     print_result(&result, &cfg.limits, args.json)?;
     Ok(ExitCode::from(
         u8::try_from(result.exit_code & 0xff).unwrap_or(1),
@@ -254,6 +300,17 @@ fn print_result(r: &RunResult, limits: &Limits, json: bool) -> Result<()> {
             )?;
         }
     }
+    for e in r.egress.iter().filter(|e| !e.allowed) {
+        let host = if e.host.is_empty() { "?" } else { &e.host };
+        let protocol = serde_json::to_value(e.protocol).unwrap_or_default();
+        writeln!(
+            err,
+            "ampoule: egress blocked: {} {host}:{} ({})",
+            protocol.as_str().unwrap_or("?"),
+            e.port,
+            e.reason
+        )?;
+    }
     match (r.status, r.limit) {
         (ExecutionStatus::TimedOut, _) => {
             writeln!(err, "ampoule: timed out after {} s", limits.timeout_s)?;
@@ -275,6 +332,50 @@ fn print_result(r: &RunResult, limits: &Limits, json: bool) -> Result<()> {
         _ => {}
     }
     Ok(())
+}
+
+/// The egress policy and gateway settings of `ampoule run`'s flags.
+fn egress_setup(args: &RunArgs) -> Result<(Egress, Policy)> {
+    let mut inject = Vec::new();
+    for spec in &args.inject {
+        let parsed = spec.split_once('=').and_then(|(lhs, env)| {
+            let (host, header) = lhs.split_once(':')?;
+            Some(InjectRule {
+                host: host.to_owned(),
+                header: header.to_owned(),
+                value_from_env: env.to_owned(),
+            })
+        });
+        let Some(rule) = parsed else {
+            bail!(
+                "--inject {spec:?}: expected HOST:HEADER=ENV_VAR\n\
+                 hint: --inject api.example.com:Authorization=EXAMPLE_TOKEN"
+            );
+        };
+        inject.push(rule);
+    }
+    let policy = Policy::compile(
+        &PolicyConfig {
+            allow: args.allow_host.clone(),
+            deny: args.deny_host.clone(),
+            inject,
+        },
+        |name| std::env::var(name).ok(),
+    )?;
+    let mut hosts = BTreeMap::new();
+    for spec in &args.resolve {
+        let Some((name, ip)) = spec.split_once('=') else {
+            bail!(
+                "--resolve {spec:?}: expected NAME=IP\nhint: --resolve api.internal.test=10.77.0.2"
+            );
+        };
+        hosts.insert(name.to_owned(), ip.to_owned());
+    }
+    let egress = Egress::new(&EgressSettings {
+        hosts,
+        extra_roots: EgressSettings::roots_from_env(),
+    })?;
+    Ok((egress, policy))
 }
 
 async fn doctor(json: bool) -> Result<ExitCode> {

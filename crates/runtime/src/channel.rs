@@ -49,6 +49,12 @@ pub(crate) struct InitSpec {
     pub(crate) rlimit_fsize: u64,
     pub(crate) rlimit_cpu_s: u64,
     pub(crate) rlimit_nproc: Option<u64>,
+    /// Allowlist mode: the sandbox side of the link to the egress gateway.
+    #[serde(default)]
+    pub(crate) network: Option<crate::network::InitNetwork>,
+    /// A CA certificate (PEM) added to the sandbox's trust store (see `network::CA_BUNDLE`).
+    #[serde(default)]
+    pub(crate) trusted_ca_pem: Option<String>,
 }
 
 /// Supervisor → init.

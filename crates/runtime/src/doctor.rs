@@ -187,6 +187,8 @@ pub async fn run() -> Vec<Check> {
         )),
     }
 
+    out.push(egress(root));
+
     // End to end: a real sandbox reports what it sees from inside.
     if let Ok(host) = &host {
         out.push(end_to_end(host).await);
@@ -214,6 +216,46 @@ pub async fn run() -> Vec<Check> {
         }
     }
     out
+}
+
+/// Whether sandboxes can be given allowlisted network access (the egress gateway).
+fn egress(root: bool) -> Check {
+    if !root {
+        return check(
+            "egress",
+            Level::Warn,
+            "unprivileged: network allowlists are refused (the veth pair and nftables rules need \
+             real root); sandboxes have loopback only",
+            Some("run ampoule as root to allow sandboxes named hosts"),
+        );
+    }
+    let nft = crate::network::nft_binary().is_some();
+    match crate::network::table_installed() {
+        Ok(true) => check(
+            "egress",
+            Level::Ok,
+            "nftables table `inet ampoule` in place: allowlisted sandboxes reach only the egress gateway",
+            None,
+        ),
+        Ok(false) if nft => check(
+            "egress",
+            Level::Ok,
+            "nft available; the `inet ampoule` table is installed with the first allowlisted sandbox",
+            None,
+        ),
+        Ok(false) => check(
+            "egress",
+            Level::Warn,
+            "nft is not installed: sandboxes with allowed hosts cannot start",
+            Some("apt-get install nftables"),
+        ),
+        Err(e) => check(
+            "egress",
+            Level::Warn,
+            format!("nftables is not usable ({e}): sandboxes with allowed hosts cannot start"),
+            Some("modprobe nf_tables, or use a kernel with nftables"),
+        ),
+    }
 }
 
 async fn end_to_end(host: &Host) -> Check {

@@ -43,6 +43,9 @@ pub enum Error {
     /// A request was invalid (bad path, missing runtime...).
     #[error("{0}")]
     Invalid(String),
+    /// The sandbox's network (veth pair, firewall table) could not be set up.
+    #[error("network: {0}")]
+    Network(String),
     /// Every host uid slot is taken.
     #[error("no free sandbox slot: {0} sandboxes are live")]
     NoSlot(usize),

@@ -7,6 +7,11 @@
 //! * **outer init** (host pid namespace): joins its cgroup (v1; on v2 the supervisor moves it
 //!   meanwhile), lowers rlimits, unshares every namespace but the cgroup one, builds the new root on a tmpfs, hands the scratch directory to the supervisor,
 //!   waits for `Start`, forks the inner init and reports if that one dies abnormally.
+//!   In allowlist network mode it also switches IPv6 off in the new network namespace right
+//!   after the unshare (before any interface but `lo` exists), and after `Start` — by then the
+//!   supervisor has moved the sandbox end of the veth pair in — gives `eth0` its address and
+//!   the default route to the egress gateway (see [`crate::network`]). Both happen before any
+//!   code of the user's exists, with the outer init's capabilities in the new user namespace.
 //!   In root mode the root is built *before* the user namespace is created, as real root, so
 //!   every mount is owned by the initial namespace and locked: nothing inside can unmount or
 //!   remount it, even with every capability of its own user namespace.
@@ -141,6 +146,10 @@ fn outer(chan: &InitChannel) -> Stage<i32> {
         build_root(&spec)?;
     }
 
+    if spec.network.is_some() {
+        crate::network::disable_ipv6_here().stage("network")?;
+    }
+
     let scratch = fs::File::open(&spec.scratch_dir).stage("scratch")?;
     chan.send(&FromInit::Scratch, Some(scratch.as_raw_fd()))
         .stage("channel")?;
@@ -148,6 +157,9 @@ fn outer(chan: &InitChannel) -> Stage<i32> {
     match chan.recv().stage("channel")? {
         ToInit::Start => {}
         ToInit::Spec(_) => return Err(fail("channel", "unexpected second spec")),
+    }
+    if let Some(net) = &spec.network {
+        crate::network::configure_inside(net).stage("network")?;
     }
 
     match sys::fork().stage("fork")? {
@@ -420,6 +432,10 @@ fn build_root(spec: &InitSpec) -> Stage<()> {
         }
     }
 
+    if let Some(ca) = &spec.trusted_ca_pem {
+        trust_ca(stage, ca)?;
+    }
+
     // /dev: a small tmpfs with bind-mounted character devices (mknod is impossible in a user
     // namespace, and unnecessary).
     let dev = stage.join("dev");
@@ -476,6 +492,41 @@ fn build_root(spec: &InitSpec) -> Stage<()> {
         None::<&str>,
     )
     .map_err(|e| fail("mount", format!("remount / read-only: {e}")))?;
+    Ok(())
+}
+
+/// Adds the egress gateway's CA to the sandbox's trust: a combined bundle (the host's bundle
+/// plus the CA) at `network::CA_BUNDLE`, the CA alone at `network::EGRESS_CA`, and the combined
+/// bundle bound read-only over the host bundle's path for tools that read only the system store.
+fn trust_ca(stage: &Path, ca_pem: &str) -> Stage<()> {
+    use crate::network::{CA_BUNDLE, EGRESS_CA, SYSTEM_BUNDLE};
+    let system = Path::new(SYSTEM_BUNDLE);
+    let regular = fs::symlink_metadata(system).is_ok_and(|m| m.is_file());
+    let mut bundle = if regular {
+        fs::read(system).map_err(|e| fail("rootfs", format!("read {SYSTEM_BUNDLE}: {e}")))?
+    } else {
+        Vec::new()
+    };
+    if !bundle.is_empty() && !bundle.ends_with(b"\n") {
+        bundle.push(b'\n');
+    }
+    bundle.extend_from_slice(ca_pem.as_bytes());
+    let combined = under(stage, Path::new(CA_BUNDLE));
+    if let Some(parent) = combined.parent() {
+        mkdir_p(parent)?;
+    }
+    fs::write(&combined, &bundle).map_err(|e| fail("rootfs", format!("write {CA_BUNDLE}: {e}")))?;
+    fs::write(under(stage, Path::new(EGRESS_CA)), ca_pem)
+        .map_err(|e| fail("rootfs", format!("write {EGRESS_CA}: {e}")))?;
+    let target = under(stage, system);
+    // Only over a regular file: binding onto a symlink would follow it out of the stage.
+    if regular && fs::symlink_metadata(&target).is_ok_and(|m| m.is_file()) {
+        bind(
+            &combined,
+            &target,
+            MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        )?;
+    }
     Ok(())
 }
 

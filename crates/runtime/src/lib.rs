@@ -4,6 +4,9 @@
 //! [`sys`]). It turns a [`SandboxConfig`] into a sealed process tree: user, mount, pid, net,
 //! ipc, uts and cgroup namespaces, a fresh read-only root, Landlock, seccomp, a cgroup and
 //! rlimits, and tears it all down again. Nothing above this crate knows how isolation works.
+//! A sandbox has no network beyond loopback unless its config asks for allowlist mode; then
+//! [`network`] wires it to the host's egress gateway (run by the caller, `ampoule-egress`)
+//! and nothing else.
 //!
 //! Entry points: [`Host::detect`] once per process, [`Sandbox::spawn`] for a live sandbox,
 //! [`run::run`] for a one-shot execution, [`init::main`] as the in-sandbox side (called by the
@@ -16,6 +19,8 @@ pub mod error;
 pub mod host;
 pub mod init;
 pub mod language;
+mod netlink;
+pub mod network;
 pub mod run;
 pub mod sandbox;
 pub mod scratch;
@@ -25,5 +30,6 @@ mod sys;
 pub use error::{Error, Result};
 pub use host::Host;
 pub use language::Interpreter;
-pub use sandbox::{ProgramExit, Sandbox, SandboxConfig};
+pub use network::{GatewayAddrs, Network};
+pub use sandbox::{Prepare, ProgramExit, Sandbox, SandboxConfig};
 pub use scratch::Scratch;

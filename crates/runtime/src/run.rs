@@ -11,7 +11,7 @@ use tokio::sync::Notify;
 
 use crate::error::Result;
 use crate::host::Host;
-use crate::sandbox::{ProgramExit, Sandbox, SandboxConfig};
+use crate::sandbox::{Prepare, ProgramExit, Sandbox, SandboxConfig};
 use crate::scratch::Scratch;
 
 /// Output read so far from one stream.
@@ -77,7 +77,19 @@ pub async fn run(
     echo: Echo,
     prepare: impl FnOnce(&Scratch) -> Result<()>,
 ) -> Result<(RunResult, Sandbox)> {
-    let mut sb = Sandbox::spawn(host, cfg, prepare).await?;
+    run_with(host, cfg, echo, |p| prepare(p.scratch)).await
+}
+
+/// [`run`] with the hook of [`Sandbox::spawn_with`], which also sees the network addresses
+/// (start the egress gateway there). The result's `egress` list is left empty: the caller owns
+/// the gateway and fills it in.
+pub async fn run_with(
+    host: &Host,
+    cfg: &SandboxConfig,
+    echo: Echo,
+    prepare: impl FnOnce(Prepare<'_>) -> Result<()>,
+) -> Result<(RunResult, Sandbox)> {
+    let mut sb = Sandbox::spawn_with(host, cfg, prepare).await?;
     let cap = usize::try_from(cfg.limits.output_bytes).unwrap_or(usize::MAX);
     let over = Arc::new(AtomicBool::new(false));
     let notify = Arc::new(Notify::new());
@@ -173,6 +185,7 @@ pub async fn run(
         cpu_time_ms: stats_opt(finished.stats.map(|s| s.cpu_ns)).map(|ns| ns as f64 / 1e6),
         peak_memory_bytes: stats_opt(finished.stats.map(|s| s.peak_memory)),
         files,
+        egress: Vec::new(),
     };
     Ok((result, sb))
 }

@@ -7,6 +7,11 @@
 //! it; dropping a `Sandbox` (or the `spawn` future) at any point still kills and removes
 //! everything.
 //!
+//! In allowlist network mode ([`Network::Allowlist`], root only) the supervisor also wires the
+//! sandbox's veth pair once the outer init has unshared its network namespace, and hands the
+//! link's addresses to the `prepare` hook ([`Prepare::network`]), where the caller starts the
+//! egress gateway before the program can open its first connection.
+//!
 //! Note: the outer init asks for `SIGKILL` when its parent *thread* exits, so sandboxes must be
 //! spawned from threads that live as long as the sandbox (tokio worker threads or the main
 //! thread; never from `spawn_blocking`).
@@ -23,6 +28,7 @@ use crate::channel::{self, FromInit, HostChannel, InitSpec, ToInit};
 use crate::error::{Error, Result};
 use crate::host::{Host, Slot};
 use crate::init::INIT_ARG;
+use crate::network::{self, GatewayAddrs, InitNetwork, Network};
 use crate::scratch::Scratch;
 
 /// Uid and gid of the sandbox user as the code sees them.
@@ -43,6 +49,8 @@ pub struct SandboxConfig {
     pub ro_binds: Vec<PathBuf>,
     /// Give the program a stdin pipe (otherwise `/dev/null`).
     pub stdin: bool,
+    /// Network access: none (loopback only, the default) or only through the egress gateway.
+    pub network: Network,
 }
 
 impl SandboxConfig {
@@ -55,6 +63,7 @@ impl SandboxConfig {
             limits: Limits::default(),
             ro_binds: Vec::new(),
             stdin: false,
+            network: Network::None,
         }
     }
 }
@@ -120,6 +129,18 @@ const ETC_BINDS: &[&str] = &[
     "os-release",
 ];
 
+/// What the `prepare` hook of [`Sandbox::spawn_with`] gets: the sandbox as it stands after its
+/// root is built and before its program starts.
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub struct Prepare<'a> {
+    /// The scratch space: write code and inputs here.
+    pub scratch: &'a Scratch,
+    /// In allowlist mode, the link's addresses: the egress gateway must listen on
+    /// [`GatewayAddrs::proxy`] and [`GatewayAddrs::dns`] before the hook returns.
+    pub network: Option<&'a GatewayAddrs>,
+}
+
 /// A running sandbox.
 #[derive(Debug)]
 pub struct Sandbox {
@@ -129,6 +150,7 @@ pub struct Sandbox {
     chan: HostChannel,
     scratch: Scratch,
     _slot: Slot,
+    network: Option<GatewayAddrs>,
     landlock: String,
     started: Instant,
     exit: Option<ProgramExit>,
@@ -148,10 +170,54 @@ impl Sandbox {
         cfg: &SandboxConfig,
         prepare: impl FnOnce(&Scratch) -> Result<()>,
     ) -> Result<Self> {
+        Self::spawn_with(host, cfg, |p| prepare(p.scratch)).await
+    }
+
+    /// [`Sandbox::spawn`] with a hook that also sees the network addresses (allowlist mode):
+    /// start the egress gateway there.
+    pub async fn spawn_with(
+        host: &Host,
+        cfg: &SandboxConfig,
+        prepare: impl FnOnce(Prepare<'_>) -> Result<()>,
+    ) -> Result<Self> {
         if cfg.argv.is_empty() {
             return Err(Error::Invalid("nothing to run".into()));
         }
+        // `Some(ca)` in allowlist mode.
+        let allowlist: Option<&Option<String>> = match &cfg.network {
+            Network::None => None,
+            Network::Allowlist { trusted_ca_pem } => {
+                if !host.privileged {
+                    return Err(Error::Invalid(
+                        "network allowlists need ampoule to run as root: the sandbox's veth \
+                         pair and the nftables rules that confine it can only be made by real \
+                         root; unprivileged sandboxes have loopback only\n\
+                         hint: run as root, or drop the allowed hosts"
+                            .into(),
+                    ));
+                }
+                network::ensure_table(host)?;
+                Some(trusted_ca_pem)
+            }
+        };
         let slot = host.acquire_slot()?;
+        let addrs = allowlist.map(|_| GatewayAddrs::for_slot(slot.index()));
+        let trusted_ca_pem = allowlist.cloned().flatten();
+        let mut env = cfg.env.clone();
+        let mut etc = etc_files();
+        if let Some(a) = &addrs {
+            for (name, contents) in &mut etc {
+                if name == "resolv.conf" {
+                    *contents = network::resolv_conf(a);
+                }
+            }
+        }
+        if trusted_ca_pem.is_some() {
+            for (k, v) in network::ca_env() {
+                env.retain(|(name, _)| name != k);
+                env.push((k.to_owned(), v.to_owned()));
+            }
+        }
         let (host_uid, host_gid) = host.ids_for(&slot);
         let cgroup = match &host.cgroups {
             Some(root) => Some(OwnedCgroup(root.create(&slot.cgroup_name(), &cfg.limits)?)),
@@ -161,7 +227,7 @@ impl Sandbox {
         let disk_bytes = limits.disk_mib.saturating_mul(1024 * 1024);
         let spec = InitSpec {
             argv: cfg.argv.clone(),
-            env: cfg.env.clone(),
+            env,
             cwd: cfg.cwd.clone(),
             hostname: "sandbox".into(),
             privileged: host.privileged,
@@ -176,7 +242,7 @@ impl Sandbox {
             stage_dir: host.stage_dir(),
             scratch_dir: host.scratch_mount_dir(),
             ro_binds: cfg.ro_binds.clone(),
-            etc_files: etc_files(),
+            etc_files: etc,
             etc_binds: ETC_BINDS.iter().map(|s| (*s).to_owned()).collect(),
             scratch_bytes: disk_bytes,
             scratch_inodes: limits.disk_inodes,
@@ -195,6 +261,12 @@ impl Sandbox {
                     limits.pids
                 }
             }),
+            network: addrs.as_ref().map(|a| InitNetwork {
+                address: a.sandbox,
+                gateway: a.gateway,
+                prefix: network::LINK_PREFIX,
+            }),
+            trusted_ca_pem,
         };
 
         let (ours, theirs) = channel::pair()?;
@@ -254,7 +326,17 @@ impl Sandbox {
             }
         };
         let scratch = Scratch::new(fd, host.privileged.then_some((host_uid, host_gid)));
-        prepare(&scratch)?;
+        if let Some(a) = &addrs {
+            let pid = child
+                .id()
+                .ok_or_else(|| Error::Channel("the sandbox init exited early".into()))?;
+            network::wire_host_side(a, pid)?;
+            tracing::debug!(elapsed = ?started.elapsed(), interface = %a.interface, "network wired");
+        }
+        prepare(Prepare {
+            scratch: &scratch,
+            network: addrs.as_ref(),
+        })?;
         if let Some(attach) = attach {
             attach
                 .await
@@ -278,6 +360,7 @@ impl Sandbox {
             chan,
             scratch,
             _slot: slot,
+            network: addrs,
             landlock,
             started,
             exit: None,
@@ -285,6 +368,11 @@ impl Sandbox {
             stdout,
             stderr,
         })
+    }
+
+    /// The addresses of the sandbox's link to the egress gateway (allowlist mode).
+    pub fn network(&self) -> Option<&GatewayAddrs> {
+        self.network.as_ref()
     }
 
     /// The scratch space (inputs, outputs).

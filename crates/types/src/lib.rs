@@ -204,6 +204,48 @@ pub struct RunResult {
     pub peak_memory_bytes: Option<u64>,
     /// Files left in `/mnt/data` when the run ended.
     pub files: Vec<FileEntry>,
+    /// Every network connection and DNS query the egress gateway allowed or blocked, in order
+    /// (empty when the sandbox had no network).
+    #[serde(default)]
+    pub egress: Vec<EgressEvent>,
+}
+
+/// What the egress gateway saw a sandbox try to reach.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum EgressProtocol {
+    /// Plain HTTP/1 (the host came from the `Host` header).
+    Http,
+    /// TLS (the host came from the ClientHello's server name).
+    Tls,
+    /// A DNS query to the sandbox's resolver.
+    Dns,
+    /// A TCP connection that was neither HTTP nor TLS.
+    Tcp,
+}
+
+/// One decision of the egress gateway: a connection or DNS query, allowed or blocked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct EgressEvent {
+    /// Milliseconds since the Unix epoch when the decision was made.
+    pub unix_ms: u64,
+    /// The name (or IP literal) the sandbox asked for; empty when it named none.
+    pub host: String,
+    /// The destination port (53 for DNS).
+    pub port: u16,
+    /// How the request was recognised.
+    pub protocol: EgressProtocol,
+    /// Whether it was let through.
+    pub allowed: bool,
+    /// Why, in a few words (the matching rule, or what refused it).
+    pub reason: String,
+    /// Whether the gateway added a credential header to it.
+    pub injected: bool,
+    /// The upstream address the gateway checked and connected to (or answered with, for DNS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
 }
 
 /// A MIME bundle: MIME type to data. Text types carry a string, `application/json` any JSON
@@ -320,6 +362,30 @@ mod tests {
         assert_eq!(Language::parse("Node"), Some(Language::Javascript));
         assert_eq!(Language::parse("bash"), Some(Language::Shell));
         assert_eq!(Language::parse("cobol"), None);
+    }
+
+    #[test]
+    fn run_results_without_egress_still_parse() {
+        let old = r#"{"status":"succeeded","exit_code":0,"signal":null,"limit":null,
+            "limits_hit":[],"stdout":"","stderr":"","stdout_truncated":false,
+            "stderr_truncated":false,"duration_ms":1.0,"cpu_time_ms":null,
+            "peak_memory_bytes":null,"files":[]}"#;
+        let r: RunResult = serde_json::from_str(old).unwrap();
+        assert!(r.egress.is_empty());
+        let e = EgressEvent {
+            unix_ms: 1,
+            host: "pypi.org".into(),
+            port: 443,
+            protocol: EgressProtocol::Tls,
+            allowed: true,
+            reason: "allowed by pypi.org:443".into(),
+            injected: false,
+            address: None,
+        };
+        assert_eq!(
+            serde_json::to_string(&e).unwrap(),
+            r#"{"unix_ms":1,"host":"pypi.org","port":443,"protocol":"tls","allowed":true,"reason":"allowed by pypi.org:443","injected":false}"#
+        );
     }
 
     #[test]

@@ -1,0 +1,117 @@
+//! The record of a gateway's decisions: each one is logged at once (`tracing`, target
+//! `ampoule::egress`) and kept, up to a cap, for the execution's result.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use ampoule_types::{EgressEvent, EgressProtocol};
+
+/// Events kept per gateway between two drains; beyond it they are only logged and counted, so
+/// a sandbox that floods the gateway cannot grow the supervisor's memory.
+const MAX_KEPT: usize = 1000;
+
+/// One gateway's events.
+#[derive(Debug)]
+pub(crate) struct EventLog {
+    label: Mutex<String>,
+    kept: Mutex<Vec<EgressEvent>>,
+    dropped: AtomicU64,
+}
+
+/// An event being built.
+pub(crate) struct Decision {
+    pub(crate) host: String,
+    pub(crate) port: u16,
+    pub(crate) protocol: EgressProtocol,
+    pub(crate) allowed: bool,
+    pub(crate) reason: String,
+    pub(crate) injected: bool,
+    pub(crate) address: Option<String>,
+}
+
+impl Decision {
+    pub(crate) fn blocked(
+        host: impl Into<String>,
+        port: u16,
+        protocol: EgressProtocol,
+        reason: impl Into<String>,
+    ) -> Self {
+        Self {
+            host: host.into(),
+            port,
+            protocol,
+            allowed: false,
+            reason: reason.into(),
+            injected: false,
+            address: None,
+        }
+    }
+}
+
+impl EventLog {
+    pub(crate) fn new(label: &str) -> Self {
+        Self {
+            label: Mutex::new(label.to_owned()),
+            kept: Mutex::new(Vec::new()),
+            dropped: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn set_label(&self, label: &str) {
+        if let Ok(mut l) = self.label.lock() {
+            label.clone_into(&mut l);
+        }
+    }
+
+    pub(crate) fn record(&self, d: Decision) {
+        let label = self.label.lock().map(|l| l.clone()).unwrap_or_default();
+        tracing::info!(
+            target: "ampoule::egress",
+            sandbox = %label,
+            host = %d.host,
+            port = d.port,
+            protocol = ?d.protocol,
+            allowed = d.allowed,
+            injected = d.injected,
+            address = d.address.as_deref().unwrap_or(""),
+            reason = %d.reason,
+            "{}",
+            if d.allowed { "egress allowed" } else { "egress blocked" }
+        );
+        let event = EgressEvent {
+            unix_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+                .unwrap_or(0),
+            host: d.host,
+            port: d.port,
+            protocol: d.protocol,
+            allowed: d.allowed,
+            reason: d.reason,
+            injected: d.injected,
+            address: d.address,
+        };
+        match self.kept.lock() {
+            Ok(mut kept) if kept.len() < MAX_KEPT => kept.push(event),
+            _ => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    pub(crate) fn snapshot(&self) -> Vec<EgressEvent> {
+        self.kept.lock().map(|k| k.clone()).unwrap_or_default()
+    }
+
+    pub(crate) fn drain(&self) -> Vec<EgressEvent> {
+        self.kept
+            .lock()
+            .map(|mut k| std::mem::take(&mut *k))
+            .unwrap_or_default()
+    }
+
+    pub(crate) fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}

@@ -1,0 +1,162 @@
+//! One sandbox's gateway: a TCP listener for the proxy and a UDP socket for DNS, both on the
+//! sandbox's own host-side address, and the record of what they decided.
+//!
+//! The sockets are bound with `IP_FREEBIND` so the gateway can start before the runtime has
+//! given the host side of the veth pair its address. Dropping the gateway stops both loops and
+//! every connection they serve.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ampoule_types::{EgressEvent, EgressProtocol};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::Semaphore;
+use tokio::task::{JoinHandle, JoinSet};
+
+use crate::Shared;
+use crate::error::{Error, Result};
+use crate::events::{Decision, EventLog};
+use crate::policy::Policy;
+
+/// Connections served at once per sandbox; more are refused, so a sandbox cannot exhaust the
+/// supervisor's descriptors.
+const MAX_CONNECTIONS: usize = 256;
+
+/// A running gateway for one sandbox.
+#[derive(Debug)]
+pub struct Gateway {
+    log: Arc<EventLog>,
+    tasks: Vec<JoinHandle<()>>,
+    proxy: SocketAddr,
+    dns: SocketAddr,
+}
+
+fn bind(addr: SocketAddr, ty: Type, protocol: Protocol) -> std::io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(addr), ty, Some(protocol))?;
+    socket.set_cloexec(true)?;
+    socket.set_nonblocking(true)?;
+    socket.set_reuse_address(true)?;
+    match addr {
+        SocketAddr::V4(_) => socket.set_freebind_v4(true)?,
+        SocketAddr::V6(_) => socket.set_freebind_v6(true)?,
+    }
+    socket.bind(&addr.into())?;
+    Ok(socket)
+}
+
+impl Gateway {
+    pub(crate) fn start(
+        shared: Arc<Shared>,
+        proxy: SocketAddr,
+        dns: SocketAddr,
+        policy: Arc<Policy>,
+        label: &str,
+    ) -> Result<Self> {
+        let tcp = bind(proxy, Type::STREAM, Protocol::TCP)
+            .and_then(|s| {
+                s.listen(1024)?;
+                TcpListener::from_std(s.into())
+            })
+            .map_err(|e| Error::io(format!("binding the egress proxy to {proxy}"), e))?;
+        let udp = bind(dns, Type::DGRAM, Protocol::UDP)
+            .and_then(|s| UdpSocket::from_std(s.into()))
+            .map_err(|e| Error::io(format!("binding the egress DNS responder to {dns}"), e))?;
+        // The addresses actually bound (a port 0 asks the kernel to choose, in tests).
+        let proxy = tcp.local_addr().unwrap_or(proxy);
+        let dns = udp.local_addr().unwrap_or(dns);
+        let log = Arc::new(EventLog::new(label));
+        let tasks = vec![
+            tokio::spawn(accept_loop(
+                tcp,
+                shared.clone(),
+                policy.clone(),
+                log.clone(),
+            )),
+            tokio::spawn(crate::dns::serve(udp, shared, policy, log.clone())),
+        ];
+        Ok(Self {
+            log,
+            tasks,
+            proxy,
+            dns,
+        })
+    }
+
+    /// Every event so far (up to the cap), in order.
+    pub fn events(&self) -> Vec<EgressEvent> {
+        self.log.snapshot()
+    }
+
+    /// Every event since the last call, in order: what one execution of a session did.
+    pub fn take_events(&self) -> Vec<EgressEvent> {
+        self.log.drain()
+    }
+
+    /// Events that were logged but not kept because the cap was reached.
+    pub fn dropped_events(&self) -> u64 {
+        self.log.dropped()
+    }
+
+    /// Names the sandbox (or the current execution) in the logs from now on.
+    pub fn set_label(&self, label: &str) {
+        self.log.set_label(label);
+    }
+
+    /// Where the proxy listens.
+    pub fn proxy_addr(&self) -> SocketAddr {
+        self.proxy
+    }
+
+    /// Where the DNS responder listens.
+    pub fn dns_addr(&self) -> SocketAddr {
+        self.dns
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    policy: Arc<Policy>,
+    log: Arc<EventLog>,
+) {
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    // Owning the connection tasks here means aborting this loop aborts them all.
+    let mut conns = JoinSet::new();
+    loop {
+        while conns.try_join_next().is_some() {}
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                // Out of descriptors, most likely: let some connections end first.
+                tracing::warn!(error = %e, "egress proxy accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            log.record(Decision::blocked(
+                "",
+                0,
+                EgressProtocol::Tcp,
+                format!("more than {MAX_CONNECTIONS} connections at once"),
+            ));
+            drop(stream);
+            continue;
+        };
+        let (shared, policy, log) = (shared.clone(), policy.clone(), log.clone());
+        conns.spawn(async move {
+            crate::proxy::serve(shared, policy, log, stream).await;
+            drop(permit);
+        });
+    }
+}

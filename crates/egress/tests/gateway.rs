@@ -1,0 +1,325 @@
+#![allow(clippy::unwrap_used, reason = "a failed unwrap is a failed test")]
+
+//! The gateway in-process, without root: real sockets on loopback, real HTTP and TLS upstream
+//! servers, connections made straight to the gateway (the kernel redirect of a real sandbox is
+//! covered by `crates/cli/tests/egress.rs`). Loopback is restricted by policy, so every test
+//! allows `127.0.0.1` explicitly with an IP-literal rule.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use ampoule_egress::{Egress, EgressSettings, Gateway, InjectRule, Policy, PolicyConfig};
+use ampoule_types::EgressProtocol;
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const TOKEN: &str = "Bearer t0k3n-from-the-host";
+
+/// Request heads the upstream received.
+type Seen = Arc<Mutex<Vec<String>>>;
+
+async fn read_head<S: AsyncRead + Unpin>(s: &mut S) -> String {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match s.read(&mut b).await {
+            Ok(1) => head.push(b[0]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+async fn respond<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, seen: Seen) {
+    let head = read_head(&mut s).await;
+    seen.lock().unwrap().push(head);
+    let _ = s
+        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\nConnection: close\r\n\r\nupstream")
+        .await;
+    let _ = s.shutdown().await;
+}
+
+/// A plain HTTP upstream on loopback.
+async fn http_upstream() -> (u16, Seen) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let seen = Seen::default();
+    let s = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let (c, _) = l.accept().await.unwrap();
+            tokio::spawn(respond(c, s.clone()));
+        }
+    });
+    (port, seen)
+}
+
+/// A test CA and an HTTPS upstream for `name` signed by it.
+struct TlsUpstream {
+    port: u16,
+    seen: Seen,
+    ca_pem: String,
+}
+
+/// On port 443: a connection made straight to the gateway carries no dialled port, and for TLS
+/// the gateway then assumes 443. `None` when this user may not bind it.
+async fn https_upstream(name: &str) -> Option<TlsUpstream> {
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec![name.to_owned()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![leaf.der().clone()],
+        PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes()).unwrap(),
+    )
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let l = TcpListener::bind("127.0.0.1:443").await.ok()?;
+    let port = l.local_addr().unwrap().port();
+    let seen = Seen::default();
+    let s = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let (c, _) = l.accept().await.unwrap();
+            let (acceptor, s) = (acceptor.clone(), s.clone());
+            tokio::spawn(async move {
+                if let Ok(tls) = acceptor.accept(c).await {
+                    respond(tls, s).await;
+                }
+            });
+        }
+    });
+    Some(TlsUpstream {
+        port,
+        seen,
+        ca_pem: ca_cert.pem(),
+    })
+}
+
+fn gateway(egress: &Egress, policy: Policy) -> Gateway {
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    egress.start(any, any, Arc::new(policy), "test").unwrap()
+}
+
+fn policy(allow: &[&str], inject: bool) -> Policy {
+    Policy::compile(
+        &PolicyConfig {
+            allow: allow.iter().map(|s| s.to_string()).collect(),
+            deny: vec![],
+            inject: if inject {
+                vec![InjectRule {
+                    host: "up.test".into(),
+                    header: "Authorization".into(),
+                    value_from_env: "TEST_TOKEN".into(),
+                }]
+            } else {
+                vec![]
+            },
+        },
+        |k| (k == "TEST_TOKEN").then(|| TOKEN.to_owned()),
+    )
+    .unwrap()
+}
+
+fn pins() -> BTreeMap<String, String> {
+    BTreeMap::from([("up.test".to_owned(), "127.0.0.1".to_owned())])
+}
+
+async fn http_get(gw: &Gateway, host: &str, extra: &str) -> String {
+    let mut c = TcpStream::connect(gw.proxy_addr()).await.unwrap();
+    c.write_all(format!("GET /x HTTP/1.1\r\nHost: {host}\r\n{extra}\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    let _ = c.read_to_string(&mut out).await;
+    out
+}
+
+async fn https_get(
+    gw: &Gateway,
+    name: &str,
+    port: u16,
+    trust_pem: &str,
+) -> std::io::Result<String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(trust_pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = TcpStream::connect(gw.proxy_addr()).await?;
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(ServerName::try_from(name.to_owned()).unwrap(), tcp)
+        .await?;
+    tls.write_all(
+        format!("GET /s HTTP/1.1\r\nHost: {name}:{port}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut out = String::new();
+    let _ = tls.read_to_string(&mut out).await;
+    Ok(out)
+}
+
+#[tokio::test]
+async fn http_is_decided_by_host_and_denials_never_reach_upstream() {
+    let (port, seen) = http_upstream().await;
+    let egress = Egress::new(&EgressSettings {
+        hosts: pins(),
+        ..EgressSettings::default()
+    })
+    .unwrap();
+    let gw = gateway(&egress, policy(&["up.test", "127.0.0.1"], false));
+
+    let ok = http_get(&gw, &format!("up.test:{port}"), "").await;
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+    assert!(ok.ends_with("upstream"));
+    let denied = http_get(&gw, &format!("other.test:{port}"), "").await;
+    assert!(denied.starts_with("HTTP/1.1 403"), "{denied}");
+    assert!(denied.contains("no rule allows other.test"), "{denied}");
+    let garbage = {
+        let mut c = TcpStream::connect(gw.proxy_addr()).await.unwrap();
+        c.write_all(b"SSH-2.0-OpenSSH_9.2\r\n").await.unwrap();
+        let mut out = Vec::new();
+        let _ = c.read_to_end(&mut out).await;
+        out
+    };
+    assert!(garbage.is_empty());
+
+    assert_eq!(
+        seen.lock().unwrap().len(),
+        1,
+        "only the allowed request arrived"
+    );
+    let events = gw.events();
+    let got: Vec<(EgressProtocol, &str, bool)> = events
+        .iter()
+        .map(|e| (e.protocol, e.host.as_str(), e.allowed))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (EgressProtocol::Http, "up.test", true),
+            (EgressProtocol::Http, "other.test", false),
+            (EgressProtocol::Tcp, "", false),
+        ]
+    );
+    assert_eq!(
+        events[0].address.as_deref(),
+        Some(&*format!("127.0.0.1:{port}"))
+    );
+}
+
+#[tokio::test]
+async fn http_injection_replaces_the_header() {
+    let (port, seen) = http_upstream().await;
+    let egress = Egress::new(&EgressSettings {
+        hosts: pins(),
+        ..EgressSettings::default()
+    })
+    .unwrap();
+    let gw = gateway(&egress, policy(&["up.test", "127.0.0.1"], true));
+    let out = http_get(
+        &gw,
+        &format!("up.test:{port}"),
+        "Authorization: Bearer forged\r\nConnection: close\r\n",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    let heads = seen.lock().unwrap().clone();
+    assert_eq!(heads.len(), 1);
+    let head = heads[0].to_ascii_lowercase();
+    assert!(
+        head.contains(&format!("authorization: {}", TOKEN.to_ascii_lowercase())),
+        "{head}"
+    );
+    assert!(!head.contains("forged"), "{head}");
+    let ev = &gw.events()[0];
+    assert!(ev.allowed && ev.injected, "{ev:?}");
+}
+
+#[tokio::test]
+async fn https_passes_through_untouched_without_a_rule_and_is_terminated_with_one() {
+    let Some(up) = https_upstream("up.test").await else {
+        eprintln!("skipped: cannot bind 127.0.0.1:443 (needs root or a free port 443)");
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("ampoule-egress-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca_file = dir.join("upstream-ca.pem");
+    std::fs::write(&ca_file, &up.ca_pem).unwrap();
+    let egress = Egress::new(&EgressSettings {
+        hosts: pins(),
+        extra_roots: vec![ca_file],
+    })
+    .unwrap();
+
+    // No injection: the client talks TLS with the upstream itself (it trusts the upstream's
+    // CA, and the gateway's CA is not offered at all).
+    let plain = policy(&["up.test", "127.0.0.1"], false);
+    assert!(egress.trusted_ca_pem(&plain).is_none());
+    let gw = gateway(&egress, plain);
+    let out = https_get(&gw, "up.test", up.port, &up.ca_pem)
+        .await
+        .unwrap();
+    assert!(out.ends_with("upstream"), "{out}");
+    assert!(
+        !up.seen.lock().unwrap()[0]
+            .to_ascii_lowercase()
+            .contains("authorization")
+    );
+    // A name the policy does not allow is cut off before any byte reaches the upstream.
+    assert!(
+        https_get(&gw, "evil.test", up.port, &up.ca_pem)
+            .await
+            .is_err()
+    );
+    assert_eq!(up.seen.lock().unwrap().len(), 1);
+    let ev = gw.events();
+    assert_eq!(ev.len(), 2);
+    assert!(ev[0].allowed && !ev[0].injected && ev[0].protocol == EgressProtocol::Tls);
+    assert!(!ev[1].allowed && ev[1].host == "evil.test");
+    drop(gw);
+
+    // With injection: the client must trust the gateway's CA, and the upstream sees the token.
+    let inject = policy(&["up.test", "127.0.0.1"], true);
+    let gateway_ca = egress.trusted_ca_pem(&inject).unwrap();
+    let gw = gateway(&egress, inject);
+    // Trusting only the upstream's CA, the client refuses the gateway's certificate.
+    assert!(
+        https_get(&gw, "up.test", up.port, &up.ca_pem)
+            .await
+            .is_err()
+    );
+    let out = https_get(&gw, "up.test", up.port, &gateway_ca)
+        .await
+        .unwrap_or_else(|e| panic!("{e}: {:?}", gw.events()));
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    let heads = up.seen.lock().unwrap().clone();
+    let last = heads.last().unwrap().to_ascii_lowercase();
+    assert!(last.contains(&TOKEN.to_ascii_lowercase()), "{last}");
+    let ev = gw.events();
+    assert!(!ev[0].allowed, "{:?}", ev[0]);
+    assert!(ev[1].allowed && ev[1].injected, "{:?}", ev[1]);
+    let _ = std::fs::remove_dir_all(dir);
+}
