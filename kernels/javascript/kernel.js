@@ -113,7 +113,14 @@ function drainFifos() {
     }
   }
 }
-setInterval(drainFifos, 20).unref();
+// Poll often while code runs, rarely while idle (a warm session should cost nothing).
+let drainTimer = setInterval(drainFifos, 1000);
+drainTimer.unref();
+function pollFifos(ms) {
+  clearInterval(drainTimer);
+  drainTimer = setInterval(drainFifos, ms);
+  drainTimer.unref();
+}
 
 // -- values -----------------------------------------------------------------------------------
 
@@ -228,6 +235,7 @@ async function execute(req) {
     abandon = resolve;
   });
   pending = { id: req.id, abandon };
+  pollFifos(20);
   try {
     Atomics.store(shared, 0, 1);
     let evaluation;
@@ -272,6 +280,7 @@ async function execute(req) {
     send({ type: 'error', id: req.id, ename: terminated ? 'Interrupted' : 'KernelError', evalue: terminated ? 'the execution was interrupted' : String(e && e.message), traceback: [] });
   } finally {
     pending = null;
+    pollFifos(1000);
     session.post('Runtime.releaseObjectGroup', { objectGroup: 'cell' }, () => {});
   }
   drainFifos();

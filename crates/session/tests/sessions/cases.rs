@@ -205,6 +205,12 @@ pub(crate) fn all() -> Vec<Case> {
         js_await_interrupt,
     ));
     cases.push(Case::new("shell", "exit_status_is_returned", shell_status));
+    cases.push(Case::new(
+        "python",
+        "memory_limit_kills_and_loses_state",
+        memory,
+    ));
+    cases.push(Case::new("python", "setup_is_idempotent", setup_again).needs_packages());
     cases
 }
 
@@ -603,6 +609,49 @@ async fn shell_status(host: Host) -> Result<(), Failed> {
     check!(
         out.status == ExecutionStatus::Failed && out.session_state == SessionState::Lost,
         out
+    );
+    Ok(())
+}
+
+async fn memory(host: Host) -> Result<(), Failed> {
+    if host.cgroups.is_none() {
+        eprintln!(
+            "python/memory_limit_kills_and_loses_state: no cgroups here, nothing enforces memory"
+        );
+        return Ok(());
+    }
+    let limits = Limits {
+        memory_mib: 128,
+        ..quick()
+    };
+    let mut s = start(&host, "python", limits).await?;
+    let out = run(&mut s, "hog = b'x' * (600 * 1024 * 1024)").await?;
+    check!(out.status == ExecutionStatus::Killed, out);
+    check!(out.limit == Some(LimitKind::Memory), out);
+    check!(out.session_state == SessionState::Lost, out);
+    Ok(())
+}
+
+async fn setup_again(_host: Host) -> Result<(), Failed> {
+    use ampoule_session::setup::{PythonEnv, SetupOutcome, setup_python};
+    let env = PythonEnv::default_location();
+    let started = Instant::now();
+    let mut events = Vec::new();
+    let outcome = setup_python(&env, std::path::Path::new("/usr/bin/python3"), &mut |e| {
+        events.push(e)
+    })
+    .map_err(|e| crate::chain(&e))?;
+    check!(
+        outcome == SetupOutcome::UpToDate && events.is_empty(),
+        (outcome, events)
+    );
+    check!(
+        started.elapsed() < Duration::from_secs(10),
+        started.elapsed()
+    );
+    check!(
+        env.outdated().map_err(|e| crate::chain(&e))?.is_empty(),
+        env
     );
     Ok(())
 }
