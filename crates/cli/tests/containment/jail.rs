@@ -127,7 +127,11 @@ pub(crate) fn run(code: &str, setup: &Setup) -> Result<Outcome, String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let code_path = dir.path().join("code");
     std::fs::write(&code_path, code).map_err(|e| e.to_string())?;
-    let lang = if setup.lang.is_empty() { "python" } else { setup.lang };
+    let lang = if setup.lang.is_empty() {
+        "python"
+    } else {
+        setup.lang
+    };
     let out = Command::new("unshare")
         .args([
             "--mount",
@@ -236,7 +240,9 @@ pub(crate) fn unavailable() -> Option<String> {
             .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).exists()))
             .unwrap_or(false);
         if !found {
-            return Some(format!("`{tool}` is not installed (apt-get install util-linux iproute2)"));
+            return Some(format!(
+                "`{tool}` is not installed (apt-get install util-linux iproute2)"
+            ));
         }
     }
     None

@@ -4,12 +4,71 @@
 //! files intact, the canary secret never in the output).
 //!
 //! Convention for probe programs: print `BLOCKED <what>` for every attempt that failed and
-//! `ESCAPED <what>` for every attempt that succeeded. `expect_blocked` passes only when at
-//! least one `BLOCKED` and no `ESCAPED` line was printed, so a probe that crashes before trying
-//! (and prints nothing) fails too.
+//! `ESCAPED <what>` for every attempt that succeeded, and `INVALID <why>` when the attack could
+//! not be staged (so the probe would prove nothing). `expect_blocked` passes only when at least
+//! one `BLOCKED` and no `ESCAPED` or `INVALID` line was printed and the program ran to its end,
+//! so a probe that crashes before or while trying fails too.
 //!
 //! Run with `cargo test -p ampoule-cli --test containment` (as root). Without root the suite
-//! prints why and reports every probe as ignored, never as passed.
+//! prints why and reports every probe as ignored, never as passed. `CONTAINMENT_VERBOSE=1`
+//! prints each probe's output, passing or not; `CONTAINMENT_DUMP=DIR` writes the programs to
+//! `DIR` instead of running them.
+
+/// Python helpers prepended to probes that make raw system calls: `libc`, `raw`, `deny`,
+/// `refused` and `ename` (documented in the Python below). Use as `concat!(py_prelude!(), r#"..."#)`.
+macro_rules! py_prelude {
+    () => {
+        r#"
+import ctypes, errno, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+
+def ename(e):
+    return errno.errorcode.get(e, str(e))
+
+def _arg(a):
+    if isinstance(a, str):
+        a = a.encode()
+    if isinstance(a, bytes):
+        return ctypes.c_char_p(a)
+    if isinstance(a, (ctypes.Array, ctypes.Structure, ctypes._SimpleCData)):
+        return ctypes.byref(a)
+    return ctypes.c_long(a)
+
+def raw(nr, *args):
+    """One raw system call: (result, errno)."""
+    ctypes.set_errno(0)
+    r = libc.syscall(ctypes.c_long(nr), *[_arg(a) for a in args])
+    return r, (ctypes.get_errno() if r == -1 else 0)
+
+def deny(what, nr, *args, want=(errno.EPERM,)):
+    """The call must fail with an errno in `want` (EPERM: refused by seccomp or by the kernel's
+    permission check). Success, or any other errno (the call reached kernel code it should
+    never reach), is an escape."""
+    r, e = raw(nr, *args)
+    if r != -1:
+        print("ESCAPED", what, "returned", r)
+    elif e not in want:
+        print("ESCAPED", what, "reached the kernel:", ename(e), "(wanted", "/".join(ename(w) for w in want) + ")")
+    else:
+        print("BLOCKED", what, ename(e))
+    return r
+
+def refused(what, fn, *args, want=None):
+    """fn(*args) must raise OSError (with an errno in `want`, when given)."""
+    try:
+        r = fn(*args)
+    except OSError as ex:
+        if want is None or ex.errno in want:
+            print("BLOCKED", what, ename(ex.errno) if ex.errno else ex)
+        else:
+            print("ESCAPED", what, "failed with an unexpected error:", ex)
+        return None
+    print("ESCAPED", what, "succeeded:", repr(r)[:200])
+    return r
+"#
+    };
+}
 
 mod files;
 mod jail;
@@ -85,11 +144,57 @@ pub(crate) fn expect_blocked(o: &Outcome) -> Result<(), String> {
     if out.contains("ESCAPED") {
         return Err(format!("the attack succeeded:\n{out}"));
     }
+    if out.contains("INVALID") {
+        return Err(format!("the probe could not stage its attack:\n{out}"));
+    }
     if !out.contains("BLOCKED") {
         return Err(format!(
             "the probe did not report an outcome (status {}):\n{out}",
             o.result.status
         ));
+    }
+    // A probe that crashed half-way skipped the rest of its attempts.
+    if o.result.status != ExecutionStatus::Succeeded {
+        return Err(format!(
+            "the probe did not run to its end ({} / {:?}):\n{out}",
+            o.result.status, o.result.limit
+        ));
+    }
+    Ok(())
+}
+
+/// The process was killed by seccomp (`SIGSYS`) after printing `BEFORE` and before `AFTER`.
+pub(crate) fn expect_sigsys(o: &Outcome) -> Result<(), String> {
+    let out = o.output();
+    if !out.contains("BEFORE") {
+        return Err(format!("the probe never reached the attempt:\n{out}"));
+    }
+    if out.contains("AFTER") || out.contains("ESCAPED") {
+        return Err(format!("the process survived the attempt:\n{out}"));
+    }
+    if o.result.signal != Some(SIGSYS) || o.rc != 128 + SIGSYS {
+        return Err(format!(
+            "expected death by SIGSYS (31), got signal {:?}, rc {} ({}):\n{out}",
+            o.result.signal, o.rc, o.result.status
+        ));
+    }
+    Ok(())
+}
+
+/// The signal seccomp kills with.
+const SIGSYS: i32 = 31;
+
+/// Every `KEY=value` the jail's `after` script printed matches.
+pub(crate) fn expect_vars(o: &Outcome, want: &[(&str, &str)]) -> Result<(), String> {
+    for (k, v) in want {
+        let got = o.vars.get(*k).map(String::as_str);
+        if got != Some(*v) {
+            return Err(format!(
+                "jail variable {k}: expected {v:?}, got {got:?} (all: {:?})\n{}",
+                o.vars,
+                o.output()
+            ));
+        }
     }
     Ok(())
 }
@@ -123,7 +228,10 @@ fn host_unchanged(o: &Outcome) -> Result<(), String> {
         return Err(format!("processes left behind: {:?}", o.leftover_procs));
     }
     if o.mounts.0 != o.mounts.1 {
-        return Err(format!("mount count changed: {} → {}", o.mounts.0, o.mounts.1));
+        return Err(format!(
+            "mount count changed: {} → {}",
+            o.mounts.0, o.mounts.1
+        ));
     }
     if !o.leftover_cgroups.is_empty() {
         return Err(format!("cgroups left behind: {:?}", o.leftover_cgroups));
@@ -158,13 +266,46 @@ fn main() {
     if let Some(why) = &skip {
         eprintln!("containment suite skipped: {why}");
     }
+    // CONTAINMENT_VERBOSE=1 shows what every probe printed (to review what a passing probe
+    // actually tried).
+    let verbose = std::env::var_os("CONTAINMENT_VERBOSE").is_some();
     let probes = all_probes();
+    // CONTAINMENT_DUMP=DIR writes every probe's program to DIR (to run it outside the sandbox
+    // and watch it report ESCAPED) and runs nothing.
+    if let Some(dir) = std::env::var_os("CONTAINMENT_DUMP") {
+        let dir = std::path::Path::new(&dir);
+        for p in &probes {
+            let ext = if p.setup.lang == "shell" { "sh" } else { "py" };
+            let path = dir.join(format!("{}.{ext}", p.name.replace('/', "__")));
+            if let Err(e) =
+                std::fs::create_dir_all(dir).and_then(|()| std::fs::write(&path, p.code))
+            {
+                eprintln!("{}: {e}", path.display());
+                std::process::exit(1);
+            }
+        }
+        eprintln!("{} probes written to {}", probes.len(), dir.display());
+        return;
+    }
     let trials = probes
         .into_iter()
         .map(|p| {
             let ignored = skip.is_some();
             Trial::test(p.name, move || {
                 let o = jail::run(p.code, &p.setup).map_err(Failed::from)?;
+                if verbose {
+                    eprintln!(
+                        "--- {} ({} / {:?} / signal {:?} / rc {}, {:.0} ms) vars {:?}\n{}",
+                        p.name,
+                        o.result.status,
+                        o.result.limit,
+                        o.result.signal,
+                        o.rc,
+                        o.result.duration_ms,
+                        o.vars,
+                        o.output().trim_end()
+                    );
+                }
                 host_unchanged(&o).map_err(Failed::from)?;
                 (p.check)(&o).map_err(Failed::from)
             })
