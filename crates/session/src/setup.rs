@@ -200,6 +200,11 @@ pub fn setup_python(
     if env.exists() && env.outdated()?.is_empty() {
         return Ok(SetupOutcome::UpToDate);
     }
+    // One setup at a time per environment; a second one waits, then finds it up to date.
+    let _lock = lock(env)?;
+    if env.exists() && env.outdated()?.is_empty() {
+        return Ok(SetupOutcome::UpToDate);
+    }
     if !env.exists() {
         on_event(SetupEvent::CreatingEnv);
         let usable = Command::new(base_python)
@@ -236,6 +241,22 @@ pub fn setup_python(
         });
     }
     Ok(SetupOutcome::Installed)
+}
+
+/// An exclusive lock on `<env>.lock`, held while the environment is built.
+fn lock(env: &PythonEnv) -> Result<nix::fcntl::Flock<std::fs::File>> {
+    create_world_readable(env.dir().parent())?;
+    let mut name = env.dir().as_os_str().to_owned();
+    name.push(".lock");
+    let path = PathBuf::from(name);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, errno)| Error::io(format!("locking {}", path.display()), errno.into()))
 }
 
 fn pip_install(
@@ -420,6 +441,20 @@ mod tests {
             Some(SetupEvent::Installing { count: 3 })
         );
         assert_eq!(pip_event("  Downloading x.whl"), None);
+    }
+
+    #[test]
+    fn the_setup_lock_is_exclusive_and_released() {
+        let dir = std::env::temp_dir().join(format!("ampoule-lock-{}", std::process::id()));
+        let env = PythonEnv::at(dir.join("python"));
+        let held = lock(&env).unwrap();
+        let second = std::fs::File::open(dir.join("python.lock")).unwrap();
+        assert!(
+            nix::fcntl::Flock::lock(second, nix::fcntl::FlockArg::LockExclusiveNonblock).is_err()
+        );
+        drop(held);
+        drop(lock(&env).unwrap());
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
