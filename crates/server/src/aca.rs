@@ -572,8 +572,10 @@ async fn upload(
     let dir = param(&call.query, "path");
     let stored = files::upload_multipart(&s.live(), dir, headers, body, max).await?;
     if family_b_shape {
-        // B3 answers one object (the first file).
-        let f = &stored[0];
+        // B3 answers one object (the first file; upload_multipart never returns none).
+        let f = stored
+            .first()
+            .ok_or_else(|| ApiError::invalid("the multipart body has no file part"))?;
         let name = f.path.rsplit('/').next().unwrap_or(&f.path);
         Ok(axum::Json(entry_b(name, f)).into_response())
     } else {

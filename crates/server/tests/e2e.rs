@@ -613,6 +613,59 @@ fn ampoule_serve_end_to_end() {
     assert!(r.body.is_empty());
     exec(port, "/pools/tiny", "tiny-2", KEY_A, "1");
 
+    // A timeout interrupts the code and keeps the session's state.
+    let body = json!({"properties": {"code": "import time\nwhile True: time.sleep(0.05)", "timeoutInSeconds": 1}}).to_string();
+    let t = Instant::now();
+    let r = http(
+        port,
+        "POST",
+        &format!("/code/execute?identifier=e2e-0001&{V1}"),
+        &[("Authorization", &a)],
+        Payload::Fixed(body.as_bytes()),
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.json()["properties"]["status"],
+        "Failure",
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    assert_eq!(
+        exec(port, "", "e2e-0001", KEY_A, "x")["result"],
+        40,
+        "state lost after a timeout"
+    );
+    // Deleting a session while it executes ends the execution at once.
+    exec(port, "", "e2e-busy", KEY_A, "import time");
+    let waiter = std::thread::spawn(move || {
+        let body = json!({"properties": {"code": "time.sleep(60)"}}).to_string();
+        let t = Instant::now();
+        let r = http(
+            port,
+            "POST",
+            &format!("/code/execute?identifier=e2e-busy&{V1}"),
+            &[("Authorization", &bearer(KEY_A))],
+            Payload::Fixed(body.as_bytes()),
+        );
+        (r.status, t.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let r = http(
+        port,
+        "DELETE",
+        "/session?identifier=e2e-busy",
+        &[("Authorization", &a)],
+        Payload::None,
+    );
+    assert_eq!(r.status, 204);
+    let (status, took) = waiter.join().unwrap();
+    assert!(
+        took < Duration::from_secs(20),
+        "the execution outlived its session: {took:?}"
+    );
+    assert!((400..500).contains(&status), "{status}");
+
     // The real client libraries.
     run_clients(
         &format!("http://127.0.0.1:{port}"),
