@@ -16,10 +16,7 @@ pub fn checks() -> Vec<Check> {
             Ok(spec) => Check {
                 name,
                 level: Level::Ok,
-                detail: match spec.note {
-                    Some(note) => format!("{} ({note})", spec.argv.join(" ")),
-                    None => spec.argv.join(" "),
-                },
+                detail: spec.note.unwrap_or_else(|| spec.argv.join(" ")),
                 fix: None,
             },
             Err(Error::RuntimeMissing {
@@ -67,4 +64,27 @@ pub fn checks() -> Vec<Check> {
         },
     });
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_language_has_a_line_and_missing_ones_a_fix() {
+        let checks = checks();
+        for kernel in language::all() {
+            let line = checks
+                .iter()
+                .find(|c| c.name == format!("session: {}", kernel.name()))
+                .unwrap();
+            if line.level != Level::Ok {
+                assert!(line.fix.is_some(), "{line:?}");
+            }
+        }
+        assert!(checks.iter().any(|c| c.name == "python packages"));
+        for c in &checks {
+            eprintln!("{:?} {} {} {:?}", c.level, c.name, c.detail, c.fix);
+        }
+    }
 }

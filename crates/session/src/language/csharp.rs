@@ -67,7 +67,11 @@ impl Kernel for CSharp {
             ],
             ro_binds,
             files: vec![DRIVER, KERNELIO, EVALUATOR],
-            note: None,
+            note: Some(format!(
+                "{} with Mono's C# evaluator (driven by {})",
+                mono.display(),
+                python.display()
+            )),
         })
     }
 }

@@ -53,7 +53,7 @@ impl Kernel for JavaScript {
             env: Vec::new(),
             ro_binds: binds_for(&node),
             files: vec![LAUNCH, KERNEL],
-            note: None,
+            note: Some(format!("{} (V8 inspector REPL mode)", node.display())),
         })
     }
 }

@@ -59,7 +59,7 @@ pub struct LanguageSpec {
     pub ro_binds: Vec<PathBuf>,
     /// Files written to `/run/ampoule`.
     pub files: Vec<KernelFile>,
-    /// A note for `doctor` (the environment in use, what is degraded).
+    /// What runs, for `doctor` (the runtime in use, what is degraded).
     pub note: Option<String>,
 }
 

@@ -60,7 +60,11 @@ impl Kernel for PowerShell {
             ],
             ro_binds,
             files: vec![DRIVER, KERNELIO, LOOP],
-            note: None,
+            note: Some(format!(
+                "{} (driven by {})",
+                pwsh.display(),
+                python.display()
+            )),
         })
     }
 }

@@ -29,13 +29,22 @@ impl Kernel for Python {
     fn locate(&self, _limits: &Limits) -> Result<LanguageSpec> {
         let env = PythonEnv::default_location();
         let (python, note) = if env.exists() {
-            (env.python(), format!("environment {}", env.dir().display()))
-        } else {
             (
-                base_python("python")?,
-                "no package environment: run `ampoule setup` for numpy, pandas, matplotlib…"
-                    .to_owned(),
+                env.python(),
+                format!(
+                    "{} (the `ampoule setup` environment)",
+                    env.python().display()
+                ),
             )
+        } else {
+            {
+                let python = base_python("python")?;
+                let note = format!(
+                    "{} without packages: run `ampoule setup` for numpy, pandas, matplotlib…",
+                    python.display()
+                );
+                (python, note)
+            }
         };
         let bin_dir = python.parent().map(string).unwrap_or_default();
         Ok(LanguageSpec {

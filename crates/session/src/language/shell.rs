@@ -41,7 +41,11 @@ impl Kernel for Shell {
             env: vec![("AMPOULE_BASH".into(), string(&bash))],
             ro_binds,
             files: vec![KERNEL, KERNELIO],
-            note: None,
+            note: Some(format!(
+                "{} (driven by {})",
+                bash.display(),
+                python.display()
+            )),
         })
     }
 }
