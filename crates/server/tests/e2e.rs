@@ -1,7 +1,8 @@
 //! End to end: the real `ampoule serve` binary with real Python sessions in real sandboxes,
 //! driven with raw HTTP (every ACA quirk, link attacks from inside the sandbox, tenants) and by
 //! the real ACA client libraries (`tests/clients/smoke_clients.py`, in the virtual environment
-//! named by `AMPOULE_CLIENT_VENV`, which `scripts/test.sh` creates).
+//! named by `AMPOULE_CLIENT_VENV`, which `scripts/test.sh` creates): LangChain, LlamaIndex and
+//! AutoGen over HTTP, LangChain and Semantic Kernel (which accepts https only) over HTTPS.
 //!
 //! Needs root (sandboxes with their own uids and cgroups); as another user it says why and
 //! passes. Only 127.0.0.1 is ever bound or contacted.
@@ -762,7 +763,7 @@ fn ampoule_serve_over_https() {
             );
             run_clients_with(
                 &format!("https://127.0.0.1:{}", server.port),
-                &["langchain"],
+                &["langchain", "semantickernel"],
                 &[
                     ("REQUESTS_CA_BUNDLE", cert.as_path()),
                     ("SSL_CERT_FILE", cert.as_path()),
@@ -828,7 +829,11 @@ fn run_clients_with(endpoint: &str, clients: &[&str], env: &[(&str, &Path)]) {
         String::from_utf8_lossy(&out.stderr)
     );
     for c in clients {
-        let name = if *c == "llamaindex" { "llama-index" } else { c };
+        let name = match *c {
+            "llamaindex" => "llama-index",
+            "semantickernel" => "semantic-kernel",
+            other => other,
+        };
         assert!(
             stdout.contains(&format!("{name} OK")),
             "{c} did not finish: {stdout}"

@@ -3,7 +3,8 @@
 usage: python smoke_clients.py ENDPOINT [CLIENT...]
   ENDPOINT  the pool's base URL: http://127.0.0.1:PORT, http://127.0.0.1:PORT/pools/python,
             .../subscriptions/s/resourceGroups/r/sessionPools/python, or https://...
-  CLIENT    langchain, llamaindex, autogen (default: all three)
+  CLIENT    langchain, llamaindex, autogen (default: these three), semantickernel (https only:
+            Semantic Kernel refuses http:// endpoints)
 The API key comes from $AMPOULE_API_KEY. For https, $REQUESTS_CA_BUNDLE and $SSL_CERT_FILE
 name the server's certificate.
 
@@ -144,5 +145,44 @@ def autogen():
     print("autogen OK", flush=True)
 
 
+def semantickernel():
+    import httpx
+    from semantic_kernel.core_plugins.sessions_python_tool import SessionsPythonSettings, SessionsPythonTool
+
+    assert EP.startswith("https://"), "Semantic Kernel accepts https endpoints only"
+    sid = "sk-" + uuid.uuid4().hex
+
+    async def run():
+        tool = SessionsPythonTool(
+            auth_callback=lambda: TOKEN,
+            pool_management_endpoint=EP,
+            settings=SessionsPythonSettings(session_id=sid),
+            http_client=httpx.AsyncClient(verify=os.environ["SSL_CERT_FILE"], timeout=240),
+            enable_dangerous_file_uploads=True,
+            allowed_upload_directories=[tmp],
+        )
+        out = await tool.execute_code("6 * 7")
+        assert out.startswith("Status:\nSuccess\nResult:\n42\n"), out
+        await tool.execute_code("w = 41")
+        out = await tool.execute_code("w + 1")
+        assert "Result:\n42\n" in out, out
+        # After an execute, SK sends the upload's multipart body with Content-Type:
+        # application/json (its shared client's headers were changed): the server sniffs it.
+        md = await tool.upload_file(local_file_path=os.path.join(tmp, "data.csv"), remote_file_path="data.csv")
+        assert (md.filename, md.size_in_bytes) == ("data.csv", 8), md
+        assert [f.filename for f in await tool.list_files()] == ["data.csv"]
+        data = await tool.download_file(remote_file_name="data.csv")
+        assert data.read() == b"a,b\n1,2\n"
+        out = await tool.execute_code("open('/mnt/data/data.csv').read()")
+        assert "a,b" in out, out
+        delete_file(sid, "data.csv")
+        assert await tool.list_files() == []
+        delete_session(sid)
+
+    asyncio.run(run())
+    print("semantic-kernel OK", flush=True)
+
+
+CLIENTS = {"langchain": langchain, "llamaindex": llamaindex, "autogen": autogen, "semantickernel": semantickernel}
 for name in WANTED:
-    {"langchain": langchain, "llamaindex": llamaindex, "autogen": autogen}[name]()
+    CLIENTS[name]()
