@@ -1,0 +1,181 @@
+//! The kernels against the protocol, without a sandbox (no root needed): each kernel is started
+//! directly from a temporary copy of its files, as the plug-in ships them, and every frame it
+//! sends must decode as an `ampoule_protocol::Event`. The sandboxed behaviour is covered by
+//! `tests/sessions`.
+
+// The helpers of this file are test code too.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+
+use ampoule_protocol::{
+    DoneStatus, Event, Execute, MAX_FRAME_BYTES, PROTOCOL_VERSION, Request, StreamName, decode,
+    read_frame, write_message,
+};
+use ampoule_session::language;
+use ampoule_types::Limits;
+
+struct Kernel {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: ChildStdout,
+    _dir: TempDir,
+}
+
+struct TempDir(std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl Drop for Kernel {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `name`'s kernel from a copy of its files; `None` when the runtime is missing.
+fn start(name: &str) -> Option<Kernel> {
+    let spec = match language::find(name).unwrap().locate(&Limits::default()) {
+        Ok(spec) => spec,
+        Err(e) => {
+            eprintln!("skipping {name}: {e}");
+            return None;
+        }
+    };
+    let dir = std::env::temp_dir().join(format!("ampoule-kernel-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in &spec.files {
+        std::fs::write(dir.join(f.name), f.contents).unwrap();
+    }
+    let code_dir = dir.to_string_lossy().into_owned();
+    let argv: Vec<String> = spec
+        .argv
+        .iter()
+        .map(|a| a.replace("/run/ampoule", &code_dir))
+        .collect();
+    let mut child = Command::new(&argv[0])
+        .args(&argv[1..])
+        .env_clear()
+        .envs(ampoule_runtime::language::base_env())
+        .envs(spec.env.iter().cloned())
+        .env("HOME", &dir)
+        .current_dir(&dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdin = child.stdin.take().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    Some(Kernel {
+        child,
+        stdin: Some(stdin),
+        stdout,
+        _dir: TempDir(dir),
+    })
+}
+
+impl Kernel {
+    fn next(&mut self) -> Event {
+        let payload = read_frame(&mut self.stdout, MAX_FRAME_BYTES)
+            .unwrap()
+            .expect("the kernel closed its event stream");
+        decode(&payload).unwrap_or_else(|e| {
+            panic!(
+                "undecodable frame {:?}: {e}",
+                String::from_utf8_lossy(&payload)
+            )
+        })
+    }
+
+    /// Runs code and returns its events, `done` last.
+    fn execute(&mut self, id: &str, code: &str) -> Vec<Event> {
+        let req = Request::Execute(Execute {
+            id: id.into(),
+            code: code.into(),
+            inputs: None,
+            timeout_s: None,
+        });
+        let stdin = self.stdin.as_mut().unwrap();
+        write_message(stdin, &req).unwrap();
+        stdin.flush().unwrap();
+        let mut events = Vec::new();
+        loop {
+            let ev = self.next();
+            let done = matches!(ev, Event::Done { .. });
+            assert_eq!(ev.id(), Some(id), "{ev:?}");
+            events.push(ev);
+            if done {
+                return events;
+            }
+        }
+    }
+}
+
+fn stdout_of(events: &[Event]) -> String {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Stream {
+                name: StreamName::Stdout,
+                text,
+                ..
+            } => Some(text.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn conversation(name: &str, print: &str, value: &str, want: &str) {
+    let Some(mut k) = start(name) else { return };
+    match k.next() {
+        Event::Hello {
+            protocol_version,
+            language,
+            ..
+        } => {
+            assert_eq!(protocol_version, PROTOCOL_VERSION);
+            assert_eq!(language, name);
+        }
+        other => panic!("first frame was not hello: {other:?}"),
+    }
+    let events = k.execute("a", print);
+    assert_eq!(stdout_of(&events), "hi\n", "{events:?}");
+    assert!(matches!(
+        events.last(),
+        Some(Event::Done {
+            status: DoneStatus::Ok,
+            execution_count: 1,
+            ..
+        })
+    ));
+    let events = k.execute("b", value);
+    let result = events.iter().find_map(|e| match e {
+        Event::Result { data, .. } => data.get("text/plain").and_then(|v| v.as_str()),
+        _ => None,
+    });
+    assert_eq!(result, Some(want), "{events:?}");
+    // Closing the request stream ends the kernel.
+    drop(k.stdin.take());
+    assert!(k.child.wait().unwrap().success());
+}
+
+#[test]
+fn python_kernel_speaks_the_protocol() {
+    if !Path::new("/usr/bin/python3").exists() {
+        eprintln!("skipping: no /usr/bin/python3");
+        return;
+    }
+    conversation("python", "print('hi')", "6 * 7", "42");
+}
+
+#[test]
+fn javascript_kernel_speaks_the_protocol() {
+    conversation("javascript", "console.log('hi')", "6 * 7", "42");
+}
