@@ -275,18 +275,18 @@ impl CgroupRoot {
         }
         if self.version == CgroupVersion::V2 {
             let (_, base) = &self.bases[0];
-            if let Some(parent) = base.parent() {
-                if let Err(e) = enable_v2_controllers(parent) {
-                    // v2's "no internal processes" rule: our own cgroup cannot hand controllers
-                    // down while it holds processes (us). Move ourselves into a leaf beside the
-                    // sandboxes, as a delegated service manager would, and try again.
-                    let leaf = parent.join("supervisor");
-                    fs::create_dir_all(&leaf).map_err(|e| cg_err(&leaf, "create", &e))?;
-                    let procs = leaf.join("cgroup.procs");
-                    fs::write(&procs, std::process::id().to_string())
-                        .map_err(|e| cg_err(&procs, "move the supervisor", &e))?;
-                    enable_v2_controllers(parent).map_err(|_| e)?;
-                }
+            if let Some(parent) = base.parent()
+                && let Err(e) = enable_v2_controllers(parent)
+            {
+                // v2's "no internal processes" rule: our own cgroup cannot hand controllers
+                // down while it holds processes (us). Move ourselves into a leaf beside the
+                // sandboxes, as a delegated service manager would, and try again.
+                let leaf = parent.join("supervisor");
+                fs::create_dir_all(&leaf).map_err(|e| cg_err(&leaf, "create", &e))?;
+                let procs = leaf.join("cgroup.procs");
+                fs::write(&procs, std::process::id().to_string())
+                    .map_err(|e| cg_err(&procs, "move the supervisor", &e))?;
+                enable_v2_controllers(parent).map_err(|_| e)?;
             }
             enable_v2_controllers(base)?;
         }

@@ -425,6 +425,9 @@ fn build_root(spec: &InitSpec) -> Stage<()> {
                 bind(&src, &dst, ro)?;
             }
             Ok(_) => {
+                if let Some(parent) = dst.parent() {
+                    mkdir_p(parent)?;
+                }
                 touch(&dst)?;
                 bind(&src, &dst, ro)?;
             }
@@ -533,6 +536,7 @@ fn trust_ca(stage: &Path, ca_pem: &str) -> Stage<()> {
 /// `/proc` entries that reveal or change host state; masked as runc does.
 const PROC_MASKED_FILES: &[&str] = &[
     "kcore",
+    "kmsg",
     "keys",
     "key-users",
     "sysrq-trigger",
@@ -693,6 +697,9 @@ fn inner(spec: &InitSpec, chan: &InitChannel, seccomp: &SeccompPolicy) -> Stage<
     let landlock = landlock()?;
     drop_capabilities()?;
     nix::sys::prctl::set_no_new_privs().stage("no_new_privs")?;
+    // Speculative store bypass: seccomp no longer turns the mitigation on by itself (5.16+).
+    // Best effort: the CPU or kernel may not offer the control.
+    let _ = sys::disable_speculative_store_bypass();
     nix::sys::prctl::set_dumpable(false).stage("dumpable")?;
     seccomp.apply().stage("seccomp")?;
     chan.send(&FromInit::Ready { landlock }, None)

@@ -114,7 +114,9 @@ fn etc_files() -> Vec<(String, String)> {
 
 /// Public, secret-free host files the runtimes need (certificates, linker cache, fonts).
 const ETC_BINDS: &[&str] = &[
-    "ssl",
+    // Certificates and OpenSSL's configuration only: /etc/ssl/private holds host keys.
+    "ssl/certs",
+    "ssl/openssl.cnf",
     "ca-certificates",
     "ca-certificates.conf",
     "ld.so.cache",

@@ -171,7 +171,7 @@ mod tests {
             assert!(!allowed.contains(&denied), "{denied} must not be allowed");
         }
         // socket and clone are only allowed with argument conditions
-        for conditional in ["socket", "clone", "ioctl", "personality"] {
+        for conditional in ["socket", "socketpair", "clone", "ioctl", "personality"] {
             let rules: Vec<_> = v["sandbox"]["filter"]
                 .as_array()
                 .unwrap()

@@ -145,3 +145,23 @@ pub(crate) fn register_async(
     // `register`).
     unsafe { tokio::io::unix::AsyncFd::register(fd) }.map_err(io::Error::from)
 }
+
+/// Forces the speculative-store-bypass mitigation on for this task and its children.
+pub(crate) fn disable_speculative_store_bypass() -> io::Result<()> {
+    // JUSTIFICATION: nix has no wrapper for PR_SET_SPECULATION_CTRL.
+    // SAFETY: prctl with integer arguments only; no memory is passed.
+    let rc = unsafe {
+        libc::prctl(
+            libc::PR_SET_SPECULATION_CTRL,
+            libc::PR_SPEC_STORE_BYPASS,
+            libc::PR_SPEC_FORCE_DISABLE,
+            0,
+            0,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
