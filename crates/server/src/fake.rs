@@ -51,6 +51,8 @@ pub struct FakeEngine {
     pub stats: Arc<FakeStats>,
     /// Delay of every start (to observe warm pools).
     pub start_delay: Duration,
+    /// How many of the next starts fail (a host out of sandboxes).
+    pub fail_starts: Arc<AtomicUsize>,
 }
 
 impl FakeEngine {
@@ -61,6 +63,7 @@ impl FakeEngine {
             next: AtomicU64::new(0),
             stats: Arc::default(),
             start_delay: Duration::ZERO,
+            fail_starts: Arc::default(),
         }
     }
 }
@@ -70,6 +73,13 @@ impl Engine for FakeEngine {
     async fn start(&self, _spec: &PoolSpec) -> Result<Box<dyn LiveSession>, EngineError> {
         if !self.start_delay.is_zero() {
             tokio::time::sleep(self.start_delay).await;
+        }
+        if self
+            .fail_starts
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(EngineError::Start("no free sandbox slot (fake)".into()));
         }
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let dir = self.root.join(format!("session-{n}"));

@@ -412,6 +412,14 @@ impl Manager {
         }
     }
 
+    fn is_listed(&self, slot: &Arc<Slot>) -> bool {
+        self.inner.table.lock().is_ok_and(|t| {
+            t.by_key
+                .get(&slot.key)
+                .is_some_and(|s| Arc::ptr_eq(s, slot))
+        })
+    }
+
     fn unlist(&self, slot: &Arc<Slot>) {
         let Ok(mut table) = self.inner.table.lock() else {
             return;
@@ -498,6 +506,16 @@ impl Manager {
         match init {
             Ok(session) => {
                 let session = session.clone();
+                if !self.is_listed(&slot) {
+                    // An earlier start of this slot failed and its caller took the slot out
+                    // of the table while we were starting: never hand out a session the
+                    // table (limits, reaper, shutdown) does not know.
+                    session.live.close().await;
+                    return Err(ApiError::new(
+                        ErrorCode::SandboxUnavailable,
+                        "the session could not be started; try again",
+                    ));
+                }
                 if self.inner.shutting_down.load(Ordering::SeqCst) {
                     self.remove_and_close(&slot).await;
                     return Err(ApiError::new(

@@ -28,6 +28,7 @@ struct Harness {
     app: Router,
     state: AppState,
     stats: Arc<FakeStats>,
+    fail_starts: Arc<std::sync::atomic::AtomicUsize>,
     root: tempfile::TempDir,
 }
 
@@ -42,12 +43,14 @@ fn harness_with(extra: &str) -> Harness {
     let cfg = Config::parse(&text).unwrap();
     let engine = FakeEngine::new(root.path());
     let stats = engine.stats.clone();
+    let fail_starts = engine.fail_starts.clone();
     let keys = ampoule_server::serve::keys(&cfg).unwrap();
     let state = ampoule_server::serve::state(&cfg, Arc::new(engine), keys).unwrap();
     Harness {
         app: app(state.clone()),
         state,
         stats,
+        fail_starts,
         root,
     }
 }
@@ -1711,4 +1714,34 @@ async fn malformed_requests_are_never_server_errors() {
         );
         assert!(!r.code().is_empty(), "{method} {uri}: no error code");
     }
+}
+
+#[tokio::test]
+async fn a_sandbox_that_cannot_start_is_a_503_and_the_next_call_starts_afresh() {
+    let h = harness();
+    h.fail_starts.store(1, Ordering::SeqCst);
+    let r = h.exec("", "fail-1", A, "6 * 7").await;
+    assert_aca_error(&r, StatusCode::SERVICE_UNAVAILABLE, "SessionUnavailable");
+    assert!(
+        !String::from_utf8_lossy(&r.body).contains("fake"),
+        "internals leaked"
+    );
+    h.fail_starts.store(1, Ordering::SeqCst);
+    let r = h
+        .json("POST", "/v1/sessions", A, json!({"identifier": "fail-2"}))
+        .await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(r.code(), "sandbox_unavailable");
+    // Nothing was counted against the pool, and the identifiers work now.
+    assert_eq!(h.state.manager.pools()[1].sessions, 0);
+    assert_eq!(
+        h.exec("", "fail-1", A, "6 * 7").await.json()["properties"]["result"],
+        42
+    );
+    assert_eq!(
+        h.json("POST", "/v1/sessions", A, json!({"identifier": "fail-2"}))
+            .await
+            .status,
+        StatusCode::CREATED
+    );
 }
