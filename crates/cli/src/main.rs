@@ -379,7 +379,9 @@ fn egress_setup(args: &RunArgs) -> Result<(Egress, Policy)> {
 }
 
 async fn doctor(json: bool) -> Result<ExitCode> {
-    let checks = doctor::run().await;
+    let mut checks = doctor::run().await;
+    // One line per session language (and the Python packages), each with what to install.
+    checks.extend(ampoule_session::doctor::checks());
     let failed = checks.iter().any(|c| c.level == Level::Fail);
     let mut out = std::io::stdout().lock();
     if json {

@@ -65,20 +65,7 @@ impl Interpreter {
 
     /// An interpreter at an explicit path (a virtual environment's python, say).
     pub fn at(language: Language, path: PathBuf) -> Self {
-        let mut binds = Vec::new();
-        if !path.starts_with("/usr") {
-            // Bind the installation prefix (…/bin/python → …).
-            if let Some(prefix) = path.parent().and_then(Path::parent) {
-                binds.push(prefix.to_owned());
-            }
-        }
-        if let Ok(real) = std::fs::canonicalize(&path)
-            && !real.starts_with("/usr")
-            && let Some(prefix) = real.parent().and_then(Path::parent)
-            && !binds.iter().any(|b| real.starts_with(b))
-        {
-            binds.push(prefix.to_owned());
-        }
+        let binds = binds_for(&path);
         let (args, file_name, env): (Vec<String>, _, Vec<(String, String)>) = match language {
             Language::Python => (
                 vec![],
@@ -131,6 +118,25 @@ impl Interpreter {
             .next()
             .map(|l| l.trim().to_owned())
     }
+}
+
+/// Read-only binds an executable outside `/usr` needs inside the sandbox: its installation
+/// prefix (`…/bin/python` → `…`) and, when it is a link, the prefix of its real target.
+pub fn binds_for(path: &Path) -> Vec<PathBuf> {
+    let mut binds: Vec<PathBuf> = Vec::new();
+    if !path.starts_with("/usr")
+        && let Some(prefix) = path.parent().and_then(Path::parent)
+    {
+        binds.push(prefix.to_owned());
+    }
+    if let Ok(real) = std::fs::canonicalize(path)
+        && !real.starts_with("/usr")
+        && let Some(prefix) = real.parent().and_then(Path::parent)
+        && !binds.iter().any(|b| real.starts_with(b))
+    {
+        binds.push(prefix.to_owned());
+    }
+    binds
 }
 
 fn is_executable(p: &Path) -> bool {

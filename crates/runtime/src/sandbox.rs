@@ -123,6 +123,8 @@ const ETC_BINDS: &[&str] = &[
     "ld.so.conf",
     "ld.so.conf.d",
     "alternatives",
+    // Mono's configuration (dllmap of its native libraries), for the C# kernel.
+    "mono",
     "fonts",
     "mime.types",
     "matplotlibrc",

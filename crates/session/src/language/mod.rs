@@ -130,7 +130,7 @@ pub(crate) fn base_python(language: &'static str) -> Result<PathBuf> {
 
 /// Binds an interpreter outside `/usr` needs (its prefix, and its real prefix behind a link).
 pub(crate) fn binds_for(path: &Path) -> Vec<PathBuf> {
-    ampoule_runtime::Interpreter::at(ampoule_types::Language::Python, path.to_owned()).binds
+    ampoule_runtime::language::binds_for(path)
 }
 
 fn string(p: &Path) -> String {
