@@ -61,7 +61,28 @@ pub fn app(state: AppState) -> Router {
         )
         .method_not_allowed_fallback(api::method_not_allowed)
         .fallback(aca::dispatch)
+        .layer(axum::middleware::from_fn(access_log))
         .with_state(state)
+}
+
+/// One line per request at `info` (`AMPOULE_LOG=info`): method, path, status, duration. The
+/// query is left out: it carries session identifiers, which are the caller's business.
+async fn access_log(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let started = std::time::Instant::now();
+    let resp = next.run(req).await;
+    tracing::info!(
+        target: "ampoule::access",
+        %method,
+        path,
+        status = resp.status().as_u16(),
+        ms = started.elapsed().as_millis() as u64,
+    );
+    resp
 }
 
 /// The OpenAPI document of the native API (what `/openapi.json` serves).
