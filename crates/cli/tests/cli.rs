@@ -156,12 +156,20 @@ fn bad_input_gets_a_clear_error_and_a_nonzero_exit() {
     assert_eq!(out.status.code(), Some(125));
     assert!(text(&out.stderr).contains("reading /nonexistent/code.py"));
 
+    // Egress flags without an allowed host (the network itself is tested in egress.rs, inside
+    // a throw-away namespace: never here, on the machine's own network).
     let out = ampoule()
-        .args(["run", "--allow-host", "example.com", "-"])
+        .args(["run", "--resolve", "example.com=192.0.2.1", "-"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(125));
     assert!(text(&out.stderr).contains("--allow-host"));
+    let out = ampoule()
+        .args(["run", "--allow-host", "*.", "-"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    assert!(text(&out.stderr).contains("egress rule \"*.\""));
 
     let out = ampoule()
         .args(["run", "--timeout=0", "-"])

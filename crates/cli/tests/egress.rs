@@ -1,0 +1,970 @@
+#![allow(clippy::unwrap_used, reason = "a failed unwrap is a failed test")]
+//! Network egress end to end: `ampoule run --allow-host ...` against real upstream servers.
+//!
+//! Every case runs inside a throw-away outer namespace (like the containment suite's jail:
+//! `unshare --mount --pid --net ...`, the host's `/` read-only), so the nftables table, the
+//! veth pairs and every address live in the jail's own network namespace and never touch the
+//! machine's network. Inside the jail the test builds an "upstream" host in a namespace of its
+//! own (`10.77.0.2`, wired to the jail's `10.77.0.1`) running HTTP on 80, HTTPS on 443 (a test
+//! CA made here), a server-first TCP banner on 2222, UDP on 5353 and a DNS listener on 53, all
+//! of which log what reaches them; and a service of the jail itself on `0.0.0.0:8080` that no
+//! sandbox may reach. Names get addresses with `--resolve` (the gateway's pins) or the jail's
+//! own `/etc/hosts` (the system resolver). No address outside this machine is ever used.
+//!
+//! Needs root, `unshare`, `ip`, `nft` and `/usr/bin/python3`; without them every case is
+//! reported as ignored with the reason, never as passed. `latency` is ignored by default:
+//! `cargo test --release -p ampoule-cli --test egress -- --ignored latency --nocapture`.
+//! `EGRESS_VERBOSE=1` prints every probe's outcome and what the upstream saw.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use ampoule_types::{EgressProtocol, RunResult};
+use libtest_mimic::{Arguments, Failed, Trial};
+use serde_json::Value;
+
+/// The upstream servers (and, with `jail` as second argument, the jail's own service). Every
+/// request, connection and datagram is logged as a JSON line to `$T/upstream.log`.
+const UPSTREAM: &str = r#"
+import http.server, json, os, socket, ssl, sys, threading
+T = sys.argv[1]
+mode = sys.argv[2] if len(sys.argv) > 2 else "upstream"
+lock = threading.Lock()
+LOG = open(os.path.join(T, mode + ".log"), "a", buffering=1)
+def log(kind, **kw):
+    with lock:
+        LOG.write(json.dumps(dict(kind=kind, **kw)) + "\n")
+
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        auth = self.headers.get("Authorization")
+        log(self.server.kind, path=self.path, host=self.headers.get("Host"), authorization=auth)
+        # Never echo the header: the sandbox must not learn the secret from a response.
+        body = ("upstream-%s auth=%s\n" % (self.server.kind, "yes" if auth else "no")).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+
+class S(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+def serve(srv):
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+
+if mode == "jail":
+    s = S(("0.0.0.0", 8080), H); s.kind = "jail"; serve(s)
+else:
+    s = S(("10.77.0.2", 80), H); s.kind = "http"; serve(s)
+    t = S(("10.77.0.2", 443), H); t.kind = "https"
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(os.path.join(T, "server.pem"), os.path.join(T, "server.key"))
+    t.socket = ctx.wrap_socket(t.socket, server_side=True, do_handshake_on_connect=False)
+    serve(t)
+    def banner():
+        l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        l.bind(("10.77.0.2", 2222)); l.listen(16)
+        while True:
+            c, a = l.accept(); log("tcp2222", peer=a[0])
+            try: c.sendall(b"SSH-2.0-upstream\r\n")
+            except OSError: pass
+            c.close()
+    def udp(port, kind):
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(("10.77.0.2", port))
+        while True:
+            d, a = u.recvfrom(4096); log(kind, size=len(d))
+    threading.Thread(target=banner, daemon=True).start()
+    threading.Thread(target=udp, args=(5353, "udp5353"), daemon=True).start()
+    threading.Thread(target=udp, args=(53, "dns53"), daemon=True).start()
+open(os.path.join(T, mode + ".ready"), "w").close()
+threading.Event().wait()
+"#;
+
+/// The jail. `$T` is the case's directory (bound to itself so it stays writable under the
+/// read-only root). The upstream's namespace is made with `unshare --net`, not `ip netns`, so
+/// nothing is created under the host's `/run/netns`.
+const JAIL: &str = r#"
+set -e
+T="$EGRESS_T"
+mkdir -p /run/ampoule
+mount --bind /run/ampoule /run/ampoule
+mount --bind "$T" "$T"
+mount -o remount,bind,ro /
+mount -t tmpfs -o size=1m,mode=0700 tmpfs /root
+if [ -f "$T/hosts" ]; then mount --bind "$T/hosts" /etc/hosts; fi
+ip link set lo up
+unshare --net /bin/sh -c 'while [ ! -e "$0/up.go" ]; do sleep 0.01; done
+  ip link set lo up; ip addr add 10.77.0.2/24 dev eth0; ip link set eth0 up
+  exec /usr/bin/python3 "$0/upstream.py" "$0"' "$T" &
+UP=$!
+i=0
+while [ "$(readlink /proc/$UP/ns/net)" = "$(readlink /proc/$$/ns/net)" ]; do
+  i=$((i+1)); [ $i -lt 500 ] || { echo "upstream namespace never appeared" >&2; exit 90; }; sleep 0.01
+done
+ip link add up0 type veth peer name eth0 netns $UP
+ip addr add 10.77.0.1/24 dev up0
+ip link set up0 up
+touch "$T/up.go"
+/usr/bin/python3 "$T/upstream.py" "$T" jail &
+i=0
+while [ ! -e "$T/upstream.ready" ] || [ ! -e "$T/jail.ready" ]; do
+  i=$((i+1)); [ $i -lt 1000 ] || { echo "upstream never became ready" >&2; exit 91; }; sleep 0.01
+done
+eval "$EGRESS_BEFORE"
+set +e
+"$@" < "$T/code" > "$T/result.json" 2> "$T/ampoule.err"
+echo $? > "$T/rc"
+ip -o link show | grep -c ': amp' > "$T/leftover_links"
+eval "$EGRESS_AFTER"
+sleep 0.2
+"#;
+
+/// Python helpers the sandboxed probes share: `check(name, fn)` records `ok: ...` or
+/// `error: ...` per probe; `raw_http`, `tls`, `banner`, `udp`, `dns_query` make raw attempts.
+const PROBE_PRELUDE: &str = r#"
+import json, os, socket, ssl, struct, subprocess, sys, time, urllib.request
+res = {}
+def check(name, fn):
+    try:
+        res[name] = "ok: " + str(fn())[:300]
+    except BaseException as e:
+        res[name] = "error: %s: %s" % (type(e).__name__, e)
+def get(url, ctx=None, headers=None):
+    req = urllib.request.Request(url, headers=headers or {})
+    with urllib.request.urlopen(req, timeout=8, context=ctx) as r:
+        return "%d %s" % (r.status, r.read().decode().strip())
+def read_all(s):
+    data = b""
+    while True:
+        d = s.recv(65536)
+        if not d:
+            return data
+        data += d
+def raw_http(ip, port, host):
+    s = socket.create_connection((ip, port), 5)
+    s.sendall(b"GET /raw HTTP/1.1\r\nHost: " + host.encode() + b"\r\nConnection: close\r\n\r\n")
+    data = read_all(s)
+    head, _, body = data.partition(b"\r\n\r\n")
+    return head.split(b"\r\n")[0].decode() + " | " + body.decode().strip()
+def tls(ip, port, sni, ctx):
+    s = socket.create_connection((ip, port), 5)
+    t = ctx.wrap_socket(s, server_hostname=sni)
+    t.sendall(b"GET /tls HTTP/1.1\r\nHost: " + sni.encode() + b"\r\nConnection: close\r\n\r\n")
+    return read_all(t).split(b"\r\n")[0].decode()
+def banner(ip, port, send=None):
+    s = socket.create_connection((ip, port), 5)
+    s.settimeout(15)
+    if send:
+        s.sendall(send)
+    return "got %r" % s.recv(100)
+def udp(ip, port):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(2)
+    s.sendto(b"ping-udp", (ip, port))
+    try:
+        return "reply %r" % (s.recvfrom(100)[0],)
+    except socket.timeout:
+        return "no reply"
+def dns_query(server, name):
+    q = struct.pack(">HHHHHH", 0x4242, 0x0100, 1, 0, 0, 0)
+    q += b"".join(bytes([len(l)]) + l.encode() for l in name.split(".")) + b"\0"
+    q += struct.pack(">HH", 1, 1)
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(3)
+    s.sendto(q, (server, 53))
+    r = s.recvfrom(512)[0]
+    rcode = r[3] & 0xf
+    answers = struct.unpack(">H", r[6:8])[0]
+    ip = socket.inet_ntoa(r[-4:]) if answers else "-"
+    return "rcode=%d answers=%d %s" % (rcode, answers, ip)
+def gateway():
+    for line in open("/proc/net/route").read().splitlines()[1:]:
+        f = line.split()
+        if f[1] == "00000000":
+            return socket.inet_ntoa(struct.pack("<I", int(f[2], 16)))
+"#;
+
+/// Everything the allowlist case tries from inside the sandbox.
+const ALLOWLIST_PROBE: &str = r#"
+CA = "/mnt/data/upstream-ca.pem"
+ctx = ssl.create_default_context(cafile=CA)
+check("dns_allowed", lambda: socket.gethostbyname("allowed.test"))
+check("http_allowed", lambda: get("http://allowed.test/a"))
+check("https_allowed", lambda: get("https://allowed.test/b", ctx))
+check("dns_denied", lambda: socket.gethostbyname("denied.test"))
+check("http_denied", lambda: get("http://denied.test/c"))
+check("https_denied", lambda: get("https://denied.test/d", ctx))
+check("http_ip_literal", lambda: get("http://10.77.0.2/e"))
+check("https_ip_literal", lambda: get("https://10.77.0.2/f", ctx))
+check("dns_private", lambda: socket.gethostbyname("private.test"))
+check("http_private", lambda: get("http://private.test/g"))
+check("dns_metadata", lambda: socket.gethostbyname("metadata.test"))
+# Code that ignores every convention and writes to sockets itself.
+check("raw_allowed_host", lambda: raw_http("10.77.0.2", 80, "allowed.test"))
+check("raw_denied_host", lambda: raw_http("10.77.0.2", 80, "denied.test"))
+check("raw_private_host", lambda: raw_http("10.77.0.2", 80, "private.test"))
+check("raw_metadata_host", lambda: raw_http("10.77.0.2", 80, "metadata.test"))
+check("raw_jail_service", lambda: raw_http("10.77.0.1", 8080, "10.77.0.1"))
+check("raw_gateway_service", lambda: raw_http(gateway(), 8080, gateway()))
+check("tls_denied_sni", lambda: tls("10.77.0.2", 443, "denied.test", ctx))
+check("tls_allowed_sni", lambda: tls("10.77.0.2", 443, "allowed.test", ctx))
+check("tcp_silent", lambda: banner("10.77.0.2", 2222))
+check("tcp_garbage", lambda: banner("10.77.0.2", 2222, b"hello\r\n"))
+check("udp", lambda: udp("10.77.0.2", 5353))
+check("udp_gateway", lambda: udp(gateway(), 5353))
+check("dns_direct_denied", lambda: dns_query("10.77.0.2", "denied.test"))
+check("dns_direct_allowed", lambda: dns_query("10.77.0.2", "allowed.test"))
+check("ipv6", lambda: socket.create_connection(("fd77::2", 80), 3))
+check("ipv6_addresses", lambda: open("/proc/net/if_inet6").read() or "none")
+check("proxy_env", lambda: sorted(k for k in os.environ if "proxy" in k.lower()))
+# No credential rule: the gateway's CA is nowhere in this sandbox.
+check("gateway_ca", lambda: os.path.exists("/etc/ampoule") or "SSL_CERT_FILE" in os.environ)
+print(json.dumps(res))
+"#;
+
+/// The injection case: real clients (urllib, curl, node) with their default trust, then a
+/// search of everything the sandbox can read for the secret's marker prefix. The probe never
+/// knows the secret itself, only that it starts with `AMPOULE-SECRET-`.
+const INJECT_PROBE: &str = r#"
+check("https", lambda: get("https://inject.test/https"))
+check("http", lambda: get("http://inject.test/http"))
+check("https_forged", lambda: get("https://inject.test/forged", headers={"Authorization": "Bearer forged"}))
+def run(argv):
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=20)
+    return (p.stdout + p.stderr).strip()
+if os.path.exists("/usr/bin/curl"):
+    check("curl", lambda: run(["/usr/bin/curl", "-sS", "https://inject.test/curl"]))
+if os.path.exists("/usr/bin/node"):
+    check("node", lambda: run(["/usr/bin/node", "-e",
+        "require('https').get('https://inject.test/node', r => { let b = ''; r.on('data', d => b += d);"
+        " r.on('end', () => console.log(r.statusCode, b.trim())) }).on('error', e => console.log('ERR', e.message))"]))
+# Tools that read only the system store trust the gateway too.
+check("system_store", lambda: open("/etc/ampoule/egress-ca.crt").read().strip() in open("/etc/ssl/certs/ca-certificates.crt").read())
+check("trust_env", lambda: {k: os.environ.get(k) for k in ["SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "NODE_EXTRA_CA_CERTS", "CURL_CA_BUNDLE"]})
+# Built at run time, or this very file would contain it.
+MARK = ("AMPOULE" + "-SECRET-").encode()
+hits, scanned = [], 0
+for k, v in os.environ.items():
+    if MARK in (k + "=" + v).encode():
+        hits.append("env " + k)
+for top in ["/etc", "/run", "/mnt/data", "/tmp", "/var", "/dev/shm", "/root", "/home"]:
+    for dirpath, dirs, files in os.walk(top):
+        for f in files:
+            p = os.path.join(dirpath, f)
+            try:
+                if os.path.islink(p) or not os.path.isfile(p):
+                    continue
+                with open(p, "rb") as fh:
+                    scanned += 1
+                    if MARK in fh.read(8 << 20):
+                        hits.append(p)
+            except OSError:
+                pass
+for p in ["/proc/self/environ", "/proc/self/cmdline", "/proc/1/environ", "/proc/1/cmdline"]:
+    try:
+        if MARK in open(p, "rb").read():
+            hits.append(p)
+    except OSError:
+        pass
+res["secret_hits"] = hits
+res["files_scanned"] = scanned
+print(json.dumps(res))
+"#;
+
+/// Times HTTPS requests to `allowed.test`/`inject.test` at `10.77.0.2`: `n` requests each on a
+/// new connection (TCP + TLS handshake + GET + body), then `n` on one kept-alive connection.
+const LATENCY_CLIENT: &str = r#"
+import json, os, socket, ssl, sys, time
+name, n, cafile, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+ip = "10.77.0.2"
+ctx = ssl.create_default_context(cafile=cafile) if cafile != "-" else ssl.create_default_context()
+req = ("GET /lat HTTP/1.1\r\nHost: %s\r\n\r\n" % name).encode()
+def response(t):
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        d = t.recv(65536)
+        if not d: raise EOFError("closed")
+        buf += d
+    head, _, body = buf.partition(b"\r\n\r\n")
+    length = int([l.split(b":")[1] for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")][0])
+    while len(body) < length:
+        body += t.recv(65536)
+    if not head.startswith(b"HTTP/1.1 200"): raise RuntimeError(head[:40])
+def fresh():
+    t0 = time.perf_counter()
+    s = socket.create_connection((ip, 443), 10)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    t = ctx.wrap_socket(s, server_hostname=name)
+    t.sendall(req); response(t); t.close()
+    return (time.perf_counter() - t0) * 1000
+for _ in range(10): fresh()
+new = [fresh() for _ in range(n)]
+s = socket.create_connection((ip, 443), 10)
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+t = ctx.wrap_socket(s, server_hostname=name)
+for _ in range(10): t.sendall(req); response(t)
+kept = []
+for _ in range(n):
+    t0 = time.perf_counter(); t.sendall(req); response(t); kept.append((time.perf_counter() - t0) * 1000)
+res = json.dumps({"new": new, "kept": kept})
+if out == "-": print(res)
+else: open(out, "w").write(res)
+"#;
+
+/// `{T}` in arguments and environment values stands for the case's directory.
+fn expand(s: &str, t: &Path) -> String {
+    s.replace("{T}", &t.display().to_string())
+}
+
+/// What one jailed run produced.
+struct Jailed {
+    result: RunResult,
+    rc: i32,
+    ampoule_stderr: String,
+    /// JSON lines the upstream host logged.
+    upstream: Vec<Value>,
+    /// JSON lines the jail's own service logged.
+    jail_service: Vec<Value>,
+    leftover_links: String,
+    dir: tempfile::TempDir,
+}
+
+#[derive(Default)]
+struct Case<'a> {
+    args: Vec<String>,
+    code: String,
+    env: Vec<(&'a str, String)>,
+    /// The jail's `/etc/hosts` (the system resolver's answers for the gateway).
+    hosts: Option<&'a str>,
+    before: &'a str,
+    after: &'a str,
+}
+
+/// A test CA and a server certificate for every name the cases use (and the IP, so an
+/// IP-literal HTTPS request fails on policy, not on the certificate).
+fn write_certs(dir: &Path) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "egress test upstream CA");
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let names = [
+        "allowed.test",
+        "denied.test",
+        "private.test",
+        "metadata.test",
+        "inject.test",
+        "10.77.0.2",
+    ];
+    let leaf = CertificateParams::new(names.map(String::from).to_vec())
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    std::fs::write(dir.join("upstream-ca.pem"), ca_cert.pem()).unwrap();
+    std::fs::write(dir.join("server.pem"), leaf.pem()).unwrap();
+    std::fs::write(dir.join("server.key"), key.serialize_pem()).unwrap();
+}
+
+fn read_lines(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+fn jail(case: &Case<'_>) -> Result<Jailed, String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let t = dir.path();
+    write_certs(t);
+    std::fs::write(t.join("upstream.py"), UPSTREAM).unwrap();
+    std::fs::write(t.join("latency.py"), LATENCY_CLIENT).unwrap();
+    std::fs::write(t.join("code"), &case.code).unwrap();
+    if let Some(h) = case.hosts {
+        std::fs::write(t.join("hosts"), h).unwrap();
+    }
+    let mut cmd = Command::new("unshare");
+    cmd.args([
+        "--mount",
+        "--propagation",
+        "private",
+        "--pid",
+        "--fork",
+        "--kill-child",
+        "--mount-proc",
+        "--net",
+        "--ipc",
+        "--uts",
+        "--",
+        "/bin/sh",
+        "-c",
+        JAIL,
+        "jail",
+        env!("CARGO_BIN_EXE_ampoule"),
+        "run",
+        "--json",
+    ])
+    .args(case.args.iter().map(|a| expand(a, t)))
+    .arg("-")
+    .env("EGRESS_T", t)
+    .env("EGRESS_BEFORE", case.before)
+    .env("EGRESS_AFTER", case.after)
+    .env_remove("SSL_CERT_FILE");
+    for (k, v) in &case.env {
+        cmd.env(k, expand(v, t));
+    }
+    let out = cmd.output().map_err(|e| format!("starting unshare: {e}"))?;
+    let ampoule_stderr = std::fs::read_to_string(t.join("ampoule.err")).unwrap_or_default();
+    let result_text = std::fs::read_to_string(t.join("result.json")).unwrap_or_default();
+    let rc = std::fs::read_to_string(t.join("rc"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .ok_or_else(|| {
+            format!(
+                "the jail did not run ampoule\n--- jail stderr ---\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+    let result: RunResult = serde_json::from_str(&result_text).map_err(|e| {
+        format!("no result object ({e}); rc {rc}; ampoule stderr:\n{ampoule_stderr}")
+    })?;
+    Ok(Jailed {
+        result,
+        rc,
+        ampoule_stderr,
+        upstream: read_lines(&t.join("upstream.log")),
+        jail_service: read_lines(&t.join("jail.log")),
+        leftover_links: std::fs::read_to_string(t.join("leftover_links"))
+            .unwrap_or_default()
+            .trim()
+            .to_owned(),
+        dir,
+    })
+}
+
+/// The probe's `check` results.
+fn probes(j: &Jailed) -> Result<serde_json::Map<String, Value>, String> {
+    let last = j.result.stdout.lines().last().unwrap_or_default();
+    match serde_json::from_str::<Value>(last) {
+        Ok(Value::Object(m)) => {
+            if std::env::var_os("EGRESS_VERBOSE").is_some() {
+                for (k, v) in &m {
+                    eprintln!("  {k:22} {v}");
+                }
+                eprintln!("  upstream saw: {:?}", j.upstream);
+            }
+            Ok(m)
+        }
+        _ => Err(format!(
+            "the probe printed no result\nstdout: {}\nstderr: {}\nampoule: {}",
+            j.result.stdout, j.result.stderr, j.ampoule_stderr
+        )),
+    }
+}
+
+fn expect(
+    probes: &serde_json::Map<String, Value>,
+    name: &str,
+    pred: impl Fn(&str) -> bool,
+    errors: &mut Vec<String>,
+) {
+    let got = probes
+        .get(name)
+        .and_then(Value::as_str)
+        .unwrap_or("<missing>");
+    if !pred(got) {
+        errors.push(format!("{name}: unexpected {got:?}"));
+    }
+}
+
+fn pins(args: &mut Vec<String>, pairs: &[(&str, &str)]) {
+    for (name, ip) in pairs {
+        args.push("--resolve".into());
+        args.push(format!("{name}={ip}"));
+    }
+}
+
+fn allowlist() -> Result<(), Failed> {
+    let mut args: Vec<String> = [
+        "--allow-host",
+        "allowed.test",
+        "--allow-host",
+        "private.test",
+        "--allow-host",
+        "metadata.test",
+        "--timeout",
+        "90",
+    ]
+    .map(String::from)
+    .to_vec();
+    pins(
+        &mut args,
+        &[
+            ("allowed.test", "10.77.0.2"),
+            ("denied.test", "10.77.0.2"),
+            ("metadata.test", "169.254.169.254"),
+        ],
+    );
+    // The upstream's CA, for the sandbox's own verification of the passed-through TLS.
+    args.extend(["--file".into(), "{T}/upstream-ca.pem".into()]);
+    let case = Case {
+        args,
+        code: format!("{PROBE_PRELUDE}{ALLOWLIST_PROBE}"),
+        // private.test is *not* pinned: the system resolver (the jail's /etc/hosts) says it is
+        // 10.77.0.2, as a rebinding DNS server would say of a public name.
+        hosts: Some("127.0.0.1 localhost\n10.77.0.2 private.test\n"),
+        ..Case::default()
+    };
+    check_allowlist(&jail(&case)?)
+}
+
+fn check_allowlist(j: &Jailed) -> Result<(), Failed> {
+    let p = probes(j)?;
+    let ok = |prefix: &'static str| move |s: &str| s.starts_with(prefix);
+    let err = |s: &str| s.starts_with("error:");
+    let mut errors = Vec::new();
+    let e = &mut errors;
+    expect(&p, "dns_allowed", |s| s == "ok: 10.77.0.2", e);
+    expect(&p, "http_allowed", ok("ok: 200 upstream-http"), e);
+    expect(&p, "https_allowed", ok("ok: 200 upstream-https"), e);
+    for name in [
+        "dns_denied",
+        "http_denied",
+        "https_denied",
+        "https_ip_literal",
+        "dns_private",
+        "http_private",
+        "dns_metadata",
+        "tls_denied_sni",
+        "ipv6",
+    ] {
+        expect(&p, name, err, e);
+    }
+    expect(&p, "http_ip_literal", |s| s.contains("403"), e);
+    expect(&p, "raw_allowed_host", ok("ok: HTTP/1.1 200"), e);
+    expect(
+        &p,
+        "raw_denied_host",
+        |s| s.contains("403") && s.contains("no rule allows denied.test"),
+        e,
+    );
+    expect(
+        &p,
+        "raw_private_host",
+        |s| s.contains("403") && s.contains("private address"),
+        e,
+    );
+    expect(
+        &p,
+        "raw_metadata_host",
+        |s| s.contains("403") && s.contains("link-local"),
+        e,
+    );
+    expect(
+        &p,
+        "raw_jail_service",
+        |s| s.contains("403") && s.contains("IP literal"),
+        e,
+    );
+    expect(
+        &p,
+        "raw_gateway_service",
+        |s| s.contains("403") && s.contains("IP literal"),
+        e,
+    );
+    expect(&p, "tls_allowed_sni", ok("ok: HTTP/1.1 200"), e);
+    // A server-first protocol never gets its banner through: the gateway waits for a request,
+    // then closes; a client that speaks first is cut off at once.
+    expect(&p, "tcp_silent", |s| s == "ok: got b''", e);
+    expect(&p, "tcp_garbage", |s| s == "ok: got b''", e);
+    expect(&p, "udp", |s| s == "ok: no reply", e);
+    expect(&p, "udp_gateway", |s| s == "ok: no reply", e);
+    // DNS sent straight to the upstream's resolver lands on the gateway's responder instead.
+    expect(&p, "dns_direct_denied", ok("ok: rcode=3 answers=0"), e);
+    expect(
+        &p,
+        "dns_direct_allowed",
+        |s| s == "ok: rcode=0 answers=1 10.77.0.2",
+        e,
+    );
+    expect(&p, "ipv6_addresses", |s| s == "ok: none", e);
+    expect(&p, "proxy_env", |s| s == "ok: []", e);
+    expect(&p, "gateway_ca", |s| s == "ok: False", e);
+
+    // What reached the upstream: exactly the allowed requests, nothing else at all.
+    let mut arrived: Vec<String> = j
+        .upstream
+        .iter()
+        .map(|l| {
+            format!(
+                "{} {} {}",
+                l["kind"].as_str().unwrap_or(""),
+                l["host"].as_str().unwrap_or(""),
+                l["path"].as_str().unwrap_or("")
+            )
+        })
+        .collect();
+    arrived.sort();
+    let want = [
+        "http allowed.test /a",
+        "http allowed.test /raw",
+        "https allowed.test /b",
+        "https allowed.test /tls",
+    ];
+    if arrived != want {
+        errors.push(format!("the upstream saw {arrived:?}, wanted {want:?}"));
+    }
+    if !j.jail_service.is_empty() {
+        errors.push(format!(
+            "the jail's own service was reached: {:?}",
+            j.jail_service
+        ));
+    }
+    // Every attempt is on record.
+    let ev = &j.result.egress;
+    let has = |protocol: EgressProtocol, host: &str, allowed: bool| {
+        ev.iter()
+            .any(|e| e.protocol == protocol && e.host == host && e.allowed == allowed)
+    };
+    for (protocol, host, allowed) in [
+        (EgressProtocol::Dns, "allowed.test", true),
+        (EgressProtocol::Http, "allowed.test", true),
+        (EgressProtocol::Tls, "allowed.test", true),
+        (EgressProtocol::Dns, "denied.test", false),
+        (EgressProtocol::Http, "denied.test", false),
+        (EgressProtocol::Tls, "denied.test", false),
+        (EgressProtocol::Http, "10.77.0.2", false),
+        // Clients send no server name for an IP literal: refused for that.
+        (EgressProtocol::Tls, "", false),
+        (EgressProtocol::Http, "private.test", false),
+        (EgressProtocol::Dns, "private.test", false),
+        (EgressProtocol::Http, "metadata.test", false),
+        (EgressProtocol::Tcp, "", false),
+    ] {
+        if !has(protocol, host, allowed) {
+            errors.push(format!(
+                "no event {protocol:?} {host} allowed={allowed} in {ev:#?}"
+            ));
+        }
+    }
+    if j.leftover_links != "0" {
+        errors.push(format!("veth left in the jail: {}", j.leftover_links));
+    }
+    if j.rc != 0 {
+        errors.push(format!("ampoule exited {}: {}", j.rc, j.ampoule_stderr));
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors.join("\n").into())
+    }
+}
+
+fn injection() -> Result<(), Failed> {
+    let secret = format!(
+        "AMPOULE-SECRET-{:x}",
+        std::process::id() as u64 * 0x9e37_79b9
+    );
+    let value = format!("Bearer {secret}");
+    let mut args: Vec<String> = [
+        "--allow-host",
+        "inject.test",
+        "--inject",
+        "inject.test:Authorization=EXAMPLE_TOKEN",
+        "--timeout",
+        "90",
+    ]
+    .map(String::from)
+    .to_vec();
+    pins(&mut args, &[("inject.test", "10.77.0.2")]);
+    let case = Case {
+        args,
+        code: format!("{PROBE_PRELUDE}{INJECT_PROBE}"),
+        env: vec![
+            ("EXAMPLE_TOKEN", value.clone()),
+            // The gateway verifies the upstream against the test CA.
+            ("SSL_CERT_FILE", "{T}/upstream-ca.pem".into()),
+        ],
+        ..Case::default()
+    };
+    let j = jail(&case)?;
+    let p = probes(&j)?;
+    let mut errors = Vec::new();
+    let e = &mut errors;
+    let ok_auth = |s: &str| s.starts_with("ok: 200 upstream-") && s.ends_with("auth=yes");
+    expect(&p, "https", ok_auth, e);
+    expect(&p, "http", ok_auth, e);
+    expect(&p, "https_forged", ok_auth, e);
+    if p.contains_key("curl") {
+        expect(&p, "curl", |s| s == "ok: upstream-https auth=yes", e);
+    }
+    if p.contains_key("node") {
+        expect(&p, "node", |s| s == "ok: 200 upstream-https auth=yes", e);
+    }
+    expect(&p, "system_store", |s| s == "ok: True", e);
+    expect(
+        &p,
+        "trust_env",
+        |s| {
+            s.contains("/etc/ampoule/ca-certificates.crt")
+                && s.contains("/etc/ampoule/egress-ca.crt")
+        },
+        e,
+    );
+    if p.get("secret_hits") != Some(&Value::Array(vec![])) {
+        errors.push(format!(
+            "the secret's marker is in the sandbox: {:?}",
+            p.get("secret_hits")
+        ));
+    }
+    if p.get("files_scanned").and_then(Value::as_u64).unwrap_or(0) < 10 {
+        errors.push("the probe scanned almost no files: it proves nothing".into());
+    }
+    let everything = format!("{}{}", j.result.stdout, j.result.stderr);
+    if everything.contains(&secret) {
+        errors.push("the secret is in the sandbox's output".into());
+    }
+    // The upstream saw the secret on every request, the forged value on none.
+    let auths: Vec<&str> = j
+        .upstream
+        .iter()
+        .map(|l| l["authorization"].as_str().unwrap_or("<none>"))
+        .collect();
+    if auths.len() < 3 || auths.iter().any(|a| *a != value) {
+        errors.push(format!("the upstream saw authorizations {auths:?}"));
+    }
+    if !j
+        .result
+        .egress
+        .iter()
+        .any(|e| e.injected && e.protocol == EgressProtocol::Tls)
+        || !j
+            .result
+            .egress
+            .iter()
+            .any(|e| e.injected && e.protocol == EgressProtocol::Http)
+    {
+        errors.push(format!("no injected events: {:#?}", j.result.egress));
+    }
+    if serde_json::to_string(&j.result).unwrap().contains(&secret)
+        || j.ampoule_stderr.contains(&secret)
+    {
+        errors.push("the secret is in ampoule's result or logs".into());
+    }
+    if j.leftover_links != "0" {
+        errors.push(format!("veth left in the jail: {}", j.leftover_links));
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors.join("\n").into())
+    }
+}
+
+fn unprivileged_refused() -> Result<(), Failed> {
+    let dir = tempfile::tempdir()?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
+    let bin = dir.path().join("ampoule");
+    std::fs::copy(env!("CARGO_BIN_EXE_ampoule"), &bin)?;
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--reset-env",
+        ])
+        .arg(&bin)
+        .args(["run", "--allow-host", "example.test", "/dev/null"])
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if out.status.code() != Some(125)
+        || !stderr.contains("network allowlists need ampoule to run as root")
+    {
+        return Err(format!("rc {:?}, stderr: {stderr}", out.status.code()).into());
+    }
+    let doctor = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--reset-env",
+        ])
+        .arg(&bin)
+        .args(["doctor", "--json"])
+        .output()?;
+    let checks: Value = serde_json::from_slice(&doctor.stdout)?;
+    let egress = checks
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["name"] == "egress"))
+        .cloned()
+        .unwrap_or_default();
+    if egress["level"] != "warn" || !egress["detail"].as_str().unwrap_or("").contains("refused") {
+        return Err(format!("doctor says {egress}").into());
+    }
+    Ok(())
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v.get(i).copied().unwrap_or(f64::NAN)
+}
+
+fn latency() -> Result<(), Failed> {
+    let n: usize = std::env::var("EGRESS_BENCH_N")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(200);
+    // One jail: the direct figures are taken from the jail's own namespace, which reaches the
+    // upstream over one veth, as the gateway does; the sandbox's go through its veth, the
+    // redirect and the gateway as well.
+    let sandbox_code = format!(
+        "import subprocess, sys\n\
+         for name, ca, out in [('allowed.test', '/mnt/data/upstream-ca.pem', '-'), ('inject.test', '-', '-')]:\n\
+         \x20   p = subprocess.run(['/usr/bin/python3', '/mnt/data/latency.py', name, '{n}', ca, out], capture_output=True, text=True)\n\
+         \x20   print(p.stdout.strip() or ('ERR ' + p.stderr))\n"
+    );
+    let mut args: Vec<String> = [
+        "--allow-host",
+        "allowed.test:443",
+        "--allow-host",
+        "inject.test:443",
+        "--inject",
+        "inject.test:Authorization=EXAMPLE_TOKEN",
+        "--timeout",
+        "600",
+        "--file",
+    ]
+    .map(String::from)
+    .to_vec();
+    args.push("{T}/upstream-ca.pem".into());
+    args.push("--file".into());
+    args.push("{T}/latency.py".into());
+    pins(
+        &mut args,
+        &[("allowed.test", "10.77.0.2"), ("inject.test", "10.77.0.2")],
+    );
+    let after = format!(
+        "/usr/bin/python3 \"$T/latency.py\" allowed.test {n} \"$T/upstream-ca.pem\" \"$T/direct.json\""
+    );
+    let case = Case {
+        args,
+        code: sandbox_code,
+        env: vec![
+            ("EXAMPLE_TOKEN", "Bearer bench".into()),
+            ("SSL_CERT_FILE", "{T}/upstream-ca.pem".into()),
+        ],
+        after: &after,
+        ..Case::default()
+    };
+    let j = jail(&case)?;
+    let direct: Value = serde_json::from_str(
+        &std::fs::read_to_string(j.dir.path().join("direct.json"))
+            .map_err(|e| format!("no direct figures: {e}"))?,
+    )?;
+    let mut lines = j.result.stdout.lines();
+    let mut parse = |what: &str| -> Result<Value, Failed> {
+        let l = lines.next().unwrap_or_default();
+        serde_json::from_str(l)
+            .map_err(|e| format!("{what}: {e}: {l}\n{}", j.ampoule_stderr).into())
+    };
+    let through = parse("through the gateway")?;
+    let injected = parse("with injection")?;
+    let series = |v: &Value, k: &str| -> Vec<f64> {
+        v[k].as_array()
+            .map(|a| a.iter().filter_map(Value::as_f64).collect())
+            .unwrap_or_default()
+    };
+    println!("\nHTTPS request latency, n = {n} each (ms)\n");
+    println!("| path | connection | p50 | p90 | p99 |");
+    println!("|---|---|---|---|---|");
+    for (label, v) in [
+        ("direct (jail → upstream)", &direct),
+        ("sandbox → gateway (TLS passed through)", &through),
+        (
+            "sandbox → gateway (TLS terminated, header injected)",
+            &injected,
+        ),
+    ] {
+        for conn in ["new", "kept"] {
+            let mut s = series(v, conn);
+            if s.len() != n {
+                return Err(format!("{label} {conn}: {} samples, wanted {n}", s.len()).into());
+            }
+            println!(
+                "| {label} | {} | {:.2} | {:.2} | {:.2} |",
+                if conn == "new" {
+                    "new per request"
+                } else {
+                    "kept alive"
+                },
+                percentile(&mut s, 0.5),
+                percentile(&mut s, 0.9),
+                percentile(&mut s, 0.99)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Why this machine cannot run the cases, if it cannot.
+fn unavailable() -> Option<String> {
+    let root = std::fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false);
+    if !root {
+        return Some("needs root (it builds network namespaces)".into());
+    }
+    for (tool, hint) in [
+        ("/usr/bin/unshare", "util-linux"),
+        ("/usr/sbin/ip", "iproute2"),
+        ("/usr/sbin/nft", "nftables"),
+        ("/usr/bin/python3", "python3"),
+        ("/usr/bin/setpriv", "util-linux"),
+    ] {
+        if !PathBuf::from(tool).exists() && !PathBuf::from(tool.replace("/usr", "")).exists() {
+            return Some(format!("{tool} is missing (apt-get install {hint})"));
+        }
+    }
+    None
+}
+
+fn main() {
+    let args = Arguments::from_args();
+    let why = unavailable();
+    let cases: [(&str, fn() -> Result<(), Failed>, bool); 4] = [
+        ("allowlist", allowlist, false),
+        ("injection", injection, false),
+        ("unprivileged_refused", unprivileged_refused, false),
+        ("latency", latency, true),
+    ];
+    let trials = cases
+        .into_iter()
+        .map(|(name, f, bench)| {
+            let ignored = bench || why.is_some();
+            Trial::test(name, move || {
+                if let Some(why) = unavailable() {
+                    eprintln!("{name}: {why}");
+                }
+                f()
+            })
+            .with_ignored_flag(ignored)
+        })
+        .collect();
+    if let Some(why) = &why {
+        eprintln!("egress tests ignored: {why}");
+    }
+    libtest_mimic::run(&args, trials).exit();
+}
