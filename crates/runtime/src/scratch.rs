@@ -229,7 +229,10 @@ impl Scratch {
     /// every handle is dropped.
     pub fn try_clone(&self) -> Result<Self> {
         Ok(Self {
-            root: self.root.try_clone().ctx(|| "duplicating the scratch descriptor".into())?,
+            root: self
+                .root
+                .try_clone()
+                .ctx(|| "duplicating the scratch descriptor".into())?,
             owner: self.owner,
         })
     }
