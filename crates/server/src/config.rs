@@ -263,8 +263,9 @@ impl Config {
             })?;
             if !p.network.allow.is_empty() || !p.network.inject.is_empty() {
                 return Err(format!(
-                    "pools.{name}.network: the egress proxy is not built yet, so sandboxes have \
-                     no network; remove `allow` and `inject`"
+                    "pools.{name}.network: server sessions cannot use the egress gateway yet \
+                     (`ampoule run --allow-host` can), so they have no network; remove `allow` \
+                     and `inject`"
                 ));
             }
             let d = Limits::default();
