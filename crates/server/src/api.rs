@@ -35,6 +35,12 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
         let bytes = axum::body::Bytes::from_request(req, state)
             .await
             .map_err(|e| ApiError::invalid(format!("reading the body: {}", e.body_text())))?;
+        // An empty body means "all defaults" (`curl -X POST .../v1/sessions`).
+        let bytes = if bytes.iter().all(u8::is_ascii_whitespace) {
+            axum::body::Bytes::from_static(b"{}")
+        } else {
+            bytes
+        };
         serde_json::from_slice(&bytes)
             .map(JsonBody)
             .map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")))

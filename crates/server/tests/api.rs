@@ -1099,6 +1099,21 @@ async fn native_api_sessions_executions_and_files() {
         .await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.json()["id"], id.as_str());
+    let empty = h.call("POST", "/v1/sessions", Some(A), Body::empty()).await;
+    assert_eq!(
+        empty.status,
+        StatusCode::CREATED,
+        "an empty body means defaults"
+    );
+    assert_eq!(empty.json()["pool"], "python");
+    let empty_id = empty.json()["id"].as_str().unwrap().to_owned();
+    h.call(
+        "DELETE",
+        &format!("/v1/sessions/{empty_id}"),
+        Some(A),
+        Body::empty(),
+    )
+    .await;
     let anon = h
         .json("POST", "/v1/sessions", A, json!({"pool": "other"}))
         .await;
