@@ -11,7 +11,11 @@ fi
 bash scripts/deps.sh
 cargo build --release --locked -p ampoule-cli
 bin=target/release/ampoule
+# The Python environment sessions use (numpy, pandas, matplotlib, ...): idempotent.
+"$bin" setup
 "$bin" doctor
 echo
 echo '$ echo '"'"'print("hello from a sandbox")'"'"' | ampoule run -'
 echo 'import platform, os; print("hello from a sandbox:", platform.node(), "uid", os.getuid())' | "$bin" run -
+echo
+echo "next: start the service with   $bin serve   (it prints an API key on first start)"
