@@ -10,6 +10,8 @@ have() { command -v "$1" >/dev/null 2>&1; }
 [ -x /usr/bin/node ] || need+=(nodejs)
 have unshare || need+=(util-linux)
 have ip || need+=(iproute2)
+# the egress firewall of sandboxes with allowed hosts (`nft -f`, root only)
+[ -x /usr/sbin/nft ] || [ -x /sbin/nft ] || need+=(nftables)
 have gcc || need+=(gcc)
 have pkg-config || need+=(pkg-config)
 have openssl || need+=(openssl)

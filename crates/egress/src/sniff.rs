@@ -135,6 +135,33 @@ mod tests {
     }
 
     #[test]
+    fn arbitrary_bytes_never_panic() {
+        // A small xorshift generator: deterministic, no dependency.
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let hello = client_hello("a.example");
+        for round in 0..2000 {
+            let len = (next() % 600) as usize;
+            let mut buf: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            if round % 2 == 0 {
+                // Mutate a real ClientHello instead: the interesting inputs are near-valid.
+                buf = hello.clone();
+                for _ in 0..1 + next() % 8 {
+                    let i = (next() as usize) % buf.len();
+                    buf[i] = next() as u8;
+                }
+                buf.truncate(1 + (next() as usize) % buf.len());
+            }
+            let _ = sniff(&buf);
+        }
+    }
+
+    #[test]
     fn anything_else_is_other() {
         assert!(matches!(sniff(b"SSH-2.0-OpenSSH_9.2\r\n"), Sniff::Other(_)));
         assert!(matches!(sniff(b"\x00\x01\x02\x03"), Sniff::Other(_)));

@@ -7,8 +7,8 @@
 //! * **outer init** (host pid namespace): joins its cgroup (v1; on v2 the supervisor moves it
 //!   meanwhile), lowers rlimits, unshares every namespace but the cgroup one, builds the new root on a tmpfs, hands the scratch directory to the supervisor,
 //!   waits for `Start`, forks the inner init and reports if that one dies abnormally.
-//!   In allowlist network mode it also switches IPv6 off in the new network namespace right
-//!   after the unshare (before any interface but `lo` exists), and after `Start` — by then the
+//!   In allowlist network mode it also makes interfaces of the new network namespace default
+//!   to no IPv6 right after the unshare (before any but `lo` exists), and after `Start` — by then the
 //!   supervisor has moved the sandbox end of the veth pair in — gives `eth0` its address and
 //!   the default route to the egress gateway (see [`crate::network`]). Both happen before any
 //!   code of the user's exists, with the outer init's capabilities in the new user namespace.

@@ -9,8 +9,8 @@
 //! datagram to port 53 to its DNS port (on the address of the interface it came in on, so the
 //! connection is attributable to its sandbox), accepts nothing else from `amp*` on the host and
 //! forwards nothing to or from `amp*`. As a second layer that does not depend on the table, the
-//! host side of every pair has IPv4 forwarding and IPv6 switched off, and the sandbox side has
-//! IPv6 switched off before its interface exists.
+//! host side of every pair has IPv4 forwarding and IPv6 switched off, and the sandbox side is
+//! created without IPv6.
 //!
 //! When the sandbox's network namespace dies, the kernel destroys both ends of the pair: there
 //! is nothing to clean up and nothing to sweep. A pair left by the previous sandbox of the same
@@ -270,11 +270,12 @@ pub(crate) fn wire_host_side(addrs: &GatewayAddrs, pid: u32) -> Result<()> {
     Ok(())
 }
 
-/// Switches IPv6 off in the calling process's (fresh) network namespace, before any interface
-/// but `lo` exists, so the sandbox's `eth0` is born without it. Runs in the outer init.
+/// Switches IPv6 off for interfaces created from now on in the calling process's (fresh)
+/// network namespace, so the sandbox's `eth0` is born without it (no link-local address, no
+/// route). `lo` keeps `::1`: loopback-only IPv6 reaches nothing, and programs that listen on
+/// `localhost` keep working as in a sandbox without network. Runs in the outer init.
 pub(crate) fn disable_ipv6_here() -> io::Result<()> {
-    write_sysctl("/proc/sys/net/ipv6/conf/default/disable_ipv6", "1")?;
-    write_sysctl("/proc/sys/net/ipv6/conf/all/disable_ipv6", "1")
+    write_sysctl("/proc/sys/net/ipv6/conf/default/disable_ipv6", "1")
 }
 
 /// Configures the sandbox side of the link (address, up, default route). Runs in the outer
