@@ -16,6 +16,8 @@ have gcc || need+=(gcc)
 have pkg-config || need+=(pkg-config)
 have openssl || need+=(openssl)
 [ -x /usr/bin/csharp ] || need+=(mono-complete)
+# the audit store's PostgreSQL tests (scripts/postgres.sh starts a throw-away cluster)
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

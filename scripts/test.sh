@@ -30,6 +30,9 @@ if ! cmp -s "$reqs" "$venv/requirements.txt"; then
   cp "$reqs" "$venv/requirements.txt"
 fi
 export AMPOULE_CLIENT_VENV="$PWD/$venv"
+echo "== postgres (the audit store's tests run on it and on SQLite)" >&2
+AMPOULE_TEST_POSTGRES_URL=$(bash scripts/postgres.sh)
+export AMPOULE_TEST_POSTGRES_URL
 echo "== tests" >&2
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --no-fail-fast

@@ -1,0 +1,44 @@
+//! The audit log: every execution, session lifecycle event and egress decision, written down
+//! so it can be answered for after the fact (PRODUCT.md §6).
+//!
+//! - [`Record`] is what is written; [`StoredRecord`] is what a query returns.
+//! - [`AuditStore`] is the one trait behind which the store lives: [`SqlStore`] implements it
+//!   on SQLite (embedded, the default, WAL) and PostgreSQL, with the same SQL on both.
+//! - [`Writer`] keeps the write path off the executions' path: records go through a bounded
+//!   channel to one task that inserts them in batches, one transaction per batch.
+//!
+//! Invariants: the store is append-only from the API's point of view; each record stores
+//! `hash = sha256(prev_hash || body)` where `body` is the record's canonical JSON, so an
+//! edited, inserted or deleted record breaks the chain ([`AuditStore::verify`]). Pruning only
+//! removes a prefix of the chain and records the hash of its last record as the anchor the
+//! remaining chain starts from.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod error;
+mod record;
+mod sql;
+mod writer;
+
+pub use error::Error;
+pub use record::{
+    EgressDecision, Filter, Kind, Page, Record, StoredRecord, Usage, Verification, sha256_hex, trim,
+};
+pub use sql::SqlStore;
+pub use writer::Writer;
+
+/// The audit store: SQLite or PostgreSQL behind the same queries.
+#[async_trait::async_trait]
+pub trait AuditStore: Send + Sync + 'static {
+    /// Appends records in order, in one transaction, extending the hash chain.
+    async fn append(&self, records: &[Record]) -> Result<(), Error>;
+    /// One page of a tenant's records matching `filter`, oldest first.
+    async fn query(&self, filter: &Filter) -> Result<Page, Error>;
+    /// Walks the whole chain and reports the first break, if any.
+    async fn verify(&self) -> Result<Verification, Error>;
+    /// Removes the records older than `before_ms` (a prefix of the chain) and anchors the
+    /// rest on the last removed record's hash. Returns how many were removed.
+    async fn prune(&self, before_ms: i64) -> Result<u64, Error>;
+    /// A tenant's usage between two times (milliseconds since the epoch).
+    async fn usage(&self, tenant: &str, since_ms: i64, until_ms: i64) -> Result<Usage, Error>;
+}
