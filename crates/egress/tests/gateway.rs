@@ -157,6 +157,15 @@ async fn https_get(
     port: u16,
     trust_pem: &str,
 ) -> std::io::Result<String> {
+    https_get_at(gw.proxy_addr(), name, port, trust_pem).await
+}
+
+async fn https_get_at(
+    at: SocketAddr,
+    name: &str,
+    port: u16,
+    trust_pem: &str,
+) -> std::io::Result<String> {
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_slice_iter(trust_pem.as_bytes()) {
         roots.add(c.unwrap()).unwrap();
@@ -168,7 +177,8 @@ async fn https_get(
     .unwrap()
     .with_root_certificates(roots)
     .with_no_client_auth();
-    let tcp = TcpStream::connect(gw.proxy_addr()).await?;
+    let tcp = TcpStream::connect(at).await?;
+    tcp.set_nodelay(true)?;
     let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
         .connect(ServerName::try_from(name.to_owned()).unwrap(), tcp)
         .await?;
@@ -321,5 +331,77 @@ async fn https_passes_through_untouched_without_a_rule_and_is_terminated_with_on
     let ev = gw.events();
     assert!(!ev[0].allowed, "{:?}", ev[0]);
     assert!(ev[1].allowed && ev[1].injected, "{:?}", ev[1]);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// What the gateway's code adds to one HTTPS request on a new connection, without the sandbox
+/// (no veth, no redirect): direct, through the gateway passed through, and through the gateway
+/// with TLS terminated and a header injected, interleaved so machine noise hits all three
+/// alike. `cargo test --release -p ampoule-egress --test gateway -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a test"]
+async fn proxy_overhead() {
+    let Some(up) = https_upstream("up.test").await else {
+        eprintln!("skipped: cannot bind 127.0.0.1:443");
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("ampoule-egress-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca_file = dir.join("upstream-ca.pem");
+    std::fs::write(&ca_file, &up.ca_pem).unwrap();
+    let egress = Egress::new(&EgressSettings {
+        hosts: pins(),
+        extra_roots: vec![ca_file],
+    })
+    .unwrap();
+    let plain = gateway(&egress, policy(&["up.test", "127.0.0.1"], false));
+    let inject_policy = policy(&["up.test", "127.0.0.1"], true);
+    let gateway_ca = egress.trusted_ca_pem(&inject_policy).unwrap();
+    let inject = gateway(&egress, inject_policy);
+    let direct: SocketAddr = "127.0.0.1:443".parse().unwrap();
+    let n: usize = std::env::var("EGRESS_BENCH_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    let mut times: [Vec<f64>; 3] = Default::default();
+    for i in 0..n + 20 {
+        for (k, (at, trust)) in [
+            (direct, up.ca_pem.as_str()),
+            (plain.proxy_addr(), up.ca_pem.as_str()),
+            (inject.proxy_addr(), gateway_ca.as_str()),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let t0 = std::time::Instant::now();
+            let out = https_get_at(at, "up.test", up.port, trust).await.unwrap();
+            assert!(out.ends_with("upstream"), "{out}");
+            if i >= 20 {
+                times[k].push(t0.elapsed().as_secs_f64() * 1000.0);
+            }
+        }
+    }
+    let pct = |v: &mut Vec<f64>, p: f64| {
+        v.sort_by(f64::total_cmp);
+        v[((v.len() - 1) as f64 * p).round() as usize]
+    };
+    println!("\nHTTPS request on a new connection, in-process over loopback, n = {n} (ms)\n");
+    println!("| path | p50 | p90 | p99 |");
+    println!("|---|---|---|---|");
+    for (label, v) in [
+        "direct",
+        "gateway, TLS passed through",
+        "gateway, TLS terminated + header",
+    ]
+    .into_iter()
+    .zip(times.iter_mut())
+    {
+        println!(
+            "| {label} | {:.3} | {:.3} | {:.3} |",
+            pct(v, 0.5),
+            pct(v, 0.9),
+            pct(v, 0.99)
+        );
+    }
     let _ = std::fs::remove_dir_all(dir);
 }
