@@ -42,6 +42,9 @@ enum Command {
     Serve(ServeArgs),
     /// Install or refresh the language environments sessions use (Python packages).
     Setup(setup::SetupArgs),
+    /// MCP server on stdio: code-execution tools for MCP clients (Claude Desktop, VS Code…),
+    /// over a server's API (--url) or running sandboxes itself.
+    Mcp(McpArgs),
     /// Check which isolation layers and language runtimes work on this host.
     Doctor {
         /// Print the report as JSON.
@@ -58,6 +61,25 @@ struct ServeArgs {
     /// Listen address, overriding the config's `[server] listen` (default 127.0.0.1:8080).
     #[arg(long, value_name = "ADDR")]
     listen: Option<String>,
+}
+
+#[derive(Args)]
+struct McpArgs {
+    /// The ampoule server to use (`http://host:port`); without it, sandboxes run in this
+    /// process (root, or the unprivileged mode `doctor` describes).
+    #[arg(long, value_name = "URL", env = "AMPOULE_URL")]
+    url: Option<String>,
+    /// The server's API key (with --url).
+    #[arg(
+        long,
+        value_name = "KEY",
+        env = "AMPOULE_API_KEY",
+        hide_env_values = true
+    )]
+    api_key: Option<String>,
+    /// Without --url: a server config whose pools and limits to use (default: one python pool).
+    #[arg(long, value_name = "FILE", env = "AMPOULE_CONFIG")]
+    config: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -127,7 +149,7 @@ fn main() -> ExitCode {
     // on a multi-thread runtime, whose worker threads live as long as the runtime does (it
     // never starts a sandbox from `spawn_blocking`).
     let mut builder = match cli.command {
-        Command::Serve(_) => tokio::runtime::Builder::new_multi_thread(),
+        Command::Serve(_) | Command::Mcp(_) => tokio::runtime::Builder::new_multi_thread(),
         _ => tokio::runtime::Builder::new_current_thread(),
     };
     let rt = match builder.enable_all().build() {
@@ -138,6 +160,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Run(args) => run(args).await,
             Command::Serve(args) => serve(args).await,
+            Command::Mcp(args) => mcp(args).await,
             Command::Setup(args) => setup::run(args),
             Command::Doctor { json } => doctor(json).await,
         }
@@ -154,6 +177,46 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         None => ampoule_server::Config::default(),
     };
     ampoule_server::serve::serve(cfg, args.listen).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `ampoule mcp`: MCP on stdio (stdout is the protocol: nothing else may be printed there).
+async fn mcp(args: McpArgs) -> Result<ExitCode> {
+    let caller = ampoule_mcp::Caller::new(ampoule_server::config::GENERATED_TENANT);
+    if let Some(url) = &args.url {
+        let api = ampoule_mcp::client::HttpApi::new(url, args.api_key.clone())?;
+        ampoule_mcp::serve_stdio(Arc::new(api), caller).await?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let cfg = match &args.config {
+        Some(path) => ampoule_server::Config::load(path)?,
+        None => {
+            // One client, one user: a single warm sandbox instead of a server's stock.
+            let mut cfg = ampoule_server::Config::default();
+            let pool = ampoule_server::config::PoolConfig {
+                warm: 1,
+                ..Default::default()
+            };
+            cfg.pools.insert("python".into(), pool);
+            cfg
+        }
+    };
+    let host = Host::detect().context("preparing the host")?;
+    host.sweep_orphans();
+    let engine = Arc::new(ampoule_server::session_engine::SessionEngine::new(
+        Arc::new(host),
+    ));
+    let state = ampoule_server::serve::state(&cfg, engine, ampoule_server::auth::Keys::default())?;
+    let manager = state.manager.clone();
+    manager.start_background();
+    let api = ampoule_server::mcp::ManagerApi::new(manager.clone(), state.max_upload);
+    let served = tokio::select! {
+        r = ampoule_mcp::serve_stdio(Arc::new(api), caller) => r.map_err(anyhow::Error::from),
+        () = ampoule_server::serve::signal() => Ok(()),
+    };
+    // Every sandbox goes with the client.
+    manager.shutdown().await;
+    served?;
     Ok(ExitCode::SUCCESS)
 }
 

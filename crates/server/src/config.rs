@@ -41,6 +41,18 @@ pub struct Config {
     /// `[audit]` (the audit log is a later issue; accepted so documented configs load).
     #[serde(default)]
     pub audit: AuditConfig,
+    /// `[mcp]`: the MCP endpoint `/mcp`.
+    #[serde(default)]
+    pub mcp: McpConfig,
+}
+
+/// `[mcp]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct McpConfig {
+    /// `Host` header values `/mcp` accepts, as `host` or `host:port` (DNS-rebinding
+    /// protection). Default: loopback only; `["*"]` accepts any host.
+    pub allowed_hosts: Option<Vec<String>>,
 }
 
 /// `[server]`.
@@ -321,6 +333,18 @@ impl Config {
                 .next()
                 .cloned()
                 .ok_or_else(|| "no pools".to_owned()),
+        }
+    }
+
+    /// The `Host` values `/mcp` accepts (empty: any).
+    pub fn mcp_allowed_hosts(&self) -> Vec<String> {
+        match &self.mcp.allowed_hosts {
+            None => crate::mcp::DEFAULT_ALLOWED_HOSTS
+                .iter()
+                .map(|h| (*h).to_owned())
+                .collect(),
+            Some(hosts) if hosts.iter().any(|h| h == "*") => Vec::new(),
+            Some(hosts) => hosts.clone(),
         }
     }
 

@@ -22,6 +22,7 @@ pub mod error;
 pub mod fake;
 pub mod files;
 pub mod manager;
+pub mod mcp;
 pub mod serve;
 pub mod session_engine;
 pub mod tls;
@@ -44,14 +45,18 @@ pub struct AppState {
     pub keys: Arc<auth::Keys>,
     /// Largest upload, in bytes.
     pub max_upload: u64,
+    /// `Host` values `/mcp` accepts (`[mcp] allowed_hosts`; empty: any).
+    pub mcp_allowed_hosts: Vec<String>,
 }
 
-/// The whole HTTP application: `/healthz`, `/openapi.json`, `/v1/...`, and the ACA-compatible
-/// API on every other path.
+/// The whole HTTP application: `/healthz`, `/openapi.json`, `/v1/...`, the MCP endpoint
+/// `/mcp`, and the ACA-compatible API on every other path.
 pub fn app(state: AppState) -> Router {
     let (router, openapi) = api::routes();
     let openapi = Arc::new(openapi);
+    let mcp = mcp::service(&state);
     router
+        .nest_service("/mcp", mcp)
         .route(
             "/openapi.json",
             axum::routing::get(move || {

@@ -64,6 +64,7 @@ pub fn state(cfg: &Config, engine: Arc<dyn Engine>, keys: Keys) -> Result<AppSta
         manager: Manager::new(engine, pools, default_pool, tenants),
         keys: Arc::new(keys),
         max_upload: cfg.max_upload_bytes(),
+        mcp_allowed_hosts: cfg.mcp_allowed_hosts(),
     })
 }
 

@@ -1,0 +1,142 @@
+//! The sandbox API the MCP tools call: [`SandboxApi`], one small trait with two
+//! implementations — in process over the server's session manager (`ampoule-server`'s `mcp`
+//! module; `ampoule serve` at `/mcp`, and `ampoule mcp` when no server is configured), and
+//! over a server's native `/v1` HTTP API ([`crate::client::HttpApi`], `ampoule mcp --url`).
+//!
+//! Sessions are named by the caller (like the ACA `identifier`): a tool that takes an optional
+//! `session` starts one under a generated name when none is given, and one under the given name
+//! on its first use. An MCP transport session is never a sandbox session.
+
+use ampoule_types::ExecutionResult;
+use async_trait::async_trait;
+use serde::Serialize;
+
+use crate::error::ApiFailure;
+
+/// Who is calling: the tenant the front door authenticated (the bearer key's tenant over HTTP,
+/// a fixed local tenant over stdio). Over HTTP the server's auth layer puts it in the request's
+/// extensions before the MCP service sees the request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// The tenant.
+    pub tenant: String,
+}
+
+impl Caller {
+    /// A caller of `tenant`.
+    pub fn new(tenant: impl Into<String>) -> Self {
+        Self {
+            tenant: tenant.into(),
+        }
+    }
+}
+
+/// One execution to run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Execute {
+    /// The session's name; `None` starts a session under a generated name.
+    pub session: Option<String>,
+    /// The language (`python`, `javascript`, `shell` or an alias); `None` means the session's
+    /// own, or the default pool's for a new session.
+    pub language: Option<String>,
+    /// Source code.
+    pub code: String,
+    /// Wall-clock limit in seconds (default and maximum: the pool's).
+    pub timeout_s: Option<f64>,
+}
+
+/// What an execution returned, and in which session it ran.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Executed {
+    /// The session's name (pass it back to keep the state).
+    pub session: String,
+    /// The result.
+    pub result: ExecutionResult,
+}
+
+/// A session as the tools list it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SessionSummary {
+    /// The session's name (the `session` argument of the tools).
+    pub session: String,
+    /// Its language.
+    pub language: String,
+    /// Its pool.
+    pub pool: String,
+    /// When it was created (RFC 3339).
+    pub created_at: String,
+    /// When it was last used (RFC 3339).
+    pub last_used_at: String,
+    /// Executions so far.
+    pub executions: u64,
+}
+
+/// A file in a session's `/mnt/data`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FileSummary {
+    /// Path relative to `/mnt/data`.
+    pub path: String,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// The sandbox operations behind the MCP tools. Every call names its [`Caller`]; a session of
+/// another tenant is reported exactly like a missing one.
+#[async_trait]
+pub trait SandboxApi: Send + Sync + 'static {
+    /// Runs code, in the named session (started on first use) or in a new one.
+    async fn execute(&self, caller: &Caller, req: Execute) -> Result<Executed, ApiFailure>;
+
+    /// The caller's sessions, oldest first.
+    async fn list_sessions(&self, caller: &Caller) -> Result<Vec<SessionSummary>, ApiFailure>;
+
+    /// Destroys a session and its files.
+    async fn delete_session(&self, caller: &Caller, session: &str) -> Result<(), ApiFailure>;
+
+    /// Every regular file in a session's `/mnt/data`, recursively.
+    async fn list_files(
+        &self,
+        caller: &Caller,
+        session: &str,
+    ) -> Result<Vec<FileSummary>, ApiFailure>;
+
+    /// Writes `data` to `path` below `/mnt/data` (parents created, an existing file replaced),
+    /// in the named session (started on first use) or in a new one. Returns the session's name
+    /// and the file.
+    async fn upload(
+        &self,
+        caller: &Caller,
+        session: Option<&str>,
+        path: &str,
+        data: Vec<u8>,
+    ) -> Result<(String, FileSummary), ApiFailure>;
+
+    /// The content of the file at `path` below `/mnt/data`; refused when it is larger than
+    /// `max` bytes.
+    async fn download(
+        &self,
+        caller: &Caller,
+        session: &str,
+        path: &str,
+        max: u64,
+    ) -> Result<Vec<u8>, ApiFailure>;
+}
+
+/// A path as a tool caller writes it (`/mnt/data/x.csv` or `x.csv`), relative to `/mnt/data`.
+/// Other absolute paths are refused here; `..` and links are refused by the server.
+pub fn data_path(path: &str) -> Result<&str, ApiFailure> {
+    let rel = path
+        .strip_prefix("/mnt/data/")
+        .unwrap_or(path)
+        .trim_start_matches("./");
+    if rel.is_empty() || rel == "/mnt/data" {
+        return Err(ApiFailure::new("invalid_path", "the path names no file"));
+    }
+    if rel.starts_with('/') {
+        return Err(ApiFailure::new(
+            "invalid_path",
+            format!("{path:?} is not below /mnt/data"),
+        ));
+    }
+    Ok(rel)
+}

@@ -1,0 +1,187 @@
+//! End to end: the official MCP Python SDK (`tests/clients/mcp_smoke.py`, in the virtual
+//! environment named by `AMPOULE_CLIENT_VENV`, which `scripts/test.sh` creates) against the
+//! real binary, over both transports:
+//! - streamable HTTP: `ampoule serve` at `/mcp`, with a bearer key;
+//! - stdio: `ampoule mcp --url` talking to that server, and `ampoule mcp` alone, running its
+//!   own sandboxes.
+//!
+//! Needs root (real sandboxes); as another user it says why and passes. In CI, or when
+//! `AMPOULE_CLIENT_VENV` is set, a missing venv fails the test. Only 127.0.0.1 is bound.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const KEY: &str = "mcp-e2e-key";
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .map(|ids| ids.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The `ampoule` binary: `$AMPOULE_BIN`, else the workspace's debug build (built if missing).
+fn binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("AMPOULE_BIN") {
+        return PathBuf::from(p);
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target"));
+    let bin = target.join("debug/ampoule");
+    if !bin.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let st = Command::new(cargo)
+            .args(["build", "-p", "ampoule-cli", "--bin", "ampoule"])
+            .current_dir(workspace())
+            .status()
+            .unwrap();
+        assert!(st.success(), "building the ampoule binary failed");
+    }
+    bin
+}
+
+/// The client venv: `$AMPOULE_CLIENT_VENV`. When it is set, or in CI, a missing venv fails
+/// the test instead of skipping it.
+fn client_venv() -> Option<PathBuf> {
+    match std::env::var_os("AMPOULE_CLIENT_VENV") {
+        Some(v) => {
+            let venv = PathBuf::from(v);
+            assert!(
+                venv.join("bin/python").exists(),
+                "AMPOULE_CLIENT_VENV={} has no bin/python; scripts/test.sh creates it",
+                venv.display()
+            );
+            Some(venv)
+        }
+        None => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI must run the MCP client: set AMPOULE_CLIENT_VENV (scripts/test.sh does)"
+            );
+            None
+        }
+    }
+}
+
+struct Server {
+    child: Child,
+    port: u16,
+}
+
+impl Server {
+    fn start(config: &Path) -> Server {
+        let mut child = Command::new(binary())
+            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+            .arg(config)
+            .env("AMPOULE_MCP_E2E_KEY", KEY)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("serve: {line}");
+                if let Some(addr) = line
+                    .split("listening on ")
+                    .nth(1)
+                    .and_then(|rest| rest.split_whitespace().next())
+                {
+                    let _ = tx.send(addr.to_owned());
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the server did not start");
+        let port = addr.rsplit(':').next().unwrap().parse().unwrap();
+        Server { child, port }
+    }
+
+    fn stop(mut self) {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let t = Instant::now();
+        while self.child.try_wait().unwrap().is_none() {
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "the server did not stop on SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn smoke(venv: &Path, args: &[&str]) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/mcp_smoke.py");
+    let mut cmd = Command::new(venv.join("bin/python"));
+    cmd.arg(&script).args(args);
+    let out = cmd.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{stdout}");
+    assert!(
+        out.status.success() && stdout.contains("mcp smoke: all passed"),
+        "the MCP client failed ({args:?}):\n{stdout}\n{stderr}"
+    );
+}
+
+#[test]
+fn mcp_over_streamable_http_and_stdio() {
+    if !is_root() {
+        eprintln!("skipped: the MCP end-to-end test runs sandboxes and needs root");
+        return;
+    }
+    let Some(venv) = client_venv() else {
+        eprintln!("skipped: set AMPOULE_CLIENT_VENV to a venv with the `mcp` package");
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("ampoule.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\ndata_dir = \"{}\"\n\
+             [[auth.keys]]\ntenant = \"a\"\nkey_env = \"AMPOULE_MCP_E2E_KEY\"\n\
+             [pools.python]\nwarm = 1\nmax_sessions = 20\n",
+            tmp.path().join("data").display()
+        ),
+    )
+    .unwrap();
+    let server = Server::start(&config);
+    let url = format!("http://127.0.0.1:{}", server.port);
+    let bin = binary();
+    let bin = bin.to_str().unwrap();
+
+    // Streamable HTTP, in process in `ampoule serve`.
+    smoke(&venv, &["http", &format!("{url}/mcp"), KEY]);
+    // stdio, through the server's native API.
+    smoke(
+        &venv,
+        &["stdio", bin, "mcp", "--url", &url, "--api-key", KEY],
+    );
+    server.stop();
+    // stdio, running its own sandboxes (the SDK starts it with a minimal environment: no
+    // AMPOULE_URL reaches it).
+    smoke(&venv, &["stdio", bin, "mcp"]);
+}
