@@ -112,6 +112,16 @@ macro_rules! read_row {
     };
 }
 
+/// Equal up to the last bits a JSON round trip may change (serde_json parses floats to
+/// within one unit in the last place).
+fn same(a: Option<f64>, b: Option<f64>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => (a - b).abs() <= 1e-9 * a.abs().max(b.abs()).max(1.0),
+        _ => false,
+    }
+}
+
 impl Row_ {
     fn record(&self) -> Result<Record, Error> {
         serde_json::from_str(&self.body).map_err(|_| Error::Corrupt { seq: self.seq })
@@ -126,8 +136,8 @@ impl Row_ {
             && self.session == r.session
             && self.status == r.status
             && self.language == r.language
-            && self.duration_ms == r.duration_ms
-            && self.cpu_time_ms == r.cpu_time_ms
+            && same(self.duration_ms, r.duration_ms)
+            && same(self.cpu_time_ms, r.cpu_time_ms)
             && self.peak_memory_bytes == r.peak_memory_bytes
     }
 

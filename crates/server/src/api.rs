@@ -137,6 +137,8 @@ fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(execute_stream))
         .routes(routes!(list_files, upload_files))
         .routes(routes!(get_file, put_file, delete_file))
+        .routes(routes!(list_audit))
+        .routes(routes!(get_usage))
 }
 
 /// `GET /healthz`.
@@ -633,4 +635,137 @@ async fn delete_file(
     let _call = state.manager.file_call(&s);
     files::remove(&s.live(), &path).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// `GET /v1/audit` filters; times are milliseconds since the Unix epoch.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct AuditQuery {
+    /// Only this session id.
+    pub session: Option<String>,
+    /// From this time on (inclusive).
+    pub since: Option<i64>,
+    /// Before this time.
+    pub until: Option<i64>,
+    /// Only this status (`succeeded`, `failed`, `timed_out`, `killed`).
+    pub status: Option<String>,
+    /// Only this language.
+    pub language: Option<String>,
+    /// Only this kind (`execution`, `session_created`, `session_expired`, `session_deleted`,
+    /// `session_killed`).
+    pub kind: Option<String>,
+    /// The previous page's `next`.
+    pub after: Option<i64>,
+    /// Records per page (default 100, at most 1000).
+    pub limit: Option<u32>,
+}
+
+/// `GET /v1/audit`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AuditList {
+    /// The tenant's records, oldest first: time, pool, session, language, code and its
+    /// SHA-256, status, duration, CPU time, peak memory, trimmed output, files, egress, the
+    /// limit that decided, and the record's place in the hash chain.
+    #[schema(value_type = Vec<Object>)]
+    pub records: Vec<ampoule_audit::StoredRecord>,
+    /// Pass as `after` for the next page; absent on the last page.
+    pub next: Option<i64>,
+}
+
+fn audit_store(
+    state: &AppState,
+) -> Result<std::sync::Arc<dyn ampoule_audit::AuditStore>, ApiError> {
+    state
+        .manager
+        .audit()
+        .map(|a| a.store.clone())
+        .ok_or_else(|| ApiError::new(ErrorCode::NotFound, "this server keeps no audit log"))
+}
+
+/// The calling tenant's audit records: one per execution and session event.
+#[utoipa::path(get, path = "/v1/audit", tag = "audit", params(AuditQuery),
+    responses((status = 200, body = AuditList), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody)))]
+async fn list_audit(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    QueryParams(q): QueryParams<AuditQuery>,
+) -> Result<axum::Json<AuditList>, ApiError> {
+    let store = audit_store(&state)?;
+    let kind = match q.kind.as_deref() {
+        None => None,
+        Some(k) => Some(
+            serde_json::from_value::<ampoule_audit::Kind>(serde_json::Value::String(k.to_owned()))
+                .map_err(|_| ApiError::invalid(format!("unknown kind {k:?}")))?,
+        ),
+    };
+    let filter = ampoule_audit::Filter {
+        tenant,
+        session: q.session,
+        since_ms: q.since,
+        until_ms: q.until,
+        status: q.status,
+        language: q.language,
+        kind,
+        after: q.after,
+        limit: q.limit,
+    };
+    let page = store.query(&filter).await.map_err(ApiError::internal)?;
+    Ok(axum::Json(AuditList {
+        records: page.records,
+        next: page.next,
+    }))
+}
+
+/// `GET /v1/usage` period; milliseconds since the Unix epoch.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct UsageQuery {
+    /// From (default: the beginning).
+    pub since: Option<i64>,
+    /// Until (default: now).
+    pub until: Option<i64>,
+}
+
+/// `GET /v1/usage`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UsageBody {
+    /// The tenant.
+    pub tenant: String,
+    /// Executions.
+    pub executions: i64,
+    /// Summed wall-clock time of executions.
+    pub execution_seconds: f64,
+    /// Summed lifetime of the sessions that ended.
+    pub session_seconds: f64,
+    /// Summed CPU time.
+    pub cpu_seconds: f64,
+    /// Highest peak memory of one execution.
+    pub peak_memory_bytes: i64,
+    /// Sessions created.
+    pub sessions_created: i64,
+}
+
+/// The calling tenant's metered usage over a period.
+#[utoipa::path(get, path = "/v1/usage", tag = "audit", params(UsageQuery),
+    responses((status = 200, body = UsageBody), (status = 401, body = ErrorBody)))]
+async fn get_usage(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    QueryParams(q): QueryParams<UsageQuery>,
+) -> Result<axum::Json<UsageBody>, ApiError> {
+    let store = audit_store(&state)?;
+    let u = store
+        .usage(&tenant, q.since.unwrap_or(0), q.until.unwrap_or(i64::MAX))
+        .await
+        .map_err(ApiError::internal)?;
+    Ok(axum::Json(UsageBody {
+        tenant,
+        executions: u.executions,
+        execution_seconds: u.execution_seconds,
+        session_seconds: u.session_seconds,
+        cpu_seconds: u.cpu_seconds,
+        peak_memory_bytes: u.peak_memory_bytes,
+        sessions_created: u.sessions_created,
+    }))
 }

@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use ampoule_audit::{Kind, Record};
 use ampoule_types::ExecutionResult;
 use tokio::sync::{Notify, OnceCell};
 
@@ -142,6 +143,27 @@ struct Inner {
     table: Mutex<Table>,
     shutting_down: AtomicBool,
     shutdown: Notify,
+    audit: std::sync::OnceLock<Audit>,
+}
+
+/// Where the manager writes down executions and session events (see `ampoule-audit`).
+#[derive(Clone)]
+pub struct Audit {
+    /// The write path (batched, off the executions' path).
+    pub writer: ampoule_audit::Writer,
+    /// The store, for queries.
+    pub store: Arc<dyn ampoule_audit::AuditStore>,
+    /// Keep each execution's code (else only its SHA-256).
+    pub keep_code: bool,
+    /// Bytes of stdout and of stderr kept per record.
+    pub output_bytes: usize,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 /// What `GET /v1/pools` reports about a pool.
@@ -229,8 +251,46 @@ impl Manager {
                 table: Mutex::new(Table::default()),
                 shutting_down: AtomicBool::new(false),
                 shutdown: Notify::new(),
+                audit: std::sync::OnceLock::new(),
             }),
         }
+    }
+
+    /// Writes every execution and session event to `audit` from now on (once).
+    pub fn set_audit(&self, audit: Audit) {
+        let _ = self.inner.audit.set(audit);
+    }
+
+    /// The audit log, when there is one.
+    pub fn audit(&self) -> Option<&Audit> {
+        self.inner.audit.get()
+    }
+
+    /// Queues a record; never fails the caller (a stopped writer is logged).
+    async fn write_audit(&self, record: Record) {
+        if let Some(a) = self.inner.audit.get()
+            && let Err(e) = a.writer.write(record).await
+        {
+            tracing::error!(error = %e, "audit record not written");
+        }
+    }
+
+    /// A session event's record.
+    async fn audit_session(&self, s: &Session, kind: Kind, decided_by: Option<&str>) {
+        if self.inner.audit.get().is_none() {
+            return;
+        }
+        let mut r = Record::new(kind, now_ms(), &s.tenant, &s.pool, &s.id);
+        r.language = self
+            .inner
+            .pools
+            .get(&s.pool)
+            .map(|p| p.settings.spec.language.as_str().to_owned());
+        if kind != Kind::SessionCreated {
+            r.duration_ms = Some(s.created.elapsed().as_secs_f64() * 1000.0);
+        }
+        r.decided_by = decided_by.map(str::to_owned);
+        self.write_audit(r).await;
     }
 
     /// The default pool's name.
@@ -348,6 +408,12 @@ impl Manager {
         for slot in expired {
             if let Some(s) = slot.cell.get() {
                 tracing::info!(session = %s.id, pool = %s.pool, "session expired");
+                let why = match self.inner.pools.get(&s.pool) {
+                    _ if !s.live.alive() => "sandbox_died",
+                    Some(p) if s.created.elapsed() >= p.settings.max_lifetime => "max_lifetime",
+                    _ => "idle_timeout",
+                };
+                self.audit_session(s, Kind::SessionExpired, Some(why)).await;
             }
             self.remove_and_close(&slot).await;
         }
@@ -524,6 +590,10 @@ impl Manager {
                     ));
                 }
                 session.touch();
+                if reserved {
+                    self.audit_session(&session, Kind::SessionCreated, None)
+                        .await;
+                }
                 Ok((session, reserved))
             }
             Err(e) => {
@@ -604,6 +674,9 @@ impl Manager {
                 .cloned()
         };
         let slot = slot.ok_or_else(ApiError::session_not_found)?;
+        if let Some(s) = slot.cell.get() {
+            self.audit_session(s, Kind::SessionDeleted, None).await;
+        }
         self.remove_and_close(&slot).await;
         Ok(())
     }
@@ -620,6 +693,9 @@ impl Manager {
             .filter(|slot| slot.cell.get().is_some());
         match slot {
             Some(slot) => {
+                if let Some(s) = slot.cell.get() {
+                    self.audit_session(s, Kind::SessionDeleted, None).await;
+                }
                 self.remove_and_close(&slot).await;
                 true
             }
@@ -665,6 +741,8 @@ impl Manager {
     ) -> Result<ExecutionResult, ApiError> {
         session.in_flight.fetch_add(1, Ordering::SeqCst);
         session.touch();
+        let started = now_ms();
+        let code = self.inner.audit.get().map(|_| req.code.clone());
         let result = {
             let _turn = session.exec_lock.lock().await;
             session.executions.fetch_add(1, Ordering::SeqCst);
@@ -672,7 +750,17 @@ impl Manager {
         };
         session.touch();
         session.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if let (Some(code), Ok(r)) = (code, &result) {
+            self.audit_execution(session, started, code, r).await;
+        }
         if !session.live.alive() {
+            let limit = result.as_ref().ok().and_then(|r| r.limit);
+            self.audit_session(
+                session,
+                Kind::SessionKilled,
+                Some(limit.map_or("sandbox_died", |l| l.as_str())),
+            )
+            .await;
             // The sandbox is gone (a limit killed it): the next call with this identifier
             // starts a fresh session instead of failing forever.
             let slot = self
@@ -686,6 +774,43 @@ impl Manager {
             }
         }
         Ok(result?)
+    }
+
+    async fn audit_execution(
+        &self,
+        session: &Session,
+        started: i64,
+        code: String,
+        r: &ExecutionResult,
+    ) {
+        let Some(a) = self.inner.audit.get() else {
+            return;
+        };
+        let mut rec = Record::new(
+            Kind::Execution,
+            started,
+            &session.tenant,
+            &session.pool,
+            &session.id,
+        );
+        rec.execution = Some(format!("exe_{}", random_hex(12)));
+        rec.language = self
+            .inner
+            .pools
+            .get(&session.pool)
+            .map(|p| p.settings.spec.language.as_str().to_owned());
+        rec.code_sha256 = Some(ampoule_audit::sha256_hex(code.as_bytes()));
+        rec.code = a.keep_code.then_some(code);
+        rec.status = Some(r.status.as_str().to_owned());
+        rec.duration_ms = Some(r.duration_ms);
+        rec.cpu_time_ms = r.cpu_time_ms;
+        rec.peak_memory_bytes = r
+            .peak_memory_bytes
+            .map(|b| i64::try_from(b).unwrap_or(i64::MAX));
+        rec.stdout = Some(ampoule_audit::trim(&r.stdout, a.output_bytes));
+        rec.stderr = Some(ampoule_audit::trim(&r.stderr, a.output_bytes));
+        rec.decided_by = r.limit.map(|l| l.as_str().to_owned());
+        self.write_audit(rec).await;
     }
 
     /// Marks the start and end of a file call, so the reaper leaves a session alone while it

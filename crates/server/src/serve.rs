@@ -87,7 +87,75 @@ pub async fn serve(cfg: Config, listen: Option<String>) -> Result<(), Error> {
     }
     let engine = Arc::new(crate::session_engine::SessionEngine::new(Arc::new(host)));
     let state = state(&cfg, engine, keys)?;
-    serve_with(&cfg, listen.as_deref(), state, signal()).await
+    let audit = audit(&cfg, &state.manager).await?;
+    let served = serve_with(&cfg, listen.as_deref(), state, signal()).await;
+    // The manager's clone of the writer is gone with the state: the writer drains and ends.
+    if tokio::time::timeout(SHUTDOWN_GRACE, audit).await.is_err() {
+        tracing::warn!("the audit writer did not finish in time");
+    }
+    served
+}
+
+/// An error and its sources, `: `-separated.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        out.push_str(&format!(": {s}"));
+        next = s.source();
+    }
+    out
+}
+
+/// The audit store's URL: `[audit] url`, else SQLite in the data directory.
+pub fn audit_url(cfg: &Config) -> String {
+    cfg.audit
+        .url
+        .clone()
+        .unwrap_or_else(|| format!("sqlite://{}", cfg.data_dir().join("audit.db").display()))
+}
+
+/// Opens the audit store, hands its writer to the manager and starts pruning past
+/// `[audit] retention_days` (default 90) once an hour. Returns the writer task.
+pub async fn audit(cfg: &Config, manager: &Manager) -> Result<tokio::task::JoinHandle<()>, Error> {
+    let url = audit_url(cfg);
+    if cfg.audit.url.is_none() {
+        std::fs::create_dir_all(cfg.data_dir())
+            .map_err(|e| Error::io("creating the data directory", e))?;
+    }
+    let store = ampoule_audit::SqlStore::open(&url)
+        .await
+        .map_err(|e| Error::Config(format!("opening the audit store: {}", chain(&e))))?;
+    let store: Arc<dyn ampoule_audit::AuditStore> = Arc::new(store);
+    let (writer, task) = ampoule_audit::Writer::spawn(store.clone(), 16_384);
+    manager.set_audit(crate::manager::Audit {
+        writer,
+        store: store.clone(),
+        keep_code: cfg.audit.keep_code.unwrap_or(true),
+        output_bytes: usize::try_from(cfg.audit.output_bytes.unwrap_or(4096)).unwrap_or(usize::MAX),
+    });
+    let retention = Duration::from_secs(
+        cfg.audit
+            .retention_days
+            .unwrap_or(90)
+            .saturating_mul(86_400),
+    );
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(3600));
+        loop {
+            tick.tick().await;
+            let cutoff = std::time::SystemTime::now()
+                .checked_sub(retention)
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_millis() as i64);
+            match store.prune(cutoff).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(records = n, "pruned audit records past retention"),
+                Err(e) => tracing::warn!(error = %e, "audit pruning failed"),
+            }
+        }
+    });
+    Ok(task)
 }
 
 /// Resolves when SIGTERM or SIGINT arrives.
