@@ -153,6 +153,12 @@ def raw_http(ip, port, host):
     data = read_all(s)
     head, _, body = data.partition(b"\r\n\r\n")
     return head.split(b"\r\n")[0].decode() + " | " + body.decode().strip()
+def fronting(ip, port, first, second):
+    s = socket.create_connection((ip, port), 5)
+    s.sendall(b"GET /front1 HTTP/1.1\r\nHost: " + first.encode() + b"\r\n\r\n"
+              b"GET /front2 HTTP/1.1\r\nHost: " + second.encode() + b"\r\nConnection: close\r\n\r\n")
+    import re
+    return [m.decode() for m in re.findall(rb"HTTP/1\.1 \d{3} [^\r\n]*", read_all(s))]
 def tls(ip, port, sni, ctx):
     s = socket.create_connection((ip, port), 5)
     t = ctx.wrap_socket(s, server_hostname=sni)
@@ -211,6 +217,7 @@ check("raw_allowed_host", lambda: raw_http("10.77.0.2", 80, "allowed.test"))
 check("raw_denied_host", lambda: raw_http("10.77.0.2", 80, "denied.test"))
 check("raw_private_host", lambda: raw_http("10.77.0.2", 80, "private.test"))
 check("raw_metadata_host", lambda: raw_http("10.77.0.2", 80, "metadata.test"))
+check("raw_fronting", lambda: fronting("10.77.0.2", 80, "allowed.test", "denied.test"))
 check("raw_jail_service", lambda: raw_http("10.77.0.1", 8080, "10.77.0.1"))
 check("raw_gateway_service", lambda: raw_http(gateway(), 8080, gateway()))
 check("tls_denied_sni", lambda: tls("10.77.0.2", 443, "denied.test", ctx))
@@ -590,6 +597,13 @@ fn check_allowlist(j: &Jailed) -> Result<(), Failed> {
         |s| s.contains("403") && s.contains("link-local"),
         e,
     );
+    // A second request on a kept-alive connection may not name another host.
+    expect(
+        &p,
+        "raw_fronting",
+        |s| s == "ok: ['HTTP/1.1 200 OK', 'HTTP/1.1 421 Misdirected Request']",
+        e,
+    );
     expect(
         &p,
         "raw_jail_service",
@@ -643,6 +657,7 @@ fn check_allowlist(j: &Jailed) -> Result<(), Failed> {
     arrived.sort();
     let want = [
         "http allowed.test /a",
+        "http allowed.test /front1",
         "http allowed.test /raw",
         "https allowed.test /b",
         "https allowed.test /tls",
@@ -994,10 +1009,13 @@ fn unavailable() -> Option<String> {
     None
 }
 
+/// A trial: its name, its body, and whether it is a measurement (ignored unless asked for).
+type Entry = (&'static str, fn() -> Result<(), Failed>, bool);
+
 fn main() {
     let args = Arguments::from_args();
     let why = unavailable();
-    let cases: [(&str, fn() -> Result<(), Failed>, bool); 4] = [
+    let cases: [Entry; 4] = [
         ("allowlist", allowlist, false),
         ("injection", injection, false),
         ("unprivileged_refused", unprivileged_refused, false),

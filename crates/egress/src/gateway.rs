@@ -54,6 +54,13 @@ impl Gateway {
         policy: Arc<Policy>,
         label: &str,
     ) -> Result<Self> {
+        // Registering sockets outside a runtime would panic: refuse instead.
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(Error::io(
+                "starting the egress gateway",
+                std::io::Error::other("not called within a tokio runtime"),
+            ));
+        }
         let tcp = bind(proxy, Type::STREAM, Protocol::TCP)
             .and_then(|s| {
                 s.listen(1024)?;

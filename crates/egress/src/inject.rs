@@ -1,7 +1,11 @@
-//! Credential injection: for a host with an injection rule the gateway does not splice bytes
-//! but speaks HTTP/1.1 on both sides, setting the configured header on every request.
+//! Request by request: plain HTTP always, and TLS for hosts with a credential rule. Here the
+//! gateway does not splice bytes but speaks HTTP/1.1 on both sides, checks every request's
+//! `Host`, and sets the configured header, if any, on every request.
 //!
-//! Plain HTTP is served as it comes. For TLS the gateway first completes its own handshake
+//! Plain HTTP always goes this way, injection or not: on a spliced connection a second request
+//! could name another host served by the same front end (domain fronting); here each request
+//! must name the host the connection was checked for. (Inside passed-through TLS the gateway
+//! cannot see requests at all; see the threat model.) Upgrades (`ws://`) are not forwarded. For TLS the gateway first completes its own handshake
 //! with the upstream server (verified against the system store and the operator's extra CAs),
 //! and only then answers the sandbox's ClientHello with a certificate for the same name from
 //! its own CA, which the sandbox trusts. A request whose `Host` differs from the name the
@@ -31,7 +35,7 @@ use crate::policy::{Injection, Target, split_host_port};
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
-/// A connection that was allowed to a host with an injection rule.
+/// An allowed connection served request by request.
 pub(crate) struct Conversation {
     pub(crate) shared: Arc<Shared>,
     pub(crate) log: Arc<EventLog>,
@@ -39,7 +43,8 @@ pub(crate) struct Conversation {
     pub(crate) port: u16,
     pub(crate) addr: SocketAddr,
     pub(crate) rule: String,
-    pub(crate) injection: Injection,
+    /// The header to set, for hosts with a credential rule.
+    pub(crate) injection: Option<Injection>,
 }
 
 fn text(status: StatusCode, msg: String) -> Response<Body> {
@@ -74,8 +79,11 @@ impl Conversation {
     where
         C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let reason = format!("{}; {} injected", self.rule, self.injection.header());
-        self.record(EgressProtocol::Http, true, true, reason);
+        let (reason, injected) = match &self.injection {
+            Some(i) => (format!("{}; {} injected", self.rule, i.header()), true),
+            None => (self.rule.clone(), false),
+        };
+        self.record(EgressProtocol::Http, true, injected, reason);
         self.exchange(client, upstream).await;
     }
 
@@ -125,12 +133,11 @@ impl Conversation {
                 return self.record(tls, false, false, reason);
             }
         };
-        let reason = format!(
-            "{}; TLS terminated, {} injected",
-            self.rule,
-            self.injection.header()
-        );
-        self.record(tls, true, true, reason);
+        let reason = match &self.injection {
+            Some(i) => format!("{}; TLS terminated, {} injected", self.rule, i.header()),
+            None => format!("{}; TLS terminated", self.rule),
+        };
+        self.record(tls, true, self.injection.is_some(), reason);
         self.exchange(down, up).await;
     }
 
@@ -193,10 +200,10 @@ impl Conversation {
             ));
             return text(StatusCode::MISDIRECTED_REQUEST, reason);
         }
-        req.headers_mut().insert(
-            self.injection.header().clone(),
-            self.injection.value().clone(),
-        );
+        if let Some(i) = &self.injection {
+            req.headers_mut()
+                .insert(i.header().clone(), i.value().clone());
+        }
         let mut sender = sender.lock().await;
         if sender.ready().await.is_err() {
             return text(StatusCode::BAD_GATEWAY, "the upstream closed".into());

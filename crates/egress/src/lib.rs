@@ -14,10 +14,11 @@
 //!    and every address is checked (no private, loopback, link-local or metadata address
 //!    unless explicitly allowed); the gateway connects to exactly an address it checked, so
 //!    whatever the sandbox's own DNS answers said, DNS rebinding gains nothing;
-//! 4. it replays the bytes it read and splices the two connections; TLS is not intercepted,
-//!    except for hosts with a credential rule: there it terminates TLS with a certificate from
-//!    its own CA (`ca.rs`, trusted by the sandbox) and adds the header to every request
-//!    (`inject.rs`), so the secret never enters the sandbox.
+//! 4. TLS is replayed and spliced, never intercepted, except for hosts with a credential rule:
+//!    there it terminates TLS with a certificate from its own CA (`ca.rs`, trusted by the
+//!    sandbox) and adds the header to every request (`inject.rs`), so the secret never enters
+//!    the sandbox. Plain HTTP is always served request by request, so a kept-alive connection
+//!    cannot carry a request for another host.
 //!
 //! Every decision becomes an [`EgressEvent`](ampoule_types::EgressEvent): logged with
 //! `tracing` (target `ampoule::egress`) and kept on the [`Gateway`] for the execution's

@@ -193,8 +193,8 @@ pub(crate) async fn serve(
     let _ = upstream.set_nodelay(true);
     let _ = client.set_nodelay(true);
 
-    if let Some(injection) = policy.injection(&target) {
-        let injection = injection.clone();
+    let injection = policy.injection(&target).cloned();
+    if protocol == EgressProtocol::Http || injection.is_some() {
         let io = crate::inject::Conversation {
             shared,
             log,
