@@ -304,3 +304,80 @@ pub fn service(state: &AppState) -> Router {
             authenticate,
         ))
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::config::{Config, sha256_hex};
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode};
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    fn mcp_app(extra: &str) -> (Router, tempfile::TempDir) {
+        let root = tempfile::tempdir().unwrap();
+        let cfg = Config::parse(&format!(
+            "[[auth.keys]]\ntenant = \"a\"\nkey_sha256 = \"{}\"\n[pools.python]\nwarm = 0\n{extra}",
+            sha256_hex("k")
+        ))
+        .unwrap();
+        let engine = crate::fake::FakeEngine::new(root.path());
+        let keys = crate::serve::keys(&cfg).unwrap();
+        let state = crate::serve::state(&cfg, Arc::new(engine), keys).unwrap();
+        (crate::app(state), root)
+    }
+
+    async fn post(app: &Router, host: &str, key: Option<&str>, body: &str) -> (StatusCode, String) {
+        let mut req = Request::post("/mcp")
+            .header("host", host)
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream");
+        if let Some(k) = key {
+            req = req.header("authorization", format!("Bearer {k}"));
+        }
+        let resp = app
+            .clone()
+            .oneshot(req.body(Body::from(body.to_owned())).unwrap())
+            .await
+            .unwrap();
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    const LIST: &str = r#"{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{}}"#;
+
+    #[tokio::test]
+    async fn mcp_needs_a_key_and_an_allowed_host() {
+        let (app, _root) = mcp_app("");
+        let (status, body) = post(&app, "127.0.0.1:8080", None, LIST).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+        let (status, _) = post(&app, "127.0.0.1:8080", Some("wrong"), LIST).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        let (status, _) = post(&app, "evil.example", Some("k"), LIST).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        let (status, body) = post(&app, "localhost:8080", Some("k"), LIST).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert!(body.contains("execute_code"), "{body}");
+        let call = r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"list_files","arguments":{"session":"nope"}}}"#;
+        let (status, body) = post(&app, "localhost", Some("k"), call).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert!(body.contains(r#""isError":true"#), "{body}");
+        assert!(body.contains("session_not_found"), "{body}");
+    }
+
+    #[tokio::test]
+    async fn allowed_hosts_come_from_the_config() {
+        let (app, _root) = mcp_app("[mcp]\nallowed_hosts = [\"sandbox.example.com\"]\n");
+        let (status, _) = post(&app, "sandbox.example.com", Some("k"), LIST).await;
+        assert_eq!(status, StatusCode::OK);
+        let (status, _) = post(&app, "127.0.0.1", Some("k"), LIST).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        let (app, _root) = mcp_app("[mcp]\nallowed_hosts = [\"*\"]\n");
+        let (status, _) = post(&app, "anything.example", Some("k"), LIST).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(Config::parse("[mcp]\nallowed_host = []").is_err());
+    }
+}
