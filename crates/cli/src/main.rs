@@ -4,6 +4,7 @@
 //! 124 when it timed out, 137 when a limit killed it, 125 when ampoule itself failed.
 #![forbid(unsafe_code)]
 
+mod audit;
 mod setup;
 
 use std::collections::BTreeMap;
@@ -45,6 +46,8 @@ enum Command {
     /// MCP server on stdio: code-execution tools for MCP clients (Claude Desktop, VS Code…),
     /// over a server's API (--url) or running sandboxes itself.
     Mcp(McpArgs),
+    /// The audit log: list a tenant's records, or `verify` the hash chain.
+    Audit(audit::AuditArgs),
     /// Check which isolation layers and language runtimes work on this host.
     Doctor {
         /// Print the report as JSON.
@@ -163,6 +166,7 @@ fn main() -> ExitCode {
             Command::Mcp(args) => mcp(args).await,
             Command::Setup(args) => setup::run(args),
             Command::Doctor { json } => doctor(json).await,
+            Command::Audit(args) => audit::run(args).await,
         }
     });
     match result {
