@@ -4,11 +4,11 @@
 //! In allowlist mode (root only) the sandbox in slot `n` gets the `/30` at `10.201.0.0 + 4n`:
 //! the host side `amp<n>` has `.1`, the sandbox's `eth0` has `.2` and a default route through
 //! `.1`, and the sandbox's `/etc/resolv.conf` names `.1`. Nothing routes further: one nftables
-//! table, `inet ampoule`, shared by every sandbox and the same for all of them, redirects every
-//! TCP connection that arrives on an `amp*` interface to the gateway's proxy port and every UDP
-//! datagram to port 53 to its DNS port (on the address of the interface it came in on, so the
-//! connection is attributable to its sandbox), accepts nothing else from `amp*` on the host and
-//! forwards nothing to or from `amp*`. As a second layer that does not depend on the table, the
+//! table, `inet ampoule` (`policies/nftables/egress.nft`), shared by every sandbox and the same
+//! for all of them, redirects every TCP connection that arrives on an `amp*` interface to the
+//! gateway's proxy port and every UDP datagram to port 53 to its DNS port (on the address of
+//! the interface it came in on, so the connection is attributable to its sandbox), accepts
+//! nothing else from `amp*` on the host and forwards nothing to or from `amp*`. As a second layer that does not depend on the table, the
 //! host side of every pair has IPv4 forwarding and IPv6 switched off, and the sandbox side is
 //! created without IPv6.
 //!
@@ -117,33 +117,15 @@ pub(crate) struct InitNetwork {
     pub(crate) prefix: u8,
 }
 
-/// The nftables ruleset, loaded in one transaction that replaces any older version of the
-/// table atomically (so a live sandbox is never without its rules).
+/// The table, as data a reviewer can read: `policies/nftables/egress.nft`, embedded at build
+/// time. Its ports and marker must match the constants above (a unit test checks).
+pub const NFT_RULESET: &str = include_str!("../../../policies/nftables/egress.nft");
+
+/// The ruleset as loaded: in one transaction that creates the table if it is missing, deletes
+/// it, and adds the current one, so an older version is replaced atomically and a live sandbox
+/// is never without its rules.
 fn nft_script() -> String {
-    format!(
-        r#"table inet {NFT_TABLE}
-delete table inet {NFT_TABLE}
-table inet {NFT_TABLE} {{
-  comment "{NFT_MARKER}"
-  chain prerouting {{
-    type nat hook prerouting priority dstnat; policy accept;
-    iifname "amp*" meta l4proto tcp redirect to :{PROXY_PORT}
-    iifname "amp*" udp dport 53 redirect to :{DNS_PORT}
-  }}
-  chain input {{
-    type filter hook input priority filter; policy accept;
-    iifname "amp*" tcp dport {PROXY_PORT} accept
-    iifname "amp*" udp dport {DNS_PORT} accept
-    iifname "amp*" counter drop
-  }}
-  chain forward {{
-    type filter hook forward priority filter; policy accept;
-    iifname "amp*" counter drop
-    oifname "amp*" counter drop
-  }}
-}}
-"#
-    )
+    format!("table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\n{NFT_RULESET}")
 }
 
 /// Whether the current table is ours and current (a netlink query, well under a millisecond).
@@ -329,7 +311,8 @@ mod tests {
     #[test]
     fn the_ruleset_carries_its_marker_and_ports() {
         let s = nft_script();
-        assert!(s.contains(NFT_MARKER));
+        assert!(s.contains(&format!("comment \"{NFT_MARKER}\"")));
+        assert!(s.contains(&format!("table inet {NFT_TABLE} {{")));
         assert!(NFT_MARKER.contains(&PROXY_PORT.to_string()));
         assert!(NFT_MARKER.contains(&DNS_PORT.to_string()));
         assert!(s.contains(&format!("redirect to :{PROXY_PORT}")));
