@@ -10,7 +10,6 @@ if [ -z "$bin" ]; then
   exit 1
 fi
 dir=$PWD/target/postgres
-port=${AMPOULE_TEST_POSTGRES_PORT:-54329}
 as_owner() {
   if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
 }
@@ -21,7 +20,11 @@ if [ ! -f "$dir/data/PG_VERSION" ]; then
   as_owner "$bin/initdb" -D "$dir/data" -A trust -U ampoule --no-sync -E UTF8 >"$dir/initdb.log" 2>&1
 fi
 if ! as_owner "$bin/pg_ctl" status -D "$dir/data" >/dev/null 2>&1; then
+  # The first free port from 54329 (another checkout's cluster may hold one).
+  port=54329
+  while (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do port=$((port + 1)); done
+  echo "$port" >"$dir/port"
   as_owner "$bin/pg_ctl" start -D "$dir/data" -l "$dir/server.log" -w \
     -o "-p $port -c listen_addresses=127.0.0.1 -k $dir -c fsync=off -c max_connections=200" >/dev/null
 fi
-echo "postgres://ampoule@127.0.0.1:$port/postgres"
+echo "postgres://ampoule@127.0.0.1:$(cat "$dir/port")/postgres"
