@@ -311,7 +311,15 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
         if let (Some((egress, policy)), Some(addrs)) = (&egress, p.network) {
             gateway = Some(
                 egress
-                    .start(addrs.proxy(), addrs.dns(), policy.clone(), &addrs.interface)
+                    .start(
+                        ampoule_egress::Endpoints {
+                            proxy: addrs.proxy(),
+                            dns: addrs.dns(),
+                            peer: Some(addrs.sandbox.into()),
+                        },
+                        policy.clone(),
+                        &addrs.interface,
+                    )
                     .map_err(|e| ampoule_runtime::Error::Network(format!("egress gateway: {e}")))?,
             );
         }

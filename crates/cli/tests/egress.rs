@@ -197,6 +197,30 @@ def gateway():
             return socket.inet_ntoa(struct.pack("<I", int(f[2], 16)))
 "#;
 
+/// While the sandbox runs, a process of the jail (a local user of the host) tries to use the
+/// sandbox's gateway itself; the outcome lands in `$T/host_probe`.
+const HOST_PROBE: &str = r#"
+( i=0
+  while [ $i -lt 400 ]; do
+    gw=$(ip -o -4 addr show | awk '$2 ~ /^amp/ { split($4, a, "/"); print a[1]; exit }')
+    if [ -n "$gw" ]; then
+      sleep 0.5
+      /usr/bin/python3 -c '
+import socket, sys
+try:
+    s = socket.create_connection((sys.argv[1], 15001), 2)
+    s.sendall(b"GET / HTTP/1.1\r\nHost: allowed.test\r\nConnection: close\r\n\r\n")
+    d = s.recv(100)
+    print("reached %r" % d[:20] if d else "closed")
+except OSError as e:
+    print("blocked", type(e).__name__)
+' "$gw" > "$T/host_probe"
+      break
+    fi
+    i=$((i+1)); sleep 0.05
+  done ) &
+"#;
+
 /// Everything the allowlist case tries from inside the sandbox.
 const ALLOWLIST_PROBE: &str = r#"
 CA = "/mnt/data/upstream-ca.pem"
@@ -546,6 +570,7 @@ fn allowlist() -> Result<(), Failed> {
     args.extend(["--file".into(), "{T}/upstream-ca.pem".into()]);
     let case = Case {
         args,
+        before: HOST_PROBE,
         code: format!("{PROBE_PRELUDE}{ALLOWLIST_PROBE}"),
         // private.test is *not* pinned: the system resolver (the jail's /etc/hosts) says it is
         // 10.77.0.2, as a rebinding DNS server would say of a public name.
@@ -700,6 +725,13 @@ fn check_allowlist(j: &Jailed) -> Result<(), Failed> {
     }
     if j.leftover_links != "0" {
         errors.push(format!("veth left in the jail: {}", j.leftover_links));
+    }
+    let host_probe = std::fs::read_to_string(j.dir.path().join("host_probe")).unwrap_or_default();
+    // Dropped by the table (a timeout), not merely refused by the gateway.
+    if !host_probe.starts_with("blocked TimeoutError") {
+        errors.push(format!(
+            "a process of the host used the sandbox's gateway: {host_probe:?}"
+        ));
     }
     if j.rc != 0 {
         errors.push(format!("ampoule exited {}: {}", j.rc, j.ampoule_stderr));

@@ -30,6 +30,7 @@ const TTL: u32 = 30;
 /// Serves DNS on `socket` until the task is aborted.
 pub(crate) async fn serve(
     socket: UdpSocket,
+    peer: Option<std::net::IpAddr>,
     shared: Arc<Shared>,
     policy: Arc<Policy>,
     log: Arc<EventLog>,
@@ -40,13 +41,16 @@ pub(crate) async fn serve(
     let mut buf = vec![0u8; 4096];
     loop {
         while tasks.try_join_next().is_some() {}
-        let (n, peer) = match socket.recv_from(&mut buf).await {
+        let (n, from) = match socket.recv_from(&mut buf).await {
             Ok(r) => r,
             Err(e) => {
                 tracing::debug!(error = %e, "dns receive failed");
                 continue;
             }
         };
+        if !crate::gateway::serves(peer, from) {
+            continue;
+        }
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             continue;
         };
@@ -55,7 +59,7 @@ pub(crate) async fn serve(
             (socket.clone(), shared.clone(), policy.clone(), log.clone());
         tasks.spawn(async move {
             if let Some(reply) = answer(&query, &shared, &policy, &log).await {
-                let _ = socket.send_to(&reply, peer).await;
+                let _ = socket.send_to(&reply, from).await;
             }
             drop(permit);
         });

@@ -5,7 +5,7 @@
 //! given the host side of the veth pair its address. Dropping the gateway stops both loops and
 //! every connection they serve.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,10 +15,10 @@ use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::Semaphore;
 use tokio::task::{JoinHandle, JoinSet};
 
-use crate::Shared;
 use crate::error::{Error, Result};
 use crate::events::{Decision, EventLog};
 use crate::policy::Policy;
+use crate::{Endpoints, Shared};
 
 /// Connections served at once per sandbox; more are refused, so a sandbox cannot exhaust the
 /// supervisor's descriptors.
@@ -49,11 +49,11 @@ fn bind(addr: SocketAddr, ty: Type, protocol: Protocol) -> std::io::Result<Socke
 impl Gateway {
     pub(crate) fn start(
         shared: Arc<Shared>,
-        proxy: SocketAddr,
-        dns: SocketAddr,
+        at: Endpoints,
         policy: Arc<Policy>,
         label: &str,
     ) -> Result<Self> {
+        let Endpoints { proxy, dns, peer } = at;
         // Registering sockets outside a runtime would panic: refuse instead.
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(Error::io(
@@ -77,11 +77,12 @@ impl Gateway {
         let tasks = vec![
             tokio::spawn(accept_loop(
                 tcp,
+                peer,
                 shared.clone(),
                 policy.clone(),
                 log.clone(),
             )),
-            tokio::spawn(crate::dns::serve(udp, shared, policy, log.clone())),
+            tokio::spawn(crate::dns::serve(udp, peer, shared, policy, log.clone())),
         ];
         Ok(Self {
             log,
@@ -130,8 +131,14 @@ impl Drop for Gateway {
     }
 }
 
+/// Whether `from` may use this gateway.
+pub(crate) fn serves(peer: Option<IpAddr>, from: SocketAddr) -> bool {
+    peer.is_none_or(|p| p.to_canonical() == from.ip().to_canonical())
+}
+
 async fn accept_loop(
     listener: TcpListener,
+    peer: Option<IpAddr>,
     shared: Arc<Shared>,
     policy: Arc<Policy>,
     log: Arc<EventLog>,
@@ -142,7 +149,12 @@ async fn accept_loop(
     loop {
         while conns.try_join_next().is_some() {}
         let stream = match listener.accept().await {
-            Ok((s, _)) => s,
+            Ok((s, from)) if serves(peer, from) => s,
+            Ok((_, from)) => {
+                // Not the sandbox: someone on the host. Not the sandbox's event either.
+                tracing::warn!(target: "ampoule::egress", %from, "egress proxy: refused a connection that is not from its sandbox");
+                continue;
+            }
             Err(e) => {
                 // Out of descriptors, most likely: let some connections end first.
                 tracing::warn!(error = %e, "egress proxy accept failed");

@@ -45,7 +45,7 @@ pub mod sniff;
 mod tls;
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -75,6 +75,19 @@ impl EgressSettings {
             .into_iter()
             .collect()
     }
+}
+
+/// Where one sandbox's gateway listens, and whom it serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Endpoints {
+    /// TCP address of the proxy: the host side of the sandbox's link.
+    pub proxy: SocketAddr,
+    /// UDP address of the DNS responder.
+    pub dns: SocketAddr,
+    /// The sandbox's own address. Connections and queries from any other address are refused,
+    /// so a local user of the host cannot borrow a sandbox's allowances or credentials by
+    /// connecting to its gateway. `None` serves every peer (tests over loopback).
+    pub peer: Option<IpAddr>,
 }
 
 /// The egress service of one ampoule process: the resolver with its pins, the certificate
@@ -119,17 +132,11 @@ impl Egress {
             .then(|| self.shared.authority.cert_pem().to_owned())
     }
 
-    /// Starts a gateway for one sandbox: the proxy on `proxy` (TCP) and the DNS responder on
-    /// `dns` (UDP). Both are bound at once (with `IP_FREEBIND`, so the address need not exist
-    /// yet); connections are served until the [`Gateway`] is dropped. Must be called within a
-    /// tokio runtime. `label` names the sandbox or execution in the logs.
-    pub fn start(
-        &self,
-        proxy: SocketAddr,
-        dns: SocketAddr,
-        policy: Arc<Policy>,
-        label: &str,
-    ) -> Result<Gateway> {
-        gateway::Gateway::start(self.shared.clone(), proxy, dns, policy, label)
+    /// Starts a gateway for one sandbox: the proxy and the DNS responder on `at`. Both are
+    /// bound at once (with `IP_FREEBIND`, so the address need not exist yet); connections are
+    /// served until the [`Gateway`] is dropped. Must be called within a tokio runtime (an error
+    /// otherwise). `label` names the sandbox or execution in the logs.
+    pub fn start(&self, at: Endpoints, policy: Arc<Policy>, label: &str) -> Result<Gateway> {
+        gateway::Gateway::start(self.shared.clone(), at, policy, label)
     }
 }

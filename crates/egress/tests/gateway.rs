@@ -9,7 +9,9 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use ampoule_egress::{Egress, EgressSettings, Gateway, InjectRule, Policy, PolicyConfig};
+use ampoule_egress::{
+    Egress, EgressSettings, Endpoints, Gateway, InjectRule, Policy, PolicyConfig,
+};
 use ampoule_types::EgressProtocol;
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use rustls_pki_types::pem::PemObject;
@@ -114,7 +116,12 @@ async fn https_upstream(name: &str) -> Option<TlsUpstream> {
 
 fn gateway(egress: &Egress, policy: Policy) -> Gateway {
     let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    egress.start(any, any, Arc::new(policy), "test").unwrap()
+    let at = Endpoints {
+        proxy: any,
+        dns: any,
+        peer: None,
+    };
+    egress.start(at, Arc::new(policy), "test").unwrap()
 }
 
 fn policy(allow: &[&str], inject: bool) -> Policy {
@@ -258,6 +265,44 @@ async fn http_is_decided_by_host_and_denials_never_reach_upstream() {
         events[0].address.as_deref(),
         Some(&*format!("127.0.0.1:{port}"))
     );
+}
+
+#[tokio::test]
+async fn only_the_sandbox_may_use_its_gateway() {
+    let (port, seen) = http_upstream().await;
+    let egress = Egress::new(&EgressSettings {
+        hosts: pins(),
+        ..EgressSettings::default()
+    })
+    .unwrap();
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let at = Endpoints {
+        proxy: any,
+        dns: any,
+        // The sandbox is 127.0.0.2; this test connects from 127.0.0.1, like a local user.
+        peer: Some("127.0.0.2".parse().unwrap()),
+    };
+    let gw = egress
+        .start(
+            at,
+            Arc::new(policy(&["up.test", "127.0.0.1"], true)),
+            "test",
+        )
+        .unwrap();
+    let out = http_get(&gw, &format!("up.test:{port}"), "").await;
+    assert!(out.is_empty(), "{out}");
+    assert!(seen.lock().unwrap().is_empty());
+    assert!(gw.events().is_empty());
+    // From the sandbox's address it works.
+    let from = tokio::net::TcpSocket::new_v4().unwrap();
+    from.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let mut c = from.connect(gw.proxy_addr()).await.unwrap();
+    c.write_all(format!("GET / HTTP/1.1\r\nHost: up.test:{port}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    let _ = c.read_to_string(&mut out).await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
 }
 
 #[tokio::test]

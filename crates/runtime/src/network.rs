@@ -8,7 +8,8 @@
 //! for all of them, redirects every TCP connection that arrives on an `amp*` interface to the
 //! gateway's proxy port and every UDP datagram to port 53 to its DNS port (on the address of
 //! the interface it came in on, so the connection is attributable to its sandbox), accepts
-//! nothing else from `amp*` on the host and forwards nothing to or from `amp*`. As a second layer that does not depend on the table, the
+//! nothing else from `amp*` on the host, lets nothing but `amp*` reach the link network (the
+//! gateways serve sandboxes only) and forwards nothing to or from `amp*`. As a second layer that does not depend on the table, the
 //! host side of every pair has IPv4 forwarding and IPv6 switched off, and the sandbox side is
 //! created without IPv6.
 //!
@@ -44,7 +45,7 @@ pub const NFT_TABLE: &str = "ampoule";
 
 /// Marker kept in the table's comment: a table with another marker (an older ampoule, other
 /// ports) is replaced.
-const NFT_MARKER: &str = "ampoule egress v1 tcp 15001 dns 15053";
+const NFT_MARKER: &str = "ampoule egress v2 tcp 15001 dns 15053";
 
 /// Where the sandbox finds the certificate bundle it trusts when the gateway may terminate
 /// TLS (the host's bundle plus the gateway's CA).
@@ -313,6 +314,7 @@ mod tests {
         let s = nft_script();
         assert!(s.contains(&format!("comment \"{NFT_MARKER}\"")));
         assert!(s.contains(&format!("table inet {NFT_TABLE} {{")));
+        assert!(s.contains(&format!("ip daddr {SUBNET}/16 counter drop")));
         assert!(NFT_MARKER.contains(&PROXY_PORT.to_string()));
         assert!(NFT_MARKER.contains(&DNS_PORT.to_string()));
         assert!(s.contains(&format!("redirect to :{PROXY_PORT}")));
