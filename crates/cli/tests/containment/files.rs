@@ -215,7 +215,7 @@ import os, sys
 # their directory of the scratch tmpfs, device binds their node. Nothing may name the host's
 # runtime, project or home directories.
 DEV = {"null", "zero", "full", "random", "urandom"}
-ETC = {"ssl/certs", "ssl/openssl.cnf", "ca-certificates", "ca-certificates.conf", "ld.so.cache", "ld.so.conf",
+ETC = {"ssl/certs", "ssl/openssl.cnf", "mono", "ca-certificates", "ca-certificates.conf", "ld.so.cache", "ld.so.conf",
        "ld.so.conf.d", "alternatives", "fonts", "mime.types", "matplotlibrc", "protocols",
        "services", "os-release"}
 PROC_FILES = {"kcore", "kmsg", "keys", "key-users", "sysrq-trigger", "timer_list", "sched_debug",
