@@ -145,6 +145,12 @@ fn outer(chan: &InitChannel) -> Stage<i32> {
         mount_scratch(&spec)?;
         build_root(&spec)?;
     }
+    // Changing credentials (setresuid, and the id maps) clears the parent-death signal: ask
+    // for it again, then make sure the supervisor did not die in between.
+    let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+    if nix::unistd::getppid().as_raw() == 0 || nix::unistd::getppid().as_raw() == 1 {
+        return Err(fail("supervisor", "the supervisor exited during set-up"));
+    }
 
     if spec.network.is_some() {
         crate::network::disable_ipv6_here().stage("network")?;
