@@ -168,13 +168,23 @@ impl Session {
             Ok(())
         })
         .await?;
+        Self::handshake(sandbox, spec.language, limits).await
+    }
+
+    /// Takes over a freshly spawned sandbox whose program is a kernel: wires its stdio to the
+    /// protocol and waits for the kernel's `hello`.
+    pub async fn handshake(
+        mut sandbox: Sandbox,
+        language: &'static str,
+        limits: Limits,
+    ) -> Result<Self> {
         let (Some(requests), Some(stdout), Some(stderr)) = (
             sandbox.stdin.take(),
             sandbox.stdout.take(),
             sandbox.stderr.take(),
         ) else {
             return Err(Error::KernelStart {
-                language: spec.language.into(),
+                language: language.into(),
                 detail: "the sandbox has no stdio pipes".into(),
             });
         };
@@ -184,7 +194,7 @@ impl Session {
         let log_task = tokio::spawn(keep_tail(stderr, log.clone()));
 
         let fail = |detail: String| Error::KernelStart {
-            language: spec.language.into(),
+            language: language.into(),
             detail,
         };
         let runtime = match tokio::time::timeout(START_TIMEOUT, events.recv()).await {
@@ -230,7 +240,7 @@ impl Session {
             }
         };
         Ok(Self {
-            language: spec.language,
+            language,
             runtime,
             sandbox,
             requests,
