@@ -15,6 +15,8 @@ const MAX_KEPT: usize = 1000;
 #[derive(Debug)]
 pub(crate) struct EventLog {
     label: Mutex<String>,
+    /// The session and execution the next decisions belong to (empty when not known).
+    context: Mutex<(String, String)>,
     kept: Mutex<Vec<EgressEvent>>,
     dropped: AtomicU64,
 }
@@ -53,6 +55,7 @@ impl EventLog {
     pub(crate) fn new(label: &str) -> Self {
         Self {
             label: Mutex::new(label.to_owned()),
+            context: Mutex::new((String::new(), String::new())),
             kept: Mutex::new(Vec::new()),
             dropped: AtomicU64::new(0),
         }
@@ -64,11 +67,20 @@ impl EventLog {
         }
     }
 
+    pub(crate) fn set_context(&self, session: &str, execution: &str) {
+        if let Ok(mut c) = self.context.lock() {
+            *c = (session.to_owned(), execution.to_owned());
+        }
+    }
+
     pub(crate) fn record(&self, d: Decision) {
         let label = self.label.lock().map(|l| l.clone()).unwrap_or_default();
+        let (session, execution) = self.context.lock().map(|c| c.clone()).unwrap_or_default();
         tracing::info!(
             target: "ampoule::egress",
             sandbox = %label,
+            session = %session,
+            execution = %execution,
             host = %d.host,
             port = d.port,
             protocol = ?d.protocol,

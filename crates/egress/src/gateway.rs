@@ -112,6 +112,12 @@ impl Gateway {
         self.log.set_label(label);
     }
 
+    /// Names the session and the execution that the decisions from now on belong to: the
+    /// `session` and `execution` fields of every logged event (empty strings when unknown).
+    pub fn set_context(&self, session: &str, execution: &str) {
+        self.log.set_context(session, execution);
+    }
+
     /// Where the proxy listens.
     pub fn proxy_addr(&self) -> SocketAddr {
         self.proxy

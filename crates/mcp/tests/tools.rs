@@ -36,6 +36,7 @@ fn result(stdout: &str, value: Option<&str>, outputs: Vec<MimeBundle>) -> Execut
         duration_ms: 1.0,
         cpu_time_ms: None,
         peak_memory_bytes: None,
+        egress: Vec::new(),
     }
 }
 

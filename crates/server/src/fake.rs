@@ -196,6 +196,7 @@ impl LiveSession for FakeSession {
             duration_ms: 0.0,
             cpu_time_ms: None,
             peak_memory_bytes: None,
+            egress: Vec::new(),
         };
         let emit = |ev: ExecutionEvent| {
             if let Some(tx) = &events {

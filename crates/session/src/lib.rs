@@ -42,11 +42,14 @@
 pub mod doctor;
 pub mod error;
 pub mod language;
+pub mod network;
 pub mod paths;
 pub mod session;
 pub mod setup;
+pub mod zygote;
 
 pub use ampoule_types::{ExecutionEvent, ExecutionResult, MimeBundle, SessionState};
 pub use error::{Error, Result};
 pub use language::{Kernel, LanguageSpec};
+pub use network::{SessionNetwork, SessionOptions};
 pub use session::{ExecuteRequest, Session};

@@ -135,6 +135,9 @@ pub struct Session {
     seq: u64,
     execution_count: u64,
     lost: Option<String>,
+    /// The sandbox's egress gateway, when it has network (see [`Session::start_with`]); it
+    /// lives as long as the session.
+    pub(crate) gateway: Option<ampoule_egress::Gateway>,
 }
 
 impl Session {
@@ -147,21 +150,9 @@ impl Session {
     /// Starts the kernel described by `spec` in a fresh sandbox with `limits`
     /// (`limits.timeout_s` is the default per-execution timeout).
     pub async fn start(host: &Host, spec: LanguageSpec, limits: Limits) -> Result<Self> {
-        let mut cfg = SandboxConfig::new(spec.argv.clone());
-        for (key, value) in &spec.env {
-            match cfg.env.iter_mut().find(|(k, _)| k == key) {
-                Some(slot) => slot.1.clone_from(value),
-                None => cfg.env.push((key.clone(), value.clone())),
-            }
-        }
-        cfg.ro_binds.clone_from(&spec.ro_binds);
-        cfg.stdin = true;
-        cfg.limits = Limits {
-            timeout_s: SESSION_CPU_BACKSTOP_S,
-            ..limits.clone()
-        };
+        let cfg = sandbox_config(&spec, &limits);
         let files = spec.files.clone();
-        let mut sandbox = Sandbox::spawn(host, &cfg, |scratch| {
+        let sandbox = Sandbox::spawn(host, &cfg, |scratch| {
             for f in &files {
                 scratch.write(CODE, f.name, f.contents.as_bytes(), 0o644)?;
             }
@@ -251,6 +242,7 @@ impl Session {
             seq: 0,
             execution_count: 0,
             lost: None,
+            gateway: None,
         })
     }
 
@@ -322,6 +314,9 @@ impl Session {
                 }
             }
         }
+        // Network attempts since the last execution ended (a thread it left running) were
+        // logged then; they are no part of this execution's result.
+        let _between = self.take_egress_events();
         self.seq += 1;
         let id = format!("x{}", self.seq);
         let timeout = req
@@ -516,6 +511,7 @@ impl Session {
             duration_ms: started.elapsed().as_secs_f64() * 1000.0,
             cpu_time_ms,
             peak_memory_bytes: stats.and_then(|s| s.peak_memory),
+            egress: self.take_egress_events(),
         })
     }
 
@@ -545,6 +541,24 @@ impl Session {
         self.sandbox.kill();
         self.sandbox.finish().await;
     }
+}
+
+/// The sandbox of a kernel described by `spec`, with `limits` and a lifetime CPU backstop.
+pub(crate) fn sandbox_config(spec: &LanguageSpec, limits: &Limits) -> SandboxConfig {
+    let mut cfg = SandboxConfig::new(spec.argv.clone());
+    for (key, value) in &spec.env {
+        match cfg.env.iter_mut().find(|(k, _)| k == key) {
+            Some(slot) => slot.1.clone_from(value),
+            None => cfg.env.push((key.clone(), value.clone())),
+        }
+    }
+    cfg.ro_binds.clone_from(&spec.ro_binds);
+    cfg.stdin = true;
+    cfg.limits = Limits {
+        timeout_s: SESSION_CPU_BACKSTOP_S,
+        ..limits.clone()
+    };
+    cfg
 }
 
 /// Output of one stream, cut at the cap.

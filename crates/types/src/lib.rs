@@ -313,6 +313,10 @@ pub struct ExecutionResult {
     pub cpu_time_ms: Option<f64>,
     /// Peak memory of the session in bytes, when it could be measured.
     pub peak_memory_bytes: Option<u64>,
+    /// Every network connection and DNS query the egress gateway allowed or blocked during
+    /// the execution, in order (absent when the session has no network).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub egress: Vec<EgressEvent>,
 }
 
 /// Output of an execution delivered while it runs (the streaming form of the native API
