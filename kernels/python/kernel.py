@@ -44,7 +44,9 @@ ASYNCIO_DIR = os.path.dirname(asyncio.__file__)
 SITE_DIR = "/tmp/ampoule-site-packages"
 MAX_JSON_RESULT = 1024 * 1024
 
-chan = kernelio.Channel()
+# Made by main(): importing the kernel (as the zygote does before forking) must start no
+# thread and open no descriptor.
+chan = None
 # The user's code gets a fresh __main__ (so pickling its classes works); the kernel keeps its
 # own globals.
 _main = types.ModuleType("__main__")
@@ -53,7 +55,7 @@ user_ns = _main.__dict__
 
 state = {"executing": False, "count": 0}
 main_thread = threading.main_thread()
-loop = asyncio.new_event_loop()
+loop = None
 
 
 # -- rich output ----------------------------------------------------------------------------
@@ -368,7 +370,22 @@ def execute(msg):
     chan.done(exec_id, status, count)
 
 
+def _reap_orphans():
+    """As pid 1 of its namespace (a zygote-born session) the kernel inherits orphans: reap the
+    ones that exited. (A Popen still alive across executions may lose its exit status.)"""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
 def main():
+    global chan, loop
+    chan = kernelio.Channel()
+    loop = asyncio.new_event_loop()
     venv = sys.prefix != sys.base_prefix
     chan.hello("python", f"CPython {platform.python_version()}" + (" (venv)" if venv else ""))
     requests = queue.Queue()
@@ -388,6 +405,8 @@ def main():
         try:
             msg = requests.get()
             execute(msg)
+            if os.getpid() == 1:
+                _reap_orphans()
         except KeyboardInterrupt:
             # An interrupt that arrived just as an execution ended.
             continue

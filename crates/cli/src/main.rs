@@ -129,6 +129,10 @@ struct RunArgs {
     /// Print the full result object as JSON on stdout.
     #[arg(long)]
     json: bool,
+    /// Run the code as one execution of a Python session forked from a zygote (the server's
+    /// fast path; root only) instead of a fresh interpreter.
+    #[arg(long)]
+    zygote: bool,
     /// File with the code, or `-` for standard input.
     code: String,
 }
@@ -271,6 +275,15 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
         inputs.push((name, data));
     }
 
+    if args.zygote {
+        if language != Language::Python || !args.allow_host.is_empty() || args.out.is_some() {
+            bail!(
+                "--zygote runs Python without network or --out\nhint: drop --lang, --allow-host \
+                 and --out, or drop --zygote"
+            );
+        }
+        return run_forked(&args, code, inputs).await;
+    }
     let interpreter = Interpreter::find(language)?;
     let mut cfg = SandboxConfig::new(interpreter.argv());
     cfg.env.extend(interpreter.env.iter().cloned());
@@ -352,6 +365,80 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
     Ok(ExitCode::from(
         u8::try_from(result.exit_code & 0xff).unwrap_or(1),
     ))
+}
+
+/// `ampoule run --zygote`: the code as the first execution of a zygote-born Python session.
+async fn run_forked(args: &RunArgs, code: Vec<u8>, inputs: Vec<(String, Vec<u8>)>) -> Result<ExitCode> {
+    use ampoule_session::{ExecuteRequest, Session};
+    let limits = Limits {
+        timeout_s: args.timeout,
+        memory_mib: args.memory,
+        pids: args.pids,
+        disk_mib: args.disk,
+        output_bytes: args.output_bytes,
+        ..Limits::default()
+    };
+    let host = Host::detect().context("preparing the host")?;
+    host.sweep_orphans();
+    let preload: Vec<String> = ampoule_session::zygote::DEFAULT_PRELOAD
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+    let zygote = ampoule_session::zygote::start_python(&host, &preload)
+        .await
+        .context("starting the zygote")?;
+    let mut session = Session::start_forked(&host, &zygote, limits.clone())
+        .await
+        .context("forking a session")?;
+    for (name, data) in &inputs {
+        session.scratch().write(DATA, name, data, 0o644)?;
+    }
+    let code = String::from_utf8(code).context("the code is not UTF-8")?;
+    let r = session.execute(ExecuteRequest::new(code)).await?;
+    let exit = if r.session_state == ampoule_types::SessionState::Lost {
+        session.program_exit().await
+    } else {
+        None
+    };
+    drop(session);
+    let (signal, lost_code) = match exit {
+        Some(ampoule_runtime::ProgramExit::Signaled(sig)) => (Some(sig), Some(128 + sig)),
+        Some(ampoule_runtime::ProgramExit::Exited(code)) => (None, Some(code)),
+        _ => (None, None),
+    };
+    let exit_code = match (r.status, r.limit, lost_code) {
+        (ExecutionStatus::TimedOut, _, _) => 124,
+        (ExecutionStatus::Killed, Some(_), _) => 137,
+        (_, _, Some(code)) => code,
+        (ExecutionStatus::Succeeded, _, _) => r.exit_code.unwrap_or(0),
+        _ => r.exit_code.filter(|c| *c != 0).unwrap_or(1),
+    };
+    let mut stderr = r.stderr.clone();
+    if let Some(e) = &r.error {
+        stderr.push_str(&e.traceback.join(""));
+    }
+    let result = RunResult {
+        status: r.status,
+        exit_code,
+        signal,
+        limit: r.limit,
+        limits_hit: r.limit.into_iter().collect(),
+        stdout: r.stdout.clone(),
+        stderr,
+        stdout_truncated: r.stdout_truncated,
+        stderr_truncated: r.stderr_truncated,
+        duration_ms: r.duration_ms,
+        cpu_time_ms: r.cpu_time_ms,
+        peak_memory_bytes: r.peak_memory_bytes,
+        files: Vec::new(),
+        egress: Vec::new(),
+    };
+    if !args.json {
+        print!("{}", result.stdout);
+        eprint!("{}", result.stderr);
+    }
+    print_result(&result, &limits, args.json)?;
+    Ok(ExitCode::from(u8::try_from(exit_code & 0xff).unwrap_or(1)))
 }
 
 fn print_result(r: &RunResult, limits: &Limits, json: bool) -> Result<()> {

@@ -55,6 +55,10 @@ pub(crate) struct InitSpec {
     /// A CA certificate (PEM) added to the sandbox's trust store (see `network::CA_BUNDLE`).
     #[serde(default)]
     pub(crate) trusted_ca_pem: Option<String>,
+    /// The program is a zygote (see `crate::zygote`): it keeps the capabilities of its user
+    /// namespace and gets neither Landlock nor seccomp, which each of its children applies.
+    #[serde(default)]
+    pub(crate) zygote: bool,
 }
 
 /// Supervisor → init.
@@ -121,20 +125,34 @@ fn decode<T: DeserializeOwned>(buf: &[u8]) -> Result<T> {
 }
 
 fn send_raw(fd: RawFd, buf: &[u8], pass: Option<RawFd>, flags: MsgFlags) -> nix::Result<usize> {
-    let iov = [IoSlice::new(buf)];
     match pass {
-        Some(p) => {
-            let fds = [p];
-            sendmsg::<()>(fd, &iov, &[ControlMessage::ScmRights(&fds)], flags, None)
-        }
-        None => sendmsg::<()>(fd, &iov, &[], flags, None),
+        Some(p) => send_fds(fd, buf, &[p], flags),
+        None => send_fds(fd, buf, &[], flags),
+    }
+}
+
+/// Sends one datagram carrying `fds`.
+pub(crate) fn send_fds(fd: RawFd, buf: &[u8], fds: &[RawFd], flags: MsgFlags) -> nix::Result<usize> {
+    let iov = [IoSlice::new(buf)];
+    if fds.is_empty() {
+        sendmsg::<()>(fd, &iov, &[], flags, None)
+    } else {
+        sendmsg::<()>(fd, &iov, &[ControlMessage::ScmRights(fds)], flags, None)
     }
 }
 
 /// Receives one datagram; `Ok(None)` on end of stream.
 fn recv_raw(fd: RawFd, flags: MsgFlags) -> nix::Result<Option<(Vec<u8>, Option<OwnedFd>)>> {
+    Ok(recv_fds(fd, flags)?.map(|(buf, mut fds)| {
+        let fd = fds.pop();
+        (buf, fd)
+    }))
+}
+
+/// Receives one datagram and the descriptors it carries; `Ok(None)` on end of stream.
+pub(crate) fn recv_fds(fd: RawFd, flags: MsgFlags) -> nix::Result<Option<(Vec<u8>, Vec<OwnedFd>)>> {
     let mut buf = vec![0u8; MAX_MESSAGE];
-    let mut cmsg = nix::cmsg_space!([RawFd; 2]);
+    let mut cmsg = nix::cmsg_space!([RawFd; 16]);
     let (len, received) = {
         let mut iov = [IoSliceMut::new(&mut buf)];
         let msg = recvmsg::<()>(
@@ -153,13 +171,12 @@ fn recv_raw(fd: RawFd, flags: MsgFlags) -> nix::Result<Option<(Vec<u8>, Option<O
         }
         (msg.bytes, received)
     };
-    let mut owned: Vec<OwnedFd> = received.into_iter().map(crate::sys::own_fd).collect();
+    let owned: Vec<OwnedFd> = received.into_iter().map(crate::sys::own_fd).collect();
     if len == 0 && owned.is_empty() {
         return Ok(None);
     }
     buf.truncate(len);
-    let fd = owned.pop();
-    Ok(Some((buf, fd)))
+    Ok(Some((buf, owned)))
 }
 
 /// Blocking end used by the init processes.

@@ -540,7 +540,7 @@ fn trust_ca(stage: &Path, ca_pem: &str) -> Stage<()> {
 }
 
 /// `/proc` entries that reveal or change host state; masked as runc does.
-const PROC_MASKED_FILES: &[&str] = &[
+pub(crate) const PROC_MASKED_FILES: &[&str] = &[
     "kcore",
     "kmsg",
     "keys",
@@ -557,7 +557,7 @@ const PROC_MASKED_FILES: &[&str] = &[
     "vmallocinfo",
     "slabinfo",
 ];
-const PROC_MASKED_DIRS: &[&str] = &["acpi", "scsi", "irq", "bus", "fs", "driver", "tty", "sys"];
+pub(crate) const PROC_MASKED_DIRS: &[&str] = &["acpi", "scsi", "irq", "bus", "fs", "driver", "tty", "sys"];
 
 fn mount_proc(stage: &Path) -> Stage<()> {
     let proc_dir = stage.join("proc");
@@ -616,20 +616,24 @@ fn pivot(stage: &Path) -> Stage<()> {
     Ok(())
 }
 
+/// Where the sandbox may write (everything else is read and execute only).
+pub(crate) const LANDLOCK_RW_DIRS: &[&str] = &["/mnt/data", "/tmp", "/dev/shm", "/var/tmp"];
+/// Devices the sandbox may open for writing.
+pub(crate) const LANDLOCK_RW_DEVS: &[&str] = &[
+    "/dev/null",
+    "/dev/zero",
+    "/dev/full",
+    "/dev/random",
+    "/dev/urandom",
+];
+
 fn landlock() -> Stage<String> {
     use landlock::{
         ABI, Access, AccessFs, CompatLevel, Compatible, PathBeneath, PathFd, Ruleset, RulesetAttr,
         RulesetCreatedAttr, RulesetStatus, Scope,
     };
     let abi = ABI::V6;
-    let rw_dirs = ["/mnt/data", "/tmp", "/dev/shm", "/var/tmp"];
-    let rw_devs = [
-        "/dev/null",
-        "/dev/zero",
-        "/dev/full",
-        "/dev/random",
-        "/dev/urandom",
-    ];
+    let (rw_dirs, rw_devs) = (LANDLOCK_RW_DIRS, LANDLOCK_RW_DEVS);
     let status = (|| -> std::result::Result<RulesetStatus, String> {
         let fd = |p: &str| PathFd::new(p).map_err(|e| format!("{p}: {e}"));
         let e = |e: landlock::RulesetError| e.to_string();
@@ -643,12 +647,12 @@ fn landlock() -> Stage<String> {
             .map_err(e)?
             .add_rule(PathBeneath::new(fd("/")?, AccessFs::from_read(abi)))
             .map_err(e)?;
-        for d in rw_dirs {
+        for d in rw_dirs.iter().copied() {
             ruleset = ruleset
                 .add_rule(PathBeneath::new(fd(d)?, AccessFs::from_all(abi)))
                 .map_err(e)?;
         }
-        for d in rw_devs {
+        for d in rw_devs.iter().copied() {
             ruleset = ruleset
                 .add_rule(PathBeneath::new(fd(d)?, AccessFs::from_file(abi)))
                 .map_err(e)?;
@@ -700,14 +704,21 @@ fn inner(spec: &InitSpec, chan: &InitChannel, seccomp: &SeccompPolicy) -> Stage<
     nix::unistd::sethostname(&spec.hostname).stage("hostname")?;
     sys::loopback_up().stage("loopback")?;
     nix::unistd::chdir(spec.cwd.as_str()).stage("cwd")?;
-    let landlock = landlock()?;
-    drop_capabilities()?;
-    nix::sys::prctl::set_no_new_privs().stage("no_new_privs")?;
-    // Speculative store bypass: seccomp no longer turns the mitigation on by itself (5.16+).
-    // Best effort: the CPU or kernel may not offer the control.
-    let _ = sys::disable_speculative_store_bypass();
-    nix::sys::prctl::set_dumpable(false).stage("dumpable")?;
-    seccomp.apply().stage("seccomp")?;
+    let landlock = if spec.zygote {
+        // A zygote's children build their own mounts (which Landlock would forbid) and then
+        // apply every layer below themselves (kernels/python/zygote.py).
+        "per_session".to_owned()
+    } else {
+        let landlock = landlock()?;
+        drop_capabilities()?;
+        nix::sys::prctl::set_no_new_privs().stage("no_new_privs")?;
+        // Speculative store bypass: seccomp no longer turns the mitigation on by itself
+        // (5.16+). Best effort: the CPU or kernel may not offer the control.
+        let _ = sys::disable_speculative_store_bypass();
+        nix::sys::prctl::set_dumpable(false).stage("dumpable")?;
+        seccomp.apply().stage("seccomp")?;
+        landlock
+    };
     chan.send(&FromInit::Ready { landlock }, None)
         .stage("channel")?;
 

@@ -26,6 +26,7 @@ pub mod sandbox;
 pub mod scratch;
 pub mod seccomp;
 mod sys;
+pub mod zygote;
 
 pub use error::{Error, Result};
 pub use host::Host;
@@ -33,3 +34,4 @@ pub use language::Interpreter;
 pub use network::{GatewayAddrs, Network};
 pub use sandbox::{Prepare, ProgramExit, Sandbox, SandboxConfig};
 pub use scratch::Scratch;
+pub use zygote::{Zygote, ZygoteConfig, ZygoteInfo};

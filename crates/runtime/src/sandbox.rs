@@ -31,6 +31,9 @@ use crate::init::INIT_ARG;
 use crate::network::{self, GatewayAddrs, InitNetwork, Network};
 use crate::scratch::Scratch;
 
+/// Open files a zygote may have (and so the most any of its children may get).
+const ZYGOTE_NOFILE: u64 = 65_536;
+
 /// Uid and gid of the sandbox user as the code sees them.
 pub const SANDBOX_UID: u32 = 1000;
 
@@ -149,7 +152,7 @@ pub struct Prepare<'a> {
 #[derive(Debug)]
 pub struct Sandbox {
     // Field order matters for drop: the init is killed before the cgroup is emptied and removed.
-    child: Child,
+    child: Proc,
     cgroup: Option<OwnedCgroup>,
     chan: HostChannel,
     scratch: Scratch,
@@ -184,6 +187,18 @@ impl Sandbox {
         cfg: &SandboxConfig,
         prepare: impl FnOnce(Prepare<'_>) -> Result<()>,
     ) -> Result<Self> {
+        Self::spawn_inner(host, cfg, None, prepare).await
+    }
+
+    /// The common path; `zygote` is the zygote's end of its control socket, which becomes the
+    /// program's stdin, and makes the program a zygote (see [`crate::zygote`]).
+    pub(crate) async fn spawn_inner(
+        host: &Host,
+        cfg: &SandboxConfig,
+        zygote: Option<std::os::fd::OwnedFd>,
+        prepare: impl FnOnce(Prepare<'_>) -> Result<()>,
+    ) -> Result<Self> {
+        let is_zygote = zygote.is_some();
         if cfg.argv.is_empty() {
             return Err(Error::Invalid("nothing to run".into()));
         }
@@ -237,8 +252,10 @@ impl Sandbox {
             privileged: host.privileged,
             host_uid,
             host_gid,
-            sandbox_uid: SANDBOX_UID,
-            sandbox_gid: SANDBOX_UID,
+            // A zygote is root of its user namespace (it keeps its capabilities across exec);
+            // its children become SANDBOX_UID in user namespaces of their own.
+            sandbox_uid: if is_zygote { 0 } else { SANDBOX_UID },
+            sandbox_gid: if is_zygote { 0 } else { SANDBOX_UID },
             cgroup_tasks: cgroup
                 .as_ref()
                 .map(|c| c.0.self_join_files())
@@ -250,15 +267,36 @@ impl Sandbox {
             etc_binds: ETC_BINDS.iter().map(|s| (*s).to_owned()).collect(),
             scratch_bytes: disk_bytes,
             scratch_inodes: limits.disk_inodes,
-            rlimit_nofile: limits.open_files,
-            rlimit_fsize: disk_bytes.max(1),
+            // A zygote's hard limits bound its children's (raising one needs real root): it
+            // gets generous ones, each child sets its own.
+            rlimit_nofile: if is_zygote {
+                // Not above ours: raising a hard limit needs CAP_SYS_RESOURCE, which root in
+                // a container may lack.
+                let ours = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+                    .map(|(_, hard)| hard)
+                    .unwrap_or(limits.open_files);
+                limits.open_files.max(ZYGOTE_NOFILE.min(ours))
+            } else {
+                limits.open_files
+            },
+            rlimit_fsize: if is_zygote {
+                libc::RLIM_INFINITY
+            } else {
+                disk_bytes.max(1)
+            },
             // CPU seconds backstop: generous, the wall clock and cgroup quota do the real work.
-            rlimit_cpu_s: (limits.timeout_s * limits.cpus.max(1.0) * 2.0).ceil() as u64 + 10,
+            rlimit_cpu_s: if is_zygote {
+                libc::RLIM_INFINITY - 1
+            } else {
+                (limits.timeout_s * limits.cpus.max(1.0) * 2.0).ceil() as u64 + 10
+            },
             // A unique host uid makes RLIMIT_NPROC a per-sandbox process limit; without one
             // (unprivileged mode) it would count the user's own processes too. With a cgroup it
             // is only a backstop, set above pids.max so the cgroup (which reports the event)
             // refuses first.
-            rlimit_nproc: host.privileged.then(|| {
+            // A zygote's children count against its user namespace's limit, fixed when it is
+            // created: leave it at the supervisor's (their own limit is the cgroup's pids.max).
+            rlimit_nproc: (host.privileged && !is_zygote).then(|| {
                 if host.cgroups.is_some() {
                     limits.pids.saturating_add(16)
                 } else {
@@ -271,16 +309,17 @@ impl Sandbox {
                 prefix: network::LINK_PREFIX,
             }),
             trusted_ca_pem,
+            zygote: is_zygote,
         };
 
         let (ours, theirs) = channel::pair()?;
         let mut cmd = tokio::process::Command::new(&host.init_exe);
         cmd.arg(INIT_ARG)
             .env_clear()
-            .stdin(if cfg.stdin {
-                Stdio::piped()
-            } else {
-                Stdio::null()
+            .stdin(match zygote {
+                Some(fd) => Stdio::from(fd),
+                None if cfg.stdin => Stdio::piped(),
+                None => Stdio::null(),
             })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -359,7 +398,7 @@ impl Sandbox {
             other => return Err(Error::Channel(format!("expected ready, got {other:?}"))),
         };
         Ok(Self {
-            child,
+            child: Proc::Init(child),
             cgroup,
             chan,
             scratch,
@@ -397,12 +436,20 @@ impl Sandbox {
 
     /// The host pid of the outer init (for diagnostics).
     pub fn pid(&self) -> Option<u32> {
-        self.child.id()
+        match &self.child {
+            Proc::Init(child) => child.id(),
+            Proc::Forked(f) => Some(f.pid),
+        }
     }
 
     /// Waits until the program ends (or the sandbox is killed). Cancel-safe.
     pub async fn wait(&mut self) -> Result<ProgramExit> {
         if let Some(exit) = self.exit {
+            return Ok(exit);
+        }
+        if let Proc::Forked(f) = &self.child {
+            let exit = f.wait().await;
+            self.exit = Some(exit);
             return Ok(exit);
         }
         loop {
@@ -427,7 +474,12 @@ impl Sandbox {
         if let Some(cg) = &self.cgroup {
             cg.0.kill();
         }
-        let _ = self.child.start_kill();
+        match &mut self.child {
+            Proc::Init(child) => {
+                let _ = child.start_kill();
+            }
+            Proc::Forked(f) => f.kill(),
+        }
     }
 
     /// Current cgroup figures (while running).
@@ -442,16 +494,66 @@ impl Sandbox {
             self.kill();
         }
         // The outer init exits right after pid 1; make sure, then reap it.
-        if tokio::time::timeout(std::time::Duration::from_secs(2), self.child.wait())
-            .await
-            .is_err()
-        {
-            self.kill();
-            let _ = self.child.wait().await;
+        match &mut self.child {
+            Proc::Init(child) => {
+                if tokio::time::timeout(std::time::Duration::from_secs(2), child.wait())
+                    .await
+                    .is_err()
+                {
+                    let _ = child.start_kill();
+                    let _ = child.wait().await;
+                }
+            }
+            Proc::Forked(f) => {
+                if tokio::time::timeout(std::time::Duration::from_secs(2), f.wait())
+                    .await
+                    .is_err()
+                {
+                    f.kill();
+                    let _ = f.wait().await;
+                }
+            }
         }
         // Dropping the cgroup kills whatever is left and removes it.
         let stats = self.cgroup.take().map(|cg| cg.0.stats());
         Finished { stats }
+    }
+}
+
+/// The sandbox's first process on the host: the outer init (our child), or a zygote's child.
+#[derive(Debug)]
+enum Proc {
+    Init(Child),
+    Forked(crate::zygote::Forked),
+}
+
+impl Sandbox {
+    /// A sandbox whose program a zygote forked (see [`crate::zygote::Zygote::spawn`]).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn from_fork(
+        forked: crate::zygote::Forked,
+        cgroup: Option<Cgroup>,
+        chan: HostChannel,
+        scratch: Scratch,
+        slot: Slot,
+        landlock: String,
+        started: Instant,
+        stdio: (Option<ChildStdin>, Option<ChildStdout>, Option<ChildStderr>),
+    ) -> Self {
+        Self {
+            child: Proc::Forked(forked),
+            cgroup: cgroup.map(OwnedCgroup),
+            chan,
+            scratch,
+            _slot: slot,
+            network: None,
+            landlock,
+            started,
+            exit: None,
+            stdin: stdio.0,
+            stdout: stdio.1,
+            stderr: stdio.2,
+        }
     }
 }
 

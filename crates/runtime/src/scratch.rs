@@ -218,6 +218,11 @@ impl Scratch {
         Self { root, owner }
     }
 
+    /// The host uid and gid files created through this handle get (root mode).
+    pub(crate) fn owner(&self) -> Option<(u32, u32)> {
+        self.owner
+    }
+
     /// A scratch space on a directory the caller opened (test doubles of a sandbox): `root`
     /// must hold the [`DATA`] directory. Files created through it keep the caller's owner.
     pub fn from_dir(root: OwnedFd) -> Self {

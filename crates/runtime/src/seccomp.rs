@@ -66,6 +66,15 @@ impl SeccompPolicy {
         Ok(())
     }
 
+    /// The programs, in installation order, as `(code, jt, jf, k)` instructions: what a zygote
+    /// child installs itself (see `crate::zygote`).
+    pub(crate) fn raw_programs(&self) -> Vec<Vec<(u16, u8, u8, u32)>> {
+        self.programs
+            .iter()
+            .map(|p| p.iter().map(|i| (i.code, i.jt, i.jf, i.k)).collect())
+            .collect()
+    }
+
     /// Number of BPF instructions across all programs (reported by `doctor`).
     pub fn instructions(&self) -> usize {
         self.programs.iter().map(Vec::len).sum()

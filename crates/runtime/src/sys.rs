@@ -165,3 +165,35 @@ pub(crate) fn disable_speculative_store_bypass() -> io::Result<()> {
         Err(io::Error::last_os_error())
     }
 }
+
+/// Sends `SIGKILL` through a pidfd (no pid-reuse race).
+pub(crate) fn pidfd_kill(pidfd: RawFd) -> io::Result<()> {
+    // JUSTIFICATION: nix has no pidfd_send_signal wrapper.
+    // SAFETY: integer arguments and a null siginfo pointer, which the kernel accepts; a stale
+    // or foreign descriptor only makes the call fail.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd,
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0u32,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// The pid (in our pid namespace) of the process a pidfd refers to, from its fdinfo.
+pub(crate) fn pidfd_pid(pidfd: RawFd) -> io::Result<u32> {
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{pidfd}"))?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("Pid:"))
+        .and_then(|v| v.trim().parse::<i64>().ok())
+        .filter(|pid| *pid > 0)
+        .map(|pid| pid as u32)
+        .ok_or_else(|| io::Error::other("the process is gone or not visible from here"))
+}

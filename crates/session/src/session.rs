@@ -44,7 +44,7 @@ const DEFAULT_GRACE: Duration = Duration::from_secs(3);
 /// The runtime derives a lifetime CPU-seconds backstop (`RLIMIT_CPU`) from
 /// `Limits::timeout_s`; a session's kernel lives across many executions, so the sandbox gets
 /// a day's worth and the per-execution timeout is enforced here.
-const SESSION_CPU_BACKSTOP_S: f64 = 86_400.0;
+pub(crate) const SESSION_CPU_BACKSTOP_S: f64 = 86_400.0;
 /// Rich outputs kept per execution, in bytes of JSON; beyond it they are dropped.
 const MAX_DISPLAY_BYTES: usize = 64 * 1024 * 1024;
 /// Bytes of the kernel's own stderr kept for diagnostics.
@@ -279,6 +279,15 @@ impl Session {
     /// How long interrupted code gets to stop before the sandbox is killed.
     pub fn set_interrupt_grace(&mut self, grace: Duration) {
         self.grace = grace;
+    }
+
+    /// How the kernel's process ended (a lost session), as its sandbox reported it; `None`
+    /// while it still runs after a short wait.
+    pub async fn program_exit(&mut self) -> Option<ampoule_runtime::ProgramExit> {
+        tokio::time::timeout(Duration::from_secs(2), self.sandbox.wait())
+            .await
+            .ok()?
+            .ok()
     }
 
     /// The tail of the kernel's own diagnostics (its stderr before it took over fd 2).

@@ -11,6 +11,7 @@
 //! `harness = false` and the check at the top of `main`.
 
 mod cases;
+mod zygote;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -105,7 +106,8 @@ fn main() {
     if !root {
         eprintln!("sessions: not root, so no sandbox can be built; every trial is ignored");
     }
-    let cases = cases::all();
+    let mut cases = cases::all();
+    cases.extend(zygote::cases());
     let mut skipped_languages = Vec::new();
     for lang in ["python", "javascript", "shell", "csharp", "powershell"] {
         if let Err(e) =

@@ -1,0 +1,151 @@
+//! Sessions forked from a Python zygote: they behave like sessions started from scratch, start
+//! with the zygote's packages imported, and share nothing with their siblings.
+
+use ampoule_runtime::{Host, Zygote};
+use ampoule_session::Session;
+use ampoule_types::{ExecutionStatus, LimitKind, Limits};
+use libtest_mimic::Failed;
+
+use crate::{Case, chain, check, run};
+
+async fn zygote(host: &Host) -> Result<Zygote, Failed> {
+    let preload: Vec<String> = ampoule_session::zygote::DEFAULT_PRELOAD
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+    ampoule_session::zygote::start_python(host, &preload)
+        .await
+        .map_err(|e| Failed::from(format!("starting the zygote: {}", chain(&e))))
+}
+
+async fn fork(host: &Host, z: &Zygote, limits: Limits) -> Result<Session, Failed> {
+    Session::start_forked(host, z, limits)
+        .await
+        .map_err(|e| Failed::from(format!("forking a session: {}", chain(&e))))
+}
+
+fn stdout_of(out: &ampoule_session::ExecutionResult) -> String {
+    out.stdout.trim().to_owned()
+}
+
+/// Packages are already imported, state persists, and the session is sealed like any other.
+async fn preloaded_and_sealed(host: Host) -> Result<(), Failed> {
+    let z = zygote(&host).await?;
+    check!(z.info().failed.is_empty(), z.info());
+    let mut s = fork(&host, &z, Limits::default()).await?;
+    let out = run(
+        &mut s,
+        "import sys\nprint('pandas' in sys.modules, 'matplotlib.pyplot' in sys.modules)",
+    )
+    .await?;
+    check!(stdout_of(&out) == "True True", out);
+    let out = run(&mut s, "import pandas as pd\nx = pd.Series([1, 2, 3]).sum()\nx").await?;
+    check!(out.status == ExecutionStatus::Succeeded, out);
+    let out = run(&mut s, "print(x * 2)").await?;
+    check!(stdout_of(&out) == "12", out);
+    // Identity and namespaces: pid 1 of its own pid namespace, the sandbox user, no
+    // capabilities, no network but loopback, its own hostname.
+    let out = run(
+        &mut s,
+        r#"
+import os, socket
+caps = [l.split()[1] for l in open('/proc/self/status') if l.startswith(('CapEff', 'CapPrm', 'CapBnd'))]
+print(os.getpid(), os.getuid(), os.getgid(), caps, socket.gethostname())
+print(sorted(os.listdir('/sys/class/net')) if os.path.isdir('/sys/class/net') else ['lo'])
+print(open('/proc/self/status').read().split('NoNewPrivs:')[1].split()[0], open('/proc/self/status').read().split('Seccomp:')[1].split()[0])
+"#,
+    )
+    .await?;
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    check!(
+        lines.first().copied()
+            == Some(
+                "1 1000 1000 ['0000000000000000', '0000000000000000', '0000000000000000'] sandbox"
+            ),
+        out
+    );
+    check!(lines.get(2).copied() == Some("1 2"), out);
+    // Landlock: nothing outside the scratch directories is writable.
+    let out = run(
+        &mut s,
+        r#"
+for p in ('/etc/x', '/usr/x', '/run/ampoule/x'):
+    try:
+        open(p, 'w'); print('WROTE', p)
+    except OSError as e:
+        print('no', e.errno)
+open('/mnt/data/ok', 'w').write('y'); print('data ok')
+"#,
+    )
+    .await?;
+    check!(
+        !out.stdout.contains("WROTE") && out.stdout.contains("data ok"),
+        out
+    );
+    Ok(())
+}
+
+/// Siblings get their own random state, files, processes and /tmp.
+async fn siblings_share_nothing(host: Host) -> Result<(), Failed> {
+    let z = zygote(&host).await?;
+    let mut a = fork(&host, &z, Limits::default()).await?;
+    let mut b = fork(&host, &z, Limits::default()).await?;
+    let code = "import random, numpy, uuid\nprint(random.random(), numpy.random.rand(), uuid.uuid4())";
+    let ra = run(&mut a, code).await?;
+    let rb = run(&mut b, code).await?;
+    check!(ra.status == ExecutionStatus::Succeeded && !ra.stdout.is_empty(), ra);
+    let (la, lb): (Vec<&str>, Vec<&str>) = (
+        ra.stdout.split_whitespace().collect(),
+        rb.stdout.split_whitespace().collect(),
+    );
+    check!(la.len() == 3 && lb.len() == 3, (ra, rb));
+    for i in 0..3 {
+        check!(la[i] != lb[i], (&ra.stdout, &rb.stdout));
+    }
+    run(
+        &mut a,
+        "open('/mnt/data/secret', 'w').write('a'); open('/tmp/secret', 'w').write('a')\nimport subprocess\np = subprocess.Popen(['sleep', '60'])",
+    )
+    .await?;
+    let out = run(
+        &mut b,
+        r#"
+import os
+print(os.path.exists('/mnt/data/secret'), os.path.exists('/tmp/secret'))
+print(sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))
+"#,
+    )
+    .await?;
+    check!(out.stdout.starts_with("False False\n[1]"), out);
+    Ok(())
+}
+
+/// Limits hold in a forked session: memory is killed by the cgroup, and the session reports it.
+async fn limits_hold(host: Host) -> Result<(), Failed> {
+    let z = zygote(&host).await?;
+    let limits = Limits {
+        memory_mib: 128,
+        ..Limits::default()
+    };
+    let mut s = fork(&host, &z, limits).await?;
+    let out = run(&mut s, "x = bytearray(400 * 1024 * 1024); x[::4096] = b'1' * len(x[::4096])").await;
+    let out = match out {
+        Ok(out) => out,
+        Err(e) => return Err(e),
+    };
+    check!(out.limit == Some(LimitKind::Memory), out);
+    // The zygote survives its child's death and forks again.
+    let mut again = fork(&host, &z, Limits::default()).await?;
+    let out = run(&mut again, "1 + 1").await?;
+    check!(out.status == ExecutionStatus::Succeeded, out);
+    Ok(())
+}
+
+pub(crate) fn cases() -> Vec<Case> {
+    vec![
+        Case::new("python", "zygote_preloaded_and_sealed", preloaded_and_sealed).needs_packages(),
+        Case::new("python", "zygote_siblings_share_nothing", siblings_share_nothing)
+            .needs_packages(),
+        Case::new("python", "zygote_limits_hold", limits_hold).needs_packages(),
+    ]
+}

@@ -1,0 +1,486 @@
+"""ampoule's Python zygote: an interpreter that has imported the kernel and the pool's packages
+once, and forks a new session for every request of the supervisor.
+
+It runs inside its own sandbox (user, mount, pid, net, ipc and uts namespaces, a read-only root,
+no network, no secrets in its memory or environment) as root of its user namespace, without
+Landlock or seccomp: each child applies those itself, after building its own namespaces. The
+steps mirror the runtime's init (crates/runtime/src/init.rs) one for one; the seccomp programs
+and the Landlock rules come from the supervisor, so both backends enforce the same policy.
+
+Control socket: descriptor 0, a SOCK_SEQPACKET socket to the supervisor; one JSON object per
+datagram, descriptors with SCM_RIGHTS.
+
+  supervisor -> zygote  {"config": {...}}                 once, first
+  zygote -> supervisor  {"ready": {"runtime", "preloaded", "failed"}}
+  supervisor -> zygote  {"fork": {"id", ...}}             fds: ctl, stdin, stdout, stderr, tasks…
+  zygote -> supervisor  {"forked": {"id", "pid"}}         fd: a pidfd of the child
+                        {"error": {"id", "message"}}
+                        {"exit": {"pid", "code"|"signal"}}   when a child has ended
+
+The child (pid 1 of a new pid namespace) then speaks the runtime's init channel protocol on
+its ctl socket: "Scratch" (+ the scratch directory), waits for "Start", answers
+{"Ready": {"landlock": ...}} or {"Failed": {"stage", "message"}} and becomes the kernel.
+"""
+
+import ctypes
+import gc
+import json
+import os
+import resource
+import select
+import signal
+import socket
+import struct
+import sys
+import time
+import traceback
+
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWCGROUP = 0x02000000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_REMOUNT = 32
+MS_BIND = 4096
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+MNT_DETACH = 2
+
+PR_SET_DUMPABLE = 4
+PR_SET_SECCOMP = 22
+PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+PR_SET_SPECULATION_CTRL = 53
+PR_SPEC_STORE_BYPASS = 0
+PR_SPEC_FORCE_DISABLE = 1 << 3
+SECCOMP_MODE_FILTER = 2
+
+SYS_CAPSET = 126
+SYS_LANDLOCK_CREATE_RULESET = 444
+SYS_LANDLOCK_ADD_RULE = 445
+SYS_LANDLOCK_RESTRICT_SELF = 446
+
+SIOCSIFFLAGS = 0x8914
+IFF_UP, IFF_LOOPBACK, IFF_RUNNING = 0x1, 0x8, 0x40
+
+MAX_FDS = 16
+MAX_MESSAGE = 256 * 1024
+
+
+class Stage(Exception):
+    def __init__(self, stage, message):
+        super().__init__(f"{stage}: {message}")
+        self.stage = stage
+        self.message = message
+
+
+def check(stage, rc, what=""):
+    if rc == -1:
+        e = ctypes.get_errno()
+        raise Stage(stage, f"{what}: {os.strerror(e)}" if what else os.strerror(e))
+    return rc
+
+
+def mount(stage, src, target, fstype, flags, data=None):
+    enc = lambda s: s.encode() if isinstance(s, str) else s  # noqa: E731
+    rc = libc.mount(enc(src), enc(target), enc(fstype), flags, enc(data))
+    check(stage, rc, f"mount {fstype or src} on {target}")
+
+
+def bind(src, target, extra):
+    mount("mount", src, target, None, MS_BIND)
+    mount("mount", None, target, None, MS_REMOUNT | MS_BIND | extra)
+
+
+# -- the control socket ----------------------------------------------------------------------
+
+
+def send(sock, msg, fds=()):
+    data = json.dumps(msg).encode()
+    if fds:
+        socket.send_fds(sock, [data], list(fds))
+    else:
+        sock.send(data)
+
+
+def recv(sock):
+    """(message, fds), or (None, []) at end of stream."""
+    data, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE, MAX_FDS)
+    if not data and not fds:
+        return None, []
+    return json.loads(data), fds
+
+
+# -- one session -----------------------------------------------------------------------------
+
+
+def set_rlimits(r):
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (r["nofile"], r["nofile"]))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (r["fsize"], r["fsize"]))
+    resource.setrlimit(resource.RLIMIT_CPU, (r["cpu_s"], r["cpu_s"] + 1))
+    if r.get("nproc") is not None:
+        resource.setrlimit(resource.RLIMIT_NPROC, (r["nproc"], r["nproc"]))
+
+
+def mount_scratch(spec):
+    """The session's own tmpfs for /mnt/data, /tmp, /var/tmp and /dev/shm (one size and inode
+    limit for all), staged on /run/ampoule and detached from there once bound; returns a
+    descriptor of its root for the supervisor."""
+    stage = "/run/ampoule"
+    opts = f"size={max(spec['scratch_bytes'], 4096)},nr_inodes={max(spec['scratch_inodes'], 64)},mode=0755"
+    mount("mount", "tmpfs", stage, "tmpfs", MS_NOSUID | MS_NODEV, opts)
+    for name, mode in (("data", 0o755), (".ampoule", 0o755), ("tmp", 0o1777), ("shm", 0o1777)):
+        p = f"{stage}/{name}"
+        os.mkdir(p, mode)
+        os.chmod(p, mode)
+    rw = MS_NOSUID | MS_NODEV
+    bind(f"{stage}/data", "/mnt/data", rw)
+    bind(f"{stage}/tmp", "/tmp", rw)
+    bind(f"{stage}/tmp", "/var/tmp", rw)
+    bind(f"{stage}/shm", "/dev/shm", rw)
+    root = os.open(stage, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    check("mount", libc.umount2(stage.encode(), MNT_DETACH), "detach the scratch stage")
+    return root
+
+
+def mount_proc(cfg):
+    mount("proc", "proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    for f in cfg["proc_masked_files"]:
+        p = f"/proc/{f}"
+        if os.path.exists(p):
+            mount("proc", "/dev/null", p, None, MS_BIND)
+    for d in cfg["proc_masked_dirs"]:
+        p = f"/proc/{d}"
+        if os.path.isdir(p):
+            mount(
+                "proc", "tmpfs", p, "tmpfs",
+                MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k,nr_inodes=4,mode=0555",
+            )
+
+
+def loopback_up():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        import fcntl
+
+        fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sh", b"lo", IFF_UP | IFF_LOOPBACK | IFF_RUNNING))
+    finally:
+        s.close()
+
+
+def enter_user_namespace(uid):
+    """A user namespace of the session's own, owning nothing: the code is `uid` in it and holds
+    no capability over any namespace it lives in."""
+    check("unshare", libc.unshare(CLONE_NEWUSER), "user namespace")
+    with open("/proc/self/uid_map", "w") as f:
+        f.write(f"{uid} 0 1\n")
+    with open("/proc/self/setgroups", "w") as f:
+        f.write("deny")
+    with open("/proc/self/gid_map", "w") as f:
+        f.write(f"{uid} 0 1\n")
+
+
+class LandlockRulesetAttr(ctypes.Structure):
+    _fields_ = [("fs", ctypes.c_uint64), ("net", ctypes.c_uint64), ("scoped", ctypes.c_uint64)]
+
+
+class LandlockPathBeneath(ctypes.Structure):
+    _pack_ = 1
+    _fields_ = [("allowed", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+
+# Filesystem rights per Landlock ABI (bit 13 REFER: 2, 14 TRUNCATE: 3, 15 IOCTL_DEV: 5).
+LL_EXECUTE, LL_WRITE_FILE, LL_READ_FILE, LL_READ_DIR = 1, 2, 4, 8
+LL_TRUNCATE, LL_IOCTL_DEV = 1 << 14, 1 << 15
+
+
+def landlock(cfg):
+    """The same ruleset as the runtime's (init.rs `landlock`): read and execute everywhere,
+    everything under the scratch directories, file access to a few devices. Best effort, as
+    there: what the kernel lacks is left out, and the status says so."""
+    abi = libc.syscall(ctypes.c_long(SYS_LANDLOCK_CREATE_RULESET), None, ctypes.c_size_t(0), ctypes.c_uint32(1))
+    if abi < 1:
+        return "not_enforced"
+    want = min(abi, 6)
+    all_fs = (1 << 13) - 1
+    if want >= 2:
+        all_fs |= 1 << 13
+    if want >= 3:
+        all_fs |= LL_TRUNCATE
+    if want >= 5:
+        all_fs |= LL_IOCTL_DEV
+    read = LL_EXECUTE | LL_READ_FILE | LL_READ_DIR
+    file = (LL_EXECUTE | LL_WRITE_FILE | LL_READ_FILE | LL_TRUNCATE | LL_IOCTL_DEV) & all_fs
+    attr = LandlockRulesetAttr(all_fs, 0, 3 if want >= 6 else 0)
+    size = 24 if want >= 6 else 8
+    rs = check("landlock", libc.syscall(ctypes.c_long(SYS_LANDLOCK_CREATE_RULESET), ctypes.byref(attr), ctypes.c_size_t(size), ctypes.c_uint32(0)))
+    try:
+        rules = [("/", read)]
+        rules += [(d, all_fs) for d in cfg["landlock_rw_dirs"]]
+        rules += [(d, file) for d in cfg["landlock_rw_devs"]]
+        for path, access in rules:
+            fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            try:
+                rule = LandlockPathBeneath(access, fd)
+                check("landlock", libc.syscall(ctypes.c_long(SYS_LANDLOCK_ADD_RULE), ctypes.c_int(rs), ctypes.c_int(1), ctypes.byref(rule), ctypes.c_uint32(0)), path)
+            finally:
+                os.close(fd)
+        check("landlock", libc.syscall(ctypes.c_long(SYS_LANDLOCK_RESTRICT_SELF), ctypes.c_int(rs), ctypes.c_uint32(0)))
+    finally:
+        os.close(rs)
+    return "fully_enforced" if abi >= 6 else "partially_enforced"
+
+
+class CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+def drop_capabilities():
+    libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+    cap = 0
+    while libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) == 0:
+        cap += 1
+    if cap < 38:
+        raise Stage("capabilities", f"dropping capability {cap}: {os.strerror(ctypes.get_errno())}")
+    header = CapHeader(0x20080522, 0)
+    data = (CapData * 2)()
+    check("capabilities", libc.syscall(ctypes.c_long(SYS_CAPSET), ctypes.byref(header), ctypes.byref(data)))
+
+
+class SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def seccomp_programs(cfg):
+    """The supervisor's compiled filters as ready-to-install buffers (built before forking)."""
+    out = []
+    for prog in cfg["seccomp"]:
+        buf = b"".join(struct.pack("=HBBI", *ins) for ins in prog)
+        cbuf = ctypes.create_string_buffer(buf, len(buf))
+        out.append((SockFprog(len(prog), ctypes.cast(cbuf, ctypes.c_void_p)), cbuf))
+    return out
+
+
+def apply_seccomp(programs):
+    for fprog, _keep in programs:
+        check("seccomp", libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(fprog), 0, 0))
+
+
+def reseed():
+    """Siblings share the zygote's memory: give each its own random state. (`random` reseeds
+    itself after fork; `tempfile` notices the new pid.)"""
+    import random
+
+    random.seed()
+    np = sys.modules.get("numpy")
+    if np is not None:
+        try:
+            np.random.seed()
+        except Exception:
+            pass
+
+
+def session(cfg, programs, spec, fds):
+    """The child: from a copy of the zygote to a sealed session. Never returns."""
+    ctl_fd, stdin, stdout, stderr, *tasks = fds
+    ctl = socket.socket(fileno=ctl_fd)
+    # The zygote's own signal plumbing is not the session's.
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    try:
+        for fd, target in ((stdin, 0), (stdout, 1), (stderr, 2)):
+            os.dup2(fd, target)
+        keep = {0, 1, 2, ctl_fd, *tasks}
+        for fd in [int(n) for n in os.listdir("/proc/self/fd")]:
+            if fd not in keep:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        # cgroup v1: moving ourselves through `tasks` avoids the global lock (see init.rs); the
+        # supervisor opened the files, so its credentials authorise the write.
+        for fd in tasks:
+            try:
+                os.write(fd, b"0")
+            except OSError as e:
+                raise Stage("cgroup", str(e))
+            os.close(fd)
+        try:
+            set_rlimits(spec["rlimits"])
+        except (OSError, ValueError) as e:
+            raise Stage("rlimit", str(e))
+        check("unshare", libc.unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS), "namespaces")
+        mount("mount private", None, "/", None, MS_REC | MS_PRIVATE)
+        root = mount_scratch(spec)
+        mount_proc(cfg)
+        socket.sethostname(spec["hostname"])
+        loopback_up()
+        send(ctl, "Scratch", [root])
+        os.close(root)
+        msg, _ = recv(ctl)
+        if msg != "Start":
+            raise Stage("channel", f"expected Start, got {msg!r}")
+        # Only now (the supervisor has moved us on cgroup v2) is our cgroup the right root.
+        check("unshare", libc.unshare(CLONE_NEWCGROUP), "cgroup namespace")
+        enter_user_namespace(cfg["sandbox_uid"])
+        os.chdir(spec["cwd"])
+        status = landlock(cfg)
+        drop_capabilities()
+        check("no_new_privs", libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))
+        libc.prctl(PR_SET_SPECULATION_CTRL, PR_SPEC_STORE_BYPASS, PR_SPEC_FORCE_DISABLE, 0, 0)
+        check("dumpable", libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0))
+        apply_seccomp(programs)
+        send(ctl, {"Ready": {"landlock": status}})
+    except BaseException as e:
+        if isinstance(e, Stage):
+            stage, message = e.stage, e.message
+        else:
+            stage, message = "zygote", "".join(traceback.format_exception_only(type(e), e)).strip()
+        try:
+            send(ctl, {"Failed": {"stage": stage, "message": message}})
+        finally:
+            os._exit(112)
+    ctl.close()
+    os.setsid()
+    os.environ.clear()
+    os.environ.update(dict(spec["env"]))
+    sys.argv = [KERNEL_PATH]
+    reseed()
+    try:
+        kernel.main()
+    finally:
+        os._exit(0)
+
+
+# -- the zygote ------------------------------------------------------------------------------
+
+
+KERNEL_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernel.py")
+
+
+def preload(names):
+    done, failed = [], []
+    for name in names:
+        try:
+            __import__(name)
+            done.append(name)
+        except Exception as e:  # a missing package is the pool's business, not ours
+            failed.append(f"{name}: {e}")
+    return done, failed
+
+
+def reap(sock):
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        if os.WIFSIGNALED(status):
+            msg = {"exit": {"pid": pid, "signal": os.WTERMSIG(status)}}
+        else:
+            msg = {"exit": {"pid": pid, "code": os.waitstatus_to_exitcode(status)}}
+        try:
+            send(sock, msg)
+        except OSError:
+            pass
+
+
+def fork(cfg, programs, spec, fds, own_pid_ns):
+    """One child in a pid namespace of its own: unshare(CLONE_NEWPID) applies to the next
+    child only, and setns back to our own namespace re-arms it for the next request."""
+    check("unshare", libc.unshare(CLONE_NEWPID), "pid namespace")
+    pid = os.fork()
+    if pid == 0:
+        session(cfg, programs, spec, fds)
+    check("setns", libc.setns(own_pid_ns, CLONE_NEWPID), "own pid namespace")
+    return pid
+
+
+def main():
+    sock = socket.socket(fileno=os.dup(0))
+    null = os.open("/dev/null", os.O_RDWR)
+    os.dup2(null, 0)
+    os.close(null)
+    msg, _ = recv(sock)
+    if not isinstance(msg, dict) or "config" not in msg:
+        sys.exit("zygote: expected the config first")
+    cfg = msg["config"]
+    started = time.monotonic()
+    global kernel
+    sys.path.insert(0, os.path.dirname(KERNEL_PATH))
+    import kernel  # noqa: F811  (imports kernelio; starts nothing)
+
+    sys.path.pop(0)
+    done, failed = preload(cfg.get("preload", []))
+    programs = seccomp_programs(cfg)
+    own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    # Nothing the GC would touch after this point: children share these pages untouched.
+    gc.collect()
+    gc.freeze()
+    import platform
+
+    send(sock, {"ready": {
+        "runtime": f"CPython {platform.python_version()}",
+        "preloaded": done,
+        "failed": failed,
+        "ms": round((time.monotonic() - started) * 1000, 1),
+    }})
+    # SIGCHLD wakes the loop (through the wakeup pipe) to reap and report at once.
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    while True:
+        readable, _, _ = select.select([sock, wake_r], [], [], 5.0)
+        if wake_r in readable:
+            try:
+                os.read(wake_r, 4096)
+            except BlockingIOError:
+                pass
+        reap(sock)
+        if sock not in readable:
+            continue
+        msg, fds = recv(sock)
+        if msg is None:
+            return
+        req = msg.get("fork") if isinstance(msg, dict) else None
+        if req is None or len(fds) < 4:
+            for fd in fds:
+                os.close(fd)
+            send(sock, {"error": {"id": (req or {}).get("id"), "message": "bad request"}})
+            continue
+        try:
+            pid = fork(cfg, programs, req, fds, own_pid_ns)
+            pidfd = os.pidfd_open(pid)
+            send(sock, {"forked": {"id": req["id"], "pid": pid}}, [pidfd])
+            os.close(pidfd)
+        except Exception as e:
+            send(sock, {"error": {"id": req["id"], "message": str(e)}})
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+
+if __name__ == "__main__":
+    main()
