@@ -211,9 +211,10 @@ async fn mcp(args: McpArgs) -> Result<ExitCode> {
     };
     let host = Host::detect().context("preparing the host")?;
     host.sweep_orphans();
-    let engine = Arc::new(ampoule_server::session_engine::SessionEngine::new(
-        Arc::new(host),
-    ));
+    let engine = Arc::new(
+        ampoule_server::session_engine::SessionEngine::new(Arc::new(host))
+            .with_egress(cfg.egress()?),
+    );
     let state = ampoule_server::serve::state(&cfg, engine, ampoule_server::auth::Keys::default())?;
     let manager = state.manager.clone();
     manager.start_background();

@@ -13,7 +13,7 @@ use ampoule_types::{Language, Limits};
 use serde::Deserialize;
 use sha2::Digest;
 
-use crate::engine::PoolSpec;
+use crate::engine::{PoolNetwork, PoolSpec};
 use crate::error::Error;
 
 /// The address the server listens on when neither the config nor `--listen` says.
@@ -35,7 +35,7 @@ pub struct Config {
     /// `[tenants.NAME]`: per-tenant overrides.
     #[serde(default)]
     pub tenants: BTreeMap<String, TenantConfig>,
-    /// `[egress]` (the egress proxy is a later issue; accepted so documented configs load).
+    /// `[egress]`: settings of the egress gateway shared by every pool with a network.
     #[serde(default)]
     pub egress: EgressConfig,
     /// `[audit]` (the audit log is a later issue; accepted so documented configs load).
@@ -187,23 +187,18 @@ pub struct LimitsConfig {
     pub open_files: Option<u64>,
 }
 
-/// `[pools.NAME.network]`.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NetworkConfig {
-    /// `host:port` patterns the sandbox may reach through the egress proxy.
-    #[serde(default)]
-    pub allow: Vec<String>,
-    /// Headers the egress proxy adds.
-    #[serde(default)]
-    pub inject: Vec<toml::Value>,
-}
+/// `[pools.NAME.network]`: `allow` and `deny` rules (`host`, `host:port`, `*.domain`, IP
+/// literals) and `[[pools.NAME.network.inject]]` credential rules (`host`, `header`,
+/// `value_from_env`); see `ampoule_egress::policy`. An empty `allow` means no network.
+pub type NetworkConfig = ampoule_egress::PolicyConfig;
 
 /// `[egress]`.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EgressConfig {
-    /// Static name → address pins.
+    /// `[egress.hosts]`: static name → address pins (one address, or several separated by
+    /// commas), consulted before the system resolver. A pin is the operator's permission for
+    /// a private or CGNAT address (never loopback or link-local).
     #[serde(default)]
     pub hosts: BTreeMap<String, String>,
 }
@@ -251,6 +246,7 @@ impl Config {
     pub fn parse(text: &str) -> Result<Self, String> {
         let cfg: Config = toml::from_str(text).map_err(|e| e.to_string())?;
         cfg.pool_settings()?;
+        cfg.egress_settings()?;
         Ok(cfg)
     }
 
@@ -273,13 +269,7 @@ impl Config {
                     p.language
                 )
             })?;
-            if !p.network.allow.is_empty() || !p.network.inject.is_empty() {
-                return Err(format!(
-                    "pools.{name}.network: server sessions cannot use the egress gateway yet \
-                     (`ampoule run --allow-host` can), so they have no network; remove `allow` \
-                     and `inject`"
-                ));
-            }
+            let network = pool_network(&name, &p.network)?;
             let d = Limits::default();
             let l = &p.limits;
             let limits = Limits {
@@ -309,6 +299,7 @@ impl Config {
                         name,
                         language,
                         limits,
+                        network,
                     },
                     warm: p.warm,
                     max_sessions: p.max_sessions,
@@ -319,6 +310,30 @@ impl Config {
             );
         }
         Ok(out)
+    }
+
+    /// The egress gateway's settings: `[egress.hosts]` (checked) and the upstream CAs named
+    /// by `SSL_CERT_FILE` in the server's environment.
+    pub fn egress_settings(&self) -> Result<ampoule_egress::EgressSettings, String> {
+        ampoule_egress::resolve::Resolver::new(&self.egress.hosts)
+            .map_err(|e| format!("egress.hosts: {e}"))?;
+        Ok(ampoule_egress::EgressSettings {
+            hosts: self.egress.hosts.clone(),
+            extra_roots: ampoule_egress::EgressSettings::roots_from_env(),
+        })
+    }
+
+    /// The egress service of this server (its resolver pins and its CA, made now), when some
+    /// pool has a network; `None` otherwise, so a server without network makes no CA.
+    pub fn egress(&self) -> Result<Option<ampoule_egress::Egress>, Error> {
+        let pools = self.pool_settings().map_err(Error::Config)?;
+        if pools.values().all(|p| p.spec.network.is_none()) {
+            return Ok(None);
+        }
+        let settings = self.egress_settings().map_err(Error::Config)?;
+        ampoule_egress::Egress::new(&settings)
+            .map(Some)
+            .map_err(|e| Error::Config(format!("egress gateway: {e}")))
     }
 
     /// The default pool's name.
@@ -406,6 +421,26 @@ impl Config {
         }
         Ok(out)
     }
+}
+
+/// A pool's network policy, compiled (injection values read from the environment now), or
+/// `None` when `allow` is empty: no network.
+fn pool_network(name: &str, cfg: &NetworkConfig) -> Result<Option<PoolNetwork>, String> {
+    if cfg.allow.is_empty() {
+        if !cfg.deny.is_empty() || !cfg.inject.is_empty() {
+            return Err(format!(
+                "pools.{name}.network: `deny` and `inject` need an `allow` list (an empty \
+                 `allow` means no network at all)"
+            ));
+        }
+        return Ok(None);
+    }
+    let policy = ampoule_egress::Policy::compile(cfg, |var| std::env::var(var).ok())
+        .map_err(|e| format!("pools.{name}.network: {e}"))?;
+    Ok(Some(PoolNetwork {
+        config: cfg.clone(),
+        policy: std::sync::Arc::new(policy),
+    }))
 }
 
 /// SHA-256 of a key, lowercase hex.
@@ -524,9 +559,55 @@ retention_days = 90
         assert!(Config::parse("[server]\nlisten_addr = \"x\"").is_err());
         assert!(Config::parse("[pools.py]\nlanguage = \"cobol\"").is_err());
         assert!(Config::parse("[pools.py.limits]\nmemory_mb = 5").is_err());
-        assert!(Config::parse("[pools.py.network]\nallow = [\"pypi.org:443\"]").is_err());
+        assert!(Config::parse("[pools.py.network]\nallow = [\"pypi.org:99999\"]").is_err());
+        assert!(Config::parse("[pools.py.network]\ninject = []\ndeny = [\"a.test\"]").is_err());
+        assert!(Config::parse("[egress.hosts]\n\"a.test\" = \"not-an-ip\"").is_err());
         let cfg = Config::parse("[[auth.keys]]\ntenant = \"a\"\nkey_sha256 = \"xyz\"").unwrap();
         assert!(cfg.key_digests().is_err());
+    }
+
+    #[test]
+    fn pool_networks_are_compiled_at_load() {
+        let cfg = Config::parse(
+            r#"
+[pools.python]
+[pools.net.network]
+allow = ["allowed.test", "*.example.com:443"]
+deny = ["bad.example.com"]
+[[pools.net.network.inject]]
+host = "api.example.com"
+header = "Authorization"
+value_from_env = "PATH"
+[egress.hosts]
+"allowed.test" = "10.77.0.2"
+"#,
+        )
+        .unwrap();
+        let pools = cfg.pool_settings().unwrap();
+        assert!(pools["python"].spec.network.is_none());
+        let net = pools["net"].spec.network.as_ref().unwrap();
+        assert!(net.policy.injects());
+        let name = |n: &str| ampoule_egress::policy::Target::Name(n.into());
+        assert!(net.policy.check(&name("api.example.com"), 443).allowed());
+        assert!(!net.policy.check(&name("bad.example.com"), 443).allowed());
+        assert!(!net.policy.check(&name("other.test"), 80).allowed());
+        assert_eq!(cfg.egress_settings().unwrap().hosts.len(), 1);
+        // A missing secret is an error at load, not an unauthenticated request later.
+        let err = Config::parse(
+            "[pools.n.network]\nallow = [\"a.test\"]\n[[pools.n.network.inject]]\n\
+             host = \"a.test\"\nheader = \"X-Key\"\nvalue_from_env = \"AMPOULE_SURELY_UNSET_VAR\"",
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("pools.n.network") && err.contains("AMPOULE_SURELY_UNSET_VAR"),
+            "{err}"
+        );
+        let err = Config::parse("[pools.n.network]\nallow = [\"*bad*\"]").unwrap_err();
+        assert!(
+            err.contains("pools.n.network") && err.contains("*bad*"),
+            "{err}"
+        );
+        assert!(Config::default().egress().unwrap().is_none());
     }
 
     #[test]

@@ -32,6 +32,23 @@ pub struct PoolSpec {
     pub language: Language,
     /// Resource limits of each session (`timeout_s` is the default per execution).
     pub limits: Limits,
+    /// What its sessions may reach through the egress gateway; `None`: no network.
+    pub network: Option<PoolNetwork>,
+}
+
+/// A pool's network policy, as configured and compiled (`[pools.NAME.network]`).
+#[derive(Debug, Clone)]
+pub struct PoolNetwork {
+    /// The rules as written (pools compare equal by these).
+    pub config: ampoule_egress::PolicyConfig,
+    /// The compiled policy the gateway of each session enforces.
+    pub policy: Arc<ampoule_egress::Policy>,
+}
+
+impl PartialEq for PoolNetwork {
+    fn eq(&self, other: &Self) -> bool {
+        self.config == other.config
+    }
 }
 
 /// One execution to run.
@@ -90,6 +107,11 @@ pub trait LiveSession: Send + Sync + 'static {
     fn alive(&self) -> bool {
         true
     }
+
+    /// Names the session and the execution about to run, so that what the sandbox does on
+    /// its own (its egress decisions, logged as they happen) carries their ids. Called before
+    /// each execution; engines without network need not care.
+    fn label(&self, _session: &str, _execution: &str) {}
 
     /// Stops the interpreter and destroys the sandbox. Idempotent.
     async fn close(&self);

@@ -743,15 +743,18 @@ impl Manager {
         session.touch();
         let started = now_ms();
         let code = self.inner.audit.get().map(|_| req.code.clone());
+        let execution = format!("exe_{}", random_hex(12));
         let result = {
             let _turn = session.exec_lock.lock().await;
             session.executions.fetch_add(1, Ordering::SeqCst);
+            session.live.label(&session.id, &execution);
             session.live.execute(req, events).await
         };
         session.touch();
         session.in_flight.fetch_sub(1, Ordering::SeqCst);
         if let (Some(code), Ok(r)) = (code, &result) {
-            self.audit_execution(session, started, code, r).await;
+            self.audit_execution(session, started, code, r, execution)
+                .await;
         }
         if !session.live.alive() {
             let limit = result.as_ref().ok().and_then(|r| r.limit);
@@ -782,6 +785,7 @@ impl Manager {
         started: i64,
         code: String,
         r: &ExecutionResult,
+        execution: String,
     ) {
         let Some(a) = self.inner.audit.get() else {
             return;
@@ -793,7 +797,7 @@ impl Manager {
             &session.pool,
             &session.id,
         );
-        rec.execution = Some(format!("exe_{}", random_hex(12)));
+        rec.execution = Some(execution);
         rec.language = self
             .inner
             .pools
@@ -809,6 +813,7 @@ impl Manager {
             .map(|b| i64::try_from(b).unwrap_or(i64::MAX));
         rec.stdout = Some(ampoule_audit::trim(&r.stdout, a.output_bytes));
         rec.stderr = Some(ampoule_audit::trim(&r.stderr, a.output_bytes));
+        rec.egress = r.egress.iter().map(egress_decision).collect();
         rec.decided_by = r.limit.map(|l| l.as_str().to_owned());
         self.write_audit(rec).await;
     }
@@ -882,6 +887,28 @@ impl Manager {
         let n = lives.len();
         futures_util::future::join_all(lives.iter().map(|l| l.close())).await;
         tracing::info!(sessions = n, "closed every session");
+    }
+}
+
+/// An egress decision as the audit log keeps it: the checked address and whether a credential
+/// was added go into the reason.
+fn egress_decision(e: &ampoule_types::EgressEvent) -> ampoule_audit::EgressDecision {
+    let mut reason = e.reason.clone();
+    if let Some(address) = &e.address {
+        reason.push_str(&format!(" (address {address})"));
+    }
+    if e.injected {
+        reason.push_str(" (credential injected)");
+    }
+    ampoule_audit::EgressDecision {
+        host: e.host.clone(),
+        port: e.port,
+        protocol: serde_json::to_value(e.protocol)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default(),
+        allowed: e.allowed,
+        reason,
     }
 }
 

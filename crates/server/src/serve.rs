@@ -85,7 +85,18 @@ pub async fn serve(cfg: Config, listen: Option<String>) -> Result<(), Error> {
     if swept > 0 {
         tracing::info!(swept, "removed orphaned sandboxes of an earlier run");
     }
-    let engine = Arc::new(crate::session_engine::SessionEngine::new(Arc::new(host)));
+    // Pools with a network need the veth pairs and firewall table only real root can make.
+    if let Some((name, _)) = pools.iter().find(|(_, p)| p.spec.network.is_some())
+        && !host.privileged
+    {
+        return Err(Error::Config(format!(
+            "pools.{name}.network: network allowlists need ampoule to run as root (unprivileged \
+             sandboxes have loopback only); run as root, or remove `allow`"
+        )));
+    }
+    let engine = Arc::new(
+        crate::session_engine::SessionEngine::new(Arc::new(host)).with_egress(cfg.egress()?),
+    );
     let state = state(&cfg, engine, keys)?;
     let audit = audit(&cfg, &state.manager).await?;
     let served = serve_with(&cfg, listen.as_deref(), state, signal()).await;

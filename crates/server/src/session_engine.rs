@@ -5,12 +5,16 @@
 //! uploads and downloads never wait for a running execution. Closing a session while an
 //! execution runs (delete, lifetime, shutdown) cancels the execution first, then kills the
 //! sandbox.
+//!
+//! Pools with a network ([`PoolSpec::network`]) get sessions wired to their own egress gateway
+//! ([`Session::start_with`]); the engine holds the server's one [`Egress`] (pins, CA) for them.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use ampoule_egress::Egress;
 use ampoule_runtime::{Host, Scratch};
-use ampoule_session::{ExecuteRequest, Session};
+use ampoule_session::{ExecuteRequest, Session, SessionOptions};
 use ampoule_types::{ExecutionEvent, ExecutionResult, SessionState};
 use async_trait::async_trait;
 use tokio::sync::{Mutex, Notify};
@@ -21,12 +25,20 @@ use crate::engine::{Engine, EngineError, EventSender, ExecRequest, LiveSession, 
 #[derive(Debug)]
 pub struct SessionEngine {
     host: Arc<Host>,
+    egress: Option<Egress>,
 }
 
 impl SessionEngine {
     /// An engine on a detected host.
     pub fn new(host: Arc<Host>) -> Self {
-        Self { host }
+        Self { host, egress: None }
+    }
+
+    /// The egress service that serves the sessions of pools with a network (see
+    /// [`crate::Config::egress`]); without one such pools cannot start sessions.
+    pub fn with_egress(mut self, egress: Option<Egress>) -> Self {
+        self.egress = egress;
+        self
     }
 }
 
@@ -45,10 +57,28 @@ fn chain(e: &dyn std::error::Error) -> String {
 #[async_trait]
 impl Engine for SessionEngine {
     async fn start(&self, spec: &PoolSpec) -> Result<Box<dyn LiveSession>, EngineError> {
-        let session =
-            Session::start_language(&self.host, spec.language.as_str(), spec.limits.clone())
-                .await
-                .map_err(|e| EngineError::Start(chain(&e)))?;
+        let session = match &spec.network {
+            None => {
+                Session::start_language(&self.host, spec.language.as_str(), spec.limits.clone())
+                    .await
+                    .map_err(|e| EngineError::Start(chain(&e)))?
+            }
+            Some(network) => {
+                let egress = self.egress.clone().ok_or_else(|| {
+                    EngineError::Start(format!(
+                        "pool {} has a network policy but the server has no egress gateway",
+                        spec.name
+                    ))
+                })?;
+                let kernel = ampoule_session::language::find(spec.language.as_str())
+                    .and_then(|k| k.locate(&spec.limits))
+                    .map_err(|e| EngineError::Start(chain(&e)))?;
+                let options = SessionOptions::with_network(egress, network.policy.clone());
+                Session::start_with(&self.host, kernel, spec.limits.clone(), options)
+                    .await
+                    .map_err(|e| EngineError::Start(chain(&e)))?
+            }
+        };
         let scratch = session
             .scratch()
             .try_clone()
@@ -126,6 +156,15 @@ impl LiveSession for LiveInterpreter {
 
     fn alive(&self) -> bool {
         self.alive.load(Ordering::SeqCst)
+    }
+
+    fn label(&self, session: &str, execution: &str) {
+        // Called between executions, so the lock is free (unless the session is closing).
+        if let Ok(guard) = self.session.try_lock()
+            && let Some(gateway) = guard.as_ref().and_then(Session::egress)
+        {
+            gateway.set_context(session, execution);
+        }
     }
 
     async fn close(&self) {

@@ -1,0 +1,958 @@
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a failed unwrap is a failed test"
+)]
+//! Pools with a network, end to end: the real `ampoule serve` with `[pools.X.network]`, driven
+//! through its HTTP API, against real upstream servers.
+//!
+//! Everything runs inside one throw-away outer namespace (a jail: `unshare --mount --pid --net
+//! ...`, the host's `/` read-only), so the nftables table, the veth pairs and every address
+//! live in the jail's own network namespace and never touch the machine's network. Inside it,
+//! an "upstream" host in a namespace of its own (`10.77.0.2`, wired to the jail's `10.77.0.1`)
+//! serves HTTP on 80 and HTTPS on 443 (a test CA made here) and UDP on 5353, logging what
+//! reaches it; the jail itself runs a service on `0.0.0.0:8080` no sandbox may reach, and
+//! `ampoule serve` with three pools: `net` (an allowlist, one warm session), `inject` (a
+//! credential rule) and `python` (no network). The test talks to the server from a thread that
+//! has joined the jail's network namespace (`setns`). Names get addresses from the server's
+//! `[egress.hosts]` pins or the jail's own `/etc/hosts` (the system resolver). No address
+//! outside this machine is ever used.
+//!
+//! Needs root, `unshare`, `ip`, `nft`, `/usr/bin/python3` and the Python session environment
+//! (`ampoule setup`); without them every trial is reported as ignored with the reason, never as
+//! passed. `EGRESS_VERBOSE=1` prints every probe's outcome and the server's log.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use libtest_mimic::{Arguments, Failed, Trial};
+use serde_json::{Map, Value, json};
+
+const KEY: &str = "egress-e2e-key";
+/// Built at run time in the probes, so no file of the sandbox holds it by accident.
+const SECRET_MARK: &str = "AMPOULE-SECRET-";
+
+/// The upstream servers (and, with `jail` as second argument, the jail's own service). Every
+/// request and datagram is logged as a JSON line to `$T/<mode>.log`.
+const UPSTREAM: &str = r#"
+import http.server, json, os, socket, ssl, sys, threading
+T = sys.argv[1]
+mode = sys.argv[2] if len(sys.argv) > 2 else "upstream"
+lock = threading.Lock()
+LOG = open(os.path.join(T, mode + ".log"), "a", buffering=1)
+def log(kind, **kw):
+    with lock:
+        LOG.write(json.dumps(dict(kind=kind, **kw)) + "\n")
+
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        auth = self.headers.get("Authorization")
+        log(self.server.kind, path=self.path, host=self.headers.get("Host"), authorization=auth)
+        # Never echo the header: the sandbox must not learn the secret from a response.
+        body = ("upstream-%s auth=%s\n" % (self.server.kind, "yes" if auth else "no")).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+
+class S(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+def serve(srv):
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+
+if mode == "jail":
+    s = S(("0.0.0.0", 8080), H); s.kind = "jail"; serve(s)
+else:
+    s = S(("10.77.0.2", 80), H); s.kind = "http"; serve(s)
+    t = S(("10.77.0.2", 443), H); t.kind = "https"
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(os.path.join(T, "server.pem"), os.path.join(T, "server.key"))
+    t.socket = ctx.wrap_socket(t.socket, server_side=True, do_handshake_on_connect=False)
+    serve(t)
+    def udp(port, kind):
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(("10.77.0.2", port))
+        while True:
+            d, a = u.recvfrom(4096); log(kind, size=len(d))
+    threading.Thread(target=udp, args=(5353, "udp5353"), daemon=True).start()
+open(os.path.join(T, mode + ".ready"), "w").close()
+threading.Event().wait()
+"#;
+
+/// The jail: the upstream host, the jail's service, then `ampoule serve` ("$@") until
+/// `$T/stop` appears; then SIGTERM, its exit status and the `amp*` links left.
+const JAIL: &str = r#"
+set -e
+T="$EGRESS_T"
+mkdir -p /run/ampoule
+mount --bind /run/ampoule /run/ampoule
+mount --bind "$T" "$T"
+mount -o remount,bind,ro /
+mount -t tmpfs -o size=1m,mode=0700 tmpfs /root
+mount --bind "$T/hosts" /etc/hosts
+ip link set lo up
+unshare --net /bin/sh -c 'while [ ! -e "$0/up.go" ]; do sleep 0.01; done
+  ip link set lo up; ip addr add 10.77.0.2/24 dev eth0; ip link set eth0 up
+  exec /usr/bin/python3 "$0/upstream.py" "$0"' "$T" &
+UP=$!
+i=0
+while [ "$(readlink /proc/$UP/ns/net)" = "$(readlink /proc/$$/ns/net)" ]; do
+  i=$((i+1)); [ $i -lt 500 ] || { echo "upstream namespace never appeared" >&2; exit 90; }; sleep 0.01
+done
+ip link add up0 type veth peer name eth0 netns $UP
+ip addr add 10.77.0.1/24 dev up0
+ip link set up0 up
+touch "$T/up.go"
+/usr/bin/python3 "$T/upstream.py" "$T" jail &
+i=0
+while [ ! -e "$T/upstream.ready" ] || [ ! -e "$T/jail.ready" ]; do
+  i=$((i+1)); [ $i -lt 1000 ] || { echo "upstream never became ready" >&2; exit 91; }; sleep 0.01
+done
+set +e
+"$@" &
+SRV=$!
+while [ ! -e "$T/stop" ] && kill -0 $SRV 2>/dev/null; do sleep 0.1; done
+kill -TERM $SRV 2>/dev/null
+wait $SRV
+echo $? > "$T/server.rc"
+ip -o link show | grep -c ': amp' > "$T/leftover_links"
+"#;
+
+/// Probe helpers: `check(name, fn)` records `ok: ...` or `error: ...`.
+const PRELUDE: &str = r#"
+import json, os, socket, ssl, subprocess, urllib.request
+res = {}
+def check(name, fn):
+    try:
+        res[name] = "ok: " + str(fn())[:300]
+    except BaseException as e:
+        res[name] = "error: %s: %s" % (type(e).__name__, e)
+def get(url, ctx=None, headers=None):
+    req = urllib.request.Request(url, headers=headers or {})
+    with urllib.request.urlopen(req, timeout=8, context=ctx) as r:
+        return "%d %s" % (r.status, r.read().decode().strip())
+def raw_http(ip, port, host):
+    s = socket.create_connection((ip, port), 5)
+    s.sendall(b"GET /raw HTTP/1.1\r\nHost: " + host.encode() + b"\r\nConnection: close\r\n\r\n")
+    data = b""
+    while True:
+        d = s.recv(65536)
+        if not d:
+            break
+        data += d
+    return data.split(b"\r\n")[0].decode()
+def tls(ip, port, sni, ctx):
+    s = socket.create_connection((ip, port), 5)
+    t = ctx.wrap_socket(s, server_hostname=sni)
+    t.sendall(b"GET /tls HTTP/1.1\r\nHost: " + sni.encode() + b"\r\nConnection: close\r\n\r\n")
+    return t.recv(100).split(b"\r\n")[0].decode()
+def udp(ip, port):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(2)
+    s.sendto(b"ping-udp", (ip, port))
+    try:
+        return "reply %r" % (s.recvfrom(100)[0],)
+    except socket.timeout:
+        return "no reply"
+"#;
+
+/// What the `net` pool's first execution tries.
+const ALLOWLIST_PROBE: &str = r#"
+CA = "/mnt/data/upstream-ca.pem"
+ctx = ssl.create_default_context(cafile=CA)
+check("dns_allowed", lambda: socket.gethostbyname("allowed.test"))
+check("http_allowed", lambda: get("http://allowed.test/a"))
+check("https_allowed", lambda: get("https://allowed.test/b", ctx))
+import requests
+check("requests_allowed", lambda: requests.get("https://allowed.test/c", verify=CA, timeout=8).text.strip())
+check("dns_denied", lambda: socket.gethostbyname("denied.test"))
+check("http_denied", lambda: get("http://denied.test/d"))
+check("https_denied", lambda: get("https://denied.test/e", ctx))
+check("http_ip_literal", lambda: get("http://10.77.0.2/f"))
+check("dns_private", lambda: socket.gethostbyname("private.test"))
+check("dns_metadata", lambda: socket.gethostbyname("metadata.test"))
+# Code that ignores every convention and writes to sockets itself.
+check("raw_denied_host", lambda: raw_http("10.77.0.2", 80, "denied.test"))
+check("raw_private_host", lambda: raw_http("10.77.0.2", 80, "private.test"))
+check("raw_metadata_host", lambda: raw_http("10.77.0.2", 80, "metadata.test"))
+check("tls_denied_sni", lambda: tls("10.77.0.2", 443, "denied.test", ctx))
+check("tls_allowed_sni", lambda: tls("10.77.0.2", 443, "allowed.test", ctx))
+check("raw_jail_service", lambda: raw_http("10.77.0.1", 8080, "10.77.0.1"))
+check("udp", lambda: udp("10.77.0.2", 5353))
+check("proxy_env", lambda: sorted(k for k in os.environ if "proxy" in k.lower()))
+check("gateway_ca", lambda: os.path.exists("/etc/ampoule") or "SSL_CERT_FILE" in os.environ)
+print(json.dumps(res))
+"#;
+
+/// What the `inject` pool's execution tries: real clients with their default trust, then a
+/// search of everything the sandbox can read for the secret's marker.
+const INJECT_PROBE: &str = r#"
+check("https", lambda: get("https://inject.test/https"))
+check("http", lambda: get("http://inject.test/http"))
+import requests
+check("requests", lambda: requests.get("https://inject.test/requests", timeout=8).text.strip())
+check("forged", lambda: get("https://inject.test/forged", headers={"Authorization": "Bearer forged"}))
+check("trust_env", lambda: {k: os.environ.get(k) for k in ["SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "NODE_EXTRA_CA_CERTS"]})
+MARK = ("AMPOULE" + "-SECRET-").encode()
+hits, scanned = [], 0
+for k, v in os.environ.items():
+    if MARK in (k + "=" + v).encode():
+        hits.append("env " + k)
+for top in ["/etc", "/run", "/mnt/data", "/tmp", "/var", "/dev/shm", "/root", "/home"]:
+    for dirpath, dirs, files in os.walk(top):
+        for f in files:
+            p = os.path.join(dirpath, f)
+            try:
+                if os.path.islink(p) or not os.path.isfile(p):
+                    continue
+                with open(p, "rb") as fh:
+                    scanned += 1
+                    if MARK in fh.read(8 << 20):
+                        hits.append(p)
+            except OSError:
+                pass
+for p in ["/proc/self/environ", "/proc/self/cmdline", "/proc/1/environ", "/proc/1/cmdline"]:
+    try:
+        if MARK in open(p, "rb").read():
+            hits.append(p)
+    except OSError:
+        pass
+res["secret_hits"] = hits
+res["files_scanned"] = scanned
+print(json.dumps(res))
+"#;
+
+/// What a session of the pool without network tries.
+const NONE_PROBE: &str = r#"
+check("connect", lambda: socket.create_connection(("10.77.0.2", 80), 3))
+check("dns", lambda: socket.gethostbyname("allowed.test"))
+check("interfaces", lambda: sorted(l.split(":")[0].strip() for l in open("/proc/net/dev").read().splitlines()[2:]))
+print(json.dumps(res))
+"#;
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The `ampoule` binary: `$AMPOULE_BIN`, else the workspace's debug build (built if missing).
+fn binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("AMPOULE_BIN") {
+        return PathBuf::from(p);
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target"));
+    let bin = target.join("debug/ampoule");
+    if !bin.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let st = Command::new(cargo)
+            .args(["build", "-p", "ampoule-cli", "--bin", "ampoule"])
+            .current_dir(workspace())
+            .status()
+            .unwrap();
+        assert!(st.success(), "building the ampoule binary failed");
+    }
+    bin
+}
+
+/// A test CA and a server certificate for every name the probes use.
+fn write_certs(dir: &Path) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "server egress test upstream CA");
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let names = [
+        "allowed.test",
+        "denied.test",
+        "private.test",
+        "metadata.test",
+        "inject.test",
+        "10.77.0.2",
+    ];
+    let leaf = CertificateParams::new(names.map(String::from).to_vec())
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    std::fs::write(dir.join("upstream-ca.pem"), ca_cert.pem()).unwrap();
+    std::fs::write(dir.join("server.pem"), leaf.pem()).unwrap();
+    std::fs::write(dir.join("server.key"), key.serialize_pem()).unwrap();
+}
+
+/// The server's config: three pools, the pins, the audit log in the case's directory.
+fn config(t: &Path) -> String {
+    format!(
+        r#"
+[server]
+data_dir = "{data}"
+[[auth.keys]]
+tenant = "a"
+key_env = "EGRESS_E2E_KEY"
+
+[pools.python]
+warm = 0
+
+[pools.net]
+warm = 1
+[pools.net.network]
+allow = ["allowed.test", "denied.test", "private.test", "metadata.test"]
+deny = ["denied.test"]
+
+[pools.inject]
+warm = 0
+[pools.inject.network]
+allow = ["inject.test"]
+[[pools.inject.network.inject]]
+host = "inject.test"
+header = "Authorization"
+value_from_env = "EGRESS_E2E_SECRET"
+
+[egress.hosts]
+"allowed.test" = "10.77.0.2"
+"denied.test" = "10.77.0.2"
+"inject.test" = "10.77.0.2"
+"#,
+        data = t.join("data").display()
+    )
+}
+
+/// The running jail with the server in it.
+struct Jail {
+    child: Child,
+    dir: tempfile::TempDir,
+    port: u16,
+    netns: std::fs::File,
+    log: Arc<Mutex<String>>,
+    secret: String,
+}
+
+impl Jail {
+    fn start() -> Result<Jail, String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let t = dir.path();
+        write_certs(t);
+        std::fs::write(t.join("upstream.py"), UPSTREAM).unwrap();
+        std::fs::write(
+            t.join("hosts"),
+            "127.0.0.1 localhost\n10.77.0.2 private.test\n169.254.169.254 metadata.test\n",
+        )
+        .unwrap();
+        let cfg = t.join("ampoule.toml");
+        std::fs::write(&cfg, config(t)).unwrap();
+        let secret = format!("Bearer {SECRET_MARK}{}", std::process::id());
+        let mut child = Command::new("unshare")
+            .args([
+                "--mount",
+                "--propagation",
+                "private",
+                "--pid",
+                "--fork",
+                "--kill-child",
+                "--mount-proc",
+                "--net",
+                "--ipc",
+                "--uts",
+                "--",
+                "/bin/sh",
+                "-c",
+                JAIL,
+                "jail",
+            ])
+            .arg(binary())
+            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+            .arg(&cfg)
+            .env("EGRESS_T", t)
+            .env("EGRESS_E2E_KEY", KEY)
+            .env("EGRESS_E2E_SECRET", &secret)
+            // The gateway trusts the test upstream when it terminates TLS to inject.
+            .env("SSL_CERT_FILE", t.join("upstream-ca.pem"))
+            .env("AMPOULE_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("starting unshare: {e}"))?;
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                {
+                    let mut l = log2.lock().unwrap();
+                    l.push_str(&line);
+                    l.push('\n');
+                }
+                if let Some(addr) = line
+                    .split("listening on ")
+                    .nth(1)
+                    .and_then(|rest| rest.split_whitespace().next())
+                {
+                    let _ = tx.send(addr.to_owned());
+                }
+            }
+        });
+        let addr = rx.recv_timeout(Duration::from_secs(120)).map_err(|_| {
+            format!(
+                "the server did not start in the jail:\n{}",
+                log.lock().unwrap()
+            )
+        })?;
+        let port = addr
+            .rsplit(':')
+            .next()
+            .and_then(|p| {
+                p.trim_end_matches(|c: char| !c.is_ascii_digit())
+                    .parse()
+                    .ok()
+            })
+            .ok_or_else(|| format!("no port in {addr:?}"))?;
+        // `unshare` made the namespaces itself before forking: its network namespace is the
+        // jail's.
+        let netns = std::fs::File::open(format!("/proc/{}/ns/net", child.id()))
+            .map_err(|e| format!("opening the jail's network namespace: {e}"))?;
+        Ok(Jail {
+            child,
+            dir,
+            port,
+            netns,
+            log,
+            secret,
+        })
+    }
+
+    fn t(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Puts the calling thread into the jail's network namespace (where the server listens).
+    fn enter(&self) -> Result<(), Failed> {
+        // Only this thread moves; the jail's namespace stays alive while it is in it.
+        nix::sched::setns(&self.netns, nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| format!("setns into the jail: {e}").into())
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Lines the upstream host logged.
+    fn upstream(&self) -> Vec<Value> {
+        std::fs::read_to_string(self.t().join("upstream.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Stops the server (SIGTERM through the jail) and waits for the jail to end.
+    fn stop(&mut self) -> Result<(i32, String), String> {
+        std::fs::write(self.t().join("stop"), "").map_err(|e| e.to_string())?;
+        let t0 = Instant::now();
+        while self.child.try_wait().map_err(|e| e.to_string())?.is_none() {
+            if t0.elapsed() > Duration::from_secs(60) {
+                return Err("the jail did not end after the server was told to stop".into());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let read = |f: &str| {
+            std::fs::read_to_string(self.t().join(f))
+                .unwrap_or_default()
+                .trim()
+                .to_owned()
+        };
+        let rc = read("server.rc").parse().unwrap_or(-1);
+        Ok((rc, read("leftover_links")))
+    }
+}
+
+impl Drop for Jail {
+    fn drop(&mut self) {
+        // Normally stopped already; otherwise --kill-child takes the whole jail down.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One HTTP/1.1 request to the server; returns the status and the JSON body.
+fn call(port: u16, method: &str, path: &str, body: Option<&[u8]>) -> Result<(u16, Value), Failed> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(240)))?;
+    let body = body.unwrap_or_default();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\
+         Authorization: Bearer {KEY}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes())?;
+    s.write_all(body)?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or("no response head")?;
+    let status = String::from_utf8_lossy(&raw[..split])
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or("no status")?;
+    let text = &raw[split + 4..];
+    let json = if text.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(text).unwrap_or_else(|_| Value::String(lossy(text)))
+    };
+    Ok((status, json))
+}
+
+fn lossy(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn ok(port: u16, method: &str, path: &str, body: Option<Value>) -> Result<Value, Failed> {
+    let bytes = body.map(|b| b.to_string().into_bytes());
+    let (status, v) = call(port, method, path, bytes.as_deref())?;
+    if !(200..300).contains(&status) {
+        return Err(format!("{method} {path}: {status} {v}").into());
+    }
+    Ok(v)
+}
+
+fn new_session(port: u16, pool: &str) -> Result<String, Failed> {
+    let s = ok(port, "POST", "/v1/sessions", Some(json!({ "pool": pool })))?;
+    Ok(s["id"].as_str().ok_or("no session id")?.to_owned())
+}
+
+/// Runs `code` in a session; returns the execution result.
+fn execute(port: u16, session: &str, code: &str) -> Result<Value, Failed> {
+    ok(
+        port,
+        "POST",
+        &format!("/v1/sessions/{session}/executions"),
+        Some(json!({ "code": code, "timeout_s": 120 })),
+    )
+}
+
+/// The probe's `check` results: the last line of stdout.
+fn probes(result: &Value) -> Result<Map<String, Value>, Failed> {
+    let stdout = result["stdout"].as_str().unwrap_or_default();
+    match serde_json::from_str::<Value>(stdout.lines().last().unwrap_or_default()) {
+        Ok(Value::Object(m)) => {
+            if std::env::var_os("EGRESS_VERBOSE").is_some() {
+                for (k, v) in &m {
+                    eprintln!("  {k:20} {v}");
+                }
+            }
+            Ok(m)
+        }
+        _ => Err(format!("the probe printed no result: {result}").into()),
+    }
+}
+
+fn expect(
+    probes: &Map<String, Value>,
+    name: &str,
+    pred: impl Fn(&str) -> bool,
+    errors: &mut Vec<String>,
+) {
+    let got = probes
+        .get(name)
+        .and_then(Value::as_str)
+        .unwrap_or("<missing>");
+    if !pred(got) {
+        errors.push(format!("{name}: unexpected {got:?}"));
+    }
+}
+
+/// The events of an execution result's (or audit record's) `egress` list for `host`.
+fn events<'a>(list: &'a Value, host: &str) -> Vec<&'a Value> {
+    list.as_array()
+        .map(|a| a.iter().filter(|e| e["host"] == host).collect())
+        .unwrap_or_default()
+}
+
+fn has(list: &Value, host: &str, protocol: &str, allowed: bool) -> bool {
+    events(list, host)
+        .iter()
+        .any(|e| e["protocol"] == protocol && e["allowed"] == allowed)
+}
+
+/// The audit record of `session`'s executions, oldest first, once the writer has them.
+fn audit_executions(port: u16, session: &str, n: usize) -> Result<Vec<Value>, Failed> {
+    let t0 = Instant::now();
+    loop {
+        let page = ok(
+            port,
+            "GET",
+            &format!("/v1/audit?session={session}&kind=execution"),
+            None,
+        )?;
+        let records: Vec<Value> = page["records"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|r| r["kind"] == "execution")
+            .collect();
+        if records.len() >= n {
+            return Ok(records);
+        }
+        if t0.elapsed() > Duration::from_secs(30) {
+            return Err(format!("{} audit records of {session}, wanted {n}", records.len()).into());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn finish(errors: Vec<String>, context: impl FnOnce() -> String) -> Result<(), Failed> {
+    if errors.is_empty() {
+        return Ok(());
+    }
+    Err(format!("{}\n--- context ---\n{}", errors.join("\n"), context()).into())
+}
+
+/// The `net` pool (its session is the warm one, started with its gateway before anyone
+/// asked): allowed names over HTTP and HTTPS work; a denied name, an IP literal, names that
+/// resolve to private and metadata addresses, raw sockets and UDP fail; each execution's
+/// result, audit record and log lines list exactly its own attempts.
+fn allowlist(jail: &Jail) -> Result<(), Failed> {
+    let port = jail.port;
+    // The warm session is up: it was started with its gateway.
+    let t0 = Instant::now();
+    while ok(port, "GET", "/v1/pools", None)?["pools"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["name"] == "net"))
+        .is_none_or(|p| p["ready"] != 1)
+    {
+        if t0.elapsed() > Duration::from_secs(90) {
+            return Err(format!("no warm session in pool net:\n{}", jail.log()).into());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let sid = new_session(port, "net")?;
+    let ca = std::fs::read(jail.t().join("upstream-ca.pem"))?;
+    let (status, v) = call(
+        port,
+        "PUT",
+        &format!("/v1/sessions/{sid}/files/upstream-ca.pem"),
+        Some(&ca),
+    )?;
+    if !(200..300).contains(&status) {
+        return Err(format!("upload: {status} {v}").into());
+    }
+    let first = execute(port, &sid, &format!("{PRELUDE}{ALLOWLIST_PROBE}"))?;
+    let p = probes(&first)?;
+    let mut errors = Vec::new();
+    let e = &mut errors;
+    expect(&p, "dns_allowed", |s| s == "ok: 10.77.0.2", e);
+    expect(
+        &p,
+        "http_allowed",
+        |s| s == "ok: 200 upstream-http auth=no",
+        e,
+    );
+    expect(
+        &p,
+        "https_allowed",
+        |s| s == "ok: 200 upstream-https auth=no",
+        e,
+    );
+    expect(
+        &p,
+        "requests_allowed",
+        |s| s == "ok: upstream-https auth=no",
+        e,
+    );
+    // Names the policy refuses do not resolve; their connections are refused by the gateway.
+    for name in [
+        "dns_denied",
+        "http_denied",
+        "https_denied",
+        "dns_private",
+        "dns_metadata",
+    ] {
+        // EAI_NONAME (-2) or EAI_NODATA (-5), through urllib's URLError or not.
+        expect(
+            &p,
+            name,
+            |s| s.starts_with("error:") && s.contains("[Errno -"),
+            e,
+        );
+    }
+    expect(&p, "http_ip_literal", |s| s.contains("403"), e);
+    expect(&p, "raw_denied_host", |s| s.contains("403"), e);
+    expect(&p, "raw_private_host", |s| s.contains("403"), e);
+    expect(&p, "raw_metadata_host", |s| s.contains("403"), e);
+    expect(&p, "raw_jail_service", |s| s.contains("403"), e);
+    expect(&p, "tls_denied_sni", |s| s.starts_with("error"), e);
+    expect(&p, "tls_allowed_sni", |s| s == "ok: HTTP/1.1 200 OK", e);
+    expect(&p, "udp", |s| s == "ok: no reply", e);
+    expect(&p, "proxy_env", |s| s == "ok: []", e);
+    expect(&p, "gateway_ca", |s| s == "ok: False", e);
+
+    // The upstream saw the allowed requests and nothing else.
+    let up = jail.upstream();
+    let paths: Vec<&str> = up.iter().filter_map(|l| l["path"].as_str()).collect();
+    for want in ["/a", "/b", "/c"] {
+        if !paths.contains(&want) {
+            errors.push(format!("the upstream never saw {want}: {up:?}"));
+        }
+    }
+    for never in ["/d", "/e", "/f", "/raw"] {
+        if paths.contains(&never) {
+            errors.push(format!("the upstream saw {never}: {up:?}"));
+        }
+    }
+    if up.iter().any(|l| l["kind"] == "udp5353") {
+        errors.push("a UDP datagram reached the upstream".into());
+    }
+    if std::fs::read_to_string(jail.t().join("jail.log")).is_ok_and(|s| !s.is_empty()) {
+        errors.push("the jail's own service was reached".into());
+    }
+
+    // The result lists every attempt, allowed and blocked.
+    let eg = &first["egress"];
+    for (host, protocol, allowed) in [
+        ("allowed.test", "dns", true),
+        ("allowed.test", "http", true),
+        ("allowed.test", "tls", true),
+        ("denied.test", "dns", false),
+        ("denied.test", "http", false),
+        ("denied.test", "tls", false),
+        ("10.77.0.2", "http", false),
+        ("private.test", "http", false),
+        ("metadata.test", "http", false),
+        ("10.77.0.1", "http", false),
+    ] {
+        if !has(eg, host, protocol, allowed) {
+            errors.push(format!(
+                "the result's egress has no {protocol} {host} allowed={allowed}: {eg}"
+            ));
+        }
+    }
+    if events(eg, "allowed.test").iter().any(|e| {
+        e["allowed"] == true
+            && e["address"] != "10.77.0.2"
+            && e["address"] != "10.77.0.2:80"
+            && e["address"] != "10.77.0.2:443"
+    }) {
+        errors.push(format!("an allowed connection went elsewhere: {eg}"));
+    }
+
+    // A second execution has its own attempts only.
+    let second = execute(
+        port,
+        &sid,
+        &format!(
+            "{PRELUDE}check('again', lambda: get('http://allowed.test/again'))\nprint(json.dumps(res))"
+        ),
+    )?;
+    expect(
+        &probes(&second)?,
+        "again",
+        |s| s == "ok: 200 upstream-http auth=no",
+        &mut errors,
+    );
+    let eg2 = second["egress"].as_array().cloned().unwrap_or_default();
+    if eg2.is_empty() || eg2.iter().any(|e| e["host"] != "allowed.test") {
+        errors.push(format!("the second execution's egress: {eg2:?}"));
+    }
+
+    // The audit records say the same, per execution.
+    let records = audit_executions(port, &sid, 2)?;
+    let (r1, r2) = (&records[0], &records[1]);
+    for (host, protocol, allowed) in [
+        ("allowed.test", "tls", true),
+        ("denied.test", "tls", false),
+        ("10.77.0.2", "http", false),
+        ("private.test", "http", false),
+        ("metadata.test", "http", false),
+    ] {
+        if !has(&r1["egress"], host, protocol, allowed) {
+            errors.push(format!(
+                "audit record 1 has no {protocol} {host} allowed={allowed}: {}",
+                r1["egress"]
+            ));
+        }
+    }
+    if r1["egress"].as_array().map(Vec::len) != first["egress"].as_array().map(Vec::len) {
+        errors.push("audit record 1 and the result list different attempts".into());
+    }
+    if r2["egress"].as_array().map(Vec::len) != Some(eg2.len()) {
+        errors.push(format!("audit record 2: {}", r2["egress"]));
+    }
+
+    // Each decision was logged with the session and the execution it belongs to.
+    let log = jail.log();
+    let exe1 = r1["execution"].as_str().unwrap_or("?");
+    let blocked_line = log
+        .lines()
+        .any(|l| l.contains("egress blocked") && l.contains(&sid) && l.contains(exe1));
+    if !blocked_line {
+        errors.push(format!(
+            "no `egress blocked` log line names {sid} and {exe1}"
+        ));
+    }
+    if std::env::var_os("EGRESS_VERBOSE").is_some() {
+        eprintln!("{log}");
+    }
+    finish(errors, || format!("result: {first}\nserver log:\n{log}"))
+}
+
+/// The `inject` pool: the upstream sees the header on HTTPS and HTTP, a forged header is
+/// replaced, and the secret is nowhere in the sandbox.
+fn injection(jail: &Jail) -> Result<(), Failed> {
+    let port = jail.port;
+    let sid = new_session(port, "inject")?;
+    let result = execute(port, &sid, &format!("{PRELUDE}{INJECT_PROBE}"))?;
+    let p = probes(&result)?;
+    let mut errors = Vec::new();
+    let e = &mut errors;
+    expect(&p, "https", |s| s == "ok: 200 upstream-https auth=yes", e);
+    expect(&p, "http", |s| s == "ok: 200 upstream-http auth=yes", e);
+    expect(&p, "requests", |s| s == "ok: upstream-https auth=yes", e);
+    expect(&p, "forged", |s| s == "ok: 200 upstream-https auth=yes", e);
+    expect(&p, "trust_env", |s| s.contains("/etc/ampoule/"), e);
+    if p.get("secret_hits") != Some(&json!([])) {
+        errors.push(format!(
+            "the secret is in the sandbox: {:?}",
+            p.get("secret_hits")
+        ));
+    }
+    if p.get("files_scanned")
+        .and_then(Value::as_u64)
+        .is_none_or(|n| n < 10)
+    {
+        errors.push("the secret search read almost nothing".into());
+    }
+    for l in jail.upstream() {
+        let path = l["path"].as_str().unwrap_or_default();
+        if ["/https", "/http", "/requests", "/forged"].contains(&path)
+            && l["authorization"] != jail.secret.as_str()
+        {
+            errors.push(format!("the upstream got {path} without the secret: {l}"));
+        }
+    }
+    if !events(&result["egress"], "inject.test")
+        .iter()
+        .any(|e| e["injected"] == true && e["allowed"] == true)
+    {
+        errors.push(format!(
+            "no injected attempt in the result: {}",
+            result["egress"]
+        ));
+    }
+    if jail.log().contains(&jail.secret) || result.to_string().contains(SECRET_MARK) {
+        errors.push("the secret appears in the server's log or the result".into());
+    }
+    let records = audit_executions(port, &sid, 1)?;
+    if records[0].to_string().contains(SECRET_MARK) {
+        errors.push("the secret appears in the audit record".into());
+    }
+    if !records[0]["egress"]
+        .as_array()
+        .is_some_and(|a| a.iter().any(|e| e["host"] == "inject.test"))
+    {
+        errors.push(format!("audit record: {}", records[0]["egress"]));
+    }
+    finish(errors, || format!("result: {result}"))
+}
+
+/// The `python` pool has no `[network]`: loopback only, no egress list.
+fn no_network(jail: &Jail) -> Result<(), Failed> {
+    let port = jail.port;
+    let sid = new_session(port, "python")?;
+    let result = execute(port, &sid, &format!("{PRELUDE}{NONE_PROBE}"))?;
+    let p = probes(&result)?;
+    let mut errors = Vec::new();
+    let e = &mut errors;
+    expect(&p, "connect", |s| s.starts_with("error: OSError"), e);
+    expect(&p, "dns", |s| s.starts_with("error: gaierror"), e);
+    expect(&p, "interfaces", |s| s == "ok: ['lo']", e);
+    if result.get("egress").is_some() {
+        errors.push(format!("a result without network lists egress: {result}"));
+    }
+    finish(errors, || format!("result: {result}"))
+}
+
+/// Why the trials cannot run here, if they cannot.
+fn unavailable() -> Option<String> {
+    let root = std::fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false);
+    if !root {
+        return Some("needs root (it builds network namespaces and sandboxes)".into());
+    }
+    for (tool, hint) in [
+        ("/usr/bin/unshare", "util-linux"),
+        ("/usr/sbin/ip", "iproute2"),
+        ("/usr/sbin/nft", "nftables"),
+        ("/usr/bin/python3", "python3"),
+    ] {
+        if !PathBuf::from(tool).exists() && !PathBuf::from(tool.replace("/usr", "")).exists() {
+            return Some(format!("{tool} is missing (apt-get install {hint})"));
+        }
+    }
+    if !ampoule_session::paths::python_env_dir()
+        .join("bin/python")
+        .exists()
+    {
+        return Some("no Python session environment (run `ampoule setup`)".into());
+    }
+    None
+}
+
+/// What a trial checks, given its running jail.
+type Body = fn(&Jail) -> Result<(), Failed>;
+
+/// A trial: its own jail and server, the body, then the server stopped on SIGTERM with no
+/// `amp*` link left behind.
+fn trial(body: Body) -> Result<(), Failed> {
+    let mut jail = Jail::start()?;
+    jail.enter()?;
+    let outcome = body(&jail);
+    let (rc, links) = jail.stop()?;
+    outcome?;
+    if rc != 0 || links != "0" {
+        return Err(format!(
+            "server exit status {rc}, amp* links left: {links}\n{}",
+            jail.log()
+        )
+        .into());
+    }
+    Ok(())
+}
+
+fn main() {
+    let args = Arguments::from_args();
+    let why = unavailable();
+    let cases: [(&str, Body); 3] = [
+        ("allowlist", allowlist),
+        ("injection", injection),
+        ("no_network", no_network),
+    ];
+    let trials: Vec<Trial> = cases
+        .into_iter()
+        .map(|(name, f)| Trial::test(name, move || trial(f)).with_ignored_flag(why.is_some()))
+        .collect();
+    if let Some(why) = &why {
+        eprintln!("server egress tests ignored: {why}");
+    }
+    libtest_mimic::run(&args, trials).exit();
+}
