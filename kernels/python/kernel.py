@@ -370,18 +370,6 @@ def execute(msg):
     chan.done(exec_id, status, count)
 
 
-def _reap_orphans():
-    """As pid 1 of its namespace (a zygote-born session) the kernel inherits orphans: reap the
-    ones that exited. (A Popen still alive across executions may lose its exit status.)"""
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-
-
 def main():
     global chan, loop
     chan = kernelio.Channel()
@@ -405,8 +393,6 @@ def main():
         try:
             msg = requests.get()
             execute(msg)
-            if os.getpid() == 1:
-                _reap_orphans()
         except KeyboardInterrupt:
             # An interrupt that arrived just as an execution ended.
             continue

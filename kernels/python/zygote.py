@@ -397,6 +397,14 @@ def reap(sock):
             return
         if pid == 0:
             return
+        reaper = REAPERS.pop(pid, None)
+        if reaper is None:
+            continue  # a reaper, killed below when its session ended
+        # The session's program ended: its pid 1 goes, and the namespace with it.
+        try:
+            os.kill(reaper, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         if os.WIFSIGNALED(status):
             msg = {"exit": {"pid": pid, "signal": os.WTERMSIG(status)}}
         else:
@@ -407,15 +415,33 @@ def reap(sock):
             pass
 
 
+REAPERS = {}  # session pid -> its pid 1
+
+
 def fork(cfg, programs, spec, fds, own_pid_ns):
-    """One child in a pid namespace of its own: unshare(CLONE_NEWPID) applies to the next
-    child only, and setns back to our own namespace re-arms it for the next request."""
+    """One child in a pid namespace of its own. After unshare(CLONE_NEWPID) our next children
+    go into a new namespace: first its pid 1, a small reaper (ampoule's init binary, spawned
+    with vfork: no copy of this process), then the session (pid 2). setns back to our own
+    namespace re-arms it for the next request."""
     check("unshare", libc.unshare(CLONE_NEWPID), "pid namespace")
-    pid = os.fork()
-    if pid == 0:
-        session(cfg, programs, spec, fds)
-    check("setns", libc.setns(own_pid_ns, CLONE_NEWPID), "own pid namespace")
-    return pid
+    try:
+        exe, *args = cfg["reaper"]
+        reaper = os.posix_spawn(exe, [exe, *args], {}, file_actions=[
+            (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDWR, 0),
+            (os.POSIX_SPAWN_DUP2, 0, 1),
+            (os.POSIX_SPAWN_DUP2, 0, 2),
+        ])
+        try:
+            pid = os.fork()
+        except OSError:
+            os.kill(reaper, signal.SIGKILL)
+            raise
+        if pid == 0:
+            session(cfg, programs, spec, fds)
+        REAPERS[pid] = reaper
+        return pid
+    finally:
+        check("setns", libc.setns(own_pid_ns, CLONE_NEWPID), "own pid namespace")
 
 
 def main():

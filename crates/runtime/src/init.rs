@@ -75,8 +75,15 @@ fn fail(stage: &'static str, message: impl Into<String>) -> StageError {
     }
 }
 
+/// With [`INIT_ARG`], makes the process the reaping pid 1 of a zygote-born sandbox (see
+/// [`reaper`]).
+pub const REAPER_ARG: &str = "--reaper";
+
 /// Entry point of `ampoule __sandbox-init`. Never returns.
 pub fn main() -> ! {
+    if std::env::args_os().nth(2).as_deref() == Some(REAPER_ARG.as_ref()) {
+        reaper();
+    }
     // Die with the supervisor. If it already died, stop here.
     let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
     if nix::unistd::getppid().as_raw() == 1 {
@@ -199,6 +206,33 @@ fn outer(chan: &InitChannel) -> Stage<i32> {
                 }
             }
         }
+    }
+}
+
+/// Pid 1 of a sandbox forked from a zygote (`kernels/python/zygote.py` starts it in the new pid
+/// namespace just before forking the session's program into it): a small, fresh process
+/// instead of another copy of the interpreter. It holds nothing (no descriptor, no capability,
+/// not dumpable, so the code cannot inspect or trace it) and reaps the orphans re-parented to
+/// it; the zygote kills it when the program ends, which ends the namespace.
+pub fn reaper() -> ! {
+    use nix::sys::signal::SigSet;
+    use nix::sys::wait::WaitPidFlag;
+    let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+    detach_stdio();
+    let _ = sys::close_from(3);
+    let _ = nix::sys::prctl::set_dumpable(false);
+    let _ = drop_capabilities();
+    let _ = nix::sys::prctl::set_no_new_privs();
+    let mut chld = SigSet::empty();
+    chld.add(Signal::SIGCHLD);
+    let _ = chld.thread_block();
+    loop {
+        while let Ok(status) = waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
+            if status == WaitStatus::StillAlive {
+                break;
+            }
+        }
+        let _ = chld.wait();
     }
 }
 

@@ -184,7 +184,12 @@ impl Zygote {
         let policy = SeccompPolicy::default_policy()?;
         let (ours, theirs) = channel::pair()?;
         let files = cfg.files.clone();
-        let sandbox = Sandbox::spawn_inner(host, &cfg.sandbox, Some(theirs), |p| {
+        // The children's pid 1 is this binary (`init::reaper`), started inside the zygote.
+        let init_exe = std::fs::canonicalize(&host.init_exe)
+            .map_err(|e| Error::io(format!("resolving {}", host.init_exe.display()), e))?;
+        let mut sandbox_cfg = cfg.sandbox.clone();
+        sandbox_cfg.ro_binds.push(init_exe.clone());
+        let sandbox = Sandbox::spawn_inner(host, &sandbox_cfg, Some(theirs), |p| {
             for (name, contents) in &files {
                 p.scratch
                     .write(crate::scratch::CODE, name, contents, 0o644)?;
@@ -208,6 +213,7 @@ impl Zygote {
             "landlock_rw_dirs": crate::init::LANDLOCK_RW_DIRS,
             "landlock_rw_devs": crate::init::LANDLOCK_RW_DEVS,
             "sandbox_uid": crate::sandbox::SANDBOX_UID,
+            "reaper": [init_exe, crate::init::INIT_ARG, crate::init::REAPER_ARG],
         }});
         send(&sock, &config, &[]).await?;
         let ready = tokio::time::timeout(READY_TIMEOUT, recv(&sock))
@@ -272,6 +278,16 @@ impl Zygote {
     /// Time since the zygote got ready.
     pub fn age(&self) -> Duration {
         self.inner.started.elapsed()
+    }
+
+    /// Stops the zygote now and waits until its sandbox is gone (every session it forked dies
+    /// with it). Dropping the last clone also stops it, without waiting.
+    pub async fn close(&self) {
+        let sandbox = lock(&self.inner.sandbox).take();
+        if let Some(mut sb) = sandbox {
+            sb.kill();
+            sb.finish().await;
+        }
     }
 
     /// Whether the zygote still answers (its process and socket are alive).

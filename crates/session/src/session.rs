@@ -404,6 +404,23 @@ impl Session {
             (None, Some(a)) => a.oom_kills > 0,
             _ => false,
         };
+        // Code that failed after a limit refused it something (a fork past `pids.max`, a write
+        // to a full scratch space) was stopped by that limit, as `ampoule run` reports it.
+        let refused = if match (stats_before, stats_after) {
+            (Some(b), Some(a)) => a.pids_max_hits > b.pids_max_hits,
+            _ => false,
+        } {
+            Some(LimitKind::Pids)
+        } else if self
+            .sandbox
+            .scratch()
+            .free()
+            .is_some_and(|(bytes, inodes)| bytes < 64 * 1024 || inodes == 0)
+        {
+            Some(LimitKind::Disk)
+        } else {
+            None
+        };
         let (status, session_state, limit, exit_code) = match end {
             End::Done {
                 status,
@@ -418,6 +435,7 @@ impl Session {
                         (s, Some(l))
                     }
                     (_, _) if oom => (ExecutionStatus::Killed, Some(LimitKind::Memory)),
+                    (_, _) if refused.is_some() => (ExecutionStatus::Killed, refused),
                     (DoneStatus::Error | DoneStatus::Interrupted, _) => {
                         (ExecutionStatus::Failed, None)
                     }
@@ -456,6 +474,7 @@ impl Session {
                         (s, Some(l))
                     }
                     None if oom => (ExecutionStatus::Killed, Some(LimitKind::Memory)),
+                    None if refused.is_some() => (ExecutionStatus::Killed, refused),
                     None => (ExecutionStatus::Failed, None),
                 };
                 (status, SessionState::Lost, limit, None)

@@ -287,8 +287,26 @@ fn main() {
         eprintln!("{} probes written to {}", probes.len(), dir.display());
         return;
     }
+    // Every Python probe again against a session forked from a zygote (`ampoule run --zygote`):
+    // those sessions build their layers themselves (kernels/python/zygote.py), so they must
+    // stop the same attacks.
+    let forked: Vec<Probe> = probes
+        .iter()
+        .filter(|p| p.setup.lang == "python")
+        .map(|p| {
+            let mut setup = p.setup.clone();
+            setup.args.push("--zygote".into());
+            Probe {
+                name: Box::leak(format!("zygote/{}", p.name).into_boxed_str()),
+                code: p.code,
+                setup,
+                check: p.check,
+            }
+        })
+        .collect();
     let trials = probes
         .into_iter()
+        .chain(forked)
         .map(|p| {
             let ignored = skip.is_some();
             Trial::test(p.name, move || {

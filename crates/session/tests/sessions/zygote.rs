@@ -43,8 +43,8 @@ async fn preloaded_and_sealed(host: Host) -> Result<(), Failed> {
     check!(out.status == ExecutionStatus::Succeeded, out);
     let out = run(&mut s, "print(x * 2)").await?;
     check!(stdout_of(&out) == "12", out);
-    // Identity and namespaces: pid 1 of its own pid namespace, the sandbox user, no
-    // capabilities, no network but loopback, its own hostname.
+    // Identity and namespaces: pid 2 of its own pid namespace (pid 1 is the reaper), the
+    // sandbox user, no capabilities, no network but loopback, its own hostname.
     let out = run(
         &mut s,
         r#"
@@ -60,7 +60,7 @@ print(open('/proc/self/status').read().split('NoNewPrivs:')[1].split()[0], open(
     check!(
         lines.first().copied()
             == Some(
-                "1 1000 1000 ['0000000000000000', '0000000000000000', '0000000000000000'] sandbox"
+                "2 1000 1000 ['0000000000000000', '0000000000000000', '0000000000000000'] sandbox"
             ),
         out
     );
@@ -116,7 +116,21 @@ print(sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))
 "#,
     )
     .await?;
-    check!(out.stdout.starts_with("False False\n[1]"), out);
+    check!(out.stdout.starts_with("False False\n[1, 2]"), out);
+    // Pid 1 is the reaper: not the code's, and closed to it.
+    let out = run(
+        &mut b,
+        r#"
+import os
+for what in ('/proc/1/environ', '/proc/1/mem', '/proc/1/ns/mnt'):
+    try:
+        open(what, 'rb').read(1); print('READ', what)
+    except OSError as e:
+        print('no', e.errno)
+"#,
+    )
+    .await?;
+    check!(!out.stdout.contains("READ") && out.stdout.contains("no"), out);
     Ok(())
 }
 
