@@ -39,6 +39,17 @@ pub trait AuditStore: Send + Sync + 'static {
     /// Removes the records older than `before_ms` (a prefix of the chain) and anchors the
     /// rest on the last removed record's hash. Returns how many were removed.
     async fn prune(&self, before_ms: i64) -> Result<u64, Error>;
+    /// Retention per pool: removes the longest prefix of the chain in which every record is
+    /// past its own retention, i.e. older than its pool's cutoff in `per_pool` (milliseconds
+    /// since the epoch), or than `before_ms` for other pools. The chain can only lose a
+    /// prefix (that is what keeps it verifiable), so a record is never removed before its
+    /// retention, but may be kept longer while an older record of a longer-kept pool is
+    /// still there. Returns how many were removed.
+    async fn prune_retention(
+        &self,
+        before_ms: i64,
+        per_pool: &[(String, i64)],
+    ) -> Result<u64, Error>;
     /// A tenant's usage between two times (milliseconds since the epoch).
     async fn usage(&self, tenant: &str, since_ms: i64, until_ms: i64) -> Result<Usage, Error>;
 }

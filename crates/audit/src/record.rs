@@ -17,6 +17,9 @@ pub enum Kind {
     SessionDeleted,
     /// A session's sandbox was killed by a limit.
     SessionKilled,
+    /// A request refused by a quota or policy (rate limit, pool, language, timeout, session
+    /// limits); `decided_by` names the rule, `session` may be empty.
+    Refused,
 }
 
 impl Kind {
@@ -28,6 +31,7 @@ impl Kind {
             Kind::SessionExpired => "session_expired",
             Kind::SessionDeleted => "session_deleted",
             Kind::SessionKilled => "session_killed",
+            Kind::Refused => "refused",
         }
     }
 }

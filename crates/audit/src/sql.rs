@@ -402,6 +402,33 @@ impl AuditStore for SqlStore {
     }
 
     async fn prune(&self, before_ms: i64) -> Result<u64, Error> {
+        self.prune_retention(before_ms, &[]).await
+    }
+
+    async fn prune_retention(
+        &self,
+        before_ms: i64,
+        per_pool: &[(String, i64)],
+    ) -> Result<u64, Error> {
+        // A record's cutoff: its pool's, else the default.
+        let mut binds = vec![Bind::I(before_ms)];
+        let mut cutoff = String::from("$1");
+        if !per_pool.is_empty() {
+            cutoff = String::from("CASE pool");
+            for (pool, ms) in per_pool {
+                binds.push(Bind::S(pool.clone()));
+                binds.push(Bind::I(*ms));
+                cutoff.push_str(&format!(" WHEN ${} THEN ${}", binds.len() - 1, binds.len()));
+            }
+            cutoff.push_str(" ELSE $1 END");
+        }
+        // The last record to remove: the one before the first record still within its
+        // retention, or the last record when none is.
+        let last = format!(
+            "SELECT seq, hash FROM audit_records WHERE seq = COALESCE(\
+             (SELECT MIN(seq) FROM audit_records WHERE time_ms >= {cutoff}) - 1, \
+             (SELECT MAX(seq) FROM audit_records))"
+        );
         on!(self, p, pg => {
             let mut tx = p.begin().await?;
             if pg {
@@ -409,13 +436,15 @@ impl AuditStore for SqlStore {
                     .fetch_one(&mut *tx)
                     .await?;
             }
-            let last = sqlx::query(&sql(pg,
-                "SELECT seq, hash FROM audit_records WHERE seq = \
-                 (SELECT MAX(seq) FROM audit_records WHERE time_ms < $1)"))
-                .bind(before_ms)
-                .fetch_optional(&mut *tx)
-                .await?;
-            let Some(last) = last else {
+            let text = sql(pg, &last);
+            let mut q = sqlx::query(&text);
+            for b in &binds {
+                q = match b {
+                    Bind::I(v) => q.bind(*v),
+                    Bind::S(v) => q.bind(v.as_str()),
+                };
+            }
+            let Some(last) = q.fetch_optional(&mut *tx).await? else {
                 return Ok(0);
             };
             let seq: i64 = last.try_get("seq")?;

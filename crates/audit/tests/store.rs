@@ -256,6 +256,53 @@ async fn pruning_keeps_the_chain_verifiable(store: Arc<SqlStore>) {
     assert!(!store.verify().await.unwrap().ok());
 }
 
+/// Pool `short` keeps records 1 s, `long` 10 s, others 5 s: only the prefix whose records
+/// are all past their own pool's retention goes, and the chain still verifies.
+async fn retention_per_pool_removes_only_an_expired_prefix(store: Arc<SqlStore>) {
+    let rec = |t: i64, pool: &str| Record::new(Kind::SessionCreated, T0 + t, "a", pool, "ses");
+    store
+        .append(&[
+            rec(0, "short"),
+            rec(100, "other"),
+            rec(200, "short"),
+            rec(300, "long"),
+            rec(400, "short"),
+        ])
+        .await
+        .unwrap();
+    let now = T0 + 6_000;
+    let per_pool = [
+        ("short".to_owned(), now - 1_000),
+        ("long".to_owned(), now - 10_000),
+    ];
+    // short (expired), other (expired at 5 s), short (expired), then long (kept): 3 go, and
+    // the expired `short` record behind the kept `long` one stays.
+    let removed = store.prune_retention(now - 5_000, &per_pool).await.unwrap();
+    assert_eq!(removed, 3);
+    let left: Vec<String> = store
+        .query(&filter("a"))
+        .await
+        .unwrap()
+        .records
+        .into_iter()
+        .map(|r| r.record.pool)
+        .collect();
+    assert_eq!(left, ["long", "short"]);
+    let v = store.verify().await.unwrap();
+    assert!(v.ok(), "{v:?}");
+    assert_eq!(v.checked, 2);
+    // Nothing more is due yet; once `long` is past its retention everything goes.
+    assert_eq!(
+        store.prune_retention(now - 5_000, &per_pool).await.unwrap(),
+        0
+    );
+    let later = [("long".to_owned(), T0 + 1_000)];
+    assert_eq!(store.prune_retention(T0 + 1_000, &later).await.unwrap(), 2);
+    assert!(store.verify().await.unwrap().ok());
+    store.append(&[rec(500, "long")]).await.unwrap();
+    assert!(store.verify().await.unwrap().ok());
+}
+
 async fn writer_batches_in_order(store: Arc<SqlStore>) {
     let (writer, task) = Writer::spawn(store.clone(), 64);
     for i in 0..1000 {
@@ -289,5 +336,6 @@ on_both_backends!(
     verify_detects_a_deleted_last_record,
     verify_detects_a_rewritten_chain,
     pruning_keeps_the_chain_verifiable,
+    retention_per_pool_removes_only_an_expired_prefix,
     writer_batches_in_order,
 );

@@ -33,6 +33,11 @@ const EXIT_INTERNAL: u8 = 125;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log lines on stderr as `text` or `json` (one object per line, with the request,
+    /// session and execution ids); `AMPOULE_LOG` sets the level (default warn).
+    #[arg(long, global = true, value_name = "FORMAT", env = "AMPOULE_LOG_FORMAT",
+          default_value = "text", value_parser = clap::builder::PossibleValuesParser::new(["text", "json"]))]
+    log_format: String,
 }
 
 #[derive(Subcommand)]
@@ -143,14 +148,8 @@ fn main() -> ExitCode {
     if std::env::args_os().nth(1).as_deref() == Some(ampoule_runtime::init::INIT_ARG.as_ref()) {
         ampoule_runtime::init::main();
     }
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("AMPOULE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .init();
     let cli = Cli::parse();
+    ampoule_server::logging::init(cli.log_format.parse().unwrap_or_default());
     // Sandboxes ask to die with the thread that spawned them: a current-thread runtime keeps
     // that thread (the main thread) alive for as long as they live. `serve` runs many at once
     // on a multi-thread runtime, whose worker threads live as long as the runtime does (it
@@ -217,6 +216,8 @@ async fn mcp(args: McpArgs) -> Result<ExitCode> {
     );
     let state = ampoule_server::serve::state(&cfg, engine, ampoule_server::auth::Keys::default())?;
     let manager = state.manager.clone();
+    // Like `ampoule serve`, every execution is written down (the config's `[audit]`).
+    ampoule_server::serve::audit(&cfg, &manager).await?;
     manager.start_background();
     let api = ampoule_server::mcp::ManagerApi::new(manager.clone(), state.max_upload);
     let served = tokio::select! {
@@ -225,6 +226,9 @@ async fn mcp(args: McpArgs) -> Result<ExitCode> {
     };
     // Every sandbox goes with the client.
     manager.shutdown().await;
+    if let Some(a) = manager.audit() {
+        let _ = a.writer.flush().await;
+    }
     served?;
     Ok(ExitCode::SUCCESS)
 }

@@ -434,7 +434,11 @@ async fn execute(call: &Call, body: Body, dialect: Dialect) -> Result<Response, 
         }
         _ => call.session().await?,
     };
-    let timeout_s = call.state.manager.timeout_for(&call.pool, timeout)?;
+    let timeout_s = call
+        .state
+        .manager
+        .timeout_for(&call.tenant, &call.pool, timeout)
+        .await?;
     let result = call
         .state
         .manager

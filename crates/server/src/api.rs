@@ -318,7 +318,7 @@ pub struct ExecuteRequest {
     pub inputs: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
-fn exec_request(
+async fn exec_request(
     state: &AppState,
     s: &Session,
     req: ExecuteRequest,
@@ -338,7 +338,10 @@ fn exec_request(
     }
     Ok(ExecRequest {
         code: req.code,
-        timeout_s: state.manager.timeout_for(&s.pool, req.timeout_s)?,
+        timeout_s: state
+            .manager
+            .timeout_for(&s.tenant, &s.pool, req.timeout_s)
+            .await?,
         inputs: req.inputs,
     })
 }
@@ -356,7 +359,7 @@ async fn execute(
     JsonBody(req): JsonBody<ExecuteRequest>,
 ) -> Result<axum::Json<ExecutionResult>, ApiError> {
     let s = state.manager.get(&tenant, &id)?;
-    let req = exec_request(&state, &s, req)?;
+    let req = exec_request(&state, &s, req).await?;
     Ok(axum::Json(state.manager.execute(&s, req, None).await?))
 }
 
@@ -394,14 +397,16 @@ async fn execute_stream(
     JsonBody(req): JsonBody<ExecuteRequest>,
 ) -> Result<Response, ApiError> {
     let s = state.manager.get(&tenant, &id)?;
-    let req = exec_request(&state, &s, req)?;
+    let req = exec_request(&state, &s, req).await?;
+    // Refusals (the rate limit) are answered as errors, before the stream starts.
+    state.manager.admit(&s).await?;
     let sse = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|a| a.contains("text/event-stream"));
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<ExecutionEvent>();
     let manager = state.manager.clone();
-    let run = tokio::spawn(async move { manager.execute(&s, req, Some(tx)).await });
+    let run = tokio::spawn(async move { manager.execute_admitted(&s, req, Some(tx)).await });
 
     enum St {
         Events(

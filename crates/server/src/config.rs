@@ -32,9 +32,16 @@ pub struct Config {
     /// `[pools.NAME]`; none configured means one default `python` pool.
     #[serde(default)]
     pub pools: BTreeMap<String, PoolConfig>,
-    /// `[tenants.NAME]`: per-tenant overrides.
+    /// `[tenants.NAME]`: per-tenant overrides of `[quotas]`.
     #[serde(default)]
     pub tenants: BTreeMap<String, TenantConfig>,
+    /// `[quotas]`: the quotas and policy of every tenant, unless `[tenants.NAME]` says
+    /// otherwise (field by field).
+    #[serde(default)]
+    pub quotas: TenantConfig,
+    /// `[metrics]`: `GET /metrics`.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
     /// `[egress]`: settings of the egress gateway shared by every pool with a network.
     #[serde(default)]
     pub egress: EgressConfig,
@@ -98,12 +105,32 @@ pub struct KeyConfig {
     pub key_env: Option<String>,
 }
 
-/// `[tenants.NAME]`.
+/// `[metrics]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// A second listener (`host:port`) serving only `GET /metrics`, without a key, for a
+    /// Prometheus on a private network. On the main listener `/metrics` always needs an API
+    /// key.
+    pub listen: Option<String>,
+}
+
+/// `[tenants.NAME]` and `[quotas]`: one tenant's quotas and policy (absent: no limit).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TenantConfig {
     /// Most live sessions of this tenant.
     pub max_sessions: Option<usize>,
+    /// Most executions started in any 60 seconds; over it: 429 `rate_limited` with
+    /// `Retry-After`.
+    pub executions_per_minute: Option<u32>,
+    /// The pools the tenant may use (others: 403 `pool_not_allowed`).
+    pub pools: Option<Vec<String>>,
+    /// The languages the tenant may use (others: 403 `language_not_allowed`).
+    pub languages: Option<Vec<String>>,
+    /// Longest timeout the tenant may ask for, in seconds (more: 403 `timeout_not_allowed`;
+    /// a pool's longer default is cut to it).
+    pub max_timeout_s: Option<f64>,
 }
 
 /// `[pools.NAME]`.
@@ -131,6 +158,33 @@ pub struct PoolConfig {
     /// `[pools.NAME.network]`.
     #[serde(default)]
     pub network: NetworkConfig,
+    /// `[pools.NAME.audit]`: overrides `[audit]` for this pool's records.
+    #[serde(default)]
+    pub audit: PoolAuditConfig,
+}
+
+/// `[pools.NAME.audit]`: each field overrides the `[audit]` one of the same name.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolAuditConfig {
+    /// Keep each execution's code (else only its SHA-256).
+    pub keep_code: Option<bool>,
+    /// Bytes of stdout and of stderr kept per record.
+    pub output_bytes: Option<u64>,
+    /// Days this pool's records are kept.
+    pub retention_days: Option<u64>,
+}
+
+/// What the audit log keeps of one pool's records, `[audit]` and `[pools.NAME.audit]`
+/// resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuditPolicy {
+    /// Keep the code (else only its SHA-256).
+    pub keep_code: bool,
+    /// Bytes of stdout and of stderr kept.
+    pub output_bytes: usize,
+    /// Days records are kept.
+    pub retention_days: u64,
 }
 
 fn default_language() -> String {
@@ -159,6 +213,7 @@ impl Default for PoolConfig {
             max_lifetime_s: default_lifetime(),
             limits: LimitsConfig::default(),
             network: NetworkConfig::default(),
+            audit: PoolAuditConfig::default(),
         }
     }
 }
@@ -245,9 +300,70 @@ impl Config {
     /// Parses a config text.
     pub fn parse(text: &str) -> Result<Self, String> {
         let cfg: Config = toml::from_str(text).map_err(|e| e.to_string())?;
-        cfg.pool_settings()?;
+        let pools = cfg.pool_settings()?;
         cfg.egress_settings()?;
+        let tenants = std::iter::once(("quotas".to_owned(), &cfg.quotas))
+            .chain(cfg.tenants.iter().map(|(t, c)| (format!("tenants.{t}"), c)));
+        for (at, t) in tenants {
+            for p in t.pools.iter().flatten() {
+                if !pools.contains_key(p) {
+                    return Err(format!("{at}.pools: no pool named {p:?}"));
+                }
+            }
+            for l in t.languages.iter().flatten() {
+                if Language::parse(l).is_none() {
+                    return Err(format!("{at}.languages: unknown language {l:?}"));
+                }
+            }
+            if t.executions_per_minute == Some(0) {
+                return Err(format!("{at}.executions_per_minute must be at least 1"));
+            }
+            if t.max_timeout_s.is_some_and(|s| !(s > 0.0 && s.is_finite())) {
+                return Err(format!("{at}.max_timeout_s must be positive"));
+            }
+        }
         Ok(cfg)
+    }
+
+    /// The audit policy of a pool: `[pools.NAME.audit]` over `[audit]` over the defaults
+    /// (keep the code, 4096 bytes of output, 90 days).
+    pub fn audit_policy(&self, pool: &str) -> AuditPolicy {
+        let p = self.pools.get(pool).map(|p| &p.audit);
+        let a = &self.audit;
+        AuditPolicy {
+            keep_code: p.and_then(|p| p.keep_code).or(a.keep_code).unwrap_or(true),
+            output_bytes: p
+                .and_then(|p| p.output_bytes)
+                .or(a.output_bytes)
+                .map_or(4096, |b| usize::try_from(b).unwrap_or(usize::MAX)),
+            retention_days: p
+                .and_then(|p| p.retention_days)
+                .or(a.retention_days)
+                .unwrap_or(90),
+        }
+    }
+
+    /// The quotas of every tenant named in `[tenants]`, over the `[quotas]` defaults.
+    pub fn quotas(&self) -> crate::quota::Quotas {
+        let resolve = |t: &TenantConfig| crate::quota::Policy {
+            executions_per_minute: t
+                .executions_per_minute
+                .or(self.quotas.executions_per_minute),
+            pools: t.pools.clone().or_else(|| self.quotas.pools.clone()),
+            languages: t
+                .languages
+                .as_ref()
+                .or(self.quotas.languages.as_ref())
+                .map(|ls| ls.iter().filter_map(|l| Language::parse(l)).collect()),
+            max_timeout_s: t.max_timeout_s.or(self.quotas.max_timeout_s),
+        };
+        crate::quota::Quotas::new(
+            resolve(&TenantConfig::default()),
+            self.tenants
+                .iter()
+                .map(|(name, t)| (name.clone(), resolve(t)))
+                .collect(),
+        )
     }
 
     /// The pools, with defaults applied (one `python` pool when none is configured).
@@ -562,8 +678,36 @@ retention_days = 90
         assert!(Config::parse("[pools.py.network]\nallow = [\"pypi.org:99999\"]").is_err());
         assert!(Config::parse("[pools.py.network]\ninject = []\ndeny = [\"a.test\"]").is_err());
         assert!(Config::parse("[egress.hosts]\n\"a.test\" = \"not-an-ip\"").is_err());
+        assert!(Config::parse("[tenants.a]\npools = [\"nope\"]").is_err());
+        assert!(Config::parse("[quotas]\nlanguages = [\"cobol\"]").is_err());
+        assert!(Config::parse("[quotas]\nexecutions_per_minute = 0").is_err());
+        assert!(Config::parse("[tenants.a]\nmax_timeout_s = -1").is_err());
+        assert!(Config::parse("[pools.python.audit]\nkeep = true").is_err());
         let cfg = Config::parse("[[auth.keys]]\ntenant = \"a\"\nkey_sha256 = \"xyz\"").unwrap();
         assert!(cfg.key_digests().is_err());
+    }
+
+    #[test]
+    fn pool_audit_settings_and_tenant_quotas_fall_back_to_the_defaults() {
+        let cfg = Config::parse(
+            "[audit]\noutput_bytes = 100\nretention_days = 30\n\
+             [pools.python]\n[pools.secret]\n[pools.secret.audit]\nkeep_code = false\n\
+             retention_days = 1\n\
+             [quotas]\nexecutions_per_minute = 60\nmax_timeout_s = 30\n\
+             [tenants.a]\nexecutions_per_minute = 5\nlanguages = [\"py\"]\n",
+        )
+        .unwrap();
+        let secret = cfg.audit_policy("secret");
+        assert_eq!((secret.keep_code, secret.output_bytes), (false, 100));
+        assert_eq!(secret.retention_days, 1);
+        let python = cfg.audit_policy("python");
+        assert_eq!((python.keep_code, python.retention_days), (true, 30));
+        let q = cfg.quotas();
+        assert_eq!(q.policy("a").executions_per_minute, Some(5));
+        assert_eq!(q.policy("a").max_timeout_s, Some(30.0));
+        assert_eq!(q.policy("a").languages, Some(vec![Language::Python]));
+        assert_eq!(q.policy("b").executions_per_minute, Some(60));
+        assert_eq!(q.policy("b").languages, None);
     }
 
     #[test]

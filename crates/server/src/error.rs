@@ -60,6 +60,15 @@ pub enum ErrorCode {
     PoolFull,
     /// The tenant has reached its maximum number of sessions.
     TenantFull,
+    /// The tenant has used its executions for this minute (`[tenants.NAME]
+    /// executions_per_minute`); the `Retry-After` header says when to try again.
+    RateLimited,
+    /// The tenant may not use this pool (`[tenants.NAME] pools`).
+    PoolNotAllowed,
+    /// The tenant may not use this language (`[tenants.NAME] languages`).
+    LanguageNotAllowed,
+    /// The requested timeout is above the tenant's maximum (`[tenants.NAME] max_timeout_s`).
+    TimeoutNotAllowed,
     /// The request is malformed (bad JSON, missing field, bad identifier).
     InvalidRequest,
     /// A file path is absolute, contains `..`, or is otherwise not a path below `/mnt/data`.
@@ -96,6 +105,10 @@ impl ErrorCode {
             ErrorCode::FileNotFound => "file_not_found",
             ErrorCode::PoolFull => "pool_full",
             ErrorCode::TenantFull => "tenant_full",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::PoolNotAllowed => "pool_not_allowed",
+            ErrorCode::LanguageNotAllowed => "language_not_allowed",
+            ErrorCode::TimeoutNotAllowed => "timeout_not_allowed",
             ErrorCode::InvalidRequest => "invalid_request",
             ErrorCode::InvalidPath => "invalid_path",
             ErrorCode::LinkRefused => "link_refused",
@@ -120,6 +133,10 @@ impl ErrorCode {
             ErrorCode::PoolNotFound => "SessionPoolNotFound",
             ErrorCode::FileNotFound => "FileNotFound",
             ErrorCode::PoolFull | ErrorCode::TenantFull => "SessionPoolMaxSessionsReached",
+            ErrorCode::RateLimited => "TooManyRequests",
+            ErrorCode::PoolNotAllowed
+            | ErrorCode::LanguageNotAllowed
+            | ErrorCode::TimeoutNotAllowed => "Forbidden",
             ErrorCode::InvalidRequest
             | ErrorCode::InvalidPath
             | ErrorCode::LinkRefused
@@ -142,7 +159,12 @@ impl ErrorCode {
             | ErrorCode::SessionNotFound
             | ErrorCode::PoolNotFound
             | ErrorCode::FileNotFound => StatusCode::NOT_FOUND,
-            ErrorCode::PoolFull | ErrorCode::TenantFull => StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::PoolFull | ErrorCode::TenantFull | ErrorCode::RateLimited => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+            ErrorCode::PoolNotAllowed
+            | ErrorCode::LanguageNotAllowed
+            | ErrorCode::TimeoutNotAllowed => StatusCode::FORBIDDEN,
             ErrorCode::InvalidRequest
             | ErrorCode::InvalidPath
             | ErrorCode::LinkRefused
@@ -176,6 +198,8 @@ pub struct ApiError {
     pub message: String,
     /// Answer in the ACA dialect (status mapping, code names, `x-ms-error-code`).
     pub aca: bool,
+    /// Seconds after which the request may succeed (the `Retry-After` header).
+    pub retry_after_s: Option<u64>,
 }
 
 /// The error body (schema for the OpenAPI document).
@@ -202,7 +226,14 @@ impl ApiError {
             code,
             message: message.into(),
             aca: false,
+            retry_after_s: None,
         }
+    }
+
+    /// The same error, with a `Retry-After` header of `secs` seconds.
+    pub fn retry_after(mut self, secs: u64) -> Self {
+        self.retry_after_s = Some(secs);
+        self
     }
 
     /// The same error, answered in the ACA dialect.
@@ -243,6 +274,10 @@ impl IntoResponse for ApiError {
         if self.aca {
             resp.headers_mut()
                 .insert("x-ms-error-code", HeaderValue::from_static(code));
+        }
+        if let Some(secs) = self.retry_after_s {
+            resp.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, HeaderValue::from(secs));
         }
         resp
     }

@@ -9,6 +9,7 @@
 //! | `name = expr` | stores an integer |
 //! | `print(text)` / `eprint(text)` | writes `text` (quotes stripped) to stdout / stderr |
 //! | `raise Name` | fails with error `Name` |
+//! | `write NAME TEXT` | writes `TEXT` to the file `NAME` in `/mnt/data` (replacing it) |
 //! | `sleep S` | waits S seconds (a timeout ends the execution as `timed_out`) |
 //! | `plot` | displays a PNG |
 //! | `exit N` | sets the exit code (non-zero fails) |
@@ -229,6 +230,17 @@ impl LiveSession for FakeSession {
             } else if let Some(name) = stmt.strip_prefix("raise ") {
                 out.error = Some(err(name.trim(), "raised"));
                 break;
+            } else if let Some(rest) = stmt.strip_prefix("write ") {
+                let (name, text) = rest.trim().split_once(' ').unwrap_or((rest.trim(), ""));
+                if name.is_empty() || name.contains('/') || name.starts_with('.') {
+                    out.error = Some(err("OSError", "a plain file name, please"));
+                    break;
+                }
+                let path = self.dir.join(ampoule_runtime::scratch::DATA).join(name);
+                if let Err(e) = std::fs::write(path, text) {
+                    out.error = Some(err("OSError", &e.to_string()));
+                    break;
+                }
             } else if let Some(secs) = stmt.strip_prefix("sleep ") {
                 let secs: f64 = secs.trim().parse().unwrap_or(0.0);
                 let until = Instant::now() + Duration::from_secs_f64(secs.max(0.0));

@@ -21,8 +21,11 @@ pub mod engine;
 pub mod error;
 pub mod fake;
 pub mod files;
+pub mod logging;
 pub mod manager;
 pub mod mcp;
+pub mod metrics;
+pub mod quota;
 pub mod serve;
 pub mod session_engine;
 pub mod tls;
@@ -49,14 +52,21 @@ pub struct AppState {
     pub mcp_allowed_hosts: Vec<String>,
 }
 
-/// The whole HTTP application: `/healthz`, `/openapi.json`, `/v1/...`, the MCP endpoint
-/// `/mcp`, and the ACA-compatible API on every other path.
+/// The whole HTTP application: `/healthz`, `/openapi.json`, `/metrics` (with an API key),
+/// `/v1/...`, the MCP endpoint `/mcp`, and the ACA-compatible API on every other path.
 pub fn app(state: AppState) -> Router {
     let (router, openapi) = api::routes();
     let openapi = Arc::new(openapi);
     let mcp = mcp::service(&state);
     router
         .nest_service("/mcp", mcp)
+        .route(
+            "/metrics",
+            axum::routing::get(
+                |axum::extract::State(state): axum::extract::State<AppState>,
+                 _tenant: auth::Tenant| async move { metrics::response(&state.manager) },
+            ),
+        )
         .route(
             "/openapi.json",
             axum::routing::get(move || {
@@ -70,23 +80,39 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// One line per request at `info` (`AMPOULE_LOG=info`): method, path, status, duration. The
+/// Runs each request in a `request` span (`request_id`, `method`, `path`, and `session` once
+/// the manager knows it; see [`logging`]), answers its id in `X-Request-Id`, and logs one
+/// line per request at `info` (`AMPOULE_LOG=info`): method, path, status, duration. The
 /// query is left out: it carries session identifiers, which are the caller's business.
 async fn access_log(
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
+    use tracing::Instrument;
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
-    let started = std::time::Instant::now();
-    let resp = next.run(req).await;
-    tracing::info!(
-        target: "ampoule::access",
+    let request_id = logging::request_id(req.headers());
+    // At `warn`, so that with the default filter the refusals and failures logged inside a
+    // request still carry its ids.
+    let span = tracing::warn_span!(
+        "request",
+        request_id = request_id.as_str(),
         %method,
-        path,
-        status = resp.status().as_u16(),
-        ms = started.elapsed().as_millis() as u64,
+        path = path.as_str(),
+        session = tracing::field::Empty,
     );
+    let started = std::time::Instant::now();
+    let mut resp = next.run(req).instrument(span.clone()).await;
+    if let Ok(v) = axum::http::HeaderValue::from_str(&request_id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    span.in_scope(|| {
+        tracing::info!(
+            target: "ampoule::access",
+            status = resp.status().as_u16(),
+            ms = started.elapsed().as_millis() as u64,
+        )
+    });
     resp
 }
 

@@ -27,9 +27,12 @@ use ampoule_audit::{Kind, Record};
 use ampoule_types::ExecutionResult;
 use tokio::sync::{Notify, OnceCell};
 
-use crate::config::PoolSettings;
+use crate::config::{AuditPolicy, PoolSettings};
 use crate::engine::{Engine, EventSender, ExecRequest, LiveSession};
 use crate::error::{ApiError, ErrorCode};
+use crate::metrics::Metrics;
+use crate::quota::Quotas;
+use tracing::Instrument;
 
 /// Limits that are not a pool's.
 #[derive(Debug, Clone, Default)]
@@ -38,6 +41,8 @@ pub struct TenantLimits {
     pub default: Option<usize>,
     /// Per-tenant overrides.
     pub per_tenant: HashMap<String, usize>,
+    /// Executions per minute, allowed pools and languages, longest timeout.
+    pub quotas: Arc<Quotas>,
 }
 
 type Key = (String, String, String);
@@ -144,6 +149,7 @@ struct Inner {
     shutting_down: AtomicBool,
     shutdown: Notify,
     audit: std::sync::OnceLock<Audit>,
+    metrics: Metrics,
 }
 
 /// Where the manager writes down executions and session events (see `ampoule-audit`).
@@ -157,6 +163,51 @@ pub struct Audit {
     pub keep_code: bool,
     /// Bytes of stdout and of stderr kept per record.
     pub output_bytes: usize,
+    /// Pools whose records are kept otherwise (`[pools.NAME.audit]`).
+    pub per_pool: HashMap<String, AuditPolicy>,
+}
+
+impl Audit {
+    /// What is kept of `pool`'s records: `(keep_code, output_bytes)`.
+    pub fn policy(&self, pool: &str) -> (bool, usize) {
+        self.per_pool
+            .get(pool)
+            .map_or((self.keep_code, self.output_bytes), |p| {
+                (p.keep_code, p.output_bytes)
+            })
+    }
+}
+
+/// Most files listed in one execution record's `files`; a record that lists this many
+/// says so with a last entry `…`.
+const MAX_FILES_PER_RECORD: usize = 100;
+
+/// Files created or changed between two listings of `/mnt/data` (size or modification time
+/// differs, or new), by path, at most [`MAX_FILES_PER_RECORD`].
+fn changed_files(
+    before: &[ampoule_runtime::scratch::FileInfo],
+    after: &[ampoule_runtime::scratch::FileInfo],
+) -> Vec<String> {
+    let old: HashMap<&str, (u64, SystemTime)> = before
+        .iter()
+        .map(|f| (f.path.as_str(), (f.size, f.modified)))
+        .collect();
+    let mut out: Vec<String> = Vec::new();
+    for f in after {
+        if old.get(f.path.as_str()) != Some(&(f.size, f.modified)) {
+            if out.len() == MAX_FILES_PER_RECORD {
+                out.push("…".to_owned());
+                break;
+            }
+            out.push(f.path.clone());
+        }
+    }
+    out
+}
+
+/// The files of a session's `/mnt/data` (none when they cannot be listed).
+async fn listing(live: &Arc<dyn LiveSession>) -> Vec<ampoule_runtime::scratch::FileInfo> {
+    crate::files::list(live).await.unwrap_or_default()
 }
 
 fn now_ms() -> i64 {
@@ -252,6 +303,7 @@ impl Manager {
                 shutting_down: AtomicBool::new(false),
                 shutdown: Notify::new(),
                 audit: std::sync::OnceLock::new(),
+                metrics: Metrics::new(),
             }),
         }
     }
@@ -266,8 +318,47 @@ impl Manager {
         self.inner.audit.get()
     }
 
+    /// The server's metrics (`GET /metrics`).
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// The tenants' quotas and policy.
+    pub fn quotas(&self) -> &Quotas {
+        &self.inner.tenants.quotas
+    }
+
+    /// A request refused by a quota or policy: counted, logged and written down (kind
+    /// `refused`, `decided_by` = the error code), then returned.
+    async fn refuse(&self, tenant: &str, pool: &str, session: &str, e: ApiError) -> ApiError {
+        self.inner.metrics.refused(e.code);
+        tracing::warn!(
+            tenant,
+            pool,
+            session,
+            code = e.code.as_str(),
+            "refused by policy"
+        );
+        if self.inner.audit.get().is_some() {
+            let mut r = Record::new(Kind::Refused, now_ms(), tenant, pool, session);
+            r.language = self
+                .inner
+                .pools
+                .get(pool)
+                .map(|p| p.settings.spec.language.as_str().to_owned());
+            r.decided_by = Some(e.code.as_str().to_owned());
+            self.write_audit(r).await;
+        }
+        e
+    }
+
     /// Queues a record; never fails the caller (a stopped writer is logged).
     async fn write_audit(&self, record: Record) {
+        if record.kind == Kind::Execution {
+            for e in &record.egress {
+                self.inner.metrics.egress(&record.pool, e.allowed);
+            }
+        }
         if let Some(a) = self.inner.audit.get()
             && let Err(e) = a.writer.write(record).await
         {
@@ -277,6 +368,16 @@ impl Manager {
 
     /// A session event's record.
     async fn audit_session(&self, s: &Session, kind: Kind, decided_by: Option<&str>) {
+        let event = match kind {
+            Kind::SessionCreated => Some("created"),
+            Kind::SessionExpired => Some("expired"),
+            Kind::SessionDeleted => Some("deleted"),
+            Kind::SessionKilled => Some("killed"),
+            _ => None,
+        };
+        if let Some(event) = event {
+            self.inner.metrics.session_event(&s.pool, event);
+        }
         if self.inner.audit.get().is_none() {
             return;
         }
@@ -348,6 +449,7 @@ impl Manager {
                         tracing::debug!(pool = name, "warm session ready");
                     }
                     Err(e) => {
+                        self.inner.metrics.warm_start_failed(name);
                         tracing::warn!(pool = name, error = %e, "could not start a warm session");
                         tokio::select! {
                             () = tokio::time::sleep(backoff) => {}
@@ -513,11 +615,17 @@ impl Manager {
             .pools
             .get(pool_name)
             .ok_or_else(|| ApiError::new(ErrorCode::PoolNotFound, "no such pool"))?;
+        let begun = Instant::now();
         loop {
             let warm = pool.warm.lock().ok().and_then(|mut w| w.pop_front());
             match warm {
                 Some(live) if live.alive() => {
                     pool.refill.notify_one();
+                    self.inner.metrics.session_started(
+                        pool_name,
+                        true,
+                        begun.elapsed().as_secs_f64(),
+                    );
                     return Ok(live);
                 }
                 Some(dead) => dead.close().await,
@@ -528,7 +636,11 @@ impl Manager {
         pool.starting.fetch_add(1, Ordering::SeqCst);
         let started = self.inner.engine.start(&pool.settings.spec).await;
         pool.starting.fetch_sub(1, Ordering::SeqCst);
-        Ok(Arc::from(started?))
+        let started = started?;
+        self.inner
+            .metrics
+            .session_started(pool_name, false, begun.elapsed().as_secs_f64());
+        Ok(Arc::from(started))
     }
 
     /// The session of `identifier` in `pool` for `tenant`, started on first use. Returns it and
@@ -546,9 +658,18 @@ impl Manager {
             ));
         }
         let pool = pool.unwrap_or(&self.inner.default_pool).to_owned();
-        self.pool(&pool)?;
+        let language = self.pool(&pool)?.spec.language;
+        if let Err(e) = self.quotas().check_pool(tenant, &pool, language) {
+            return Err(self.refuse(tenant, &pool, "", e).await);
+        }
         let key: Key = (tenant.to_owned(), pool.clone(), identifier.to_owned());
-        let (slot, reserved) = self.reserve(&key)?;
+        let (slot, reserved) = match self.reserve(&key) {
+            Ok(r) => r,
+            Err(e) if matches!(e.code, ErrorCode::PoolFull | ErrorCode::TenantFull) => {
+                return Err(self.refuse(tenant, &pool, "", e).await);
+            }
+            Err(e) => return Err(e),
+        };
         let init = slot
             .cell
             .get_or_try_init(|| async {
@@ -590,6 +711,7 @@ impl Manager {
                     ));
                 }
                 session.touch();
+                tracing::Span::current().record("session", session.id.as_str());
                 if reserved {
                     self.audit_session(&session, Kind::SessionCreated, None)
                         .await;
@@ -634,13 +756,15 @@ impl Manager {
             .table
             .lock()
             .map_err(|_| ApiError::internal("session table poisoned"))?;
-        table
+        let s = table
             .by_id
             .get(id)
             .and_then(|slot| slot.cell.get())
             .filter(|s| s.tenant == tenant)
             .cloned()
-            .ok_or_else(ApiError::session_not_found)
+            .ok_or_else(ApiError::session_not_found)?;
+        tracing::Span::current().record("session", s.id.as_str());
+        Ok(s)
     }
 
     /// The tenant's live sessions, oldest first.
@@ -704,23 +828,60 @@ impl Manager {
     }
 
     /// The timeout of one execution: the request's, else the pool's default, never above
-    /// the pool's maximum.
-    pub fn timeout_for(&self, pool: &str, requested: Option<f64>) -> Result<f64, ApiError> {
+    /// the pool's maximum; a request above the tenant's maximum is refused
+    /// (`timeout_not_allowed`), a default above it is cut to it.
+    pub async fn timeout_for(
+        &self,
+        tenant: &str,
+        pool: &str,
+        requested: Option<f64>,
+    ) -> Result<f64, ApiError> {
         let p = self.pool(pool)?;
-        let t = match requested {
-            Some(t) if !(t > 0.0 && t.is_finite()) => {
-                return Err(ApiError::invalid("the timeout must be a positive number"));
-            }
-            Some(t) => t,
-            None => p.spec.limits.timeout_s,
+        if let Some(t) = requested
+            && !(t > 0.0 && t.is_finite())
+        {
+            return Err(ApiError::invalid("the timeout must be a positive number"));
+        }
+        let t = match self
+            .quotas()
+            .timeout(tenant, requested, p.spec.limits.timeout_s)
+        {
+            Ok(t) => t,
+            Err(e) => return Err(self.refuse(tenant, pool, "", e).await),
         };
         Ok(t.min(p.max_timeout_s))
+    }
+
+    /// Counts an execution against the tenant's `executions_per_minute`, or refuses it
+    /// (`rate_limited`, with `Retry-After`). [`Manager::execute`] does this itself; callers
+    /// that must answer before the execution starts (the streaming API) call this and then
+    /// [`Manager::execute_admitted`].
+    pub async fn admit(&self, session: &Session) -> Result<(), ApiError> {
+        match self.quotas().admit_execution(&session.tenant) {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self
+                .refuse(&session.tenant, &session.pool, &session.id, e)
+                .await),
+        }
     }
 
     /// Runs code in a session: serialized with the session's other executions; the idle timer
     /// restarts when the call starts and when it ends. The execution runs in its own task, so
     /// a caller that goes away (a client disconnecting) never cancels it half-way.
+    ///
+    /// Counts against the tenant's `executions_per_minute` first (see [`Manager::admit`]).
     pub async fn execute(
+        &self,
+        session: &Arc<Session>,
+        req: ExecRequest,
+        events: Option<EventSender>,
+    ) -> Result<ExecutionResult, ApiError> {
+        self.admit(session).await?;
+        self.execute_admitted(session, req, events).await
+    }
+
+    /// [`Manager::execute`] for a caller that has called [`Manager::admit`].
+    pub async fn execute_admitted(
         &self,
         session: &Arc<Session>,
         req: ExecRequest,
@@ -728,9 +889,18 @@ impl Manager {
     ) -> Result<ExecutionResult, ApiError> {
         let me = self.clone();
         let session = session.clone();
-        tokio::spawn(async move { me.execute_here(&session, req, events).await })
-            .await
-            .map_err(ApiError::internal)?
+        let execution = format!("exe_{}", random_hex(12));
+        // At `warn`, like the request span (see `logging`).
+        let span = tracing::warn_span!(
+            "execution",
+            execution = execution.as_str(),
+            session = session.id.as_str()
+        );
+        tokio::spawn(
+            async move { me.execute_here(&session, req, events, execution).await }.instrument(span),
+        )
+        .await
+        .map_err(ApiError::internal)?
     }
 
     async fn execute_here(
@@ -738,22 +908,46 @@ impl Manager {
         session: &Arc<Session>,
         req: ExecRequest,
         events: Option<EventSender>,
+        execution: String,
     ) -> Result<ExecutionResult, ApiError> {
         session.in_flight.fetch_add(1, Ordering::SeqCst);
         session.touch();
         let started = now_ms();
+        let begun = Instant::now();
         let code = self.inner.audit.get().map(|_| req.code.clone());
-        let execution = format!("exe_{}", random_hex(12));
-        let result = {
+        let (result, files) = {
             let _turn = session.exec_lock.lock().await;
             session.executions.fetch_add(1, Ordering::SeqCst);
+            // What the execution touched in /mnt/data: the listing before and after (file
+            // calls may run meanwhile and are counted too; the record says "changed while
+            // this ran").
+            let before = match code {
+                Some(_) => Some(listing(&session.live).await),
+                None => None,
+            };
             session.live.label(&session.id, &execution);
-            session.live.execute(req, events).await
+            let result = session.live.execute(req, events).await;
+            let files = match before {
+                Some(before) if session.live.alive() => {
+                    changed_files(&before, &listing(&session.live).await)
+                }
+                _ => Vec::new(),
+            };
+            (result, files)
         };
         session.touch();
         session.in_flight.fetch_sub(1, Ordering::SeqCst);
+        let status = result.as_ref().map_or("error", |r| r.status.as_str());
+        self.inner
+            .metrics
+            .execution(&session.pool, status, begun.elapsed().as_secs_f64());
+        tracing::info!(
+            status,
+            ms = begun.elapsed().as_millis() as u64,
+            "execution finished"
+        );
         if let (Some(code), Ok(r)) = (code, &result) {
-            self.audit_execution(session, started, code, r, execution)
+            self.audit_execution(session, started, code, r, execution, files)
                 .await;
         }
         if !session.live.alive() {
@@ -786,10 +980,12 @@ impl Manager {
         code: String,
         r: &ExecutionResult,
         execution: String,
+        files: Vec<String>,
     ) {
         let Some(a) = self.inner.audit.get() else {
             return;
         };
+        let (keep_code, output_bytes) = a.policy(&session.pool);
         let mut rec = Record::new(
             Kind::Execution,
             started,
@@ -804,15 +1000,16 @@ impl Manager {
             .get(&session.pool)
             .map(|p| p.settings.spec.language.as_str().to_owned());
         rec.code_sha256 = Some(ampoule_audit::sha256_hex(code.as_bytes()));
-        rec.code = a.keep_code.then_some(code);
+        rec.code = keep_code.then_some(code);
         rec.status = Some(r.status.as_str().to_owned());
         rec.duration_ms = Some(r.duration_ms);
         rec.cpu_time_ms = r.cpu_time_ms;
         rec.peak_memory_bytes = r
             .peak_memory_bytes
             .map(|b| i64::try_from(b).unwrap_or(i64::MAX));
-        rec.stdout = Some(ampoule_audit::trim(&r.stdout, a.output_bytes));
-        rec.stderr = Some(ampoule_audit::trim(&r.stderr, a.output_bytes));
+        rec.stdout = Some(ampoule_audit::trim(&r.stdout, output_bytes));
+        rec.stderr = Some(ampoule_audit::trim(&r.stderr, output_bytes));
+        rec.files = files;
         rec.egress = r.egress.iter().map(egress_decision).collect();
         rec.decided_by = r.limit.map(|l| l.as_str().to_owned());
         self.write_audit(rec).await;

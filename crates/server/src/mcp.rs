@@ -147,7 +147,8 @@ impl SandboxApi for ManagerApi {
             .await?;
         let timeout_s = self
             .manager
-            .timeout_for(&s.pool, req.timeout_s)
+            .timeout_for(&caller.tenant, &s.pool, req.timeout_s)
+            .await
             .map_err(failure)?;
         let exec = ExecRequest {
             code: req.code,

@@ -53,7 +53,11 @@ pub fn state(cfg: &Config, engine: Arc<dyn Engine>, keys: Keys) -> Result<AppSta
     let pools = cfg.pool_settings().map_err(Error::Config)?;
     let default_pool = cfg.default_pool().map_err(Error::Config)?;
     let tenants = TenantLimits {
-        default: cfg.server.max_sessions_per_tenant,
+        default: cfg
+            .quotas
+            .max_sessions
+            .or(cfg.server.max_sessions_per_tenant),
+        quotas: Arc::new(cfg.quotas()),
         per_tenant: cfg
             .tenants
             .iter()
@@ -98,13 +102,7 @@ pub async fn serve(cfg: Config, listen: Option<String>) -> Result<(), Error> {
         crate::session_engine::SessionEngine::new(Arc::new(host)).with_egress(cfg.egress()?),
     );
     let state = state(&cfg, engine, keys)?;
-    let audit = audit(&cfg, &state.manager).await?;
-    let served = serve_with(&cfg, listen.as_deref(), state, signal()).await;
-    // The manager's clone of the writer is gone with the state: the writer drains and ends.
-    if tokio::time::timeout(SHUTDOWN_GRACE, audit).await.is_err() {
-        tracing::warn!("the audit writer did not finish in time");
-    }
-    served
+    serve_with(&cfg, listen.as_deref(), state, signal()).await
 }
 
 /// An error and its sources, `: `-separated.
@@ -126,8 +124,9 @@ pub fn audit_url(cfg: &Config) -> String {
         .unwrap_or_else(|| format!("sqlite://{}", cfg.data_dir().join("audit.db").display()))
 }
 
-/// Opens the audit store, hands its writer to the manager and starts pruning past
-/// `[audit] retention_days` (default 90) once an hour. Returns the writer task.
+/// Opens the audit store, hands its writer to the manager (with each pool's `[audit]` /
+/// `[pools.NAME.audit]` policy) and starts pruning past the retention once an hour (see
+/// [`prune_audit`]). Returns the writer task, which ends when the manager is gone.
 pub async fn audit(cfg: &Config, manager: &Manager) -> Result<tokio::task::JoinHandle<()>, Error> {
     let url = audit_url(cfg);
     if cfg.audit.url.is_none() {
@@ -139,27 +138,25 @@ pub async fn audit(cfg: &Config, manager: &Manager) -> Result<tokio::task::JoinH
         .map_err(|e| Error::Config(format!("opening the audit store: {}", chain(&e))))?;
     let store: Arc<dyn ampoule_audit::AuditStore> = Arc::new(store);
     let (writer, task) = ampoule_audit::Writer::spawn(store.clone(), 16_384);
+    let defaults = cfg.audit_policy("");
+    let pools = cfg.pool_settings().map_err(Error::Config)?;
     manager.set_audit(crate::manager::Audit {
         writer,
         store: store.clone(),
-        keep_code: cfg.audit.keep_code.unwrap_or(true),
-        output_bytes: usize::try_from(cfg.audit.output_bytes.unwrap_or(4096)).unwrap_or(usize::MAX),
+        keep_code: defaults.keep_code,
+        output_bytes: defaults.output_bytes,
+        per_pool: pools
+            .keys()
+            .map(|p| (p.clone(), cfg.audit_policy(p)))
+            .collect(),
     });
-    let retention = Duration::from_secs(
-        cfg.audit
-            .retention_days
-            .unwrap_or(90)
-            .saturating_mul(86_400),
-    );
+    let cfg = cfg.clone();
+    // Lives as long as the runtime, holding only the store (not the manager).
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(3600));
         loop {
             tick.tick().await;
-            let cutoff = std::time::SystemTime::now()
-                .checked_sub(retention)
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .map_or(0, |d| d.as_millis() as i64);
-            match store.prune(cutoff).await {
+            match prune_audit(&cfg, store.as_ref(), std::time::SystemTime::now()).await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(records = n, "pruned audit records past retention"),
                 Err(e) => tracing::warn!(error = %e, "audit pruning failed"),
@@ -167,6 +164,31 @@ pub async fn audit(cfg: &Config, manager: &Manager) -> Result<tokio::task::JoinH
         }
     });
     Ok(task)
+}
+
+/// Removes the audit records past their retention at `now`: each pool's
+/// `[pools.NAME.audit] retention_days`, else `[audit] retention_days` (default 90). Only a
+/// prefix of the hash chain can go (so `ampoule audit verify` keeps passing): a record is
+/// never removed before its retention, and may be kept longer while an older record of a
+/// pool with a longer retention is still there.
+pub async fn prune_audit(
+    cfg: &Config,
+    store: &dyn ampoule_audit::AuditStore,
+    now: std::time::SystemTime,
+) -> Result<u64, ampoule_audit::Error> {
+    let cutoff = |days: u64| {
+        now.checked_sub(Duration::from_secs(days.saturating_mul(86_400)))
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+    };
+    let default = cutoff(cfg.audit_policy("").retention_days);
+    let per_pool: Vec<(String, i64)> = cfg
+        .pools
+        .keys()
+        .map(|p| (p.clone(), cutoff(cfg.audit_policy(p).retention_days)))
+        .filter(|(_, c)| *c != default)
+        .collect();
+    store.prune_retention(default, &per_pool).await
 }
 
 /// Resolves when SIGTERM or SIGINT arrives.
@@ -203,6 +225,32 @@ pub async fn serve_with(
         .local_addr()
         .map_err(|e| Error::io("reading the listen address", e))?;
     let manager = state.manager.clone();
+    // Every embedding audits: open the store unless the caller has already.
+    if manager.audit().is_none() {
+        audit(cfg, &manager).await?;
+    }
+    let metrics_listener = match &cfg.metrics.listen {
+        Some(addr) => {
+            let tcp = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| Error::io(format!("listening on {addr} ([metrics] listen)"), e))?;
+            let m = manager.clone();
+            let router = axum::Router::new().route(
+                "/metrics",
+                axum::routing::get(move || {
+                    let m = m.clone();
+                    async move { crate::metrics::response(&m) }
+                }),
+            );
+            eprintln!("ampoule: metrics on http://{addr}/metrics (no key)");
+            Some(tokio::spawn(async move {
+                if let Err(e) = axum::serve(tcp, router).await {
+                    tracing::warn!(error = %e, "the metrics listener stopped");
+                }
+            }))
+        }
+        None => None,
+    };
     manager.start_background();
     let pools: Vec<String> = manager.pools().into_iter().map(|p| p.name).collect();
     let router = app(state);
@@ -259,5 +307,16 @@ pub async fn serve_with(
     };
     // Sessions started while the last responses were written are closed too.
     manager.shutdown().await;
+    if let Some(task) = metrics_listener {
+        task.abort();
+    }
+    // The session events of the shutdown are written before we return.
+    if let Some(a) = manager.audit()
+        && tokio::time::timeout(SHUTDOWN_GRACE, a.writer.flush())
+            .await
+            .is_err()
+    {
+        tracing::warn!("the audit writer did not finish in time");
+    }
     served.map_err(|e| Error::io("serving", e))
 }

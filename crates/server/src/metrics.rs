@@ -1,0 +1,348 @@
+//! `GET /metrics`: the server's figures in the Prometheus (OpenMetrics) text format.
+//!
+//! The manager counts as things happen (executions by status, latency histograms, session
+//! starts and ends, refusals, egress decisions, warm-start failures); the per-pool session
+//! gauges are read from the manager when the page is rendered, so they are never stale.
+//!
+//! Access: on the main listener `/metrics` needs an API key (any tenant's), like `/v1/pools`,
+//! which shows the same pool figures. `[metrics] listen` adds a listener that serves only
+//! `/metrics` and needs no key, for a Prometheus on a private network. No metric carries a
+//! tenant or session label: one tenant's scrape shows nothing of another's work beyond the
+//! shared pools, and the series stay few.
+//!
+//! The zygote (fork server) families are declared here and filled by whoever runs zygotes,
+//! through [`Metrics::zygote`].
+
+use prometheus_client::encoding::{EncodeLabelSet, text::encode};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::manager::Manager;
+
+/// The content type of the page.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// `pool`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolLabel {
+    /// The pool.
+    pub pool: String,
+}
+
+/// `pool`, `status`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabels {
+    pool: String,
+    status: String,
+}
+
+/// `pool`, `state`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    pool: String,
+    state: &'static str,
+}
+
+/// `pool`, `source`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceLabels {
+    pool: String,
+    source: &'static str,
+}
+
+/// `pool`, `event`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventLabels {
+    pool: String,
+    event: &'static str,
+}
+
+/// `pool`, `decision`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabels {
+    pool: String,
+    decision: &'static str,
+}
+
+/// `reason`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn execution_buckets() -> Histogram {
+    // 5 ms … about 160 s.
+    Histogram::new(exponential_buckets(0.005, 2.0, 16))
+}
+
+fn start_buckets() -> Histogram {
+    // 1 ms … about 33 s: a warm session is handed out in microseconds, a cold start takes
+    // tens to hundreds of milliseconds.
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
+
+/// The zygote (fork server) families, for the code that runs zygotes to fill; until then
+/// they are declared and empty.
+#[derive(Debug, Clone)]
+pub struct ZygoteMetrics {
+    /// `ampoule_zygote_up{pool}`: 1 while the pool's zygote answers, else 0.
+    pub up: Family<PoolLabel, Gauge>,
+    /// `ampoule_zygote_forks_total{pool}`: sessions forked from the zygote.
+    pub forks: Family<PoolLabel, Counter>,
+    /// `ampoule_zygote_fork_failures_total{pool}`: forks that failed (a cold start was
+    /// used instead).
+    pub fork_failures: Family<PoolLabel, Counter>,
+    /// `ampoule_zygote_restarts_total{pool}`: zygotes started again after dying.
+    pub restarts: Family<PoolLabel, Counter>,
+    /// `ampoule_zygote_fork_duration_seconds{pool}`: time to a ready forked session.
+    pub fork_seconds: Family<PoolLabel, Histogram, fn() -> Histogram>,
+}
+
+/// Every metric of the server (cheap to clone: the families are shared).
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    registry: std::sync::Arc<Registry>,
+    executions: Family<StatusLabels, Counter>,
+    execution_seconds: Histograms<PoolLabel>,
+    session_start_seconds: Histograms<SourceLabels>,
+    session_events: Family<EventLabels, Counter>,
+    sessions: Family<StateLabels, Gauge>,
+    max_sessions: Family<PoolLabel, Gauge>,
+    warm_target: Family<PoolLabel, Gauge>,
+    warm_start_failures: Family<PoolLabel, Counter>,
+    egress: Family<DecisionLabels, Counter>,
+    refused: Family<ReasonLabel, Counter>,
+    zygote: ZygoteMetrics,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Empty families, registered under the `ampoule_` prefix.
+    pub fn new() -> Self {
+        let mut r = Registry::with_prefix("ampoule");
+        let executions = Family::<StatusLabels, Counter>::default();
+        r.register(
+            "executions",
+            "Executions by pool and status (succeeded, failed, timed_out, killed; error: the sandbox could not run it)",
+            executions.clone(),
+        );
+        let execution_seconds: Histograms<PoolLabel> =
+            Family::new_with_constructor(execution_buckets);
+        r.register(
+            "execution_duration_seconds",
+            "Wall-clock time of executions, as the manager saw it (queueing on the session included)",
+            execution_seconds.clone(),
+        );
+        let session_start_seconds: Histograms<SourceLabels> =
+            Family::new_with_constructor(start_buckets);
+        r.register(
+            "session_start_duration_seconds",
+            "Time to hand a new session its sandbox, by source (warm: from the pool's stock; cold: started on demand)",
+            session_start_seconds.clone(),
+        );
+        let session_events = Family::<EventLabels, Counter>::default();
+        r.register(
+            "session_events",
+            "Session lifecycle events (created, expired, deleted, killed)",
+            session_events.clone(),
+        );
+        let sessions = Family::<StateLabels, Gauge>::default();
+        r.register(
+            "sessions",
+            "Sessions per pool and state (ready: warm and waiting; busy: running a call; idle: assigned, not running)",
+            sessions.clone(),
+        );
+        let max_sessions = Family::<PoolLabel, Gauge>::default();
+        r.register(
+            "pool_max_sessions",
+            "Most sessions a pool holds",
+            max_sessions.clone(),
+        );
+        let warm_target = Family::<PoolLabel, Gauge>::default();
+        r.register(
+            "pool_warm_target",
+            "Warm sessions a pool keeps ready (compare with ampoule_sessions{state=\"ready\"})",
+            warm_target.clone(),
+        );
+        let warm_start_failures = Family::<PoolLabel, Counter>::default();
+        r.register(
+            "warm_start_failures",
+            "Warm sessions that could not be started (the filler backs off and retries)",
+            warm_start_failures.clone(),
+        );
+        let egress = Family::<DecisionLabels, Counter>::default();
+        r.register(
+            "egress_decisions",
+            "Network attempts of executions by egress decision (allowed, blocked)",
+            egress.clone(),
+        );
+        let refused = Family::<ReasonLabel, Counter>::default();
+        r.register(
+            "refused_requests",
+            "Requests refused by a quota or policy, by the error code",
+            refused.clone(),
+        );
+        let zygote = ZygoteMetrics {
+            up: Family::default(),
+            forks: Family::default(),
+            fork_failures: Family::default(),
+            restarts: Family::default(),
+            fork_seconds: Family::new_with_constructor(start_buckets),
+        };
+        r.register(
+            "zygote_up",
+            "1 while the pool's zygote (fork server) answers",
+            zygote.up.clone(),
+        );
+        r.register(
+            "zygote_forks",
+            "Sessions forked from the pool's zygote",
+            zygote.forks.clone(),
+        );
+        r.register(
+            "zygote_fork_failures",
+            "Zygote forks that failed",
+            zygote.fork_failures.clone(),
+        );
+        r.register(
+            "zygote_restarts",
+            "Zygotes started again after dying",
+            zygote.restarts.clone(),
+        );
+        r.register(
+            "zygote_fork_duration_seconds",
+            "Time from a fork request to a ready session",
+            zygote.fork_seconds.clone(),
+        );
+        Self {
+            registry: std::sync::Arc::new(r),
+            executions,
+            execution_seconds,
+            session_start_seconds,
+            session_events,
+            sessions,
+            max_sessions,
+            warm_target,
+            warm_start_failures,
+            egress,
+            refused,
+            zygote,
+        }
+    }
+
+    /// The zygote families (see [`ZygoteMetrics`]).
+    pub fn zygote(&self) -> &ZygoteMetrics {
+        &self.zygote
+    }
+
+    /// One execution's outcome: `status` is the result's, or `error` when none came back.
+    pub fn execution(&self, pool: &str, status: &str, seconds: f64) {
+        self.executions
+            .get_or_create(&StatusLabels {
+                pool: pool.to_owned(),
+                status: status.to_owned(),
+            })
+            .inc();
+        self.execution_seconds
+            .get_or_create(&PoolLabel {
+                pool: pool.to_owned(),
+            })
+            .observe(seconds);
+    }
+
+    /// A session got its sandbox, from the warm stock or started on demand.
+    pub fn session_started(&self, pool: &str, warm: bool, seconds: f64) {
+        self.session_start_seconds
+            .get_or_create(&SourceLabels {
+                pool: pool.to_owned(),
+                source: if warm { "warm" } else { "cold" },
+            })
+            .observe(seconds);
+    }
+
+    /// A session event (`created`, `expired`, `deleted`, `killed`).
+    pub fn session_event(&self, pool: &str, event: &'static str) {
+        self.session_events
+            .get_or_create(&EventLabels {
+                pool: pool.to_owned(),
+                event,
+            })
+            .inc();
+    }
+
+    /// A warm session could not be started.
+    pub fn warm_start_failed(&self, pool: &str) {
+        self.warm_start_failures
+            .get_or_create(&PoolLabel {
+                pool: pool.to_owned(),
+            })
+            .inc();
+    }
+
+    /// One network attempt and what the egress policy decided.
+    pub fn egress(&self, pool: &str, allowed: bool) {
+        self.egress
+            .get_or_create(&DecisionLabels {
+                pool: pool.to_owned(),
+                decision: if allowed { "allowed" } else { "blocked" },
+            })
+            .inc();
+    }
+
+    /// A request refused by a quota or policy, by its error code.
+    pub fn refused(&self, code: crate::ErrorCode) {
+        self.refused
+            .get_or_create(&ReasonLabel {
+                reason: code.as_str(),
+            })
+            .inc();
+    }
+
+    /// The page: the pool gauges read from `manager` now, then every family.
+    pub fn render(&self, manager: &Manager) -> String {
+        for p in manager.pools() {
+            let gauge = |state| {
+                self.sessions.get_or_create(&StateLabels {
+                    pool: p.name.clone(),
+                    state,
+                })
+            };
+            gauge("ready").set(i64::try_from(p.ready).unwrap_or(i64::MAX));
+            gauge("busy").set(i64::try_from(p.busy).unwrap_or(i64::MAX));
+            gauge("idle").set(i64::try_from(p.sessions.saturating_sub(p.busy)).unwrap_or(i64::MAX));
+            let label = PoolLabel {
+                pool: p.name.clone(),
+            };
+            self.max_sessions
+                .get_or_create(&label)
+                .set(i64::try_from(p.max_sessions).unwrap_or(i64::MAX));
+            self.warm_target
+                .get_or_create(&label)
+                .set(i64::try_from(p.warm).unwrap_or(i64::MAX));
+        }
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// `GET /metrics` on a router: the page, as [`CONTENT_TYPE`].
+pub fn response(manager: &Manager) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    (
+        [(axum::http::header::CONTENT_TYPE, CONTENT_TYPE)],
+        manager.metrics().render(manager),
+    )
+        .into_response()
+}

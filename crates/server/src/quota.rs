@@ -1,0 +1,190 @@
+//! Per-tenant quotas and policy (`[quotas]`, `[tenants.NAME]`): executions per minute, the
+//! pools and languages a tenant may use, the longest timeout it may ask for. The most
+//! sessions per tenant is counted by the manager's table (`TenantLimits`), where sessions are
+//! reserved.
+//!
+//! Invariants: every refusal is an [`ApiError`] with a stable code (`rate_limited` with a
+//! `Retry-After`, `pool_not_allowed`, `language_not_allowed`, `timeout_not_allowed`); the
+//! rate is a sliding window — at most `executions_per_minute` executions start in any 60
+//! seconds — so the window never holds more than that many instants per tenant; a refused
+//! execution takes no place in the window.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use ampoule_types::Language;
+
+use crate::error::{ApiError, ErrorCode};
+
+/// The window of `executions_per_minute`.
+const WINDOW: Duration = Duration::from_secs(60);
+
+/// One tenant's policy; `None` is no limit.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Policy {
+    /// Most executions started in any 60 seconds.
+    pub executions_per_minute: Option<u32>,
+    /// The pools it may use.
+    pub pools: Option<Vec<String>>,
+    /// The languages it may use.
+    pub languages: Option<Vec<Language>>,
+    /// The longest timeout it may ask for, in seconds.
+    pub max_timeout_s: Option<f64>,
+}
+
+/// Every tenant's policy and the rate windows.
+#[derive(Debug, Default)]
+pub struct Quotas {
+    default: Policy,
+    per_tenant: HashMap<String, Policy>,
+    windows: Mutex<HashMap<String, VecDeque<Instant>>>,
+}
+
+impl Quotas {
+    /// `default` for every tenant not in `per_tenant`.
+    pub fn new(default: Policy, per_tenant: HashMap<String, Policy>) -> Self {
+        Self {
+            default,
+            per_tenant,
+            windows: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The policy of `tenant`.
+    pub fn policy(&self, tenant: &str) -> &Policy {
+        self.per_tenant.get(tenant).unwrap_or(&self.default)
+    }
+
+    /// Whether `tenant` may use `pool`, whose sessions run `language`.
+    pub fn check_pool(&self, tenant: &str, pool: &str, language: Language) -> Result<(), ApiError> {
+        let p = self.policy(tenant);
+        if let Some(pools) = &p.pools
+            && !pools.iter().any(|x| x == pool)
+        {
+            return Err(ApiError::new(
+                ErrorCode::PoolNotAllowed,
+                format!("this tenant may not use pool {pool:?}"),
+            ));
+        }
+        if let Some(langs) = &p.languages
+            && !langs.contains(&language)
+        {
+            return Err(ApiError::new(
+                ErrorCode::LanguageNotAllowed,
+                format!("this tenant may not use {language}"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The timeout of one execution under the tenant's maximum: a request above it is
+    /// refused; a default (`requested` absent) above it is cut to it.
+    pub fn timeout(
+        &self,
+        tenant: &str,
+        requested: Option<f64>,
+        default: f64,
+    ) -> Result<f64, ApiError> {
+        let Some(max) = self.policy(tenant).max_timeout_s else {
+            return Ok(requested.unwrap_or(default));
+        };
+        match requested {
+            Some(t) if t > max => Err(ApiError::new(
+                ErrorCode::TimeoutNotAllowed,
+                format!("this tenant may ask for at most {max} seconds"),
+            )),
+            Some(t) => Ok(t),
+            None => Ok(default.min(max)),
+        }
+    }
+
+    /// Counts one execution of `tenant`, or refuses it when the tenant started
+    /// `executions_per_minute` in the last 60 seconds (429 with `Retry-After`: the seconds
+    /// until the oldest of them leaves the window, rounded up).
+    pub fn admit_execution(&self, tenant: &str) -> Result<(), ApiError> {
+        let Some(max) = self.policy(tenant).executions_per_minute else {
+            return Ok(());
+        };
+        let now = Instant::now();
+        let mut windows = self
+            .windows
+            .lock()
+            .map_err(|_| ApiError::internal("rate windows poisoned"))?;
+        let window = windows.entry(tenant.to_owned()).or_default();
+        while window
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= WINDOW)
+        {
+            window.pop_front();
+        }
+        if window.len() >= max as usize {
+            let wait = window
+                .front()
+                .map_or(WINDOW, |t| WINDOW.saturating_sub(now.duration_since(*t)));
+            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            return Err(ApiError::new(
+                ErrorCode::RateLimited,
+                format!("this tenant may start {max} executions per minute"),
+            )
+            .retry_after(secs.max(1)));
+        }
+        window.push_back(now);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn quotas(p: Policy) -> Quotas {
+        Quotas::new(Policy::default(), HashMap::from([("a".to_owned(), p)]))
+    }
+
+    #[test]
+    fn the_window_admits_n_then_refuses_with_retry_after() {
+        let q = quotas(Policy {
+            executions_per_minute: Some(3),
+            ..Policy::default()
+        });
+        for _ in 0..3 {
+            q.admit_execution("a").unwrap();
+        }
+        let e = q.admit_execution("a").unwrap_err();
+        assert_eq!(e.code, ErrorCode::RateLimited);
+        let after = e.retry_after_s.unwrap();
+        assert!((1..=60).contains(&after), "{after}");
+        // Refusals take no place; other tenants have no limit.
+        assert!(q.admit_execution("a").is_err());
+        for _ in 0..100 {
+            q.admit_execution("b").unwrap();
+        }
+    }
+
+    #[test]
+    fn pools_languages_and_timeouts() {
+        let q = quotas(Policy {
+            pools: Some(vec!["python".into()]),
+            languages: Some(vec![Language::Python]),
+            max_timeout_s: Some(10.0),
+            ..Policy::default()
+        });
+        q.check_pool("a", "python", Language::Python).unwrap();
+        let e = q.check_pool("a", "js", Language::Javascript).unwrap_err();
+        assert_eq!(e.code, ErrorCode::PoolNotAllowed);
+        let q2 = quotas(Policy {
+            languages: Some(vec![Language::Python]),
+            ..Policy::default()
+        });
+        let e = q2.check_pool("a", "js", Language::Javascript).unwrap_err();
+        assert_eq!(e.code, ErrorCode::LanguageNotAllowed);
+        assert_eq!(q.timeout("a", None, 220.0).unwrap(), 10.0);
+        assert_eq!(q.timeout("a", Some(5.0), 220.0).unwrap(), 5.0);
+        let e = q.timeout("a", Some(11.0), 220.0).unwrap_err();
+        assert_eq!(e.code, ErrorCode::TimeoutNotAllowed);
+        assert_eq!(q.timeout("b", Some(500.0), 220.0).unwrap(), 500.0);
+    }
+}
