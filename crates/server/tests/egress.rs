@@ -20,7 +20,9 @@
 //!
 //! Needs root, `unshare`, `ip`, `nft`, `/usr/bin/python3` and the Python session environment
 //! (`ampoule setup`); without them every trial is reported as ignored with the reason, never as
-//! passed. `EGRESS_VERBOSE=1` prints every probe's outcome and the server's log.
+//! passed. `EGRESS_VERBOSE=1` prints every probe's outcome and the server's log. `latency` is a
+//! measurement, ignored by default:
+//! `EGRESS_BENCH_N=1000 cargo test -p ampoule-server --test egress -- --ignored latency --nocapture`.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -50,6 +52,9 @@ def log(kind, **kw):
 
 class H(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in two writes: with Nagle's algorithm and the client's delayed
+    # ACK, every kept-alive response would wait 40 ms.
+    disable_nagle_algorithm = True
     def do_GET(self):
         auth = self.headers.get("Authorization")
         log(self.server.kind, path=self.path, host=self.headers.get("Host"), authorization=auth)
@@ -236,6 +241,43 @@ check("connect", lambda: socket.create_connection(("10.77.0.2", 80), 3))
 check("dns", lambda: socket.gethostbyname("allowed.test"))
 check("interfaces", lambda: sorted(l.split(":")[0].strip() for l in open("/proc/net/dev").read().splitlines()[2:]))
 print(json.dumps(res))
+"#;
+
+/// Times HTTPS requests to `NAME` at `10.77.0.2`: `n` requests each on a new connection (TCP +
+/// TLS handshake + GET + body), then `n` on one kept-alive connection; prints JSON.
+const LATENCY_CLIENT: &str = r#"
+import json, socket, ssl, sys, time
+name, n, cafile = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+ip = "10.77.0.2"
+ctx = ssl.create_default_context(cafile=cafile) if cafile != "-" else ssl.create_default_context()
+req = ("GET /lat HTTP/1.1\r\nHost: %s\r\n\r\n" % name).encode()
+def response(t):
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        d = t.recv(65536)
+        if not d: raise EOFError("closed")
+        buf += d
+    head, _, body = buf.partition(b"\r\n\r\n")
+    length = int([l.split(b":")[1] for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")][0])
+    while len(body) < length:
+        body += t.recv(65536)
+    if not head.startswith(b"HTTP/1.1 200"): raise RuntimeError(head[:40])
+def connect():
+    s = socket.create_connection((ip, 443), 10)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return ctx.wrap_socket(s, server_hostname=name)
+def fresh():
+    t0 = time.perf_counter()
+    t = connect(); t.sendall(req); response(t); t.close()
+    return (time.perf_counter() - t0) * 1000
+for _ in range(10): fresh()
+new = [fresh() for _ in range(n)]
+t = connect()
+for _ in range(10): t.sendall(req); response(t)
+kept = []
+for _ in range(n):
+    t0 = time.perf_counter(); t.sendall(req); response(t); kept.append((time.perf_counter() - t0) * 1000)
+print(json.dumps({"new": new, "kept": kept}))
 "#;
 
 fn workspace() -> PathBuf {
@@ -888,6 +930,104 @@ fn no_network(jail: &Jail) -> Result<(), Failed> {
     finish(errors, || format!("result: {result}"))
 }
 
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v.get(i).copied().unwrap_or(f64::NAN)
+}
+
+/// Not a check, a measurement (ignored unless asked for): the latency of HTTPS requests from a
+/// server session through its gateway (TLS passed through, and terminated to inject), against
+/// the same requests made from the jail itself. `EGRESS_BENCH_N` requests per series.
+fn latency(jail: &Jail) -> Result<(), Failed> {
+    let n: usize = std::env::var("EGRESS_BENCH_N")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(200);
+    let port = jail.port;
+    let client = jail.t().join("latency.py");
+    std::fs::write(&client, LATENCY_CLIENT)?;
+    let load = || std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load_before = load();
+    // This thread is in the jail's network namespace, and so are its children.
+    let out = Command::new("/usr/bin/python3")
+        .arg(&client)
+        .args(["allowed.test", &n.to_string()])
+        .arg(jail.t().join("upstream-ca.pem"))
+        .output()?;
+    let direct: Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| format!("direct: {e}: {}", lossy(&out.stderr)))?;
+    let through = |pool: &str, name: &str, ca: &str| -> Result<Value, Failed> {
+        let sid = new_session(port, pool)?;
+        for (file, contents) in [
+            ("latency.py", LATENCY_CLIENT.as_bytes().to_vec()),
+            (
+                "upstream-ca.pem",
+                std::fs::read(jail.t().join("upstream-ca.pem"))?,
+            ),
+        ] {
+            let (status, v) = call(
+                port,
+                "PUT",
+                &format!("/v1/sessions/{sid}/files/{file}"),
+                Some(&contents),
+            )?;
+            if !(200..300).contains(&status) {
+                return Err(format!("upload {file}: {status} {v}").into());
+            }
+        }
+        let code = format!(
+            "import subprocess\n\
+             p = subprocess.run(['/usr/bin/python3', '/mnt/data/latency.py', '{name}', '{n}', \
+             '{ca}'], capture_output=True, text=True)\n\
+             print(p.stdout.strip() or ('ERR ' + p.stderr))"
+        );
+        let r = ok(
+            port,
+            "POST",
+            &format!("/v1/sessions/{sid}/executions"),
+            Some(json!({ "code": code, "timeout_s": 600 })),
+        )?;
+        let stdout = r["stdout"].as_str().unwrap_or_default().trim().to_owned();
+        serde_json::from_str(&stdout).map_err(|e| format!("{pool}: {e}: {stdout}").into())
+    };
+    let passed = through("net", "allowed.test", "/mnt/data/upstream-ca.pem")?;
+    let injected = through("inject", "inject.test", "-")?;
+    println!(
+        "\nHTTPS request latency through ampoule serve, n = {n} each (ms); load average before: \
+         {} after: {}\n",
+        load_before.trim(),
+        load().trim()
+    );
+    println!("| path | connection | p50 | p90 | p99 |");
+    println!("|---|---|---|---|---|");
+    for (label, v) in [
+        ("direct (jail → upstream)", &direct),
+        ("server session → gateway, TLS passed through", &passed),
+        (
+            "server session → gateway, TLS terminated + header",
+            &injected,
+        ),
+    ] {
+        for conn in ["new", "kept"] {
+            let mut s: Vec<f64> = v[conn]
+                .as_array()
+                .map(|a| a.iter().filter_map(Value::as_f64).collect())
+                .unwrap_or_default();
+            if s.len() != n {
+                return Err(format!("{label} {conn}: {} samples, wanted {n}", s.len()).into());
+            }
+            println!(
+                "| {label} | {conn} | {:.2} | {:.2} | {:.2} |",
+                percentile(&mut s, 0.5),
+                percentile(&mut s, 0.9),
+                percentile(&mut s, 0.99)
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Why the trials cannot run here, if they cannot.
 fn unavailable() -> Option<String> {
     let root = std::fs::read_to_string("/proc/self/status")
@@ -942,14 +1082,18 @@ fn trial(body: Body) -> Result<(), Failed> {
 fn main() {
     let args = Arguments::from_args();
     let why = unavailable();
-    let cases: [(&str, Body); 3] = [
-        ("allowlist", allowlist),
-        ("injection", injection),
-        ("no_network", no_network),
+    // (name, body, is a measurement: ignored unless asked for)
+    let cases: [(&str, Body, bool); 4] = [
+        ("allowlist", allowlist, false),
+        ("injection", injection, false),
+        ("no_network", no_network, false),
+        ("latency", latency, true),
     ];
     let trials: Vec<Trial> = cases
         .into_iter()
-        .map(|(name, f)| Trial::test(name, move || trial(f)).with_ignored_flag(why.is_some()))
+        .map(|(name, f, bench)| {
+            Trial::test(name, move || trial(f)).with_ignored_flag(bench || why.is_some())
+        })
         .collect();
     if let Some(why) = &why {
         eprintln!("server egress tests ignored: {why}");
