@@ -12,6 +12,8 @@ have unshare || need+=(util-linux)
 have ip || need+=(iproute2)
 # the egress firewall of sandboxes with allowed hosts (`nft -f`, root only)
 [ -x /usr/sbin/nft ] || [ -x /sbin/nft ] || need+=(nftables)
+# the start-up baselines of `ampoule bench` and benches/startup.rs
+[ -x /usr/bin/bwrap ] || need+=(bubblewrap)
 have gcc || need+=(gcc)
 have pkg-config || need+=(pkg-config)
 have openssl || need+=(openssl)

@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 mod audit;
+mod bench;
 mod setup;
 
 use std::collections::BTreeMap;
@@ -53,6 +54,9 @@ enum Command {
     Mcp(McpArgs),
     /// The audit log: list a tenant's records, or `verify` the hash chain.
     Audit(audit::AuditArgs),
+    /// Benchmarks on this machine (root): new-session latency through the HTTP API with and
+    /// without a zygote or warm pool, round trips, throughput, density, baselines.
+    Bench(bench::BenchArgs),
     /// Check which isolation layers and language runtimes work on this host.
     Doctor {
         /// Print the report as JSON.
@@ -170,6 +174,7 @@ fn main() -> ExitCode {
             Command::Setup(args) => setup::run(args),
             Command::Doctor { json } => doctor(json).await,
             Command::Audit(args) => audit::run(args).await,
+            Command::Bench(args) => bench::run(args).await,
         }
     });
     match result {
@@ -179,12 +184,26 @@ fn main() -> ExitCode {
 }
 
 async fn serve(args: ServeArgs) -> Result<ExitCode> {
+    raise_nofile_limit();
     let cfg = match &args.config {
         Some(path) => ampoule_server::Config::load(path)?,
         None => ampoule_server::Config::default(),
     };
     ampoule_server::serve::serve(cfg, args.listen).await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Raises the soft open-files limit to the hard one: every live session holds a few
+/// descriptors in the server (its control socket, pipes, pidfd, scratch), and a thousand
+/// sessions overrun the usual soft limit of 1024. Sandboxes set their own limits.
+fn raise_nofile_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+        && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+    {
+        tracing::warn!(soft, hard, "could not raise the open-files limit: {e}");
+    }
 }
 
 /// `ampoule mcp`: MCP on stdio (stdout is the protocol: nothing else may be printed there).

@@ -1,0 +1,1397 @@
+//! `ampoule bench`: the benchmark suite of issue 5, run against real `ampoule serve` processes
+//! on this machine (root).
+//!
+//! What it measures (docs/BENCHMARKS.md has the method in prose and the recorded figures):
+//! 1. a request with a new session identifier to its first result (`import pandas; 1+1`), one
+//!    ACA `code/execute` call, in three pools: forked from a zygote, taken from a warm pool of
+//!    fresh interpreters, and started on demand; and the same as a burst of simultaneous new
+//!    identifiers;
+//! 2. a warm session's round trip for `1+1`;
+//! 3. throughput at 1, 10 and 50 concurrent clients, each with its own session;
+//! 4. density: N idle sessions that imported pandas, held at once, then all answering; Σ PSS
+//!    of every process the server started (the zygote and every sandbox) and the drop of
+//!    `MemAvailable`, per session;
+//! 5. baselines in the same run: bare `python3 -c pass`, the venv's cold
+//!    `import numpy, pandas, matplotlib`, `bwrap --unshare-all python3 -c pass` (when installed)
+//!    and `ampoule run` of `print(1)`.
+//!
+//! The servers are this binary (`ampoule serve`) started as child processes on 127.0.0.1 with
+//! a throw-away config, data directory and API key; the client speaks HTTP/1.1 over kept-alive
+//! connections (one per simulated client), so a timed request never includes a TCP handshake.
+//! Every sample checks its answer: a wrong or failed one counts against the success rate and
+//! is not timed. Progress goes to stderr, figures to stdout (a table, or one JSON object).
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use clap::Args;
+use futures_util::future::join_all;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper::{Method, Request, StatusCode, header};
+use hyper_util::rt::TokioIo;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::Serialize;
+use serde_json::{Value, json};
+
+/// The ACA API version of every execute call (the 2024-02-02-preview dialect).
+const API_VERSION: &str = "2024-02-02-preview";
+/// The environment variable that hands the API key to the servers.
+const KEY_ENV: &str = "AMPOULE_BENCH_KEY";
+/// The code of a new session's first request.
+const FIRST_CODE: &str = "import pandas; 1+1";
+const PYTHON: &str = "/usr/bin/python3";
+
+#[derive(Args)]
+pub(crate) struct BenchArgs {
+    /// Small sample counts (a minute or two); what the smoke test runs.
+    #[arg(long)]
+    quick: bool,
+    /// Print one JSON object on stdout instead of tables.
+    #[arg(long)]
+    json: bool,
+    /// Idle sessions held at once in the density test (repeatable; default 100 and 1000, or
+    /// 20 with --quick; 0 skips it).
+    #[arg(long = "density", value_name = "N")]
+    density: Vec<usize>,
+    /// Do not drop the page cache (`/proc/sys/vm/drop_caches`) before memory readings.
+    #[arg(long)]
+    no_drop_caches: bool,
+}
+
+/// Sample counts and durations of one run.
+struct Plan {
+    /// `python3 -c pass`, bwrap and `ampoule run` samples.
+    baseline: usize,
+    /// Samples of the venv's cold import (≈ 0.6 s each).
+    baseline_import: usize,
+    new_zygote: usize,
+    new_warm: usize,
+    new_cold: usize,
+    /// Simultaneous new identifiers per pool in the burst.
+    burst: usize,
+    round_trips: usize,
+    throughput_for: Duration,
+    clients: Vec<usize>,
+    density: Vec<usize>,
+    drop_caches: bool,
+}
+
+impl Plan {
+    fn new(args: &BenchArgs) -> Self {
+        let density = if !args.density.is_empty() {
+            args.density.clone()
+        } else if args.quick {
+            vec![20]
+        } else {
+            vec![100, 1000]
+        };
+        let mut density = density;
+        density.retain(|&n| n > 0);
+        let drop_caches = !args.no_drop_caches;
+        if args.quick {
+            Plan {
+                baseline: 20,
+                baseline_import: 3,
+                new_zygote: 30,
+                new_warm: 6,
+                new_cold: 4,
+                burst: 4,
+                round_trips: 100,
+                throughput_for: Duration::from_secs(3),
+                clients: vec![1, 10, 50],
+                density,
+                drop_caches,
+            }
+        } else {
+            Plan {
+                baseline: 100,
+                baseline_import: 20,
+                new_zygote: 300,
+                new_warm: 40,
+                new_cold: 30,
+                burst: 10,
+                round_trips: 1000,
+                throughput_for: Duration::from_secs(10),
+                clients: vec![1, 10, 50],
+                density,
+                drop_caches,
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Samples and their summary
+
+/// Timed samples of one measurement, and what went wrong with the others.
+#[derive(Default)]
+struct Samples {
+    ms: Vec<f64>,
+    failures: usize,
+    first_error: Option<String>,
+}
+
+impl Samples {
+    fn record(&mut self, r: Result<f64>) {
+        match r {
+            Ok(ms) => self.ms.push(ms),
+            Err(e) => {
+                self.failures += 1;
+                if self.first_error.is_none() {
+                    self.first_error = Some(format!("{e:#}"));
+                }
+            }
+        }
+    }
+
+    fn merge(&mut self, other: Samples) {
+        self.ms.extend(other.ms);
+        self.failures += other.failures;
+        if self.first_error.is_none() {
+            self.first_error = other.first_error;
+        }
+    }
+
+    fn stat(&self) -> Stat {
+        let mut s = self.ms.clone();
+        s.sort_by(f64::total_cmp);
+        let n = s.len() + self.failures;
+        // Nearest rank: the smallest sample with at least p % of the samples at or below it.
+        let pct = |p: f64| -> Option<f64> {
+            if s.is_empty() {
+                return None;
+            }
+            let rank = ((p / 100.0) * s.len() as f64).ceil() as usize;
+            Some(round2(s[rank.clamp(1, s.len()) - 1]))
+        };
+        Stat {
+            n,
+            ok: s.len(),
+            success_rate: if n == 0 {
+                0.0
+            } else {
+                s.len() as f64 / n as f64
+            },
+            p50_ms: pct(50.0),
+            p90_ms: pct(90.0),
+            p99_ms: pct(99.0),
+            mean_ms: (!s.is_empty()).then(|| round2(s.iter().sum::<f64>() / s.len() as f64)),
+            min_ms: s.first().copied().map(round2),
+            max_ms: s.last().copied().map(round2),
+            first_error: self.first_error.clone(),
+        }
+    }
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+/// The summary of one latency measurement.
+#[derive(Serialize, Clone)]
+struct Stat {
+    /// Samples taken.
+    n: usize,
+    /// Samples that succeeded (and were timed).
+    ok: usize,
+    /// `ok / n`.
+    success_rate: f64,
+    p50_ms: Option<f64>,
+    p90_ms: Option<f64>,
+    p99_ms: Option<f64>,
+    mean_ms: Option<f64>,
+    min_ms: Option<f64>,
+    max_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    first_error: Option<String>,
+}
+
+#[derive(Serialize)]
+struct Throughput {
+    clients: usize,
+    seconds: f64,
+    executions: usize,
+    failures: usize,
+    per_second: f64,
+    success_rate: f64,
+    latency: Stat,
+}
+
+#[derive(Serialize)]
+struct Density {
+    /// Sessions asked for.
+    sessions: usize,
+    /// Sessions whose `import pandas` succeeded.
+    created: usize,
+    /// Seconds to create them all (8 clients).
+    create_seconds: f64,
+    /// Sessions the pool reported live once all were created.
+    alive: usize,
+    /// Sessions that then answered `1+1` correctly.
+    answering: usize,
+    success_rate: f64,
+    /// Processes the server had started (zygote, sandbox inits, session kernels).
+    processes: usize,
+    /// Σ PSS of those processes.
+    pss_total_mib: f64,
+    /// Σ PSS before the sessions existed (the zygote and its sandbox).
+    pss_before_mib: f64,
+    /// `pss_total_mib / sessions`: the zygote's share included.
+    pss_per_session_mib: f64,
+    /// `(pss_total_mib - pss_before_mib) / sessions`.
+    pss_added_per_session_mib: f64,
+    /// `MemAvailable` drop from before the sessions to after, per session.
+    mem_available_drop_per_session_mib: f64,
+    /// The server process's own PSS and open descriptors with every session live.
+    server_pss_mib: f64,
+    server_open_files: usize,
+    /// Whether the page cache was dropped before each memory reading.
+    drop_caches: bool,
+    answer_latency: Stat,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Entry point
+
+pub(crate) async fn run(args: BenchArgs) -> Result<ExitCode> {
+    if !is_root() {
+        bail!(
+            "ampoule bench needs root: it starts `ampoule serve` with real sandboxes (own uids \
+             and cgroups) and reads every sandbox's memory\nhint: sudo ampoule bench"
+        );
+    }
+    let plan = Plan::new(&args);
+    let exe = std::env::current_exe().context("locating the ampoule binary")?;
+    let venv = ampoule_session::setup::PythonEnv::default_location();
+    if !venv.exists() {
+        bail!(
+            "the session Python environment is missing ({})\nhint: ampoule setup",
+            venv.dir().display()
+        );
+    }
+    let work = WorkDir::new()?;
+    let started = Instant::now();
+    let load_before = load_average();
+    note(&format!(
+        "ampoule bench ({} build{}), load average {load_before}",
+        build_kind(),
+        if args.quick { ", --quick" } else { "" },
+    ));
+
+    let baselines = baselines(&plan, &exe, &venv.python())?;
+    let (new_session, bursts, round_trip, throughput) = server_phase(&plan, &exe, &work).await?;
+    let mut density = Vec::new();
+    for &n in &plan.density {
+        density.push(density_phase(n, &plan, &exe, &work).await?);
+    }
+
+    let report = json!({
+        "version": 1,
+        "date": utc_now(),
+        "quick": args.quick,
+        "build": build_kind(),
+        "host": {
+            "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .map(|s| s.trim().to_owned()).unwrap_or_default(),
+            "load_average_start": load_before,
+            "load_average_end": load_average(),
+        },
+        "seconds": round2(started.elapsed().as_secs_f64()),
+        "new_session": new_session,
+        "new_session_burst": bursts,
+        "warm_round_trip": round_trip,
+        "throughput": throughput,
+        "density": density,
+        "baselines": baselines,
+    });
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        serde_json::to_writer_pretty(&mut out, &report)?;
+        writeln!(out)?;
+    } else {
+        print_tables(&mut out, &report)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn note(msg: &str) {
+    eprintln!("bench: {msg}");
+}
+
+fn build_kind() -> &'static str {
+    if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    }
+}
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+fn progress(len: usize, msg: &str) -> ProgressBar {
+    let pb = ProgressBar::with_draw_target(Some(len as u64), ProgressDrawTarget::stderr());
+    if let Ok(style) = ProgressStyle::with_template("{msg:42} {bar:30} {pos}/{len} {elapsed}") {
+        pb.set_style(style);
+    }
+    pb.set_message(msg.to_owned());
+    pb
+}
+
+/// A directory for the configs and the servers' data, removed at the end.
+struct WorkDir(PathBuf);
+
+impl WorkDir {
+    fn new() -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("ampoule-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Self(dir))
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Baselines: whole processes from spawn to exit, output checked
+
+fn baselines(plan: &Plan, exe: &Path, venv_python: &Path) -> Result<Value> {
+    let bwrap = ["/usr/bin/bwrap", "/bin/bwrap"]
+        .into_iter()
+        .find(|p| Path::new(p).exists());
+    let python_pass = || {
+        let mut c = Command::new(PYTHON);
+        c.args(["-c", "pass"]);
+        c
+    };
+    let venv_import = || {
+        let mut c = Command::new(venv_python);
+        c.args(["-c", "import numpy, pandas, matplotlib"]);
+        c
+    };
+    let bwrap_pass = |b: &str| {
+        let mut c = Command::new(b);
+        c.args([
+            "--ro-bind",
+            "/usr",
+            "/usr",
+            "--symlink",
+            "usr/lib",
+            "/lib",
+            "--symlink",
+            "usr/lib64",
+            "/lib64",
+            "--symlink",
+            "usr/bin",
+            "/bin",
+            "--proc",
+            "/proc",
+            "--dev",
+            "/dev",
+            "--tmpfs",
+            "/tmp",
+            "--unshare-all",
+            "--die-with-parent",
+            "--new-session",
+            PYTHON,
+            "-c",
+            "pass",
+        ]);
+        c
+    };
+    let ampoule_run = || {
+        let mut c = Command::new(exe);
+        c.args(["run", "-"]);
+        c
+    };
+    // Warm the page cache once.
+    let _ = time_process(python_pass(), None, "");
+    let _ = time_process(venv_import(), None, "");
+    let _ = time_process(ampoule_run(), Some(b"print(1)\n"), "1\n");
+
+    let mut bare = Samples::default();
+    let mut bw = Samples::default();
+    let mut run = Samples::default();
+    let pb = progress(plan.baseline, "baselines: python3, bwrap, ampoule run");
+    // Interleaved, so machine noise hits all alike.
+    for _ in 0..plan.baseline {
+        bare.record(time_process(python_pass(), None, ""));
+        if let Some(b) = bwrap {
+            bw.record(time_process(bwrap_pass(b), None, ""));
+        }
+        run.record(time_process(ampoule_run(), Some(b"print(1)\n"), "1\n"));
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    let mut import = Samples::default();
+    let pb = progress(
+        plan.baseline_import,
+        "baselines: venv import numpy, pandas…",
+    );
+    for _ in 0..plan.baseline_import {
+        import.record(time_process(venv_import(), None, ""));
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    let bwrap_value = match bwrap {
+        Some(_) => serde_json::to_value(bw.stat())?,
+        None => json!({"skipped": "bubblewrap is not installed (scripts/deps.sh installs it)"}),
+    };
+    Ok(json!({
+        "python3_pass": bare.stat(),
+        "venv_import_numpy_pandas_matplotlib": import.stat(),
+        "bwrap_python3_pass": bwrap_value,
+        "ampoule_run_print": run.stat(),
+    }))
+}
+
+/// Runs `cmd` to its end; its wall time in ms when it exits 0 with exactly `expect` on stdout.
+fn time_process(mut cmd: Command, stdin: Option<&[u8]>, expect: &str) -> Result<f64> {
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    });
+    let start = Instant::now();
+    let mut child = cmd.spawn().context("starting the process")?;
+    if let (Some(data), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(data).context("writing its stdin")?;
+    }
+    let out = child.wait_with_output().context("waiting for it")?;
+    let ms = start.elapsed().as_secs_f64() * 1000.0;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() || stdout != expect {
+        bail!(
+            "{}: stdout {stdout:?}, stderr {:?}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(ms)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The servers
+
+/// An `ampoule serve` child process with a throw-away config.
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+    key: String,
+    log: Arc<Mutex<VecDeque<String>>>,
+}
+
+impl Server {
+    /// Starts `ampoule serve` with `pools` (TOML tables without their `[pools.NAME]` header
+    /// lines inside: `(name, body)`).
+    fn start(exe: &Path, work: &WorkDir, name: &str, pools: &[(&str, String)]) -> Result<Server> {
+        let data = work.0.join(format!("{name}-data"));
+        std::fs::create_dir_all(&data)?;
+        let mut config = format!(
+            "[server]\ndata_dir = {data:?}\n\n[[auth.keys]]\ntenant = \"bench\"\n\
+             key_env = \"{KEY_ENV}\"\n"
+        );
+        for (pool, body) in pools {
+            config.push_str(&format!("\n[pools.{pool}]\n{body}"));
+        }
+        let path = work.0.join(format!("{name}.toml"));
+        std::fs::write(&path, &config).with_context(|| format!("writing {}", path.display()))?;
+        let key = format!(
+            "bench-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or_default()
+        );
+        let mut child = Command::new(exe)
+            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+            .arg(&path)
+            .env(KEY_ENV, &key)
+            .env_remove("AMPOULE_CONFIG")
+            .env(
+                "AMPOULE_LOG",
+                std::env::var("AMPOULE_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting ampoule serve")?;
+        let log = Arc::new(Mutex::new(VecDeque::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        if let Some(stderr) = child.stderr.take() {
+            let log = log.clone();
+            let verbose = std::env::var_os("AMPOULE_BENCH_SERVER_LOG").is_some();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if verbose {
+                        eprintln!("serve: {line}");
+                    }
+                    if let Some(addr) = line
+                        .split("listening on http://")
+                        .nth(1)
+                        .and_then(|rest| rest.split_whitespace().next())
+                    {
+                        let _ = tx.send(addr.to_owned());
+                    }
+                    if let Ok(mut l) = log.lock() {
+                        if l.len() >= 40 {
+                            l.pop_front();
+                        }
+                        l.push_back(line);
+                    }
+                }
+            });
+        }
+        let mut server = Server {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            key,
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            match rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(addr) => {
+                    server.addr = addr
+                        .parse()
+                        .with_context(|| format!("the server's address {addr:?}"))?;
+                    return Ok(server);
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {}
+            }
+            if let Ok(Some(st)) = server.child.try_wait() {
+                bail!(
+                    "ampoule serve exited ({st}) before listening:\n{}",
+                    server.log_tail()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "ampoule serve did not listen within 5 minutes:\n{}",
+                    server.log_tail()
+                );
+            }
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn log_tail(&self) -> String {
+        self.log
+            .lock()
+            .map(|l| l.iter().cloned().collect::<Vec<_>>().join("\n"))
+            .unwrap_or_default()
+    }
+
+    fn client(&self) -> Client {
+        Client {
+            addr: self.addr,
+            auth: format!("Bearer {}", self.key),
+            conn: None,
+        }
+    }
+
+    /// SIGTERM, then waits (closing a thousand sessions takes a while); SIGKILL after
+    /// `patience`.
+    fn stop(mut self, patience: Duration) {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.pid()).unwrap_or(i32::MAX));
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + patience;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        note("the server did not stop on SIGTERM; killing it");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// One simulated client: one kept-alive HTTP/1.1 connection.
+struct Client {
+    addr: SocketAddr,
+    auth: String,
+    conn: Option<SendRequest<Full<Bytes>>>,
+}
+
+impl Client {
+    /// A connection ready for a request (a new one if the last was closed).
+    async fn ready(&mut self) -> Result<&mut SendRequest<Full<Bytes>>> {
+        let alive = match &mut self.conn {
+            Some(c) => c.ready().await.is_ok(),
+            None => false,
+        };
+        if alive {
+            return self.conn.as_mut().context("the connection vanished");
+        }
+        let tcp = tokio::net::TcpStream::connect(self.addr)
+            .await
+            .with_context(|| format!("connecting to {}", self.addr))?;
+        tcp.set_nodelay(true)?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(self.conn.insert(sender))
+    }
+
+    /// One request; the status and body, and the ms from sending to the whole body.
+    async fn request(
+        &mut self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(StatusCode, Bytes, f64)> {
+        let host = self.addr.to_string();
+        let auth = self.auth.clone();
+        let sender = self.ready().await?;
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::HOST, host)
+            .header(header::AUTHORIZATION, auth);
+        if body.is_some() {
+            req = req.header(header::CONTENT_TYPE, "application/json");
+        }
+        let req = req.body(Full::new(Bytes::from(body.unwrap_or_default())))?;
+        let start = Instant::now();
+        let result = async {
+            let resp = sender.send_request(req).await?;
+            let status = resp.status();
+            let body = resp.into_body().collect().await?.to_bytes();
+            anyhow::Ok((status, body))
+        }
+        .await;
+        let ms = start.elapsed().as_secs_f64() * 1000.0;
+        match result {
+            Ok((status, body)) => Ok((status, body, ms)),
+            Err(e) => {
+                self.conn = None;
+                Err(e)
+            }
+        }
+    }
+
+    /// An ACA execute call in `pool` for `identifier`; the ms it took when the answer is
+    /// `Success` (and, with `expect`, that result).
+    async fn execute(
+        &mut self,
+        pool: &str,
+        identifier: &str,
+        code: &str,
+        expect: Option<&str>,
+    ) -> Result<f64> {
+        let body = json!({"properties": {
+            "codeInputType": "inline",
+            "executionType": "synchronous",
+            "code": code,
+        }});
+        let path =
+            format!("/pools/{pool}/code/execute?identifier={identifier}&api-version={API_VERSION}");
+        let (status, body, ms) = self
+            .request(Method::POST, &path, Some(body.to_string().into_bytes()))
+            .await?;
+        let text = || {
+            String::from_utf8_lossy(&body)
+                .chars()
+                .take(400)
+                .collect::<String>()
+        };
+        if status != StatusCode::OK {
+            bail!("HTTP {status}: {}", text());
+        }
+        let v: Value = serde_json::from_slice(&body).with_context(text)?;
+        let props = &v["properties"];
+        if props["status"] != "Success" {
+            bail!("execution failed: {}", text());
+        }
+        if let Some(want) = expect {
+            let got = &props["result"];
+            let matches = got.as_str() == Some(want)
+                || want.parse::<i64>().is_ok_and(|n| got.as_i64() == Some(n));
+            if !matches {
+                bail!("result {got} instead of {want}");
+            }
+        }
+        Ok(ms)
+    }
+
+    /// Deletes the session of `identifier` in `pool` (ACA `DELETE …/session`).
+    async fn delete(&mut self, pool: &str, identifier: &str) -> Result<()> {
+        let path =
+            format!("/pools/{pool}/session?identifier={identifier}&api-version={API_VERSION}");
+        let (status, body, _) = self.request(Method::DELETE, &path, None).await?;
+        if !status.is_success() {
+            bail!(
+                "DELETE session: HTTP {status}: {}",
+                String::from_utf8_lossy(&body)
+            );
+        }
+        Ok(())
+    }
+
+    /// `GET /v1/pools`: the pool's entry.
+    async fn pool(&mut self, pool: &str) -> Result<Value> {
+        let (status, body, _) = self.request(Method::GET, "/v1/pools", None).await?;
+        if status != StatusCode::OK {
+            bail!("GET /v1/pools: HTTP {status}");
+        }
+        let v: Value = serde_json::from_slice(&body)?;
+        v["pools"]
+            .as_array()
+            .and_then(|ps| ps.iter().find(|p| p["name"] == pool))
+            .cloned()
+            .with_context(|| format!("no pool {pool} in /v1/pools"))
+    }
+
+    /// Waits until `pool` has its whole warm stock ready.
+    async fn wait_warm(&mut self, pool: &str, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let p = self.pool(pool).await?;
+            let (ready, warm) = (p["ready"].as_u64(), p["warm"].as_u64());
+            if ready.is_some() && ready >= warm {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("pool {pool}: {ready:?} of {warm:?} warm sessions after {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1–3. New sessions, round trips, throughput: one server with three pools
+
+const ZYGOTE_POOL: &str = "bench-zygote";
+const WARM_POOL: &str = "bench-warm";
+const COLD_POOL: &str = "bench-cold";
+
+/// The `[pools.NAME]` body of a Python pool.
+fn pool_toml(zygote: bool, warm: usize, max_sessions: usize) -> String {
+    format!(
+        "language = \"python\"\nzygote = {zygote}\nwarm = {warm}\nmax_sessions = {max_sessions}\n\
+         idle_timeout_s = 3600\n"
+    )
+}
+
+async fn server_phase(
+    plan: &Plan,
+    exe: &Path,
+    work: &WorkDir,
+) -> Result<(Value, Value, Stat, Vec<Throughput>)> {
+    let max_clients = plan.clients.iter().copied().max().unwrap_or(1);
+    // The warm pool holds a fresh interpreter for every sample and for the burst, so it never
+    // drains while measured (its refill would otherwise decide the figure).
+    let warm_stock = plan.new_warm.max(plan.burst);
+    let pools = [
+        (
+            ZYGOTE_POOL,
+            pool_toml(true, 0, max_clients + plan.burst + 16),
+        ),
+        (
+            WARM_POOL,
+            pool_toml(false, warm_stock, warm_stock + plan.burst + 8),
+        ),
+        (COLD_POOL, pool_toml(false, 0, plan.burst + 8)),
+    ];
+    note("starting ampoule serve with pools bench-zygote, bench-warm, bench-cold");
+    let server = Server::start(exe, work, "latency", &pools)?;
+    let mut c = server.client();
+    // The first session of each pool pays one-off costs (the zygote's imports, page cache).
+    for pool in [ZYGOTE_POOL, COLD_POOL, WARM_POOL] {
+        c.execute(pool, "warm-up", FIRST_CODE, Some("2"))
+            .await
+            .with_context(|| format!("the first session of pool {pool}\n{}", server.log_tail()))?;
+        c.delete(pool, "warm-up").await?;
+    }
+    c.wait_warm(WARM_POOL, Duration::from_secs(600)).await?;
+
+    // 1. New identifier → first result, one pool after the other.
+    let mut new_session = serde_json::Map::new();
+    for (pool, label, n) in [
+        (ZYGOTE_POOL, "zygote", plan.new_zygote),
+        (WARM_POOL, "warm_pool", plan.new_warm),
+        (COLD_POOL, "cold", plan.new_cold),
+    ] {
+        let pb = progress(n, &format!("new session → first result ({label})"));
+        let mut s = Samples::default();
+        for i in 0..n {
+            let id = format!("new-{label}-{i}");
+            s.record(c.execute(pool, &id, FIRST_CODE, Some("2")).await);
+            if let Err(e) = c.delete(pool, &id).await {
+                s.first_error.get_or_insert(format!("{e:#}"));
+            }
+            pb.inc(1);
+        }
+        pb.finish_and_clear();
+        new_session.insert(label.to_owned(), serde_json::to_value(s.stat())?);
+        if pool == WARM_POOL {
+            c.wait_warm(WARM_POOL, Duration::from_secs(600)).await?;
+        }
+    }
+
+    // 1b. A burst: `burst` new identifiers at the same instant, on connections opened before.
+    let mut bursts = serde_json::Map::new();
+    bursts.insert("simultaneous".into(), json!(plan.burst));
+    for (pool, label) in [
+        (ZYGOTE_POOL, "zygote"),
+        (WARM_POOL, "warm_pool"),
+        (COLD_POOL, "cold"),
+    ] {
+        let mut clients: Vec<Client> = (0..plan.burst).map(|_| server.client()).collect();
+        for cl in &mut clients {
+            cl.ready().await?;
+        }
+        let runs = clients.iter_mut().enumerate().map(|(i, cl)| async move {
+            let id = format!("burst-{label}-{i}");
+            let r = cl.execute(pool, &id, FIRST_CODE, Some("2")).await;
+            let _ = cl.delete(pool, &id).await;
+            r
+        });
+        let mut s = Samples::default();
+        for r in join_all(runs).await {
+            s.record(r);
+        }
+        bursts.insert(label.to_owned(), serde_json::to_value(s.stat())?);
+        if pool == WARM_POOL {
+            c.wait_warm(WARM_POOL, Duration::from_secs(600)).await?;
+        }
+    }
+
+    // 2. A warm session's round trip.
+    c.execute(ZYGOTE_POOL, "round-trip", FIRST_CODE, Some("2"))
+        .await
+        .context("creating the round-trip session")?;
+    for _ in 0..10 {
+        let _ = c.execute(ZYGOTE_POOL, "round-trip", "1+1", Some("2")).await;
+    }
+    let pb = progress(plan.round_trips, "warm session round trip (1+1)");
+    let mut rt = Samples::default();
+    for _ in 0..plan.round_trips {
+        rt.record(c.execute(ZYGOTE_POOL, "round-trip", "1+1", Some("2")).await);
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    let _ = c.delete(ZYGOTE_POOL, "round-trip").await;
+
+    // 3. Throughput.
+    let mut throughput = Vec::new();
+    for &n in &plan.clients {
+        throughput.push(throughput_run(&server, n, plan.throughput_for).await?);
+    }
+    drop(c);
+    server.stop(Duration::from_secs(120));
+    Ok((
+        Value::Object(new_session),
+        Value::Object(bursts),
+        rt.stat(),
+        throughput,
+    ))
+}
+
+/// `clients` clients, each with its own session (created first, untimed), executing `1+1` as
+/// fast as answers come back for `duration`.
+async fn throughput_run(server: &Server, clients: usize, duration: Duration) -> Result<Throughput> {
+    let mut cs: Vec<Client> = (0..clients).map(|_| server.client()).collect();
+    let setup = cs.iter_mut().enumerate().map(|(i, cl)| async move {
+        cl.execute(ZYGOTE_POOL, &format!("tp-{clients}-{i}"), "1+1", Some("2"))
+            .await
+    });
+    let mut setup_failures = 0;
+    for r in join_all(setup).await {
+        if r.is_err() {
+            setup_failures += 1;
+        }
+    }
+    let pb = progress(
+        duration.as_secs() as usize,
+        &format!("throughput, {clients} clients"),
+    );
+    let start = Instant::now();
+    let deadline = start + duration;
+    let runs = cs.iter_mut().enumerate().map(|(i, cl)| async move {
+        let id = format!("tp-{clients}-{i}");
+        let mut s = Samples::default();
+        while Instant::now() < deadline {
+            s.record(cl.execute(ZYGOTE_POOL, &id, "1+1", Some("2")).await);
+        }
+        s
+    });
+    let ticker = async {
+        while Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            pb.inc(1);
+        }
+    };
+    let (results, ()) = tokio::join!(join_all(runs), ticker);
+    let seconds = start.elapsed().as_secs_f64();
+    pb.finish_and_clear();
+    let mut all = Samples::default();
+    for s in results {
+        all.merge(s);
+    }
+    // A client whose session could not be created counts as one failed execution.
+    all.failures += setup_failures;
+    let cleanup = cs.iter_mut().enumerate().map(|(i, cl)| async move {
+        let _ = cl.delete(ZYGOTE_POOL, &format!("tp-{clients}-{i}")).await;
+    });
+    join_all(cleanup).await;
+    let latency = all.stat();
+    Ok(Throughput {
+        clients,
+        seconds: round2(seconds),
+        executions: all.ms.len(),
+        failures: all.failures,
+        per_second: round2(all.ms.len() as f64 / seconds),
+        success_rate: latency.success_rate,
+        latency,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Density: a server of its own, so nothing else it holds is counted
+
+const DENSITY_POOL: &str = "bench-density";
+/// Clients creating and querying the density sessions.
+const DENSITY_CLIENTS: usize = 8;
+
+async fn density_phase(n: usize, plan: &Plan, exe: &Path, work: &WorkDir) -> Result<Density> {
+    note(&format!("density: starting a server for {n} sessions"));
+    let pools = [(DENSITY_POOL, pool_toml(true, 0, n + DENSITY_CLIENTS))];
+    let server = Server::start(exe, work, &format!("density-{n}"), &pools)?;
+    let mut c = server.client();
+    c.execute(DENSITY_POOL, "warm-up", FIRST_CODE, Some("2"))
+        .await
+        .with_context(|| format!("the first density session\n{}", server.log_tail()))?;
+    c.delete(DENSITY_POOL, "warm-up").await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let before = memory_reading(server.pid(), plan.drop_caches)?;
+    let pb = progress(n, &format!("density: {n} sessions import pandas"));
+    let next = AtomicUsize::new(0);
+    let created = AtomicUsize::new(0);
+    let start = Instant::now();
+    let creators = (0..DENSITY_CLIENTS).map(|_| {
+        let mut cl = server.client();
+        let (next, created, pb) = (&next, &created, &pb);
+        async move {
+            let mut first_error = None;
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    break;
+                }
+                match cl
+                    .execute(DENSITY_POOL, &format!("d-{i}"), "import pandas", None)
+                    .await
+                {
+                    Ok(_) => {
+                        created.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        first_error.get_or_insert(format!("{e:#}"));
+                    }
+                }
+                pb.inc(1);
+            }
+            first_error
+        }
+    });
+    let errors: Vec<String> = join_all(creators).await.into_iter().flatten().collect();
+    let create_seconds = start.elapsed().as_secs_f64();
+    pb.finish_and_clear();
+    if let Some(e) = errors.first() {
+        note(&format!("density: a session failed to start: {e}"));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = memory_reading(server.pid(), plan.drop_caches)?;
+    let alive = c.pool(DENSITY_POOL).await?["sessions"]
+        .as_u64()
+        .unwrap_or(0) as usize;
+
+    let pb = progress(n, &format!("density: {n} sessions answer 1+1"));
+    let next = AtomicUsize::new(0);
+    let answers = (0..DENSITY_CLIENTS).map(|_| {
+        let mut cl = server.client();
+        let (next, pb) = (&next, &pb);
+        async move {
+            let mut s = Samples::default();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    break;
+                }
+                s.record(
+                    cl.execute(DENSITY_POOL, &format!("d-{i}"), "1+1", Some("2"))
+                        .await,
+                );
+                pb.inc(1);
+            }
+            s
+        }
+    });
+    let mut answered = Samples::default();
+    for s in join_all(answers).await {
+        answered.merge(s);
+    }
+    pb.finish_and_clear();
+    note(&format!("density: stopping the server ({n} sessions)"));
+    drop(c);
+    server.stop(Duration::from_secs(300));
+
+    let mib = |kib: u64| round2(kib as f64 / 1024.0);
+    let per = |kib: f64| round2(kib / 1024.0 / n.max(1) as f64);
+    let answer_latency = answered.stat();
+    Ok(Density {
+        sessions: n,
+        created: created.load(Ordering::Relaxed),
+        create_seconds: round2(create_seconds),
+        alive,
+        answering: answer_latency.ok,
+        success_rate: answer_latency.ok as f64 / n.max(1) as f64,
+        processes: after.processes,
+        pss_total_mib: mib(after.pss_kib),
+        pss_before_mib: mib(before.pss_kib),
+        pss_per_session_mib: per(after.pss_kib as f64),
+        pss_added_per_session_mib: per(after.pss_kib as f64 - before.pss_kib as f64),
+        mem_available_drop_per_session_mib: per(
+            before.mem_available_kib as f64 - after.mem_available_kib as f64
+        ),
+        server_pss_mib: mib(after.server_pss_kib),
+        server_open_files: after.server_open_files,
+        drop_caches: plan.drop_caches,
+        answer_latency,
+    })
+}
+
+struct MemoryReading {
+    /// Σ PSS of every descendant of the server.
+    pss_kib: u64,
+    processes: usize,
+    mem_available_kib: u64,
+    server_pss_kib: u64,
+    server_open_files: usize,
+}
+
+fn memory_reading(server: u32, drop_caches: bool) -> Result<MemoryReading> {
+    if drop_caches {
+        std::fs::write("/proc/sys/vm/drop_caches", "1").context("dropping the page cache")?;
+    }
+    let pids = descendants(server);
+    let total: u64 = pids.iter().filter_map(|&p| pss_kib(p)).sum();
+    let mem_available_kib = meminfo("MemAvailable").context("reading /proc/meminfo")?;
+    Ok(MemoryReading {
+        pss_kib: total,
+        processes: pids.len(),
+        mem_available_kib,
+        server_pss_kib: pss_kib(server).unwrap_or(0),
+        server_open_files: std::fs::read_dir(format!("/proc/{server}/fd"))
+            .map(|d| d.count())
+            .unwrap_or(0),
+    })
+}
+
+/// Every process below `root` in the process tree (not `root` itself).
+fn descendants(root: u32) -> Vec<u32> {
+    let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
+            // `pid (comm) state ppid …`; comm may hold spaces and parentheses.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            if let Some(ppid) = ppid {
+                children.entry(ppid).or_default().push(pid);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    let mut todo = vec![root];
+    while let Some(p) = todo.pop() {
+        for &c in children.get(&p).map(Vec::as_slice).unwrap_or_default() {
+            out.push(c);
+            todo.push(c);
+        }
+    }
+    out
+}
+
+fn pss_kib(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    kib_field(&text, "Pss")
+}
+
+fn meminfo(field: &str) -> Option<u64> {
+    kib_field(&std::fs::read_to_string("/proc/meminfo").ok()?, field)
+}
+
+/// The value of a `Name:   123 kB` line.
+fn kib_field(text: &str, name: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        (k.trim() == name).then(|| v.split_whitespace().next()?.parse().ok())?
+    })
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// Now as `YYYY-MM-DDTHH:MM:SSZ`.
+fn utc_now() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tables
+
+fn print_tables(out: &mut impl Write, r: &Value) -> Result<()> {
+    writeln!(
+        out,
+        "ampoule bench, {} ({} build, {} CPUs, kernel {}), load average {} → {}, {} s",
+        r["date"].as_str().unwrap_or(""),
+        r["build"].as_str().unwrap_or(""),
+        r["host"]["cpus"],
+        r["host"]["kernel"].as_str().unwrap_or(""),
+        r["host"]["load_average_start"].as_str().unwrap_or(""),
+        r["host"]["load_average_end"].as_str().unwrap_or(""),
+        r["seconds"],
+    )?;
+    writeln!(out)?;
+    let head = |out: &mut dyn Write| {
+        writeln!(
+            out,
+            "{:<60} {:>9} {:>9} {:>9} {:>6} {:>8}",
+            "", "p50 ms", "p90 ms", "p99 ms", "n", "success"
+        )
+    };
+    let row = |out: &mut dyn Write, name: &str, s: &Value| -> std::io::Result<()> {
+        if let Some(reason) = s["skipped"].as_str() {
+            return writeln!(out, "{name:<60} skipped: {reason}");
+        }
+        let f = |k: &str| {
+            s[k].as_f64()
+                .map_or_else(|| "-".to_owned(), |v| format!("{v:.2}"))
+        };
+        writeln!(
+            out,
+            "{name:<60} {:>9} {:>9} {:>9} {:>6} {:>7.1}%",
+            f("p50_ms"),
+            f("p90_ms"),
+            f("p99_ms"),
+            s["n"].as_u64().unwrap_or(0),
+            100.0 * s["success_rate"].as_f64().unwrap_or(0.0)
+        )?;
+        if let Some(e) = s["first_error"].as_str() {
+            writeln!(out, "    first error: {e}")?;
+        }
+        Ok(())
+    };
+    head(out)?;
+    let ns = &r["new_session"];
+    row(out, "new session → first result, zygote", &ns["zygote"])?;
+    row(
+        out,
+        "new session → first result, warm pool",
+        &ns["warm_pool"],
+    )?;
+    row(out, "new session → first result, cold", &ns["cold"])?;
+    let b = &r["new_session_burst"];
+    let k = b["simultaneous"].as_u64().unwrap_or(0);
+    row(
+        out,
+        &format!("{k} new sessions at once, zygote"),
+        &b["zygote"],
+    )?;
+    row(
+        out,
+        &format!("{k} new sessions at once, warm pool"),
+        &b["warm_pool"],
+    )?;
+    row(out, &format!("{k} new sessions at once, cold"), &b["cold"])?;
+    row(out, "warm session round trip (1+1)", &r["warm_round_trip"])?;
+    let bl = &r["baselines"];
+    row(out, "baseline: python3 -c pass", &bl["python3_pass"])?;
+    row(
+        out,
+        "baseline: venv python -c 'import numpy, pandas, matplotlib'",
+        &bl["venv_import_numpy_pandas_matplotlib"],
+    )?;
+    row(
+        out,
+        "baseline: bwrap --unshare-all python3 -c pass",
+        &bl["bwrap_python3_pass"],
+    )?;
+    row(
+        out,
+        "baseline: ampoule run print(1)",
+        &bl["ampoule_run_print"],
+    )?;
+    if let (Some(z), Some(imp)) = (
+        ns["zygote"]["p50_ms"].as_f64(),
+        bl["venv_import_numpy_pandas_matplotlib"]["p50_ms"].as_f64(),
+    ) && z > 0.0
+    {
+        writeln!(
+            out,
+            "zygote new session vs the bare cold import (p50): {:.1}× faster",
+            imp / z
+        )?;
+    }
+    writeln!(out)?;
+    writeln!(
+        out,
+        "{:<12} {:>10} {:>12} {:>9} {:>9} {:>9} {:>9}",
+        "clients", "exec/s", "executions", "success", "p50 ms", "p90 ms", "p99 ms"
+    )?;
+    for t in r["throughput"].as_array().into_iter().flatten() {
+        let l = &t["latency"];
+        writeln!(
+            out,
+            "{:<12} {:>10.1} {:>12} {:>8.1}% {:>9.2} {:>9.2} {:>9.2}",
+            t["clients"].as_u64().unwrap_or(0),
+            t["per_second"].as_f64().unwrap_or(0.0),
+            t["executions"].as_u64().unwrap_or(0),
+            100.0 * t["success_rate"].as_f64().unwrap_or(0.0),
+            l["p50_ms"].as_f64().unwrap_or(f64::NAN),
+            l["p90_ms"].as_f64().unwrap_or(f64::NAN),
+            l["p99_ms"].as_f64().unwrap_or(f64::NAN),
+        )?;
+    }
+    writeln!(out)?;
+    for d in r["density"].as_array().into_iter().flatten() {
+        writeln!(
+            out,
+            "density, {} idle pandas sessions: {} created in {} s, {} alive, {} answering 1+1 \
+             ({:.1} %, p50 {} ms); {} processes",
+            d["sessions"],
+            d["created"],
+            d["create_seconds"],
+            d["alive"],
+            d["answering"],
+            100.0 * d["success_rate"].as_f64().unwrap_or(0.0),
+            d["answer_latency"]["p50_ms"],
+            d["processes"],
+        )?;
+        writeln!(
+            out,
+            "    Σ PSS {} MiB (zygote alone {} MiB): {} MiB per session ({} MiB added per \
+             session); MemAvailable drop {} MiB per session{}; server {} MiB PSS, {} open files",
+            d["pss_total_mib"],
+            d["pss_before_mib"],
+            d["pss_per_session_mib"],
+            d["pss_added_per_session_mib"],
+            d["mem_available_drop_per_session_mib"],
+            if d["drop_caches"] == true {
+                " (page cache dropped before each reading)"
+            } else {
+                ""
+            },
+            d["server_pss_mib"],
+            d["server_open_files"],
+        )?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let s = Samples {
+            ms: (1..=100).map(f64::from).collect(),
+            failures: 0,
+            first_error: None,
+        };
+        let st = s.stat();
+        assert_eq!(st.p50_ms, Some(50.0));
+        assert_eq!(st.p90_ms, Some(90.0));
+        assert_eq!(st.p99_ms, Some(99.0));
+        assert_eq!(st.success_rate, 1.0);
+        let one = Samples {
+            ms: vec![7.0],
+            failures: 1,
+            first_error: None,
+        };
+        let st = one.stat();
+        assert_eq!((st.p50_ms, st.p99_ms, st.n), (Some(7.0), Some(7.0), 2));
+        assert_eq!(st.success_rate, 0.5);
+    }
+
+    #[test]
+    fn kib_fields() {
+        let text = "Rss:    1234 kB\nPss:      56 kB\nPss_Anon: 7 kB\n";
+        assert_eq!(kib_field(text, "Pss"), Some(56));
+        assert_eq!(kib_field(text, "Pss_Anon"), Some(7));
+        assert_eq!(kib_field(text, "Swap"), None);
+    }
+
+    #[test]
+    fn utc_dates() {
+        assert_eq!(utc_now().len(), 20);
+    }
+}

@@ -1,0 +1,119 @@
+#![allow(clippy::unwrap_used, reason = "a failed unwrap is a failed test")]
+//! `ampoule bench --quick --json` as a smoke test: every section is present and every
+//! measurement succeeded at least once. A correctness check only — nothing here is timed
+//! (docs/BENCHMARKS.md records the figures of a full release run).
+//!
+//! Needs root (the bench starts `ampoule serve` with real sandboxes) and the session Python
+//! environment (`ampoule setup`); without root it prints why and returns early.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+/// A latency summary that succeeded at least once, with ordered percentiles.
+fn check_stat(name: &str, s: &Value) {
+    let rate = s["success_rate"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{name}: no success_rate in {s}"));
+    assert!(rate > 0.0, "{name}: nothing succeeded: {s}");
+    assert!(s["n"].as_u64().unwrap() > 0, "{name}: no samples: {s}");
+    let p = |k: &str| {
+        s[k].as_f64()
+            .unwrap_or_else(|| panic!("{name}: no {k}: {s}"))
+    };
+    assert!(
+        p("p50_ms") <= p("p90_ms") && p("p90_ms") <= p("p99_ms"),
+        "{name}: percentiles out of order: {s}"
+    );
+}
+
+#[test]
+fn quick_bench_reports_every_section() {
+    if !is_root() {
+        eprintln!("quick_bench_reports_every_section: skipped: ampoule bench needs root");
+        return;
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_ampoule"))
+        .args(["bench", "--quick", "--json"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "ampoule bench failed: {stderr}");
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}): {}\n{stderr}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
+    assert_eq!(r["quick"], true);
+
+    for config in ["zygote", "warm_pool", "cold"] {
+        check_stat(&format!("new_session.{config}"), &r["new_session"][config]);
+        check_stat(
+            &format!("new_session_burst.{config}"),
+            &r["new_session_burst"][config],
+        );
+    }
+    check_stat("warm_round_trip", &r["warm_round_trip"]);
+
+    let throughput = r["throughput"].as_array().unwrap();
+    let clients: Vec<u64> = throughput
+        .iter()
+        .map(|t| t["clients"].as_u64().unwrap())
+        .collect();
+    assert_eq!(clients, [1, 10, 50]);
+    for t in throughput {
+        assert!(t["success_rate"].as_f64().unwrap() > 0.0, "{t}");
+        assert!(t["per_second"].as_f64().unwrap() > 0.0, "{t}");
+        check_stat("throughput latency", &t["latency"]);
+    }
+
+    let density = r["density"].as_array().unwrap();
+    assert_eq!(density.len(), 1, "{density:?}");
+    let d = &density[0];
+    assert_eq!(d["sessions"], 20);
+    assert!(d["success_rate"].as_f64().unwrap() > 0.0, "{d}");
+    assert!(d["alive"].as_u64().unwrap() > 0, "{d}");
+    assert!(d["answering"].as_u64().unwrap() > 0, "{d}");
+    assert!(d["pss_per_session_mib"].as_f64().unwrap() > 0.0, "{d}");
+    assert!(d["processes"].as_u64().unwrap() > 0, "{d}");
+
+    let b = &r["baselines"];
+    check_stat("python3_pass", &b["python3_pass"]);
+    check_stat(
+        "venv_import_numpy_pandas_matplotlib",
+        &b["venv_import_numpy_pandas_matplotlib"],
+    );
+    check_stat("ampoule_run_print", &b["ampoule_run_print"]);
+    // bubblewrap is optional on the machine (scripts/deps.sh installs it).
+    if b["bwrap_python3_pass"].get("skipped").is_none() {
+        check_stat("bwrap_python3_pass", &b["bwrap_python3_pass"]);
+    }
+}
+
+#[test]
+fn bench_refuses_without_root() {
+    if is_root() {
+        // As root there is no refusal to see.
+        return;
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_ampoule"))
+        .args(["bench", "--quick"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("ampoule bench needs root"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
