@@ -231,6 +231,8 @@ fn session_info(state: &AppState, s: &Session) -> SessionInfo {
         (status = 201, description = "created", body = SessionInfo),
         (status = 200, description = "a session of this identifier existed", body = SessionInfo),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, description = "the tenant may not use this pool or its language \
+            (`pool_not_allowed`, `language_not_allowed`)", body = ErrorBody),
         (status = 404, description = "no such pool", body = ErrorBody),
         (status = 429, description = "the pool or the tenant is full", body = ErrorBody),
         (status = 503, description = "no sandbox could be started", body = ErrorBody)))]
@@ -351,7 +353,12 @@ async fn exec_request(
     params(("id" = String, Path, description = "session id")),
     request_body = ExecuteRequest,
     responses((status = 200, body = ExecutionResult), (status = 400, body = ErrorBody),
-        (status = 404, body = ErrorBody)))]
+        (status = 403, description = "the timeout is above the tenant's maximum \
+            (`timeout_not_allowed`)", body = ErrorBody),
+        (status = 404, body = ErrorBody),
+        (status = 429, description = "the tenant's executions per minute are used up \
+            (`rate_limited`); `Retry-After` says in how many seconds to try again",
+            body = ErrorBody)))]
 async fn execute(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
@@ -388,7 +395,10 @@ pub enum StreamEnd {
     responses(
         (status = 200, description = "NDJSON lines or SSE events: ExecutionEvent..., then StreamEnd",
             content_type = "application/x-ndjson", body = StreamEnd),
-        (status = 404, body = ErrorBody)))]
+        (status = 403, description = "the timeout is above the tenant's maximum", body = ErrorBody),
+        (status = 404, body = ErrorBody),
+        (status = 429, description = "rate limited (`rate_limited`, with `Retry-After`)",
+            body = ErrorBody)))]
 async fn execute_stream(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
