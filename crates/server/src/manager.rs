@@ -1083,6 +1083,11 @@ impl Manager {
         }
         let n = lives.len();
         futures_util::future::join_all(lives.iter().map(|l| l.close())).await;
+        // Every session's life ends in the audit log, so usage counts it.
+        for s in slots.iter().filter_map(|slot| slot.cell.get()) {
+            self.audit_session(s, Kind::SessionExpired, Some("shutdown"))
+                .await;
+        }
         tracing::info!(sessions = n, "closed every session");
     }
 }

@@ -677,7 +677,8 @@ async fn serve_with_audits_on_its_own_and_serves_metrics_on_their_own_listener()
     stop_tx.send(()).unwrap();
     served.await.unwrap().unwrap();
 
-    // The store serve_with opened by itself holds the session's whole life.
+    // The store serve_with opened by itself holds the session's whole life, its end at the
+    // shutdown included.
     let store = ampoule_audit::SqlStore::sqlite(&dir.path().join("data").join("audit.db"))
         .await
         .unwrap();
@@ -694,6 +695,10 @@ async fn serve_with_audits_on_its_own_and_serves_metrics_on_their_own_listener()
         .iter()
         .map(|r| r.record.kind.as_str())
         .collect();
-    assert_eq!(kinds, ["session_created", "execution"]);
+    assert_eq!(kinds, ["session_created", "execution", "session_expired"]);
+    assert_eq!(
+        page.records[2].record.decided_by.as_deref(),
+        Some("shutdown")
+    );
     assert!(store.verify().await.unwrap().ok());
 }
