@@ -92,3 +92,47 @@ async fn lists_and_verifies() {
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("missing"), "{out}");
 }
+
+/// Retention per pool (`[pools.NAME.audit] retention_days` over `[audit]`), as the server's
+/// hourly pruning applies it: the expired prefix goes and `ampoule audit verify` still passes.
+#[tokio::test]
+async fn verify_passes_after_retention_pruning() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("ampoule.toml");
+    let text = format!(
+        "[server]\ndata_dir = \"{}\"\n[audit]\nretention_days = 30\n\
+         [pools.short]\n[pools.short.audit]\nretention_days = 1\n[pools.python]\n",
+        dir.path().display()
+    );
+    std::fs::write(&config, &text).unwrap();
+    let cfg = ampoule_server::Config::parse(&text).unwrap();
+    let store = SqlStore::sqlite(&dir.path().join("audit.db"))
+        .await
+        .unwrap();
+    let day: i64 = 86_400_000;
+    let now = std::time::SystemTime::now();
+    let now_ms = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    // Two days old in `short` (past), ten days old in `python` (kept), then newer ones.
+    let records = [
+        (now_ms - 3 * day, "short"),
+        (now_ms - 2 * day, "short"),
+        (now_ms - 10 * day + 5, "python"),
+        (now_ms - 2 * day + 5, "short"),
+        (now_ms - 1000, "python"),
+    ]
+    .map(|(t, pool)| Record::new(Kind::SessionCreated, t, "a", pool, "ses"));
+    store.append(&records).await.unwrap();
+    let removed = ampoule_server::serve::prune_audit(&cfg, &store, now)
+        .await
+        .unwrap();
+    assert_eq!(removed, 2, "the prefix before the kept python record");
+    let (code, out) = ampoule(&config, &["verify"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("3 records"), "{out}");
+    let (code, out) = ampoule(&config, &["--tenant", "a", "--json"]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(out.lines().count(), 3, "{out}");
+}
