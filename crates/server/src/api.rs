@@ -164,13 +164,21 @@ pub struct PoolList {
     pub pools: Vec<PoolStatus>,
 }
 
-/// The pools with their ready, busy and maximum session counts.
+/// The pools the caller may use, with their ready, busy and maximum session counts.
 #[utoipa::path(get, path = "/v1/pools", tag = "pools",
     responses((status = 200, body = PoolList), (status = 401, body = ErrorBody)))]
-async fn list_pools(State(state): State<AppState>, _tenant: Tenant) -> axum::Json<PoolList> {
-    axum::Json(PoolList {
-        pools: state.manager.pools(),
-    })
+async fn list_pools(State(state): State<AppState>, Tenant(tenant): Tenant) -> axum::Json<PoolList> {
+    let quotas = state.manager.quotas();
+    let pools = state
+        .manager
+        .pools()
+        .into_iter()
+        .filter(|p| {
+            ampoule_types::Language::parse(&p.language)
+                .is_some_and(|l| quotas.check_pool(&tenant, &p.name, l).is_ok())
+        })
+        .collect();
+    axum::Json(PoolList { pools })
 }
 
 /// `POST /v1/sessions`.

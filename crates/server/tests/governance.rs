@@ -422,6 +422,19 @@ async fn quotas_and_policy_refuse_with_stable_codes_and_are_written_down() {
     )
     .await;
     assert_eq!(st, StatusCode::CREATED);
+    // `GET /v1/pools` lists the pools a tenant may use.
+    let names = |v: Value| -> Vec<String> {
+        v["pools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let (_, pools) = call(&s.app, "GET", "/v1/pools", A, None).await;
+    assert_eq!(names(pools), ["python"]);
+    let (_, pools) = call(&s.app, "GET", "/v1/pools", B, None).await;
+    assert_eq!(names(pools), ["js", "other", "python"]);
     // Timeouts: above the tenant's maximum is refused; the pool's longer default is cut.
     let (st, r) = call(
         &s.app,
