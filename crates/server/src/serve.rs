@@ -132,6 +132,7 @@ pub async fn audit(cfg: &Config, manager: &Manager) -> Result<tokio::task::JoinH
     if cfg.audit.url.is_none() {
         std::fs::create_dir_all(cfg.data_dir())
             .map_err(|e| Error::io("creating the data directory", e))?;
+        private_db(&cfg.data_dir().join("audit.db"))?;
     }
     let store = ampoule_audit::SqlStore::open(&url)
         .await
@@ -164,6 +165,29 @@ pub async fn audit(cfg: &Config, manager: &Manager) -> Result<tokio::task::JoinH
         }
     });
     Ok(task)
+}
+
+/// Makes the SQLite audit database readable by its owner only (it holds every tenant's code
+/// and output): created empty with mode 0600 when missing, tightened when it exists. SQLite
+/// gives its `-wal` and `-shm` files the database's mode.
+fn private_db(path: &std::path::Path) -> Result<(), Error> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
+    for suffix in ["", "-wal", "-shm"] {
+        let p = std::path::PathBuf::from(format!("{}{suffix}", path.display()));
+        match std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(Error::io(format!("restricting {}", p.display()), e));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// Removes the audit records past their retention at `now`: each pool's

@@ -690,6 +690,15 @@ async fn serve_with_audits_on_its_own_and_serves_metrics_on_their_own_listener()
     stop_tx.send(()).unwrap();
     served.await.unwrap().unwrap();
 
+    // It holds every tenant's code: only its owner may read it.
+    use std::os::unix::fs::PermissionsExt;
+    for f in ["audit.db", "audit.db-wal", "audit.db-shm"] {
+        let path = dir.path().join("data").join(f);
+        match std::fs::metadata(&path) {
+            Ok(m) => assert_eq!(m.permissions().mode() & 0o777, 0o600, "{f}"),
+            Err(_) => assert_ne!(f, "audit.db", "the database is missing"),
+        }
+    }
     // The store serve_with opened by itself holds the session's whole life, its end at the
     // shutdown included.
     let store = ampoule_audit::SqlStore::sqlite(&dir.path().join("data").join("audit.db"))
