@@ -425,8 +425,8 @@ def fork(cfg, programs, spec, fds, own_pid_ns):
     namespace re-arms it for the next request."""
     check("unshare", libc.unshare(CLONE_NEWPID), "pid namespace")
     try:
-        exe, *args = cfg["reaper"]
-        reaper = os.posix_spawn(exe, [exe, *args], {}, file_actions=[
+        exe = f"/proc/self/fd/{cfg['reaper_fd']}"
+        reaper = os.posix_spawn(exe, [exe, *cfg["reaper"]], {}, file_actions=[
             (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDWR, 0),
             (os.POSIX_SPAWN_DUP2, 0, 1),
             (os.POSIX_SPAWN_DUP2, 0, 2),
@@ -449,10 +449,11 @@ def main():
     null = os.open("/dev/null", os.O_RDWR)
     os.dup2(null, 0)
     os.close(null)
-    msg, _ = recv(sock)
-    if not isinstance(msg, dict) or "config" not in msg:
-        sys.exit("zygote: expected the config first")
+    msg, fds = recv(sock)
+    if not isinstance(msg, dict) or "config" not in msg or len(fds) != 1:
+        sys.exit("zygote: expected the config and the reaper's executable first")
     cfg = msg["config"]
+    cfg["reaper_fd"] = fds[0]  # close-on-exec: the reaper is executed through /proc/self/fd
     started = time.monotonic()
     global kernel
     sys.path.insert(0, os.path.dirname(KERNEL_PATH))

@@ -424,7 +424,9 @@ async fn run_forked(args: &RunArgs, code: Vec<u8>, inputs: Vec<(String, Vec<u8>)
     } else {
         None
     };
+    let files = session.scratch().list(DATA).unwrap_or_default();
     drop(session);
+    zygote.close().await;
     let (signal, lost_code) = match exit {
         Some(ampoule_runtime::ProgramExit::Signaled(sig)) => (Some(sig), Some(128 + sig)),
         Some(ampoule_runtime::ProgramExit::Exited(code)) => (None, Some(code)),
@@ -438,7 +440,7 @@ async fn run_forked(args: &RunArgs, code: Vec<u8>, inputs: Vec<(String, Vec<u8>)
         _ => r.exit_code.filter(|c| *c != 0).unwrap_or(1),
     };
     let mut stderr = r.stderr.clone();
-    if let Some(e) = &r.error {
+    if let Some(e) = r.error.as_ref().filter(|_| r.status == ExecutionStatus::Failed) {
         stderr.push_str(&e.traceback.join(""));
     }
     let result = RunResult {
@@ -454,7 +456,7 @@ async fn run_forked(args: &RunArgs, code: Vec<u8>, inputs: Vec<(String, Vec<u8>)
         duration_ms: r.duration_ms,
         cpu_time_ms: r.cpu_time_ms,
         peak_memory_bytes: r.peak_memory_bytes,
-        files: Vec::new(),
+        files,
         egress: Vec::new(),
     };
     if !args.json {

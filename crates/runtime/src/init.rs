@@ -78,6 +78,8 @@ fn fail(stage: &'static str, message: impl Into<String>) -> StageError {
 /// With [`INIT_ARG`], makes the process the reaping pid 1 of a zygote-born sandbox (see
 /// [`reaper`]).
 pub const REAPER_ARG: &str = "--reaper";
+/// The reaper's second image (see [`reaper`]).
+const SEALED_ARG: &str = "--sealed";
 
 /// Entry point of `ampoule __sandbox-init`. Never returns.
 pub fn main() -> ! {
@@ -220,6 +222,23 @@ pub fn reaper() -> ! {
     let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
     detach_stdio();
     let _ = sys::close_from(3);
+    // Its hard limits as low as reaping allows, so the code (the same host uid) cannot raise
+    // them (prlimit raises nothing without CAP_SYS_RESOURCE on the host).
+    let _ = setrlimit(Resource::RLIMIT_FSIZE, 0, 0);
+    let _ = setrlimit(Resource::RLIMIT_CORE, 0, 0);
+    let _ = setrlimit(Resource::RLIMIT_NOFILE, 8, 8);
+    let _ = setrlimit(Resource::RLIMIT_CPU, 60, 60);
+    // A user namespace of its own, with nothing mapped, then a fresh image in it: the
+    // namespace an image was executed in decides who owns the /proc entries of a process that
+    // is not dumpable (its root, here nobody the code can be), and who holds capabilities.
+    if std::env::args_os().nth(3).as_deref() != Some(SEALED_ARG.as_ref())
+        && unshare(CloneFlags::CLONE_NEWUSER).is_ok()
+    {
+        let args = ["ampoule", INIT_ARG, REAPER_ARG, SEALED_ARG]
+            .map(|a| CString::new(a).unwrap_or_default());
+        let exe = CString::new("/proc/self/exe").unwrap_or_default();
+        let _ = nix::unistd::execv(&exe, &args);
+    }
     let _ = nix::sys::prctl::set_dumpable(false);
     let _ = drop_capabilities();
     let _ = nix::sys::prctl::set_no_new_privs();

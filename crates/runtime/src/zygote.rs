@@ -185,11 +185,11 @@ impl Zygote {
         let (ours, theirs) = channel::pair()?;
         let files = cfg.files.clone();
         // The children's pid 1 is this binary (`init::reaper`), started inside the zygote.
-        let init_exe = std::fs::canonicalize(&host.init_exe)
-            .map_err(|e| Error::io(format!("resolving {}", host.init_exe.display()), e))?;
-        let mut sandbox_cfg = cfg.sandbox.clone();
-        sandbox_cfg.ro_binds.push(init_exe.clone());
-        let sandbox = Sandbox::spawn_inner(host, &sandbox_cfg, Some(theirs), |p| {
+        // The children's pid 1 is this binary (`init::reaper`): the zygote gets a descriptor of
+        // it and executes `/proc/self/fd/N`, so no host path of ours appears in the sandbox.
+        let init_exe = std::fs::File::open(&host.init_exe)
+            .map_err(|e| Error::io(format!("opening {}", host.init_exe.display()), e))?;
+        let sandbox = Sandbox::spawn_inner(host, &cfg.sandbox, Some(theirs), |p| {
             for (name, contents) in &files {
                 p.scratch
                     .write(crate::scratch::CODE, name, contents, 0o644)?;
@@ -213,9 +213,10 @@ impl Zygote {
             "landlock_rw_dirs": crate::init::LANDLOCK_RW_DIRS,
             "landlock_rw_devs": crate::init::LANDLOCK_RW_DEVS,
             "sandbox_uid": crate::sandbox::SANDBOX_UID,
-            "reaper": [init_exe, crate::init::INIT_ARG, crate::init::REAPER_ARG],
+            "reaper": [crate::init::INIT_ARG, crate::init::REAPER_ARG],
         }});
-        send(&sock, &config, &[]).await?;
+        send(&sock, &config, &[init_exe.as_raw_fd()]).await?;
+        drop(init_exe);
         let ready = tokio::time::timeout(READY_TIMEOUT, recv(&sock))
             .await
             .map_err(|_| Error::Channel("the zygote did not get ready in time".into()))??;
@@ -283,9 +284,16 @@ impl Zygote {
     /// Stops the zygote now and waits until its sandbox is gone (every session it forked dies
     /// with it). Dropping the last clone also stops it, without waiting.
     pub async fn close(&self) {
+        // End of stream on its socket makes the zygote exit; its pid 1 then ends the namespace
+        // with every child in it, and the init processes exit in order. Killing is the
+        // fallback.
+        let _ = nix::sys::socket::shutdown(
+            self.inner.sock.get_ref().as_raw_fd(),
+            nix::sys::socket::Shutdown::Both,
+        );
         let sandbox = lock(&self.inner.sandbox).take();
         if let Some(mut sb) = sandbox {
-            sb.kill();
+            let _ = tokio::time::timeout(Duration::from_secs(2), sb.wait()).await;
             sb.finish().await;
         }
     }

@@ -161,6 +161,15 @@ pub struct PoolConfig {
     /// `[pools.NAME.audit]`: overrides `[audit]` for this pool's records.
     #[serde(default)]
     pub audit: PoolAuditConfig,
+    /// Fork sessions from a pre-initialised interpreter (Python pools only). Default: on for
+    /// Python pools without a network; the server falls back to cold starts when it cannot run
+    /// a zygote (not root).
+    #[serde(default)]
+    pub zygote: Option<bool>,
+    /// Modules the zygote imports once for all its sessions (default: numpy, pandas,
+    /// matplotlib, matplotlib.pyplot).
+    #[serde(default)]
+    pub preload: Option<Vec<String>>,
 }
 
 /// `[pools.NAME.audit]`: each field overrides the `[audit]` one of the same name.
@@ -214,6 +223,8 @@ impl Default for PoolConfig {
             limits: LimitsConfig::default(),
             network: NetworkConfig::default(),
             audit: PoolAuditConfig::default(),
+            zygote: None,
+            preload: None,
         }
     }
 }
@@ -408,6 +419,25 @@ impl Config {
             if p.max_sessions == 0 {
                 return Err(format!("pools.{name}.max_sessions must be at least 1"));
             }
+            let is_python = language == Language::Python;
+            if p.zygote == Some(true) && !is_python {
+                return Err(format!(
+                    "pools.{name}.zygote: only Python pools can fork from a zygote"
+                ));
+            }
+            if p.zygote == Some(true) && network.is_some() {
+                return Err(format!(
+                    "pools.{name}.zygote: pools with a network start their sessions cold; \
+                     remove `zygote = true` or the network rules"
+                ));
+            }
+            let zygote = p.zygote.unwrap_or(is_python && network.is_none());
+            let preload = p.preload.clone().unwrap_or_else(|| {
+                ampoule_session::zygote::DEFAULT_PRELOAD
+                    .iter()
+                    .map(|s| (*s).to_owned())
+                    .collect()
+            });
             out.insert(
                 name.clone(),
                 PoolSettings {
@@ -416,6 +446,7 @@ impl Config {
                         language,
                         limits,
                         network,
+                        zygote: zygote.then_some(preload),
                     },
                     warm: p.warm,
                     max_sessions: p.max_sessions,

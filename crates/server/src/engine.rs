@@ -34,6 +34,24 @@ pub struct PoolSpec {
     pub limits: Limits,
     /// What its sessions may reach through the egress gateway; `None`: no network.
     pub network: Option<PoolNetwork>,
+    /// Fork sessions from a zygote that imported these modules (Python pools); `None`: start
+    /// every session from scratch.
+    pub zygote: Option<Vec<String>>,
+}
+
+/// The state of one pool's zygote, for `/metrics` and `/v1/pools`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ZygoteHealth {
+    /// The pool.
+    pub pool: String,
+    /// Whether a zygote is running and answering.
+    pub up: bool,
+    /// Sessions forked (by every zygote of the pool so far).
+    pub forks: u64,
+    /// Forks that failed (the session was started cold instead).
+    pub fork_failures: u64,
+    /// Zygotes started after the first (recycled or dead).
+    pub restarts: u64,
 }
 
 /// A pool's network policy, as configured and compiled (`[pools.NAME.network]`).
@@ -84,6 +102,14 @@ pub enum EngineError {
 pub trait Engine: Send + Sync + 'static {
     /// Starts a fresh session for a pool: a sandbox with a live interpreter, ready to execute.
     async fn start(&self, spec: &PoolSpec) -> Result<Box<dyn LiveSession>, EngineError>;
+
+    /// Gets a pool ready before its first session is asked for (starts its zygote).
+    async fn prepare(&self, _spec: &PoolSpec) {}
+
+    /// The zygotes this engine runs, one per pool that has one (see [`PoolSpec::zygote`]).
+    fn zygotes(&self) -> Vec<ZygoteHealth> {
+        Vec::new()
+    }
 }
 
 /// One live session: a sandbox with an interpreter and its files.

@@ -414,7 +414,14 @@ impl Manager {
         for name in self.inner.pools.keys() {
             let me = self.clone();
             let name = name.clone();
-            tokio::spawn(async move { me.fill_warm(&name).await });
+            tokio::spawn(async move {
+                // The zygote first (a worker thread: sandboxes die with the thread that
+                // started them), so the pool's first session is already a fork.
+                if let Some(pool) = me.inner.pools.get(&name) {
+                    me.inner.engine.prepare(&pool.settings.spec).await;
+                }
+                me.fill_warm(&name).await
+            });
         }
         let me = self.clone();
         tokio::spawn(async move { me.reap_loop().await });

@@ -9,29 +9,151 @@
 //! Pools with a network ([`PoolSpec::network`]) get sessions wired to their own egress gateway
 //! ([`Session::start_with`]); the engine holds the server's one [`Egress`] (pins, CA) for them.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use ampoule_egress::Egress;
-use ampoule_runtime::{Host, Scratch};
+use ampoule_runtime::{Host, Scratch, Zygote};
 use ampoule_session::{ExecuteRequest, Session, SessionOptions};
 use ampoule_types::{ExecutionEvent, ExecutionResult, SessionState};
 use async_trait::async_trait;
 use tokio::sync::{Mutex, Notify};
 
-use crate::engine::{Engine, EngineError, EventSender, ExecRequest, LiveSession, PoolSpec};
+use crate::engine::{
+    Engine, EngineError, EventSender, ExecRequest, LiveSession, PoolSpec, ZygoteHealth,
+};
+
+/// A zygote is replaced after this many forks (its children share its hash secret and
+/// address-space layout; a fresh one limits how many do)…
+const RECYCLE_FORKS: u64 = 2_000;
+/// …or after this long.
+const RECYCLE_AGE: Duration = Duration::from_secs(3_600);
+/// After a zygote failed to start, sessions start cold for this long before it is retried.
+const RETRY_AFTER: Duration = Duration::from_secs(60);
 
 /// Starts interpreter sessions in sandboxes on `host`.
 #[derive(Debug)]
 pub struct SessionEngine {
     host: Arc<Host>,
     egress: Option<Egress>,
+    zygotes: std::sync::Mutex<HashMap<String, Arc<Mutex<PoolZygote>>>>,
+}
+
+/// One pool's zygote: the current one, and its figures.
+#[derive(Debug, Default)]
+struct PoolZygote {
+    current: Option<Zygote>,
+    replacing: bool,
+    failed_at: Option<Instant>,
+    started: u64,
+    forks: u64,
+    fork_failures: u64,
 }
 
 impl SessionEngine {
     /// An engine on a detected host.
     pub fn new(host: Arc<Host>) -> Self {
-        Self { host, egress: None }
+        Self {
+            host,
+            egress: None,
+            zygotes: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn pool_zygote(&self, pool: &str) -> Arc<Mutex<PoolZygote>> {
+        let mut map = self
+            .zygotes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.entry(pool.to_owned()).or_default().clone()
+    }
+
+    /// The pool's running zygote, started when there is none (or it died); a zygote due for
+    /// recycling keeps serving while its replacement starts in the background.
+    async fn zygote(&self, spec: &PoolSpec, preload: &[String]) -> Result<Zygote, String> {
+        let entry = self.pool_zygote(&spec.name);
+        let mut g = entry.lock().await;
+        if let Some(z) = g.current.clone() {
+            if z.is_alive() {
+                let due = z.forks() >= RECYCLE_FORKS || z.age() >= RECYCLE_AGE;
+                if due && !g.replacing {
+                    g.replacing = true;
+                    let (entry, host, preload) =
+                        (entry.clone(), self.host.clone(), preload.to_vec());
+                    let pool = spec.name.clone();
+                    // A worker thread, which outlives the zygote (see ampoule_runtime::sandbox).
+                    tokio::spawn(async move {
+                        let fresh = ampoule_session::zygote::start_python(&host, &preload).await;
+                        let mut g = entry.lock().await;
+                        g.replacing = false;
+                        match fresh {
+                            Ok(z) => {
+                                tracing::info!(pool, "zygote recycled");
+                                g.started += 1;
+                                g.current = Some(z);
+                            }
+                            Err(e) => tracing::warn!(pool, error = %chain(&e), "zygote recycling failed"),
+                        }
+                    });
+                }
+                return Ok(z);
+            }
+            tracing::warn!(pool = %spec.name, "zygote died; starting another");
+            g.current = None;
+        }
+        if g.failed_at.is_some_and(|t| t.elapsed() < RETRY_AFTER) {
+            return Err("the zygote failed to start recently".into());
+        }
+        let started = Instant::now();
+        match ampoule_session::zygote::start_python(&self.host, preload).await {
+            Ok(z) => {
+                let info = z.info();
+                tracing::info!(
+                    pool = %spec.name,
+                    runtime = %info.runtime,
+                    preloaded = ?info.preloaded,
+                    failed = ?info.failed,
+                    ms = started.elapsed().as_millis() as u64,
+                    "zygote ready"
+                );
+                g.failed_at = None;
+                g.started += 1;
+                g.current = Some(z.clone());
+                Ok(z)
+            }
+            Err(e) => {
+                g.failed_at = Some(Instant::now());
+                Err(chain(&e))
+            }
+        }
+    }
+
+    /// A session forked from the pool's zygote, or `None` (with the reason logged) when the
+    /// pool must fall back to a cold start.
+    async fn start_forked(&self, spec: &PoolSpec, preload: &[String]) -> Option<Session> {
+        let zygote = match self.zygote(spec, preload).await {
+            Ok(z) => z,
+            Err(why) => {
+                tracing::warn!(pool = %spec.name, %why, "no zygote: starting the session cold");
+                return None;
+            }
+        };
+        let outcome = Session::start_forked(&self.host, &zygote, spec.limits.clone()).await;
+        let entry = self.pool_zygote(&spec.name);
+        let mut g = entry.lock().await;
+        match outcome {
+            Ok(session) => {
+                g.forks += 1;
+                Some(session)
+            }
+            Err(e) => {
+                g.fork_failures += 1;
+                tracing::warn!(pool = %spec.name, error = %chain(&e), "fork failed: starting the session cold");
+                None
+            }
+        }
     }
 
     /// The egress service that serves the sessions of pools with a network (see
@@ -56,14 +178,37 @@ fn chain(e: &dyn std::error::Error) -> String {
 
 #[async_trait]
 impl Engine for SessionEngine {
+    async fn prepare(&self, spec: &PoolSpec) {
+        if spec.zygote.is_some() && !self.host.privileged {
+            tracing::info!(pool = %spec.name, "not root: sessions start cold (zygotes need root)");
+            return;
+        }
+        if let (Some(preload), None) = (&spec.zygote, &spec.network)
+            && let Err(why) = self.zygote(spec, preload).await
+        {
+            tracing::warn!(pool = %spec.name, %why, "no zygote: sessions start cold");
+        }
+    }
+
+    fn zygotes(&self) -> Vec<ZygoteHealth> {
+        self.health()
+    }
+
     async fn start(&self, spec: &PoolSpec) -> Result<Box<dyn LiveSession>, EngineError> {
-        let session = match &spec.network {
-            None => {
+        let forked = match (&spec.zygote, &spec.network) {
+            (Some(preload), None) if self.host.privileged => {
+                self.start_forked(spec, preload).await
+            }
+            _ => None,
+        };
+        let session = match (forked, &spec.network) {
+            (Some(session), _) => session,
+            (None, None) => {
                 Session::start_language(&self.host, spec.language.as_str(), spec.limits.clone())
                     .await
                     .map_err(|e| EngineError::Start(chain(&e)))?
             }
-            Some(network) => {
+            (None, Some(network)) => {
                 let egress = self.egress.clone().ok_or_else(|| {
                     EngineError::Start(format!(
                         "pool {} has a network policy but the server has no egress gateway",
@@ -91,6 +236,28 @@ impl Engine for SessionEngine {
             closed: AtomicBool::new(false),
             closing: Notify::new(),
         }))
+    }
+}
+
+impl SessionEngine {
+    fn health(&self) -> Vec<ZygoteHealth> {
+        let map = self
+            .zygotes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.iter()
+            .filter_map(|(pool, entry)| {
+                // Never wait for a pool that is starting its zygote: report it next time.
+                let g = entry.try_lock().ok()?;
+                Some(ZygoteHealth {
+                    pool: pool.clone(),
+                    up: g.current.as_ref().is_some_and(Zygote::is_alive),
+                    forks: g.forks,
+                    fork_failures: g.fork_failures,
+                    restarts: g.started.saturating_sub(1),
+                })
+            })
+            .collect()
     }
 }
 

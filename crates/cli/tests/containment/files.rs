@@ -97,15 +97,24 @@ allowed = {"bin", "sbin", "lib", "lib32", "lib64", "libx32", "usr", "etc", "proc
 top = set(os.listdir("/"))
 extra = sorted(top - allowed)
 print("ESCAPED unexpected top-level entries", extra) if extra else print("BLOCKED / holds only", sorted(top))
+# A session's Python environment (`ampoule setup`'s venv) is bound read-only at its host path:
+# the directories on the way to it hold nothing else.
+import sys
+venv = os.path.realpath(sys.prefix)
 for d in ["/home", "/work", "/root", "/srv", "/opt", "/boot", "/media", "/snap", "/var/lib",
           "/var/log", "/var/run", "/run/user", "/run/systemd", "/run/ampoule/stage",
           "/run/ampoule/scratch", "/run/ampoule/slots", "/sys", "/lost+found"]:
-    if os.path.lexists(d):
+    if venv.startswith(d + "/"):
+        inside = os.listdir(d)
+        want = [venv[len(d) + 1:].split("/")[0]]
+        print("BLOCKED", d, "holds only the Python environment") if inside == want else print("ESCAPED", d, "holds", inside)
+    elif os.path.lexists(d):
         print("ESCAPED", d, "exists:", os.listdir(d) if os.path.isdir(d) else "")
     else:
         print("BLOCKED", d, "absent")
 print("BLOCKED /run holds only", os.listdir("/run")) if os.listdir("/run") == ["ampoule"] else print("ESCAPED /run holds", os.listdir("/run"))
-print("BLOCKED /var holds only", os.listdir("/var")) if os.listdir("/var") == ["tmp"] else print("ESCAPED /var holds", os.listdir("/var"))
+var_ok = ["tmp"] + (["lib"] if venv.startswith("/var/lib/") else [])
+print("BLOCKED /var holds only", os.listdir("/var")) if sorted(os.listdir("/var")) == sorted(var_ok) else print("ESCAPED /var holds", os.listdir("/var"))
 "#,
             expect_blocked,
         ),
@@ -138,7 +147,9 @@ for p in ["/evil", "/usr/evil", "/usr/bin/evil", "/bin/evil", "/usr/lib/evil.so"
         os.close(fd)
     if os.path.lexists(p):
         print("ESCAPED", p, "now exists")
-refused("overwrite /run/ampoule/main.py", os.open, "/run/ampoule/main.py", os.O_WRONLY | os.O_TRUNC, want=WRITE_ERRS)
+# The code ampoule handed over (`main.py` of a run, the kernel's files in a session).
+for name in os.listdir("/run/ampoule"):
+    refused("overwrite /run/ampoule/" + name, os.open, "/run/ampoule/" + name, os.O_WRONLY | os.O_TRUNC, want=WRITE_ERRS)
 refused("overwrite /usr/bin/python3", os.open, "/usr/bin/python3", os.O_WRONLY, want=WRITE_ERRS)
 refused("chmod /usr/bin/python3", os.chmod, "/usr/bin/python3", 0o777, want=WRITE_ERRS)
 refused("utime /usr/bin/python3", os.utime, "/usr/bin/python3", (0, 0), want=WRITE_ERRS)
@@ -226,6 +237,10 @@ SCRATCH = {"/mnt/data": "/data", "/tmp": "/tmp", "/var/tmp": "/tmp", "/dev/shm":
            "/run/ampoule": "/.ampoule"}
 host_binds = {"/usr"} | {"/etc/" + e for e in ETC}
 exe = os.path.realpath(sys.executable)
+# A session's Python environment (`ampoule setup`'s venv) is bound read-only at its host path.
+venv = os.path.realpath(sys.prefix)
+if venv != "/usr":
+    host_binds.add(venv)
 
 problems, seen = [], set()
 text = open("/proc/self/mountinfo").read()
@@ -254,20 +269,29 @@ for line in text.splitlines():
         problems.append("unexpected mount: " + line)
     if fstype not in ("tmpfs", "devtmpfs", "proc"):
         want(point in host_binds or exe.startswith(point + "/"), "host device outside the expected binds")
-for field in set(text.split()):
-    if field.startswith(("/work", "/home", "/root", "/sys", "/var/lib", "/run/ampoule/")) or any(
-            w in field for w in ("stage", "scratch", "ampoule-test", "overlay", "docker")):
-        problems.append("mount table mentions " + field)
+def mentions(text, where):
+    for field in set(text.split()):
+        if field == venv:
+            continue
+        if field.startswith(("/work", "/home", "/root", "/sys", "/var/lib", "/run/ampoule/")) or any(
+                w in field for w in ("stage", "scratch", "ampoule-test", "overlay", "docker")):
+            problems.append(where + " mentions " + field)
+mentions(text, "mount table")
 need = {"/", "/usr", "/proc", "/dev", "/mnt/data", "/tmp", "/dev/shm", "/run/ampoule"}
 if not need <= seen:
     problems.append("mount table incomplete: missing %s" % sorted(need - seen))
 for other in ["/proc/self/mounts", "/proc/1/mountinfo", "/proc/thread-self/mountinfo"]:
     try:
-        n = len(open(other).read().splitlines())
-        if n != len(text.splitlines()):
-            problems.append("%s has %d lines, mountinfo %d" % (other, n, len(text.splitlines())))
+        content = open(other).read()
     except OSError as e:
-        pass
+        continue
+    n = len(content.splitlines())
+    if other == "/proc/1/mountinfo" and os.getpid() != 1:
+        # A zygote-born session's pid 1 (the reaper) lives in the zygote's mount namespace:
+        # its table differs, and must not reveal the host either.
+        mentions(content, other)
+    elif n != len(text.splitlines()):
+        problems.append("%s has %d lines, mountinfo %d" % (other, n, len(text.splitlines())))
 for p in problems:
     print("ESCAPED", p)
 if not problems:
@@ -314,14 +338,22 @@ refused("create /dev/evil", os.open, "/dev/evil", os.O_CREAT | os.O_WRONLY, 0o66
         py(
             "files/no_inherited_descriptors",
             r#"
-import os, fcntl
+import os, fcntl, sys
 # Nothing but stdio may reach the program: a descriptor of the control channel, the scratch
-# directory or a host file would be a way out.
+# directory or a host file would be a way out. In a session, the kernel's own descriptors (its
+# protocol streams, output pipes and event loop) are named by the objects that own them.
+own = set()
+kernel = sys.modules.get("kernel")
+if kernel is not None and getattr(kernel, "chan", None) is not None:
+    ch, lp = kernel.chan, kernel.loop
+    own = {ch._in, ch._out, ch.log_fd, *ch._pipes, lp._selector.fileno(), lp._ssock.fileno(), lp._csock.fileno()}
+    print("BLOCKED the kernel's own descriptors:", sorted((fd, os.readlink("/proc/self/fd/%d" % fd).split("[")[0]) for fd in own))
 open_fds = []
 for fd in range(3, 4096):
     try:
         fcntl.fcntl(fd, fcntl.F_GETFD)
-        open_fds.append(fd)
+        if fd not in own:
+            open_fds.append(fd)
     except OSError:
         pass
 if open_fds:

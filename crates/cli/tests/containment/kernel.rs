@@ -6,7 +6,7 @@ use crate::{Probe, expect_blocked, expect_sigsys, py};
 macro_rules! py_machine_code {
     () => {
         r#"
-import ctypes, mmap
+import ctypes, mmap, time
 def machine_code(code):
     page = mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
     page.write(code)
@@ -471,6 +471,7 @@ for path, kind, major, minor in (("/tmp/mem", stat.S_IFCHR, 1, 1), ("/mnt/data/k
                 r#"
 getpid32 = machine_code(I386_GETPID)
 print("BEFORE", flush=True)
+time.sleep(0.3)  # a session kernel forwards output from a thread: let it go out first
 r = getpid32()
 print("AFTER the i386 entry returned", r, flush=True)
 "#
@@ -486,6 +487,7 @@ import threading, time
 # The whole process must die, not just the thread that made the call.
 getpid32 = machine_code(I386_GETPID)
 print("BEFORE", flush=True)
+time.sleep(0.3)  # a session kernel forwards output from a thread: let it go out first
 t = threading.Thread(target=getpid32)
 t.start()
 t.join()
@@ -498,9 +500,10 @@ print("AFTER the main thread survived", flush=True)
         py(
             "kernel/x32_abi_kills",
             r#"
-import ctypes
+import ctypes, time
 libc = ctypes.CDLL(None, use_errno=True)
 print("BEFORE", flush=True)
+time.sleep(0.3)  # a session kernel forwards output from a thread: let it go out first
 r = libc.syscall(0x40000000 | 39)  # getpid through the x32 ABI
 print("AFTER the x32 entry returned", r, ctypes.get_errno(), flush=True)
 "#,
