@@ -128,6 +128,10 @@ while [ ! -e "$T/stop" ] && kill -0 $SRV 2>/dev/null; do sleep 0.1; done
 kill -TERM $SRV 2>/dev/null
 wait $SRV
 echo $? > "$T/server.rc"
+# The kernel destroys a dead namespace's veth pairs asynchronously (its cleanup work queue):
+# give it a moment before counting what is left.
+i=0
+while [ "$(ip -o link show | grep -c ': amp')" -gt 0 ] && [ $i -lt 200 ]; do i=$((i+1)); sleep 0.05; done
 ip -o link show | grep -c ': amp' > "$T/leftover_links"
 "#;
 
