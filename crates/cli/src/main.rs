@@ -392,7 +392,11 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
 }
 
 /// `ampoule run --zygote`: the code as the first execution of a zygote-born Python session.
-async fn run_forked(args: &RunArgs, code: Vec<u8>, inputs: Vec<(String, Vec<u8>)>) -> Result<ExitCode> {
+async fn run_forked(
+    args: &RunArgs,
+    code: Vec<u8>,
+    inputs: Vec<(String, Vec<u8>)>,
+) -> Result<ExitCode> {
     use ampoule_session::{ExecuteRequest, Session};
     let limits = Limits {
         timeout_s: args.timeout,
@@ -440,7 +444,11 @@ async fn run_forked(args: &RunArgs, code: Vec<u8>, inputs: Vec<(String, Vec<u8>)
         _ => r.exit_code.filter(|c| *c != 0).unwrap_or(1),
     };
     let mut stderr = r.stderr.clone();
-    if let Some(e) = r.error.as_ref().filter(|_| r.status == ExecutionStatus::Failed) {
+    if let Some(e) = r
+        .error
+        .as_ref()
+        .filter(|_| r.status == ExecutionStatus::Failed)
+    {
         stderr.push_str(&e.traceback.join(""));
     }
     let result = RunResult {

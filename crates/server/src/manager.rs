@@ -408,6 +408,11 @@ impl Manager {
             .ok_or_else(|| ApiError::new(ErrorCode::PoolNotFound, format!("no pool {name:?}")))
     }
 
+    /// The engine's zygotes (one per pool that forks its sessions).
+    pub fn zygotes(&self) -> Vec<crate::engine::ZygoteHealth> {
+        self.inner.engine.zygotes()
+    }
+
     /// Starts the background tasks: one warm-pool filler per pool and the reaper. Must be
     /// called from within a tokio runtime; the tasks end at [`Manager::shutdown`].
     pub fn start_background(&self) {

@@ -330,6 +330,27 @@ impl Metrics {
                 .get_or_create(&label)
                 .set(i64::try_from(p.warm).unwrap_or(i64::MAX));
         }
+        // Two scrapes at once must not both add the same difference.
+        static CATCH_UP: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _one_at_a_time = CATCH_UP
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for z in manager.zygotes() {
+            let label = PoolLabel { pool: z.pool };
+            self.zygote.up.get_or_create(&label).set(i64::from(z.up));
+            // The engine keeps totals; the counters catch up with them.
+            for (family, total) in [
+                (&self.zygote.forks, z.forks),
+                (&self.zygote.fork_failures, z.fork_failures),
+                (&self.zygote.restarts, z.restarts),
+            ] {
+                let counter = family.get_or_create(&label);
+                let seen = counter.get();
+                if total > seen {
+                    counter.inc_by(total - seen);
+                }
+            }
+        }
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);

@@ -840,3 +840,68 @@ fn run_clients_with(endpoint: &str, clients: &[&str], env: &[(&str, &Path)]) {
         );
     }
 }
+
+/// A Python pool forks its sessions from a zygote: a new identifier gets an interpreter that
+/// already imported pandas, `/metrics` shows the zygote up and counting forks; a pool with
+/// `zygote = false` starts its sessions from scratch.
+#[test]
+fn python_pools_fork_sessions_from_a_zygote() {
+    if !is_root() {
+        eprintln!("skipped: zygotes run sandboxes and need root");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&write_config(
+        tmp.path(),
+        "[pools.cold]\nwarm = 0\nzygote = false\n",
+    ));
+    let port = server.port;
+    let code = "import sys\nprint('pandas' in sys.modules, 'matplotlib.pyplot' in sys.modules)";
+    for id in ["zygote-1", "zygote-2"] {
+        let p = exec(port, "/pools/tiny", id, KEY_A, code);
+        assert_eq!(p["stdout"], "True True\n", "{p}");
+        // The session is usable like any other.
+        let p = exec(
+            port,
+            "/pools/tiny",
+            id,
+            KEY_A,
+            "import pandas as pd\nint(pd.Series([1, 2]).sum())",
+        );
+        assert_eq!(p["result"], 3, "{p}");
+        let auth = bearer(KEY_A);
+        // The pool holds one session: end this one for the next.
+        let r = http(
+            port,
+            "DELETE",
+            &format!("/pools/tiny/session?identifier={id}&api-version=2025-10-02-preview"),
+            &[("Authorization", &auth)],
+            Payload::None,
+        );
+        assert!(r.status < 300, "{}", r.status);
+    }
+    let p = exec(port, "/pools/cold", "cold-1", KEY_A, code);
+    assert_eq!(p["stdout"], "False False\n", "{p}");
+
+    let auth = bearer(KEY_A);
+    let r = http(
+        port,
+        "GET",
+        "/metrics",
+        &[("Authorization", &auth)],
+        Payload::None,
+    );
+    assert_eq!(r.status, 200);
+    let text = String::from_utf8_lossy(&r.body).into_owned();
+    let value = |name: &str, pool: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(&format!("{name}{{pool=\"{pool}\"}}")))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} for {pool} missing:\n{text}"))
+    };
+    assert_eq!(value("ampoule_zygote_up", "tiny"), 1.0);
+    assert!(value("ampoule_zygote_forks_total", "tiny") >= 2.0);
+    assert!(!text.contains("ampoule_zygote_up{pool=\"cold\"}"), "{text}");
+    server.stop();
+}
