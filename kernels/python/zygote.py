@@ -424,7 +424,12 @@ def fork(cfg, programs, spec, fds, own_pid_ns):
     with vfork: no copy of this process), then the session (pid 2). setns back to our own
     namespace re-arms it for the next request."""
     check("unshare", libc.unshare(CLONE_NEWPID), "pid namespace")
+    # cgroup v1: fork from inside the child's cgroup, so what the kernel allocates for the child
+    # (page tables, kernel stack) is charged to it, not to us; then step back.
+    tasks = fds[4:] if cfg["own_tasks"] else []
     try:
+        for fd in tasks:
+            os.write(fd, b"0")
         exe = f"/proc/self/fd/{cfg['reaper_fd']}"
         reaper = os.posix_spawn(exe, [exe, *cfg["reaper"]], {}, file_actions=[
             (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDWR, 0),
@@ -441,6 +446,8 @@ def fork(cfg, programs, spec, fds, own_pid_ns):
         REAPERS[pid] = reaper
         return pid
     finally:
+        for fd in cfg["own_tasks"] if tasks else []:
+            os.write(fd, b"0")
         check("setns", libc.setns(own_pid_ns, CLONE_NEWPID), "own pid namespace")
 
 
@@ -450,10 +457,11 @@ def main():
     os.dup2(null, 0)
     os.close(null)
     msg, fds = recv(sock)
-    if not isinstance(msg, dict) or "config" not in msg or len(fds) != 1:
+    if not isinstance(msg, dict) or "config" not in msg or len(fds) < 1:
         sys.exit("zygote: expected the config and the reaper's executable first")
     cfg = msg["config"]
     cfg["reaper_fd"] = fds[0]  # close-on-exec: the reaper is executed through /proc/self/fd
+    cfg["own_tasks"] = fds[1:]  # cgroup v1 `tasks` files of our own cgroup
     started = time.monotonic()
     global kernel
     sys.path.insert(0, os.path.dirname(KERNEL_PATH))

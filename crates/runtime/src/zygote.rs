@@ -215,8 +215,21 @@ impl Zygote {
             "sandbox_uid": crate::sandbox::SANDBOX_UID,
             "reaper": [crate::init::INIT_ARG, crate::init::REAPER_ARG],
         }});
-        send(&sock, &config, &[init_exe.as_raw_fd()]).await?;
-        drop(init_exe);
+        // cgroup v1: the zygote steps into a child's cgroup to fork it (so the child's page
+        // tables and kernel stack are charged there, not to the zygote) and back into its own
+        // through these.
+        let mut own_tasks = Vec::new();
+        for path in sandbox.self_join_files() {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+            own_tasks.push(OwnedFd::from(f));
+        }
+        let mut fds = vec![init_exe.as_raw_fd()];
+        fds.extend(own_tasks.iter().map(AsRawFd::as_raw_fd));
+        send(&sock, &config, &fds).await?;
+        drop((init_exe, own_tasks));
         let ready = tokio::time::timeout(READY_TIMEOUT, recv(&sock))
             .await
             .map_err(|_| Error::Channel("the zygote did not get ready in time".into()))??;
