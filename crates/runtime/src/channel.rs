@@ -132,7 +132,12 @@ fn send_raw(fd: RawFd, buf: &[u8], pass: Option<RawFd>, flags: MsgFlags) -> nix:
 }
 
 /// Sends one datagram carrying `fds`.
-pub(crate) fn send_fds(fd: RawFd, buf: &[u8], fds: &[RawFd], flags: MsgFlags) -> nix::Result<usize> {
+pub(crate) fn send_fds(
+    fd: RawFd,
+    buf: &[u8],
+    fds: &[RawFd],
+    flags: MsgFlags,
+) -> nix::Result<usize> {
     let iov = [IoSlice::new(buf)];
     if fds.is_empty() {
         sendmsg::<()>(fd, &iov, &[], flags, None)

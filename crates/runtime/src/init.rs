@@ -610,7 +610,8 @@ pub(crate) const PROC_MASKED_FILES: &[&str] = &[
     "vmallocinfo",
     "slabinfo",
 ];
-pub(crate) const PROC_MASKED_DIRS: &[&str] = &["acpi", "scsi", "irq", "bus", "fs", "driver", "tty", "sys"];
+pub(crate) const PROC_MASKED_DIRS: &[&str] =
+    &["acpi", "scsi", "irq", "bus", "fs", "driver", "tty", "sys"];
 
 fn mount_proc(stage: &Path) -> Stage<()> {
     let proc_dir = stage.join("proc");

@@ -272,9 +272,10 @@ impl Sandbox {
             rlimit_nofile: if is_zygote {
                 // Not above ours: raising a hard limit needs CAP_SYS_RESOURCE, which root in
                 // a container may lack.
-                let ours = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
-                    .map(|(_, hard)| hard)
-                    .unwrap_or(limits.open_files);
+                let ours =
+                    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+                        .map(|(_, hard)| hard)
+                        .unwrap_or(limits.open_files);
                 limits.open_files.max(ZYGOTE_NOFILE.min(ours))
             } else {
                 limits.open_files

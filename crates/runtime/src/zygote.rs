@@ -202,9 +202,8 @@ impl Zygote {
             nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
         )
         .map_err(|e| Error::io("making the zygote socket non-blocking", e.into()))?;
-        let sock = Arc::new(
-            crate::sys::register_async(ours).map_err(|e| Error::io("zygote socket", e))?,
-        );
+        let sock =
+            Arc::new(crate::sys::register_async(ours).map_err(|e| Error::io("zygote socket", e))?);
         let config = json!({"config": {
             "preload": cfg.preload,
             "seccomp": policy.raw_programs(),
@@ -347,8 +346,8 @@ impl Zygote {
             let (r, w) = pipe()?;
             (r, Some(w))
         } else {
-            let null = std::fs::File::open("/dev/null")
-                .map_err(|e| Error::io("opening /dev/null", e))?;
+            let null =
+                std::fs::File::open("/dev/null").map_err(|e| Error::io("opening /dev/null", e))?;
             (OwnedFd::from(null), None)
         };
         let (stdout_r, stdout_w) = pipe()?;

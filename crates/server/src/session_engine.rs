@@ -94,7 +94,9 @@ impl SessionEngine {
                                 g.started += 1;
                                 g.current = Some(z);
                             }
-                            Err(e) => tracing::warn!(pool, error = %chain(&e), "zygote recycling failed"),
+                            Err(e) => {
+                                tracing::warn!(pool, error = %chain(&e), "zygote recycling failed")
+                            }
                         }
                     });
                 }
@@ -196,9 +198,7 @@ impl Engine for SessionEngine {
 
     async fn start(&self, spec: &PoolSpec) -> Result<Box<dyn LiveSession>, EngineError> {
         let forked = match (&spec.zygote, &spec.network) {
-            (Some(preload), None) if self.host.privileged => {
-                self.start_forked(spec, preload).await
-            }
+            (Some(preload), None) if self.host.privileged => self.start_forked(spec, preload).await,
             _ => None,
         };
         let session = match (forked, &spec.network) {

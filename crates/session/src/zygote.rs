@@ -34,11 +34,11 @@ const SINGLE_THREADED: &[(&str, &str)] = &[
 fn python_env() -> Result<(crate::LanguageSpec, Vec<(String, String)>)> {
     let spec = Python.locate(&Limits::default())?;
     let mut cfg = SandboxConfig::new(Vec::new());
-    let pairs = spec
-        .env
-        .iter()
-        .cloned()
-        .chain(SINGLE_THREADED.iter().map(|(k, v)| ((*k).into(), (*v).into())));
+    let pairs = spec.env.iter().cloned().chain(
+        SINGLE_THREADED
+            .iter()
+            .map(|(k, v)| ((*k).into(), (*v).into())),
+    );
     for (key, value) in pairs {
         match cfg.env.iter_mut().find(|(k, _)| *k == key) {
             Some(slot) => slot.1 = value,

@@ -39,7 +39,11 @@ async fn preloaded_and_sealed(host: Host) -> Result<(), Failed> {
     )
     .await?;
     check!(stdout_of(&out) == "True True", out);
-    let out = run(&mut s, "import pandas as pd\nx = pd.Series([1, 2, 3]).sum()\nx").await?;
+    let out = run(
+        &mut s,
+        "import pandas as pd\nx = pd.Series([1, 2, 3]).sum()\nx",
+    )
+    .await?;
     check!(out.status == ExecutionStatus::Succeeded, out);
     let out = run(&mut s, "print(x * 2)").await?;
     check!(stdout_of(&out) == "12", out);
@@ -90,10 +94,14 @@ async fn siblings_share_nothing(host: Host) -> Result<(), Failed> {
     let z = zygote(&host).await?;
     let mut a = fork(&host, &z, Limits::default()).await?;
     let mut b = fork(&host, &z, Limits::default()).await?;
-    let code = "import random, numpy, uuid\nprint(random.random(), numpy.random.rand(), uuid.uuid4())";
+    let code =
+        "import random, numpy, uuid\nprint(random.random(), numpy.random.rand(), uuid.uuid4())";
     let ra = run(&mut a, code).await?;
     let rb = run(&mut b, code).await?;
-    check!(ra.status == ExecutionStatus::Succeeded && !ra.stdout.is_empty(), ra);
+    check!(
+        ra.status == ExecutionStatus::Succeeded && !ra.stdout.is_empty(),
+        ra
+    );
     let (la, lb): (Vec<&str>, Vec<&str>) = (
         ra.stdout.split_whitespace().collect(),
         rb.stdout.split_whitespace().collect(),
@@ -130,7 +138,10 @@ for what in ('/proc/1/environ', '/proc/1/mem', '/proc/1/ns/mnt'):
 "#,
     )
     .await?;
-    check!(!out.stdout.contains("READ") && out.stdout.contains("no"), out);
+    check!(
+        !out.stdout.contains("READ") && out.stdout.contains("no"),
+        out
+    );
     Ok(())
 }
 
@@ -142,7 +153,11 @@ async fn limits_hold(host: Host) -> Result<(), Failed> {
         ..Limits::default()
     };
     let mut s = fork(&host, &z, limits).await?;
-    let out = run(&mut s, "x = bytearray(400 * 1024 * 1024); x[::4096] = b'1' * len(x[::4096])").await;
+    let out = run(
+        &mut s,
+        "x = bytearray(400 * 1024 * 1024); x[::4096] = b'1' * len(x[::4096])",
+    )
+    .await;
     let out = match out {
         Ok(out) => out,
         Err(e) => return Err(e),
@@ -157,9 +172,18 @@ async fn limits_hold(host: Host) -> Result<(), Failed> {
 
 pub(crate) fn cases() -> Vec<Case> {
     vec![
-        Case::new("python", "zygote_preloaded_and_sealed", preloaded_and_sealed).needs_packages(),
-        Case::new("python", "zygote_siblings_share_nothing", siblings_share_nothing)
-            .needs_packages(),
+        Case::new(
+            "python",
+            "zygote_preloaded_and_sealed",
+            preloaded_and_sealed,
+        )
+        .needs_packages(),
+        Case::new(
+            "python",
+            "zygote_siblings_share_nothing",
+            siblings_share_nothing,
+        )
+        .needs_packages(),
         Case::new("python", "zygote_limits_hold", limits_hold).needs_packages(),
     ]
 }
