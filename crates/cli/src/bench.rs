@@ -256,6 +256,10 @@ struct Density {
     server_open_files: usize,
     /// Whether the page cache was dropped before each memory reading.
     drop_caches: bool,
+    /// Sessions the server started cold because the zygote could not fork, and zygotes that
+    /// died (their sessions die with them).
+    zygote_cold_fallbacks: usize,
+    zygote_deaths: usize,
     answer_latency: Stat,
 }
 
@@ -494,6 +498,10 @@ struct Server {
     addr: SocketAddr,
     key: String,
     log: Arc<Mutex<VecDeque<String>>>,
+    /// Sessions of a zygote pool that the server started cold instead (its `WARN` lines).
+    cold_fallbacks: Arc<AtomicUsize>,
+    /// Zygotes that died and were replaced.
+    zygote_deaths: Arc<AtomicUsize>,
 }
 
 impl Server {
@@ -534,14 +542,25 @@ impl Server {
             .spawn()
             .context("starting ampoule serve")?;
         let log = Arc::new(Mutex::new(VecDeque::new()));
+        let cold_fallbacks = Arc::new(AtomicUsize::new(0));
+        let zygote_deaths = Arc::new(AtomicUsize::new(0));
         let (tx, rx) = std::sync::mpsc::channel();
         if let Some(stderr) = child.stderr.take() {
             let log = log.clone();
+            let (fallbacks, deaths) = (cold_fallbacks.clone(), zygote_deaths.clone());
             let verbose = std::env::var_os("AMPOULE_BENCH_SERVER_LOG").is_some();
             std::thread::spawn(move || {
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                     if verbose {
                         eprintln!("serve: {line}");
+                    }
+                    // The server's own words (session_engine.rs) for a zygote pool that is not
+                    // forking: the figures would silently be those of cold starts.
+                    if line.contains("starting the session cold") {
+                        fallbacks.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if line.contains("zygote died") {
+                        deaths.fetch_add(1, Ordering::Relaxed);
                     }
                     if let Some(addr) = line
                         .split("listening on http://")
@@ -564,6 +583,8 @@ impl Server {
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             key,
             log,
+            cold_fallbacks,
+            zygote_deaths,
         };
         let deadline = Instant::now() + Duration::from_secs(300);
         loop {
@@ -907,6 +928,11 @@ async fn server_phase(
     pb.finish_and_clear();
     let _ = c.delete(ZYGOTE_POOL, "round-trip").await;
 
+    new_session.insert(
+        "zygote_cold_fallbacks".into(),
+        json!(server.cold_fallbacks.load(Ordering::Relaxed)),
+    );
+
     // 3. Throughput.
     let mut throughput = Vec::new();
     for &n in &plan.clients {
@@ -1069,6 +1095,8 @@ async fn density_phase(n: usize, plan: &Plan, exe: &Path, work: &WorkDir) -> Res
     }
     pb.finish_and_clear();
     note(&format!("density: stopping the server ({n} sessions)"));
+    let zygote_cold_fallbacks = server.cold_fallbacks.load(Ordering::Relaxed);
+    let zygote_deaths = server.zygote_deaths.load(Ordering::Relaxed);
     drop(c);
     server.stop(Duration::from_secs(300));
 
@@ -1093,6 +1121,8 @@ async fn density_phase(n: usize, plan: &Plan, exe: &Path, work: &WorkDir) -> Res
         server_pss_mib: mib(after.server_pss_kib),
         server_open_files: after.server_open_files,
         drop_caches: plan.drop_caches,
+        zygote_cold_fallbacks,
+        zygote_deaths,
         answer_latency,
     })
 }
@@ -1258,6 +1288,13 @@ fn print_tables(out: &mut impl Write, r: &Value) -> Result<()> {
         &ns["warm_pool"],
     )?;
     row(out, "new session → first result, cold", &ns["cold"])?;
+    if let Some(n) = ns["zygote_cold_fallbacks"].as_u64().filter(|n| *n > 0) {
+        writeln!(
+            out,
+            "    warning: {n} sessions of the zygote pool were started cold (the server's log \
+             says why: AMPOULE_BENCH_SERVER_LOG=1)"
+        )?;
+    }
     let b = &r["new_session_burst"];
     let k = b["simultaneous"].as_u64().unwrap_or(0);
     row(
@@ -1352,6 +1389,17 @@ fn print_tables(out: &mut impl Write, r: &Value) -> Result<()> {
             d["server_pss_mib"],
             d["server_open_files"],
         )?;
+        let (fallbacks, deaths) = (
+            d["zygote_cold_fallbacks"].as_u64().unwrap_or(0),
+            d["zygote_deaths"].as_u64().unwrap_or(0),
+        );
+        if fallbacks + deaths > 0 {
+            writeln!(
+                out,
+                "    warning: the zygote died {deaths} times (its sessions with it); {fallbacks} \
+                 sessions were started cold"
+            )?;
+        }
     }
     Ok(())
 }
