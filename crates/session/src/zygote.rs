@@ -57,10 +57,13 @@ pub async fn start_python(host: &Host, preload: &[String]) -> Result<Zygote> {
     cfg.env = env;
     cfg.ro_binds.clone_from(&spec.ro_binds);
     cfg.limits = Limits {
-        // The zygote itself: its imports, plus the pages its children touch before they have
-        // moved into their own cgroups.
+        // Not a real bound: besides its own imports, the zygote's cgroup is charged with the
+        // old copies of every page it touches after a fork while children still share them
+        // (a few MiB per live child: 1,000 children took more than 2 GiB). Those pages are
+        // the children's, counted in their PSS; the host bounds them, through each pool's
+        // `max_sessions`.
         timeout_s: SESSION_CPU_BACKSTOP_S,
-        memory_mib: 2048,
+        memory_mib: 1 << 20,
         pids: 1024,
         disk_mib: 64,
         ..Limits::default()
