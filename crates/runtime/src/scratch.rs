@@ -120,6 +120,7 @@ fn modified_of(st: &FileStat) -> SystemTime {
 /// [`NewFile::commit`] renames it over the target, and is removed if dropped uncommitted.
 #[derive(Debug)]
 pub struct NewFile {
+    as_owner: Option<(u32, u32)>,
     dir: OwnedFd,
     temp: String,
     name: String,
@@ -143,8 +144,10 @@ impl NewFile {
         let st = nix::sys::stat::fstat(&self.file)
             .map_err(|e| FileError::from_errno(&self.path, e, "stat"))?;
         // rename(2) replaces a link itself, never its target.
+        let as_owner = AsOwner::take(self.as_owner);
         nix::fcntl::renameat(&self.dir, self.temp.as_str(), &self.dir, self.name.as_str())
             .map_err(|e| FileError::from_errno(&self.path, e, "rename"))?;
+        drop(as_owner);
         self.committed = true;
         Ok(FileInfo {
             path: self.path.clone(),
@@ -172,6 +175,36 @@ impl Drop for NewFile {
 pub struct Scratch {
     root: OwnedFd,
     owner: Option<(u32, u32)>,
+    /// The file system belongs to a user namespace (a zygote-born sandbox mounted it): files
+    /// are created with the owner's filesystem ids, the only ones mapped into it.
+    in_userns: bool,
+}
+
+/// The calling thread's filesystem uid and gid switched to a scratch owner's while it exists.
+///
+/// The kernel refuses to create a file (`EOVERFLOW`) in a file system mounted in a user
+/// namespace unless the creator's fsuid and fsgid are mapped into that namespace; host root is
+/// not. `setfsuid` is per thread, and everything here is synchronous, so the switch never
+/// leaks to other work on the thread.
+struct AsOwner(Option<(nix::unistd::Uid, nix::unistd::Gid)>);
+
+impl AsOwner {
+    fn take(owner: Option<(u32, u32)>) -> Self {
+        Self(owner.map(|(uid, gid)| {
+            let gid = nix::unistd::setfsgid(nix::unistd::Gid::from_raw(gid));
+            let uid = nix::unistd::setfsuid(nix::unistd::Uid::from_raw(uid));
+            (uid, gid)
+        }))
+    }
+}
+
+impl Drop for AsOwner {
+    fn drop(&mut self) {
+        if let Some((uid, gid)) = self.0 {
+            nix::unistd::setfsuid(uid);
+            nix::unistd::setfsgid(gid);
+        }
+    }
 }
 
 fn resolve() -> ResolveFlag {
@@ -215,7 +248,26 @@ pub fn normalize(path: &str) -> Result<Vec<String>> {
 impl Scratch {
     /// Wraps the root descriptor; files created through it are chowned to `owner` (root mode).
     pub(crate) fn new(root: OwnedFd, owner: Option<(u32, u32)>) -> Self {
-        Self { root, owner }
+        Self {
+            root,
+            owner,
+            in_userns: false,
+        }
+    }
+
+    /// A scratch space whose file system a zygote-born sandbox mounted in its user namespace:
+    /// files are created as `owner` (see [`AsOwner`]).
+    pub(crate) fn in_user_namespace(root: OwnedFd, owner: Option<(u32, u32)>) -> Self {
+        Self {
+            root,
+            owner,
+            in_userns: true,
+        }
+    }
+
+    /// The owner to create files as, when the file system needs it.
+    fn create_as(&self) -> Option<(u32, u32)> {
+        self.owner.filter(|_| self.in_userns)
     }
 
     /// The host uid and gid files created through this handle get (root mode).
@@ -226,7 +278,11 @@ impl Scratch {
     /// A scratch space on a directory the caller opened (test doubles of a sandbox): `root`
     /// must hold the [`DATA`] directory. Files created through it keep the caller's owner.
     pub fn from_dir(root: OwnedFd) -> Self {
-        Self { root, owner: None }
+        Self {
+            root,
+            owner: None,
+            in_userns: false,
+        }
     }
 
     /// A second handle on the same scratch space (the root descriptor duplicated), for a
@@ -239,6 +295,7 @@ impl Scratch {
                 .try_clone()
                 .ctx(|| "duplicating the scratch descriptor".into())?,
             owner: self.owner,
+            in_userns: self.in_userns,
         })
     }
 
@@ -271,6 +328,7 @@ impl Scratch {
     /// under `path` until [`NewFile::commit`].
     pub fn create(&self, base: &str, path: &str, mode: u32) -> Result<NewFile, FileError> {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let as_owner = AsOwner::take(self.create_as());
         let (dir, name) = self.parent_of(base, path, true)?;
         let temp = format!(
             "{UPLOAD_PREFIX}{}-{}",
@@ -289,7 +347,8 @@ impl Scratch {
             .resolve(resolve());
         let fd = openat2(&dir, temp.as_str(), how)
             .map_err(|e| FileError::from_errno(path, e, "create"))?;
-        if let Some((uid, gid)) = self.owner {
+        drop(as_owner);
+        if let Some((uid, gid)) = self.owner.filter(|_| !self.in_userns) {
             nix::unistd::fchown(
                 &fd,
                 Some(nix::unistd::Uid::from_raw(uid)),
@@ -298,6 +357,7 @@ impl Scratch {
             .map_err(|e| FileError::from_errno(path, e, "chown"))?;
         }
         Ok(NewFile {
+            as_owner: self.create_as(),
             dir,
             temp,
             name,
@@ -422,6 +482,7 @@ impl Scratch {
         let (name, parents) = comps
             .split_last()
             .ok_or_else(|| Error::Invalid("empty path".into()))?;
+        let as_owner = AsOwner::take(self.create_as());
         let dir = self.open_dir(base, parents, true)?;
         let fd = self.open_at(
             &dir,
@@ -429,7 +490,8 @@ impl Scratch {
             OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_TRUNC,
             mode,
         )?;
-        if let Some((uid, gid)) = self.owner {
+        drop(as_owner);
+        if let Some((uid, gid)) = self.owner.filter(|_| !self.in_userns) {
             nix::unistd::fchown(
                 &fd,
                 Some(nix::unistd::Uid::from_raw(uid)),

@@ -427,7 +427,7 @@ impl Zygote {
                 )));
             }
         };
-        let scratch = Scratch::new(fd, self.inner.host_ids);
+        let scratch = Scratch::in_user_namespace(fd, self.inner.host_ids);
         prepare(&scratch)?;
         if let Some(cg) = cgroup.as_ref().and_then(CgroupGuard::get)
             && cg.version() == CgroupVersion::V2

@@ -69,6 +69,29 @@ print(open('/proc/self/status').read().split('NoNewPrivs:')[1].split()[0], open(
         out
     );
     check!(lines.get(2).copied() == Some("1 2"), out);
+    // The supervisor's side of /mnt/data (uploads) works on a forked session's scratch, which
+    // its own user namespace mounted.
+    use std::io::Write as _;
+    s.scratch()
+        .write(ampoule_runtime::scratch::DATA, "in/one.txt", b"one", 0o644)
+        .map_err(|e| Failed::from(format!("write: {}", chain(&e))))?;
+    let mut upload = s
+        .scratch()
+        .create(ampoule_runtime::scratch::DATA, "two.txt", 0o644)
+        .map_err(|e| Failed::from(format!("create: {e}")))?;
+    upload
+        .file()
+        .write_all(b"two")
+        .map_err(|e| Failed::from(e.to_string()))?;
+    upload
+        .commit()
+        .map_err(|e| Failed::from(format!("commit: {e}")))?;
+    let out = run(
+        &mut s,
+        "import os\nprint(open('/mnt/data/in/one.txt').read(), open('/mnt/data/two.txt').read(), os.stat('/mnt/data/two.txt').st_uid)\nopen('/mnt/data/two.txt', 'a').write('!')",
+    )
+    .await?;
+    check!(stdout_of(&out) == "one two 1000", out);
     // Landlock: nothing outside the scratch directories is writable.
     let out = run(
         &mut s,
