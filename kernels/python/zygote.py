@@ -286,6 +286,23 @@ def apply_seccomp(programs):
         check("seccomp", libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(fprog), 0, 0))
 
 
+def wait_for_sealed_reaper():
+    """Pid 1 (the reaper) starts as a copy of nothing secret but is readable by us until it has
+    re-executed itself in its own user namespace and turned non-dumpable; the code must not run
+    before that. Readable /proc/1/fd means "not yet" (it takes a millisecond or two)."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            os.listdir("/proc/1/fd")
+        except PermissionError:
+            return
+        except OSError as e:
+            raise Stage("reaper", f"pid 1: {e}")
+        if time.monotonic() > deadline:
+            raise Stage("reaper", "pid 1 did not seal itself")
+        time.sleep(0.0005)
+
+
 def reseed():
     """Siblings share the zygote's memory: give each its own random state. (`random` reseeds
     itself after fork; `tempfile` notices the new pid.)"""
@@ -350,6 +367,7 @@ def session(cfg, programs, spec, fds):
         libc.prctl(PR_SET_SPECULATION_CTRL, PR_SPEC_STORE_BYPASS, PR_SPEC_FORCE_DISABLE, 0, 0)
         check("dumpable", libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0))
         apply_seccomp(programs)
+        wait_for_sealed_reaper()
         send(ctl, {"Ready": {"landlock": status}})
     except BaseException as e:
         if isinstance(e, Stage):

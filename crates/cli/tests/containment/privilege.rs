@@ -127,6 +127,15 @@ print("ESCAPED unshare -Ur:", r.stdout) if r.returncode == 0 else print("BLOCKED
                 r#"
 import struct
 SIGCHLD = 17
+# A fork-like raw clone copies only the calling thread: it must hold the GIL while it clones
+# (PyDLL), or a child of a threaded process (a session kernel) can wait forever for a GIL that
+# another thread held at that moment.
+_gil_libc = ctypes.PyDLL(None, use_errno=True)
+_gil_libc.syscall.restype = ctypes.c_long
+def raw(nr, *args):
+    ctypes.set_errno(0)
+    r = _gil_libc.syscall(ctypes.c_long(nr), *[_arg(a) for a in args])
+    return r, (ctypes.get_errno() if r == -1 else 0)
 FLAGS = {"CLONE_NEWUSER": 0x10000000, "CLONE_NEWNS": 0x00020000, "CLONE_NEWPID": 0x20000000,
          "CLONE_NEWNET": 0x40000000, "CLONE_NEWIPC": 0x08000000, "CLONE_NEWUTS": 0x04000000,
          "CLONE_NEWCGROUP": 0x02000000}
