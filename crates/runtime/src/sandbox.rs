@@ -31,6 +31,12 @@ use crate::init::INIT_ARG;
 use crate::network::{self, GatewayAddrs, InitNetwork, Network};
 use crate::scratch::Scratch;
 
+/// `RLIMIT_CPU` of a sandbox: a generous backstop; the wall clock and the cgroup's CPU quota do
+/// the real work.
+pub(crate) fn cpu_backstop_s(limits: &Limits) -> u64 {
+    (limits.timeout_s * limits.cpus.max(1.0) * 2.0).ceil() as u64 + 10
+}
+
 /// Open files a zygote may have (and so the most any of its children may get).
 const ZYGOTE_NOFILE: u64 = 65_536;
 
@@ -289,7 +295,7 @@ impl Sandbox {
             rlimit_cpu_s: if is_zygote {
                 libc::RLIM_INFINITY - 1
             } else {
-                (limits.timeout_s * limits.cpus.max(1.0) * 2.0).ceil() as u64 + 10
+                cpu_backstop_s(limits)
             },
             // A unique host uid makes RLIMIT_NPROC a per-sandbox process limit; without one
             // (unprivileged mode) it would count the user's own processes too. With a cgroup it

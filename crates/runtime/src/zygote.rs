@@ -375,7 +375,7 @@ impl Zygote {
             "rlimits": {
                 "nofile": limits.open_files,
                 "fsize": disk_bytes.max(1),
-                "cpu_s": (limits.timeout_s * limits.cpus.max(1.0) * 2.0).ceil() as u64 + 10,
+                "cpu_s": crate::sandbox::cpu_backstop_s(limits),
             },
         }});
         let mut fds: Vec<RawFd> = vec![

@@ -44,7 +44,7 @@ const DEFAULT_GRACE: Duration = Duration::from_secs(3);
 /// The runtime derives a lifetime CPU-seconds backstop (`RLIMIT_CPU`) from
 /// `Limits::timeout_s`; a session's kernel lives across many executions, so the sandbox gets
 /// a day's worth and the per-execution timeout is enforced here.
-pub(crate) const SESSION_CPU_BACKSTOP_S: f64 = 86_400.0;
+const SESSION_CPU_BACKSTOP_S: f64 = 86_400.0;
 /// Rich outputs kept per execution, in bytes of JSON; beyond it they are dropped.
 const MAX_DISPLAY_BYTES: usize = 64 * 1024 * 1024;
 /// Bytes of the kernel's own stderr kept for diagnostics.
@@ -281,6 +281,15 @@ impl Session {
         self.grace = grace;
     }
 
+    /// Whether the scratch space is (nearly) out of bytes or inodes; asked only of code that
+    /// failed, so a successful round trip pays no `statvfs`.
+    fn scratch_full(&self) -> bool {
+        self.sandbox
+            .scratch()
+            .free()
+            .is_some_and(|(bytes, inodes)| bytes < 64 * 1024 || inodes == 0)
+    }
+
     /// How the kernel's process ended (a lost session), as its sandbox reported it; `None`
     /// while it still runs after a short wait.
     pub async fn program_exit(&mut self) -> Option<ampoule_runtime::ProgramExit> {
@@ -406,21 +415,10 @@ impl Session {
         };
         // Code that failed after a limit refused it something (a fork past `pids.max`, a write
         // to a full scratch space) was stopped by that limit, as `ampoule run` reports it.
-        let refused = if match (stats_before, stats_after) {
-            (Some(b), Some(a)) => a.pids_max_hits > b.pids_max_hits,
-            _ => false,
-        } {
-            Some(LimitKind::Pids)
-        } else if self
-            .sandbox
-            .scratch()
-            .free()
-            .is_some_and(|(bytes, inodes)| bytes < 64 * 1024 || inodes == 0)
-        {
-            Some(LimitKind::Disk)
-        } else {
-            None
-        };
+        let pids_refused = matches!(
+            (stats_before, stats_after),
+            (Some(b), Some(a)) if a.pids_max_hits > b.pids_max_hits
+        );
         let (status, session_state, limit, exit_code) = match end {
             End::Done {
                 status,
@@ -435,7 +433,10 @@ impl Session {
                         (s, Some(l))
                     }
                     (_, _) if oom => (ExecutionStatus::Killed, Some(LimitKind::Memory)),
-                    (_, _) if refused.is_some() => (ExecutionStatus::Killed, refused),
+                    (_, _) if pids_refused => (ExecutionStatus::Killed, Some(LimitKind::Pids)),
+                    (DoneStatus::Error | DoneStatus::Interrupted, _) if self.scratch_full() => {
+                        (ExecutionStatus::Killed, Some(LimitKind::Disk))
+                    }
                     (DoneStatus::Error | DoneStatus::Interrupted, _) => {
                         (ExecutionStatus::Failed, None)
                     }
@@ -474,7 +475,8 @@ impl Session {
                         (s, Some(l))
                     }
                     None if oom => (ExecutionStatus::Killed, Some(LimitKind::Memory)),
-                    None if refused.is_some() => (ExecutionStatus::Killed, refused),
+                    None if pids_refused => (ExecutionStatus::Killed, Some(LimitKind::Pids)),
+                    None if self.scratch_full() => (ExecutionStatus::Killed, Some(LimitKind::Disk)),
                     None => (ExecutionStatus::Failed, None),
                 };
                 (status, SessionState::Lost, limit, None)

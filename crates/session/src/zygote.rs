@@ -10,7 +10,7 @@ use ampoule_types::Limits;
 
 use crate::error::Result;
 use crate::language::{Kernel, KernelFile, Python, in_sandbox};
-use crate::session::{SESSION_CPU_BACKSTOP_S, Session};
+use crate::session::{Session, sandbox_config};
 
 const ZYGOTE: KernelFile = KernelFile {
     name: "zygote.py",
@@ -30,44 +30,33 @@ const SINGLE_THREADED: &[(&str, &str)] = &[
     ("NUMEXPR_NUM_THREADS", "1"),
 ];
 
-/// The environment of Python sessions (and of the zygote).
-fn python_env() -> Result<(crate::LanguageSpec, Vec<(String, String)>)> {
-    let spec = Python.locate(&Limits::default())?;
-    let mut cfg = SandboxConfig::new(Vec::new());
-    let pairs = spec.env.iter().cloned().chain(
-        SINGLE_THREADED
-            .iter()
-            .map(|(k, v)| ((*k).into(), (*v).into())),
-    );
-    for (key, value) in pairs {
-        match cfg.env.iter_mut().find(|(k, _)| *k == key) {
-            Some(slot) => slot.1 = value,
-            None => cfg.env.push((key, value)),
-        }
+/// The sandbox of a Python session (and of the zygote): the plug-in's, single-threaded.
+fn python_config(limits: &Limits) -> Result<(crate::LanguageSpec, SandboxConfig)> {
+    let spec = Python.locate(limits)?;
+    let mut cfg = sandbox_config(&spec, limits);
+    for (key, value) in SINGLE_THREADED {
+        cfg.env.retain(|(k, _)| k != key);
+        cfg.env.push(((*key).into(), (*value).into()));
     }
-    Ok((spec, cfg.env))
+    Ok((spec, cfg))
 }
 
 /// Starts a Python zygote that imports `preload` (see [`DEFAULT_PRELOAD`]); modules that fail
 /// to import are listed in [`Zygote::info`], not an error. Root only.
 pub async fn start_python(host: &Host, preload: &[String]) -> Result<Zygote> {
-    let (spec, env) = python_env()?;
-    let python = spec.argv.first().cloned().unwrap_or_default();
-    let mut cfg = SandboxConfig::new(vec![python, in_sandbox(ZYGOTE.name)]);
-    cfg.env = env;
-    cfg.ro_binds.clone_from(&spec.ro_binds);
-    cfg.limits = Limits {
-        // Not a real bound: besides its own imports, the zygote's cgroup is charged with the
-        // old copies of every page it touches after a fork while children still share them
-        // (a few MiB per live child: 1,000 children took more than 2 GiB). Those pages are
-        // the children's, counted in their PSS; the host bounds them, through each pool's
-        // `max_sessions`.
-        timeout_s: SESSION_CPU_BACKSTOP_S,
+    // Not a real memory bound: besides its own imports, the zygote's cgroup is charged with the
+    // old copies of every page it touches after a fork while children still share them (a few
+    // MiB per live child: 1,000 children took more than 2 GiB). Those pages are the
+    // children's, counted in their PSS; the host bounds them, through each pool's
+    // `max_sessions`.
+    let (spec, mut cfg) = python_config(&Limits {
         memory_mib: 1 << 20,
         pids: 1024,
         disk_mib: 64,
         ..Limits::default()
-    };
+    })?;
+    let python = spec.argv.first().cloned().unwrap_or_default();
+    cfg.argv = vec![python, in_sandbox(ZYGOTE.name)];
     let files = spec
         .files
         .iter()
@@ -89,14 +78,7 @@ impl Session {
     /// A Python session forked from `zygote` (see [`start_python`]), with `limits`
     /// (`limits.timeout_s` is the default per-execution timeout).
     pub async fn start_forked(host: &Host, zygote: &Zygote, limits: Limits) -> Result<Self> {
-        let (_, env) = python_env()?;
-        let mut cfg = SandboxConfig::new(Vec::new());
-        cfg.env = env;
-        cfg.stdin = true;
-        cfg.limits = Limits {
-            timeout_s: SESSION_CPU_BACKSTOP_S,
-            ..limits.clone()
-        };
+        let (_, cfg) = python_config(&limits)?;
         let sandbox = zygote.spawn(host, &cfg, |_| Ok(())).await?;
         Self::handshake(sandbox, "python", limits).await
     }
