@@ -134,6 +134,13 @@ pub trait LiveSession: Send + Sync + 'static {
         true
     }
 
+    /// Whether a ready (warm) session must no longer be handed out: what it was started from
+    /// has been replaced (its zygote, recycled because the packages changed). The manager
+    /// closes such a session instead of using it; sessions in use are not affected.
+    fn outdated(&self) -> bool {
+        false
+    }
+
     /// Names the session and the execution about to run, so that what the sandbox does on
     /// its own (its egress decisions, logged as they happen) carries their ids. Called before
     /// each execution; engines without network need not care.

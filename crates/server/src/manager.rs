@@ -631,7 +631,7 @@ impl Manager {
         loop {
             let warm = pool.warm.lock().ok().and_then(|mut w| w.pop_front());
             match warm {
-                Some(live) if live.alive() => {
+                Some(live) if live.alive() && !live.outdated() => {
                     pool.refill.notify_one();
                     self.inner.metrics.session_started(
                         pool_name,
@@ -640,7 +640,7 @@ impl Manager {
                     );
                     return Ok(live);
                 }
-                Some(dead) => dead.close().await,
+                Some(unusable) => unusable.close().await,
                 None => break,
             }
         }

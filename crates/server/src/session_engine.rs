@@ -8,6 +8,14 @@
 //!
 //! Pools with a network ([`PoolSpec::network`]) get sessions wired to their own egress gateway
 //! ([`Session::start_with`]); the engine holds the server's one [`Egress`] (pins, CA) for them.
+//!
+//! Python pools fork their sessions from a zygote, one per pool. It is replaced in the
+//! background, the old one serving until the new one is ready, after [`RECYCLE_FORKS`] forks,
+//! after [`RECYCLE_AGE`], or when the Python environment on disk no longer matches the one it
+//! started from (packages installed or upgraded since: its imports are stale), which is
+//! compared at most every [`ENV_CHECK_EVERY`] per pool, on the way to a new session. In that
+//! last case the sessions forked from the old zygote and not handed out yet (warm stock) are
+//! [`LiveSession::outdated`] once the new one is ready.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -16,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use ampoule_egress::Egress;
 use ampoule_runtime::{Host, Scratch, Zygote};
+use ampoule_session::setup::EnvFingerprint;
 use ampoule_session::{ExecuteRequest, Session, SessionOptions};
 use ampoule_types::{ExecutionEvent, ExecutionResult, SessionState};
 use async_trait::async_trait;
@@ -30,8 +39,39 @@ use crate::engine::{
 const RECYCLE_FORKS: u64 = 2_000;
 /// …or after this long.
 const RECYCLE_AGE: Duration = Duration::from_secs(3_600);
+/// A pool compares the Python environment on disk with its zygote's at most this often (a
+/// few `stat` calls; the sessions in between never pay for it).
+const ENV_CHECK_EVERY: Duration = Duration::from_secs(1);
 /// After a zygote failed to start, sessions start cold for this long before it is retried.
 const RETRY_AFTER: Duration = Duration::from_secs(60);
+
+/// The `reason` of a zygote replaced because its Python environment changed.
+const PACKAGES_CHANGED: &str = "packages changed";
+
+/// Why a zygote that has forked `forks` sessions, is `age` old and was started from a Python
+/// environment that has since changed (`packages_changed`) must be replaced, if it must: the
+/// `reason` of the `zygote recycled` log line.
+fn recycle_reason(forks: u64, age: Duration, packages_changed: bool) -> Option<&'static str> {
+    if packages_changed {
+        Some(PACKAGES_CHANGED)
+    } else if forks >= RECYCLE_FORKS {
+        Some("forks")
+    } else if age >= RECYCLE_AGE {
+        Some("age")
+    } else {
+        None
+    }
+}
+
+/// The Python environment a zygote is about to start from, `None` (logged) when it cannot be
+/// read: such a zygote is then recycled for forks and age only.
+fn env_fingerprint(pool: &str) -> Option<EnvFingerprint> {
+    ampoule_session::zygote::python_env_fingerprint()
+        .map_err(|e| {
+            tracing::warn!(pool, error = %chain(&e), "cannot fingerprint the Python environment")
+        })
+        .ok()
+}
 
 /// Starts interpreter sessions in sandboxes on `host`.
 #[derive(Debug)]
@@ -45,11 +85,48 @@ pub struct SessionEngine {
 #[derive(Debug, Default)]
 struct PoolZygote {
     current: Option<Zygote>,
+    /// The Python environment `current` started from.
+    env: Option<EnvFingerprint>,
+    /// When `env` was last compared with the environment on disk.
+    env_checked: Option<Instant>,
+    /// Shared with the sessions `current` forks; set when it is replaced because its packages
+    /// changed, so that those still waiting in warm stock are not handed out.
+    outdated: Arc<AtomicBool>,
     replacing: bool,
     failed_at: Option<Instant>,
     started: u64,
     forks: u64,
     fork_failures: u64,
+}
+
+impl PoolZygote {
+    /// Whether the Python environment on disk (`on_disk`, normally
+    /// [`ampoule_session::zygote::python_env_fingerprint`]) differs from the one the current
+    /// zygote started from; false without looking when it was compared less than
+    /// [`ENV_CHECK_EVERY`] ago, or when either cannot be read.
+    fn packages_changed(
+        &mut self,
+        pool: &str,
+        on_disk: impl FnOnce() -> ampoule_session::Result<EnvFingerprint>,
+    ) -> bool {
+        if self
+            .env_checked
+            .is_some_and(|t| t.elapsed() < ENV_CHECK_EVERY)
+        {
+            return false;
+        }
+        self.env_checked = Some(Instant::now());
+        let Some(started_from) = &self.env else {
+            return false;
+        };
+        match on_disk() {
+            Ok(now) => now != *started_from,
+            Err(e) => {
+                tracing::debug!(pool, error = %chain(&e), "cannot fingerprint the Python environment");
+                false
+            }
+        }
+    }
 }
 
 impl SessionEngine {
@@ -72,35 +149,55 @@ impl SessionEngine {
 
     /// The pool's running zygote, started when there is none (or it died); a zygote due for
     /// recycling keeps serving while its replacement starts in the background.
-    async fn zygote(&self, spec: &PoolSpec, preload: &[String]) -> Result<Zygote, String> {
+    /// Returns it with its [`PoolZygote::outdated`] flag.
+    async fn zygote(
+        &self,
+        spec: &PoolSpec,
+        preload: &[String],
+    ) -> Result<(Zygote, Arc<AtomicBool>), String> {
         let entry = self.pool_zygote(&spec.name);
         let mut g = entry.lock().await;
         if let Some(z) = g.current.clone() {
             if z.is_alive() {
-                let due = z.forks() >= RECYCLE_FORKS || z.age() >= RECYCLE_AGE;
-                if due && !g.replacing {
+                let reason = if g.replacing {
+                    None
+                } else {
+                    let changed = g.packages_changed(
+                        &spec.name,
+                        ampoule_session::zygote::python_env_fingerprint,
+                    );
+                    recycle_reason(z.forks(), z.age(), changed)
+                };
+                if let Some(reason) = reason {
                     g.replacing = true;
                     let (entry, host, preload) =
                         (entry.clone(), self.host.clone(), preload.to_vec());
                     let pool = spec.name.clone();
                     // A worker thread, which outlives the zygote (see ampoule_runtime::sandbox).
                     tokio::spawn(async move {
+                        // Read before the start: a change made while it imports is seen next time.
+                        let env = env_fingerprint(&pool);
                         let fresh = ampoule_session::zygote::start_python(&host, &preload).await;
                         let mut g = entry.lock().await;
                         g.replacing = false;
                         match fresh {
                             Ok(z) => {
-                                tracing::info!(pool, "zygote recycled");
                                 g.started += 1;
                                 g.current = Some(z);
+                                g.env = env;
+                                let old = std::mem::take(&mut g.outdated);
+                                if reason == PACKAGES_CHANGED {
+                                    old.store(true, Ordering::SeqCst);
+                                }
+                                tracing::info!(pool, reason, "zygote recycled");
                             }
                             Err(e) => {
-                                tracing::warn!(pool, error = %chain(&e), "zygote recycling failed")
+                                tracing::warn!(pool, reason, error = %chain(&e), "zygote recycling failed")
                             }
                         }
                     });
                 }
-                return Ok(z);
+                return Ok((z, g.outdated.clone()));
             }
             tracing::warn!(pool = %spec.name, "zygote died; starting another");
             g.current = None;
@@ -109,6 +206,7 @@ impl SessionEngine {
             return Err("the zygote failed to start recently".into());
         }
         let started = Instant::now();
+        let env = env_fingerprint(&spec.name);
         match ampoule_session::zygote::start_python(&self.host, preload).await {
             Ok(z) => {
                 let info = z.info();
@@ -123,7 +221,9 @@ impl SessionEngine {
                 g.failed_at = None;
                 g.started += 1;
                 g.current = Some(z.clone());
-                Ok(z)
+                g.env = env;
+                g.outdated = Arc::default();
+                Ok((z, g.outdated.clone()))
             }
             Err(e) => {
                 g.failed_at = Some(Instant::now());
@@ -132,10 +232,14 @@ impl SessionEngine {
         }
     }
 
-    /// A session forked from the pool's zygote, or `None` (with the reason logged) when the
-    /// pool must fall back to a cold start.
-    async fn start_forked(&self, spec: &PoolSpec, preload: &[String]) -> Option<Session> {
-        let zygote = match self.zygote(spec, preload).await {
+    /// A session forked from the pool's zygote with the zygote's `outdated` flag, or `None`
+    /// (with the reason logged) when the pool must fall back to a cold start.
+    async fn start_forked(
+        &self,
+        spec: &PoolSpec,
+        preload: &[String],
+    ) -> Option<(Session, Arc<AtomicBool>)> {
+        let (zygote, outdated) = match self.zygote(spec, preload).await {
             Ok(z) => z,
             Err(why) => {
                 tracing::warn!(pool = %spec.name, %why, "no zygote: starting the session cold");
@@ -148,7 +252,7 @@ impl SessionEngine {
         match outcome {
             Ok(session) => {
                 g.forks += 1;
-                Some(session)
+                Some((session, outdated))
             }
             Err(e) => {
                 g.fork_failures += 1;
@@ -201,13 +305,14 @@ impl Engine for SessionEngine {
             (Some(preload), None) if self.host.privileged => self.start_forked(spec, preload).await,
             _ => None,
         };
-        let session = match (forked, &spec.network) {
-            (Some(session), _) => session,
-            (None, None) => {
+        let (session, outdated) = match (forked, &spec.network) {
+            (Some((session, outdated)), _) => (session, Some(outdated)),
+            (None, None) => (
                 Session::start_language(&self.host, spec.language.as_str(), spec.limits.clone())
                     .await
-                    .map_err(|e| EngineError::Start(chain(&e)))?
-            }
+                    .map_err(|e| EngineError::Start(chain(&e)))?,
+                None,
+            ),
             (None, Some(network)) => {
                 let egress = self.egress.clone().ok_or_else(|| {
                     EngineError::Start(format!(
@@ -219,9 +324,10 @@ impl Engine for SessionEngine {
                     .and_then(|k| k.locate(&spec.limits))
                     .map_err(|e| EngineError::Start(chain(&e)))?;
                 let options = SessionOptions::with_network(egress, network.policy.clone());
-                Session::start_with(&self.host, kernel, spec.limits.clone(), options)
+                let session = Session::start_with(&self.host, kernel, spec.limits.clone(), options)
                     .await
-                    .map_err(|e| EngineError::Start(chain(&e)))?
+                    .map_err(|e| EngineError::Start(chain(&e)))?;
+                (session, None)
             }
         };
         let scratch = session
@@ -235,6 +341,7 @@ impl Engine for SessionEngine {
             alive: AtomicBool::new(true),
             closed: AtomicBool::new(false),
             closing: Notify::new(),
+            outdated,
         }))
     }
 }
@@ -268,6 +375,8 @@ struct LiveInterpreter {
     alive: AtomicBool,
     closed: AtomicBool,
     closing: Notify,
+    /// The `outdated` flag of the zygote it was forked from (none when started cold).
+    outdated: Option<Arc<AtomicBool>>,
 }
 
 #[async_trait]
@@ -325,6 +434,12 @@ impl LiveSession for LiveInterpreter {
         self.alive.load(Ordering::SeqCst)
     }
 
+    fn outdated(&self) -> bool {
+        self.outdated
+            .as_ref()
+            .is_some_and(|o| o.load(Ordering::SeqCst))
+    }
+
     fn label(&self, session: &str, execution: &str) {
         // Called between executions, so the lock is free (unless the session is closing).
         if let Ok(guard) = self.session.try_lock()
@@ -346,5 +461,56 @@ impl LiveSession for LiveInterpreter {
         if let Some(session) = session {
             session.close().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ampoule_session::setup::PythonEnv;
+
+    #[test]
+    fn zygotes_are_recycled_for_forks_age_and_changed_packages() {
+        let young = Duration::from_secs(5);
+        assert_eq!(recycle_reason(0, young, false), None);
+        assert_eq!(recycle_reason(RECYCLE_FORKS - 1, young, false), None);
+        assert_eq!(recycle_reason(RECYCLE_FORKS, young, false), Some("forks"));
+        assert_eq!(recycle_reason(3, RECYCLE_AGE, false), Some("age"));
+        assert_eq!(recycle_reason(0, young, true), Some("packages changed"));
+        // The most telling reason wins.
+        assert_eq!(
+            recycle_reason(RECYCLE_FORKS, RECYCLE_AGE, true),
+            Some("packages changed")
+        );
+        assert_eq!(
+            recycle_reason(RECYCLE_FORKS, RECYCLE_AGE, false),
+            Some("forks")
+        );
+    }
+
+    #[test]
+    fn a_pool_notices_new_packages_at_most_once_a_second() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = PythonEnv::at(dir.path().join("python"));
+        let site = env.dir().join("lib/python3.11/site-packages");
+        std::fs::create_dir_all(&site).unwrap();
+        let mut pool = PoolZygote {
+            env: Some(env.fingerprint().unwrap()),
+            ..PoolZygote::default()
+        };
+        assert!(!pool.packages_changed("p", || env.fingerprint()));
+        std::fs::create_dir(site.join("fakepkg-1.0.dist-info")).unwrap();
+        // Compared a moment ago: not looked at again yet.
+        assert!(!pool.packages_changed("p", || panic!("looked before its time")));
+        pool.env_checked = Instant::now().checked_sub(ENV_CHECK_EVERY);
+        assert!(pool.packages_changed("p", || env.fingerprint()));
+        // Unreadable or unknown environments never recycle a zygote.
+        pool.env_checked = None;
+        assert!(!pool.packages_changed("p", || {
+            Err(ampoule_session::Error::Lost("unreadable".into()))
+        }));
+        pool.env = None;
+        pool.env_checked = None;
+        assert!(!pool.packages_changed("p", || env.fingerprint()));
     }
 }

@@ -64,11 +64,17 @@ struct Server {
 
 impl Server {
     fn start(config: &Path) -> Server {
+        Self::start_with_env(config, &[])
+    }
+
+    /// Started with these environment variables on top.
+    fn start_with_env(config: &Path, env: &[(&str, &Path)]) -> Server {
         let mut child = Command::new(binary())
             .args(["serve", "--listen", "127.0.0.1:0", "--config"])
             .arg(config)
             .env("AMPOULE_E2E_KEY_A", KEY_A)
             .env("AMPOULE_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -903,5 +909,108 @@ fn python_pools_fork_sessions_from_a_zygote() {
     assert_eq!(value("ampoule_zygote_up", "tiny"), 1.0);
     assert!(value("ampoule_zygote_forks_total", "tiny") >= 2.0);
     assert!(!text.contains("ampoule_zygote_up{pool=\"cold\"}"), "{text}");
+    server.stop();
+}
+
+/// A zygote imported a package; the package is upgraded in the pool's Python environment (the
+/// way pip does it: the old `*.dist-info` goes, the new one comes): the next new session has
+/// the zygote replaced (the log says why), and from then on sessions, warm ones included, have
+/// the new version.
+#[test]
+fn zygotes_are_recycled_when_packages_change() {
+    if !is_root() {
+        eprintln!("skipped: zygotes run sandboxes and need root");
+        return;
+    }
+    // Outside /tmp: sandboxes have their own /tmp, and the environment is bound into them.
+    let data = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let chmod = |p: &Path, mode: u32| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    chmod(data.path(), 0o755);
+    let venv = data.path().join("python");
+    let made = Command::new("/bin/sh")
+        .args([
+            "-c",
+            "umask 022 && exec /usr/bin/python3 -m venv --without-pip \"$1\"",
+            "sh",
+        ])
+        .arg(&venv)
+        .status()
+        .unwrap();
+    if !made.success() {
+        eprintln!("skipped: python3 -m venv does not work here (apt-get install python3-venv)");
+        return;
+    }
+    let site = std::fs::read_dir(venv.join("lib"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().join("site-packages"))
+        .find(|p| p.is_dir())
+        .unwrap();
+    let install = |version: u32| {
+        let module = site.join("fakepkg.py");
+        let staged = site.join(".fakepkg.py.new");
+        std::fs::write(&staged, format!("VERSION = {version}\n")).unwrap();
+        chmod(&staged, 0o644);
+        let old = site.join(format!("fakepkg-{}.0.dist-info", version - 1));
+        if old.exists() {
+            std::fs::remove_dir_all(old).unwrap();
+        }
+        std::fs::rename(staged, module).unwrap();
+        let info = site.join(format!("fakepkg-{version}.0.dist-info"));
+        std::fs::create_dir(&info).unwrap();
+        chmod(&info, 0o755);
+    };
+    install(1);
+
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start_with_env(
+        &write_config(
+            tmp.path(),
+            "[pools.fresh]\nwarm = 2\nmax_sessions = 50\npreload = [\"fakepkg\"]\n",
+        ),
+        &[("AMPOULE_DATA_DIR", data.path())],
+    );
+    let port = server.port;
+    let code = "import sys\nprint('fakepkg' in sys.modules, sys.modules['fakepkg'].VERSION)";
+    let p = exec(port, "/pools/fresh", "fresh-0", KEY_A, code);
+    assert_eq!(p["stdout"], "True 1\n", "{p}");
+
+    install(2);
+    // The pool looks at the environment at most once a second, when a session starts: this one
+    // may still be an old one (from warm stock), but its refill makes the pool look.
+    std::thread::sleep(Duration::from_millis(1100));
+    let p = exec(port, "/pools/fresh", "fresh-1", KEY_A, code);
+    assert!(
+        p["stdout"] == "True 1\n" || p["stdout"] == "True 2\n",
+        "{p}"
+    );
+    // Every pool runs from this environment: wait for this pool's zygote.
+    let recycled = |log: &str| {
+        log.lines().any(|l| {
+            l.contains("zygote recycled") && l.contains("fresh") && l.contains("packages changed")
+        })
+    };
+    let t = Instant::now();
+    while !recycled(&server.stderr.lock().unwrap()) {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the zygote was not recycled: {}",
+            server.stderr.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Warm sessions forked from the old zygote are not handed out any more.
+    for n in 2..6 {
+        let p = exec(port, "/pools/fresh", &format!("fresh-{n}"), KEY_A, code);
+        assert_eq!(
+            p["stdout"],
+            "True 2\n",
+            "session {n}: {p}\n{}",
+            server.stderr.lock().unwrap()
+        );
+    }
     server.stop();
 }

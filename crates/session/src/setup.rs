@@ -132,6 +132,60 @@ impl PythonEnv {
         Ok(packages)
     }
 
+    /// A cheap fingerprint of what is installed (a handful of `stat` calls, no interpreter):
+    /// it differs whenever a distribution was installed, upgraded, downgraded or removed, by
+    /// `ampoule setup` or by a plain `pip install` into the environment, and when the
+    /// environment was created, recreated or its interpreter replaced.
+    ///
+    /// It covers the device, inode, mtime and ctime of the interpreter (followed through the
+    /// venv's symlink), of `pyvenv.cfg`, of `lib/` and of every `lib/python*/site-packages`,
+    /// plus a hash of the names in each `site-packages`. That is enough because pip never
+    /// updates a distribution in place: it moves the old files away (its `*.dist-info` and
+    /// top-level entries leave `site-packages`) and installs new ones under a new
+    /// `NAME-VERSION.dist-info`, so every change adds, removes or replaces an entry of
+    /// `site-packages`. The names catch additions and removals even within one tick of the
+    /// kernel's coarse file clock; the times catch a reinstall under the same names. A stamp
+    /// file written by `ampoule setup` would miss plain pip. Not seen: a module file edited in
+    /// place, and code outside the environment (the targets of `.pth` files, the system's
+    /// site-packages).
+    ///
+    /// A path that does not exist is part of the fingerprint (as absent), so an environment
+    /// that does not exist yet has one too.
+    pub fn fingerprint(&self) -> Result<EnvFingerprint> {
+        let mut stamps = Vec::new();
+        for path in [
+            self.python(),
+            self.dir.join("pyvenv.cfg"),
+            self.dir.join("lib"),
+        ] {
+            let stamp = Stamp::of(&path)?;
+            stamps.push((path, stamp));
+        }
+        let lib = self.dir.join("lib");
+        let mut site_dirs = Vec::new();
+        match std::fs::read_dir(&lib) {
+            Ok(entries) => {
+                for entry in entries {
+                    let entry =
+                        entry.map_err(|e| Error::io(format!("reading {}", lib.display()), e))?;
+                    if entry.file_name().to_string_lossy().starts_with("python") {
+                        site_dirs.push(entry.path().join("site-packages"));
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(format!("reading {}", lib.display()), e)),
+        }
+        site_dirs.sort();
+        let mut names = Vec::with_capacity(site_dirs.len());
+        for path in site_dirs {
+            names.push(entry_names_hash(&path)?);
+            let stamp = Stamp::of(&path)?;
+            stamps.push((path, stamp));
+        }
+        Ok(EnvFingerprint { stamps, names })
+    }
+
     /// The pins that are not installed as pinned (`name==version (installed: …)`); empty when
     /// the environment is complete.
     pub fn outdated(&self) -> Result<Vec<String>> {
@@ -153,6 +207,59 @@ impl PythonEnv {
                 None => Some(format!("{}=={} (missing)", r.name, r.version)),
             })
             .collect())
+    }
+}
+
+/// What [`PythonEnv::fingerprint`] saw: compare two to know whether the environment changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvFingerprint {
+    stamps: Vec<(PathBuf, Option<Stamp>)>,
+    /// Per `site-packages`, in the order of `stamps`: a hash of its sorted entry names.
+    names: Vec<u64>,
+}
+
+/// A hash of the names in `dir` (sorted, so independent of the directory's order); 0 when
+/// `dir` does not exist.
+fn entry_names_hash(dir: &Path) -> Result<u64> {
+    use std::hash::{Hash, Hasher};
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(Error::io(format!("reading {}", dir.display()), e)),
+    };
+    let mut names = entries
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<std::io::Result<Vec<_>>>()
+        .map_err(|e| Error::io(format!("reading {}", dir.display()), e))?;
+    names.sort();
+    // Fixed keys: the same names hash the same for the life of the process.
+    let mut hasher = std::hash::DefaultHasher::new();
+    names.hash(&mut hasher);
+    Ok(hasher.finish())
+}
+
+/// Identity and times of one path (`None` in a fingerprint when it does not exist).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Stamp {
+    fn of(path: &Path) -> Result<Option<Self>> {
+        use std::os::unix::fs::MetadataExt;
+        match std::fs::metadata(path) {
+            Ok(m) => Ok(Some(Self {
+                dev: m.dev(),
+                ino: m.ino(),
+                mtime: (m.mtime(), m.mtime_nsec()),
+                ctime: (m.ctime(), m.ctime_nsec()),
+            })),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(format!("reading {}", path.display()), e)),
+        }
     }
 }
 
@@ -455,6 +562,83 @@ mod tests {
         drop(held);
         drop(lock(&env).unwrap());
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A fake venv at `dir`: the layout `python3 -m venv` makes, with one distribution.
+    fn fake_env(dir: &Path) -> PythonEnv {
+        let env = PythonEnv::at(dir);
+        let site = env.dir().join("lib/python3.11/site-packages");
+        std::fs::create_dir_all(&site).unwrap();
+        std::fs::create_dir_all(env.dir().join("bin")).unwrap();
+        std::fs::write(env.python(), "").unwrap();
+        std::fs::write(env.dir().join("pyvenv.cfg"), "home = /usr/bin\n").unwrap();
+        std::fs::create_dir(site.join("numpy-2.4.5.dist-info")).unwrap();
+        env
+    }
+
+    fn scratch_dir(name: &str) -> PathBuf {
+        let root = std::env::temp_dir().join(format!("ampoule-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        root
+    }
+
+    #[test]
+    fn the_fingerprint_changes_when_packages_change() {
+        let root = scratch_dir("fingerprint");
+        let env = fake_env(&root.join("python"));
+        let site = env.dir().join("lib/python3.11/site-packages");
+        let before = env.fingerprint().unwrap();
+        assert_eq!(
+            env.fingerprint().unwrap(),
+            before,
+            "stable while nothing changes"
+        );
+        // What `pip install fakepkg` leaves behind.
+        std::fs::write(site.join("fakepkg.py"), "VERSION = 1\n").unwrap();
+        std::fs::create_dir(site.join("fakepkg-1.0.dist-info")).unwrap();
+        let installed = env.fingerprint().unwrap();
+        assert_ne!(installed, before, "a package was added");
+        // An upgrade: pip moves the old distribution away and installs the new one.
+        std::fs::rename(
+            site.join("numpy-2.4.5.dist-info"),
+            root.join("numpy-2.4.5.dist-info"),
+        )
+        .unwrap();
+        std::fs::create_dir(site.join("numpy-2.4.6.dist-info")).unwrap();
+        let upgraded = env.fingerprint().unwrap();
+        assert_ne!(upgraded, installed, "a package was upgraded");
+        // A removal.
+        std::fs::remove_dir(site.join("fakepkg-1.0.dist-info")).unwrap();
+        std::fs::remove_file(site.join("fakepkg.py")).unwrap();
+        assert_ne!(
+            env.fingerprint().unwrap(),
+            upgraded,
+            "a package was removed"
+        );
+        std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn the_fingerprint_changes_when_the_environment_is_created_or_rebuilt() {
+        let root = scratch_dir("fingerprint-rebuilt");
+        let env = PythonEnv::at(root.join("python"));
+        let absent = env.fingerprint().unwrap();
+        assert_eq!(env.fingerprint().unwrap(), absent);
+        fake_env(env.dir());
+        let built = env.fingerprint().unwrap();
+        assert_ne!(built, absent, "the environment appeared");
+        // Recreated under the same names: other inodes (unless reused) and later times, once
+        // the kernel's coarse file clock has ticked (it does every few milliseconds).
+        std::fs::remove_dir_all(env.dir()).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        fake_env(env.dir());
+        assert_ne!(
+            env.fingerprint().unwrap(),
+            built,
+            "the environment was rebuilt"
+        );
+        std::fs::remove_dir_all(root).unwrap();
     }
 
     #[test]

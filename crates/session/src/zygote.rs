@@ -4,6 +4,10 @@
 //! [`Session::start_forked`] turns one fork of it into a session. A session born this way has
 //! the same layers and limits as one started from scratch, answers the same protocol and is
 //! ready in milliseconds with numpy, pandas and matplotlib already imported.
+//!
+//! A zygote keeps the modules it imported for its whole life, so its children never see a
+//! package installed or upgraded after it started: whoever runs zygotes records
+//! [`python_env_fingerprint`] before [`start_python`] and replaces the zygote when it differs.
 
 use ampoule_runtime::{Host, SandboxConfig, Zygote, ZygoteConfig};
 use ampoule_types::Limits;
@@ -11,6 +15,7 @@ use ampoule_types::Limits;
 use crate::error::Result;
 use crate::language::{Kernel, KernelFile, Python, in_sandbox};
 use crate::session::{Session, sandbox_config};
+use crate::setup::{EnvFingerprint, PythonEnv};
 
 const ZYGOTE: KernelFile = KernelFile {
     name: "zygote.py",
@@ -41,6 +46,13 @@ fn python_config(limits: &Limits) -> Result<(crate::LanguageSpec, SandboxConfig)
     Ok((spec, cfg))
 }
 
+/// The fingerprint of the Python environment [`start_python`] starts from (the `ampoule setup`
+/// environment, or its absence: see [`PythonEnv::fingerprint`]). A few `stat` calls and two
+/// small directory reads.
+pub fn python_env_fingerprint() -> Result<EnvFingerprint> {
+    PythonEnv::default_location().fingerprint()
+}
+
 /// Starts a Python zygote that imports `preload` (see [`DEFAULT_PRELOAD`]); modules that fail
 /// to import are listed in [`Zygote::info`], not an error. Root only.
 pub async fn start_python(host: &Host, preload: &[String]) -> Result<Zygote> {
@@ -51,10 +63,21 @@ pub async fn start_python(host: &Host, preload: &[String]) -> Result<Zygote> {
     // `max_sessions`.
     let (spec, mut cfg) = python_config(&Limits {
         memory_mib: 1 << 20,
-        pids: 1024,
+        // The zygote's cgroup also holds every live session's pid 1 (see zygote.py).
+        pids: 65_536,
         disk_mib: 64,
         ..Limits::default()
     })?;
+    // The zygote's objects in one heap of 2 MiB pages (see `collapse_heap` in zygote.py): a
+    // fork then copies a few dozen page-table entries instead of ~20,000. The children's own
+    // environment is the session's (set by the child), without these.
+    for (key, value) in [
+        ("PYTHONMALLOC", "malloc"),
+        ("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1"),
+    ] {
+        cfg.env.retain(|(k, _)| k != key);
+        cfg.env.push((key.into(), value.into()));
+    }
     let python = spec.argv.first().cloned().unwrap_or_default();
     cfg.argv = vec![python, in_sandbox(ZYGOTE.name)];
     let files = spec
