@@ -11,15 +11,19 @@ Control socket: descriptor 0, a SOCK_SEQPACKET socket to the supervisor; one JSO
 datagram, descriptors with SCM_RIGHTS.
 
   supervisor -> zygote  {"config": {...}}                 once, first
-  zygote -> supervisor  {"ready": {"runtime", "preloaded", "failed"}}
+  zygote -> supervisor  {"ready": {"runtime", "preloaded", "failed", "ms", "huge_mib", "hot_kib"}}
   supervisor -> zygote  {"fork": {"id", ...}}             fds: ctl, stdin, stdout, stderr, tasks…
   zygote -> supervisor  {"forked": {"id", "pid"}}         fd: a pidfd of the child
-                        {"error": {"id", "message"}}
+                        {"error": {"id", "message"}}        (id null: forking the spare failed)
                         {"exit": {"pid", "code"|"signal"}}   when a child has ended
 
-The child (pid 1 of a new pid namespace) then speaks the runtime's init channel protocol on
-its ctl socket: "Scratch" (+ the scratch directory), waits for "Start", answers
-{"Ready": {"landlock": ...}} or {"Failed": {"stage", "message"}} and becomes the kernel.
+The zygote keeps one child forked ahead of the next request, its "spare" (pid 2 of a pid
+namespace of its own, whose pid 1 is a reaper): the fork, the namespaces, /proc, loopback, the
+scratch tmpfs and the copies of the pages a session writes first are done between requests.
+A request goes to the spare (its descriptors forwarded), and the zygote forks the next one.
+The child then speaks the runtime's init channel protocol on its ctl socket: "Scratch" (+ the
+scratch directory), waits for "Start", answers {"Ready": {"landlock": ...}} or
+{"Failed": {"stage", "message"}} and becomes the kernel.
 """
 
 import ctypes
@@ -39,6 +43,7 @@ libc = ctypes.CDLL(None, use_errno=True)
 libc.syscall.restype = ctypes.c_long
 libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
 libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 
 CLONE_NEWNS = 0x00020000
@@ -59,6 +64,7 @@ MS_REC = 16384
 MS_PRIVATE = 1 << 18
 MNT_DETACH = 2
 
+PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
 PR_SET_SECCOMP = 22
 PR_CAPBSET_DROP = 24
@@ -66,9 +72,17 @@ PR_SET_NO_NEW_PRIVS = 38
 PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 PR_SET_SPECULATION_CTRL = 53
+PR_SET_THP_DISABLE = 41
 PR_SPEC_STORE_BYPASS = 0
 PR_SPEC_FORCE_DISABLE = 1 << 3
 SECCOMP_MODE_FILTER = 2
+
+MADV_POPULATE_WRITE = 23
+MADV_COLLAPSE = 25
+PAGE = os.sysconf("SC_PAGE_SIZE")
+PM_PRESENT, PM_EXCLUSIVE = 1 << 63, 1 << 56
+MAX_HOT_RUNS = 4096
+HUGE_PAGE = 1 << 21
 
 SYS_CAPSET = 126
 SYS_LANDLOCK_CREATE_RULESET = 444
@@ -78,6 +92,7 @@ SYS_LANDLOCK_RESTRICT_SELF = 446
 SIOCSIFFLAGS = 0x8914
 IFF_UP, IFF_LOOPBACK, IFF_RUNNING = 0x1, 0x8, 0x40
 
+HOSTNAME = "sandbox"
 MAX_FDS = 16
 MAX_MESSAGE = 256 * 1024
 
@@ -138,12 +153,17 @@ def set_rlimits(r):
         resource.setrlimit(resource.RLIMIT_NPROC, (r["nproc"], r["nproc"]))
 
 
-def mount_scratch(spec):
+def scratch_options(spec):
+    return f"size={max(spec['scratch_bytes'], 4096)},nr_inodes={max(spec['scratch_inodes'], 64)}"
+
+
+def mount_scratch():
     """The session's own tmpfs for /mnt/data, /tmp, /var/tmp and /dev/shm (one size and inode
     limit for all), staged on /run/ampoule and detached from there once bound; returns a
-    descriptor of its root for the supervisor."""
+    descriptor of its root for the supervisor. Its size is the smallest until `size_scratch`
+    sets the request's."""
     stage = "/run/ampoule"
-    opts = f"size={max(spec['scratch_bytes'], 4096)},nr_inodes={max(spec['scratch_inodes'], 64)},mode=0755"
+    opts = "size=4096,nr_inodes=64,mode=0755"
     mount("mount", "tmpfs", stage, "tmpfs", MS_NOSUID | MS_NODEV, opts)
     for name, mode in (("data", 0o755), (".ampoule", 0o755), ("tmp", 0o1777), ("shm", 0o1777)):
         p = f"{stage}/{name}"
@@ -157,6 +177,12 @@ def mount_scratch(spec):
     root = os.open(stage, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     check("mount", libc.umount2(stage.encode(), MNT_DETACH), "detach the scratch stage")
     return root
+
+
+def size_scratch(spec):
+    """The request's size and inode limits on the (empty) scratch tmpfs, through any of its
+    mount points."""
+    mount("mount", None, "/mnt/data", None, MS_REMOUNT | MS_NOSUID | MS_NODEV, scratch_options(spec))
 
 
 def mount_proc(cfg):
@@ -317,25 +343,70 @@ def reseed():
             pass
 
 
-def session(cfg, programs, spec, fds):
-    """The child: from a copy of the zygote to a sealed session. Never returns."""
-    ctl_fd, stdin, stdout, stderr, *tasks = fds
-    ctl = socket.socket(fileno=ctl_fd)
+def prepare_spare(cfg):
+    """The part of a session's setup that needs nothing of its request, done while the process
+    waits as the zygote's spare: namespaces, a private mount tree, `/proc`, the host name,
+    loopback and the scratch space (at its smallest size); returns the scratch root."""
+    check("unshare", libc.unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS), "namespaces")
+    mount("mount private", None, "/", None, MS_REC | MS_PRIVATE)
+    mount_proc(cfg)
+    socket.sethostname(HOSTNAME)
+    loopback_up()
+    return mount_scratch()
+
+
+def spare(cfg, programs, sock):
+    """The child, forked ahead of its request: prepares what it can, then waits on `sock` for
+    the request (or the zygote's end). Never returns."""
     # The zygote's own signal plumbing is not the session's.
     signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    # The session's own allocations in small pages (and khugepaged never re-collapses what it
+    # shares with the zygote into private copies): density over the zygote's fork speed.
+    libc.prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0)
+    null = os.open("/dev/null", os.O_RDWR)
+    for target in (0, 1, 2):
+        os.dup2(null, target)
+    os.closerange(3, sock.fileno())
+    os.closerange(sock.fileno() + 1, 1 << 20)
+    failed = scratch = None
     try:
+        scratch = prepare_spare(cfg)
+        reseed()
+        copy_hot_pages(HOT)
+    except Stage as e:
+        failed = e
+    except BaseException as e:
+        failed = Stage("zygote", "".join(traceback.format_exception_only(type(e), e)).strip())
+    try:
+        msg, fds = recv(sock)
+    except OSError:
+        os._exit(0)
+    if msg is None:
+        os._exit(0)  # the zygote is gone, or replaced its spare
+    sock.close()
+    session(cfg, programs, msg, fds, scratch, failed)
+
+
+def session(cfg, programs, spec, fds, root, failed):
+    """The spare, given its request: from a copy of the zygote to a sealed session. Never
+    returns."""
+    ctl_fd, stdin, stdout, stderr, *tasks = fds
+    ctl = socket.socket(fileno=ctl_fd)
+    try:
+        if failed is not None:
+            raise failed
         for fd, target in ((stdin, 0), (stdout, 1), (stderr, 2)):
             os.dup2(fd, target)
-        keep = {0, 1, 2, ctl_fd, *tasks}
-        for fd in [int(n) for n in os.listdir("/proc/self/fd")]:
-            if fd not in keep:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+        for fd in (stdin, stdout, stderr):
+            if fd > 2 and fd != ctl_fd:
+                os.close(fd)
         # cgroup v1: moving ourselves through `tasks` avoids the global lock (see init.rs); the
-        # supervisor opened the files, so its credentials authorise the write.
+        # supervisor opened the files, so its credentials authorise the write. What we
+        # allocated before this point (page tables, namespaces) stays charged to the zygote's
+        # cgroup, and so does pid 1, the reaper: moving another process takes that lock (an RCU
+        # grace period, 10-15 ms).
         for fd in tasks:
             try:
                 os.write(fd, b"0")
@@ -346,12 +417,9 @@ def session(cfg, programs, spec, fds):
             set_rlimits(spec["rlimits"])
         except (OSError, ValueError) as e:
             raise Stage("rlimit", str(e))
-        check("unshare", libc.unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS), "namespaces")
-        mount("mount private", None, "/", None, MS_REC | MS_PRIVATE)
-        root = mount_scratch(spec)
-        mount_proc(cfg)
-        socket.sethostname(spec["hostname"])
-        loopback_up()
+        size_scratch(spec)
+        if spec.get("hostname", HOSTNAME) != HOSTNAME:
+            socket.sethostname(spec["hostname"])
         send(ctl, "Scratch", [root])
         os.close(root)
         msg, _ = recv(ctl)
@@ -383,7 +451,6 @@ def session(cfg, programs, spec, fds):
     os.environ.clear()
     os.environ.update(dict(spec["env"]))
     sys.argv = [KERNEL_PATH]
-    reseed()
     try:
         kernel.main()
     finally:
@@ -391,6 +458,136 @@ def session(cfg, programs, spec, fds):
 
 
 # -- the zygote ------------------------------------------------------------------------------
+
+
+def rehearse():
+    """What every new session does first, in miniature: the kernel's start (event loop, version
+    string, random state) and a first cell through the kernel's own parse/run/result path."""
+    import asyncio
+    import platform
+
+    reseed()
+    asyncio.new_event_loop().close()
+    platform.python_version()
+    tree, _ = kernel._parse("import json\n1+1", "<rehearsal>")
+    last = tree.body.pop()
+    ns = {"__name__": "__main__"}
+    exec(compile(ast_module(tree.body), "<rehearsal>", "exec", flags=kernel.FLAGS), ns)
+    value = eval(compile(ast_expression(last.value), "<rehearsal>", "eval", flags=kernel.FLAGS), ns)
+    json.dumps({"type": "result", "id": "", "data": kernel.mime_bundle(value), "execution_count": 1})
+
+
+def ast_module(body):
+    import ast
+
+    return ast.Module(body=body, type_ignores=[])
+
+
+def ast_expression(value):
+    import ast
+
+    return ast.Expression(body=value)
+
+
+def writable_regions():
+    """(start, end) of this process's private writable mappings."""
+    out = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split()
+            if fields[1].startswith("rw") and fields[1].endswith("p"):
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                out.append((start, end))
+    return out
+
+
+def learn_hot_pages():
+    """The pages a new session writes first, learnt once: a probe child rehearses a session's
+    start and reports which of the zygote's pages it had to copy (exclusive in its page map).
+    Each spare copies those ahead of its request (MADV_POPULATE_WRITE), so the ~1,000
+    copy-on-write faults of a first execution (~8 us each here) are not paid while a caller
+    waits. Only breaks sharing of pages a session would copy anyway; best effort."""
+    regions = writable_regions()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            rehearse()
+            runs = []
+            with open("/proc/self/pagemap", "rb") as pm:
+                for start, end in regions:
+                    pm.seek(start // PAGE * 8)
+                    raw = pm.read((end - start) // PAGE * 8)
+                    run = None
+                    for i, (entry,) in enumerate(struct.iter_unpack("=Q", raw)):
+                        hot = entry & PM_PRESENT and entry & PM_EXCLUSIVE
+                        addr = start + i * PAGE
+                        if hot and run is not None and run[0] + run[1] == addr:
+                            run[1] += PAGE
+                        elif hot:
+                            run = [addr, PAGE]
+                            runs.append(run)
+            data = json.dumps(runs[:MAX_HOT_RUNS]).encode()
+            view = memoryview(data)
+            while view:
+                view = view[os.write(w, view):]
+        except BaseException:
+            pass
+        finally:
+            os._exit(0)
+    os.close(w)
+    chunks = []
+    while True:
+        chunk = os.read(r, 1 << 16)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(r)
+    os.waitpid(pid, 0)
+    try:
+        return [tuple(run) for run in json.loads(b"".join(chunks) or b"[]")]
+    except ValueError:
+        return []
+
+
+def copy_hot_pages(runs):
+    for addr, length in runs:
+        libc.madvise(addr, length, MADV_POPULATE_WRITE)  # ENOMEM for what is gone: fine
+
+
+def collapse_heap():
+    """Maps the interpreter's private memory with 2 MiB pages where it can (MADV_COLLAPSE, Linux
+    6.1+; best effort). fork() copies one page-table entry per mapped page of the parent and
+    write-protects it: for the ~80 MiB a pandas interpreter holds, that is ~20,000 entries and
+    5-10 ms here (more under a hypervisor that shadows page tables), against ~40 entries as huge
+    pages. The zygote runs with PYTHONMALLOC=malloc and glibc's `malloc.hugetlb=1` tunable
+    (crates/session/src/zygote.rs), so objects live in one contiguous heap that can be
+    collapsed, not in pymalloc's scattered 1 MiB arenas. Children split a huge page only where
+    they write, copying 4 KiB pages as before. Returns the MiB now in huge pages."""
+    try:
+        with open("/proc/self/maps") as f:
+            maps = f.read().splitlines()
+    except OSError:
+        return 0
+    for line in maps:
+        fields = line.split()
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        name = fields[5] if len(fields) > 5 else ""
+        if "w" not in fields[1] or (name and name != "[heap]"):
+            continue  # file mappings and stacks stay as they are
+        lo = (start + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1)
+        hi = end & ~(HUGE_PAGE - 1)
+        if hi > lo:
+            libc.madvise(lo, hi - lo, MADV_COLLAPSE)  # EINVAL for stacks and guard areas
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("AnonHugePages:"):
+                    return int(line.split()[1]) // 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 KERNEL_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernel.py")
@@ -415,6 +612,11 @@ def reap(sock):
             return
         if pid == 0:
             return
+        global SPARE
+        if SPARE is not None and pid == SPARE.pid:
+            SPARE.discard()  # died waiting; the next request forks a new one
+            SPARE = None
+            continue
         reaper = REAPERS.pop(pid, None)
         if reaper is None:
             continue  # a reaper, killed below when its session ended
@@ -436,37 +638,89 @@ def reap(sock):
 REAPERS = {}  # session pid -> its pid 1
 
 
-def fork(cfg, programs, spec, fds, own_pid_ns):
-    """One child in a pid namespace of its own. After unshare(CLONE_NEWPID) our next children
-    go into a new namespace: first its pid 1, a small reaper (ampoule's init binary, spawned
-    with vfork: no copy of this process), then the session (pid 2). setns back to our own
-    namespace re-arms it for the next request."""
+class Spare:
+    """A child forked ahead of its request, waiting on `sock` (see `spare`)."""
+
+    def __init__(self, pid, reaper, sock):
+        self.pid, self.reaper, self.sock = pid, reaper, sock
+
+    def discard(self):
+        self.sock.close()
+        for pid in (self.pid, self.reaper):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+SPARE = None  # the next session's process
+HOT = []  # (address, length) of the pages a new session writes first
+
+
+def fork_spare(cfg, programs, own_pid_ns):
+    """Forks the next session's process in a pid namespace of its own. After
+    unshare(CLONE_NEWPID) our next children go into a new namespace: first its pid 1, a small
+    reaper (ampoule's init binary, spawned with vfork: no copy of this process), then the spare
+    (pid 2). setns back to our own namespace re-arms it. The fork (a copy of this process's
+    page tables, the costly part) and the setup that needs no request happen here, between
+    requests, not while a caller waits."""
     check("unshare", libc.unshare(CLONE_NEWPID), "pid namespace")
-    # cgroup v1: fork from inside the child's cgroup, so what the kernel allocates for the child
-    # (page tables, kernel stack) is charged to it, not to us; then step back.
-    tasks = fds[4:] if cfg["own_tasks"] else []
     try:
-        for fd in tasks:
-            os.write(fd, b"0")
         exe = f"/proc/self/fd/{cfg['reaper_fd']}"
         reaper = os.posix_spawn(exe, [exe, *cfg["reaper"]], {}, file_actions=[
             (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDWR, 0),
             (os.POSIX_SPAWN_DUP2, 0, 1),
             (os.POSIX_SPAWN_DUP2, 0, 2),
         ])
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             pid = os.fork()
         except OSError:
+            ours.close()
+            theirs.close()
             os.kill(reaper, signal.SIGKILL)
             raise
         if pid == 0:
-            session(cfg, programs, spec, fds)
-        REAPERS[pid] = reaper
-        return pid
+            # Nothing may unwind from here into the zygote's own loop.
+            try:
+                ours.close()
+                spare(cfg, programs, theirs)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(111)
+        theirs.close()
+        return Spare(pid, reaper, ours)
     finally:
-        for fd in cfg["own_tasks"] if tasks else []:
-            os.write(fd, b"0")
         check("setns", libc.setns(own_pid_ns, CLONE_NEWPID), "own pid namespace")
+
+
+def fork(cfg, programs, req, fds, own_pid_ns):
+    """Hands the request to the spare (forking one now if there is none) and returns its pid."""
+    global SPARE
+    for _ in range(2):
+        child, SPARE = SPARE or fork_spare(cfg, programs, own_pid_ns), None
+        try:
+            send(child.sock, req, fds)
+        except OSError:
+            child.discard()  # it died waiting (the next loop round reaps it)
+            continue
+        child.sock.close()
+        REAPERS[child.pid] = child.reaper
+        return child.pid
+    raise OSError("the spare died before its request")
+
+
+def refill(cfg, programs, own_pid_ns, sock):
+    global SPARE
+    if SPARE is None:
+        try:
+            SPARE = fork_spare(cfg, programs, own_pid_ns)
+        except Exception as e:  # the next request forks (and reports) instead
+            try:
+                send(sock, {"error": {"id": None, "message": f"forking a spare: {e}"}})
+            except OSError:
+                pass
 
 
 def main():
@@ -479,7 +733,6 @@ def main():
         sys.exit("zygote: expected the config and the reaper's executable first")
     cfg = msg["config"]
     cfg["reaper_fd"] = fds[0]  # close-on-exec: the reaper is executed through /proc/self/fd
-    cfg["own_tasks"] = fds[1:]  # cgroup v1 `tasks` files of our own cgroup
     started = time.monotonic()
     global kernel
     sys.path.insert(0, os.path.dirname(KERNEL_PATH))
@@ -490,8 +743,16 @@ def main():
     programs = seccomp_programs(cfg)
     own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
     # Nothing the GC would touch after this point: children share these pages untouched.
+    # What a session's start initialises lazily is initialised here once, shared by all.
+    try:
+        rehearse()
+    except Exception:
+        pass
     gc.collect()
     gc.freeze()
+    huge_mib = collapse_heap()
+    global HOT
+    HOT = learn_hot_pages()
     import platform
 
     send(sock, {"ready": {
@@ -499,11 +760,14 @@ def main():
         "preloaded": done,
         "failed": failed,
         "ms": round((time.monotonic() - started) * 1000, 1),
+        "huge_mib": huge_mib,
+        "hot_kib": sum(length for _, length in HOT) // 1024,
     }})
     # SIGCHLD wakes the loop (through the wakeup pipe) to reap and report at once.
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
+    refill(cfg, programs, own_pid_ns, sock)
     while True:
         readable, _, _ = select.select([sock, wake_r], [], [], 5.0)
         if wake_r in readable:
@@ -533,6 +797,7 @@ def main():
         finally:
             for fd in fds:
                 os.close(fd)
+        refill(cfg, programs, own_pid_ns, sock)
 
 
 if __name__ == "__main__":

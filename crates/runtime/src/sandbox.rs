@@ -420,15 +420,6 @@ impl Sandbox {
         })
     }
 
-    /// cgroup v1 `tasks` files of the sandbox's cgroup (see [`crate::cgroup::Cgroup::self_join_files`]).
-    pub(crate) fn self_join_files(&self) -> Vec<PathBuf> {
-        self.cgroup
-            .as_ref()
-            .filter(|c| c.0.version() == crate::cgroup::CgroupVersion::V1)
-            .map(|c| c.0.self_join_files())
-            .unwrap_or_default()
-    }
-
     /// The addresses of the sandbox's link to the egress gateway (allowlist mode).
     pub fn network(&self) -> Option<&GatewayAddrs> {
         self.network.as_ref()

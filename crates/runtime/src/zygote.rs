@@ -5,9 +5,11 @@
 //! copied pages. A [`Zygote`] is that interpreter: a program started in a sandbox of its own
 //! ([`Sandbox`] in zygote mode: every namespace, a read-only root, no network, nothing secret
 //! in its memory or environment, root of its user namespace so that it keeps the capabilities
-//! its children need to build their namespaces). [`Zygote::spawn`] asks it to fork; the child
-//! becomes pid 1 of a new pid namespace, joins its own cgroup, unshares its mount, network, ipc,
-//! uts and cgroup namespaces, mounts its own scratch space and `/proc`, then enters a user
+//! its children need to build their namespaces). [`Zygote::spawn`] asks it for a child. The child
+//! was forked ahead of the request (the zygote's "spare": pid 2 of a new pid namespace whose
+//! pid 1 is a reaper, with its mount, network, ipc and uts namespaces, `/proc`, loopback and
+//! scratch tmpfs already made, and the pages a session writes first already copied); given the
+//! request it joins its cgroup, sizes its scratch space, unshares its cgroup namespace, enters a user
 //! namespace of its own as [`crate::sandbox::SANDBOX_UID`], applies the same Landlock ruleset,
 //! drops every capability, sets `no_new_privs` and installs the same seccomp programs as the
 //! runtime's init (the programs are compiled here and handed over; the child's code is
@@ -21,7 +23,10 @@
 //! * Siblings start from the same memory: the child re-seeds its random generators; CPython's
 //!   string-hash secret is per zygote and cannot change in a live interpreter, so zygotes are
 //!   recycled ([`Zygote::forks`], [`Zygote::age`]).
-//! * The session's pid 1 is the program itself; the zygote reaps it and reports its status.
+//! * The session's pid 1 is a reaper (ampoule's init binary, sealed in a user namespace of its
+//!   own), the program is pid 2; the zygote reaps the program, reports its status and kills
+//!   the reaper. The reaper and what the spare allocated before its request (page tables,
+//!   namespaces) are charged to the zygote's cgroup, not the session's.
 //!
 //! Protocol with the zygote (one JSON object per `SOCK_SEQPACKET` datagram, descriptors with
 //! `SCM_RIGHTS`): see `kernels/python/zygote.py`.
@@ -74,6 +79,10 @@ pub struct ZygoteInfo {
     pub failed: Vec<String>,
     /// Milliseconds the imports took.
     pub ready_ms: f64,
+    /// MiB of its memory mapped with huge pages (what makes a fork cheap).
+    pub huge_mib: u64,
+    /// KiB of its pages every child copies ahead of its request (see `learn_hot_pages`).
+    pub hot_kib: u64,
 }
 
 type ForkReply = std::result::Result<(i32, OwnedFd, ExitSlot), String>;
@@ -214,21 +223,8 @@ impl Zygote {
             "sandbox_uid": crate::sandbox::SANDBOX_UID,
             "reaper": [crate::init::INIT_ARG, crate::init::REAPER_ARG],
         }});
-        // cgroup v1: the zygote steps into a child's cgroup to fork it (so the child's page
-        // tables and kernel stack are charged there, not to the zygote) and back into its own
-        // through these.
-        let mut own_tasks = Vec::new();
-        for path in sandbox.self_join_files() {
-            let f = std::fs::OpenOptions::new()
-                .write(true)
-                .open(&path)
-                .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-            own_tasks.push(OwnedFd::from(f));
-        }
-        let mut fds = vec![init_exe.as_raw_fd()];
-        fds.extend(own_tasks.iter().map(AsRawFd::as_raw_fd));
-        send(&sock, &config, &fds).await?;
-        drop((init_exe, own_tasks));
+        send(&sock, &config, &[init_exe.as_raw_fd()]).await?;
+        drop(init_exe);
         let ready = tokio::time::timeout(READY_TIMEOUT, recv(&sock))
             .await
             .map_err(|_| Error::Channel("the zygote did not get ready in time".into()))??;
@@ -249,6 +245,8 @@ impl Zygote {
                     preloaded: strings(&r["preloaded"]),
                     failed: strings(&r["failed"]),
                     ready_ms: r["ms"].as_f64().unwrap_or_default(),
+                    huge_mib: r["huge_mib"].as_u64().unwrap_or_default(),
+                    hot_kib: r["hot_kib"].as_u64().unwrap_or_default(),
                 }
             }
             other => {

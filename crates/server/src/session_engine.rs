@@ -216,6 +216,8 @@ impl SessionEngine {
                     preloaded = ?info.preloaded,
                     failed = ?info.failed,
                     ms = started.elapsed().as_millis() as u64,
+                    huge_mib = info.huge_mib,
+                    hot_kib = info.hot_kib,
                     "zygote ready"
                 );
                 g.failed_at = None;
