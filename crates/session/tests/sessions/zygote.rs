@@ -32,6 +32,8 @@ fn stdout_of(out: &ampoule_session::ExecutionResult) -> String {
 async fn preloaded_and_sealed(host: Host) -> Result<(), Failed> {
     let z = zygote(&host).await?;
     check!(z.info().failed.is_empty(), z.info());
+    // It learnt which of its pages a new session writes first (its spares copy them ahead).
+    check!(z.info().hot_kib > 0, z.info());
     let mut s = fork(&host, &z, Limits::default()).await?;
     let out = run(
         &mut s,
