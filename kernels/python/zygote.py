@@ -501,44 +501,99 @@ def writable_regions():
     return out
 
 
+PROBE_CODE = "import pandas\n1+1"
+PROBE_TIMEOUT = 20
+
+
+def exclusive_runs(regions):
+    """(address, length) runs of the pages of `regions` that only this process maps: those it
+    wrote (copied) or allocated since the fork."""
+    runs = []
+    with open("/proc/self/pagemap", "rb") as pm:
+        for start, end in regions:
+            pm.seek(start // PAGE * 8)
+            raw = pm.read((end - start) // PAGE * 8)
+            run = None
+            for i, (entry,) in enumerate(struct.iter_unpack("=Q", raw)):
+                addr = start + i * PAGE
+                if not (entry & PM_PRESENT and entry & PM_EXCLUSIVE):
+                    continue
+                if run is not None and run[0] + run[1] == addr:
+                    run[1] += PAGE
+                else:
+                    run = [addr, PAGE]
+                    runs.append(run)
+    return runs[:MAX_HOT_RUNS]
+
+
+def write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def probe(regions, out):
+    """The probe child: the real kernel, fed one execution through pipes; once it is done, the
+    pages it wrote are reported on `out`. Never returns."""
+    import threading
+
+    req_r, req_w = os.pipe()
+    ev_r, ev_w = os.pipe()
+    null = os.open("/dev/null", os.O_RDWR)
+    for fd, target in ((req_r, 0), (ev_w, 1), (null, 2)):
+        os.dup2(fd, target)
+        os.close(fd)
+    payload = json.dumps({"type": "execute", "id": "probe", "code": PROBE_CODE}).encode()
+    write_all(req_w, struct.pack(">I", len(payload)) + payload)  # req_w stays open
+
+    def watch():
+        try:
+            buf = b""
+            while True:
+                chunk = os.read(ev_r, 1 << 16)
+                if not chunk:
+                    return
+                buf += chunk
+                while len(buf) >= 4:
+                    (n,) = struct.unpack(">I", buf[:4])
+                    if len(buf) < 4 + n:
+                        break
+                    msg, buf = json.loads(buf[4 : 4 + n]), buf[4 + n :]
+                    if msg.get("type") == "done":
+                        write_all(out, json.dumps(exclusive_runs(regions)).encode())
+                        return
+        finally:
+            os._exit(0)
+
+    threading.Thread(target=watch, daemon=True).start()
+    kernel.main()
+
+
 def learn_hot_pages():
-    """The pages a new session writes first, learnt once: a probe child rehearses a session's
-    start and reports which of the zygote's pages it had to copy (exclusive in its page map).
-    Each spare copies those ahead of its request (MADV_POPULATE_WRITE), so the ~1,000
-    copy-on-write faults of a first execution (~8 us each here) are not paid while a caller
-    waits. Only breaks sharing of pages a session would copy anyway; best effort."""
+    """The pages a new session writes first, learnt once: a probe child runs the real kernel
+    through its start and a first cell (`PROBE_CODE`) and reports which of the zygote's pages
+    it had to copy (exclusive in its page map). Each spare copies those ahead of its request
+    (MADV_POPULATE_WRITE), so the ~1,000 copy-on-write faults of a session's start and first
+    execution (~8 us each here) are not paid while a caller waits. Only breaks the sharing of
+    pages a session copies anyway; best effort (nothing learnt, nothing copied)."""
     regions = writable_regions()
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
         try:
             os.close(r)
-            rehearse()
-            runs = []
-            with open("/proc/self/pagemap", "rb") as pm:
-                for start, end in regions:
-                    pm.seek(start // PAGE * 8)
-                    raw = pm.read((end - start) // PAGE * 8)
-                    run = None
-                    for i, (entry,) in enumerate(struct.iter_unpack("=Q", raw)):
-                        hot = entry & PM_PRESENT and entry & PM_EXCLUSIVE
-                        addr = start + i * PAGE
-                        if hot and run is not None and run[0] + run[1] == addr:
-                            run[1] += PAGE
-                        elif hot:
-                            run = [addr, PAGE]
-                            runs.append(run)
-            data = json.dumps(runs[:MAX_HOT_RUNS]).encode()
-            view = memoryview(data)
-            while view:
-                view = view[os.write(w, view):]
-        except BaseException:
-            pass
+            probe(regions, w)
         finally:
             os._exit(0)
     os.close(w)
     chunks = []
+    deadline = time.monotonic() + PROBE_TIMEOUT
     while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([r], [], [], left)[0]:
+            chunks = []
+            os.kill(pid, signal.SIGKILL)
+            break
         chunk = os.read(r, 1 << 16)
         if not chunk:
             break

@@ -141,6 +141,12 @@ pub trait LiveSession: Send + Sync + 'static {
         false
     }
 
+    /// Whether the session was forked from a zygote (its start time is then also counted in
+    /// `ampoule_zygote_fork_duration_seconds`).
+    fn forked(&self) -> bool {
+        false
+    }
+
     /// Names the session and the execution about to run, so that what the sandbox does on
     /// its own (its egress decisions, logged as they happen) carries their ids. Called before
     /// each execution; engines without network need not care.

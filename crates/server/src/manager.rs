@@ -446,9 +446,14 @@ impl Manager {
             if have < target {
                 // Sandboxes die with the thread that started them: this task runs on a worker
                 // thread, which lives as long as the runtime.
+                let begun = Instant::now();
                 match self.inner.engine.start(&pool.settings.spec).await {
                     Ok(live) => {
                         backoff = Duration::from_millis(500);
+                        if live.forked() {
+                            let seconds = begun.elapsed().as_secs_f64();
+                            self.inner.metrics.zygote_forked(name, seconds);
+                        }
                         let live: Arc<dyn LiveSession> = Arc::from(live);
                         if self.inner.shutting_down.load(Ordering::SeqCst) {
                             live.close().await;
@@ -649,9 +654,13 @@ impl Manager {
         let started = self.inner.engine.start(&pool.settings.spec).await;
         pool.starting.fetch_sub(1, Ordering::SeqCst);
         let started = started?;
+        let seconds = begun.elapsed().as_secs_f64();
         self.inner
             .metrics
-            .session_started(pool_name, false, begun.elapsed().as_secs_f64());
+            .session_started(pool_name, false, seconds);
+        if started.forked() {
+            self.inner.metrics.zygote_forked(pool_name, seconds);
+        }
         Ok(Arc::from(started))
     }
 

@@ -10,8 +10,9 @@
 //! tenant or session label: one tenant's scrape shows nothing of another's work beyond the
 //! shared pools, and the series stay few.
 //!
-//! The zygote (fork server) families are declared here and filled by whoever runs zygotes,
-//! through [`Metrics::zygote`].
+//! The zygote (fork server) families: `up` and the counters catch up with the engine's totals
+//! ([`crate::engine::Engine::zygotes`]) at each scrape; the fork-duration histogram is filled
+//! by the manager as forked sessions start ([`Metrics::zygote_forked`]).
 
 use prometheus_client::encoding::{EncodeLabelSet, text::encode};
 use prometheus_client::metrics::counter::Counter;
@@ -86,8 +87,7 @@ fn start_buckets() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 2.0, 16))
 }
 
-/// The zygote (fork server) families, for the code that runs zygotes to fill; until then
-/// they are declared and empty.
+/// The zygote (fork server) families (empty for pools without a zygote).
 #[derive(Debug, Clone)]
 pub struct ZygoteMetrics {
     /// `ampoule_zygote_up{pool}`: 1 while the pool's zygote answers, else 0.
@@ -254,6 +254,17 @@ impl Metrics {
             })
             .inc();
         self.execution_seconds
+            .get_or_create(&PoolLabel {
+                pool: pool.to_owned(),
+            })
+            .observe(seconds);
+    }
+
+    /// A session was forked from the pool's zygote in `seconds` (for the warm stock or on
+    /// demand).
+    pub fn zygote_forked(&self, pool: &str, seconds: f64) {
+        self.zygote
+            .fork_seconds
             .get_or_create(&PoolLabel {
                 pool: pool.to_owned(),
             })

@@ -442,6 +442,10 @@ impl LiveSession for LiveInterpreter {
             .is_some_and(|o| o.load(Ordering::SeqCst))
     }
 
+    fn forked(&self) -> bool {
+        self.outdated.is_some()
+    }
+
     fn label(&self, session: &str, execution: &str) {
         // Called between executions, so the lock is free (unless the session is closing).
         if let Ok(guard) = self.session.try_lock()

@@ -908,6 +908,11 @@ fn python_pools_fork_sessions_from_a_zygote() {
     };
     assert_eq!(value("ampoule_zygote_up", "tiny"), 1.0);
     assert!(value("ampoule_zygote_forks_total", "tiny") >= 2.0);
+    // Every fork's time to a ready session is in the histogram.
+    assert!(
+        value("ampoule_zygote_fork_duration_seconds_count", "tiny") >= 2.0,
+        "{text}"
+    );
     assert!(!text.contains("ampoule_zygote_up{pool=\"cold\"}"), "{text}");
     server.stop();
 }
