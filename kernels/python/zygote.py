@@ -11,7 +11,8 @@ Control socket: descriptor 0, a SOCK_SEQPACKET socket to the supervisor; one JSO
 datagram, descriptors with SCM_RIGHTS.
 
   supervisor -> zygote  {"config": {...}}                 once, first
-  zygote -> supervisor  {"ready": {"runtime", "preloaded", "failed", "ms", "huge_mib", "hot_kib"}}
+  zygote -> supervisor  {"ready": {"runtime", "preloaded", "failed", "ms", "huge_mib", "hot_kib",
+                                   "threads"}}
   supervisor -> zygote  {"fork": {"id", ...}}             fds: ctl, stdin, stdout, stderr, tasks…
   zygote -> supervisor  {"forked": {"id", "pid"}}         fd: a pidfd of the child
                         {"error": {"id", "message"}}        (id null: forking the spare failed)
@@ -817,6 +818,7 @@ def main():
         "ms": round((time.monotonic() - started) * 1000, 1),
         "huge_mib": huge_mib,
         "hot_kib": sum(length for _, length in HOT) // 1024,
+        "threads": len(os.listdir("/proc/self/task")),
     }})
     # SIGCHLD wakes the loop (through the wakeup pipe) to reap and report at once.
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)

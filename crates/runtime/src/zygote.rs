@@ -83,6 +83,9 @@ pub struct ZygoteInfo {
     pub huge_mib: u64,
     /// KiB of its pages every child copies ahead of its request (see `learn_hot_pages`).
     pub hot_kib: u64,
+    /// Its threads when it got ready (1: a fork copies only the calling thread, so any other
+    /// would be missing in the children, with whatever lock it held).
+    pub threads: u64,
 }
 
 type ForkReply = std::result::Result<(i32, OwnedFd, ExitSlot), String>;
@@ -247,6 +250,7 @@ impl Zygote {
                     ready_ms: r["ms"].as_f64().unwrap_or_default(),
                     huge_mib: r["huge_mib"].as_u64().unwrap_or_default(),
                     hot_kib: r["hot_kib"].as_u64().unwrap_or_default(),
+                    threads: r["threads"].as_u64().unwrap_or_default(),
                 }
             }
             other => {

@@ -33,6 +33,8 @@ const SINGLE_THREADED: &[(&str, &str)] = &[
     ("OMP_NUM_THREADS", "1"),
     ("MKL_NUM_THREADS", "1"),
     ("NUMEXPR_NUM_THREADS", "1"),
+    // pyarrow's bundled jemalloc (imported by pandas) otherwise starts a background thread.
+    ("JE_ARROW_MALLOC_CONF", "background_thread:false"),
 ];
 
 /// The sandbox of a Python session (and of the zygote): the plug-in's, single-threaded.

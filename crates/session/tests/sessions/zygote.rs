@@ -34,6 +34,8 @@ async fn preloaded_and_sealed(host: Host) -> Result<(), Failed> {
     check!(z.info().failed.is_empty(), z.info());
     // It learnt which of its pages a new session writes first (its spares copy them ahead).
     check!(z.info().hot_kib > 0, z.info());
+    // Single-threaded when it forks (BLAS, OpenMP and pyarrow's jemalloc start no thread).
+    check!(z.info().threads == 1, z.info());
     let mut s = fork(&host, &z, Limits::default()).await?;
     let out = run(
         &mut s,
