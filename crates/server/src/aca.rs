@@ -422,6 +422,16 @@ async fn execute(call: &Call, body: Body, dialect: Dialect) -> Result<Response, 
             )
         })?;
     let (code, timeout, body_identifier) = parse_execute(&bytes)?;
+    // Policy first: a refused execution creates no session.
+    let timeout_s = call
+        .state
+        .manager
+        .timeout_for(&call.tenant, &call.pool, timeout)
+        .await?;
+    call.state
+        .manager
+        .admit_for(&call.tenant, &call.pool, "")
+        .await?;
     let session = match (dialect, param(&call.query, "identifier"), body_identifier) {
         // The legacy endpoint carried the identifier in the body.
         (Dialect::Legacy, None, Some(id)) => {
@@ -434,15 +444,10 @@ async fn execute(call: &Call, body: Body, dialect: Dialect) -> Result<Response, 
         }
         _ => call.session().await?,
     };
-    let timeout_s = call
-        .state
-        .manager
-        .timeout_for(&call.tenant, &call.pool, timeout)
-        .await?;
     let result = call
         .state
         .manager
-        .execute(
+        .execute_admitted(
             &session,
             ExecRequest {
                 code,

@@ -878,11 +878,16 @@ impl Manager {
     /// that must answer before the execution starts (the streaming API) call this and then
     /// [`Manager::execute_admitted`].
     pub async fn admit(&self, session: &Session) -> Result<(), ApiError> {
-        match self.quotas().admit_execution(&session.tenant) {
+        self.admit_for(&session.tenant, &session.pool, &session.id)
+            .await
+    }
+
+    /// [`Manager::admit`] before the session exists (`session` may be empty): the ACA API
+    /// creates a session on its first execution, and a refused execution must not create one.
+    pub async fn admit_for(&self, tenant: &str, pool: &str, session: &str) -> Result<(), ApiError> {
+        match self.quotas().admit_execution(tenant) {
             Ok(()) => Ok(()),
-            Err(e) => Err(self
-                .refuse(&session.tenant, &session.pool, &session.id, e)
-                .await),
+            Err(e) => Err(self.refuse(tenant, pool, session, e).await),
         }
     }
 

@@ -433,7 +433,16 @@ impl LiveSession for LiveInterpreter {
     }
 
     fn alive(&self) -> bool {
-        self.alive.load(Ordering::SeqCst)
+        if !self.alive.load(Ordering::SeqCst) {
+            return false;
+        }
+        // A kernel that died between executions is noticed here (by the manager's reaper,
+        // which then drops the session from its pool), not by the next caller. A session in
+        // use is alive as far as this can tell.
+        match self.session.try_lock() {
+            Ok(guard) => guard.as_ref().is_none_or(Session::is_alive),
+            Err(_) => true,
+        }
     }
 
     fn outdated(&self) -> bool {

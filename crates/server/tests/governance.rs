@@ -381,6 +381,16 @@ async fn quotas_and_policy_refuse_with_stable_codes_and_are_written_down() {
     .await;
     assert_eq!(st, StatusCode::TOO_MANY_REQUESTS);
     assert!(headers.contains_key("retry-after"));
+    // The refused ACA call created no session (it would hold a sandbox until its idle timeout).
+    let (st, list) = call(&s.app, "GET", "/v1/sessions", A, None).await;
+    assert_eq!(st, StatusCode::OK, "{list}");
+    let ids: Vec<&str> = list["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|x| x["id"].as_str())
+        .collect();
+    assert_eq!(ids, [sid.as_str()], "{list}");
     // Another tenant has its own window.
     let bsid = session(&s.app, B, None).await;
     for i in 0..5 {

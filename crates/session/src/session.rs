@@ -256,9 +256,10 @@ impl Session {
         &self.runtime
     }
 
-    /// Whether the interpreter is alive; `false` once an execution reported `lost`.
+    /// Whether the interpreter is alive: `false` once an execution reported `lost`, or once
+    /// its output stream ended between executions (it died or exited on its own).
     pub fn is_alive(&self) -> bool {
-        self.lost.is_none()
+        self.lost.is_none() && !self.events.is_closed()
     }
 
     /// The number of executions so far.

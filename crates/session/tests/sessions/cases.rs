@@ -501,6 +501,23 @@ async fn exiting(host: Host) -> Result<(), Failed> {
     );
     let out = run(&mut s, "v").await?;
     check!(text_plain(&out).as_deref() == Some("1"), out);
+    check!(s.is_alive(), out);
+    // An interpreter that dies between executions is noticed without another call (the
+    // server's reaper asks `is_alive` to drop such sessions from its pools).
+    let out = run(
+        &mut s,
+        "import os, threading, time\n\
+         threading.Thread(target=lambda: (time.sleep(0.3), os._exit(0))).start()",
+    )
+    .await?;
+    check!(out.status == ExecutionStatus::Succeeded, out);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while s.is_alive() {
+        if std::time::Instant::now() > deadline {
+            return Err("a kernel that exited between executions still counts as alive".into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     Ok(())
 }
 
