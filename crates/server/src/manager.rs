@@ -10,7 +10,8 @@
 //! - the limits: `max_sessions` per pool and per tenant, counted when a session is reserved
 //!   (before its sandbox exists), so concurrent first calls can never overshoot;
 //! - expiry: a reaper destroys sessions idle for longer than their pool's `idle_timeout`
-//!   (every call resets it) and sessions older than `max_lifetime`;
+//!   (every call resets it), sessions older than `max_lifetime` and sessions whose interpreter
+//!   died between calls (audited as `sandbox_died`);
 //! - shutdown: every session and warm sandbox is closed.
 //!
 //! Invariants: at most one sandbox is ever started for one key (concurrent first calls wait on
