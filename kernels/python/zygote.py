@@ -94,6 +94,7 @@ SIOCSIFFLAGS = 0x8914
 IFF_UP, IFF_LOOPBACK, IFF_RUNNING = 0x1, 0x8, 0x40
 
 HOSTNAME = "sandbox"
+SCRATCH_FLAGS = MS_NOSUID | MS_NODEV  # of every scratch mount point
 MAX_FDS = 16
 MAX_MESSAGE = 256 * 1024
 
@@ -170,7 +171,7 @@ def mount_scratch():
         p = f"{stage}/{name}"
         os.mkdir(p, mode)
         os.chmod(p, mode)
-    rw = MS_NOSUID | MS_NODEV
+    rw = SCRATCH_FLAGS
     bind(f"{stage}/data", "/mnt/data", rw)
     bind(f"{stage}/tmp", "/tmp", rw)
     bind(f"{stage}/tmp", "/var/tmp", rw)
@@ -183,7 +184,9 @@ def mount_scratch():
 def size_scratch(spec):
     """The request's size and inode limits on the (empty) scratch tmpfs, through any of its
     mount points."""
-    mount("mount", None, "/mnt/data", None, MS_REMOUNT | MS_NOSUID | MS_NODEV, scratch_options(spec))
+    # A non-bind remount resizes the tmpfs and sets /mnt/data's own mount flags to exactly
+    # these: the same as when it was bound.
+    mount("mount", None, "/mnt/data", None, MS_REMOUNT | SCRATCH_FLAGS, scratch_options(spec))
 
 
 def mount_proc(cfg):
@@ -336,6 +339,10 @@ def reseed():
     import random
 
     random.seed()
+    # tempfile re-seeds its name sequence when the pid changes, but every session is pid 2.
+    import tempfile
+
+    tempfile._name_sequence = None
     np = sys.modules.get("numpy")
     if np is not None:
         try:
@@ -502,7 +509,7 @@ def writable_regions():
     return out
 
 
-PROBE_CODE = "import pandas\n1+1"
+MAX_HOT_BYTES = 8 << 20
 PROBE_TIMEOUT = 20
 
 
@@ -524,7 +531,15 @@ def exclusive_runs(regions):
                 else:
                     run = [addr, PAGE]
                     runs.append(run)
-    return runs[:MAX_HOT_RUNS]
+    # Bounded: these copies are charged to the zygote's cgroup, once per spare.
+    out, total = [], 0
+    for addr, length in runs[:MAX_HOT_RUNS]:
+        length = min(length, MAX_HOT_BYTES - total)
+        if length <= 0:
+            break
+        out.append([addr, length])
+        total += length
+    return out
 
 
 def write_all(fd, data):
@@ -533,7 +548,14 @@ def write_all(fd, data):
         view = view[os.write(fd, view):]
 
 
-def probe(regions, out):
+def probe_code(preloaded):
+    """A first cell as sessions of this pool write it: import what the pool preloads, then an
+    expression."""
+    tops = sorted({name.split(".")[0] for name in preloaded})
+    return "".join(f"import {name}\n" for name in tops) + "1+1"
+
+
+def probe(regions, out, code):
     """The probe child: the real kernel, fed one execution through pipes; once it is done, the
     pages it wrote are reported on `out`. Never returns."""
     import threading
@@ -544,7 +566,7 @@ def probe(regions, out):
     for fd, target in ((req_r, 0), (ev_w, 1), (null, 2)):
         os.dup2(fd, target)
         os.close(fd)
-    payload = json.dumps({"type": "execute", "id": "probe", "code": PROBE_CODE}).encode()
+    payload = json.dumps({"type": "execute", "id": "probe", "code": code}).encode()
     write_all(req_w, struct.pack(">I", len(payload)) + payload)  # req_w stays open
 
     def watch():
@@ -570,9 +592,9 @@ def probe(regions, out):
     kernel.main()
 
 
-def learn_hot_pages():
+def learn_hot_pages(preloaded):
     """The pages a new session writes first, learnt once: a probe child runs the real kernel
-    through its start and a first cell (`PROBE_CODE`) and reports which of the zygote's pages
+    through its start and a first cell (`probe_code`) and reports which of the zygote's pages
     it had to copy (exclusive in its page map). Each spare copies those ahead of its request
     (MADV_POPULATE_WRITE), so the ~1,000 copy-on-write faults of a session's start and first
     execution (~8 us each here) are not paid while a caller waits. Only breaks the sharing of
@@ -583,7 +605,7 @@ def learn_hot_pages():
     if pid == 0:
         try:
             os.close(r)
-            probe(regions, w)
+            probe(regions, w, probe_code(preloaded))
         finally:
             os._exit(0)
     os.close(w)
@@ -723,12 +745,17 @@ def fork_spare(cfg, programs, own_pid_ns):
     check("unshare", libc.unshare(CLONE_NEWPID), "pid namespace")
     try:
         exe = f"/proc/self/fd/{cfg['reaper_fd']}"
-        reaper = os.posix_spawn(exe, [exe, *cfg["reaper"]], {}, file_actions=[
-            (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDWR, 0),
-            (os.POSIX_SPAWN_DUP2, 0, 1),
-            (os.POSIX_SPAWN_DUP2, 0, 2),
-        ])
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            reaper = os.posix_spawn(exe, [exe, *cfg["reaper"]], {}, file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDWR, 0),
+                (os.POSIX_SPAWN_DUP2, 0, 1),
+                (os.POSIX_SPAWN_DUP2, 0, 2),
+            ])
+        except OSError:
+            ours.close()
+            theirs.close()
+            raise
         try:
             pid = os.fork()
         except OSError:
@@ -767,9 +794,14 @@ def fork(cfg, programs, req, fds, own_pid_ns):
     raise OSError("the spare died before its request")
 
 
-def refill(cfg, programs, own_pid_ns, sock):
+LAST_REFILL = [0.0]
+
+
+def refill(cfg, programs, own_pid_ns, sock, at_most_every=0.0):
+    """Forks a spare if there is none (and the last try is `at_most_every` seconds old)."""
     global SPARE
-    if SPARE is None:
+    if SPARE is None and time.monotonic() - LAST_REFILL[0] >= at_most_every:
+        LAST_REFILL[0] = time.monotonic()
         try:
             SPARE = fork_spare(cfg, programs, own_pid_ns)
         except Exception as e:  # the next request forks (and reports) instead
@@ -808,7 +840,7 @@ def main():
     gc.freeze()
     huge_mib = collapse_heap()
     global HOT
-    HOT = learn_hot_pages()
+    HOT = learn_hot_pages(done)
     import platform
 
     send(sock, {"ready": {
@@ -833,6 +865,9 @@ def main():
             except BlockingIOError:
                 pass
         reap(sock)
+        # A spare that died waiting is replaced now, not by the next request (at most once a
+        # second: one that dies at once must not make this loop spin).
+        refill(cfg, programs, own_pid_ns, sock, at_most_every=1.0)
         if sock not in readable:
             continue
         msg, fds = recv(sock)
@@ -847,13 +882,17 @@ def main():
         try:
             pid = fork(cfg, programs, req, fds, own_pid_ns)
             pidfd = os.pidfd_open(pid)
-            send(sock, {"forked": {"id": req["id"], "pid": pid}}, [pidfd])
-            os.close(pidfd)
+            try:
+                send(sock, {"forked": {"id": req["id"], "pid": pid}}, [pidfd])
+            finally:
+                os.close(pidfd)
         except Exception as e:
             send(sock, {"error": {"id": req["id"], "message": str(e)}})
         finally:
             for fd in fds:
                 os.close(fd)
+        # The next spare is a copy of this process: nothing of this request may be in it.
+        msg = req = fds = None
         refill(cfg, programs, own_pid_ns, sock)
 
 

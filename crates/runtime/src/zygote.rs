@@ -285,6 +285,11 @@ impl Zygote {
         &self.inner.info
     }
 
+    /// Whether `other` is a clone of this zygote (the same process).
+    pub fn is(&self, other: &Zygote) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
     /// Sessions forked so far.
     pub fn forks(&self) -> u64 {
         self.inner.forks.load(Ordering::Relaxed)

@@ -519,7 +519,8 @@ impl Manager {
                     };
                     let too_old = s.created.elapsed() >= pool.settings.max_lifetime;
                     let idle = !s.busy() && s.idle_for() >= pool.settings.idle_timeout;
-                    too_old || idle || !s.live.alive()
+                    // A busy session's death is the execution's to report.
+                    too_old || idle || (!s.busy() && !s.live.alive())
                 })
                 .cloned()
                 .collect()
@@ -646,7 +647,10 @@ impl Manager {
                     );
                     return Ok(live);
                 }
-                Some(unusable) => unusable.close().await,
+                // Closed aside: the caller does not wait for discarded stock.
+                Some(unusable) => {
+                    tokio::spawn(async move { unusable.close().await });
+                }
                 None => break,
             }
         }

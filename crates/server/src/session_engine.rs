@@ -173,6 +173,7 @@ impl SessionEngine {
                     let (entry, host, preload) =
                         (entry.clone(), self.host.clone(), preload.to_vec());
                     let pool = spec.name.clone();
+                    let replaced = z.clone();
                     // A worker thread, which outlives the zygote (see ampoule_runtime::sandbox).
                     tokio::spawn(async move {
                         // Read before the start: a change made while it imports is seen next time.
@@ -181,6 +182,12 @@ impl SessionEngine {
                         let mut g = entry.lock().await;
                         g.replacing = false;
                         match fresh {
+                            // The one it replaces died meanwhile and was restarted on a
+                            // request's way: that one stays, this one goes.
+                            Ok(z) if !g.current.as_ref().is_some_and(|c| c.is(&replaced)) => {
+                                drop(g);
+                                z.close().await;
+                            }
                             Ok(z) => {
                                 g.started += 1;
                                 g.current = Some(z);
@@ -220,6 +227,14 @@ impl SessionEngine {
                     hot_kib = info.hot_kib,
                     "zygote ready"
                 );
+                if info.threads != 1 {
+                    // fork() copies only the calling thread: the others' locks stay taken.
+                    tracing::warn!(
+                        pool = %spec.name,
+                        threads = info.threads,
+                        "the zygote has more than one thread; a package started one"
+                    );
+                }
                 g.failed_at = None;
                 g.started += 1;
                 g.current = Some(z.clone());

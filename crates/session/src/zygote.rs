@@ -55,6 +55,21 @@ pub fn python_env_fingerprint() -> Result<EnvFingerprint> {
     PythonEnv::default_location().fingerprint()
 }
 
+/// Whether a child's first write to a huge page it shares with the zygote copies 4 KiB, not
+/// 2 MiB: Linux 5.8 and later split the huge page instead of copying it whole. Before that a
+/// huge-page heap would cost every session megabytes at its first writes.
+fn huge_pages_split_on_write() -> bool {
+    let Ok(uts) = nix::sys::utsname::uname() else {
+        return false;
+    };
+    let release = uts.release().to_string_lossy();
+    let mut numbers = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|n| n.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
+    (major, minor) >= (5, 8)
+}
+
 /// Starts a Python zygote that imports `preload` (see [`DEFAULT_PRELOAD`]); modules that fail
 /// to import are listed in [`Zygote::info`], not an error. Root only.
 pub async fn start_python(host: &Host, preload: &[String]) -> Result<Zygote> {
@@ -73,12 +88,14 @@ pub async fn start_python(host: &Host, preload: &[String]) -> Result<Zygote> {
     // The zygote's objects in one heap of 2 MiB pages (see `collapse_heap` in zygote.py): a
     // fork then copies a few dozen page-table entries instead of ~20,000. The children's own
     // environment is the session's (set by the child), without these.
-    for (key, value) in [
-        ("PYTHONMALLOC", "malloc"),
-        ("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1"),
-    ] {
-        cfg.env.retain(|(k, _)| k != key);
-        cfg.env.push((key.into(), value.into()));
+    if huge_pages_split_on_write() {
+        for (key, value) in [
+            ("PYTHONMALLOC", "malloc"),
+            ("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1"),
+        ] {
+            cfg.env.retain(|(k, _)| k != key);
+            cfg.env.push((key.into(), value.into()));
+        }
     }
     let python = spec.argv.first().cloned().unwrap_or_default();
     cfg.argv = vec![python, in_sandbox(ZYGOTE.name)];
