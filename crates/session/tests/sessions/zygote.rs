@@ -121,8 +121,9 @@ async fn siblings_share_nothing(host: Host) -> Result<(), Failed> {
     let z = zygote(&host).await?;
     let mut a = fork(&host, &z, Limits::default()).await?;
     let mut b = fork(&host, &z, Limits::default()).await?;
-    let code =
-        "import random, numpy, uuid\nprint(random.random(), numpy.random.rand(), uuid.uuid4())";
+    let code = "import os, random, numpy, uuid, tempfile\n\
+                print(random.random(), numpy.random.rand(), uuid.uuid4(), \
+                os.path.basename(tempfile.mktemp()))";
     let ra = run(&mut a, code).await?;
     let rb = run(&mut b, code).await?;
     check!(
@@ -133,8 +134,8 @@ async fn siblings_share_nothing(host: Host) -> Result<(), Failed> {
         ra.stdout.split_whitespace().collect(),
         rb.stdout.split_whitespace().collect(),
     );
-    check!(la.len() == 3 && lb.len() == 3, (ra, rb));
-    for i in 0..3 {
+    check!(la.len() == 4 && lb.len() == 4, (ra, rb));
+    for i in 0..4 {
         check!(la[i] != lb[i], (&ra.stdout, &rb.stdout));
     }
     run(
