@@ -422,28 +422,25 @@ async fn execute(call: &Call, body: Body, dialect: Dialect) -> Result<Response, 
             )
         })?;
     let (code, timeout, body_identifier) = parse_execute(&bytes)?;
-    // Policy first: a refused execution creates no session.
-    let timeout_s = call
-        .state
-        .manager
-        .timeout_for(&call.tenant, &call.pool, timeout)
-        .await?;
-    call.state
-        .manager
-        .admit_for(&call.tenant, &call.pool, "")
-        .await?;
-    let session = match (dialect, param(&call.query, "identifier"), body_identifier) {
+    let identifier = match (dialect, param(&call.query, "identifier"), body_identifier) {
         // The legacy endpoint carried the identifier in the body.
         (Dialect::Legacy, None, Some(id)) => {
             check_identifier(&id)?;
-            call.state
-                .manager
-                .get_or_create(&call.tenant, Some(&call.pool), &id)
-                .await?
-                .0
+            id
         }
-        _ => call.session().await?,
+        _ => call.identifier()?,
     };
+    // Policy first, so that a refused execution creates no session; the rate limit last, so
+    // that a request refused for another reason takes none of the tenant's budget.
+    let manager = &call.state.manager;
+    let timeout_s = manager
+        .timeout_for(&call.tenant, &call.pool, timeout)
+        .await?;
+    manager.check_pool_policy(&call.tenant, &call.pool).await?;
+    manager.admit_for(&call.tenant, &call.pool, "").await?;
+    let (session, _) = manager
+        .get_or_create(&call.tenant, Some(&call.pool), &identifier)
+        .await?;
     let result = call
         .state
         .manager

@@ -684,10 +684,7 @@ impl Manager {
             ));
         }
         let pool = pool.unwrap_or(&self.inner.default_pool).to_owned();
-        let language = self.pool(&pool)?.spec.language;
-        if let Err(e) = self.quotas().check_pool(tenant, &pool, language) {
-            return Err(self.refuse(tenant, &pool, "", e).await);
-        }
+        self.check_pool_policy(tenant, &pool).await?;
         let key: Key = (tenant.to_owned(), pool.clone(), identifier.to_owned());
         let (slot, reserved) = match self.reserve(&key) {
             Ok(r) => r,
@@ -885,6 +882,15 @@ impl Manager {
     pub async fn admit(&self, session: &Session) -> Result<(), ApiError> {
         self.admit_for(&session.tenant, &session.pool, &session.id)
             .await
+    }
+
+    /// Whether `tenant` may use `pool` (its pools and languages), or the refusal (audited).
+    pub async fn check_pool_policy(&self, tenant: &str, pool: &str) -> Result<(), ApiError> {
+        let language = self.pool(pool)?.spec.language;
+        match self.quotas().check_pool(tenant, pool, language) {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.refuse(tenant, pool, "", e).await),
+        }
     }
 
     /// [`Manager::admit`] before the session exists (`session` may be empty): the ACA API

@@ -341,6 +341,21 @@ async fn quotas_and_policy_refuse_with_stable_codes_and_are_written_down() {
     )
     .await;
     let sid = session(&s.app, A, None).await;
+    // ACA calls refused by policy (a pool, a language) take none of the minute's budget.
+    for pool in ["other", "js"] {
+        let (st, _, body, _) = call_h(
+            &s.app,
+            "POST",
+            &format!("/pools/{pool}/code/execute?api-version=2024-02-02-preview&identifier=p"),
+            Some(A),
+            Some(
+                json!({"properties": {"codeInputType": "inline", "executionType": "synchronous",
+                                       "code": "1"}}),
+            ),
+        )
+        .await;
+        assert_eq!(st, StatusCode::FORBIDDEN, "{pool}: {body}");
+    }
     for i in 0..3 {
         let (st, r) = exec(&s.app, A, &sid, &format!("print({i})")).await;
         assert_eq!(st, StatusCode::OK, "{r}");
@@ -486,6 +501,8 @@ async fn quotas_and_policy_refuse_with_stable_codes_and_are_written_down() {
     assert_eq!(
         refused,
         [
+            "pool_not_allowed",
+            "language_not_allowed",
             "rate_limited",
             "rate_limited",
             "rate_limited",
