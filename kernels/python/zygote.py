@@ -93,7 +93,6 @@ SYS_LANDLOCK_RESTRICT_SELF = 446
 SIOCSIFFLAGS = 0x8914
 IFF_UP, IFF_LOOPBACK, IFF_RUNNING = 0x1, 0x8, 0x40
 
-HOSTNAME = "sandbox"
 SCRATCH_FLAGS = MS_NOSUID | MS_NODEV  # of every scratch mount point
 MAX_FDS = 16
 MAX_MESSAGE = 256 * 1024
@@ -334,12 +333,12 @@ def wait_for_sealed_reaper():
 
 
 def reseed():
-    """Siblings share the zygote's memory: give each its own random state. (`random` reseeds
-    itself after fork; `tempfile` notices the new pid.)"""
+    """Siblings share the zygote's memory: give each its own random state (`random`, `tempfile`'s
+    name sequence, `numpy.random`)."""
     import random
 
     random.seed()
-    # tempfile re-seeds its name sequence when the pid changes, but every session is pid 2.
+    # tempfile makes a new name sequence when the pid changes, but every session is pid 2.
     import tempfile
 
     tempfile._name_sequence = None
@@ -358,7 +357,7 @@ def prepare_spare(cfg):
     check("unshare", libc.unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS), "namespaces")
     mount("mount private", None, "/", None, MS_REC | MS_PRIVATE)
     mount_proc(cfg)
-    socket.sethostname(HOSTNAME)
+    socket.sethostname(cfg["hostname"])
     loopback_up()
     return mount_scratch()
 
@@ -426,8 +425,6 @@ def session(cfg, programs, spec, fds, root, failed):
         except (OSError, ValueError) as e:
             raise Stage("rlimit", str(e))
         size_scratch(spec)
-        if spec.get("hostname", HOSTNAME) != HOSTNAME:
-            socket.sethostname(spec["hostname"])
         send(ctl, "Scratch", [root])
         os.close(root)
         msg, _ = recv(ctl)
@@ -477,35 +474,26 @@ def rehearse():
     reseed()
     asyncio.new_event_loop().close()
     platform.python_version()
+    import ast
+
     tree, _ = kernel._parse("import json\n1+1", "<rehearsal>")
     last = tree.body.pop()
     ns = {"__name__": "__main__"}
-    exec(compile(ast_module(tree.body), "<rehearsal>", "exec", flags=kernel.FLAGS), ns)
-    value = eval(compile(ast_expression(last.value), "<rehearsal>", "eval", flags=kernel.FLAGS), ns)
+    exec(compile(ast.Module(body=tree.body, type_ignores=[]), "<rehearsal>", "exec", flags=kernel.FLAGS), ns)
+    value = eval(compile(ast.Expression(body=last.value), "<rehearsal>", "eval", flags=kernel.FLAGS), ns)
     json.dumps({"type": "result", "id": "", "data": kernel.mime_bundle(value), "execution_count": 1})
 
 
-def ast_module(body):
-    import ast
-
-    return ast.Module(body=body, type_ignores=[])
-
-
-def ast_expression(value):
-    import ast
-
-    return ast.Expression(body=value)
-
-
 def writable_regions():
-    """(start, end) of this process's private writable mappings."""
+    """(start, end, name) of this process's private writable mappings (name: "" when
+    anonymous, "[heap]", "[stack]" or the mapped file)."""
     out = []
     with open("/proc/self/maps") as f:
         for line in f:
             fields = line.split()
             if fields[1].startswith("rw") and fields[1].endswith("p"):
                 start, end = (int(x, 16) for x in fields[0].split("-"))
-                out.append((start, end))
+                out.append((start, end, fields[5] if len(fields) > 5 else ""))
     return out
 
 
@@ -518,7 +506,7 @@ def exclusive_runs(regions):
     wrote (copied) or allocated since the fork."""
     runs = []
     with open("/proc/self/pagemap", "rb") as pm:
-        for start, end in regions:
+        for start, end, _ in regions:
             pm.seek(start // PAGE * 8)
             raw = pm.read((end - start) // PAGE * 8)
             run = None
@@ -644,15 +632,11 @@ def collapse_heap():
     collapsed, not in pymalloc's scattered 1 MiB arenas. Children split a huge page only where
     they write, copying 4 KiB pages as before. Returns the MiB now in huge pages."""
     try:
-        with open("/proc/self/maps") as f:
-            maps = f.read().splitlines()
+        regions = writable_regions()
     except OSError:
         return 0
-    for line in maps:
-        fields = line.split()
-        start, end = (int(x, 16) for x in fields[0].split("-"))
-        name = fields[5] if len(fields) > 5 else ""
-        if "w" not in fields[1] or (name and name != "[heap]"):
+    for start, end, name in regions:
+        if name and name != "[heap]":
             continue  # file mappings and stacks stay as they are
         lo = (start + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1)
         hi = end & ~(HUGE_PAGE - 1)
@@ -692,7 +676,7 @@ def reap(sock):
             return
         global SPARE
         if SPARE is not None and pid == SPARE.pid:
-            SPARE.discard()  # died waiting; the next request forks a new one
+            SPARE.discard()  # died waiting; the main loop forks a new one
             SPARE = None
             continue
         reaper = REAPERS.pop(pid, None)
@@ -830,12 +814,12 @@ def main():
     done, failed = preload(cfg.get("preload", []))
     programs = seccomp_programs(cfg)
     own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
-    # Nothing the GC would touch after this point: children share these pages untouched.
     # What a session's start initialises lazily is initialised here once, shared by all.
     try:
         rehearse()
     except Exception:
         pass
+    # Nothing the GC would touch after this point: children share these pages untouched.
     gc.collect()
     gc.freeze()
     huge_mib = collapse_heap()

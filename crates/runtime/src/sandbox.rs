@@ -42,6 +42,8 @@ const ZYGOTE_NOFILE: u64 = 65_536;
 
 /// Uid and gid of the sandbox user as the code sees them.
 pub const SANDBOX_UID: u32 = 1000;
+/// The host name inside every sandbox (also in its generated `/etc/hostname` and `/etc/hosts`).
+pub(crate) const HOSTNAME: &str = "sandbox";
 
 /// What to run and with which limits.
 #[derive(Debug, Clone)]
@@ -254,7 +256,7 @@ impl Sandbox {
             argv: cfg.argv.clone(),
             env,
             cwd: cfg.cwd.clone(),
-            hostname: "sandbox".into(),
+            hostname: HOSTNAME.into(),
             privileged: host.privileged,
             host_uid,
             host_gid,

@@ -196,7 +196,6 @@ impl Zygote {
         let policy = SeccompPolicy::default_policy()?;
         let (ours, theirs) = channel::pair()?;
         let files = cfg.files.clone();
-        // The children's pid 1 is this binary (`init::reaper`), started inside the zygote.
         // The children's pid 1 is this binary (`init::reaper`): the zygote gets a descriptor of
         // it and executes `/proc/self/fd/N`, so no host path of ours appears in the sandbox.
         let init_exe = std::fs::File::open(&host.init_exe)
@@ -224,6 +223,7 @@ impl Zygote {
             "landlock_rw_dirs": crate::init::LANDLOCK_RW_DIRS,
             "landlock_rw_devs": crate::init::LANDLOCK_RW_DEVS,
             "sandbox_uid": crate::sandbox::SANDBOX_UID,
+            "hostname": crate::sandbox::HOSTNAME,
             "reaper": [crate::init::INIT_ARG, crate::init::REAPER_ARG],
         }});
         send(&sock, &config, &[init_exe.as_raw_fd()]).await?;
@@ -376,7 +376,6 @@ impl Zygote {
             "id": id,
             "env": cfg.env,
             "cwd": cfg.cwd,
-            "hostname": "sandbox",
             "scratch_bytes": disk_bytes,
             "scratch_inodes": limits.disk_inodes,
             "rlimits": {

@@ -441,9 +441,7 @@ async fn execute(call: &Call, body: Body, dialect: Dialect) -> Result<Response, 
     let (session, _) = manager
         .get_or_create(&call.tenant, Some(&call.pool), &identifier)
         .await?;
-    let result = call
-        .state
-        .manager
+    let result = manager
         .execute_admitted(
             &session,
             ExecRequest {

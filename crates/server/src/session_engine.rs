@@ -73,6 +73,41 @@ fn env_fingerprint(pool: &str) -> Option<EnvFingerprint> {
         .ok()
 }
 
+/// Starts a zygote for `pool` (logged when ready), with the fingerprint of the Python
+/// environment it starts from, read before it starts: a change made while it imports is seen
+/// at the next check.
+async fn launch(
+    host: &Host,
+    pool: &str,
+    preload: &[String],
+) -> (ampoule_session::Result<Zygote>, Option<EnvFingerprint>) {
+    let env = env_fingerprint(pool);
+    let begun = Instant::now();
+    let started = ampoule_session::zygote::start_python(host, preload).await;
+    if let Ok(z) = &started {
+        let info = z.info();
+        tracing::info!(
+            pool,
+            runtime = %info.runtime,
+            preloaded = ?info.preloaded,
+            failed = ?info.failed,
+            ms = begun.elapsed().as_millis() as u64,
+            huge_mib = info.huge_mib,
+            hot_kib = info.hot_kib,
+            "zygote ready"
+        );
+        if info.threads != 1 {
+            // fork() copies only the calling thread: the others' locks stay taken.
+            tracing::warn!(
+                pool,
+                threads = info.threads,
+                "the zygote has more than one thread; a package started one"
+            );
+        }
+    }
+    (started, env)
+}
+
 /// Starts interpreter sessions in sandboxes on `host`.
 #[derive(Debug)]
 pub struct SessionEngine {
@@ -176,9 +211,7 @@ impl SessionEngine {
                     let replaced = z.clone();
                     // A worker thread, which outlives the zygote (see ampoule_runtime::sandbox).
                     tokio::spawn(async move {
-                        // Read before the start: a change made while it imports is seen next time.
-                        let env = env_fingerprint(&pool);
-                        let fresh = ampoule_session::zygote::start_python(&host, &preload).await;
+                        let (fresh, env) = launch(&host, &pool, &preload).await;
                         let mut g = entry.lock().await;
                         g.replacing = false;
                         match fresh {
@@ -212,29 +245,9 @@ impl SessionEngine {
         if g.failed_at.is_some_and(|t| t.elapsed() < RETRY_AFTER) {
             return Err("the zygote failed to start recently".into());
         }
-        let started = Instant::now();
-        let env = env_fingerprint(&spec.name);
-        match ampoule_session::zygote::start_python(&self.host, preload).await {
+        let (started, env) = launch(&self.host, &spec.name, preload).await;
+        match started {
             Ok(z) => {
-                let info = z.info();
-                tracing::info!(
-                    pool = %spec.name,
-                    runtime = %info.runtime,
-                    preloaded = ?info.preloaded,
-                    failed = ?info.failed,
-                    ms = started.elapsed().as_millis() as u64,
-                    huge_mib = info.huge_mib,
-                    hot_kib = info.hot_kib,
-                    "zygote ready"
-                );
-                if info.threads != 1 {
-                    // fork() copies only the calling thread: the others' locks stay taken.
-                    tracing::warn!(
-                        pool = %spec.name,
-                        threads = info.threads,
-                        "the zygote has more than one thread; a package started one"
-                    );
-                }
                 g.failed_at = None;
                 g.started += 1;
                 g.current = Some(z.clone());

@@ -41,11 +41,16 @@ const SINGLE_THREADED: &[(&str, &str)] = &[
 fn python_config(limits: &Limits) -> Result<(crate::LanguageSpec, SandboxConfig)> {
     let spec = Python.locate(limits)?;
     let mut cfg = sandbox_config(&spec, limits);
-    for (key, value) in SINGLE_THREADED {
+    set_env(&mut cfg, SINGLE_THREADED);
+    Ok((spec, cfg))
+}
+
+/// `vars` in `cfg`'s environment, replacing what it had under their names.
+fn set_env(cfg: &mut SandboxConfig, vars: &[(&str, &str)]) {
+    for (key, value) in vars {
         cfg.env.retain(|(k, _)| k != key);
         cfg.env.push(((*key).into(), (*value).into()));
     }
-    Ok((spec, cfg))
 }
 
 /// The fingerprint of the Python environment [`start_python`] starts from (the `ampoule setup`
@@ -89,13 +94,13 @@ pub async fn start_python(host: &Host, preload: &[String]) -> Result<Zygote> {
     // fork then copies a few dozen page-table entries instead of ~20,000. The children's own
     // environment is the session's (set by the child), without these.
     if huge_pages_split_on_write() {
-        for (key, value) in [
-            ("PYTHONMALLOC", "malloc"),
-            ("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1"),
-        ] {
-            cfg.env.retain(|(k, _)| k != key);
-            cfg.env.push((key.into(), value.into()));
-        }
+        set_env(
+            &mut cfg,
+            &[
+                ("PYTHONMALLOC", "malloc"),
+                ("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1"),
+            ],
+        );
     }
     let python = spec.argv.first().cloned().unwrap_or_default();
     cfg.argv = vec![python, in_sandbox(ZYGOTE.name)];
