@@ -101,7 +101,13 @@ pub enum EngineError {
 #[async_trait]
 pub trait Engine: Send + Sync + 'static {
     /// Starts a fresh session for a pool: a sandbox with a live interpreter, ready to execute.
-    async fn start(&self, spec: &PoolSpec) -> Result<Box<dyn LiveSession>, EngineError>;
+    /// `tenant` is who the session is for, `None` for warm stock that any tenant of the pool
+    /// may be handed (an engine must then give it nothing it shares with one tenant only).
+    async fn start(
+        &self,
+        spec: &PoolSpec,
+        tenant: Option<&str>,
+    ) -> Result<Box<dyn LiveSession>, EngineError>;
 
     /// Gets a pool ready before its first session is asked for (starts its zygote).
     async fn prepare(&self, _spec: &PoolSpec) {}

@@ -71,7 +71,11 @@ impl FakeEngine {
 
 #[async_trait]
 impl Engine for FakeEngine {
-    async fn start(&self, _spec: &PoolSpec) -> Result<Box<dyn LiveSession>, EngineError> {
+    async fn start(
+        &self,
+        _spec: &PoolSpec,
+        _tenant: Option<&str>,
+    ) -> Result<Box<dyn LiveSession>, EngineError> {
         if !self.start_delay.is_zero() {
             tokio::time::sleep(self.start_delay).await;
         }

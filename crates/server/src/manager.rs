@@ -448,7 +448,7 @@ impl Manager {
                 // Sandboxes die with the thread that started them: this task runs on a worker
                 // thread, which lives as long as the runtime.
                 let begun = Instant::now();
-                match self.inner.engine.start(&pool.settings.spec).await {
+                match self.inner.engine.start(&pool.settings.spec, None).await {
                     Ok(live) => {
                         backoff = Duration::from_millis(500);
                         if live.forked() {
@@ -628,7 +628,11 @@ impl Manager {
         }
     }
 
-    async fn start_live(&self, pool_name: &str) -> Result<Arc<dyn LiveSession>, ApiError> {
+    async fn start_live(
+        &self,
+        tenant: &str,
+        pool_name: &str,
+    ) -> Result<Arc<dyn LiveSession>, ApiError> {
         let pool = self
             .inner
             .pools
@@ -656,7 +660,11 @@ impl Manager {
         }
         pool.refill.notify_one();
         pool.starting.fetch_add(1, Ordering::SeqCst);
-        let started = self.inner.engine.start(&pool.settings.spec).await;
+        let started = self
+            .inner
+            .engine
+            .start(&pool.settings.spec, Some(tenant))
+            .await;
         pool.starting.fetch_sub(1, Ordering::SeqCst);
         let started = started?;
         let seconds = begun.elapsed().as_secs_f64();
@@ -696,7 +704,7 @@ impl Manager {
         let init = slot
             .cell
             .get_or_try_init(|| async {
-                let live = self.start_live(&pool).await?;
+                let live = self.start_live(tenant, &pool).await?;
                 let now = (Instant::now(), SystemTime::now());
                 Ok::<_, ApiError>(Arc::new(Session {
                     id: slot.id.clone(),

@@ -330,7 +330,12 @@ impl Engine for SessionEngine {
         self.health()
     }
 
-    async fn start(&self, spec: &PoolSpec) -> Result<Box<dyn LiveSession>, EngineError> {
+    async fn start(
+        &self,
+        spec: &PoolSpec,
+        tenant: Option<&str>,
+    ) -> Result<Box<dyn LiveSession>, EngineError> {
+        let _ = tenant;
         let forked = match (&spec.zygote, &spec.network) {
             (Some(preload), None) if self.host.privileged => self.start_forked(spec, preload).await,
             _ => None,
