@@ -28,6 +28,7 @@ scratch directory), waits for "Start", answers {"Ready": {"landlock": ...}} or
 """
 
 import ctypes
+import errno
 import gc
 import json
 import os
@@ -146,12 +147,21 @@ def recv(sock):
 
 
 def set_rlimits(r):
+    """The session's limits. RLIMIT_SIGPENDING, RLIMIT_MSGQUEUE and RLIMIT_MEMLOCK also bound,
+    as they are when the session's user namespace is created, what the session may hold of
+    the zygote's namespace (the kernel's per-owner counters; crates/runtime/src/ucounts.rs)."""
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     resource.setrlimit(resource.RLIMIT_NOFILE, (r["nofile"], r["nofile"]))
     resource.setrlimit(resource.RLIMIT_FSIZE, (r["fsize"], r["fsize"]))
     resource.setrlimit(resource.RLIMIT_CPU, (r["cpu_s"], r["cpu_s"] + 1))
-    if r.get("nproc") is not None:
-        resource.setrlimit(resource.RLIMIT_NPROC, (r["nproc"], r["nproc"]))
+    for name, limit in (
+        ("nproc", resource.RLIMIT_NPROC),
+        ("sigpending", resource.RLIMIT_SIGPENDING),
+        ("msgqueue", resource.RLIMIT_MSGQUEUE),
+        ("memlock", resource.RLIMIT_MEMLOCK),
+    ):
+        if r.get(name) is not None:
+            resource.setrlimit(limit, (r[name], r[name]))
 
 
 def scratch_options(spec):
@@ -213,16 +223,34 @@ def loopback_up():
         s.close()
 
 
-def enter_user_namespace(uid):
-    """A user namespace of the session's own, owning nothing: the code is `uid` in it and holds
-    no capability over any namespace it lives in."""
+def take_slot_ids(ids):
+    """Becomes the session's own host uid and gid (its slot's, as the zygote's namespace maps
+    them), giving up the zygote's root: the kernel's per-user counters (pipe buffers, epoll
+    watches, and through the user namespace created next, inotify, pending signals, message
+    queues) are then the session's own, as a cold sandbox's are, and pid 1 (the reaper, still
+    the zygote's uid) is out of the code's reach (prlimit, setpriority, signals, ptrace)."""
+    uid, gid = ids
+    try:
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
+    except OSError as e:
+        raise Stage("ids", f"taking the slot's ids {uid}/{gid}: {e}")
+    if os.getgroups():
+        raise Stage("ids", f"supplementary groups left: {os.getgroups()}")
+    # Changing the uid cleared "dumpable", which would make our own uid_map root's.
+    check("ids", libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0), "dumpable")
+
+
+def enter_user_namespace(uid, outside):
+    """A user namespace of the session's own, owning nothing: the code is `uid` in it (the
+    session's slot ids `outside`) and holds no capability over any namespace it lives in."""
     check("unshare", libc.unshare(CLONE_NEWUSER), "user namespace")
     with open("/proc/self/uid_map", "w") as f:
-        f.write(f"{uid} 0 1\n")
+        f.write(f"{uid} {outside[0]} 1\n")
     with open("/proc/self/setgroups", "w") as f:
         f.write("deny")
     with open("/proc/self/gid_map", "w") as f:
-        f.write(f"{uid} 0 1\n")
+        f.write(f"{uid} {outside[1]} 1\n")
 
 
 class LandlockRulesetAttr(ctypes.Structure):
@@ -315,16 +343,27 @@ def apply_seccomp(programs):
         check("seccomp", libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(fprog), 0, 0))
 
 
+def disable_speculative_store_bypass():
+    """As the runtime's init: ENXIO means the kernel offers no per-process control here (the
+    mitigation is global, on or off, or the CPU is not affected: `doctor` says which); any
+    other failure stops the session."""
+    if libc.prctl(PR_SET_SPECULATION_CTRL, PR_SPEC_STORE_BYPASS, PR_SPEC_FORCE_DISABLE, 0, 0) == -1:
+        e = ctypes.get_errno()
+        if e != errno.ENXIO:
+            raise Stage("speculation", os.strerror(e))
+
+
 def wait_for_sealed_reaper():
-    """Pid 1 (the reaper) starts as a copy of nothing secret but is readable by us until it has
-    re-executed itself in its own user namespace and turned non-dumpable; the code must not run
-    before that. Readable /proc/1/fd means "not yet" (it takes a millisecond or two)."""
+    """Pid 1 (the reaper) starts as a copy of nothing secret; the code must not run before it
+    has re-executed itself in its own user namespace, turned non-dumpable, dropped its
+    capabilities and set no_new_privs, which it does last: "NoNewPrivs: 1" in its status means
+    sealed (it takes a millisecond or two). Its uid (the zygote's) is not the code's anyway."""
     deadline = time.monotonic() + 10
     while True:
         try:
-            os.listdir("/proc/1/fd")
-        except PermissionError:
-            return
+            with open("/proc/1/status") as f:
+                if "NoNewPrivs:\t1" in f.read():
+                    return
         except OSError as e:
             raise Stage("reaper", f"pid 1: {e}")
         if time.monotonic() > deadline:
@@ -425,6 +464,10 @@ def session(cfg, programs, spec, fds, root, failed):
         except (OSError, ValueError) as e:
             raise Stage("rlimit", str(e))
         size_scratch(spec)
+        # The session's own directories, as a cold sandbox's (init.rs `mount_scratch`); the
+        # code directory stays the zygote's.
+        for name in ("data", "tmp", "shm"):
+            os.chown(name, *spec["ids"], dir_fd=root)
         send(ctl, "Scratch", [root])
         os.close(root)
         msg, _ = recv(ctl)
@@ -432,12 +475,13 @@ def session(cfg, programs, spec, fds, root, failed):
             raise Stage("channel", f"expected Start, got {msg!r}")
         # Only now (the supervisor has moved us on cgroup v2) is our cgroup the right root.
         check("unshare", libc.unshare(CLONE_NEWCGROUP), "cgroup namespace")
-        enter_user_namespace(cfg["sandbox_uid"])
+        take_slot_ids(spec["ids"])
+        enter_user_namespace(cfg["sandbox_uid"], spec["ids"])
         os.chdir(spec["cwd"])
         status = landlock(cfg)
         drop_capabilities()
         check("no_new_privs", libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))
-        libc.prctl(PR_SET_SPECULATION_CTRL, PR_SPEC_STORE_BYPASS, PR_SPEC_FORCE_DISABLE, 0, 0)
+        disable_speculative_store_bypass()
         check("dumpable", libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0))
         apply_seccomp(programs)
         wait_for_sealed_reaper()

@@ -412,7 +412,7 @@ async fn run_forked(
         .iter()
         .map(|s| (*s).to_owned())
         .collect();
-    let zygote = ampoule_session::zygote::start_python(&host, &preload)
+    let zygote = ampoule_session::zygote::start_python(&host, &preload, 1)
         .await
         .context("starting the zygote")?;
     let mut session = Session::start_forked(&host, &zygote, limits.clone())

@@ -49,6 +49,19 @@ pub(crate) struct InitSpec {
     pub(crate) rlimit_fsize: u64,
     pub(crate) rlimit_cpu_s: u64,
     pub(crate) rlimit_nproc: Option<u64>,
+    /// `RLIMIT_SIGPENDING`, `RLIMIT_MSGQUEUE` and `RLIMIT_MEMLOCK`, when not the supervisor's.
+    /// Besides bounding the process, the values in force when the user namespace is created
+    /// bound everything below it, per owner (see `crate::ucounts`).
+    #[serde(default)]
+    pub(crate) rlimit_user: Option<crate::ucounts::UserRlimits>,
+    /// The whole uid (= gid) map, when it is more than `sandbox_uid` → `host_uid` (a zygote's:
+    /// see `Host::zygote_id_map`). Written by real root: a process may map only its own id.
+    #[serde(default)]
+    pub(crate) id_map: Vec<crate::host::IdMapping>,
+    /// Limits of the new user namespace itself (`/proc/sys/user/NAME`), written once its ids
+    /// are mapped: each bounds what one owner below it may hold (see `crate::ucounts`).
+    #[serde(default)]
+    pub(crate) userns_limits: Vec<(String, u64)>,
     /// Allowlist mode: the sandbox side of the link to the egress gateway.
     #[serde(default)]
     pub(crate) network: Option<crate::network::InitNetwork>,

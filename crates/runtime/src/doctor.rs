@@ -194,6 +194,8 @@ pub async fn run() -> Vec<Check> {
         out.push(end_to_end(host).await);
     }
 
+    out.push(per_user_limits(root));
+
     // Language runtimes.
     for lang in Language::ALL {
         match Interpreter::find(lang) {
@@ -216,6 +218,33 @@ pub async fn run() -> Vec<Check> {
         }
     }
     out
+}
+
+/// The host's per-user inotify limits, which a zygote raises to hold its sessions (see
+/// [`crate::ucounts`]), and what each zygote-born session gets.
+fn per_user_limits(root: bool) -> Check {
+    use crate::ucounts::{SESSION_INOTIFY_INSTANCES, SESSION_INOTIFY_WATCHES, host_inotify_limits};
+    match host_inotify_limits() {
+        Ok((instances, watches)) => {
+            let fit = (instances / SESSION_INOTIFY_INSTANCES)
+                .min(watches / SESSION_INOTIFY_WATCHES)
+                .saturating_sub(1);
+            check(
+                "per-user limits",
+                Level::Ok,
+                format!(
+                    "each session has its own uid; a zygote-born one may hold                      {SESSION_INOTIFY_INSTANCES} inotify instances and {SESSION_INOTIFY_WATCHES}                      watches; the host's per-user maximums ({instances}, {watches}) hold {fit}                      such sessions per zygote now{}",
+                    if root {
+                        ", and a zygote raises them to its pool's max_sessions"
+                    } else {
+                        ""
+                    }
+                ),
+                None,
+            )
+        }
+        Err(e) => check("per-user limits", Level::Warn, e.to_string(), None),
+    }
 }
 
 /// Whether sandboxes can be given allowlisted network access (the egress gateway).

@@ -23,6 +23,24 @@ pub const SLOTS: u32 = 16_384;
 /// hands out and above the ranges of `/etc/subuid` defaults.
 pub const UID_BASE: u32 = 1_100_000_000;
 
+/// Inside a zygote's user namespace, the uid (and gid) that stands for the host uid of slot `n`
+/// is `ZYGOTE_SLOT_IDS + n` (see [`Host::zygote_id_map`]): each child of a zygote switches to
+/// its slot's before it builds its own user namespace, so that it is charged, like a cold
+/// sandbox, to a host uid of its own.
+pub const ZYGOTE_SLOT_IDS: u32 = 100_000;
+
+/// One line of a user namespace's uid or gid map: `count` ids from `inside` stand for the host
+/// ids from `outside`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct IdMapping {
+    /// First id inside the namespace.
+    pub inside: u32,
+    /// First id outside (on the host).
+    pub outside: u32,
+    /// How many.
+    pub count: u32,
+}
+
 /// How this process runs sandboxes.
 #[derive(Debug, Clone)]
 pub struct Host {
@@ -164,6 +182,42 @@ impl Host {
                 nix::unistd::getegid().as_raw(),
             )
         }
+    }
+
+    /// The uid (= gid) map of a zygote's user namespace, the zygote holding `slot`: its own
+    /// host id as root (0), and the host id of every other slot `n` as
+    /// [`ZYGOTE_SLOT_IDS`]` + n`, so that a child can take the ids of the slot its request
+    /// reserved. Privileged mode only (the map is written by real root). Mapping ranges may not
+    /// overlap on either side, hence the gap at the zygote's own slot.
+    pub fn zygote_id_map(&self, slot: &Slot) -> Vec<IdMapping> {
+        let (own, _) = self.ids_for(slot);
+        let n = slot.index;
+        let mut map = vec![IdMapping {
+            inside: 0,
+            outside: own,
+            count: 1,
+        }];
+        if n > 0 {
+            map.push(IdMapping {
+                inside: ZYGOTE_SLOT_IDS,
+                outside: UID_BASE,
+                count: n,
+            });
+        }
+        if n + 1 < SLOTS {
+            map.push(IdMapping {
+                inside: ZYGOTE_SLOT_IDS + n + 1,
+                outside: UID_BASE + n + 1,
+                count: SLOTS - n - 1,
+            });
+        }
+        map
+    }
+
+    /// The ids, inside a zygote's user namespace (see [`Host::zygote_id_map`]), of the sandbox
+    /// in `slot`.
+    pub fn zygote_ids_for(&self, slot: &Slot) -> (u32, u32) {
+        (ZYGOTE_SLOT_IDS + slot.index, ZYGOTE_SLOT_IDS + slot.index)
     }
 
     /// Kills and removes every sandbox cgroup whose slot no live process holds: the leftovers of

@@ -140,13 +140,30 @@ fn outer(chan: &InitChannel) -> Stage<i32> {
         build_root(&spec)?;
         let gid = Gid::from_raw(spec.host_gid);
         let uid = Uid::from_raw(spec.host_uid);
-        nix::unistd::setgroups(&[gid]).stage("setgroups")?;
+        // A map of more than our own id must be written by real root: a helper forked now,
+        // before we give root up, writes it once we have created the namespace.
+        let mapper = if spec.id_map.is_empty() {
+            None
+        } else {
+            Some(IdMapper::fork(&spec.id_map)?)
+        };
+        // No supplementary group: a zygote's children could not drop one (setgroups is denied
+        // in its namespace), and would carry the zygote's.
+        let groups: &[Gid] = if mapper.is_some() { &[] } else { &[gid] };
+        nix::unistd::setgroups(groups).stage("setgroups")?;
         nix::unistd::setresgid(gid, gid, gid).stage("setresgid")?;
         nix::unistd::setresuid(uid, uid, uid).stage("setresuid")?;
         // setresuid cleared "dumpable", which would make our own uid_map root-owned.
         nix::sys::prctl::set_dumpable(true).stage("dumpable")?;
         unshare(namespaces).stage("unshare")?;
-        write_id_maps(&spec).stage("id maps")?;
+        match mapper {
+            Some(mapper) => mapper.map()?,
+            None => write_id_maps(&spec).stage("id maps")?,
+        }
+        for (name, value) in &spec.userns_limits {
+            fs::write(format!("/proc/sys/user/{name}"), value.to_string())
+                .stage("user namespace limits")?;
+        }
     } else {
         unshare(namespaces).stage("unshare")?;
         write_id_maps(&spec).stage("id maps")?;
@@ -285,7 +302,58 @@ fn set_rlimits(spec: &InitSpec) -> nix::Result<()> {
     if let Some(n) = spec.rlimit_nproc {
         setrlimit(Resource::RLIMIT_NPROC, n, n)?;
     }
+    if let Some(r) = &spec.rlimit_user {
+        setrlimit(Resource::RLIMIT_SIGPENDING, r.sigpending, r.sigpending)?;
+        setrlimit(Resource::RLIMIT_MSGQUEUE, r.msgqueue, r.msgqueue)?;
+        setrlimit(Resource::RLIMIT_MEMLOCK, r.memlock, r.memlock)?;
+    }
     Ok(())
+}
+
+/// A child of the outer init that keeps real root while the init gives it up, and writes the
+/// init's uid and gid maps once the init has created its user namespace (see
+/// `InitSpec::id_map`).
+struct IdMapper {
+    pid: Pid,
+    go: std::os::fd::OwnedFd,
+}
+
+impl IdMapper {
+    fn fork(map: &[crate::host::IdMapping]) -> Stage<Self> {
+        let text: String = map
+            .iter()
+            .map(|m| format!("{} {} {}\n", m.inside, m.outside, m.count))
+            .collect();
+        let (wait, go) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).stage("id maps")?;
+        match sys::fork().stage("id maps")? {
+            Fork::Child => {
+                drop(go);
+                let mut byte = [0u8; 1];
+                let ok = matches!(nix::unistd::read(&wait, &mut byte), Ok(1))
+                    && Self::write(nix::unistd::getppid(), &text).is_ok();
+                std::process::exit(if ok { 0 } else { 1 })
+            }
+            Fork::Parent(pid) => Ok(Self { pid, go }),
+        }
+    }
+
+    fn write(init: Pid, map: &str) -> std::io::Result<()> {
+        let proc = PathBuf::from(format!("/proc/{init}"));
+        fs::write(proc.join("uid_map"), map)?;
+        fs::write(proc.join("setgroups"), "deny")?;
+        fs::write(proc.join("gid_map"), map)
+    }
+
+    /// Tells the helper to write the maps (the caller has created its user namespace) and
+    /// waits for it.
+    fn map(self) -> Stage<()> {
+        nix::unistd::write(&self.go, b"x").stage("id maps")?;
+        drop(self.go);
+        match waitpid(self.pid, None) {
+            Ok(WaitStatus::Exited(_, 0)) => Ok(()),
+            other => Err(fail("id maps", format!("the map writer ended: {other:?}"))),
+        }
+    }
 }
 
 fn make_private() -> nix::Result<()> {
@@ -767,8 +835,14 @@ fn inner(spec: &InitSpec, chan: &InitChannel, seccomp: &SeccompPolicy) -> Stage<
         drop_capabilities()?;
         nix::sys::prctl::set_no_new_privs().stage("no_new_privs")?;
         // Speculative store bypass: seccomp no longer turns the mitigation on by itself
-        // (5.16+). Best effort: the CPU or kernel may not offer the control.
-        let _ = sys::disable_speculative_store_bypass();
+        // (5.16+). ENXIO: no per-process control here (the mitigation is global, on or off,
+        // or the CPU is not affected); any other failure stops.
+        match sys::disable_speculative_store_bypass() {
+            Err(e) if e.raw_os_error() != Some(libc::ENXIO) => {
+                return Err(fail("speculation", e.to_string()));
+            }
+            _ => {}
+        }
         nix::sys::prctl::set_dumpable(false).stage("dumpable")?;
         seccomp.apply().stage("seccomp")?;
         landlock

@@ -26,6 +26,7 @@ pub mod sandbox;
 pub mod scratch;
 pub mod seccomp;
 mod sys;
+pub mod ucounts;
 pub mod zygote;
 
 pub use error::{Error, Result};

@@ -303,15 +303,24 @@ impl Sandbox {
             // (unprivileged mode) it would count the user's own processes too. With a cgroup it
             // is only a backstop, set above pids.max so the cgroup (which reports the event)
             // refuses first.
-            // A zygote's children count against its user namespace's limit, fixed when it is
-            // created: leave it at the supervisor's (their own limit is the cgroup's pids.max).
-            rlimit_nproc: (host.privileged && !is_zygote).then(|| {
-                if host.cgroups.is_some() {
-                    limits.pids.saturating_add(16)
-                } else {
-                    limits.pids
-                }
-            }),
+            // A zygote's children count against its namespace's limit (the supervisor's),
+            // each against its own backstop too (set by the child).
+            rlimit_nproc: (host.privileged && !is_zygote).then(|| nproc_backstop(host, limits)),
+            rlimit_user: is_zygote.then(crate::ucounts::UserRlimits::for_zygote),
+            // Every slot's ids, for the children to take theirs (root only, as zygotes).
+            id_map: if is_zygote && host.privileged {
+                host.zygote_id_map(&slot)
+            } else {
+                Vec::new()
+            },
+            userns_limits: if is_zygote && host.privileged {
+                crate::ucounts::ZYGOTE_USERNS_LIMITS
+                    .iter()
+                    .map(|(name, value)| ((*name).to_owned(), *value))
+                    .collect()
+            } else {
+                Vec::new()
+            },
             network: addrs.as_ref().map(|a| InitNetwork {
                 address: a.sandbox,
                 gateway: a.gateway,
@@ -526,6 +535,17 @@ impl Sandbox {
         // Dropping the cgroup kills whatever is left and removes it.
         let stats = self.cgroup.take().map(|cg| cg.0.stats());
         Finished { stats }
+    }
+}
+
+/// `RLIMIT_NPROC` of a sandbox with a unique host uid (root mode): a per-sandbox process limit.
+/// With a cgroup it is only a backstop, set above `pids.max` so that the cgroup (which reports
+/// the event) refuses first.
+pub(crate) fn nproc_backstop(host: &Host, limits: &Limits) -> u64 {
+    if host.cgroups.is_some() {
+        limits.pids.saturating_add(16)
+    } else {
+        limits.pids
     }
 }
 

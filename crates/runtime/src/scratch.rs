@@ -270,11 +270,6 @@ impl Scratch {
         self.owner.filter(|_| self.in_userns)
     }
 
-    /// The host uid and gid files created through this handle get (root mode).
-    pub(crate) fn owner(&self) -> Option<(u32, u32)> {
-        self.owner
-    }
-
     /// A scratch space on a directory the caller opened (test doubles of a sandbox): `root`
     /// must hold the [`DATA`] directory. Files created through it keep the caller's owner.
     pub fn from_dir(root: OwnedFd) -> Self {

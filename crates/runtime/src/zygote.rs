@@ -66,6 +66,9 @@ pub struct ZygoteConfig {
     pub files: Vec<(String, Vec<u8>)>,
     /// Modules to import before forking (`numpy`, `pandas`, `matplotlib.pyplot`).
     pub preload: Vec<String>,
+    /// The most children it may have alive at once: the host's per-user limits are raised to
+    /// hold that many at their own (see [`crate::ucounts::ensure_host_room`]).
+    pub max_children: u64,
 }
 
 /// What the zygote said when it was ready.
@@ -104,7 +107,9 @@ struct Inner {
     sock: Arc<AsyncFd<OwnedFd>>,
     shared: Arc<Shared>,
     sandbox: Mutex<Option<Sandbox>>,
-    host_ids: Option<(u32, u32)>,
+    /// What each child sets: what a cold sandbox inherits, within its share of the zygote's
+    /// (see [`crate::ucounts::UserRlimits::per_child`]).
+    user_rlimits: crate::ucounts::UserRlimits,
     info: ZygoteInfo,
     next_id: AtomicU64,
     forks: AtomicU64,
@@ -194,6 +199,14 @@ impl Zygote {
             ));
         }
         let policy = SeccompPolicy::default_policy()?;
+        for r in crate::ucounts::ensure_host_room(cfg.max_children)? {
+            tracing::info!(
+                sysctl = r.path,
+                from = r.from,
+                to = r.to,
+                "raised a per-user limit of the host for a zygote's sessions"
+            );
+        }
         let (ours, theirs) = channel::pair()?;
         let files = cfg.files.clone();
         // The children's pid 1 is this binary (`init::reaper`): the zygote gets a descriptor of
@@ -264,14 +277,16 @@ impl Zygote {
         };
         let shared = Arc::new(Shared::default());
         let reader = tokio::spawn(read_replies(sock.clone(), shared.clone()));
-        let host_ids = sandbox.scratch().owner();
         Ok(Self {
             inner: Arc::new(Inner {
                 reader,
                 sock,
                 shared,
                 sandbox: Mutex::new(Some(sandbox)),
-                host_ids,
+                user_rlimits: crate::ucounts::UserRlimits::per_child(
+                    crate::ucounts::UserRlimits::for_zygote(),
+                    cfg.max_children,
+                ),
                 info,
                 next_id: AtomicU64::new(1),
                 forks: AtomicU64::new(0),
@@ -372,16 +387,24 @@ impl Zygote {
             }
         }
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let user = &self.inner.user_rlimits;
         let request = json!({"fork": {
             "id": id,
             "env": cfg.env,
             "cwd": cfg.cwd,
+            // The slot's ids, as the zygote's namespace maps them: the child runs as its own
+            // host uid, like a cold sandbox (see `crate::ucounts`).
+            "ids": host.zygote_ids_for(&slot),
             "scratch_bytes": disk_bytes,
             "scratch_inodes": limits.disk_inodes,
             "rlimits": {
                 "nofile": limits.open_files,
                 "fsize": disk_bytes.max(1),
                 "cpu_s": crate::sandbox::cpu_backstop_s(limits),
+                "nproc": crate::sandbox::nproc_backstop(host, limits),
+                "sigpending": user.sigpending,
+                "msgqueue": user.msgqueue,
+                "memlock": user.memlock,
             },
         }});
         let mut fds: Vec<RawFd> = vec![
@@ -433,7 +456,7 @@ impl Zygote {
                 )));
             }
         };
-        let scratch = Scratch::in_user_namespace(fd, self.inner.host_ids);
+        let scratch = Scratch::in_user_namespace(fd, Some(host.ids_for(&slot)));
         prepare(&scratch)?;
         if let Some(cg) = cgroup.as_ref().and_then(CgroupGuard::get)
             && cg.version() == CgroupVersion::V2

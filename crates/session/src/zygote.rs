@@ -75,18 +75,32 @@ fn huge_pages_split_on_write() -> bool {
     (major, minor) >= (5, 8)
 }
 
-/// Starts a Python zygote that imports `preload` (see [`DEFAULT_PRELOAD`]); modules that fail
-/// to import are listed in [`Zygote::info`], not an error. Root only.
-pub async fn start_python(host: &Host, preload: &[String]) -> Result<Zygote> {
-    // Not a real memory bound: besides its own imports, the zygote's cgroup is charged with the
-    // old copies of every page it touches after a fork while children still share them (a few
-    // MiB per live child: 1,000 children took more than 2 GiB). Those pages are the
-    // children's, counted in their PSS; the host bounds them, through each pool's
-    // `max_sessions`.
+/// The memory of a zygote's cgroup for its own interpreter and imports, its spare and the probe
+/// that learns a session's first pages.
+pub const ZYGOTE_BASE_MIB: u64 = 1_024;
+/// The memory a zygote's cgroup keeps for each live child: its pid 1 (the reaper), what its
+/// spare allocated before the request (page tables, namespaces, the learnt pages it copied
+/// ahead: at most 8 MiB), and the zygote's copies of pages it touched after the fork while
+/// the child still shares the originals. Measured: see docs/BENCHMARKS.md ("zygote budget").
+pub const ZYGOTE_MIB_PER_CHILD: u64 = 12;
+
+/// The explicit budget of a zygote's cgroup for `max_children` live sessions: memory (MiB) and
+/// processes (itself, its spare with that one's pid 1, the probe, and each child's pid 1).
+pub fn zygote_budget(max_children: u64) -> (u64, u64) {
+    (
+        ZYGOTE_BASE_MIB.saturating_add(max_children.saturating_mul(ZYGOTE_MIB_PER_CHILD)),
+        max_children.saturating_add(16),
+    )
+}
+
+/// Starts a Python zygote that imports `preload` (see [`DEFAULT_PRELOAD`]) for at most
+/// `max_children` live sessions (its cgroup's budget, [`zygote_budget`]); modules that fail to
+/// import are listed in [`Zygote::info`], not an error. Root only.
+pub async fn start_python(host: &Host, preload: &[String], max_children: u64) -> Result<Zygote> {
+    let (memory_mib, pids) = zygote_budget(max_children);
     let (spec, mut cfg) = python_config(&Limits {
-        memory_mib: 1 << 20,
-        // The zygote's cgroup also holds every live session's pid 1 (see zygote.py).
-        pids: 65_536,
+        memory_mib,
+        pids,
         disk_mib: 64,
         ..Limits::default()
     })?;
@@ -116,6 +130,7 @@ pub async fn start_python(host: &Host, preload: &[String]) -> Result<Zygote> {
             sandbox: cfg,
             files,
             preload: preload.to_vec(),
+            max_children,
         },
     )
     .await?)

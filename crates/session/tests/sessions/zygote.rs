@@ -13,7 +13,7 @@ async fn zygote(host: &Host) -> Result<Zygote, Failed> {
         .iter()
         .map(|s| (*s).to_owned())
         .collect();
-    ampoule_session::zygote::start_python(host, &preload)
+    ampoule_session::zygote::start_python(host, &preload, 64)
         .await
         .map_err(|e| Failed::from(format!("starting the zygote: {}", chain(&e))))
 }
@@ -153,6 +153,20 @@ print(sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))
     )
     .await?;
     check!(out.stdout.starts_with("False False\n[1, 2]"), out);
+    // Each runs as a host uid of its own (its slot's): the kernel's per-user counters are its
+    // own, and pid 1 (the zygote's uid) is not the code's.
+    let ids = "print(open('/proc/self/uid_map').read().split(), os.stat('/proc/1').st_uid)";
+    let (ia, ib) = (run(&mut a, ids).await?, run(&mut b, ids).await?);
+    let fields = |o: &ampoule_session::ExecutionResult| -> Vec<String> {
+        o.stdout.split_whitespace().map(str::to_owned).collect()
+    };
+    let (fa, fb) = (fields(&ia), fields(&ib));
+    check!(
+        fa.len() == 4 && fb.len() == 4 && fa[0] == "['1000'," && fa[1] != fb[1],
+        (&ia.stdout, &ib.stdout)
+    );
+    // pid 1 belongs to nobody mapped here (65534), not to the code's 1000.
+    check!(fa[3] == "65534", &ia.stdout);
     // Pid 1 is the reaper: not the code's, and closed to it.
     let out = run(
         &mut b,
