@@ -268,6 +268,12 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
             args.lang
         );
     };
+    if !language.one_shot() {
+        bail!(
+            "`ampoule run` runs python, javascript or shell, not {language}\nhint: {language} \
+             runs as a session (`ampoule serve` with a {language} pool)"
+        );
+    }
     if args.allow_host.is_empty()
         && (!args.deny_host.is_empty() || !args.resolve.is_empty() || !args.inject.is_empty())
     {

@@ -279,7 +279,8 @@ pub(crate) fn canonical(lang: &str) -> Result<&'static str, ApiFailure> {
         .map(ampoule_types::Language::as_str)
         .ok_or_else(|| {
             ApiFailure::invalid(format!(
-                "unknown language {lang:?}: use python, javascript or shell"
+                "unknown language {lang:?}: use one of {}",
+                ampoule_types::Language::names()
             ))
         })
 }

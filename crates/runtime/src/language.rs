@@ -34,6 +34,8 @@ fn candidates(language: Language) -> &'static [&'static str] {
         Language::Python => &["/usr/bin/python3", "/usr/local/bin/python3"],
         Language::Javascript => &["/usr/bin/node", "/usr/local/bin/node", "/usr/bin/nodejs"],
         Language::Shell => &["/usr/bin/bash", "/bin/bash"],
+        // Sessions only: their kernels are the session crate's plug-ins.
+        Language::Csharp | Language::Powershell => &[],
     }
 }
 
@@ -43,12 +45,21 @@ pub fn install_hint(language: Language) -> &'static str {
         Language::Python => "apt-get install python3",
         Language::Javascript => "apt-get install nodejs",
         Language::Shell => "apt-get install bash",
+        Language::Csharp | Language::Powershell => {
+            "run it as a session (a pool of `ampoule serve` with this language)"
+        }
     }
 }
 
 impl Interpreter {
     /// Finds the interpreter for `language`, or says what to install.
     pub fn find(language: Language) -> Result<Self> {
+        if !language.one_shot() {
+            return Err(Error::Invalid(format!(
+                "{language} runs only as a session, not as a one-shot program; hint: {}",
+                install_hint(language)
+            )));
+        }
         let path = candidates(language)
             .iter()
             .map(Path::new)
@@ -80,6 +91,16 @@ impl Interpreter {
             Language::Shell => (
                 vec!["--noprofile".into(), "--norc".into()],
                 "main.sh",
+                vec![],
+            ),
+            Language::Csharp => (vec![], "main.cs", vec![]),
+            Language::Powershell => (
+                vec![
+                    "-NoProfile".into(),
+                    "-NonInteractive".into(),
+                    "-File".into(),
+                ],
+                "main.ps1",
                 vec![],
             ),
         };

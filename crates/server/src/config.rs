@@ -392,8 +392,9 @@ impl Config {
             }
             let language = Language::parse(&p.language).ok_or_else(|| {
                 format!(
-                    "pools.{name}.language: unknown language {:?} (python, javascript, shell)",
-                    p.language
+                    "pools.{name}.language: unknown language {:?} ({})",
+                    p.language,
+                    Language::names()
                 )
             })?;
             let network = pool_network(&name, &p.network)?;

@@ -1019,3 +1019,116 @@ fn zygotes_are_recycled_when_packages_change() {
     }
     server.stop();
 }
+
+/// A C# pool (Mono) keeps its state across executions through the ACA API and through `/v1`.
+#[test]
+fn csharp_pools_answer_through_aca_and_v1() {
+    if !is_root() {
+        eprintln!("skipped: the end-to-end test runs sandboxes and needs root");
+        return;
+    }
+    if !Path::new("/usr/bin/mono").exists() {
+        eprintln!("skipped: no Mono here (apt-get install mono-complete)");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("ampoule.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\ndata_dir = \"{}\"\n\
+             [[auth.keys]]\ntenant = \"a\"\nkey_env = \"AMPOULE_E2E_KEY_A\"\n\
+             [pools.cs]\nlanguage = \"csharp\"\nwarm = 0\n",
+            tmp.path().join("data").display()
+        ),
+    )
+    .unwrap();
+    let server = Server::start(&config);
+    let port = server.port;
+    let a = bearer(KEY_A);
+
+    let p = exec(port, "", "cs-0001", KEY_A, "var z = 20;");
+    assert_eq!(p["status"], "Success", "{p}");
+    let p = exec(port, "", "cs-0001", KEY_A, "z + 1");
+    assert_eq!(p["status"], "Success", "{p}");
+    assert_eq!(p["result"], 21, "{p}");
+
+    let pools = http(
+        port,
+        "GET",
+        "/v1/pools",
+        &[("Authorization", &a)],
+        Payload::None,
+    )
+    .json();
+    assert_eq!(pools["pools"][0]["language"], "csharp", "{pools}");
+    let body = json!({"pool": "cs"}).to_string();
+    let post = |path: &str, body: &str| {
+        http(
+            port,
+            "POST",
+            path,
+            &[("Authorization", &a), ("Content-Type", "application/json")],
+            Payload::Fixed(body.as_bytes()),
+        )
+    };
+    let s = post("/v1/sessions", &body);
+    assert_eq!(s.status, 201, "{}", String::from_utf8_lossy(&s.body));
+    let s = s.json();
+    assert_eq!(s["language"], "csharp", "{s}");
+    let path = format!("/v1/sessions/{}/executions", s["id"].as_str().unwrap());
+    let r = post(&path, &json!({"code": "var z = 20;"}).to_string()).json();
+    assert_eq!(r["status"], "succeeded", "{r}");
+    let r = post(
+        &path,
+        &json!({"code": "z + 1", "language": "c#"}).to_string(),
+    )
+    .json();
+    assert_eq!(r["status"], "succeeded", "{r}");
+    assert_eq!(r["result"]["text/plain"], "21", "{r}");
+    server.stop();
+}
+
+/// A PowerShell pool on a host without `pwsh` stops `ampoule serve` at start, naming the
+/// missing runtime and what to install (it never answers a request with a 500 later).
+#[test]
+fn a_powershell_pool_without_pwsh_is_refused_at_start() {
+    let pwsh = [
+        "/usr/bin/pwsh",
+        "/usr/local/bin/pwsh",
+        "/opt/microsoft/powershell/7/pwsh",
+    ];
+    if pwsh.iter().any(|p| Path::new(p).exists()) {
+        eprintln!("skipped: pwsh is installed here");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("ampoule.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\ndata_dir = \"{}\"\n\
+             [[auth.keys]]\ntenant = \"a\"\nkey_env = \"AMPOULE_E2E_KEY_A\"\n\
+             [pools.python]\n[pools.ps]\nlanguage = \"pwsh\"\n",
+            tmp.path().join("data").display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(binary())
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&config)
+        .env("AMPOULE_E2E_KEY_A", KEY_A)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{stderr}");
+    for want in [
+        "pool ps",
+        "no powershell runtime",
+        "/usr/bin/pwsh",
+        "hint: install PowerShell 7",
+    ] {
+        assert!(stderr.contains(want), "{want:?} not in {stderr}");
+    }
+}

@@ -7,9 +7,7 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// No plug-in has this name.
-    #[error(
-        "unknown language {0:?}; hint: use one of python, javascript, shell, csharp, powershell"
-    )]
+    #[error("unknown language {0:?}; hint: use one of {names}", names = ampoule_types::Language::names())]
     UnknownLanguage(String),
     /// The language's runtime is not installed on this host.
     #[error("no {language} runtime on this host (looked for {looked_for}); hint: {hint}")]

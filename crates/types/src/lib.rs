@@ -49,7 +49,9 @@ impl Default for Limits {
     }
 }
 
-/// A language a sandbox can run.
+/// A language a sandbox can run: the one list of languages. The session crate has one kernel
+/// plug-in per variant (an exhaustive match, so a variant without a plug-in does not build);
+/// the server's pools, quotas and doors parse names with [`Language::parse`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
@@ -60,10 +62,25 @@ pub enum Language {
     Javascript,
     /// GNU bash.
     Shell,
+    /// C#, with Mono's evaluator (sessions only).
+    Csharp,
+    /// PowerShell 7 (`pwsh`, sessions only).
+    Powershell,
 }
 
 impl Language {
-    /// Every language, in the order `doctor` reports them.
+    /// Every language, in the order `doctor` and `GET /v1/pools` report them.
+    pub const EVERY: [Language; 5] = [
+        Language::Python,
+        Language::Javascript,
+        Language::Shell,
+        Language::Csharp,
+        Language::Powershell,
+    ];
+
+    /// The languages the runtime crate also runs as one-shot programs (`ampoule run`), in the
+    /// order `doctor` reports their interpreters. C# and PowerShell run only as sessions: their
+    /// kernels are driven through the session crate.
     pub const ALL: [Language; 3] = [Language::Python, Language::Javascript, Language::Shell];
 
     /// The canonical name, as used in configs and on the wire.
@@ -72,17 +89,38 @@ impl Language {
             Language::Python => "python",
             Language::Javascript => "javascript",
             Language::Shell => "shell",
+            Language::Csharp => "csharp",
+            Language::Powershell => "powershell",
         }
     }
 
-    /// Parses a name or a common alias (`py`, `js`, `node`, `bash`, `sh`).
-    pub fn parse(name: &str) -> Option<Language> {
-        match name.to_ascii_lowercase().as_str() {
-            "python" | "python3" | "py" => Some(Language::Python),
-            "javascript" | "js" | "node" | "nodejs" => Some(Language::Javascript),
-            "shell" | "bash" | "sh" => Some(Language::Shell),
-            _ => None,
+    /// Other accepted names, lowercase.
+    pub fn aliases(self) -> &'static [&'static str] {
+        match self {
+            Language::Python => &["python3", "py"],
+            Language::Javascript => &["js", "node", "nodejs"],
+            Language::Shell => &["bash", "sh"],
+            Language::Csharp => &["c#", "cs", "mono"],
+            Language::Powershell => &["pwsh", "ps"],
         }
+    }
+
+    /// Whether `ampoule run` runs it as a one-shot program (see [`Language::ALL`]).
+    pub fn one_shot(self) -> bool {
+        Language::ALL.contains(&self)
+    }
+
+    /// Parses a name or an alias ([`Language::aliases`]), case-insensitively.
+    pub fn parse(name: &str) -> Option<Language> {
+        let name = name.to_ascii_lowercase();
+        Language::EVERY
+            .into_iter()
+            .find(|l| l.as_str() == name || l.aliases().contains(&name.as_str()))
+    }
+
+    /// The canonical names, comma-separated (for error messages).
+    pub fn names() -> String {
+        Language::EVERY.map(Language::as_str).join(", ")
     }
 }
 
@@ -365,7 +403,32 @@ mod tests {
         assert_eq!(Language::parse("py"), Some(Language::Python));
         assert_eq!(Language::parse("Node"), Some(Language::Javascript));
         assert_eq!(Language::parse("bash"), Some(Language::Shell));
+        assert_eq!(Language::parse("C#"), Some(Language::Csharp));
+        assert_eq!(Language::parse("pwsh"), Some(Language::Powershell));
         assert_eq!(Language::parse("cobol"), None);
+    }
+
+    #[test]
+    fn every_language_is_listed_once_and_round_trips() {
+        // No wildcard: a new variant fails to build here until it is in `EVERY`.
+        let position = |l: Language| match l {
+            Language::Python => 0,
+            Language::Javascript => 1,
+            Language::Shell => 2,
+            Language::Csharp => 3,
+            Language::Powershell => 4,
+        };
+        for (i, l) in Language::EVERY.into_iter().enumerate() {
+            assert_eq!(position(l), i);
+            assert_eq!(Language::parse(l.as_str()), Some(l));
+            let wire = serde_json::to_string(&l).unwrap();
+            assert_eq!(wire, format!("\"{}\"", l.as_str()));
+            for alias in l.aliases() {
+                assert_eq!(Language::parse(alias), Some(l), "{alias}");
+            }
+        }
+        assert!(Language::ALL.iter().all(|l| Language::EVERY.contains(l)));
+        assert!(!Language::Csharp.one_shot());
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use ampoule_types::Limits;
+use ampoule_types::{Language, Limits};
 
 use super::{
     KERNELIO, Kernel, KernelFile, LanguageSpec, base_python, binds_for, find_executable,
@@ -28,12 +28,8 @@ const MONO_ETC: &str = "/etc/mono";
 pub struct CSharp;
 
 impl Kernel for CSharp {
-    fn name(&self) -> &'static str {
-        "csharp"
-    }
-
-    fn aliases(&self) -> &'static [&'static str] {
-        &["c#", "cs", "mono"]
+    fn language(&self) -> Language {
+        Language::Csharp
     }
 
     fn locate(&self, _limits: &Limits) -> Result<LanguageSpec> {

@@ -1,6 +1,6 @@
 //! JavaScript: Node.js, evaluated through the V8 inspector's REPL mode.
 
-use ampoule_types::Limits;
+use ampoule_types::{Language, Limits};
 
 use super::{Kernel, KernelFile, LanguageSpec, binds_for, find_executable, in_sandbox, string};
 use crate::error::Result;
@@ -19,12 +19,8 @@ const KERNEL: KernelFile = KernelFile {
 pub struct JavaScript;
 
 impl Kernel for JavaScript {
-    fn name(&self) -> &'static str {
-        "javascript"
-    }
-
-    fn aliases(&self) -> &'static [&'static str] {
-        &["js", "node", "nodejs"]
+    fn language(&self) -> Language {
+        Language::Javascript
     }
 
     fn locate(&self, limits: &Limits) -> Result<LanguageSpec> {

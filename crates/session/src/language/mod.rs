@@ -9,8 +9,10 @@
 //! `ampoule-protocol` on its stdin and stdout; `kernels/common/kernelio.py` does the framing
 //! and the capture of fds 1 and 2 for kernels that can be driven from Python.
 //!
-//! Adding a language (Ruby, R) is one module here, registered in [`all`], and one directory in
-//! `kernels/`.
+//! The list of languages is [`ampoule_types::Language`]; [`kernel`] maps each variant to its
+//! plug-in with an exhaustive match, so names, aliases and the set of languages live in one
+//! place. Adding a language (Ruby, R) is one variant there, one module here, registered in
+//! [`kernel`], and one directory in `kernels/`.
 
 mod csharp;
 mod javascript;
@@ -21,7 +23,7 @@ mod shell;
 use std::path::{Path, PathBuf};
 
 use ampoule_runtime::language::CODE_DIR;
-use ampoule_types::Limits;
+use ampoule_types::{Language, Limits};
 
 use crate::error::{Error, Result};
 
@@ -65,27 +67,36 @@ pub struct LanguageSpec {
 
 /// A language plug-in.
 pub trait Kernel: Send + Sync {
+    /// The language this plug-in runs.
+    fn language(&self) -> Language;
     /// The canonical name (`python`).
-    fn name(&self) -> &'static str;
-    /// Other accepted names (`py`, `python3`).
-    fn aliases(&self) -> &'static [&'static str] {
-        &[]
+    fn name(&self) -> &'static str {
+        self.language().as_str()
     }
     /// Finds the runtime and says how to start the kernel under `limits`.
     fn locate(&self, limits: &Limits) -> Result<LanguageSpec>;
 }
 
+/// The plug-in of `language`.
+pub fn kernel(language: Language) -> &'static dyn Kernel {
+    match language {
+        Language::Python => &Python,
+        Language::Javascript => &JavaScript,
+        Language::Shell => &Shell,
+        Language::Csharp => &CSharp,
+        Language::Powershell => &PowerShell,
+    }
+}
+
 /// Every plug-in, in the order `doctor` reports them.
-pub fn all() -> [&'static dyn Kernel; 5] {
-    [&Python, &JavaScript, &Shell, &CSharp, &PowerShell]
+pub fn all() -> [&'static dyn Kernel; Language::EVERY.len()] {
+    Language::EVERY.map(kernel)
 }
 
 /// The plug-in called `name` (or one of its aliases), case-insensitively.
 pub fn find(name: &str) -> Result<&'static dyn Kernel> {
-    let wanted = name.to_ascii_lowercase();
-    all()
-        .into_iter()
-        .find(|k| k.name() == wanted || k.aliases().contains(&wanted.as_str()))
+    Language::parse(name)
+        .map(kernel)
         .ok_or_else(|| Error::UnknownLanguage(name.to_owned()))
 }
 
@@ -153,6 +164,14 @@ mod tests {
         };
         let err = err.to_string();
         assert!(err.contains("cobol") && err.contains("hint"), "{err}");
+    }
+
+    #[test]
+    fn every_language_has_its_own_plugin() {
+        for l in Language::EVERY {
+            assert_eq!(kernel(l).language(), l);
+            assert_eq!(find(l.as_str()).unwrap().name(), l.as_str());
+        }
     }
 
     #[test]

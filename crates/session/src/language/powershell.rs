@@ -3,7 +3,7 @@
 //! Debian does not package PowerShell; on hosts without it this plug-in only says what to
 //! install.
 
-use ampoule_types::Limits;
+use ampoule_types::{Language, Limits};
 
 use super::{
     KERNELIO, Kernel, KernelFile, LanguageSpec, base_python, binds_for, find_executable,
@@ -25,12 +25,8 @@ const LOOP: KernelFile = KernelFile {
 pub struct PowerShell;
 
 impl Kernel for PowerShell {
-    fn name(&self) -> &'static str {
-        "powershell"
-    }
-
-    fn aliases(&self) -> &'static [&'static str] {
-        &["pwsh", "ps"]
+    fn language(&self) -> Language {
+        Language::Powershell
     }
 
     fn locate(&self, _limits: &Limits) -> Result<LanguageSpec> {

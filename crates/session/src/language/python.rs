@@ -1,6 +1,6 @@
 //! Python: the host's CPython 3, inside the environment `ampoule setup` builds when it exists.
 
-use ampoule_types::Limits;
+use ampoule_types::{Language, Limits};
 
 use super::{
     KERNELIO, Kernel, KernelFile, LanguageSpec, base_python, binds_for, in_sandbox, string,
@@ -18,12 +18,8 @@ const KERNEL: KernelFile = KernelFile {
 pub struct Python;
 
 impl Kernel for Python {
-    fn name(&self) -> &'static str {
-        "python"
-    }
-
-    fn aliases(&self) -> &'static [&'static str] {
-        &["py", "python3"]
+    fn language(&self) -> Language {
+        Language::Python
     }
 
     fn locate(&self, _limits: &Limits) -> Result<LanguageSpec> {

@@ -1,6 +1,6 @@
 //! Shell: one long-lived GNU bash, driven by a small Python program.
 
-use ampoule_types::Limits;
+use ampoule_types::{Language, Limits};
 
 use super::{
     KERNELIO, Kernel, KernelFile, LanguageSpec, base_python, binds_for, find_executable,
@@ -18,12 +18,8 @@ const KERNEL: KernelFile = KernelFile {
 pub struct Shell;
 
 impl Kernel for Shell {
-    fn name(&self) -> &'static str {
-        "shell"
-    }
-
-    fn aliases(&self) -> &'static [&'static str] {
-        &["bash", "sh"]
+    fn language(&self) -> Language {
+        Language::Shell
     }
 
     fn locate(&self, _limits: &Limits) -> Result<LanguageSpec> {
