@@ -1041,14 +1041,60 @@ fn unavailable() -> Option<String> {
     None
 }
 
+/// Runs in the jail before `ampoule run`: as soon as the sandbox's veth appears, opens the
+/// sandbox's network namespace and keeps it open, as anything still holding the namespace
+/// would (a slow teardown under load, a process that entered it). The kernel then cannot
+/// destroy the pair when the sandbox ends; only `ampoule run` deleting it does.
+const HOLD_NAMESPACE: &str = r#"
+(
+  jail_ns=$(readlink /proc/$$/ns/net); up_ns=$(readlink /proc/$UP/ns/net)
+  i=0
+  while ! ip -o link show | grep -q ': amp'; do
+    i=$((i+1)); [ $i -lt 1000 ] || exit 0; sleep 0.01
+  done
+  for p in /proc/[0-9]*; do
+    ns=$(readlink $p/ns/net 2>/dev/null) || continue
+    [ "$ns" != "$jail_ns" ] && [ "$ns" != "$up_ns" ] || continue
+    exec nsenter --net=$p/ns/net /bin/sh -c 'echo "$1" > "$0/held"; exec sleep 30' "$T" "$ns"
+  done
+) &
+"#;
+
+/// `ampoule run` deletes its veth pair before it exits, even while something still holds the
+/// sandbox's network namespace (the kernel's own teardown is asynchronous: counting links right
+/// after the run raced with it on a loaded machine).
+fn veth_removed_before_exit() -> Result<(), Failed> {
+    let case = Case {
+        args: ["--allow-host", "allowed.test", "--timeout", "30"]
+            .map(String::from)
+            .to_vec(),
+        // Long enough for the holder to find the sandbox's namespace.
+        code: "import time; time.sleep(1.5); print('done')".into(),
+        before: HOLD_NAMESPACE,
+        ..Case::default()
+    };
+    let j = jail(&case)?;
+    if j.result.stdout.trim() != "done" {
+        return Err(format!("the run failed: {:?}\n{}", j.result, j.ampoule_stderr).into());
+    }
+    if !j.dir.path().join("held").exists() {
+        return Err("the holder never found the sandbox's network namespace".into());
+    }
+    if j.leftover_links != "0" {
+        return Err(format!("veth left in the jail: {}", j.leftover_links).into());
+    }
+    Ok(())
+}
+
 /// A trial: its name, its body, and whether it is a measurement (ignored unless asked for).
 type Entry = (&'static str, fn() -> Result<(), Failed>, bool);
 
 fn main() {
     let args = Arguments::from_args();
     let why = unavailable();
-    let cases: [Entry; 4] = [
+    let cases: [Entry; 5] = [
         ("allowlist", allowlist, false),
+        ("veth_removed_before_exit", veth_removed_before_exit, false),
         ("injection", injection, false),
         ("unprivileged_refused", unprivileged_refused, false),
         ("latency", latency, true),

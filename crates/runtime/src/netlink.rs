@@ -238,6 +238,14 @@ impl Netlink {
         self.request(m).map(drop)
     }
 
+    /// Deletes the link called `name` (one request, so no other link can take its index in
+    /// between). `ENODEV` when there is none.
+    pub(crate) fn delete_link_named(&mut self, name: &str) -> io::Result<()> {
+        let mut m = Message::new(RTM_DELLINK, 0);
+        m.ifinfo(0, 0, 0).attr_str(IFLA_IFNAME, name);
+        self.request(m).map(drop)
+    }
+
     /// Brings the link with this index up.
     pub(crate) fn link_up(&mut self, index: u32) -> io::Result<()> {
         let mut m = Message::new(RTM_NEWLINK, 0);

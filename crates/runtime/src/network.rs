@@ -13,10 +13,12 @@
 //! host side of every pair has IPv4 forwarding and IPv6 switched off, and the sandbox side is
 //! created without IPv6.
 //!
-//! When the sandbox's network namespace dies, the kernel destroys both ends of the pair: there
-//! is nothing to clean up and nothing to sweep. A pair left by the previous sandbox of the same
-//! slot while its namespace is still being torn down is deleted before the new one is made (the
-//! slot lock says nobody else owns it).
+//! When the sandbox's network namespace dies, the kernel destroys both ends of the pair, but
+//! asynchronously (and only once nothing holds the namespace), so a one-shot run deletes its
+//! pair itself before it returns ([`remove_host_side`]): whoever looks at the host's links after
+//! `ampoule run` exits sees none of it. Nothing needs sweeping. A pair left by the previous
+//! sandbox of the same slot while its namespace is still being torn down is deleted before the
+//! new one is made (the slot lock says nobody else owns it).
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -251,6 +253,20 @@ pub(crate) fn wire_host_side(addrs: &GatewayAddrs, pid: u32) -> Result<()> {
         .ctx(|| format!("adding {}/{LINK_PREFIX} to {name}", addrs.gateway))?;
     nl.link_up(index).ctx(|| format!("bringing {name} up"))?;
     Ok(())
+}
+
+/// Deletes the host side of a sandbox's pair, which takes the sandbox side with it, once the
+/// sandbox has ended. Synchronous: when it returns the link is gone. A pair the kernel has
+/// already destroyed is not an error.
+pub(crate) fn remove_host_side(addrs: &GatewayAddrs) -> Result<()> {
+    let name = addrs.interface.as_str();
+    let mut nl = Netlink::route().ctx(|| "opening a netlink socket".into())?;
+    match nl.delete_link_named(name) {
+        Err(e) if e.raw_os_error() != Some(libc::ENODEV) => {
+            Err(Error::io(format!("deleting veth {name}"), e))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Switches IPv6 off for interfaces created from now on in the calling process's (fresh)

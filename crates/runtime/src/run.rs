@@ -124,12 +124,12 @@ pub async fn run_with(
     let exit = match exit {
         Ok(e) => e,
         Err(e) => {
-            sb.finish().await;
+            end(&mut sb).await;
             return Err(e);
         }
     };
     tracing::debug!(elapsed = ?sb.started().elapsed(), "program ended");
-    let finished = sb.finish().await;
+    let finished = end(&mut sb).await;
     tracing::debug!(elapsed = ?sb.started().elapsed(), "sandbox torn down");
     let out = match stdout {
         Some(h) => h.await.unwrap_or_default(),
@@ -188,6 +188,19 @@ pub async fn run_with(
         egress: Vec::new(),
     };
     Ok((result, sb))
+}
+
+/// Ends the sandbox and removes its link to the egress gateway. The kernel would remove the
+/// link when the sandbox's network namespace dies, but asynchronously: without this, a caller
+/// that lists the host's links once we return may still see it.
+async fn end(sb: &mut Sandbox) -> crate::sandbox::Finished {
+    let finished = sb.finish().await;
+    if let Some(addrs) = sb.network()
+        && let Err(e) = crate::network::remove_host_side(addrs)
+    {
+        tracing::warn!(error = %e, interface = %addrs.interface, "the veth pair outlived its sandbox");
+    }
+    finished
 }
 
 fn stats_opt(v: Option<Option<u64>>) -> Option<u64> {
