@@ -231,12 +231,11 @@ def take_slot_ids(ids):
     the zygote's uid) is out of the code's reach (prlimit, setpriority, signals, ptrace)."""
     uid, gid = ids
     try:
+        os.setgroups([gid])  # as a cold sandbox: its own group only
         os.setresgid(gid, gid, gid)
         os.setresuid(uid, uid, uid)
     except OSError as e:
         raise Stage("ids", f"taking the slot's ids {uid}/{gid}: {e}")
-    if os.getgroups():
-        raise Stage("ids", f"supplementary groups left: {os.getgroups()}")
     # Changing the uid cleared "dumpable", which would make our own uid_map root's.
     check("ids", libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0), "dumpable")
 
@@ -482,7 +481,10 @@ def session(cfg, programs, spec, fds, root, failed):
         drop_capabilities()
         check("no_new_privs", libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))
         disable_speculative_store_bypass()
-        check("dumpable", libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0))
+        # Dumpable, as a cold sandbox's program is after its exec: the process was forked, not
+        # executed, so its memory belongs to the zygote's namespace, and a non-dumpable one's
+        # /proc entries (/proc/self/fd, ns, ...) would belong to the zygote's root, not to it.
+        # Its uid is its own: nothing else of that uid exists to read or trace it.
         apply_seccomp(programs)
         wait_for_sealed_reaper()
         send(ctl, {"Ready": {"landlock": status}})

@@ -147,8 +147,7 @@ fn outer(chan: &InitChannel) -> Stage<i32> {
         } else {
             Some(IdMapper::fork(&spec.id_map)?)
         };
-        // No supplementary group: a zygote's children could not drop one (setgroups is denied
-        // in its namespace), and would carry the zygote's.
+        // No supplementary group for a zygote: its children set their own.
         let groups: &[Gid] = if mapper.is_some() { &[] } else { &[gid] };
         nix::unistd::setgroups(groups).stage("setgroups")?;
         nix::unistd::setresgid(gid, gid, gid).stage("setresgid")?;
@@ -338,9 +337,10 @@ impl IdMapper {
     }
 
     fn write(init: Pid, map: &str) -> std::io::Result<()> {
+        // setgroups stays allowed in this namespace (real root writes the gid map): its root
+        // gives each child its own group, as a cold sandbox has.
         let proc = PathBuf::from(format!("/proc/{init}"));
         fs::write(proc.join("uid_map"), map)?;
-        fs::write(proc.join("setgroups"), "deny")?;
         fs::write(proc.join("gid_map"), map)
     }
 
