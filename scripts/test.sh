@@ -34,6 +34,9 @@ echo "== postgres (the audit store's tests run on it and on SQLite)" >&2
 AMPOULE_TEST_POSTGRES_URL=$(bash scripts/postgres.sh)
 export AMPOULE_TEST_POSTGRES_URL
 echo "== tests" >&2
+# nextest runs each test as a process, with the groups of .config/nextest.toml: the containment
+# suite, the privileged end-to-end tests and the measurements each one test at a time; a test
+# that cannot run here is reported as skipped with its reason.
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --no-fail-fast
 else

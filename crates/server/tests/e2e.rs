@@ -4,8 +4,9 @@
 //! named by `AMPOULE_CLIENT_VENV`, which `scripts/test.sh` creates): LangChain, LlamaIndex and
 //! AutoGen over HTTP, LangChain and Semantic Kernel (which accepts https only) over HTTPS.
 //!
-//! Needs root (sandboxes with their own uids and cgroups); as another user it says why and
-//! passes. Only 127.0.0.1 is ever bound or contacted.
+//! Needs root (sandboxes with their own uids and cgroups); as another user every trial that
+//! needs it is reported as ignored, with the reason (as are the C# trial without Mono and the
+//! PowerShell one where `pwsh` exists). Only 127.0.0.1 is ever bound or contacted.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -14,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use libtest_mimic::{Arguments, Trial};
 use serde_json::{Value, json};
 
 const KEY_A: &str = "e2e-key-tenant-a";
@@ -310,12 +312,7 @@ fn write_config(dir: &Path, extra: &str) -> PathBuf {
     path
 }
 
-#[test]
 fn ampoule_serve_end_to_end() {
-    if !is_root() {
-        eprintln!("skipped: the end-to-end test runs sandboxes and needs root");
-        return;
-    }
     let tmp = tempfile::tempdir().unwrap();
     let server = Server::start(&write_config(tmp.path(), ""));
     let port = server.port;
@@ -700,12 +697,7 @@ fn ampoule_serve_end_to_end() {
 
 /// HTTPS: the listener speaks TLS with a PEM certificate, and a client that refuses plain
 /// http (as Semantic Kernel does) works against it.
-#[test]
 fn ampoule_serve_over_https() {
-    if !is_root() {
-        eprintln!("skipped: the end-to-end test runs sandboxes and needs root");
-        return;
-    }
     let tmp = tempfile::tempdir().unwrap();
     let (cert, key) = (tmp.path().join("cert.pem"), tmp.path().join("key.pem"));
     let st = Command::new("openssl")
@@ -850,12 +842,7 @@ fn run_clients_with(endpoint: &str, clients: &[&str], env: &[(&str, &Path)]) {
 /// A Python pool forks its sessions from a zygote: a new identifier gets an interpreter that
 /// already imported pandas, `/metrics` shows the zygote up and counting forks; a pool with
 /// `zygote = false` starts its sessions from scratch.
-#[test]
 fn python_pools_fork_sessions_from_a_zygote() {
-    if !is_root() {
-        eprintln!("skipped: zygotes run sandboxes and need root");
-        return;
-    }
     let tmp = tempfile::tempdir().unwrap();
     let server = Server::start(&write_config(
         tmp.path(),
@@ -921,12 +908,7 @@ fn python_pools_fork_sessions_from_a_zygote() {
 /// way pip does it: the old `*.dist-info` goes, the new one comes): the next new session has
 /// the zygote replaced (the log says why), and from then on sessions, warm ones included, have
 /// the new version.
-#[test]
 fn zygotes_are_recycled_when_packages_change() {
-    if !is_root() {
-        eprintln!("skipped: zygotes run sandboxes and need root");
-        return;
-    }
     // Outside /tmp: sandboxes have their own /tmp, and the environment is bound into them.
     let data = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let chmod = |p: &Path, mode: u32| {
@@ -944,10 +926,10 @@ fn zygotes_are_recycled_when_packages_change() {
         .arg(&venv)
         .status()
         .unwrap();
-    if !made.success() {
-        eprintln!("skipped: python3 -m venv does not work here (apt-get install python3-venv)");
-        return;
-    }
+    assert!(
+        made.success(),
+        "python3 -m venv does not work here (apt-get install python3-venv)"
+    );
     let site = std::fs::read_dir(venv.join("lib"))
         .unwrap()
         .flatten()
@@ -1021,16 +1003,7 @@ fn zygotes_are_recycled_when_packages_change() {
 }
 
 /// A C# pool (Mono) keeps its state across executions through the ACA API and through `/v1`.
-#[test]
 fn csharp_pools_answer_through_aca_and_v1() {
-    if !is_root() {
-        eprintln!("skipped: the end-to-end test runs sandboxes and needs root");
-        return;
-    }
-    if !Path::new("/usr/bin/mono").exists() {
-        eprintln!("skipped: no Mono here (apt-get install mono-complete)");
-        return;
-    }
     let tmp = tempfile::tempdir().unwrap();
     let config = tmp.path().join("ampoule.toml");
     std::fs::write(
@@ -1091,17 +1064,7 @@ fn csharp_pools_answer_through_aca_and_v1() {
 
 /// A PowerShell pool on a host without `pwsh` stops `ampoule serve` at start, naming the
 /// missing runtime and what to install (it never answers a request with a 500 later).
-#[test]
 fn a_powershell_pool_without_pwsh_is_refused_at_start() {
-    let pwsh = [
-        "/usr/bin/pwsh",
-        "/usr/local/bin/pwsh",
-        "/opt/microsoft/powershell/7/pwsh",
-    ];
-    if pwsh.iter().any(|p| Path::new(p).exists()) {
-        eprintln!("skipped: pwsh is installed here");
-        return;
-    }
     let tmp = tempfile::tempdir().unwrap();
     let config = tmp.path().join("ampoule.toml");
     std::fs::write(
@@ -1131,4 +1094,59 @@ fn a_powershell_pool_without_pwsh_is_refused_at_start() {
     ] {
         assert!(stderr.contains(want), "{want:?} not in {stderr}");
     }
+}
+
+/// Where PowerShell may be installed (the session crate's plug-in looks in the same places).
+const PWSH: [&str; 3] = [
+    "/usr/bin/pwsh",
+    "/usr/local/bin/pwsh",
+    "/opt/microsoft/powershell/7/pwsh",
+];
+
+/// A trial, ignored (reported as skipped, never as passed) when `skip` names a reason.
+fn trial(name: &'static str, body: fn(), skip: Option<&'static str>) -> Trial {
+    if let Some(why) = skip {
+        eprintln!("{name}: ignored: {why}");
+    }
+    Trial::test(name, move || {
+        body();
+        Ok(())
+    })
+    .with_ignored_flag(skip.is_some())
+}
+
+fn main() {
+    let args = Arguments::from_args();
+    let root = (!is_root()).then_some("needs root (real sandboxes with their own uids)");
+    let mono = (!Path::new("/usr/bin/mono").exists())
+        .then_some("no Mono here (apt-get install mono-complete)");
+    let pwsh = PWSH
+        .iter()
+        .any(|p| Path::new(p).exists())
+        .then_some("pwsh is installed here");
+    let trials = vec![
+        trial("ampoule_serve_end_to_end", ampoule_serve_end_to_end, root),
+        trial("ampoule_serve_over_https", ampoule_serve_over_https, root),
+        trial(
+            "python_pools_fork_sessions_from_a_zygote",
+            python_pools_fork_sessions_from_a_zygote,
+            root,
+        ),
+        trial(
+            "zygotes_are_recycled_when_packages_change",
+            zygotes_are_recycled_when_packages_change,
+            root,
+        ),
+        trial(
+            "csharp_pools_answer_through_aca_and_v1",
+            csharp_pools_answer_through_aca_and_v1,
+            root.or(mono),
+        ),
+        trial(
+            "a_powershell_pool_without_pwsh_is_refused_at_start",
+            a_powershell_pool_without_pwsh_is_refused_at_start,
+            pwsh,
+        ),
+    ];
+    libtest_mimic::run(&args, trials).exit();
 }
