@@ -1,29 +1,31 @@
-#![allow(clippy::unwrap_used, reason = "a failed unwrap is a failed test")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a failed unwrap is a failed test"
+)]
 //! `ampoule run` and `ampoule doctor` as a user calls them: exit codes, inputs and outputs,
 //! JSON results, clear errors for bad input, and the orphan sweep after a killed supervisor.
 //!
-//! These tests start real sandboxes, so they need root (as CI has); without it they print why
-//! and return early.
+//! Most of these tests start real sandboxes, so they need root (as CI has); without it they are
+//! reported as ignored, with the reason.
 
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use libtest_mimic::{Arguments, Trial};
+
 fn ampoule() -> Command {
     Command::new(env!("CARGO_BIN_EXE_ampoule"))
 }
 
-fn root_or_skip(test: &str) -> bool {
-    let root = std::fs::read_to_string("/proc/self/status")
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
         .map(|s| {
             s.lines()
                 .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
         })
-        .unwrap_or(false);
-    if !root {
-        eprintln!("{test}: skipped: starting sandboxes in tests needs root");
-    }
-    root
+        .unwrap_or(false)
 }
 
 fn run_stdin(args: &[&str], code: &str) -> Output {
@@ -49,11 +51,7 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-#[test]
 fn prints_output_and_returns_the_programs_exit_code() {
-    if !root_or_skip("prints_output") {
-        return;
-    }
     let out = run_stdin(
         &[],
         "import sys\nprint(1)\nprint('err', file=sys.stderr)\nsys.exit(3)\n",
@@ -63,11 +61,7 @@ fn prints_output_and_returns_the_programs_exit_code() {
     assert_eq!(out.status.code(), Some(3));
 }
 
-#[test]
 fn every_language_runs() {
-    if !root_or_skip("every_language_runs") {
-        return;
-    }
     let out = run_stdin(&["--lang", "javascript"], "console.log(6 * 7)");
     assert_eq!(text(&out.stdout), "42\n", "{}", text(&out.stderr));
     let out = run_stdin(&["--lang", "bash"], "echo $((6 * 7)); exit 4");
@@ -75,11 +69,7 @@ fn every_language_runs() {
     assert_eq!(out.status.code(), Some(4));
 }
 
-#[test]
 fn code_from_a_file_inputs_in_and_outputs_out() {
-    if !root_or_skip("files") {
-        return;
-    }
     let dir = tempfile::tempdir().unwrap();
     let code = dir.path().join("job.py");
     std::fs::write(
@@ -122,11 +112,7 @@ fn code_from_a_file_inputs_in_and_outputs_out() {
     assert!(!out_dir.join("link").exists());
 }
 
-#[test]
 fn json_result_reports_the_limit_that_decided() {
-    if !root_or_skip("json_limit") {
-        return;
-    }
     let out = run_stdin(
         &["--json", "--timeout", "0.5"],
         "import time\nprint('before', flush=True)\ntime.sleep(10)\n",
@@ -139,7 +125,6 @@ fn json_result_reports_the_limit_that_decided() {
     assert!(r["duration_ms"].as_f64().unwrap() < 5000.0);
 }
 
-#[test]
 fn bad_input_gets_a_clear_error_and_a_nonzero_exit() {
     let out = ampoule()
         .args(["run", "--lang", "cobol", "-"])
@@ -148,6 +133,18 @@ fn bad_input_gets_a_clear_error_and_a_nonzero_exit() {
     assert_eq!(out.status.code(), Some(125));
     assert!(text(&out.stderr).contains("unknown language \"cobol\""));
     assert!(text(&out.stderr).contains("hint:"));
+
+    // C# and PowerShell are languages, but of sessions only.
+    let out = ampoule()
+        .args(["run", "--lang", "c#", "-"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        text(&out.stderr).contains("csharp runs as a session"),
+        "{}",
+        text(&out.stderr)
+    );
 
     let out = ampoule()
         .args(["run", "/nonexistent/code.py"])
@@ -182,11 +179,7 @@ fn bad_input_gets_a_clear_error_and_a_nonzero_exit() {
     assert_eq!(out.status.code(), Some(2));
 }
 
-#[test]
 fn doctor_reports_every_layer_and_runtime() {
-    if !root_or_skip("doctor") {
-        return;
-    }
     let out = ampoule().args(["doctor", "--json"]).output().unwrap();
     let checks: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let names: Vec<&str> = checks
@@ -245,11 +238,7 @@ fn sandbox_processes(marker: &str) -> Vec<i32> {
     v
 }
 
-#[test]
 fn a_killed_supervisor_leaves_nothing_running_and_the_next_start_sweeps_its_cgroup() {
-    if !root_or_skip("orphan_sweep") {
-        return;
-    }
     let marker = format!("orphan-marker-{}", std::process::id());
     let mut child = ampoule()
         .args(["run", "--lang", "bash", "--timeout", "60", "-"])
@@ -303,11 +292,7 @@ fn a_killed_supervisor_leaves_nothing_running_and_the_next_start_sweeps_its_cgro
     );
 }
 
-#[test]
 fn an_ordinary_user_gets_a_sandbox_and_doctor_says_what_is_weaker() {
-    if !root_or_skip("unprivileged") {
-        return;
-    }
     // A copy of the binary that user `nobody` can execute.
     let dir = tempfile::tempdir().unwrap();
     use std::os::unix::fs::PermissionsExt;
@@ -370,4 +355,60 @@ fn an_ordinary_user_gets_a_sandbox_and_doctor_says_what_is_weaker() {
     assert_eq!(cg["level"], "warn", "{cg}");
     assert!(cg["detail"].as_str().unwrap().contains("limits are off"));
     assert!(cg["fix"].is_string());
+}
+
+/// A trial, ignored (reported as skipped, never as passed) when `skip` names a reason.
+fn trial(name: &'static str, body: fn(), skip: Option<&'static str>) -> Trial {
+    if let Some(why) = skip {
+        eprintln!("{name}: ignored: {why}");
+    }
+    Trial::test(name, move || {
+        body();
+        Ok(())
+    })
+    .with_ignored_flag(skip.is_some())
+}
+
+fn main() {
+    let args = Arguments::from_args();
+    let root = (!is_root()).then_some("starting sandboxes in tests needs root");
+    let trials = vec![
+        trial(
+            "prints_output_and_returns_the_programs_exit_code",
+            prints_output_and_returns_the_programs_exit_code,
+            root,
+        ),
+        trial("every_language_runs", every_language_runs, root),
+        trial(
+            "code_from_a_file_inputs_in_and_outputs_out",
+            code_from_a_file_inputs_in_and_outputs_out,
+            root,
+        ),
+        trial(
+            "json_result_reports_the_limit_that_decided",
+            json_result_reports_the_limit_that_decided,
+            root,
+        ),
+        trial(
+            "bad_input_gets_a_clear_error_and_a_nonzero_exit",
+            bad_input_gets_a_clear_error_and_a_nonzero_exit,
+            None,
+        ),
+        trial(
+            "doctor_reports_every_layer_and_runtime",
+            doctor_reports_every_layer_and_runtime,
+            root,
+        ),
+        trial(
+            "a_killed_supervisor_leaves_nothing_running_and_the_next_start_sweeps_its_cgroup",
+            a_killed_supervisor_leaves_nothing_running_and_the_next_start_sweeps_its_cgroup,
+            root,
+        ),
+        trial(
+            "an_ordinary_user_gets_a_sandbox_and_doctor_says_what_is_weaker",
+            an_ordinary_user_gets_a_sandbox_and_doctor_says_what_is_weaker,
+            root,
+        ),
+    ];
+    libtest_mimic::run(&args, trials).exit();
 }
