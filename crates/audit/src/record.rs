@@ -90,6 +90,14 @@ pub struct Record {
     pub egress: Vec<EgressDecision>,
     /// The limit or policy that decided the outcome (`memory`, `time`, `idle_timeout`, …).
     pub decided_by: Option<String>,
+    /// The caller's name for the session (the ACA `identifier`, the MCP `session`), when
+    /// known. Left out of the body when absent, so records written before it existed hash
+    /// as they did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identifier: Option<String>,
+    /// The id of the request that caused the record (its `X-Request-Id`), when one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
 }
 
 impl Record {
@@ -114,6 +122,8 @@ impl Record {
             files: Vec::new(),
             egress: Vec::new(),
             decided_by: None,
+            identifier: None,
+            request_id: None,
         }
     }
 
@@ -173,6 +183,10 @@ pub struct Filter {
     pub tenant: String,
     /// Only this session.
     pub session: Option<String>,
+    /// Only this identifier (the caller's name for its session).
+    pub identifier: Option<String>,
+    /// Only this execution.
+    pub execution: Option<String>,
     /// From this time on (ms since the epoch, inclusive).
     pub since_ms: Option<i64>,
     /// Before this time (ms since the epoch, exclusive).

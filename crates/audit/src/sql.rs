@@ -67,11 +67,13 @@ enum Bind {
 }
 
 const COLUMNS: &str = "seq, time_ms, tenant, kind, pool, session, status, language, duration_ms, \
-                       cpu_time_ms, peak_memory_bytes, body, prev_hash, hash";
+                       cpu_time_ms, peak_memory_bytes, execution, identifier, request_id, body, \
+                       prev_hash, hash";
 
 const INSERT: &str = "INSERT INTO audit_records (seq, time_ms, tenant, kind, pool, session, status, \
-                      language, duration_ms, cpu_time_ms, peak_memory_bytes, body, prev_hash, hash) \
-                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)";
+                      language, duration_ms, cpu_time_ms, peak_memory_bytes, execution, identifier, \
+                      request_id, body, prev_hash, hash) \
+                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)";
 
 /// The columns of one row, as read back.
 struct Row_ {
@@ -86,6 +88,9 @@ struct Row_ {
     duration_ms: Option<f64>,
     cpu_time_ms: Option<f64>,
     peak_memory_bytes: Option<i64>,
+    execution: Option<String>,
+    identifier: Option<String>,
+    request_id: Option<String>,
     body: String,
     prev_hash: String,
     hash: String,
@@ -105,6 +110,9 @@ macro_rules! read_row {
             duration_ms: $r.try_get("duration_ms")?,
             cpu_time_ms: $r.try_get("cpu_time_ms")?,
             peak_memory_bytes: $r.try_get("peak_memory_bytes")?,
+            execution: $r.try_get("execution")?,
+            identifier: $r.try_get("identifier")?,
+            request_id: $r.try_get("request_id")?,
             body: $r.try_get("body")?,
             prev_hash: $r.try_get("prev_hash")?,
             hash: $r.try_get("hash")?,
@@ -139,6 +147,9 @@ impl Row_ {
             && same(self.duration_ms, r.duration_ms)
             && same(self.cpu_time_ms, r.cpu_time_ms)
             && self.peak_memory_bytes == r.peak_memory_bytes
+            && self.execution == r.execution
+            && self.identifier == r.identifier
+            && self.request_id == r.request_id
     }
 
     fn stored(self) -> Result<StoredRecord, Error> {
@@ -234,6 +245,9 @@ impl AuditStore for SqlStore {
                     .bind(r.duration_ms)
                     .bind(r.cpu_time_ms)
                     .bind(r.peak_memory_bytes)
+                    .bind(&r.execution)
+                    .bind(&r.identifier)
+                    .bind(&r.request_id)
                     .bind(&body)
                     .bind(&prev)
                     .bind(&hash)
@@ -261,6 +275,12 @@ impl AuditStore for SqlStore {
         };
         if let Some(s) = &f.session {
             add("session =", Bind::S(s.clone()), &mut binds);
+        }
+        if let Some(s) = &f.identifier {
+            add("identifier =", Bind::S(s.clone()), &mut binds);
+        }
+        if let Some(s) = &f.execution {
+            add("execution =", Bind::S(s.clone()), &mut binds);
         }
         if let Some(t) = f.since_ms {
             add("time_ms >=", Bind::I(t), &mut binds);

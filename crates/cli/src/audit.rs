@@ -84,6 +84,7 @@ pub(crate) async fn run(args: AuditArgs) -> Result<ExitCode> {
             kind: None,
             after: None,
             limit: Some(args.limit),
+            ..Filter::default()
         })
         .await?;
     if args.json {

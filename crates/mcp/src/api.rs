@@ -20,6 +20,9 @@ use crate::error::ApiFailure;
 pub struct Caller {
     /// The tenant.
     pub tenant: String,
+    /// The id of the HTTP request carrying the call (`X-Request-Id`), when there is one; the
+    /// server writes it into the audit records the call causes.
+    pub request_id: Option<String>,
 }
 
 impl Caller {
@@ -27,6 +30,7 @@ impl Caller {
     pub fn new(tenant: impl Into<String>) -> Self {
         Self {
             tenant: tenant.into(),
+            request_id: None,
         }
     }
 }
@@ -50,6 +54,9 @@ pub struct Execute {
 pub struct Executed {
     /// The session's name (pass it back to keep the state).
     pub session: String,
+    /// The execution's id (`exe_…`), which its audit record and log lines carry; `None` from
+    /// a server too old to say.
+    pub execution_id: Option<String>,
     /// The result.
     pub result: ExecutionResult,
 }

@@ -320,8 +320,13 @@ impl SandboxApi for HttpApi {
             )
             .await?;
         let result: ExecutionResult = self.parse(&bytes)?;
+        // The result's id sits beside its fields (`/v1` flattens them into one object).
+        let execution_id = serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()
+            .and_then(|v| v.get("execution_id")?.as_str().map(str::to_owned));
         Ok(Executed {
             session: s.identifier,
+            execution_id,
             result,
         })
     }

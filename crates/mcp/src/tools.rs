@@ -148,14 +148,19 @@ fn images(bundle: &MimeBundle, out: &mut Vec<ContentBlock>) {
     }
 }
 
-/// An execution result as tool content: one JSON text block (session, status, stdout, stderr,
-/// result, error), then every image it produced.
-pub fn execution_content(session: &str, r: &ExecutionResult) -> Vec<ContentBlock> {
+/// An execution result as tool content: one JSON text block (session, execution id, status,
+/// stdout, stderr, result, error), then every image it produced.
+pub fn execution_content(
+    session: &str,
+    execution_id: Option<&str>,
+    r: &ExecutionResult,
+) -> Vec<ContentBlock> {
     let error = r.error.as_ref().map(|e| {
         serde_json::json!({"name": e.name, "value": e.value, "traceback": e.traceback.join("\n")})
     });
     let mut summary = serde_json::json!({
         "session": session,
+        "execution_id": execution_id,
         "status": r.status.as_str(),
         "stdout": r.stdout,
         "stderr": r.stderr,
@@ -333,7 +338,11 @@ impl AmpouleMcp {
             timeout_s: args.timeout_s,
         };
         match self.api.execute(&caller, req).await {
-            Ok(done) => CallToolResult::success(execution_content(&done.session, &done.result)),
+            Ok(done) => CallToolResult::success(execution_content(
+                &done.session,
+                done.execution_id.as_deref(),
+                &done.result,
+            )),
             Err(e) => failure(&e),
         }
     }

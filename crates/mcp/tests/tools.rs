@@ -56,6 +56,7 @@ impl SandboxApi for Fake {
         ]);
         Ok(Executed {
             session: req.session.unwrap_or_else(|| "generated".into()),
+            execution_id: Some("exe_fake".into()),
             result: result("hi\n", Some("42"), vec![png]),
         })
     }

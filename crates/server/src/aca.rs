@@ -9,12 +9,12 @@
 //! and later) is flat and uses `name/sizeInBytes/lastModifiedAt`.
 //!
 //! Invariants: every answer, including errors, is in the ACA dialect (`x-ms-error-code`); a
-//! session is found or created under the caller's tenant only; the transport never touches
-//! session state except through the [`Manager`](crate::manager::Manager).
+//! session is found or created under the caller's tenant only; each operation is one
+//! command of the core ([`ampoule_core::service`]), whose policy order decides before any
+//! sandbox starts; the transport never touches session state. An execution's ACA `id` and
+//! `operation-id` are the core's execution id (the audit record's).
 
-use std::sync::Arc;
-
-use ampoule_runtime::scratch::FileInfo;
+use ampoule_core::{Caller, ExecuteCommand, FileInfo, SessionInfo, Target};
 use ampoule_types::{ExecutionResult, ExecutionStatus, Language};
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -25,10 +25,8 @@ use percent_encoding::percent_decode_str;
 use serde_json::{Value, json};
 
 use crate::AppState;
-use crate::engine::ExecRequest;
 use crate::error::{ApiError, ErrorCode};
 use crate::files;
-use crate::manager::Session;
 
 /// Largest execute request body (code plus JSON envelope).
 const MAX_EXECUTE_BODY: usize = 16 * 1024 * 1024;
@@ -142,22 +140,10 @@ fn is_family_b(version: Option<&str>) -> bool {
     version.is_some_and(|v| v.get(..10).is_some_and(|date| date >= "2024-10-02"))
 }
 
-/// Checks an identifier: 1-256 characters, no control characters (ACA documents 4-128 from
-/// a wide set; clients generate UUIDs, and some send `&`, `#` or `%` unencoded).
-pub(crate) fn check_identifier(id: &str) -> Result<(), ApiError> {
-    let n = id.chars().count();
-    if n == 0 || n > 256 || id.chars().any(char::is_control) {
-        return Err(ApiError::invalid(
-            "the identifier must be 1-256 characters without control characters",
-        ));
-    }
-    Ok(())
-}
-
 /// Everything a handler needs about one request.
 struct Call {
     state: AppState,
-    tenant: String,
+    caller: Caller,
     pool: String,
     family_b: bool,
     query: Vec<(String, String)>,
@@ -167,22 +153,20 @@ impl Call {
     fn identifier(&self) -> Result<String, ApiError> {
         let id = param(&self.query, "identifier")
             .ok_or_else(|| ApiError::invalid("the `identifier` query parameter is required"))?;
-        check_identifier(id)?;
         Ok(id.to_owned())
     }
 
-    async fn session(&self) -> Result<Arc<Session>, ApiError> {
-        let id = self.identifier()?;
-        let (s, _) = self
-            .state
-            .manager
-            .get_or_create(&self.tenant, Some(&self.pool), &id)
-            .await?;
-        Ok(s)
+    /// The session of the request's identifier in its pool (the core starts it on first
+    /// use, once its policy allows).
+    fn target(&self) -> Result<Target, ApiError> {
+        Ok(Target::Named {
+            pool: Some(self.pool.clone()),
+            identifier: self.identifier()?,
+        })
     }
 
     fn language(&self) -> Result<Language, ApiError> {
-        Ok(self.state.manager.pool(&self.pool)?.spec.language)
+        Ok(self.state.manager.pool_language(Some(&self.pool))?)
     }
 }
 
@@ -206,11 +190,12 @@ async fn handle(state: AppState, req: Request) -> Result<Response, ApiError> {
         return Err(ApiError::new(ErrorCode::NotFound, "no such operation"));
     };
     let tenant = state.keys.tenant(&parts.headers)?;
+    let caller = crate::auth::caller(tenant, &parts.extensions);
     let pool = pool.unwrap_or_else(|| state.manager.default_pool().to_owned());
-    state.manager.pool(&pool)?;
+    state.manager.pool_language(Some(&pool))?;
     let call = Call {
         state,
-        tenant,
+        caller,
         pool,
         family_b,
         query: q,
@@ -228,42 +213,36 @@ async fn handle(state: AppState, req: Request) -> Result<Response, ApiError> {
         (Op::Files, &Method::POST) => upload(&call, &parts.headers, body, true).await,
         (Op::Files, &Method::GET) => list(&call).await,
         (Op::Content(name), &Method::GET) => {
-            let s = call.session().await?;
-            let _call = call.state.manager.file_call(&s);
-            files::download(&s.live(), name).await
+            let d = call
+                .state
+                .manager
+                .get_file(&call.caller, &call.target()?, name)
+                .await?;
+            Ok(files::download(d))
         }
         (Op::File(name), &Method::GET) => file_meta(&call, name).await,
         (Op::File(name), &Method::DELETE) => delete_file(&call, name).await,
         (Op::Session, &Method::DELETE) => {
-            let id = call.identifier()?;
-            if call
-                .state
+            call.state
                 .manager
-                .delete_identifier(&call.tenant, &call.pool, &id)
-                .await
-            {
-                Ok(StatusCode::NO_CONTENT.into_response())
-            } else {
-                Err(ApiError::session_not_found())
-            }
+                .delete_session(&call.caller, &call.target()?)
+                .await?;
+            Ok(StatusCode::NO_CONTENT.into_response())
         }
         (Op::Session, &Method::GET) => {
-            let id = call.identifier()?;
             let s = call
                 .state
                 .manager
-                .find(&call.tenant, &call.pool, &id)
-                .ok_or_else(ApiError::session_not_found)?;
-            Ok(axum::Json(session_json(&call, &s)).into_response())
+                .get_session(&call.caller, &call.target()?)?;
+            Ok(axum::Json(session_json(&s)).into_response())
         }
         (Op::ListSessions, &Method::GET) => {
             let sessions: Vec<Value> = call
                 .state
                 .manager
-                .list(&call.tenant)
+                .list_sessions(&call.caller, Some(&call.pool))
                 .iter()
-                .filter(|s| s.pool == call.pool)
-                .map(|s| session_json(&call, s))
+                .map(session_json)
                 .collect();
             Ok(axum::Json(json!({ "sessions": sessions })).into_response())
         }
@@ -283,18 +262,12 @@ async fn handle(state: AppState, req: Request) -> Result<Response, ApiError> {
     }
 }
 
-fn session_json(call: &Call, s: &Session) -> Value {
-    let idle = call
-        .state
-        .manager
-        .pool(&s.pool)
-        .map(|p| p.idle_timeout)
-        .unwrap_or_default();
+fn session_json(s: &SessionInfo) -> Value {
     json!({
         "identifier": s.identifier,
         "createdAt": files::rfc3339(s.created_at),
-        "lastAccessedAt": files::rfc3339(s.last_used_at()),
-        "expireAt": files::rfc3339(s.last_used_at() + idle),
+        "lastAccessedAt": files::rfc3339(s.last_used_at),
+        "expireAt": files::expires(s),
         "etag": format!("\"{}\"", s.id),
     })
 }
@@ -424,34 +397,18 @@ async fn execute(call: &Call, body: Body, dialect: Dialect) -> Result<Response, 
     let (code, timeout, body_identifier) = parse_execute(&bytes)?;
     let identifier = match (dialect, param(&call.query, "identifier"), body_identifier) {
         // The legacy endpoint carried the identifier in the body.
-        (Dialect::Legacy, None, Some(id)) => {
-            check_identifier(&id)?;
-            id
-        }
+        (Dialect::Legacy, None, Some(id)) => id,
         _ => call.identifier()?,
     };
-    // Policy first, so that a refused execution creates no session; the rate limit last, so
-    // that a request refused for another reason takes none of the tenant's budget.
-    let manager = &call.state.manager;
-    let timeout_s = manager
-        .timeout_for(&call.tenant, &call.pool, timeout)
-        .await?;
-    manager.check_pool_policy(&call.tenant, &call.pool).await?;
-    manager.admit_for(&call.tenant, &call.pool, "").await?;
-    let (session, _) = manager
-        .get_or_create(&call.tenant, Some(&call.pool), &identifier)
-        .await?;
-    let result = manager
-        .execute_admitted(
-            &session,
-            ExecRequest {
-                code,
-                timeout_s,
-                inputs: None,
-            },
-            None,
-        )
-        .await?;
+    let target = Target::Named {
+        pool: Some(call.pool.clone()),
+        identifier,
+    };
+    let mut cmd = ExecuteCommand::new(target, code);
+    cmd.timeout_s = timeout;
+    // One command: the core checks the policy before it starts a session.
+    let done = call.state.manager.execute(&call.caller, cmd).await?;
+    let (result, session, exec_id) = (done.result, done.session, done.execution_id);
     let ms = result.duration_ms.round() as u64;
     let value = aca_result(&result);
     let stderr = aca_stderr(&result);
@@ -480,7 +437,6 @@ async fn execute(call: &Call, body: Body, dialect: Dialect) -> Result<Response, 
         }))
         .into_response(),
         Dialect::B => {
-            let exec_id = crate::manager::random_hex(16);
             let status = if shell {
                 // Shell pools report the exit code as the status (LangChain parses int()).
                 result
@@ -571,10 +527,17 @@ async fn upload(
 ) -> Result<Response, ApiError> {
     let max = call.state.max_upload;
     files::check_content_length(headers, max)?;
-    let s = call.session().await?;
-    let _call = call.state.manager.file_call(&s);
     let dir = param(&call.query, "path");
-    let stored = files::upload_multipart(&s.live(), dir, headers, body, max).await?;
+    let stored = files::upload_multipart(
+        &call.state.manager,
+        &call.caller,
+        call.target()?,
+        dir,
+        headers,
+        body,
+        max,
+    )
+    .await?;
     if family_b_shape {
         // B3 answers one object (the first file; upload_multipart never returns none).
         let f = stored
@@ -588,9 +551,8 @@ async fn upload(
 }
 
 async fn list(call: &Call) -> Result<Response, ApiError> {
-    let s = call.session().await?;
-    let _call = call.state.manager.file_call(&s);
-    let all = files::list(&s.live()).await?;
+    let target = call.target()?;
+    let (_, all) = call.state.manager.list_files(&call.caller, &target).await?;
     if !call.family_b {
         return Ok(axum::Json(envelope_a(&all)).into_response());
     }
@@ -620,7 +582,12 @@ async fn list(call: &Call) -> Result<Response, ApiError> {
     }
     for d in dirs {
         let path = format!("{prefix}{d}");
-        if let Ok(info) = files::stat(&s.live(), &path).await {
+        if let Ok(info) = call
+            .state
+            .manager
+            .stat_file(&call.caller, &target, &path)
+            .await
+        {
             value.push(entry_b(&d, &info));
         }
     }
@@ -628,9 +595,11 @@ async fn list(call: &Call) -> Result<Response, ApiError> {
 }
 
 async fn file_meta(call: &Call, name: &str) -> Result<Response, ApiError> {
-    let s = call.session().await?;
-    let _call = call.state.manager.file_call(&s);
-    let info = files::stat(&s.live(), name).await?;
+    let info = call
+        .state
+        .manager
+        .stat_file(&call.caller, &call.target()?, name)
+        .await?;
     if call.family_b {
         let base = info
             .path
@@ -648,9 +617,10 @@ async fn file_meta(call: &Call, name: &str) -> Result<Response, ApiError> {
 }
 
 async fn delete_file(call: &Call, name: &str) -> Result<Response, ApiError> {
-    let s = call.session().await?;
-    let _call = call.state.manager.file_call(&s);
-    files::remove(&s.live(), name).await?;
+    call.state
+        .manager
+        .delete_file(&call.caller, &call.target()?, name)
+        .await?;
     if call.family_b {
         Ok(StatusCode::NO_CONTENT.into_response())
     } else {

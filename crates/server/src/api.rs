@@ -4,8 +4,13 @@
 //! Invariants: every error is an [`ApiError`] JSON body with a stable code, including the
 //! rejections of the JSON, path and query extractors; a session of another tenant answers
 //! 404 exactly like a missing one; executions run in their own task, so a client that goes
-//! away mid-execution never leaves a session half-way.
+//! away mid-execution never leaves a session half-way. Each handler is one command of the
+//! core ([`ampoule_core::service`]); an execution's result and every event of its stream
+//! carry the core's execution id (`execution_id`), the one its audit record and log lines
+//! have.
 
+use ampoule_core::{AuditQuery as CoreAuditQuery, CreateSession as CoreCreate, ExecuteCommand};
+use ampoule_core::{SessionInfo as CoreSession, Target};
 use ampoule_types::{ExecutionEvent, ExecutionResult};
 use axum::body::Body;
 use axum::extract::{FromRequest, FromRequestParts, Request, State};
@@ -18,11 +23,9 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::AppState;
-use crate::auth::Tenant;
-use crate::engine::ExecRequest;
+use crate::auth::Caller;
 use crate::error::{ApiError, ErrorBody, ErrorCode};
 use crate::files;
-use crate::manager::{PoolStatus, Session};
 
 /// A JSON body whose rejections are [`ApiError`]s.
 pub struct JsonBody<T>(pub T);
@@ -94,7 +97,7 @@ pub async fn method_not_allowed() -> ApiError {
     ),
     modifiers(&BearerAuth),
     security(("bearer" = [])),
-    components(schemas(ErrorBody, ExecutionEvent))
+    components(schemas(ErrorBody, ExecutionEvent, StreamEvent))
 )]
 struct ApiDoc;
 
@@ -157,6 +160,39 @@ async fn healthz() -> axum::Json<Health> {
     })
 }
 
+/// What `GET /v1/pools` reports about a pool.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct PoolStatus {
+    /// The pool's name.
+    pub name: String,
+    /// Its language.
+    pub language: String,
+    /// Warm sessions waiting to be assigned.
+    pub ready: usize,
+    /// Sessions running an execution or file call now.
+    pub busy: usize,
+    /// Sessions assigned to identifiers.
+    pub sessions: usize,
+    /// Most sessions the pool holds.
+    pub max_sessions: usize,
+    /// Warm sessions the pool keeps.
+    pub warm: usize,
+}
+
+impl From<ampoule_core::PoolStatus> for PoolStatus {
+    fn from(p: ampoule_core::PoolStatus) -> Self {
+        Self {
+            name: p.name,
+            language: p.language,
+            ready: p.ready,
+            busy: p.busy,
+            sessions: p.sessions,
+            max_sessions: p.max_sessions,
+            warm: p.warm,
+        }
+    }
+}
+
 /// `GET /v1/pools`.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct PoolList {
@@ -167,16 +203,12 @@ pub struct PoolList {
 /// The pools the caller may use, with their ready, busy and maximum session counts.
 #[utoipa::path(get, path = "/v1/pools", tag = "pools",
     responses((status = 200, body = PoolList), (status = 401, body = ErrorBody)))]
-async fn list_pools(State(state): State<AppState>, Tenant(tenant): Tenant) -> axum::Json<PoolList> {
-    let quotas = state.manager.quotas();
+async fn list_pools(State(state): State<AppState>, Caller(caller): Caller) -> axum::Json<PoolList> {
     let pools = state
         .manager
-        .pools()
+        .list_pools(&caller)
         .into_iter()
-        .filter(|p| {
-            ampoule_types::Language::parse(&p.language)
-                .is_some_and(|l| quotas.check_pool(&tenant, &p.name, l).is_ok())
-        })
+        .map(PoolStatus::from)
         .collect();
     axum::Json(PoolList { pools })
 }
@@ -215,21 +247,17 @@ pub struct SessionInfo {
     pub busy: bool,
 }
 
-fn session_info(state: &AppState, s: &Session) -> SessionInfo {
-    let pool = state.manager.pool(&s.pool).ok();
-    let idle = pool.map(|p| p.idle_timeout).unwrap_or_default();
+fn session_info(s: &CoreSession) -> SessionInfo {
     SessionInfo {
         id: s.id.clone(),
         pool: s.pool.clone(),
         identifier: s.identifier.clone(),
-        language: pool
-            .map(|p| p.spec.language.as_str().to_owned())
-            .unwrap_or_default(),
+        language: s.language.as_str().to_owned(),
         created_at: files::rfc3339(s.created_at),
-        last_used_at: files::rfc3339(s.last_used_at()),
-        expires_at: files::rfc3339(s.last_used_at() + idle),
-        executions: s.executions(),
-        busy: s.busy(),
+        last_used_at: files::rfc3339(s.last_used_at),
+        expires_at: files::expires(s),
+        executions: s.executions,
+        busy: s.busy,
     }
 }
 
@@ -246,22 +274,20 @@ fn session_info(state: &AppState, s: &Session) -> SessionInfo {
         (status = 503, description = "no sandbox could be started", body = ErrorBody)))]
 async fn create_session(
     State(state): State<AppState>,
-    Tenant(tenant): Tenant,
+    Caller(caller): Caller,
     JsonBody(req): JsonBody<CreateSession>,
 ) -> Result<Response, ApiError> {
-    if let Some(id) = &req.identifier {
-        crate::aca::check_identifier(id)?;
-    }
-    let (s, created) = state
-        .manager
-        .create(&tenant, req.pool.as_deref(), req.identifier.as_deref())
-        .await?;
+    let cmd = CoreCreate {
+        pool: req.pool,
+        identifier: req.identifier,
+    };
+    let (s, created) = state.manager.create_session(&caller, cmd).await?;
     let status = if created {
         StatusCode::CREATED
     } else {
         StatusCode::OK
     };
-    Ok((status, axum::Json(session_info(&state, &s))).into_response())
+    Ok((status, axum::Json(session_info(&s))).into_response())
 }
 
 /// `GET /v1/sessions`.
@@ -276,13 +302,13 @@ pub struct SessionList {
     responses((status = 200, body = SessionList), (status = 401, body = ErrorBody)))]
 async fn list_sessions(
     State(state): State<AppState>,
-    Tenant(tenant): Tenant,
+    Caller(caller): Caller,
 ) -> axum::Json<SessionList> {
     let sessions = state
         .manager
-        .list(&tenant)
+        .list_sessions(&caller, None)
         .iter()
-        .map(|s| session_info(&state, s))
+        .map(session_info)
         .collect();
     axum::Json(SessionList { sessions })
 }
@@ -293,11 +319,11 @@ async fn list_sessions(
     responses((status = 200, body = SessionInfo), (status = 404, body = ErrorBody)))]
 async fn get_session(
     State(state): State<AppState>,
-    Tenant(tenant): Tenant,
+    Caller(caller): Caller,
     PathParams(id): PathParams<String>,
 ) -> Result<axum::Json<SessionInfo>, ApiError> {
-    let s = state.manager.get(&tenant, &id)?;
-    Ok(axum::Json(session_info(&state, &s)))
+    let s = state.manager.get_session(&caller, &Target::Id(id))?;
+    Ok(axum::Json(session_info(&s)))
 }
 
 /// Destroys a session and everything in it.
@@ -306,10 +332,13 @@ async fn get_session(
     responses((status = 204, description = "deleted"), (status = 404, body = ErrorBody)))]
 async fn delete_session(
     State(state): State<AppState>,
-    Tenant(tenant): Tenant,
+    Caller(caller): Caller,
     PathParams(id): PathParams<String>,
 ) -> Result<StatusCode, ApiError> {
-    state.manager.delete(&tenant, &id).await?;
+    state
+        .manager
+        .delete_session(&caller, &Target::Id(id))
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -328,39 +357,35 @@ pub struct ExecuteRequest {
     pub inputs: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
-async fn exec_request(
-    state: &AppState,
-    s: &Session,
-    req: ExecuteRequest,
-) -> Result<ExecRequest, ApiError> {
-    let pool = state.manager.pool(&s.pool)?;
-    if let Some(lang) = &req.language {
-        match ampoule_types::Language::parse(lang) {
-            Some(l) if l == pool.spec.language => {}
-            Some(l) => {
-                return Err(ApiError::invalid(format!(
-                    "this session runs {}, not {l}",
-                    pool.spec.language
-                )));
-            }
-            None => return Err(ApiError::invalid(format!("unknown language {lang:?}"))),
+impl ExecuteRequest {
+    /// The core's command for session `id`.
+    fn command(self, id: String) -> ExecuteCommand {
+        ExecuteCommand {
+            target: Target::Id(id),
+            code: self.code,
+            language: self.language,
+            timeout_s: self.timeout_s,
+            inputs: self.inputs,
         }
     }
-    Ok(ExecRequest {
-        code: req.code,
-        timeout_s: state
-            .manager
-            .timeout_for(&s.tenant, &s.pool, req.timeout_s)
-            .await?,
-        inputs: req.inputs,
-    })
+}
+
+/// An execution's result and its id.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Execution {
+    /// The execution's id (`exe_…`): `GET /v1/audit?execution=` finds its record, and its
+    /// log lines carry it.
+    pub execution_id: String,
+    /// How it went.
+    #[serde(flatten)]
+    pub result: ExecutionResult,
 }
 
 /// Runs code in a session and returns the result when it is over.
 #[utoipa::path(post, path = "/v1/sessions/{id}/executions", tag = "executions",
     params(("id" = String, Path, description = "session id")),
     request_body = ExecuteRequest,
-    responses((status = 200, body = ExecutionResult), (status = 400, body = ErrorBody),
+    responses((status = 200, body = Execution), (status = 400, body = ErrorBody),
         (status = 403, description = "the timeout is above the tenant's maximum \
             (`timeout_not_allowed`)", body = ErrorBody),
         (status = 404, body = ErrorBody),
@@ -369,19 +394,41 @@ async fn exec_request(
             body = ErrorBody)))]
 async fn execute(
     State(state): State<AppState>,
-    Tenant(tenant): Tenant,
+    Caller(caller): Caller,
     PathParams(id): PathParams<String>,
     JsonBody(req): JsonBody<ExecuteRequest>,
-) -> Result<axum::Json<ExecutionResult>, ApiError> {
-    let s = state.manager.get(&tenant, &id)?;
-    let req = exec_request(&state, &s, req).await?;
-    Ok(axum::Json(state.manager.execute(&s, req, None).await?))
+) -> Result<axum::Json<Execution>, ApiError> {
+    let done = state.manager.execute(&caller, req.command(id)).await?;
+    Ok(axum::Json(Execution {
+        execution_id: done.execution_id,
+        result: done.result,
+    }))
 }
 
-/// One line of the streaming form: the output events, then the result (or an error).
+/// One output line of the streaming form: an `ExecutionEvent` and the execution's id.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StreamEvent {
+    /// The execution's id (`exe_…`).
+    pub execution_id: String,
+    /// The output.
+    #[serde(flatten)]
+    pub event: ExecutionEvent,
+}
+
+/// The last line of the streaming form: the result (or an error), with the execution's id.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StreamEnd {
+    /// The execution's id (`exe_…`).
+    pub execution_id: String,
+    /// How it ended.
+    #[serde(flatten)]
+    pub end: StreamOutcome,
+}
+
+/// How a streamed execution ended.
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
-pub enum StreamEnd {
+pub enum StreamOutcome {
     /// The execution is over.
     Result {
         /// Its result.
@@ -395,13 +442,14 @@ pub enum StreamEnd {
 }
 
 /// Runs code and streams its output as it happens: NDJSON (`application/x-ndjson`, the
-/// default) or server-sent events (`Accept: text/event-stream`). Each line or event is an
-/// `ExecutionEvent` (`stdout`, `stderr`, `display`); the last one is `result` (or `error`).
+/// default) or server-sent events (`Accept: text/event-stream`). Each line or event is a
+/// `StreamEvent` (`stdout`, `stderr`, `display`); the last one is a `StreamEnd` (`result`
+/// or `error`). Every one carries the execution's `execution_id`.
 #[utoipa::path(post, path = "/v1/sessions/{id}/executions/stream", tag = "executions",
     params(("id" = String, Path, description = "session id")),
     request_body = ExecuteRequest,
     responses(
-        (status = 200, description = "NDJSON lines or SSE events: ExecutionEvent..., then StreamEnd",
+        (status = 200, description = "NDJSON lines or SSE events: StreamEvent..., then StreamEnd",
             content_type = "application/x-ndjson", body = StreamEnd),
         (status = 403, description = "the timeout is above the tenant's maximum", body = ErrorBody),
         (status = 404, body = ErrorBody),
@@ -409,27 +457,26 @@ pub enum StreamEnd {
             body = ErrorBody)))]
 async fn execute_stream(
     State(state): State<AppState>,
-    Tenant(tenant): Tenant,
+    Caller(caller): Caller,
     headers: HeaderMap,
     PathParams(id): PathParams<String>,
     JsonBody(req): JsonBody<ExecuteRequest>,
 ) -> Result<Response, ApiError> {
-    let s = state.manager.get(&tenant, &id)?;
-    let req = exec_request(&state, &s, req).await?;
     // Refusals (the rate limit) are answered as errors, before the stream starts.
-    state.manager.admit(&s).await?;
+    let run = state
+        .manager
+        .execute_streaming(&caller, req.command(id))
+        .await?;
     let sse = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|a| a.contains("text/event-stream"));
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<ExecutionEvent>();
-    let manager = state.manager.clone();
-    let run = tokio::spawn(async move { manager.execute_admitted(&s, req, Some(tx)).await });
+    let execution_id = run.execution_id;
 
     enum St {
         Events(
             tokio::sync::mpsc::UnboundedReceiver<ExecutionEvent>,
-            tokio::task::JoinHandle<Result<ExecutionResult, ApiError>>,
+            ampoule_core::Outcome,
         ),
         Done,
     }
@@ -440,51 +487,50 @@ async fn execute_stream(
             format!("{json}\n").into()
         }
     };
-    let stream = futures_util::stream::unfold(St::Events(rx, run), move |st| async move {
-        match st {
-            St::Events(mut rx, run) => match rx.recv().await {
-                Some(ev) => {
-                    let kind = match &ev {
-                        ExecutionEvent::Stdout { .. } => "stdout",
-                        ExecutionEvent::Stderr { .. } => "stderr",
-                        ExecutionEvent::Display { .. } => "display",
-                    };
-                    let json = serde_json::to_string(&ev).unwrap_or_default();
-                    Some((
-                        Ok::<_, std::convert::Infallible>(frame(kind, json)),
-                        St::Events(rx, run),
-                    ))
-                }
-                None => {
-                    let end = match run.await {
-                        Ok(Ok(result)) => StreamEnd::Result {
-                            result: Box::new(result),
-                        },
-                        Ok(Err(e)) => StreamEnd::Error {
-                            error: crate::error::ErrorDetail {
-                                code: e.code.as_str().to_owned(),
-                                message: e.message,
+    let stream = futures_util::stream::unfold(St::Events(run.events, run.outcome), move |st| {
+        let execution_id = execution_id.clone();
+        async move {
+            match st {
+                St::Events(mut rx, run) => match rx.recv().await {
+                    Some(ev) => {
+                        let kind = match &ev {
+                            ExecutionEvent::Stdout { .. } => "stdout",
+                            ExecutionEvent::Stderr { .. } => "stderr",
+                            ExecutionEvent::Display { .. } => "display",
+                        };
+                        let line = StreamEvent {
+                            execution_id,
+                            event: ev,
+                        };
+                        let json = serde_json::to_string(&line).unwrap_or_default();
+                        Some((
+                            Ok::<_, std::convert::Infallible>(frame(kind, json)),
+                            St::Events(rx, run),
+                        ))
+                    }
+                    None => {
+                        let end = match run.await {
+                            Ok(result) => StreamOutcome::Result {
+                                result: Box::new(result),
                             },
-                        },
-                        Err(e) => {
-                            let e = ApiError::internal(e);
-                            StreamEnd::Error {
+                            Err(e) => StreamOutcome::Error {
                                 error: crate::error::ErrorDetail {
-                                    code: e.code.as_str().to_owned(),
-                                    message: e.message,
+                                    code: e.code().as_str().to_owned(),
+                                    message: e.to_string(),
                                 },
-                            }
-                        }
-                    };
-                    let kind = match end {
-                        StreamEnd::Result { .. } => "result",
-                        StreamEnd::Error { .. } => "error",
-                    };
-                    let json = serde_json::to_string(&end).unwrap_or_default();
-                    Some((Ok(frame(kind, json)), St::Done))
-                }
-            },
-            St::Done => None,
+                            },
+                        };
+                        let kind = match end {
+                            StreamOutcome::Result { .. } => "result",
+                            StreamOutcome::Error { .. } => "error",
+                        };
+                        let end = StreamEnd { execution_id, end };
+                        let json = serde_json::to_string(&end).unwrap_or_default();
+                        Some((Ok(frame(kind, json)), St::Done))
+                    }
+                },
+                St::Done => None,
+            }
         }
     });
     let mut resp = Body::from_stream(stream).into_response();
@@ -513,8 +559,8 @@ pub struct FileItem {
     pub modified_at: String,
 }
 
-impl From<&ampoule_runtime::scratch::FileInfo> for FileItem {
-    fn from(f: &ampoule_runtime::scratch::FileInfo) -> Self {
+impl From<&ampoule_core::FileInfo> for FileItem {
+    fn from(f: &ampoule_core::FileInfo) -> Self {
         Self {
             path: f.path.clone(),
             size: f.size,
@@ -532,6 +578,7 @@ pub struct FileList {
 
 /// `?path=` of the file list and multipart upload.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct DirQuery {
     /// A directory below `/mnt/data` (list: only files below it; upload: where parts go).
     pub path: Option<String>,
@@ -543,13 +590,11 @@ pub struct DirQuery {
     responses((status = 200, body = FileList), (status = 404, body = ErrorBody)))]
 async fn list_files(
     State(state): State<AppState>,
-    Tenant(tenant): Tenant,
+    Caller(caller): Caller,
     PathParams(id): PathParams<String>,
     QueryParams(q): QueryParams<DirQuery>,
 ) -> Result<axum::Json<FileList>, ApiError> {
-    let s = state.manager.get(&tenant, &id)?;
-    let _call = state.manager.file_call(&s);
-    let all = files::list(&s.live()).await?;
+    let (_, all) = state.manager.list_files(&caller, &Target::Id(id)).await?;
     let prefix = match q.path.as_deref().map(files::data_dir_param).transpose()? {
         Some(p) if !p.is_empty() => format!("{p}/"),
         _ => String::new(),
@@ -572,17 +617,20 @@ async fn list_files(
         (status = 413, body = ErrorBody)))]
 async fn upload_files(
     State(state): State<AppState>,
-    Tenant(tenant): Tenant,
+    Caller(caller): Caller,
     PathParams(id): PathParams<String>,
     QueryParams(q): QueryParams<DirQuery>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<(StatusCode, axum::Json<FileList>), ApiError> {
     files::check_content_length(&headers, state.max_upload)?;
-    let s = state.manager.get(&tenant, &id)?;
-    let _call = state.manager.file_call(&s);
+    // An unknown session answers 404 before the body is read.
+    let target = Target::Id(id);
+    state.manager.get_session(&caller, &target)?;
     let stored = files::upload_multipart(
-        &s.live(),
+        &state.manager,
+        &caller,
+        target,
         q.path.as_deref(),
         &headers,
         body,
@@ -606,15 +654,16 @@ async fn upload_files(
         (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 async fn get_file(
     State(state): State<AppState>,
-    Tenant(tenant): Tenant,
+    Caller(caller): Caller,
     PathParams((id, path)): PathParams<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let s = state.manager.get(&tenant, &id)?;
-    let _call = state.manager.file_call(&s);
+    let target = Target::Id(id);
     match path.strip_suffix("/content") {
-        Some(file) => files::download(&s.live(), file).await,
+        Some(file) => Ok(files::download(
+            state.manager.get_file(&caller, &target, file).await?,
+        )),
         None => {
-            let info = files::stat(&s.live(), &path).await?;
+            let info = state.manager.stat_file(&caller, &target, &path).await?;
             if !info.regular {
                 return Err(ApiError::new(ErrorCode::NotAFile, "not a regular file"));
             }
@@ -632,15 +681,21 @@ async fn get_file(
         (status = 413, body = ErrorBody)))]
 async fn put_file(
     State(state): State<AppState>,
-    Tenant(tenant): Tenant,
+    Caller(caller): Caller,
     PathParams((id, path)): PathParams<(String, String)>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<(StatusCode, axum::Json<FileItem>), ApiError> {
     files::check_content_length(&headers, state.max_upload)?;
-    let s = state.manager.get(&tenant, &id)?;
-    let _call = state.manager.file_call(&s);
-    let info = files::upload_raw(&s.live(), &path, body, state.max_upload).await?;
+    let info = files::upload_raw(
+        &state.manager,
+        &caller,
+        Target::Id(id),
+        &path,
+        body,
+        state.max_upload,
+    )
+    .await?;
     Ok((StatusCode::CREATED, axum::Json(FileItem::from(&info))))
 }
 
@@ -651,21 +706,28 @@ async fn put_file(
     responses((status = 204, description = "deleted"), (status = 404, body = ErrorBody)))]
 async fn delete_file(
     State(state): State<AppState>,
-    Tenant(tenant): Tenant,
+    Caller(caller): Caller,
     PathParams((id, path)): PathParams<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    let s = state.manager.get(&tenant, &id)?;
-    let _call = state.manager.file_call(&s);
-    files::remove(&s.live(), &path).await?;
+    state
+        .manager
+        .delete_file(&caller, &Target::Id(id), &path)
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 /// `GET /v1/audit` filters; times are milliseconds since the Unix epoch.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct AuditQuery {
     /// Only this session id.
     pub session: Option<String>,
+    /// Only this identifier (the caller's name for a session: the ACA `identifier`, the MCP
+    /// `session`).
+    pub identifier: Option<String>,
+    /// Only this execution id (`exe_…`, the `execution_id` of a result).
+    pub execution: Option<String>,
     /// From this time on (inclusive).
     pub since: Option<i64>,
     /// Before this time.
@@ -695,45 +757,29 @@ pub struct AuditList {
     pub next: Option<i64>,
 }
 
-fn audit_store(
-    state: &AppState,
-) -> Result<std::sync::Arc<dyn ampoule_audit::AuditStore>, ApiError> {
-    state
-        .manager
-        .audit()
-        .map(|a| a.store.clone())
-        .ok_or_else(|| ApiError::new(ErrorCode::NotFound, "this server keeps no audit log"))
-}
-
-/// The calling tenant's audit records: one per execution and session event.
+/// The calling tenant's audit records: one per execution, session event and refusal. Each
+/// record carries the session's identifier and the request id that caused it.
 #[utoipa::path(get, path = "/v1/audit", tag = "audit", params(AuditQuery),
     responses((status = 200, body = AuditList), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody)))]
 async fn list_audit(
     State(state): State<AppState>,
-    Tenant(tenant): Tenant,
+    Caller(caller): Caller,
     QueryParams(q): QueryParams<AuditQuery>,
 ) -> Result<axum::Json<AuditList>, ApiError> {
-    let store = audit_store(&state)?;
-    let kind = match q.kind.as_deref() {
-        None => None,
-        Some(k) => Some(
-            serde_json::from_value::<ampoule_audit::Kind>(serde_json::Value::String(k.to_owned()))
-                .map_err(|_| ApiError::invalid(format!("unknown kind {k:?}")))?,
-        ),
-    };
-    let filter = ampoule_audit::Filter {
-        tenant,
+    let query = CoreAuditQuery {
         session: q.session,
-        since_ms: q.since,
-        until_ms: q.until,
+        identifier: q.identifier,
+        execution: q.execution,
+        since: q.since,
+        until: q.until,
         status: q.status,
         language: q.language,
-        kind,
+        kind: q.kind,
         after: q.after,
         limit: q.limit,
     };
-    let page = store.query(&filter).await.map_err(ApiError::internal)?;
+    let page = state.manager.query_audit(&caller, query).await?;
     Ok(axum::Json(AuditList {
         records: page.records,
         next: page.next,
@@ -742,6 +788,7 @@ async fn list_audit(
 
 /// `GET /v1/usage` period; milliseconds since the Unix epoch.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct UsageQuery {
     /// From (default: the beginning).
@@ -774,16 +821,15 @@ pub struct UsageBody {
     responses((status = 200, body = UsageBody), (status = 401, body = ErrorBody)))]
 async fn get_usage(
     State(state): State<AppState>,
-    Tenant(tenant): Tenant,
+    Caller(caller): Caller,
     QueryParams(q): QueryParams<UsageQuery>,
 ) -> Result<axum::Json<UsageBody>, ApiError> {
-    let store = audit_store(&state)?;
-    let u = store
-        .usage(&tenant, q.since.unwrap_or(0), q.until.unwrap_or(i64::MAX))
-        .await
-        .map_err(ApiError::internal)?;
+    let u = state
+        .manager
+        .usage(&caller, q.since.unwrap_or(0), q.until.unwrap_or(i64::MAX))
+        .await?;
     Ok(axum::Json(UsageBody {
-        tenant,
+        tenant: caller.tenant,
         executions: u.executions,
         execution_seconds: u.execution_seconds,
         session_seconds: u.session_seconds,

@@ -57,8 +57,36 @@ impl Keys {
     }
 }
 
-/// The caller's tenant, from its API key (native API extractor; ACA handlers call
+/// The request's id (`X-Request-Id`, or generated), put in the request's extensions by the
+/// access log so that every door can name it in its [`ampoule_core::Caller`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestId(pub String);
+
+/// The core's caller of a request: `tenant` and the request's id when it has one.
+pub fn caller(tenant: String, extensions: &axum::http::Extensions) -> ampoule_core::Caller {
+    let mut c = ampoule_core::Caller::new(tenant);
+    c.request_id = extensions.get::<RequestId>().map(|r| r.0.clone());
+    c
+}
+
+/// The core's caller of a native API request, from its API key (ACA handlers call
 /// [`Keys::tenant`] themselves to answer in their dialect).
+#[derive(Debug, Clone)]
+pub struct Caller(pub ampoule_core::Caller);
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let tenant = state.keys.tenant(&parts.headers)?;
+        Ok(Caller(caller(tenant, &parts.extensions)))
+    }
+}
+
+/// The caller's tenant, from its API key (for routes that need no more than the tenant).
 #[derive(Debug, Clone)]
 pub struct Tenant(pub String);
 

@@ -19,6 +19,9 @@ use crate::error::Error;
 /// The address the server listens on when neither the config nor `--listen` says.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 
+/// The hosts `/mcp` accepts by default (DNS-rebinding protection): loopback only.
+pub const DEFAULT_ALLOWED_HOSTS: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
+
 /// The whole config file.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -184,17 +187,8 @@ pub struct PoolAuditConfig {
     pub retention_days: Option<u64>,
 }
 
-/// What the audit log keeps of one pool's records, `[audit]` and `[pools.NAME.audit]`
-/// resolved.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AuditPolicy {
-    /// Keep the code (else only its SHA-256).
-    pub keep_code: bool,
-    /// Bytes of stdout and of stderr kept.
-    pub output_bytes: usize,
-    /// Days records are kept.
-    pub retention_days: u64,
-}
+// What the config resolves to: the core's typed settings (the core reads no TOML).
+pub use ampoule_core::{AuditPolicy, PoolSettings};
 
 fn default_language() -> String {
     "python".into()
@@ -281,23 +275,6 @@ pub struct AuditConfig {
     pub output_bytes: Option<u64>,
     /// Days records are kept.
     pub retention_days: Option<u64>,
-}
-
-/// A pool as the session manager uses it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PoolSettings {
-    /// What its sessions are made of.
-    pub spec: PoolSpec,
-    /// Ready sessions kept waiting.
-    pub warm: usize,
-    /// Most live sessions.
-    pub max_sessions: usize,
-    /// Idle timeout.
-    pub idle_timeout: std::time::Duration,
-    /// Maximum lifetime.
-    pub max_lifetime: std::time::Duration,
-    /// Most seconds one execution may ask for.
-    pub max_timeout_s: f64,
 }
 
 impl Config {
@@ -502,7 +479,7 @@ impl Config {
     /// The `Host` values `/mcp` accepts (empty: any).
     pub fn mcp_allowed_hosts(&self) -> Vec<String> {
         match &self.mcp.allowed_hosts {
-            None => crate::mcp::DEFAULT_ALLOWED_HOSTS
+            None => DEFAULT_ALLOWED_HOSTS
                 .iter()
                 .map(|h| (*h).to_owned())
                 .collect(),

@@ -1,40 +1,26 @@
-//! File transfer between clients and a session's `/mnt/data`, shared by both APIs.
-//!
-//! Everything goes through the session's [`ampoule_runtime::Scratch`], which resolves every
-//! path beneath the data directory without following links; this module adds the HTTP side:
-//! - uploads are streamed to a temporary file and committed only when the whole body arrived
-//!   within the size limit (over it: 413, and nothing is left behind);
-//! - multipart bodies are parsed whatever the `Content-Type` says: when it names no boundary,
+//! The HTTP side of file transfer, shared by the doors: the files themselves are the core's
+//! (`put_file`, `get_file`, …, which resolve every path beneath `/mnt/data` without following
+//! links); this module adds
+//! - upload limits: a body whose `Content-Length` is over the limit is refused before any of it
+//!   is read, and a body that grows over it is cut off (413, and nothing is left behind);
+//! - multipart bodies, parsed whatever the `Content-Type` says: when it names no boundary,
 //!   the boundary is read from the body's first line (Semantic Kernel sends multipart with
 //!   `Content-Type: application/json`);
-//! - downloads are streamed, never held in memory whole.
-//!
-//! Scratch calls are blocking system calls, so they run on the blocking pool; that is safe
-//! because they never start a sandbox.
+//! - downloads streamed as a response body, never held in memory whole.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::SystemTime;
 
-use ampoule_runtime::scratch::{DATA, FileInfo, NewFile};
+use ampoule_core::{Caller, Download, FileInfo, Manager, PutFile, SessionInfo, Target};
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 
-use crate::engine::LiveSession;
 use crate::error::{ApiError, ErrorCode};
-
-/// Runs a blocking scratch call off the async threads.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(ApiError::internal)?
-}
 
 fn too_large(max: u64) -> ApiError {
     ApiError::new(
@@ -75,51 +61,36 @@ fn limited(
     })
 }
 
-async fn create(live: &Arc<dyn LiveSession>, path: &str) -> Result<NewFile, ApiError> {
-    let live = live.clone();
-    let path = path.to_owned();
-    blocking(move || Ok(live.scratch()?.create(DATA, &path, 0o644)?)).await
-}
-
-async fn commit(file: NewFile) -> Result<FileInfo, ApiError> {
-    blocking(move || Ok(file.commit()?)).await
-}
-
-async fn writer(file: &mut NewFile) -> Result<tokio::fs::File, ApiError> {
-    let std_file = file.file().try_clone().map_err(ApiError::internal)?;
-    Ok(tokio::fs::File::from_std(std_file))
-}
-
-fn write_error(e: std::io::Error) -> ApiError {
-    if e.raw_os_error() == Some(28) || e.raw_os_error() == Some(122) {
-        ApiError::new(ErrorCode::NoSpace, "no space left in the session's files")
+/// A core refusal of an upload, or 413 when the body went over the limit (which the core
+/// sees as a body cut short).
+fn upload_error(e: ampoule_core::Error, over: &AtomicBool, max: u64) -> ApiError {
+    if over.load(Ordering::SeqCst) {
+        too_large(max)
     } else {
-        ApiError::internal(format!("writing an upload: {e}"))
+        e.into()
     }
 }
 
-/// Writes a raw request body to `path` (the native `PUT .../files/{path}`).
+/// Writes a raw request body to `path` in `target` (the native `PUT .../files/{path}`).
 pub async fn upload_raw(
-    live: &Arc<dyn LiveSession>,
+    manager: &Manager,
+    caller: &Caller,
+    target: Target,
     path: &str,
     body: Body,
     max: u64,
 ) -> Result<FileInfo, ApiError> {
     let over = Arc::new(AtomicBool::new(false));
-    let mut stream = std::pin::pin!(limited(body, max, over.clone()));
-    let mut file = create(live, path).await?;
-    let mut w = writer(&mut file).await?;
-    while let Some(chunk) = stream.next().await {
-        let chunk = match chunk {
-            Ok(c) => c,
-            Err(_) if over.load(Ordering::SeqCst) => return Err(too_large(max)),
-            Err(_) => return Err(ApiError::invalid("the request body was cut short")),
-        };
-        w.write_all(&chunk).await.map_err(write_error)?;
+    let cmd = PutFile {
+        target,
+        path: path.to_owned(),
+        body: Box::pin(limited(body, max, over.clone())),
+        max,
+    };
+    match manager.put_file(caller, cmd).await {
+        Ok((_, info)) => Ok(info),
+        Err(e) => Err(upload_error(e, &over, max)),
     }
-    w.flush().await.map_err(write_error)?;
-    drop(w);
-    commit(file).await
 }
 
 /// Finds the multipart boundary: from the `Content-Type` when it is multipart, else from the
@@ -192,29 +163,7 @@ where
 /// A directory named by a client (`?path=`) as a path relative to `/mnt/data` (`""` for
 /// `/mnt/data` itself). Absolute paths elsewhere and `..` are refused.
 pub fn data_dir_param(dir: &str) -> Result<String, ApiError> {
-    let rel = if dir == "/mnt/data" {
-        ""
-    } else if let Some(rest) = dir.strip_prefix("/mnt/data/") {
-        rest
-    } else if dir.starts_with('/') {
-        return Err(ApiError::new(
-            ErrorCode::InvalidPath,
-            format!("{dir:?} is not below /mnt/data"),
-        ));
-    } else {
-        dir
-    };
-    let parts: Vec<&str> = rel
-        .split('/')
-        .filter(|c| !c.is_empty() && *c != ".")
-        .collect();
-    if parts.contains(&"..") || rel.contains('\0') {
-        return Err(ApiError::new(
-            ErrorCode::InvalidPath,
-            format!("{dir:?} leaves /mnt/data"),
-        ));
-    }
-    Ok(parts.join("/"))
+    Ok(ampoule_core::files::data_dir(dir)?)
 }
 
 /// Target path of an uploaded part: its file name (which clients use as the destination,
@@ -232,9 +181,12 @@ fn part_target(dir: Option<&str>, file_name: &str) -> Result<String, ApiError> {
     }
 }
 
-/// Stores every file part of a multipart body (ACA `files/upload`, native `POST files`).
+/// Stores every file part of a multipart body in `target` (ACA `files/upload`, native
+/// `POST files`): one core `put_file` per part.
 pub async fn upload_multipart(
-    live: &Arc<dyn LiveSession>,
+    manager: &Manager,
+    caller: &Caller,
+    target: Target,
     dir: Option<&str>,
     headers: &HeaderMap,
     body: Body,
@@ -267,20 +219,36 @@ pub async fn upload_multipart(
             // Form fields without a file name carry nothing to store.
             continue;
         };
-        let target = part_target(dir, &file_name)?;
-        let mut file = create(live, &target).await?;
-        let mut w = writer(&mut file).await?;
-        let mut field = field;
-        loop {
-            match field.chunk().await {
-                Ok(Some(chunk)) => w.write_all(&chunk).await.map_err(write_error)?,
-                Ok(None) => break,
-                Err(e) => return Err(malformed(&over, e)),
+        let path = part_target(dir, &file_name)?;
+        // A broken part is told apart from a limit by `over`, and from a malformed body
+        // by what multer said, kept here.
+        let broken: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
+        let seen = broken.clone();
+        let part = field.map(move |c| {
+            c.map_err(|e| {
+                if let Ok(mut b) = seen.lock() {
+                    *b = Some(e.to_string());
+                }
+                std::io::Error::other("malformed part")
+            })
+        });
+        let cmd = PutFile {
+            target: target.clone(),
+            path,
+            body: Box::pin(part),
+            max,
+        };
+        match manager.put_file(caller, cmd).await {
+            Ok((_, info)) => stored.push(info),
+            Err(_) if over.load(Ordering::SeqCst) => return Err(too_large(max)),
+            Err(e) => {
+                let why = broken.lock().ok().and_then(|mut b| b.take());
+                return Err(match why {
+                    Some(why) => ApiError::invalid(format!("malformed multipart body: {why}")),
+                    None => e.into(),
+                });
             }
         }
-        w.flush().await.map_err(write_error)?;
-        drop(w);
-        stored.push(commit(file).await?);
     }
     if stored.is_empty() {
         return Err(ApiError::invalid(
@@ -290,36 +258,9 @@ pub async fn upload_multipart(
     Ok(stored)
 }
 
-/// Every regular file in `/mnt/data`, recursively, names relative to it.
-pub async fn list(live: &Arc<dyn LiveSession>) -> Result<Vec<FileInfo>, ApiError> {
-    let live = live.clone();
-    blocking(move || {
-        live.scratch()?
-            .list_info(DATA)
-            .map_err(|e| ApiError::internal(format!("listing files: {e}")))
-    })
-    .await
-}
-
-/// What is at `path` (not following a final link).
-pub async fn stat(live: &Arc<dyn LiveSession>, path: &str) -> Result<FileInfo, ApiError> {
-    let live = live.clone();
-    let path = path.to_owned();
-    blocking(move || Ok(live.scratch()?.stat(DATA, &path)?)).await
-}
-
-/// Removes the file at `path` (a link itself, never its target).
-pub async fn remove(live: &Arc<dyn LiveSession>, path: &str) -> Result<(), ApiError> {
-    let live = live.clone();
-    let path = path.to_owned();
-    blocking(move || Ok(live.scratch()?.remove(DATA, &path)?)).await
-}
-
-/// Streams the file at `path` as the response body.
-pub async fn download(live: &Arc<dyn LiveSession>, path: &str) -> Result<Response, ApiError> {
-    let live = live.clone();
-    let p = path.to_owned();
-    let (file, info) = blocking(move || Ok(live.scratch()?.open(DATA, &p)?)).await?;
+/// A file the core opened, streamed as the response body.
+pub fn download(d: Download) -> Response {
+    let Download { file, info, .. } = d;
     let size = info.size;
     // Sandboxed code may grow the file meanwhile: never send more than announced.
     let reader = tokio::fs::File::from_std(file).take(size);
@@ -341,7 +282,12 @@ pub async fn download(live: &Arc<dyn LiveSession>, path: &str) -> Result<Respons
         HeaderValue::from_static(mime_for(&info.path)),
     );
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
-    Ok(resp)
+    resp
+}
+
+/// When a session expires if left idle, as RFC 3339.
+pub fn expires(s: &SessionInfo) -> String {
+    rfc3339(s.expires_at)
 }
 
 /// A MIME type guessed from the file name.

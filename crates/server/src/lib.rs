@@ -1,13 +1,14 @@
 //! The ampoule server: session pools behind a native REST API (`/v1`) and an Azure Container
 //! Apps dynamic-sessions compatible API.
 //!
-//! How a request flows: a front door ([`api`] for `/v1`, [`aca`] for every other path)
-//! authenticates the bearer key to a tenant ([`auth`]), then calls the [`manager::Manager`],
-//! which finds or starts the tenant's session (from the pool's warm stock when it can) and runs
-//! the execution under the session's lock, or hands the session's [`ampoule_runtime::Scratch`]
-//! to [`files`] for uploads and downloads. Sessions come from an [`engine::Engine`]: the real
-//! one runs interpreters in sandboxes, the [`fake`] one runs a toy language on a temporary
-//! directory so this crate's tests need no root.
+//! How a request flows: a front door ([`api`] for `/v1`, [`aca`] for every other path,
+//! [`mcp`] for `/mcp`) authenticates the bearer key to an [`ampoule_core::Caller`] ([`auth`]),
+//! parses the request into one command of the core ([`ampoule_core::service`]) and translates
+//! its answer, or its [`ampoule_core::Error`], into the door's dialect ([`error`]). No door
+//! imports another, and the core imports none. The core's sessions come from an
+//! [`engine::Engine`]: the real one ([`session_engine`]) runs interpreters in sandboxes, the
+//! [`fake`] one runs a toy language on a temporary directory so this crate's tests need no
+//! root. [`metrics`] counts what the core reports (it implements the core's observer).
 //!
 //! [`app`] builds the router (tested with `oneshot`, no socket); [`serve`] runs it.
 #![forbid(unsafe_code)]
@@ -17,18 +18,17 @@ pub mod aca;
 pub mod api;
 pub mod auth;
 pub mod config;
-pub mod engine;
 pub mod error;
-pub mod fake;
 pub mod files;
 pub mod logging;
-pub mod manager;
 pub mod mcp;
 pub mod metrics;
-pub mod quota;
 pub mod serve;
 pub mod session_engine;
 pub mod tls;
+
+// The core's modules, under the paths the server's files (and its tests) name them by.
+pub use ampoule_core::{engine, fake, manager, quota};
 
 use std::sync::Arc;
 
@@ -42,8 +42,10 @@ pub use manager::Manager;
 /// What every handler shares.
 #[derive(Clone)]
 pub struct AppState {
-    /// The session manager.
+    /// The core service.
     pub manager: Manager,
+    /// The Prometheus metrics the core reports to.
+    pub metrics: metrics::Metrics,
     /// API keys.
     pub keys: Arc<auth::Keys>,
     /// Largest upload, in bytes.
@@ -64,7 +66,9 @@ pub fn app(state: AppState) -> Router {
             "/metrics",
             axum::routing::get(
                 |axum::extract::State(state): axum::extract::State<AppState>,
-                 _tenant: auth::Tenant| async move { metrics::response(&state.manager) },
+                 _tenant: auth::Tenant| async move {
+                    metrics::response(&state.metrics, &state.manager)
+                },
             ),
         )
         .route(
@@ -92,6 +96,10 @@ async fn access_log(
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let request_id = logging::request_id(req.headers());
+    let mut req = req;
+    // The doors put it in their caller, so that audit records carry it too.
+    req.extensions_mut()
+        .insert(auth::RequestId(request_id.clone()));
     // At `warn`, so that with the default filter the refusals and failures logged inside a
     // request still carry its ids.
     let span = tracing::warn_span!(

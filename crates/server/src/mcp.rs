@@ -1,16 +1,17 @@
-//! The MCP front door: [`ManagerApi`] implements `ampoule_mcp::SandboxApi` over the session
-//! manager, and [`service`] mounts the MCP streamable HTTP transport (`/mcp`) behind the same
+//! The MCP front door: [`ManagerApi`] implements `ampoule_mcp::SandboxApi` over the core's
+//! commands, and [`service`] mounts the MCP streamable HTTP transport (`/mcp`) behind the same
 //! bearer keys as the other APIs.
 //!
 //! A tool's `session` is an identifier in the tenant's table (like the ACA `identifier`):
 //! found in whichever pool holds it, else started in the pool of the requested language (the
-//! default pool when none is named). Files go through the session's scratch space exactly as
-//! on the native API; nothing here touches a sandbox.
+//! default pool when none is named) — [`ampoule_core::Target::Conversation`]. Each tool is
+//! one command of the core, so a refused call (rate limit, policy) starts no sandbox; nothing
+//! here touches a sandbox.
 
 use std::sync::Arc;
 
+use ampoule_core::{Caller as CoreCaller, ExecuteCommand, Manager, PutFile, Target};
 use ampoule_mcp::{ApiFailure, Caller, Execute, Executed, FileSummary, SandboxApi, SessionSummary};
-use ampoule_runtime::scratch::DATA;
 use async_trait::async_trait;
 use axum::Router;
 use axum::extract::{Request, State};
@@ -18,22 +19,23 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use crate::AppState;
-use crate::engine::ExecRequest;
-use crate::error::ApiError;
-use crate::manager::{Manager, Session};
 
-/// The hosts `/mcp` accepts by default (DNS-rebinding protection): loopback only.
-pub const DEFAULT_ALLOWED_HOSTS: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
-
-/// The sandbox API of the MCP tools, over a [`Manager`].
+/// The sandbox API of the MCP tools, over the core's [`Manager`].
 #[derive(Debug, Clone)]
 pub struct ManagerApi {
     manager: Manager,
     max_upload: u64,
 }
 
-fn failure(e: ApiError) -> ApiFailure {
-    ApiFailure::new(e.code.as_str(), e.message)
+fn failure(e: ampoule_core::Error) -> ApiFailure {
+    ApiFailure::new(e.code().as_str(), e.to_string())
+}
+
+/// The core's caller of an MCP call.
+fn caller(c: &Caller) -> CoreCaller {
+    let mut out = CoreCaller::new(c.tenant.clone());
+    out.request_id = c.request_id.clone();
+    out
 }
 
 impl ManagerApi {
@@ -44,148 +46,53 @@ impl ManagerApi {
             max_upload,
         }
     }
-
-    fn find(&self, tenant: &str, name: &str) -> Option<Arc<Session>> {
-        self.manager
-            .list(tenant)
-            .into_iter()
-            .find(|s| s.identifier == name)
-    }
-
-    fn existing(&self, tenant: &str, name: &str) -> Result<Arc<Session>, ApiFailure> {
-        self.find(tenant, name).ok_or_else(|| {
-            ApiFailure::new(
-                "session_not_found",
-                format!(
-                    "no session {name:?} (it may have expired; list_sessions shows the live ones)"
-                ),
-            )
-        })
-    }
-
-    fn language_of(&self, s: &Session) -> String {
-        self.manager
-            .pool(&s.pool)
-            .map(|p| p.spec.language.as_str().to_owned())
-            .unwrap_or_default()
-    }
-
-    /// The pool for a new session in `language`: the default pool when it runs it, else the
-    /// pool named after it, else the first that runs it.
-    fn pool_for(&self, language: Option<&str>) -> Result<String, ApiFailure> {
-        let default = self.manager.default_pool().to_owned();
-        let Some(lang) = language else {
-            return Ok(default);
-        };
-        let wanted = ampoule_types::Language::parse(lang).ok_or_else(|| {
-            ApiFailure::invalid(format!(
-                "unknown language {lang:?}: use python, javascript or shell"
-            ))
-        })?;
-        let pools = self.manager.pools();
-        pools
-            .iter()
-            .find(|p| p.name == default && p.language == wanted.as_str())
-            .or_else(|| {
-                pools
-                    .iter()
-                    .find(|p| p.name == wanted.as_str() && p.language == wanted.as_str())
-            })
-            .or_else(|| pools.iter().find(|p| p.language == wanted.as_str()))
-            .map(|p| p.name.clone())
-            .ok_or_else(|| {
-                ApiFailure::new(
-                    "pool_not_found",
-                    format!("this server runs no {wanted} sessions"),
-                )
-            })
-    }
-
-    /// The named session (checked against `language`), started on first use; or a new one.
-    async fn session(
-        &self,
-        tenant: &str,
-        name: Option<&str>,
-        language: Option<&str>,
-    ) -> Result<Arc<Session>, ApiFailure> {
-        if let Some(name) = name
-            && let Some(s) = self.find(tenant, name)
-        {
-            if let Some(lang) = language {
-                let has = self.language_of(&s);
-                let wanted = ampoule_types::Language::parse(lang).map(|l| l.as_str());
-                if wanted != Some(has.as_str()) {
-                    return Err(ApiFailure::invalid(format!(
-                        "session {name:?} runs {has}, not {lang}: use another session name"
-                    )));
-                }
-            }
-            return Ok(s);
-        }
-        if let Some(name) = name {
-            crate::aca::check_identifier(name).map_err(failure)?;
-        }
-        let pool = self.pool_for(language)?;
-        let (s, _) = self
-            .manager
-            .create(tenant, Some(&pool), name)
-            .await
-            .map_err(failure)?;
-        Ok(s)
-    }
 }
 
 #[async_trait]
 impl SandboxApi for ManagerApi {
     async fn execute(&self, caller: &Caller, req: Execute) -> Result<Executed, ApiFailure> {
-        let s = self
-            .session(
-                &caller.tenant,
-                req.session.as_deref(),
-                req.language.as_deref(),
-            )
-            .await?;
-        let timeout_s = self
-            .manager
-            .timeout_for(&caller.tenant, &s.pool, req.timeout_s)
-            .await
-            .map_err(failure)?;
-        let exec = ExecRequest {
+        let target = Target::Conversation {
+            identifier: req.session,
+            language: req.language.clone(),
+        };
+        let cmd = ExecuteCommand {
+            target,
             code: req.code,
-            timeout_s,
+            language: req.language,
+            timeout_s: req.timeout_s,
             inputs: None,
         };
-        let result = self
+        let done = self
             .manager
-            .execute(&s, exec, None)
+            .execute(&self::caller(caller), cmd)
             .await
             .map_err(failure)?;
         Ok(Executed {
-            session: s.identifier.clone(),
-            result,
+            session: done.session.identifier,
+            execution_id: Some(done.execution_id),
+            result: done.result,
         })
     }
 
     async fn list_sessions(&self, caller: &Caller) -> Result<Vec<SessionSummary>, ApiFailure> {
         Ok(self
             .manager
-            .list(&caller.tenant)
-            .iter()
+            .list_sessions(&self::caller(caller), None)
+            .into_iter()
             .map(|s| SessionSummary {
-                session: s.identifier.clone(),
-                language: self.language_of(s),
-                pool: s.pool.clone(),
+                language: s.language.as_str().to_owned(),
                 created_at: crate::files::rfc3339(s.created_at),
-                last_used_at: crate::files::rfc3339(s.last_used_at()),
-                executions: s.executions(),
+                last_used_at: crate::files::rfc3339(s.last_used_at),
+                executions: s.executions,
+                session: s.identifier,
+                pool: s.pool,
             })
             .collect())
     }
 
     async fn delete_session(&self, caller: &Caller, session: &str) -> Result<(), ApiFailure> {
-        let s = self.existing(&caller.tenant, session)?;
         self.manager
-            .delete(&caller.tenant, &s.id)
+            .delete_session(&self::caller(caller), &Target::Name(session.to_owned()))
             .await
             .map_err(failure)
     }
@@ -195,9 +102,11 @@ impl SandboxApi for ManagerApi {
         caller: &Caller,
         session: &str,
     ) -> Result<Vec<FileSummary>, ApiFailure> {
-        let s = self.existing(&caller.tenant, session)?;
-        let _call = self.manager.file_call(&s);
-        let files = crate::files::list(&s.live()).await.map_err(failure)?;
+        let (_, files) = self
+            .manager
+            .list_files(&self::caller(caller), &Target::Name(session.to_owned()))
+            .await
+            .map_err(failure)?;
         Ok(files
             .into_iter()
             .map(|f| FileSummary {
@@ -220,18 +129,22 @@ impl SandboxApi for ManagerApi {
                 format!("the file is larger than the {}-byte limit", self.max_upload),
             ));
         }
-        let s = self.session(&caller.tenant, session, None).await?;
-        let _call = self.manager.file_call(&s);
-        let info = crate::files::upload_raw(
-            &s.live(),
-            path,
-            axum::body::Body::from(data),
-            self.max_upload,
-        )
-        .await
-        .map_err(failure)?;
+        let cmd = PutFile {
+            target: Target::Conversation {
+                identifier: session.map(str::to_owned),
+                language: None,
+            },
+            path: path.to_owned(),
+            body: Box::pin(futures_util::stream::iter([Ok(bytes::Bytes::from(data))])),
+            max: self.max_upload,
+        };
+        let (s, info) = self
+            .manager
+            .put_file(&self::caller(caller), cmd)
+            .await
+            .map_err(failure)?;
         Ok((
-            s.identifier.clone(),
+            s.identifier,
             FileSummary {
                 path: info.path,
                 size: info.size,
@@ -246,44 +159,55 @@ impl SandboxApi for ManagerApi {
         path: &str,
         max: u64,
     ) -> Result<Vec<u8>, ApiFailure> {
-        let s = self.existing(&caller.tenant, session)?;
-        let _call = self.manager.file_call(&s);
-        let live = s.live();
-        let p = path.to_owned();
-        // A blocking scratch read, never a sandbox start: safe on the blocking pool.
-        let read = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, ApiFailure> {
+        let d = self
+            .manager
+            .get_file(
+                &self::caller(caller),
+                &Target::Name(session.to_owned()),
+                path,
+            )
+            .await
+            .map_err(failure)?;
+        if d.info.size > max {
+            return Err(ApiFailure::new(
+                "payload_too_large",
+                format!(
+                    "{path} is {} bytes, more than the {max} bytes an MCP reply carries; read \
+                     it with code in the session, or through the native API",
+                    d.info.size
+                ),
+            ));
+        }
+        let size = d.info.size;
+        let file = d.file;
+        // A blocking read of an open file, never a sandbox start: safe on the blocking pool.
+        let read = tokio::task::spawn_blocking(move || {
             use std::io::Read;
-            let scratch = live.scratch().map_err(|e| failure(e.into()))?;
-            let (file, info) = scratch
-                .open(DATA, &p)
-                .map_err(|e| failure(ApiError::from(e)))?;
-            if info.size > max {
-                return Err(ApiFailure::new(
-                    "payload_too_large",
-                    format!(
-                        "{p} is {} bytes, more than the {max} bytes an MCP reply carries; read \
-                         it with code in the session, or through the native API",
-                        info.size
-                    ),
-                ));
-            }
             let mut data = Vec::new();
             // Sandboxed code may grow the file meanwhile: never read more than announced.
-            file.take(info.size)
-                .read_to_end(&mut data)
-                .map_err(|e| failure(ApiError::internal(format!("reading {p}: {e}"))))?;
-            Ok(data)
+            file.take(size).read_to_end(&mut data).map(|_| data)
         });
-        read.await.map_err(|e| failure(ApiError::internal(e)))?
+        match read.await {
+            Ok(Ok(data)) => Ok(data),
+            Ok(Err(e)) => Err(failure(ampoule_core::Error::internal(format!(
+                "reading {path}: {e}"
+            )))),
+            Err(e) => Err(failure(ampoule_core::Error::internal(e))),
+        }
     }
 }
 
-/// Authenticates an `/mcp` request like every other API call and hands the key's tenant to
-/// the MCP service as its [`Caller`].
+/// Authenticates an `/mcp` request like every other API call and hands the key's tenant (and
+/// the request's id) to the MCP service as its [`Caller`].
 async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     match state.keys.tenant(req.headers()) {
         Ok(tenant) => {
-            req.extensions_mut().insert(Caller::new(tenant));
+            let mut caller = Caller::new(tenant);
+            caller.request_id = req
+                .extensions()
+                .get::<crate::auth::RequestId>()
+                .map(|r| r.0.clone());
+            req.extensions_mut().insert(caller);
             next.run(req).await
         }
         Err(e) => e.into_response(),

@@ -13,6 +13,9 @@
 //! The zygote (fork server) families: `up` and the counters catch up with the engine's totals
 //! ([`crate::engine::Engine::zygotes`]) at each scrape; the fork-duration histogram is filled
 //! by the manager as forked sessions start ([`Metrics::zygote_forked`]).
+//!
+//! The core reports through [`ampoule_core::Observer`], which [`Metrics`] implements; the
+//! page reads the core at scrape time. The dependency points one way: metrics → core.
 
 use prometheus_client::encoding::{EncodeLabelSet, text::encode};
 use prometheus_client::metrics::counter::Counter;
@@ -21,7 +24,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::manager::Manager;
+use ampoule_core::{ErrorCode, Manager, Observer};
 
 /// The content type of the page.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -101,6 +104,12 @@ pub struct ZygoteMetrics {
     pub restarts: Family<PoolLabel, Counter>,
     /// `ampoule_zygote_fork_duration_seconds{pool}`: time to a ready forked session.
     pub fork_seconds: Family<PoolLabel, Histogram, fn() -> Histogram>,
+    /// `ampoule_zygotes{pool}`: zygotes running (one per tenant the pool forks for).
+    pub running: Family<PoolLabel, Gauge>,
+    /// `ampoule_zygote_memory_budget_bytes{pool}`: each zygote cgroup's memory limit.
+    pub memory_budget: Family<PoolLabel, Gauge>,
+    /// `ampoule_zygote_pids_budget{pool}`: each zygote cgroup's process limit.
+    pub pids_budget: Family<PoolLabel, Gauge>,
 }
 
 /// Every metric of the server (cheap to clone: the families are shared).
@@ -198,7 +207,25 @@ impl Metrics {
             fork_failures: Family::default(),
             restarts: Family::default(),
             fork_seconds: Family::new_with_constructor(start_buckets),
+            running: Family::default(),
+            memory_budget: Family::default(),
+            pids_budget: Family::default(),
         };
+        r.register(
+            "zygotes",
+            "Zygotes running (one per tenant the pool forks sessions for)",
+            zygote.running.clone(),
+        );
+        r.register(
+            "zygote_memory_budget_bytes",
+            "Memory limit of each zygote's cgroup (from the pool's max_sessions)",
+            zygote.memory_budget.clone(),
+        );
+        r.register(
+            "zygote_pids_budget",
+            "Process limit of each zygote's cgroup (from the pool's max_sessions)",
+            zygote.pids_budget.clone(),
+        );
         r.register(
             "zygote_up",
             "1 while the pool's zygote (fork server) answers",
@@ -311,7 +338,7 @@ impl Metrics {
     }
 
     /// A request refused by a quota or policy, by its error code.
-    pub fn refused(&self, code: crate::ErrorCode) {
+    pub fn refused(&self, code: ErrorCode) {
         self.refused
             .get_or_create(&ReasonLabel {
                 reason: code.as_str(),
@@ -349,6 +376,15 @@ impl Metrics {
         for z in manager.zygotes() {
             let label = PoolLabel { pool: z.pool };
             self.zygote.up.get_or_create(&label).set(i64::from(z.up));
+            for (family, value) in [
+                (&self.zygote.running, z.running),
+                (&self.zygote.memory_budget, z.memory_budget_bytes),
+                (&self.zygote.pids_budget, z.pids_budget),
+            ] {
+                family
+                    .get_or_create(&label)
+                    .set(i64::try_from(value).unwrap_or(i64::MAX));
+            }
             // The engine keeps totals; the counters catch up with them.
             for (family, total) in [
                 (&self.zygote.forks, z.forks),
@@ -370,11 +406,35 @@ impl Metrics {
 }
 
 /// `GET /metrics` on a router: the page, as [`CONTENT_TYPE`].
-pub fn response(manager: &Manager) -> axum::response::Response {
+pub fn response(metrics: &Metrics, manager: &Manager) -> axum::response::Response {
     use axum::response::IntoResponse;
     (
         [(axum::http::header::CONTENT_TYPE, CONTENT_TYPE)],
-        manager.metrics().render(manager),
+        metrics.render(manager),
     )
         .into_response()
+}
+
+impl Observer for Metrics {
+    fn execution(&self, pool: &str, status: &str, seconds: f64) {
+        Metrics::execution(self, pool, status, seconds);
+    }
+    fn session_started(&self, pool: &str, warm: bool, seconds: f64) {
+        Metrics::session_started(self, pool, warm, seconds);
+    }
+    fn zygote_forked(&self, pool: &str, seconds: f64) {
+        Metrics::zygote_forked(self, pool, seconds);
+    }
+    fn session_event(&self, pool: &str, event: &'static str) {
+        Metrics::session_event(self, pool, event);
+    }
+    fn warm_start_failed(&self, pool: &str) {
+        Metrics::warm_start_failed(self, pool);
+    }
+    fn egress(&self, pool: &str, allowed: bool) {
+        Metrics::egress(self, pool, allowed);
+    }
+    fn refused(&self, code: ErrorCode) {
+        Metrics::refused(self, code);
+    }
 }

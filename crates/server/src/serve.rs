@@ -15,8 +15,8 @@ use crate::auth::Keys;
 use crate::config::{self, Config};
 use crate::engine::Engine;
 use crate::error::Error;
-use crate::manager::{Manager, TenantLimits};
 use crate::{AppState, app};
+use ampoule_core::{Manager, TenantLimits};
 
 /// How long in-flight responses may take once shutdown has begun.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -64,8 +64,16 @@ pub fn state(cfg: &Config, engine: Arc<dyn Engine>, keys: Keys) -> Result<AppSta
             .filter_map(|(t, c)| c.max_sessions.map(|m| (t.clone(), m)))
             .collect(),
     };
+    let metrics = crate::metrics::Metrics::new();
     Ok(AppState {
-        manager: Manager::new(engine, pools, default_pool, tenants),
+        manager: Manager::new(
+            engine,
+            pools,
+            default_pool,
+            tenants,
+            Arc::new(metrics.clone()),
+        ),
+        metrics,
         keys: Arc::new(keys),
         max_upload: cfg.max_upload_bytes(),
         mcp_allowed_hosts: cfg.mcp_allowed_hosts(),
@@ -141,7 +149,7 @@ pub async fn audit(cfg: &Config, manager: &Manager) -> Result<tokio::task::JoinH
     let (writer, task) = ampoule_audit::Writer::spawn(store.clone(), 16_384);
     let defaults = cfg.audit_policy("");
     let pools = cfg.pool_settings().map_err(Error::Config)?;
-    manager.set_audit(crate::manager::Audit {
+    manager.set_audit(ampoule_core::Audit {
         writer,
         store: store.clone(),
         keep_code: defaults.keep_code,
@@ -259,11 +267,13 @@ pub async fn serve_with(
                 .await
                 .map_err(|e| Error::io(format!("listening on {addr} ([metrics] listen)"), e))?;
             let m = manager.clone();
+            let metrics = state.metrics.clone();
             let router = axum::Router::new().route(
                 "/metrics",
                 axum::routing::get(move || {
                     let m = m.clone();
-                    async move { crate::metrics::response(&m) }
+                    let metrics = metrics.clone();
+                    async move { crate::metrics::response(&metrics, &m) }
                 }),
             );
             eprintln!("ampoule: metrics on http://{addr}/metrics (no key)");

@@ -1514,7 +1514,7 @@ async fn idle_sessions_expire_and_every_call_resets_the_clock() {
     let ids: Vec<String> = h
         .state
         .manager
-        .list("a")
+        .list_sessions(&ampoule_core::Caller::new("a"), None)
         .iter()
         .map(|s| s.identifier.clone())
         .collect();

@@ -3,8 +3,8 @@
 //! sessions per tenant is counted by the manager's table (`TenantLimits`), where sessions are
 //! reserved.
 //!
-//! Invariants: every refusal is an [`ApiError`] with a stable code (`rate_limited` with a
-//! `Retry-After`, `pool_not_allowed`, `language_not_allowed`, `timeout_not_allowed`); the
+//! Invariants: every refusal is an [`Error`] with a stable code (`rate_limited` with the
+//! seconds to wait, `pool_not_allowed`, `language_not_allowed`, `timeout_not_allowed`); the
 //! rate is a sliding window — at most `executions_per_minute` executions start in any 60
 //! seconds — so the window never holds more than that many instants per tenant; a refused
 //! execution takes no place in the window.
@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use ampoule_types::Language;
 
-use crate::error::{ApiError, ErrorCode};
+use crate::error::Error;
 
 /// The window of `executions_per_minute`.
 const WINDOW: Duration = Duration::from_secs(60);
@@ -57,23 +57,17 @@ impl Quotas {
     }
 
     /// Whether `tenant` may use `pool`, whose sessions run `language`.
-    pub fn check_pool(&self, tenant: &str, pool: &str, language: Language) -> Result<(), ApiError> {
+    pub fn check_pool(&self, tenant: &str, pool: &str, language: Language) -> Result<(), Error> {
         let p = self.policy(tenant);
         if let Some(pools) = &p.pools
             && !pools.iter().any(|x| x == pool)
         {
-            return Err(ApiError::new(
-                ErrorCode::PoolNotAllowed,
-                format!("this tenant may not use pool {pool:?}"),
-            ));
+            return Err(Error::PoolNotAllowed(pool.to_owned()));
         }
         if let Some(langs) = &p.languages
             && !langs.contains(&language)
         {
-            return Err(ApiError::new(
-                ErrorCode::LanguageNotAllowed,
-                format!("this tenant may not use {language}"),
-            ));
+            return Err(Error::LanguageNotAllowed(language));
         }
         Ok(())
     }
@@ -85,15 +79,12 @@ impl Quotas {
         tenant: &str,
         requested: Option<f64>,
         default: f64,
-    ) -> Result<f64, ApiError> {
+    ) -> Result<f64, Error> {
         let Some(max) = self.policy(tenant).max_timeout_s else {
             return Ok(requested.unwrap_or(default));
         };
         match requested {
-            Some(t) if t > max => Err(ApiError::new(
-                ErrorCode::TimeoutNotAllowed,
-                format!("this tenant may ask for at most {max} seconds"),
-            )),
+            Some(t) if t > max => Err(Error::TimeoutNotAllowed { max }),
             Some(t) => Ok(t),
             None => Ok(default.min(max)),
         }
@@ -102,7 +93,7 @@ impl Quotas {
     /// Counts one execution of `tenant`, or refuses it when the tenant started
     /// `executions_per_minute` in the last 60 seconds (429 with `Retry-After`: the seconds
     /// until the oldest of them leaves the window, rounded up).
-    pub fn admit_execution(&self, tenant: &str) -> Result<(), ApiError> {
+    pub fn admit_execution(&self, tenant: &str) -> Result<(), Error> {
         let Some(max) = self.policy(tenant).executions_per_minute else {
             return Ok(());
         };
@@ -110,7 +101,7 @@ impl Quotas {
         let mut windows = self
             .windows
             .lock()
-            .map_err(|_| ApiError::internal("rate windows poisoned"))?;
+            .map_err(|_| Error::internal("rate windows poisoned"))?;
         let window = windows.entry(tenant.to_owned()).or_default();
         while window
             .front()
@@ -123,11 +114,10 @@ impl Quotas {
                 .front()
                 .map_or(WINDOW, |t| WINDOW.saturating_sub(now.duration_since(*t)));
             let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-            return Err(ApiError::new(
-                ErrorCode::RateLimited,
-                format!("this tenant may start {max} executions per minute"),
-            )
-            .retry_after(secs.max(1)));
+            return Err(Error::RateLimited {
+                max,
+                retry_after_s: secs.max(1),
+            });
         }
         window.push_back(now);
         Ok(())
@@ -139,6 +129,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+    use crate::error::ErrorCode;
 
     fn quotas(p: Policy) -> Quotas {
         Quotas::new(Policy::default(), HashMap::from([("a".to_owned(), p)]))
@@ -154,8 +145,8 @@ mod tests {
             q.admit_execution("a").unwrap();
         }
         let e = q.admit_execution("a").unwrap_err();
-        assert_eq!(e.code, ErrorCode::RateLimited);
-        let after = e.retry_after_s.unwrap();
+        assert_eq!(e.code(), ErrorCode::RateLimited);
+        let after = e.retry_after_s().unwrap();
         assert!((1..=60).contains(&after), "{after}");
         // Refusals take no place; other tenants have no limit.
         assert!(q.admit_execution("a").is_err());
@@ -174,17 +165,17 @@ mod tests {
         });
         q.check_pool("a", "python", Language::Python).unwrap();
         let e = q.check_pool("a", "js", Language::Javascript).unwrap_err();
-        assert_eq!(e.code, ErrorCode::PoolNotAllowed);
+        assert_eq!(e.code(), ErrorCode::PoolNotAllowed);
         let q2 = quotas(Policy {
             languages: Some(vec![Language::Python]),
             ..Policy::default()
         });
         let e = q2.check_pool("a", "js", Language::Javascript).unwrap_err();
-        assert_eq!(e.code, ErrorCode::LanguageNotAllowed);
+        assert_eq!(e.code(), ErrorCode::LanguageNotAllowed);
         assert_eq!(q.timeout("a", None, 220.0).unwrap(), 10.0);
         assert_eq!(q.timeout("a", Some(5.0), 220.0).unwrap(), 5.0);
         let e = q.timeout("a", Some(11.0), 220.0).unwrap_err();
-        assert_eq!(e.code, ErrorCode::TimeoutNotAllowed);
+        assert_eq!(e.code(), ErrorCode::TimeoutNotAllowed);
         assert_eq!(q.timeout("b", Some(500.0), 220.0).unwrap(), 500.0);
     }
 }

@@ -1,7 +1,7 @@
 //! The session manager: pools, live sessions, warm sessions, limits, expiry and shutdown.
 //!
-//! Every front door (the native API, the ACA-compatible API) calls this one service; it never
-//! sees HTTP. It owns:
+//! The doors never call these steps: they call the commands of [`crate::service`], which
+//! arrange them in the one policy order. This module owns:
 //! - the session table, keyed by `(tenant, pool, identifier)` and by session id. A session is
 //!   pinned to the tenant that created it: every lookup takes the tenant, and another
 //!   tenant's session is indistinguishable from a missing one;
@@ -28,40 +28,31 @@ use ampoule_audit::{Kind, Record};
 use ampoule_types::ExecutionResult;
 use tokio::sync::{Notify, OnceCell};
 
-use crate::config::{AuditPolicy, PoolSettings};
+use crate::Caller;
 use crate::engine::{Engine, EventSender, ExecRequest, LiveSession};
-use crate::error::{ApiError, ErrorCode};
-use crate::metrics::Metrics;
+use crate::error::Error;
+use crate::observer::Observer;
 use crate::quota::Quotas;
+use crate::settings::{Audit, PoolSettings, TenantLimits};
 use tracing::Instrument;
-
-/// Limits that are not a pool's.
-#[derive(Debug, Clone, Default)]
-pub struct TenantLimits {
-    /// Most sessions per tenant unless overridden.
-    pub default: Option<usize>,
-    /// Per-tenant overrides.
-    pub per_tenant: HashMap<String, usize>,
-    /// Executions per minute, allowed pools and languages, longest timeout.
-    pub quotas: Arc<Quotas>,
-}
 
 type Key = (String, String, String);
 
-/// A live session as the server knows it.
-pub struct Session {
+/// A live session as the core knows it. Doors never hold one: they get a
+/// [`crate::SessionInfo`] (a snapshot) from the commands.
+pub(crate) struct Session {
     /// Server-assigned id (`ses_…`), used by the native API.
-    pub id: String,
+    pub(crate) id: String,
     /// The owning tenant.
-    pub tenant: String,
+    pub(crate) tenant: String,
     /// The pool it came from.
-    pub pool: String,
+    pub(crate) pool: String,
     /// The caller's name for it (ACA `identifier`).
-    pub identifier: String,
+    pub(crate) identifier: String,
     /// When it was assigned to its identifier.
-    pub created_at: SystemTime,
+    pub(crate) created_at: SystemTime,
     created: Instant,
-    live: Arc<dyn LiveSession>,
+    pub(crate) live: Arc<dyn LiveSession>,
     exec_lock: tokio::sync::Mutex<()>,
     last_used: Mutex<(Instant, SystemTime)>,
     in_flight: AtomicUsize,
@@ -81,14 +72,14 @@ impl std::fmt::Debug for Session {
 
 impl Session {
     /// Resets the idle timer.
-    pub fn touch(&self) {
+    pub(crate) fn touch(&self) {
         if let Ok(mut t) = self.last_used.lock() {
             *t = (Instant::now(), SystemTime::now());
         }
     }
 
     /// When the session was last used.
-    pub fn last_used_at(&self) -> SystemTime {
+    pub(crate) fn last_used_at(&self) -> SystemTime {
         self.last_used
             .lock()
             .map(|t| t.1)
@@ -102,19 +93,13 @@ impl Session {
             .unwrap_or_default()
     }
 
-    /// The live sandbox, for file access (resets the idle timer).
-    pub fn live(&self) -> Arc<dyn LiveSession> {
-        self.touch();
-        self.live.clone()
-    }
-
     /// Whether an execution or file call is running.
-    pub fn busy(&self) -> bool {
+    pub(crate) fn busy(&self) -> bool {
         self.in_flight.load(Ordering::SeqCst) > 0
     }
 
     /// Executions so far.
-    pub fn executions(&self) -> u64 {
+    pub(crate) fn executions(&self) -> u64 {
         self.executions.load(Ordering::SeqCst)
     }
 }
@@ -150,33 +135,7 @@ struct Inner {
     shutting_down: AtomicBool,
     shutdown: Notify,
     audit: std::sync::OnceLock<Audit>,
-    metrics: Metrics,
-}
-
-/// Where the manager writes down executions and session events (see `ampoule-audit`).
-#[derive(Clone)]
-pub struct Audit {
-    /// The write path (batched, off the executions' path).
-    pub writer: ampoule_audit::Writer,
-    /// The store, for queries.
-    pub store: Arc<dyn ampoule_audit::AuditStore>,
-    /// Keep each execution's code (else only its SHA-256).
-    pub keep_code: bool,
-    /// Bytes of stdout and of stderr kept per record.
-    pub output_bytes: usize,
-    /// Pools whose records are kept otherwise (`[pools.NAME.audit]`).
-    pub per_pool: HashMap<String, AuditPolicy>,
-}
-
-impl Audit {
-    /// What is kept of `pool`'s records: `(keep_code, output_bytes)`.
-    pub fn policy(&self, pool: &str) -> (bool, usize) {
-        self.per_pool
-            .get(pool)
-            .map_or((self.keep_code, self.output_bytes), |p| {
-                (p.keep_code, p.output_bytes)
-            })
-    }
+    observer: Arc<dyn Observer>,
 }
 
 /// Most files listed in one execution record's `files`; a record that lists this many
@@ -218,8 +177,8 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// What `GET /v1/pools` reports about a pool.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+/// What a pool holds now (`GET /v1/pools`, the `/metrics` gauges).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolStatus {
     /// The pool's name.
     pub name: String,
@@ -237,7 +196,8 @@ pub struct PoolStatus {
     pub warm: usize,
 }
 
-/// The session manager (cheap to clone).
+/// The core service (cheap to clone): the session manager, whose commands are in
+/// [`crate::service`].
 #[derive(Clone)]
 pub struct Manager {
     inner: Arc<Inner>,
@@ -252,7 +212,7 @@ impl std::fmt::Debug for Manager {
 }
 
 /// `n` random bytes as hex (ids, generated identifiers).
-pub(crate) fn random_hex(n: usize) -> String {
+pub fn random_hex(n: usize) -> String {
     let mut raw = vec![0u8; n];
     if std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut raw))
@@ -272,13 +232,14 @@ pub(crate) fn random_hex(n: usize) -> String {
 }
 
 impl Manager {
-    /// A manager over `pools`; call [`Manager::start_background`] to fill warm pools and
-    /// reap expired sessions.
+    /// A manager over `pools`, reporting to `observer`; call [`Manager::start_background`]
+    /// to fill warm pools and reap expired sessions.
     pub fn new(
         engine: Arc<dyn Engine>,
         pools: BTreeMap<String, PoolSettings>,
         default_pool: String,
         tenants: TenantLimits,
+        observer: Arc<dyn Observer>,
     ) -> Self {
         let pools = pools
             .into_iter()
@@ -304,7 +265,7 @@ impl Manager {
                 shutting_down: AtomicBool::new(false),
                 shutdown: Notify::new(),
                 audit: std::sync::OnceLock::new(),
-                metrics: Metrics::new(),
+                observer,
             }),
         }
     }
@@ -319,35 +280,41 @@ impl Manager {
         self.inner.audit.get()
     }
 
-    /// The server's metrics (`GET /metrics`).
-    pub fn metrics(&self) -> &Metrics {
-        &self.inner.metrics
-    }
-
     /// The tenants' quotas and policy.
-    pub fn quotas(&self) -> &Quotas {
+    pub(crate) fn quotas(&self) -> &Quotas {
         &self.inner.tenants.quotas
     }
 
     /// A request refused by a quota or policy: counted, logged and written down (kind
-    /// `refused`, `decided_by` = the error code), then returned.
-    async fn refuse(&self, tenant: &str, pool: &str, session: &str, e: ApiError) -> ApiError {
-        self.inner.metrics.refused(e.code);
+    /// `refused`, `decided_by` = the error code, with the identifier it named and the
+    /// request's id), then returned.
+    pub(crate) async fn refuse(
+        &self,
+        caller: &Caller,
+        pool: &str,
+        session: &str,
+        identifier: Option<&str>,
+        e: Error,
+    ) -> Error {
+        let code = e.code();
+        self.inner.observer.refused(code);
         tracing::warn!(
-            tenant,
+            tenant = caller.tenant.as_str(),
             pool,
             session,
-            code = e.code.as_str(),
+            code = code.as_str(),
             "refused by policy"
         );
         if self.inner.audit.get().is_some() {
-            let mut r = Record::new(Kind::Refused, now_ms(), tenant, pool, session);
+            let mut r = Record::new(Kind::Refused, now_ms(), &caller.tenant, pool, session);
             r.language = self
                 .inner
                 .pools
                 .get(pool)
                 .map(|p| p.settings.spec.language.as_str().to_owned());
-            r.decided_by = Some(e.code.as_str().to_owned());
+            r.decided_by = Some(code.as_str().to_owned());
+            r.identifier = identifier.map(str::to_owned);
+            r.request_id = caller.request_id.clone();
             self.write_audit(r).await;
         }
         e
@@ -357,7 +324,7 @@ impl Manager {
     async fn write_audit(&self, record: Record) {
         if record.kind == Kind::Execution {
             for e in &record.egress {
-                self.inner.metrics.egress(&record.pool, e.allowed);
+                self.inner.observer.egress(&record.pool, e.allowed);
             }
         }
         if let Some(a) = self.inner.audit.get()
@@ -367,8 +334,14 @@ impl Manager {
         }
     }
 
-    /// A session event's record.
-    async fn audit_session(&self, s: &Session, kind: Kind, decided_by: Option<&str>) {
+    /// A session event's record; `request_id` is the request that caused it, if one did.
+    async fn audit_session(
+        &self,
+        s: &Session,
+        kind: Kind,
+        decided_by: Option<&str>,
+        request_id: Option<&str>,
+    ) {
         let event = match kind {
             Kind::SessionCreated => Some("created"),
             Kind::SessionExpired => Some("expired"),
@@ -377,7 +350,7 @@ impl Manager {
             _ => None,
         };
         if let Some(event) = event {
-            self.inner.metrics.session_event(&s.pool, event);
+            self.inner.observer.session_event(&s.pool, event);
         }
         if self.inner.audit.get().is_none() {
             return;
@@ -392,6 +365,8 @@ impl Manager {
             r.duration_ms = Some(s.created.elapsed().as_secs_f64() * 1000.0);
         }
         r.decided_by = decided_by.map(str::to_owned);
+        r.identifier = Some(s.identifier.clone());
+        r.request_id = request_id.map(str::to_owned);
         self.write_audit(r).await;
     }
 
@@ -401,12 +376,12 @@ impl Manager {
     }
 
     /// A pool's settings.
-    pub fn pool(&self, name: &str) -> Result<&PoolSettings, ApiError> {
+    pub(crate) fn pool(&self, name: &str) -> Result<&PoolSettings, Error> {
         self.inner
             .pools
             .get(name)
             .map(|p| &p.settings)
-            .ok_or_else(|| ApiError::new(ErrorCode::PoolNotFound, format!("no pool {name:?}")))
+            .ok_or_else(|| Error::PoolNotFound(name.to_owned()))
     }
 
     /// The engine's zygotes (one per pool that forks its sessions).
@@ -453,7 +428,7 @@ impl Manager {
                         backoff = Duration::from_millis(500);
                         if live.forked() {
                             let seconds = begun.elapsed().as_secs_f64();
-                            self.inner.metrics.zygote_forked(name, seconds);
+                            self.inner.observer.zygote_forked(name, seconds);
                         }
                         let live: Arc<dyn LiveSession> = Arc::from(live);
                         if self.inner.shutting_down.load(Ordering::SeqCst) {
@@ -467,7 +442,7 @@ impl Manager {
                         tracing::debug!(pool = name, "warm session ready");
                     }
                     Err(e) => {
-                        self.inner.metrics.warm_start_failed(name);
+                        self.inner.observer.warm_start_failed(name);
                         tracing::warn!(pool = name, error = %e, "could not start a warm session");
                         tokio::select! {
                             () = tokio::time::sleep(backoff) => {}
@@ -534,7 +509,8 @@ impl Manager {
                     Some(p) if s.created.elapsed() >= p.settings.max_lifetime => "max_lifetime",
                     _ => "idle_timeout",
                 };
-                self.audit_session(s, Kind::SessionExpired, Some(why)).await;
+                self.audit_session(s, Kind::SessionExpired, Some(why), None)
+                    .await;
             }
             self.remove_and_close(&slot).await;
         }
@@ -551,33 +527,27 @@ impl Manager {
     }
 
     /// Reserves a slot for a new key, enforcing the limits.
-    fn reserve(&self, key: &Key) -> Result<(Arc<Slot>, bool), ApiError> {
+    fn reserve(&self, key: &Key) -> Result<(Arc<Slot>, bool), Error> {
         let mut table = self
             .inner
             .table
             .lock()
-            .map_err(|_| ApiError::internal("session table poisoned"))?;
+            .map_err(|_| Error::internal("session table poisoned"))?;
         if let Some(slot) = table.by_key.get(key) {
             return Ok((slot.clone(), false));
         }
         let (tenant, pool_name, _) = key;
         let pool = self.pool(pool_name)?;
         if table.per_pool.get(pool_name).copied().unwrap_or(0) >= pool.max_sessions {
-            return Err(ApiError::new(
-                ErrorCode::PoolFull,
-                format!(
-                    "pool {pool_name:?} is at its maximum of {} sessions",
-                    pool.max_sessions
-                ),
-            ));
+            return Err(Error::PoolFull {
+                pool: pool_name.clone(),
+                max: pool.max_sessions,
+            });
         }
         if let Some(max) = self.tenant_limit(tenant)
             && table.per_tenant.get(tenant).copied().unwrap_or(0) >= max
         {
-            return Err(ApiError::new(
-                ErrorCode::TenantFull,
-                format!("this tenant is at its maximum of {max} sessions"),
-            ));
+            return Err(Error::TenantFull { max });
         }
         let slot = Arc::new(Slot {
             key: key.clone(),
@@ -632,19 +602,19 @@ impl Manager {
         &self,
         tenant: &str,
         pool_name: &str,
-    ) -> Result<Arc<dyn LiveSession>, ApiError> {
+    ) -> Result<Arc<dyn LiveSession>, Error> {
         let pool = self
             .inner
             .pools
             .get(pool_name)
-            .ok_or_else(|| ApiError::new(ErrorCode::PoolNotFound, "no such pool"))?;
+            .ok_or_else(|| Error::PoolNotFound(pool_name.to_owned()))?;
         let begun = Instant::now();
         loop {
             let warm = pool.warm.lock().ok().and_then(|mut w| w.pop_front());
             match warm {
                 Some(live) if live.alive() && !live.outdated() => {
                     pool.refill.notify_one();
-                    self.inner.metrics.session_started(
+                    self.inner.observer.session_started(
                         pool_name,
                         true,
                         begun.elapsed().as_secs_f64(),
@@ -669,47 +639,44 @@ impl Manager {
         let started = started?;
         let seconds = begun.elapsed().as_secs_f64();
         self.inner
-            .metrics
+            .observer
             .session_started(pool_name, false, seconds);
         if started.forked() {
-            self.inner.metrics.zygote_forked(pool_name, seconds);
+            self.inner.observer.zygote_forked(pool_name, seconds);
         }
         Ok(Arc::from(started))
     }
 
-    /// The session of `identifier` in `pool` for `tenant`, started on first use. Returns it and
-    /// whether this call created it.
-    pub async fn get_or_create(
+    /// The session of `identifier` in `pool` for the caller, started on first use (its
+    /// pool's limits are counted here; the tenant's policy was checked by the command).
+    /// Returns it and whether this call created it.
+    pub(crate) async fn get_or_create(
         &self,
-        tenant: &str,
-        pool: Option<&str>,
+        caller: &Caller,
+        pool: &str,
         identifier: &str,
-    ) -> Result<(Arc<Session>, bool), ApiError> {
-        if self.inner.shutting_down.load(Ordering::SeqCst) {
-            return Err(ApiError::new(
-                ErrorCode::ShuttingDown,
-                "the server is shutting down",
-            ));
+    ) -> Result<(Arc<Session>, bool), Error> {
+        if self.is_shutting_down() {
+            return Err(Error::ShuttingDown);
         }
-        let pool = pool.unwrap_or(&self.inner.default_pool).to_owned();
-        self.check_pool_policy(tenant, &pool).await?;
-        let key: Key = (tenant.to_owned(), pool.clone(), identifier.to_owned());
+        let tenant = caller.tenant.as_str();
+        let key: Key = (tenant.to_owned(), pool.to_owned(), identifier.to_owned());
         let (slot, reserved) = match self.reserve(&key) {
             Ok(r) => r,
-            Err(e) if matches!(e.code, ErrorCode::PoolFull | ErrorCode::TenantFull) => {
-                return Err(self.refuse(tenant, &pool, "", e).await);
+            Err(e) if e.is_policy() => {
+                return Err(self.refuse(caller, pool, "", Some(identifier), e).await);
             }
             Err(e) => return Err(e),
         };
         let init = slot
             .cell
             .get_or_try_init(|| async {
-                let live = self.start_live(tenant, &pool).await?;
+                let live = self.start_live(tenant, pool).await?;
                 let now = (Instant::now(), SystemTime::now());
-                Ok::<_, ApiError>(Arc::new(Session {
+                Ok::<_, Error>(Arc::new(Session {
                     id: slot.id.clone(),
                     tenant: tenant.to_owned(),
-                    pool: pool.clone(),
+                    pool: pool.to_owned(),
                     identifier: identifier.to_owned(),
                     created_at: now.1,
                     created: now.0,
@@ -729,23 +696,24 @@ impl Manager {
                     // of the table while we were starting: never hand out a session the
                     // table (limits, reaper, shutdown) does not know.
                     session.live.close().await;
-                    return Err(ApiError::new(
-                        ErrorCode::SandboxUnavailable,
-                        "the session could not be started; try again",
+                    return Err(Error::SandboxUnavailable(
+                        "the session could not be started; try again".into(),
                     ));
                 }
-                if self.inner.shutting_down.load(Ordering::SeqCst) {
+                if self.is_shutting_down() {
                     self.remove_and_close(&slot).await;
-                    return Err(ApiError::new(
-                        ErrorCode::ShuttingDown,
-                        "the server is shutting down",
-                    ));
+                    return Err(Error::ShuttingDown);
                 }
                 session.touch();
                 tracing::Span::current().record("session", session.id.as_str());
                 if reserved {
-                    self.audit_session(&session, Kind::SessionCreated, None)
-                        .await;
+                    self.audit_session(
+                        &session,
+                        Kind::SessionCreated,
+                        None,
+                        caller.request_id.as_deref(),
+                    )
+                    .await;
                 }
                 Ok((session, reserved))
             }
@@ -757,49 +725,40 @@ impl Manager {
         }
     }
 
-    /// Creates a session with a generated identifier, or returns the named one.
-    pub async fn create(
-        &self,
-        tenant: &str,
-        pool: Option<&str>,
-        identifier: Option<&str>,
-    ) -> Result<(Arc<Session>, bool), ApiError> {
-        match identifier {
-            Some(id) => self.get_or_create(tenant, pool, id).await,
-            None => {
-                let id = random_hex(16);
-                self.get_or_create(tenant, pool, &id).await
-            }
-        }
-    }
-
     /// The session of `identifier` in `pool`, when it exists for `tenant`.
-    pub fn find(&self, tenant: &str, pool: &str, identifier: &str) -> Option<Arc<Session>> {
+    pub(crate) fn find(&self, tenant: &str, pool: &str, identifier: &str) -> Option<Arc<Session>> {
         let table = self.inner.table.lock().ok()?;
         let key: Key = (tenant.to_owned(), pool.to_owned(), identifier.to_owned());
         table.by_key.get(&key)?.cell.get().cloned()
     }
 
+    /// The session of `identifier` in whichever of `tenant`'s pools holds it (the oldest when
+    /// several do).
+    pub(crate) fn find_any(&self, tenant: &str, identifier: &str) -> Option<Arc<Session>> {
+        self.list(tenant)
+            .into_iter()
+            .find(|s| s.identifier == identifier)
+    }
+
     /// The session with this id, when it belongs to `tenant` (else: not found).
-    pub fn get(&self, tenant: &str, id: &str) -> Result<Arc<Session>, ApiError> {
+    pub(crate) fn get(&self, tenant: &str, id: &str) -> Result<Arc<Session>, Error> {
         let table = self
             .inner
             .table
             .lock()
-            .map_err(|_| ApiError::internal("session table poisoned"))?;
+            .map_err(|_| Error::internal("session table poisoned"))?;
         let s = table
             .by_id
             .get(id)
             .and_then(|slot| slot.cell.get())
             .filter(|s| s.tenant == tenant)
             .cloned()
-            .ok_or_else(ApiError::session_not_found)?;
-        tracing::Span::current().record("session", s.id.as_str());
+            .ok_or_else(Error::session_not_found)?;
         Ok(s)
     }
 
     /// The tenant's live sessions, oldest first.
-    pub fn list(&self, tenant: &str) -> Vec<Arc<Session>> {
+    pub(crate) fn list(&self, tenant: &str) -> Vec<Arc<Session>> {
         let Ok(table) = self.inner.table.lock() else {
             return Vec::new();
         };
@@ -814,138 +773,72 @@ impl Manager {
         out
     }
 
-    /// Destroys a session of `tenant` by id.
-    pub async fn delete(&self, tenant: &str, id: &str) -> Result<(), ApiError> {
-        let slot = {
-            let table = self
-                .inner
-                .table
-                .lock()
-                .map_err(|_| ApiError::internal("session table poisoned"))?;
-            table
-                .by_id
-                .get(id)
-                .filter(|slot| slot.cell.get().is_some_and(|s| s.tenant == tenant))
-                .cloned()
-        };
-        let slot = slot.ok_or_else(ApiError::session_not_found)?;
-        if let Some(s) = slot.cell.get() {
-            self.audit_session(s, Kind::SessionDeleted, None).await;
-        }
-        self.remove_and_close(&slot).await;
-        Ok(())
-    }
-
-    /// Destroys the session of `identifier` in `pool`; false when there was none.
-    pub async fn delete_identifier(&self, tenant: &str, pool: &str, identifier: &str) -> bool {
-        let key: Key = (tenant.to_owned(), pool.to_owned(), identifier.to_owned());
+    /// Destroys a session (audited as deleted by `caller`).
+    pub(crate) async fn delete(&self, caller: &Caller, session: &Session) {
         let slot = self
             .inner
             .table
             .lock()
             .ok()
-            .and_then(|t| t.by_key.get(&key).cloned())
-            .filter(|slot| slot.cell.get().is_some());
-        match slot {
-            Some(slot) => {
-                if let Some(s) = slot.cell.get() {
-                    self.audit_session(s, Kind::SessionDeleted, None).await;
-                }
-                self.remove_and_close(&slot).await;
-                true
-            }
-            None => false,
+            .and_then(|t| t.by_id.get(&session.id).cloned());
+        let Some(slot) = slot else {
+            return;
+        };
+        if let Some(s) = slot.cell.get() {
+            self.audit_session(s, Kind::SessionDeleted, None, caller.request_id.as_deref())
+                .await;
         }
+        self.remove_and_close(&slot).await;
     }
 
     /// The timeout of one execution: the request's, else the pool's default, never above
     /// the pool's maximum; a request above the tenant's maximum is refused
     /// (`timeout_not_allowed`), a default above it is cut to it.
-    pub async fn timeout_for(
+    pub(crate) fn timeout_for(
         &self,
         tenant: &str,
         pool: &str,
         requested: Option<f64>,
-    ) -> Result<f64, ApiError> {
+    ) -> Result<f64, Error> {
         let p = self.pool(pool)?;
         if let Some(t) = requested
             && !(t > 0.0 && t.is_finite())
         {
-            return Err(ApiError::invalid("the timeout must be a positive number"));
+            return Err(Error::invalid("the timeout must be a positive number"));
         }
-        let t = match self
+        let t = self
             .quotas()
-            .timeout(tenant, requested, p.spec.limits.timeout_s)
-        {
-            Ok(t) => t,
-            Err(e) => return Err(self.refuse(tenant, pool, "", e).await),
-        };
+            .timeout(tenant, requested, p.spec.limits.timeout_s)?;
         Ok(t.min(p.max_timeout_s))
     }
 
-    /// Counts an execution against the tenant's `executions_per_minute`, or refuses it
-    /// (`rate_limited`, with `Retry-After`). [`Manager::execute`] does this itself; callers
-    /// that must answer before the execution starts (the streaming API) call this and then
-    /// [`Manager::execute_admitted`].
-    pub async fn admit(&self, session: &Session) -> Result<(), ApiError> {
-        self.admit_for(&session.tenant, &session.pool, &session.id)
-            .await
-    }
-
-    /// Whether `tenant` may use `pool` (its pools and languages), or the refusal (audited).
-    pub async fn check_pool_policy(&self, tenant: &str, pool: &str) -> Result<(), ApiError> {
-        let language = self.pool(pool)?.spec.language;
-        match self.quotas().check_pool(tenant, pool, language) {
-            Ok(()) => Ok(()),
-            Err(e) => Err(self.refuse(tenant, pool, "", e).await),
-        }
-    }
-
-    /// [`Manager::admit`] before the session exists (`session` may be empty): the ACA API
-    /// creates a session on its first execution, and a refused execution must not create one.
-    pub async fn admit_for(&self, tenant: &str, pool: &str, session: &str) -> Result<(), ApiError> {
-        match self.quotas().admit_execution(tenant) {
-            Ok(()) => Ok(()),
-            Err(e) => Err(self.refuse(tenant, pool, session, e).await),
-        }
-    }
-
-    /// Runs code in a session: serialized with the session's other executions; the idle timer
-    /// restarts when the call starts and when it ends. The execution runs in its own task, so
-    /// a caller that goes away (a client disconnecting) never cancels it half-way.
-    ///
-    /// Counts against the tenant's `executions_per_minute` first (see [`Manager::admit`]).
-    pub async fn execute(
+    /// Runs an admitted execution in its own task, so that a caller that goes away (a client
+    /// disconnecting) never cancels it half-way: serialized with the session's other
+    /// executions; the idle timer restarts when the call starts and when it ends.
+    pub(crate) fn spawn_execution(
         &self,
+        caller: &Caller,
         session: &Arc<Session>,
         req: ExecRequest,
         events: Option<EventSender>,
-    ) -> Result<ExecutionResult, ApiError> {
-        self.admit(session).await?;
-        self.execute_admitted(session, req, events).await
-    }
-
-    /// [`Manager::execute`] for a caller that has called [`Manager::admit`].
-    pub async fn execute_admitted(
-        &self,
-        session: &Arc<Session>,
-        req: ExecRequest,
-        events: Option<EventSender>,
-    ) -> Result<ExecutionResult, ApiError> {
+        execution: String,
+    ) -> tokio::task::JoinHandle<Result<ExecutionResult, Error>> {
         let me = self.clone();
         let session = session.clone();
-        let execution = format!("exe_{}", random_hex(12));
-        // At `warn`, like the request span (see `logging`).
+        let request_id = caller.request_id.clone();
+        // At `warn`, like the request span (see the server's `logging`).
         let span = tracing::warn_span!(
             "execution",
             execution = execution.as_str(),
             session = session.id.as_str()
         );
         tokio::spawn(
-            async move { me.execute_here(&session, req, events, execution).await }.instrument(span),
+            async move {
+                me.execute_here(&session, req, events, execution, request_id)
+                    .await
+            }
+            .instrument(span),
         )
-        .await
-        .map_err(ApiError::internal)?
     }
 
     async fn execute_here(
@@ -954,7 +847,8 @@ impl Manager {
         req: ExecRequest,
         events: Option<EventSender>,
         execution: String,
-    ) -> Result<ExecutionResult, ApiError> {
+        request_id: Option<String>,
+    ) -> Result<ExecutionResult, Error> {
         session.in_flight.fetch_add(1, Ordering::SeqCst);
         session.touch();
         let started = now_ms();
@@ -984,7 +878,7 @@ impl Manager {
         session.in_flight.fetch_sub(1, Ordering::SeqCst);
         let status = result.as_ref().map_or("error", |r| r.status.as_str());
         self.inner
-            .metrics
+            .observer
             .execution(&session.pool, status, begun.elapsed().as_secs_f64());
         tracing::info!(
             status,
@@ -992,8 +886,14 @@ impl Manager {
             "execution finished"
         );
         if let (Some(code), Ok(r)) = (code, &result) {
-            self.audit_execution(session, started, code, r, execution, files)
-                .await;
+            let rec = ExecutionRecord {
+                started,
+                code,
+                execution,
+                request_id: request_id.clone(),
+                files,
+            };
+            self.audit_execution(session, rec, r).await;
         }
         if !session.live.alive() {
             let limit = result.as_ref().ok().and_then(|r| r.limit);
@@ -1001,6 +901,7 @@ impl Manager {
                 session,
                 Kind::SessionKilled,
                 Some(limit.map_or("sandbox_died", |l| l.as_str())),
+                request_id.as_deref(),
             )
             .await;
             // The sandbox is gone (a limit killed it): the next call with this identifier
@@ -1018,34 +919,28 @@ impl Manager {
         Ok(result?)
     }
 
-    async fn audit_execution(
-        &self,
-        session: &Session,
-        started: i64,
-        code: String,
-        r: &ExecutionResult,
-        execution: String,
-        files: Vec<String>,
-    ) {
+    async fn audit_execution(&self, session: &Session, x: ExecutionRecord, r: &ExecutionResult) {
         let Some(a) = self.inner.audit.get() else {
             return;
         };
         let (keep_code, output_bytes) = a.policy(&session.pool);
         let mut rec = Record::new(
             Kind::Execution,
-            started,
+            x.started,
             &session.tenant,
             &session.pool,
             &session.id,
         );
-        rec.execution = Some(execution);
+        rec.execution = Some(x.execution);
+        rec.identifier = Some(session.identifier.clone());
+        rec.request_id = x.request_id;
         rec.language = self
             .inner
             .pools
             .get(&session.pool)
             .map(|p| p.settings.spec.language.as_str().to_owned());
-        rec.code_sha256 = Some(ampoule_audit::sha256_hex(code.as_bytes()));
-        rec.code = keep_code.then_some(code);
+        rec.code_sha256 = Some(ampoule_audit::sha256_hex(x.code.as_bytes()));
+        rec.code = keep_code.then_some(x.code);
         rec.status = Some(r.status.as_str().to_owned());
         rec.duration_ms = Some(r.duration_ms);
         rec.cpu_time_ms = r.cpu_time_ms;
@@ -1054,7 +949,7 @@ impl Manager {
             .map(|b| i64::try_from(b).unwrap_or(i64::MAX));
         rec.stdout = Some(ampoule_audit::trim(&r.stdout, output_bytes));
         rec.stderr = Some(ampoule_audit::trim(&r.stderr, output_bytes));
-        rec.files = files;
+        rec.files = x.files;
         rec.egress = r.egress.iter().map(egress_decision).collect();
         rec.decided_by = r.limit.map(|l| l.as_str().to_owned());
         self.write_audit(rec).await;
@@ -1062,10 +957,10 @@ impl Manager {
 
     /// Marks the start and end of a file call, so the reaper leaves a session alone while it
     /// streams a large file.
-    pub fn file_call<'a>(&self, session: &'a Arc<Session>) -> FileCall<'a> {
+    pub(crate) fn file_call(&self, session: &Arc<Session>) -> FileCall {
         session.in_flight.fetch_add(1, Ordering::SeqCst);
         session.touch();
-        FileCall(session)
+        FileCall(session.clone())
     }
 
     /// Every pool's figures.
@@ -1096,6 +991,11 @@ impl Manager {
                 warm: p.settings.warm,
             })
             .collect()
+    }
+
+    /// Live sessions in every pool and of every tenant (what the table holds).
+    pub fn session_count(&self) -> usize {
+        self.inner.table.lock().map_or(0, |t| t.by_id.len())
     }
 
     /// Whether [`Manager::shutdown`] has begun.
@@ -1130,11 +1030,20 @@ impl Manager {
         futures_util::future::join_all(lives.iter().map(|l| l.close())).await;
         // Every session's life ends in the audit log, so usage counts it.
         for s in slots.iter().filter_map(|slot| slot.cell.get()) {
-            self.audit_session(s, Kind::SessionExpired, Some("shutdown"))
+            self.audit_session(s, Kind::SessionExpired, Some("shutdown"), None)
                 .await;
         }
         tracing::info!(sessions = n, "closed every session");
     }
+}
+
+/// What an execution's audit record needs besides the session and the result.
+struct ExecutionRecord {
+    started: i64,
+    code: String,
+    execution: String,
+    request_id: Option<String>,
+    files: Vec<String>,
 }
 
 /// An egress decision as the audit log keeps it: the checked address and whether a credential
@@ -1159,10 +1068,18 @@ fn egress_decision(e: &ampoule_types::EgressEvent) -> ampoule_audit::EgressDecis
     }
 }
 
-/// A file call in progress (see [`Manager::file_call`]).
-pub struct FileCall<'a>(&'a Arc<Session>);
+/// A file call in progress (see [`Manager::file_call`]): the session counts as busy until
+/// it is dropped.
+pub(crate) struct FileCall(Arc<Session>);
 
-impl Drop for FileCall<'_> {
+impl FileCall {
+    /// The session the call is in.
+    pub(crate) fn session(&self) -> &Arc<Session> {
+        &self.0
+    }
+}
+
+impl Drop for FileCall {
     fn drop(&mut self) {
         self.0.touch();
         self.0.in_flight.fetch_sub(1, Ordering::SeqCst);

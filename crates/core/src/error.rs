@@ -1,0 +1,297 @@
+//! [`Error`]: why the core refused or could not do a command, and [`ErrorCode`], the stable
+//! machine code of each refusal that every door answers (as a JSON `code`, an ACA
+//! `x-ms-error-code`, an MCP tool error).
+//!
+//! Invariants: every variant has one stable [`ErrorCode`] and a lowercase message written for
+//! the client; internal details (host paths, errno values, engine messages) are logged when
+//! the error is made and never carried in it. How a code becomes an HTTP status, or an ACA
+//! name, is the doors' business: nothing here knows HTTP.
+
+use ampoule_types::Language;
+
+/// The stable error codes of every door (the `code` field of an error body). The first few
+/// are only ever made by a door (authentication, routing, body parsing); the core makes the
+/// rest through [`Error::code`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// No API key, an unknown one, or `Bearer None`.
+    Unauthorized,
+    /// The path names no operation.
+    NotFound,
+    /// No session with this id or identifier exists for the caller's tenant.
+    SessionNotFound,
+    /// No such pool.
+    PoolNotFound,
+    /// No such file in the session.
+    FileNotFound,
+    /// The pool has reached its maximum number of sessions.
+    PoolFull,
+    /// The tenant has reached its maximum number of sessions.
+    TenantFull,
+    /// The tenant has used its executions for this minute.
+    RateLimited,
+    /// The tenant may not use this pool.
+    PoolNotAllowed,
+    /// The tenant may not use this language.
+    LanguageNotAllowed,
+    /// The requested timeout is above the tenant's maximum.
+    TimeoutNotAllowed,
+    /// The request is malformed (bad JSON, missing field, bad identifier).
+    InvalidRequest,
+    /// A file path is absolute, contains `..`, or is otherwise not a path below `/mnt/data`.
+    InvalidPath,
+    /// The path leads through a link, which is never followed.
+    LinkRefused,
+    /// The path names a directory or another non-regular file.
+    NotAFile,
+    /// The upload is larger than the server accepts.
+    PayloadTooLarge,
+    /// The session's disk space is full.
+    NoSpace,
+    /// The body is neither of the accepted media types.
+    UnsupportedMediaType,
+    /// The operation exists, with another method.
+    MethodNotAllowed,
+    /// A sandbox could not be started, or its interpreter stopped answering.
+    SandboxUnavailable,
+    /// The server is shutting down.
+    ShuttingDown,
+    /// Something broke inside the server (logged; the message says no more).
+    Internal,
+}
+
+impl ErrorCode {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::SessionNotFound => "session_not_found",
+            ErrorCode::PoolNotFound => "pool_not_found",
+            ErrorCode::FileNotFound => "file_not_found",
+            ErrorCode::PoolFull => "pool_full",
+            ErrorCode::TenantFull => "tenant_full",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::PoolNotAllowed => "pool_not_allowed",
+            ErrorCode::LanguageNotAllowed => "language_not_allowed",
+            ErrorCode::TimeoutNotAllowed => "timeout_not_allowed",
+            ErrorCode::InvalidRequest => "invalid_request",
+            ErrorCode::InvalidPath => "invalid_path",
+            ErrorCode::LinkRefused => "link_refused",
+            ErrorCode::NotAFile => "not_a_file",
+            ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::NoSpace => "no_space",
+            ErrorCode::UnsupportedMediaType => "unsupported_media_type",
+            ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::SandboxUnavailable => "sandbox_unavailable",
+            ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a command was refused or failed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Error {
+    /// No such session for the caller (another tenant's is reported the same way).
+    #[error("{0}")]
+    SessionNotFound(String),
+    /// No such pool.
+    #[error("no pool {0:?}")]
+    PoolNotFound(String),
+    /// No such file in the session.
+    #[error("no file {0:?} in the session")]
+    FileNotFound(String),
+    /// The pool holds its maximum of sessions.
+    #[error("pool {pool:?} is at its maximum of {max} sessions")]
+    PoolFull {
+        /// The pool.
+        pool: String,
+        /// Its maximum.
+        max: usize,
+    },
+    /// The tenant holds its maximum of sessions.
+    #[error("this tenant is at its maximum of {max} sessions")]
+    TenantFull {
+        /// The tenant's maximum.
+        max: usize,
+    },
+    /// The tenant started its executions of the minute.
+    #[error("this tenant may start {max} executions per minute")]
+    RateLimited {
+        /// Executions per minute.
+        max: u32,
+        /// Seconds until one more may start.
+        retry_after_s: u64,
+    },
+    /// The tenant may not use the pool.
+    #[error("this tenant may not use pool {0:?}")]
+    PoolNotAllowed(String),
+    /// The tenant may not use the language.
+    #[error("this tenant may not use {0}")]
+    LanguageNotAllowed(Language),
+    /// The requested timeout is above the tenant's maximum.
+    #[error("this tenant may ask for at most {max} seconds")]
+    TimeoutNotAllowed {
+        /// The tenant's maximum, in seconds.
+        max: f64,
+    },
+    /// The request is malformed (an identifier, a timeout, a language, a body).
+    #[error("{0}")]
+    Invalid(String),
+    /// A file path that is not below `/mnt/data`.
+    #[error("{0}")]
+    InvalidPath(String),
+    /// A path through a link.
+    #[error("{0}")]
+    LinkRefused(String),
+    /// A path that names no regular file.
+    #[error("{0}")]
+    NotAFile(String),
+    /// A file larger than allowed.
+    #[error("the upload is larger than the {max}-byte limit")]
+    PayloadTooLarge {
+        /// The limit, in bytes.
+        max: u64,
+    },
+    /// The session's disk is full.
+    #[error("no space left in the session's files")]
+    NoSpace,
+    /// The sandbox could not be started or stopped answering.
+    #[error("{0}")]
+    SandboxUnavailable(String),
+    /// The server is shutting down.
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    /// The server keeps no audit log, so there is nothing to query.
+    #[error("this server keeps no audit log")]
+    NoAuditLog,
+    /// A bug or a broken host; the detail was logged when the error was made.
+    #[error("internal error (see the server log)")]
+    Internal,
+}
+
+impl Error {
+    /// The stable code.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Error::SessionNotFound(_) => ErrorCode::SessionNotFound,
+            Error::PoolNotFound(_) => ErrorCode::PoolNotFound,
+            Error::FileNotFound(_) => ErrorCode::FileNotFound,
+            Error::PoolFull { .. } => ErrorCode::PoolFull,
+            Error::TenantFull { .. } => ErrorCode::TenantFull,
+            Error::RateLimited { .. } => ErrorCode::RateLimited,
+            Error::PoolNotAllowed(_) => ErrorCode::PoolNotAllowed,
+            Error::LanguageNotAllowed(_) => ErrorCode::LanguageNotAllowed,
+            Error::TimeoutNotAllowed { .. } => ErrorCode::TimeoutNotAllowed,
+            Error::Invalid(_) => ErrorCode::InvalidRequest,
+            Error::InvalidPath(_) => ErrorCode::InvalidPath,
+            Error::LinkRefused(_) => ErrorCode::LinkRefused,
+            Error::NotAFile(_) => ErrorCode::NotAFile,
+            Error::PayloadTooLarge { .. } => ErrorCode::PayloadTooLarge,
+            Error::NoSpace => ErrorCode::NoSpace,
+            Error::SandboxUnavailable(_) => ErrorCode::SandboxUnavailable,
+            Error::ShuttingDown => ErrorCode::ShuttingDown,
+            Error::NoAuditLog => ErrorCode::NotFound,
+            Error::Internal => ErrorCode::Internal,
+        }
+    }
+
+    /// Seconds after which the command may succeed, when the refusal says.
+    pub fn retry_after_s(&self) -> Option<u64> {
+        match self {
+            Error::RateLimited { retry_after_s, .. } => Some(*retry_after_s),
+            _ => None,
+        }
+    }
+
+    /// Whether this is a refusal by a quota or policy (counted, logged and audited as
+    /// `refused`), rather than a missing thing or a failure.
+    pub fn is_policy(&self) -> bool {
+        matches!(
+            self,
+            Error::PoolFull { .. }
+                | Error::TenantFull { .. }
+                | Error::RateLimited { .. }
+                | Error::PoolNotAllowed(_)
+                | Error::LanguageNotAllowed(_)
+                | Error::TimeoutNotAllowed { .. }
+        )
+    }
+
+    /// Logs `detail` (which may hold internals) and answers a bare internal error.
+    pub fn internal(detail: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %detail, "internal error");
+        Error::Internal
+    }
+
+    /// A malformed request.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Error::Invalid(message.into())
+    }
+
+    /// No such session.
+    pub fn session_not_found() -> Self {
+        Error::SessionNotFound("no such session".into())
+    }
+}
+
+impl From<crate::engine::EngineError> for Error {
+    fn from(e: crate::engine::EngineError) -> Self {
+        use crate::engine::EngineError;
+        match e {
+            EngineError::Closed => {
+                Error::SessionNotFound("the session ended while the request was running".into())
+            }
+            other => {
+                tracing::warn!(error = %other, "sandbox engine");
+                Error::SandboxUnavailable("the sandbox could not run the request; try again".into())
+            }
+        }
+    }
+}
+
+impl From<ampoule_runtime::scratch::FileError> for Error {
+    fn from(e: ampoule_runtime::scratch::FileError) -> Self {
+        use ampoule_runtime::scratch::FileError;
+        match e {
+            FileError::Invalid(msg) => Error::InvalidPath(msg),
+            FileError::NotFound(p) => Error::FileNotFound(p),
+            e @ FileError::Link(_) => Error::LinkRefused(e.to_string()),
+            e @ FileError::NotAFile(_) => Error::NotAFile(e.to_string()),
+            FileError::NoSpace => Error::NoSpace,
+            e @ FileError::Io { .. } => Error::internal(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_refusal_has_its_code_and_retry_after() {
+        let e = Error::RateLimited {
+            max: 3,
+            retry_after_s: 7,
+        };
+        assert_eq!(e.code().as_str(), "rate_limited");
+        assert_eq!(e.retry_after_s(), Some(7));
+        assert!(e.is_policy());
+        assert_eq!(
+            e.to_string(),
+            "this tenant may start 3 executions per minute"
+        );
+        assert_eq!(
+            Error::PoolNotAllowed("x".into()).code(),
+            ErrorCode::PoolNotAllowed
+        );
+        assert!(!Error::session_not_found().is_policy());
+    }
+}

@@ -1,0 +1,39 @@
+//! The ampoule core service: what every front door calls.
+//!
+//! A door (the native `/v1` API, the ACA-compatible API, MCP; all in `ampoule-server`)
+//! authenticates a request to a [`Caller`], parses it into one command of [`service`]
+//! (`execute`, `create_session`, `put_file`, …) and translates the answer or the [`Error`]
+//! into its own dialect. The core owns the order of the policy checks (identifier, pool,
+//! language, timeout, rate limit, admission, then creation), the session table and its warm
+//! stock ([`manager`]), the tenants' quotas ([`quota`]) and the audit records; it knows no
+//! HTTP and imports no door. Sessions come from an [`engine::Engine`]: the real one (in
+//! `ampoule-server`) runs interpreters in sandboxes; the [`fake`] one (feature `fake`) runs a
+//! toy language on a temporary directory so the core and the doors are tested without root.
+//! What the core does is reported to an [`observer::Observer`] (the server's metrics).
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod engine;
+pub mod error;
+#[cfg(any(test, feature = "fake"))]
+pub mod fake;
+pub mod files;
+pub mod manager;
+pub mod observer;
+pub mod quota;
+pub mod service;
+pub mod settings;
+#[cfg(test)]
+mod tests;
+
+pub use ampoule_runtime::scratch::FileInfo;
+pub use engine::{Engine, LiveSession, PoolNetwork, PoolSpec, ZygoteHealth};
+pub use error::{Error, ErrorCode};
+pub use files::ByteStream;
+pub use manager::{Manager, PoolStatus};
+pub use observer::{NoObserver, Observer};
+pub use service::{
+    AuditQuery, Caller, CreateSession, Download, ExecuteCommand, Executed, Outcome, PutFile,
+    SessionInfo, Streaming, Target, check_identifier,
+};
+pub use settings::{Audit, AuditPolicy, PoolSettings, TenantLimits};
