@@ -5,8 +5,9 @@
 //! - stdio: `ampoule mcp --url` talking to that server, and `ampoule mcp` alone, running its
 //!   own sandboxes.
 //!
-//! Needs root (real sandboxes); as another user it says why and passes. In CI, or when
-//! `AMPOULE_CLIENT_VENV` is set, a missing venv fails the test. Only 127.0.0.1 is bound.
+//! Needs root (real sandboxes); as another user the trial is reported as ignored, with the
+//! reason, as it is outside CI without `AMPOULE_CLIENT_VENV`. In CI, or when the variable is
+//! set, a missing venv fails the test. Only 127.0.0.1 is bound.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{BufRead, BufReader};
@@ -146,16 +147,9 @@ fn smoke(venv: &Path, args: &[&str]) {
     );
 }
 
-#[test]
 fn mcp_over_streamable_http_and_stdio() {
-    if !is_root() {
-        eprintln!("skipped: the MCP end-to-end test runs sandboxes and needs root");
-        return;
-    }
-    let Some(venv) = client_venv() else {
-        eprintln!("skipped: set AMPOULE_CLIENT_VENV to a venv with the `mcp` package");
-        return;
-    };
+    // `main` ignores the trial when the variable is unset outside CI.
+    let venv = client_venv().expect("AMPOULE_CLIENT_VENV is set");
     let tmp = tempfile::tempdir().unwrap();
     let config = tmp.path().join("ampoule.toml");
     std::fs::write(
@@ -184,4 +178,25 @@ fn mcp_over_streamable_http_and_stdio() {
     // stdio, running its own sandboxes (the SDK starts it with a minimal environment: no
     // AMPOULE_URL reaches it).
     smoke(&venv, &["stdio", bin, "mcp"]);
+}
+
+fn main() {
+    let args = libtest_mimic::Arguments::from_args();
+    let skip = if !is_root() {
+        Some("the MCP end-to-end test runs sandboxes and needs root")
+    } else if std::env::var_os("AMPOULE_CLIENT_VENV").is_none() && std::env::var_os("CI").is_none()
+    {
+        Some("set AMPOULE_CLIENT_VENV to a venv with the `mcp` package")
+    } else {
+        None
+    };
+    if let Some(why) = skip {
+        eprintln!("mcp_over_streamable_http_and_stdio: ignored: {why}");
+    }
+    let trial = libtest_mimic::Trial::test("mcp_over_streamable_http_and_stdio", || {
+        mcp_over_streamable_http_and_stdio();
+        Ok(())
+    })
+    .with_ignored_flag(skip.is_some());
+    libtest_mimic::run(&args, vec![trial]).exit();
 }
