@@ -4,10 +4,12 @@
 //! (docs/BENCHMARKS.md records the figures of a full release run).
 //!
 //! Needs root (the bench starts `ampoule serve` with real sandboxes) and the session Python
-//! environment (`ampoule setup`); without root it prints why and returns early.
+//! environment (`ampoule setup`); without root it is reported as ignored, with the reason (and
+//! the refusal without root is ignored as root, where there is none to see).
 
 use std::process::Command;
 
+use libtest_mimic::{Arguments, Trial};
 use serde_json::Value;
 
 fn is_root() -> bool {
@@ -36,12 +38,7 @@ fn check_stat(name: &str, s: &Value) {
     );
 }
 
-#[test]
 fn quick_bench_reports_every_section() {
-    if !is_root() {
-        eprintln!("quick_bench_reports_every_section: skipped: ampoule bench needs root");
-        return;
-    }
     let out = Command::new(env!("CARGO_BIN_EXE_ampoule"))
         .args(["bench", "--quick", "--json"])
         .output()
@@ -100,12 +97,7 @@ fn quick_bench_reports_every_section() {
     }
 }
 
-#[test]
 fn bench_refuses_without_root() {
-    if is_root() {
-        // As root there is no refusal to see.
-        return;
-    }
     let out = Command::new(env!("CARGO_BIN_EXE_ampoule"))
         .args(["bench", "--quick"])
         .output()
@@ -116,4 +108,34 @@ fn bench_refuses_without_root() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+fn main() {
+    let args = Arguments::from_args();
+    let root = is_root();
+    let trials = [
+        (
+            "quick_bench_reports_every_section",
+            quick_bench_reports_every_section as fn(),
+            (!root).then_some("ampoule bench needs root"),
+        ),
+        (
+            "bench_refuses_without_root",
+            bench_refuses_without_root,
+            root.then_some("as root there is no refusal to see"),
+        ),
+    ]
+    .into_iter()
+    .map(|(name, body, skip)| {
+        if let Some(why) = skip {
+            eprintln!("{name}: ignored: {why}");
+        }
+        Trial::test(name, move || {
+            body();
+            Ok(())
+        })
+        .with_ignored_flag(skip.is_some())
+    })
+    .collect();
+    libtest_mimic::run(&args, trials).exit();
 }
