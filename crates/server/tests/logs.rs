@@ -1,5 +1,6 @@
 //! JSON logs (`--log-format json`): the lines of a request carry its request id, its
-//! session id and its execution id, the same execution id as its audit record.
+//! session id and its execution id, the same execution id as its audit record and its `/v1`
+//! result (`execution_id`), by which `GET /v1/audit?execution=` finds the record.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::Write;
@@ -105,6 +106,24 @@ async fn json_lines_carry_request_session_and_execution_ids() {
         .await
         .unwrap();
     let exe = page.records[0].record.execution.clone().unwrap();
+    assert_eq!(r["execution_id"], exe.as_str(), "the /v1 result's id: {r}");
+    assert_eq!(
+        page.records[0].record.request_id.as_deref(),
+        Some("req-exec-1")
+    );
+    let req = Request::builder()
+        .uri(format!("/v1/audit?execution={exe}"))
+        .header("authorization", format!("Bearer {A}"))
+        .body(Body::empty())
+        .unwrap();
+    let resp = app.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let found: Value = serde_json::from_slice(&bytes).unwrap();
+    let found = found["records"].as_array().unwrap();
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0]["execution"], exe.as_str());
+    assert_eq!(found[0]["kind"], "execution");
 
     let out = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
     let lines: Vec<Value> = out
