@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod caller;
 pub mod engine;
 pub mod error;
 #[cfg(any(test, feature = "fake"))]
@@ -27,13 +28,14 @@ pub mod settings;
 mod tests;
 
 pub use ampoule_runtime::scratch::FileInfo;
+pub use caller::Caller;
 pub use engine::{Engine, LiveSession, PoolNetwork, PoolSpec, ZygoteHealth};
 pub use error::{Error, ErrorCode};
 pub use files::ByteStream;
 pub use manager::{Manager, PoolStatus};
 pub use observer::{NoObserver, Observer};
 pub use service::{
-    AuditQuery, Caller, CreateSession, Download, ExecuteCommand, Executed, Outcome, PutFile,
-    SessionInfo, Streaming, Target, check_identifier,
+    AuditQuery, CreateSession, Download, ExecuteCommand, Executed, Outcome, PutFile, SessionInfo,
+    Streaming, Target, check_identifier,
 };
 pub use settings::{Audit, AuditPolicy, PoolSettings, TenantLimits};

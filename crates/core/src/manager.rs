@@ -1,6 +1,6 @@
 //! The session manager: pools, live sessions, warm sessions, limits, expiry and shutdown.
 //!
-//! The doors never call these steps: they call the commands of [`crate::service`], which
+//! The doors never call these steps: they call the commands (`service.rs`), which
 //! arrange them in the one policy order. This module owns:
 //! - the session table, keyed by `(tenant, pool, identifier)` and by session id. A session is
 //!   pinned to the tenant that created it: every lookup takes the tenant, and another
@@ -28,7 +28,7 @@ use ampoule_audit::{Kind, Record};
 use ampoule_types::ExecutionResult;
 use tokio::sync::{Notify, OnceCell};
 
-use crate::Caller;
+use crate::caller::Caller;
 use crate::engine::{Engine, EventSender, ExecRequest, LiveSession};
 use crate::error::Error;
 use crate::observer::Observer;
@@ -197,7 +197,7 @@ pub struct PoolStatus {
 }
 
 /// The core service (cheap to clone): the session manager, whose commands are in
-/// [`crate::service`].
+/// `service.rs`.
 #[derive(Clone)]
 pub struct Manager {
     inner: Arc<Inner>,
