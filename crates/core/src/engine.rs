@@ -37,6 +37,12 @@ pub struct PoolSpec {
     /// Fork sessions from a zygote that imported these modules (Python pools); `None`: start
     /// every session from scratch.
     pub zygote: Option<Vec<String>>,
+    /// The one tenant whose keys may use the pool, when there is only one: warm stock is then
+    /// that tenant's (forked from its zygote). With several, each tenant's sessions fork from
+    /// a zygote of its own and warm stock starts cold (nothing in it is shared with a tenant).
+    pub sole_tenant: Option<String>,
+    /// Most live sessions of the pool (the budget of its zygotes' cgroups).
+    pub max_sessions: usize,
 }
 
 /// The state of one pool's zygote, for `/metrics` and `/v1/pools`.
@@ -52,6 +58,12 @@ pub struct ZygoteHealth {
     pub fork_failures: u64,
     /// Zygotes started after the first (recycled or dead).
     pub restarts: u64,
+    /// Zygotes running (one per tenant whose sessions the pool forks).
+    pub running: u64,
+    /// The memory budget of each zygote's cgroup, in bytes (derived from `max_sessions`).
+    pub memory_budget_bytes: u64,
+    /// The process budget of each zygote's cgroup.
+    pub pids_budget: u64,
 }
 
 /// A pool's network policy, as configured and compiled (`[pools.NAME.network]`).

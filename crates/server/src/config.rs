@@ -354,6 +354,28 @@ impl Config {
         )
     }
 
+    /// The one tenant whose keys may use `pool`, if only one may: the tenants of
+    /// `[[auth.keys]]` (or the generated key's) whose policy allows the pool.
+    fn sole_tenant(&self, pool: &str) -> Option<String> {
+        let quotas = self.quotas();
+        let mut tenants: Vec<&str> = self.auth.keys.iter().map(|k| k.tenant.as_str()).collect();
+        if tenants.is_empty() {
+            tenants.push(GENERATED_TENANT);
+        }
+        tenants.sort_unstable();
+        tenants.dedup();
+        tenants.retain(|t| {
+            let allowed = &quotas.policy(t).pools;
+            allowed
+                .as_ref()
+                .is_none_or(|ps| ps.iter().any(|p| p == pool))
+        });
+        match tenants.as_slice() {
+            [one] => Some((*one).to_owned()),
+            _ => None,
+        }
+    }
+
     /// The pools, with defaults applied (one `python` pool when none is configured).
     pub fn pool_settings(&self) -> Result<BTreeMap<String, PoolSettings>, String> {
         let mut pools = self.pools.clone();
@@ -416,6 +438,7 @@ impl Config {
                     .map(|s| (*s).to_owned())
                     .collect()
             });
+            let sole_tenant = self.sole_tenant(&name);
             out.insert(
                 name.clone(),
                 PoolSettings {
@@ -425,6 +448,8 @@ impl Config {
                         limits,
                         network,
                         zygote: zygote.then_some(preload),
+                        sole_tenant,
+                        max_sessions: p.max_sessions,
                     },
                     warm: p.warm,
                     max_sessions: p.max_sessions,

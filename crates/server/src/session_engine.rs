@@ -9,7 +9,14 @@
 //! Pools with a network ([`PoolSpec::network`]) get sessions wired to their own egress gateway
 //! ([`Session::start_with`]); the engine holds the server's one [`Egress`] (pins, CA) for them.
 //!
-//! Python pools fork their sessions from a zygote, one per pool. It is replaced in the
+//! Python pools fork their sessions from zygotes, one per pool and tenant: two tenants' sessions
+//! never share an interpreter's randomness (CPython's string-hash secret, the address-space
+//! layout), which a forked child keeps from its zygote. The pool's sole tenant, when only one
+//! may use it ([`PoolSpec::sole_tenant`]), has its zygote started with the pool, and warm stock
+//! is forked from it; in a pool several tenants share, a tenant's zygote starts in the
+//! background on its first session (started cold meanwhile), warm stock starts cold, at most
+//! [`MAX_TENANT_ZYGOTES`] run per pool, and one that has forked nothing for [`ZYGOTE_IDLE`] is
+//! let go (it ends with the last session it forked). Each zygote is replaced in the
 //! background, the old one serving until the new one is ready, after [`RECYCLE_FORKS`] forks,
 //! after [`RECYCLE_AGE`], or when the Python environment on disk no longer matches the one it
 //! started from (packages installed or upgraded since: its imports are stale), which is
@@ -45,6 +52,11 @@ const ENV_CHECK_EVERY: Duration = Duration::from_secs(1);
 /// After a zygote failed to start, sessions start cold for this long before it is retried.
 const RETRY_AFTER: Duration = Duration::from_secs(60);
 
+/// Most zygotes of one pool (one per tenant); a tenant beyond them gets cold sessions.
+const MAX_TENANT_ZYGOTES: usize = 8;
+/// A zygote of a pool several tenants share that has forked nothing for this long is let go.
+const ZYGOTE_IDLE: Duration = Duration::from_secs(600);
+
 /// The `reason` of a zygote replaced because its Python environment changed.
 const PACKAGES_CHANGED: &str = "packages changed";
 
@@ -78,16 +90,19 @@ fn env_fingerprint(pool: &str) -> Option<EnvFingerprint> {
 /// at the next check.
 async fn launch(
     host: &Host,
-    pool: &str,
+    key: &ZygoteKey,
     preload: &[String],
+    max_children: usize,
 ) -> (ampoule_session::Result<Zygote>, Option<EnvFingerprint>) {
+    let pool = key.pool.as_str();
     let env = env_fingerprint(pool);
     let begun = Instant::now();
-    let started = ampoule_session::zygote::start_python(host, preload).await;
+    let started = ampoule_session::zygote::start_python(host, preload, max_children as u64).await;
     if let Ok(z) = &started {
         let info = z.info();
         tracing::info!(
             pool,
+            tenant = %key.tenant,
             runtime = %info.runtime,
             preloaded = ?info.preloaded,
             failed = ?info.failed,
@@ -113,13 +128,35 @@ async fn launch(
 pub struct SessionEngine {
     host: Arc<Host>,
     egress: Option<Egress>,
-    zygotes: std::sync::Mutex<HashMap<String, Arc<Mutex<PoolZygote>>>>,
+    zygotes: std::sync::Mutex<HashMap<ZygoteKey, Arc<Mutex<PoolZygote>>>>,
 }
 
-/// One pool's zygote: the current one, and its figures.
+/// Whose zygote: a pool's, for one tenant.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct ZygoteKey {
+    pool: String,
+    tenant: String,
+}
+
+/// Why a session is not forked.
+#[derive(Debug)]
+enum NoZygote {
+    /// The tenant's zygote is starting (in the background); the session starts cold.
+    Starting,
+    /// The pool already runs its most zygotes, for other tenants.
+    Full,
+    /// It cannot be had (logged as a warning).
+    Failed(String),
+}
+
+/// One tenant's zygote of a pool: the current one, and its figures.
 #[derive(Debug, Default)]
 struct PoolZygote {
     current: Option<Zygote>,
+    /// When `current` last forked (or started): what lets an idle one go.
+    last_used: Option<Instant>,
+    /// Its cgroup's memory (MiB) and process budget.
+    budget: (u64, u64),
     /// The Python environment `current` started from.
     env: Option<EnvFingerprint>,
     /// When `env` was last compared with the environment on disk.
@@ -135,6 +172,31 @@ struct PoolZygote {
 }
 
 impl PoolZygote {
+    /// Makes a freshly started zygote the current one (or notes that it failed).
+    fn install(
+        &mut self,
+        started: ampoule_session::Result<Zygote>,
+        env: Option<EnvFingerprint>,
+        key: &ZygoteKey,
+    ) -> Option<(Zygote, Arc<AtomicBool>)> {
+        match started {
+            Ok(z) => {
+                self.failed_at = None;
+                self.started += 1;
+                self.current = Some(z.clone());
+                self.last_used = Some(Instant::now());
+                self.env = env;
+                self.outdated = Arc::default();
+                Some((z, self.outdated.clone()))
+            }
+            Err(e) => {
+                self.failed_at = Some(Instant::now());
+                tracing::warn!(pool = %key.pool, tenant = %key.tenant, error = %chain(&e), "the zygote did not start");
+                None
+            }
+        }
+    }
+
     /// Whether the Python environment on disk (`on_disk`, normally
     /// [`ampoule_session::zygote::python_env_fingerprint`]) differs from the one the current
     /// zygote started from; false without looking when it was compared less than
@@ -174,24 +236,61 @@ impl SessionEngine {
         }
     }
 
-    fn pool_zygote(&self, pool: &str) -> Arc<Mutex<PoolZygote>> {
+    /// The entry of `key`'s zygote (made empty when missing), or `None` when the pool has
+    /// [`MAX_TENANT_ZYGOTES`] zygotes of other tenants. Idle zygotes of the pool's other
+    /// tenants are let go on the way (not the sole tenant's).
+    fn pool_zygote(&self, key: &ZygoteKey, sole: Option<&str>) -> Option<Arc<Mutex<PoolZygote>>> {
         let mut map = self
             .zygotes
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        map.entry(pool.to_owned()).or_default().clone()
+        if let Some(entry) = map.get(key) {
+            return Some(entry.clone());
+        }
+        let mut running = 0;
+        for (k, entry) in map.iter() {
+            if k.pool != key.pool {
+                continue;
+            }
+            // A zygote that is starting or forking is busy, not idle.
+            let Ok(mut g) = entry.try_lock() else {
+                running += 1;
+                continue;
+            };
+            let idle = g.last_used.is_some_and(|t| t.elapsed() >= ZYGOTE_IDLE);
+            if idle && !g.replacing && Some(k.tenant.as_str()) != sole {
+                // Its sessions keep it alive until they end.
+                g.current = None;
+                g.last_used = None;
+                tracing::info!(pool = %k.pool, tenant = %k.tenant, "idle zygote let go");
+            }
+            if g.current.is_some() || g.replacing {
+                running += 1;
+            }
+        }
+        if running >= MAX_TENANT_ZYGOTES {
+            return None;
+        }
+        Some(map.entry(key.clone()).or_default().clone())
     }
 
-    /// The pool's running zygote, started when there is none (or it died); a zygote due for
-    /// recycling keeps serving while its replacement starts in the background.
+    /// `key`'s running zygote, started when there is none (or it died): here, when
+    /// `wait`, else in the background (the caller starts its session cold meanwhile). A zygote
+    /// due for recycling keeps serving while its replacement starts in the background.
     /// Returns it with its [`PoolZygote::outdated`] flag.
     async fn zygote(
         &self,
         spec: &PoolSpec,
+        key: &ZygoteKey,
         preload: &[String],
-    ) -> Result<(Zygote, Arc<AtomicBool>), String> {
-        let entry = self.pool_zygote(&spec.name);
+        wait: bool,
+    ) -> Result<(Zygote, Arc<AtomicBool>), NoZygote> {
+        let entry = self
+            .pool_zygote(key, spec.sole_tenant.as_deref())
+            .ok_or(NoZygote::Full)?;
         let mut g = entry.lock().await;
+        g.last_used = Some(Instant::now());
+        g.budget = ampoule_session::zygote::zygote_budget(spec.max_sessions as u64);
         if let Some(z) = g.current.clone() {
             if z.is_alive() {
                 let reason = if g.replacing {
@@ -207,17 +306,18 @@ impl SessionEngine {
                     g.replacing = true;
                     let (entry, host, preload) =
                         (entry.clone(), self.host.clone(), preload.to_vec());
-                    let pool = spec.name.clone();
+                    let (key, budget) = (key.clone(), spec.max_sessions);
+                    let pool = key.pool.clone();
                     let replaced = z.clone();
                     // A worker thread, which outlives the zygote (see ampoule_runtime::sandbox).
                     tokio::spawn(async move {
-                        let (fresh, env) = launch(&host, &pool, &preload).await;
+                        let (fresh, env) = launch(&host, &key, &preload, budget).await;
                         let mut g = entry.lock().await;
                         g.replacing = false;
                         match fresh {
-                            // The one it replaces died meanwhile and was restarted on a
-                            // request's way: that one stays, this one goes.
-                            Ok(z) if !g.current.as_ref().is_some_and(|c| c.is(&replaced)) => {
+                            // The one it replaces died meanwhile and another was started on
+                            // a request's way: that one stays, this one goes.
+                            Ok(z) if g.current.as_ref().is_some_and(|c| !c.is(&replaced)) => {
                                 drop(g);
                                 z.close().await;
                             }
@@ -229,7 +329,7 @@ impl SessionEngine {
                                 if reason == PACKAGES_CHANGED {
                                     old.store(true, Ordering::SeqCst);
                                 }
-                                tracing::info!(pool, reason, "zygote recycled");
+                                tracing::info!(pool, tenant = %key.tenant, reason, "zygote recycled");
                             }
                             Err(e) => {
                                 tracing::warn!(pool, reason, error = %chain(&e), "zygote recycling failed")
@@ -239,45 +339,62 @@ impl SessionEngine {
                 }
                 return Ok((z, g.outdated.clone()));
             }
-            tracing::warn!(pool = %spec.name, "zygote died; starting another");
+            tracing::warn!(pool = %spec.name, tenant = %key.tenant, "zygote died; starting another");
             g.current = None;
         }
+        if g.replacing {
+            return Err(NoZygote::Starting);
+        }
         if g.failed_at.is_some_and(|t| t.elapsed() < RETRY_AFTER) {
-            return Err("the zygote failed to start recently".into());
+            return Err(NoZygote::Failed(
+                "the zygote failed to start recently".into(),
+            ));
         }
-        let (started, env) = launch(&self.host, &spec.name, preload).await;
-        match started {
-            Ok(z) => {
-                g.failed_at = None;
-                g.started += 1;
-                g.current = Some(z.clone());
-                g.env = env;
-                g.outdated = Arc::default();
-                Ok((z, g.outdated.clone()))
-            }
-            Err(e) => {
-                g.failed_at = Some(Instant::now());
-                Err(chain(&e))
-            }
+        if !wait {
+            g.replacing = true;
+            let (entry, host, preload) = (entry.clone(), self.host.clone(), preload.to_vec());
+            let (key, budget) = (key.clone(), spec.max_sessions);
+            // A worker thread, which outlives the zygote (see ampoule_runtime::sandbox).
+            tokio::spawn(async move {
+                let (started, env) = launch(&host, &key, &preload, budget).await;
+                let mut g = entry.lock().await;
+                g.replacing = false;
+                g.install(started, env, &key);
+            });
+            return Err(NoZygote::Starting);
         }
+        let (started, env) = launch(&self.host, key, preload, spec.max_sessions).await;
+        g.install(started, env, key)
+            .ok_or_else(|| NoZygote::Failed("the zygote did not start".into()))
     }
 
-    /// A session forked from the pool's zygote with the zygote's `outdated` flag, or `None`
-    /// (with the reason logged) when the pool must fall back to a cold start.
+    /// A session for `tenant` (`None`: warm stock) forked from its zygote, with the zygote's
+    /// `outdated` flag, or `None` (with the reason logged) when it must start cold instead.
     async fn start_forked(
         &self,
         spec: &PoolSpec,
+        tenant: Option<&str>,
         preload: &[String],
     ) -> Option<(Session, Arc<AtomicBool>)> {
-        let (zygote, outdated) = match self.zygote(spec, preload).await {
+        // Warm stock is forked only where it can go to one tenant alone.
+        let key = ZygoteKey {
+            pool: spec.name.clone(),
+            tenant: tenant.or(spec.sole_tenant.as_deref())?.to_owned(),
+        };
+        let sole = spec.sole_tenant.as_deref() == Some(key.tenant.as_str());
+        let (zygote, outdated) = match self.zygote(spec, &key, preload, sole).await {
             Ok(z) => z,
+            Err(NoZygote::Failed(why)) => {
+                tracing::warn!(pool = %spec.name, tenant = %key.tenant, %why, "no zygote: starting the session cold");
+                return None;
+            }
             Err(why) => {
-                tracing::warn!(pool = %spec.name, %why, "no zygote: starting the session cold");
+                tracing::debug!(pool = %spec.name, tenant = %key.tenant, ?why, "no zygote yet: starting the session cold");
                 return None;
             }
         };
         let outcome = Session::start_forked(&self.host, &zygote, spec.limits.clone()).await;
-        let entry = self.pool_zygote(&spec.name);
+        let entry = self.pool_zygote(&key, spec.sole_tenant.as_deref())?;
         let mut g = entry.lock().await;
         match outcome {
             Ok(session) => {
@@ -319,10 +436,17 @@ impl Engine for SessionEngine {
             tracing::info!(pool = %spec.name, "not root: sessions start cold (zygotes need root)");
             return;
         }
-        if let (Some(preload), None) = (&spec.zygote, &spec.network)
-            && let Err(why) = self.zygote(spec, preload).await
+        // The sole tenant's zygote now; several tenants' each on its first session.
+        if let (Some(preload), None, Some(tenant)) =
+            (&spec.zygote, &spec.network, &spec.sole_tenant)
         {
-            tracing::warn!(pool = %spec.name, %why, "no zygote: sessions start cold");
+            let key = ZygoteKey {
+                pool: spec.name.clone(),
+                tenant: tenant.clone(),
+            };
+            if let Err(why) = self.zygote(spec, &key, preload, true).await {
+                tracing::warn!(pool = %spec.name, ?why, "no zygote: sessions start cold");
+            }
         }
     }
 
@@ -335,9 +459,10 @@ impl Engine for SessionEngine {
         spec: &PoolSpec,
         tenant: Option<&str>,
     ) -> Result<Box<dyn LiveSession>, EngineError> {
-        let _ = tenant;
         let forked = match (&spec.zygote, &spec.network) {
-            (Some(preload), None) if self.host.privileged => self.start_forked(spec, preload).await,
+            (Some(preload), None) if self.host.privileged => {
+                self.start_forked(spec, tenant, preload).await
+            }
             _ => None,
         };
         let (session, outdated) = match (forked, &spec.network) {
@@ -387,19 +512,25 @@ impl SessionEngine {
             .zygotes
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        map.iter()
-            .filter_map(|(pool, entry)| {
-                // Never wait for a pool that is starting its zygote: report it next time.
-                let g = entry.try_lock().ok()?;
-                Some(ZygoteHealth {
-                    pool: pool.clone(),
-                    up: g.current.as_ref().is_some_and(Zygote::is_alive),
-                    forks: g.forks,
-                    fork_failures: g.fork_failures,
-                    restarts: g.started.saturating_sub(1),
-                })
-            })
-            .collect()
+        // One line per pool, over its tenants' zygotes.
+        let mut pools: std::collections::BTreeMap<&str, ZygoteHealth> = Default::default();
+        for (key, entry) in map.iter() {
+            // Never wait for a zygote that is starting: report it next time.
+            let Ok(g) = entry.try_lock() else { continue };
+            let h = pools.entry(&key.pool).or_insert_with(|| ZygoteHealth {
+                pool: key.pool.clone(),
+                ..ZygoteHealth::default()
+            });
+            let up = g.current.as_ref().is_some_and(Zygote::is_alive);
+            h.up |= up;
+            h.running += u64::from(up);
+            h.memory_budget_bytes = h.memory_budget_bytes.max(g.budget.0 << 20);
+            h.pids_budget = h.pids_budget.max(g.budget.1);
+            h.forks += g.forks;
+            h.fork_failures += g.fork_failures;
+            h.restarts += g.started.saturating_sub(1);
+        }
+        pools.into_values().collect()
     }
 }
 
