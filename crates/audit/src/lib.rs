@@ -14,6 +14,8 @@
 //! remaining chain starts from.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+// A library prints nothing: the CLI's printer owns stdout and stderr.
+#![cfg_attr(not(test), deny(clippy::print_stdout, clippy::print_stderr))]
 
 mod error;
 mod record;

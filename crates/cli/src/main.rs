@@ -6,6 +6,7 @@
 
 mod audit;
 mod bench;
+mod printer;
 mod setup;
 
 use std::collections::BTreeMap;
@@ -189,7 +190,8 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         Some(path) => ampoule_server::Config::load(path)?,
         None => ampoule_server::Config::default(),
     };
-    ampoule_server::serve::serve(cfg, args.listen).await?;
+    ampoule_server::serve::serve(cfg, args.listen, std::sync::Arc::new(printer::serve_notice))
+        .await?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -13,6 +13,8 @@
 //! restart or a load balancer never loses an MCP client.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+// A library prints nothing: the CLI's printer owns stdout and stderr.
+#![cfg_attr(not(test), deny(clippy::print_stdout, clippy::print_stderr))]
 
 pub mod api;
 pub mod client;

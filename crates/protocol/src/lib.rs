@@ -31,6 +31,8 @@
 //! protocol streams to private descriptors at startup and reads fds 1 and 2 itself.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+// A library prints nothing: the CLI's printer owns stdout and stderr.
+#![cfg_attr(not(test), deny(clippy::print_stdout, clippy::print_stderr))]
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};

@@ -11,6 +11,8 @@
 //! Entry points: [`Host::detect`] once per process, [`Sandbox::spawn`] for a live sandbox,
 //! [`run::run`] for a one-shot execution, [`init::main`] as the in-sandbox side (called by the
 //! ampoule binary when started as `ampoule __sandbox-init`), [`doctor::run`] for diagnostics.
+// A library prints nothing: the CLI's printer owns stdout and stderr.
+#![cfg_attr(not(test), deny(clippy::print_stdout, clippy::print_stderr))]
 
 pub mod cgroup;
 mod channel;

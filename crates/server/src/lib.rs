@@ -13,6 +13,8 @@
 //! [`app`] builds the router (tested with `oneshot`, no socket); [`serve`] runs it.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+// A library prints nothing: the CLI's printer owns stdout and stderr.
+#![cfg_attr(not(test), deny(clippy::print_stdout, clippy::print_stderr))]
 
 pub mod aca;
 pub mod api;

@@ -2,12 +2,15 @@
 //! down gracefully.
 //!
 //! Start: orphaned sandboxes of an earlier run are swept, warm pools start filling, and when
-//! no key is configured a key is generated on first start and printed once. Stop (SIGTERM or
+//! no key is configured a key is generated on first start and shown once. What the operator
+//! must see (that key, the address, the shutdown) goes out as a [`Notice`]: this library
+//! prints nothing, the CLI's printer does. Stop (SIGTERM or
 //! SIGINT): new connections are refused, every session is closed (which ends running
 //! executions), in-flight responses get a short grace period, and nothing of any session is
 //! left on the host.
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,28 +24,72 @@ use ampoule_core::{Manager, TenantLimits};
 /// How long in-flight responses may take once shutdown has begun.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
-/// Resolves the API keys: the configured ones, else the generated one (printed once).
+/// What `ampoule serve` has to tell its operator, in the order it happens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Notice {
+    /// No key is configured, so one was generated: the operator must keep it, as it is shown
+    /// only this once (its SHA-256 is in `digest_file`).
+    GeneratedKey {
+        /// The key itself.
+        key: String,
+        /// The tenant it belongs to.
+        tenant: &'static str,
+        /// Where its digest is kept.
+        digest_file: PathBuf,
+    },
+    /// No key is configured; the one generated on an earlier start is in use.
+    UsingGeneratedKey {
+        /// Where its digest is kept.
+        digest_file: PathBuf,
+    },
+    /// `/metrics` is served, without a key, on its own listener.
+    Metrics {
+        /// Its address.
+        addr: String,
+    },
+    /// The API is served.
+    Listening {
+        /// `http://…` or `https://…`, with the port actually bound.
+        url: String,
+        /// Every pool's name.
+        pools: Vec<String>,
+        /// The pool used when a request names none.
+        default_pool: String,
+    },
+    /// SIGTERM or SIGINT arrived: every session is being closed.
+    ShuttingDown,
+}
+
+/// Where [`Notice`]s go (the CLI prints them).
+pub type Notify = Arc<dyn Fn(Notice) + Send + Sync>;
+
+/// The API keys the config names. Refuses a config that names none: a key generated then
+/// would never be shown ([`keys_noting`] generates and announces one).
 pub fn keys(cfg: &Config) -> Result<Keys, Error> {
+    if cfg.key_digests()?.is_empty() {
+        return Err(Error::Config(
+            "no [[auth.keys]] configured (keys_noting generates one)".into(),
+        ));
+    }
+    keys_noting(cfg, &|_| {})
+}
+
+/// Resolves the API keys: the configured ones, else the generated one, announced to `notify`.
+pub fn keys_noting(cfg: &Config, notify: &dyn Fn(Notice)) -> Result<Keys, Error> {
     let mut pairs = cfg.key_digests()?;
     if pairs.is_empty() {
         let dir = cfg.data_dir();
         let (digest, new_key) = config::generated_key(&dir)?;
-        match new_key {
-            Some(key) => {
-                // The key is data the operator must keep: stdout, once.
-                println!("{key}");
-                eprintln!(
-                    "ampoule: generated an API key for tenant {:?} (printed above, shown only \
-                     this once; its SHA-256 is in {})",
-                    config::GENERATED_TENANT,
-                    dir.join(config::GENERATED_KEY_FILE).display()
-                );
-            }
-            None => eprintln!(
-                "ampoule: using the API key generated on first start (SHA-256 in {})",
-                dir.join(config::GENERATED_KEY_FILE).display()
-            ),
-        }
+        let digest_file = dir.join(config::GENERATED_KEY_FILE);
+        notify(match new_key {
+            Some(key) => Notice::GeneratedKey {
+                key,
+                tenant: config::GENERATED_TENANT,
+                digest_file,
+            },
+            None => Notice::UsingGeneratedKey { digest_file },
+        });
         pairs.push((digest, config::GENERATED_TENANT.to_owned()));
     }
     Ok(Keys::new(pairs))
@@ -83,7 +130,7 @@ pub fn state(cfg: &Config, engine: Arc<dyn Engine>, keys: Keys) -> Result<AppSta
 /// `ampoule serve`: sweeps orphaned sandboxes, starts the real engine, serves until SIGTERM
 /// or SIGINT. Must run on a multi-thread runtime (sandboxes die with the thread that spawned
 /// them; worker threads live as long as the runtime).
-pub async fn serve(cfg: Config, listen: Option<String>) -> Result<(), Error> {
+pub async fn serve(cfg: Config, listen: Option<String>, notify: Notify) -> Result<(), Error> {
     let pools = cfg.pool_settings().map_err(Error::Config)?;
     // A pool whose runtime is missing would fail every session: say so now.
     for (name, p) in &pools {
@@ -91,7 +138,7 @@ pub async fn serve(cfg: Config, listen: Option<String>) -> Result<(), Error> {
             .and_then(|k| k.locate(&p.spec.limits))
             .map_err(|e| Error::Config(format!("pool {name}: {e}")))?;
     }
-    let keys = keys(&cfg)?;
+    let keys = keys_noting(&cfg, notify.as_ref())?;
     let host = ampoule_runtime::Host::detect().map_err(Error::Host)?;
     let swept = host.sweep_orphans();
     if swept > 0 {
@@ -110,7 +157,7 @@ pub async fn serve(cfg: Config, listen: Option<String>) -> Result<(), Error> {
         crate::session_engine::SessionEngine::new(Arc::new(host)).with_egress(cfg.egress()?),
     );
     let state = state(&cfg, engine, keys)?;
-    serve_with(&cfg, listen.as_deref(), state, signal()).await
+    serve_noting(&cfg, listen.as_deref(), state, signal(), notify).await
 }
 
 /// An error and its sources, `: `-separated.
@@ -246,6 +293,17 @@ pub async fn serve_with(
     state: AppState,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
+    serve_noting(cfg, listen, state, stop, Arc::new(|_| {})).await
+}
+
+/// [`serve_with`], telling `notify` where it listens and when it shuts down.
+pub async fn serve_noting(
+    cfg: &Config,
+    listen: Option<&str>,
+    state: AppState,
+    stop: impl Future<Output = ()> + Send + 'static,
+    notify: Notify,
+) -> Result<(), Error> {
     let addr = listen
         .map(str::to_owned)
         .or_else(|| cfg.server.listen.clone())
@@ -276,7 +334,7 @@ pub async fn serve_with(
                     async move { crate::metrics::response(&metrics, &m) }
                 }),
             );
-            eprintln!("ampoule: metrics on http://{addr}/metrics (no key)");
+            notify(Notice::Metrics { addr: addr.clone() });
             Some(tokio::spawn(async move {
                 if let Err(e) = axum::serve(tcp, router).await {
                     tracing::warn!(error = %e, "the metrics listener stopped");
@@ -292,9 +350,10 @@ pub async fn serve_with(
     let shutdown = {
         let manager = manager.clone();
         let signalled = signalled.clone();
+        let notify = notify.clone();
         async move {
             stop.await;
-            eprintln!("ampoule: shutting down, closing every session");
+            notify(Notice::ShuttingDown);
             signalled.notify_one();
             manager.shutdown().await;
         }
@@ -316,11 +375,11 @@ pub async fn serve_with(
         }
     };
     let scheme = if tls.is_some() { "https" } else { "http" };
-    eprintln!(
-        "ampoule: listening on {scheme}://{local} (pools: {}; default: {})",
-        pools.join(", "),
-        manager.default_pool()
-    );
+    notify(Notice::Listening {
+        url: format!("{scheme}://{local}"),
+        pools,
+        default_pool: manager.default_pool().to_owned(),
+    });
     let served = match tls {
         Some(tls) => {
             let listener = crate::tls::TlsListener::new(tcp, tls)

@@ -1096,6 +1096,70 @@ fn a_powershell_pool_without_pwsh_is_refused_at_start() {
     }
 }
 
+/// With no key configured, `ampoule serve` generates one on first start and prints it on
+/// stdout, once; it is the key that works, and the next start says it uses it without showing
+/// it again.
+fn a_generated_key_is_printed_once_and_works() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("ampoule.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\ndata_dir = \"{}\"\n[pools.python]\nwarm = 0\n",
+            tmp.path().join("data").display()
+        ),
+    )
+    .unwrap();
+    let mut first = Server::start(&config);
+    let stdout = first.child.stdout.take().unwrap();
+    // On a thread: a server that printed no key would block the read until it stops.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let key = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("no key on stdout")
+        .trim()
+        .to_owned();
+    assert!(!key.is_empty(), "no key on stdout");
+    let log = first.stderr.lock().unwrap().clone();
+    assert!(log.contains("generated an API key for tenant"), "{log}");
+    assert!(!log.contains(&key), "the key is on stderr: {log}");
+    let auth = bearer(&key);
+    let r = http(
+        first.port,
+        "GET",
+        "/v1/pools",
+        &[("Authorization", &auth)],
+        Payload::None,
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    first.stop();
+
+    let mut second = Server::start(&config);
+    let mut stdout = second.child.stdout.take().unwrap();
+    let log = second.stderr.lock().unwrap().clone();
+    assert!(
+        log.contains("using the API key generated on first start"),
+        "{log}"
+    );
+    let r = http(
+        second.port,
+        "GET",
+        "/v1/pools",
+        &[("Authorization", &auth)],
+        Payload::None,
+    );
+    assert_eq!(r.status, 200);
+    second.stop();
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).unwrap();
+    assert_eq!(rest, "", "the key was shown again");
+}
+
 /// Where PowerShell may be installed (the session crate's plug-in looks in the same places).
 const PWSH: [&str; 3] = [
     "/usr/bin/pwsh",
@@ -1135,6 +1199,11 @@ fn main() {
         trial(
             "zygotes_are_recycled_when_packages_change",
             zygotes_are_recycled_when_packages_change,
+            root,
+        ),
+        trial(
+            "a_generated_key_is_printed_once_and_works",
+            a_generated_key_is_printed_once_and_works,
             root,
         ),
         trial(

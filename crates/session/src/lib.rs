@@ -38,6 +38,8 @@
 //! the runtime over a private pipe.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+// A library prints nothing: the CLI's printer owns stdout and stderr.
+#![cfg_attr(not(test), deny(clippy::print_stdout, clippy::print_stderr))]
 
 pub mod doctor;
 pub mod error;

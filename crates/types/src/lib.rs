@@ -7,6 +7,8 @@
 //! server's generated document without making every user pay for `utoipa`.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+// A library prints nothing: the CLI's printer owns stdout and stderr.
+#![cfg_attr(not(test), deny(clippy::print_stdout, clippy::print_stderr))]
 
 use std::fmt;
 
