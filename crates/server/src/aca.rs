@@ -189,8 +189,8 @@ async fn handle(state: AppState, req: Request) -> Result<Response, ApiError> {
     let Some((pool, op)) = route(parts.uri.path(), family_b)? else {
         return Err(ApiError::new(ErrorCode::NotFound, "no such operation"));
     };
-    let tenant = state.keys.tenant(&parts.headers)?;
-    let caller = crate::auth::caller(tenant, &parts.extensions);
+    let key = state.keys.identify(&parts.headers)?;
+    let caller = crate::auth::caller(key, &parts.extensions);
     let pool = pool.unwrap_or_else(|| state.manager.default_pool().to_owned());
     state.manager.pool_language(Some(&pool))?;
     let call = Call {

@@ -32,6 +32,12 @@ impl Keys {
 
     /// The tenant of the request's `Authorization: Bearer` key.
     pub fn tenant(&self, headers: &HeaderMap) -> Result<String, ApiError> {
+        self.identify(headers).map(|(tenant, _)| tenant)
+    }
+
+    /// The tenant of the request's key and the key's id: the first 12 hex digits of its
+    /// SHA-256, as the config names keys (`key_sha256`), never the key itself.
+    pub fn identify(&self, headers: &HeaderMap) -> Result<(String, String), ApiError> {
         let unauthorized = |msg: &str| ApiError::new(ErrorCode::Unauthorized, msg);
         let value = headers
             .get(header::AUTHORIZATION)
@@ -50,10 +56,14 @@ impl Keys {
                  returned nothing)",
             ));
         }
-        self.by_digest
-            .get(&sha256_hex(token))
+        let digest = sha256_hex(token);
+        let tenant = self
+            .by_digest
+            .get(&digest)
             .cloned()
-            .ok_or_else(|| unauthorized("unknown API key"))
+            .ok_or_else(|| unauthorized("unknown API key"))?;
+        let key_id = digest.get(..12).unwrap_or(&digest).to_owned();
+        Ok((tenant, key_id))
     }
 }
 
@@ -62,9 +72,14 @@ impl Keys {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestId(pub String);
 
-/// The core's caller of a request: `tenant` and the request's id when it has one.
-pub fn caller(tenant: String, extensions: &axum::http::Extensions) -> ampoule_core::Caller {
+/// The core's caller of a request: the key's tenant and id, and the request's id when it has
+/// one.
+pub fn caller(
+    (tenant, key_id): (String, String),
+    extensions: &axum::http::Extensions,
+) -> ampoule_core::Caller {
     let mut c = ampoule_core::Caller::new(tenant);
+    c.key_id = Some(key_id);
     c.request_id = extensions.get::<RequestId>().map(|r| r.0.clone());
     c
 }
@@ -81,8 +96,8 @@ impl FromRequestParts<AppState> for Caller {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
-        let tenant = state.keys.tenant(&parts.headers)?;
-        Ok(Caller(caller(tenant, &parts.extensions)))
+        let key = state.keys.identify(&parts.headers)?;
+        Ok(Caller(caller(key, &parts.extensions)))
     }
 }
 
@@ -117,6 +132,8 @@ mod tests {
         let keys = Keys::new([(sha256_hex("k1"), "a".to_owned())]);
         assert_eq!(keys.tenant(&headers("Bearer k1")).unwrap(), "a");
         assert_eq!(keys.tenant(&headers("bearer  k1 ")).unwrap(), "a");
+        let (_, id) = keys.identify(&headers("Bearer k1")).unwrap();
+        assert_eq!(id, sha256_hex("k1")[..12]);
         for bad in ["Bearer None", "Bearer ", "Basic k1", "Bearer k2", "k1"] {
             let e = keys.tenant(&headers(bad)).unwrap_err();
             assert_eq!(e.code, ErrorCode::Unauthorized, "{bad}");
