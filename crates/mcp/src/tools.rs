@@ -43,7 +43,8 @@ pub struct ExecuteCodeArgs {
     /// The code to run. The value of the last expression is returned as `result` (Python,
     /// JavaScript); plots shown with matplotlib come back as images.
     pub code: String,
-    /// `python` (default), `javascript` or `shell`.
+    /// `python` (default), `javascript`, `shell`, `csharp` or `powershell` (the server must
+    /// have a pool of that language).
     #[serde(default)]
     pub language: Option<String>,
     /// The session to run in: variables, imports and files in /mnt/data persist between calls

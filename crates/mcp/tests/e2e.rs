@@ -180,6 +180,66 @@ fn mcp_over_streamable_http_and_stdio() {
     smoke(&venv, &["stdio", bin, "mcp"]);
 }
 
+/// `execute_code` with `language: csharp` runs in the config's C# pool and keeps its state:
+/// raw JSON-RPC over `ampoule mcp`'s stdio, one request per line, each answer read before the
+/// next request.
+fn csharp_over_stdio() {
+    use std::io::Write;
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("ampoule.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\ndata_dir = \"{}\"\n[pools.python]\nwarm = 0\nzygote = false\n\
+             [pools.cs]\nlanguage = \"csharp\"\nwarm = 0\n",
+            tmp.path().join("data").display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(binary())
+        .args(["mcp", "--config"])
+        .arg(&config)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut call = |request: serde_json::Value| -> Option<serde_json::Value> {
+        writeln!(stdin, "{request}").unwrap();
+        request.get("id")?;
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        Some(serde_json::from_str(&line).unwrap())
+    };
+    call(
+        serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-03-26", "capabilities": {},
+        "clientInfo": {"name": "e2e", "version": "1"}}}),
+    );
+    call(serde_json::json!({"jsonrpc": "2.0", "method": "notifications/initialized"}));
+    let mut execute = |id: u64, code: &str| {
+        let r = call(
+            serde_json::json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+            "params": {"name": "execute_code", "arguments": {
+                "code": code, "language": "csharp", "session": "cs-1"}}}),
+        )
+        .unwrap();
+        let text = r["result"]["content"][0]["text"]
+            .as_str()
+            .unwrap_or_default();
+        serde_json::from_str::<serde_json::Value>(text).unwrap_or_else(|e| panic!("{e}: {r}"))
+    };
+    let first = execute(2, "var z = 20;");
+    assert_eq!(first["status"], "succeeded", "{first}");
+    let second = execute(3, "z + 1");
+    assert_eq!(second["status"], "succeeded", "{second}");
+    assert_eq!(second["result"], "21", "{second}");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 fn main() {
     let args = libtest_mimic::Arguments::from_args();
     let skip = if !is_root() {
@@ -198,5 +258,20 @@ fn main() {
         Ok(())
     })
     .with_ignored_flag(skip.is_some());
-    libtest_mimic::run(&args, vec![trial]).exit();
+    let csharp_skip = if !is_root() {
+        Some("running sandboxes needs root")
+    } else if !Path::new("/usr/bin/mono").exists() {
+        Some("no Mono here (apt-get install mono-complete)")
+    } else {
+        None
+    };
+    if let Some(why) = csharp_skip {
+        eprintln!("csharp_over_stdio: ignored: {why}");
+    }
+    let csharp = libtest_mimic::Trial::test("csharp_over_stdio", || {
+        csharp_over_stdio();
+        Ok(())
+    })
+    .with_ignored_flag(csharp_skip.is_some());
+    libtest_mimic::run(&args, vec![trial, csharp]).exit();
 }

@@ -18,7 +18,7 @@ use std::pin::Pin;
 
 use ampoule_runtime::Host;
 use ampoule_session::{ExecuteRequest, ExecutionResult, Session};
-use ampoule_types::Limits;
+use ampoule_types::{Language, Limits};
 use libtest_mimic::{Arguments, Failed, Trial};
 
 pub(crate) type TestFuture = Pin<Box<dyn Future<Output = Result<(), Failed>>>>;
@@ -109,7 +109,7 @@ fn main() {
     let mut cases = cases::all();
     cases.extend(zygote::cases());
     let mut skipped_languages = Vec::new();
-    for lang in ["python", "javascript", "shell", "csharp", "powershell"] {
+    for lang in Language::EVERY.map(Language::as_str) {
         if let Err(e) =
             ampoule_session::language::find(lang).and_then(|k| k.locate(&Limits::default()))
         {
