@@ -512,13 +512,22 @@ impl Manager {
         }
     }
 
-    /// The caller's sessions (in `pool` only, when given), oldest first.
-    pub fn list_sessions(&self, caller: &Caller, pool: Option<&str>) -> Vec<SessionInfo> {
-        self.list(&caller.tenant)
+    /// The caller's sessions (in `pool` only, when given: `pool_not_found` when there is no
+    /// such pool), oldest first.
+    pub fn list_sessions(
+        &self,
+        caller: &Caller,
+        pool: Option<&str>,
+    ) -> Result<Vec<SessionInfo>, Error> {
+        if let Some(p) = pool {
+            self.pool(p)?;
+        }
+        Ok(self
+            .list(&caller.tenant)
             .iter()
             .filter(|s| pool.is_none_or(|p| s.pool == p))
             .map(|s| self.info(s))
-            .collect()
+            .collect())
     }
 
     /// Destroys a session and everything in it; never creates one.

@@ -191,8 +191,8 @@ async fn handle(state: AppState, req: Request) -> Result<Response, ApiError> {
     };
     let key = state.keys.identify(&parts.headers)?;
     let caller = crate::auth::caller(key, &parts.extensions);
+    // An unknown pool is the command's to refuse (`pool_not_found`), like any other.
     let pool = pool.unwrap_or_else(|| state.manager.default_pool().to_owned());
-    state.manager.pool_language(Some(&pool))?;
     let call = Call {
         state,
         caller,
@@ -240,7 +240,7 @@ async fn handle(state: AppState, req: Request) -> Result<Response, ApiError> {
             let sessions: Vec<Value> = call
                 .state
                 .manager
-                .list_sessions(&call.caller, Some(&call.pool))
+                .list_sessions(&call.caller, Some(&call.pool))?
                 .iter()
                 .map(session_json)
                 .collect();
@@ -413,7 +413,7 @@ async fn execute(call: &Call, body: Body, dialect: Dialect) -> Result<Response, 
     let value = aca_result(&result);
     let stderr = aca_stderr(&result);
     let ok = result.status == ExecutionStatus::Succeeded;
-    let shell = call.language()? == Language::Shell;
+    let shell = session.language == Language::Shell;
     let mut resp = match dialect {
         Dialect::A => axum::Json(json!({
             "$id": "1",

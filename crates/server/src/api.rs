@@ -303,14 +303,14 @@ pub struct SessionList {
 async fn list_sessions(
     State(state): State<AppState>,
     Caller(caller): Caller,
-) -> axum::Json<SessionList> {
+) -> Result<axum::Json<SessionList>, ApiError> {
     let sessions = state
         .manager
-        .list_sessions(&caller, None)
+        .list_sessions(&caller, None)?
         .iter()
         .map(session_info)
         .collect();
-    axum::Json(SessionList { sessions })
+    Ok(axum::Json(SessionList { sessions }))
 }
 
 /// One session.

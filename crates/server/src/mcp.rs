@@ -78,6 +78,7 @@ impl SandboxApi for ManagerApi {
         Ok(self
             .manager
             .list_sessions(&self::caller(caller), None)
+            .map_err(failure)?
             .into_iter()
             .map(|s| SessionSummary {
                 language: s.language.as_str().to_owned(),

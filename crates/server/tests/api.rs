@@ -1515,6 +1515,7 @@ async fn idle_sessions_expire_and_every_call_resets_the_clock() {
         .state
         .manager
         .list_sessions(&ampoule_core::Caller::new("a"), None)
+        .unwrap()
         .iter()
         .map(|s| s.identifier.clone())
         .collect();
