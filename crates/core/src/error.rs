@@ -105,6 +105,9 @@ pub enum Error {
     /// No such pool.
     #[error("no pool {0:?}")]
     PoolNotFound(String),
+    /// No pool runs the language asked for.
+    #[error("this server runs no {0} sessions")]
+    NoPoolFor(Language),
     /// No such file in the session.
     #[error("no file {0:?} in the session")]
     FileNotFound(String),
@@ -182,7 +185,7 @@ impl Error {
     pub fn code(&self) -> ErrorCode {
         match self {
             Error::SessionNotFound(_) => ErrorCode::SessionNotFound,
-            Error::PoolNotFound(_) => ErrorCode::PoolNotFound,
+            Error::PoolNotFound(_) | Error::NoPoolFor(_) => ErrorCode::PoolNotFound,
             Error::FileNotFound(_) => ErrorCode::FileNotFound,
             Error::PoolFull { .. } => ErrorCode::PoolFull,
             Error::TenantFull { .. } => ErrorCode::TenantFull,

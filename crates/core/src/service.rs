@@ -311,7 +311,7 @@ impl Manager {
             })
             .or_else(|| pools.iter().find(runs))
             .map(|p| p.name.clone())
-            .ok_or_else(|| Error::PoolNotFound(format!("this server runs no {wanted} sessions")))
+            .ok_or(Error::NoPoolFor(wanted))
     }
 
     /// Step 1: which session, without starting one.

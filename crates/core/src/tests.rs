@@ -240,3 +240,19 @@ fn timeouts_are_cut_to_the_tenant_maximum() {
     // Another tenant: the pool's maximum only.
     assert_eq!(m.timeout_for("b", "python", Some(5000.0)).unwrap(), 600.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_language_no_pool_runs_is_pool_not_found() {
+    let (m, stats, _dir) = manager(Policy::default());
+    let shell = Target::Conversation {
+        identifier: None,
+        language: Some("shell".into()),
+    };
+    let e = m
+        .execute(&Caller::new("a"), ExecuteCommand::new(shell, "echo"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), ErrorCode::PoolNotFound);
+    assert_eq!(e.to_string(), "this server runs no shell sessions");
+    assert_eq!(stats.started.load(Ordering::SeqCst), 0);
+}
