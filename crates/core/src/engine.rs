@@ -37,12 +37,23 @@ pub struct PoolSpec {
     /// Fork sessions from a zygote that imported these modules (Python pools); `None`: start
     /// every session from scratch.
     pub zygote: Option<Vec<String>>,
-    /// The one tenant whose keys may use the pool, when there is only one: warm stock is then
-    /// that tenant's (forked from its zygote). With several, each tenant's sessions fork from
-    /// a zygote of its own and warm stock starts cold (nothing in it is shared with a tenant).
-    pub sole_tenant: Option<String>,
+    /// The tenants whose keys may use the pool, as configured (a tenant may still come that
+    /// is not listed, e.g. the MCP stdio door's). Each tenant's sessions fork from a zygote of
+    /// its own, started with the pool for these; warm stock is forked only when there is one
+    /// (it can then go to nobody else), else it starts cold.
+    pub tenants: Vec<String>,
     /// Most live sessions of the pool (the budget of its zygotes' cgroups).
     pub max_sessions: usize,
+}
+
+impl PoolSpec {
+    /// The one tenant that may use the pool, if only one may.
+    pub fn sole_tenant(&self) -> Option<&str> {
+        match self.tenants.as_slice() {
+            [one] => Some(one),
+            _ => None,
+        }
+    }
 }
 
 /// The state of one pool's zygote, for `/metrics` and `/v1/pools`.
@@ -127,6 +138,15 @@ pub trait Engine: Send + Sync + 'static {
     /// The zygotes this engine runs, one per pool that has one (see [`PoolSpec::zygote`]).
     fn zygotes(&self) -> Vec<ZygoteHealth> {
         Vec::new()
+    }
+
+    /// Whether the pool's `warm` stock is worth keeping: a session started with no tenant
+    /// ([`Engine::start`] with `None`) must be as good as one started for its tenant. An
+    /// engine that forks each tenant's sessions from a zygote of its own answers no for a
+    /// pool several tenants share (warm stock would start cold: slower to a first result
+    /// than a fork).
+    fn keeps_warm_stock(&self, _spec: &PoolSpec) -> bool {
+        true
     }
 }
 

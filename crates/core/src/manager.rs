@@ -412,7 +412,17 @@ impl Manager {
         let Some(pool) = self.inner.pools.get(name) else {
             return;
         };
-        let target = pool.settings.warm;
+        let target = if self.inner.engine.keeps_warm_stock(&pool.settings.spec) {
+            pool.settings.warm
+        } else {
+            if pool.settings.warm > 0 {
+                tracing::info!(
+                    pool = name,
+                    "no warm stock: the pool's tenants fork their sessions from zygotes of their own"
+                );
+            }
+            0
+        };
         let mut backoff = Duration::from_millis(500);
         loop {
             if self.inner.shutting_down.load(Ordering::SeqCst) {

@@ -25,7 +25,7 @@ fn pool(name: &str, language: Language) -> PoolSettings {
             limits: Limits::default(),
             network: None,
             zygote: None,
-            sole_tenant: None,
+            tenants: Vec::new(),
             max_sessions: 10,
         },
         warm: 0,

@@ -197,7 +197,7 @@ pub async fn run() -> Vec<Check> {
     out.push(per_user_limits(root));
 
     // Language runtimes.
-    for lang in Language::ALL {
+    for lang in Language::ONE_SHOT {
         match Interpreter::find(lang) {
             Ok(i) => out.push(check(
                 &format!("runtime {lang}"),

@@ -354,9 +354,9 @@ impl Config {
         )
     }
 
-    /// The one tenant whose keys may use `pool`, if only one may: the tenants of
-    /// `[[auth.keys]]` (or the generated key's) whose policy allows the pool.
-    fn sole_tenant(&self, pool: &str) -> Option<String> {
+    /// The tenants whose keys may use `pool`: those of `[[auth.keys]]` (or the generated
+    /// key's) whose policy allows the pool.
+    fn pool_tenants(&self, pool: &str) -> Vec<String> {
         let quotas = self.quotas();
         let mut tenants: Vec<&str> = self.auth.keys.iter().map(|k| k.tenant.as_str()).collect();
         if tenants.is_empty() {
@@ -370,10 +370,7 @@ impl Config {
                 .as_ref()
                 .is_none_or(|ps| ps.iter().any(|p| p == pool))
         });
-        match tenants.as_slice() {
-            [one] => Some((*one).to_owned()),
-            _ => None,
-        }
+        tenants.into_iter().map(str::to_owned).collect()
     }
 
     /// The pools, with defaults applied (one `python` pool when none is configured).
@@ -438,7 +435,7 @@ impl Config {
                     .map(|s| (*s).to_owned())
                     .collect()
             });
-            let sole_tenant = self.sole_tenant(&name);
+            let tenants = self.pool_tenants(&name);
             out.insert(
                 name.clone(),
                 PoolSettings {
@@ -448,7 +445,7 @@ impl Config {
                         limits,
                         network,
                         zygote: zygote.then_some(preload),
-                        sole_tenant,
+                        tenants,
                         max_sessions: p.max_sessions,
                     },
                     warm: p.warm,
@@ -719,6 +716,29 @@ retention_days = 90
         assert!(Config::parse("[pools.python.audit]\nkeep = true").is_err());
         let cfg = Config::parse("[[auth.keys]]\ntenant = \"a\"\nkey_sha256 = \"xyz\"").unwrap();
         assert!(cfg.key_digests().is_err());
+    }
+
+    #[test]
+    fn a_pools_tenants_are_those_whose_keys_may_use_it() {
+        let cfg = Config::parse(
+            "[[auth.keys]]\ntenant = \"a\"\nkey_sha256 = \"x\"\n\
+             [[auth.keys]]\ntenant = \"b\"\nkey_sha256 = \"y\"\n\
+             [[auth.keys]]\ntenant = \"a\"\nkey_sha256 = \"z\"\n\
+             [tenants.b]\npools = [\"other\"]\n\
+             [pools.python]\n[pools.other]\n",
+        )
+        .unwrap();
+        let pools = cfg.pool_settings().unwrap();
+        assert_eq!(pools["python"].spec.tenants, ["a"]);
+        assert_eq!(pools["python"].spec.sole_tenant(), Some("a"));
+        assert_eq!(pools["other"].spec.tenants, ["a", "b"]);
+        assert_eq!(pools["other"].spec.sole_tenant(), None);
+        // No keys: the generated key's tenant.
+        let cfg = Config::parse("").unwrap();
+        assert_eq!(
+            cfg.pool_settings().unwrap()["python"].spec.tenants,
+            [GENERATED_TENANT]
+        );
     }
 
     #[test]

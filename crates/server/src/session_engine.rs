@@ -11,12 +11,14 @@
 //!
 //! Python pools fork their sessions from zygotes, one per pool and tenant: two tenants' sessions
 //! never share an interpreter's randomness (CPython's string-hash secret, the address-space
-//! layout), which a forked child keeps from its zygote. The pool's sole tenant, when only one
-//! may use it ([`PoolSpec::sole_tenant`]), has its zygote started with the pool, and warm stock
-//! is forked from it; in a pool several tenants share, a tenant's zygote starts in the
-//! background on its first session (started cold meanwhile), warm stock starts cold, at most
-//! [`MAX_TENANT_ZYGOTES`] run per pool, and one that has forked nothing for [`ZYGOTE_IDLE`] is
-//! let go (it ends with the last session it forked). Each zygote is replaced in the
+//! layout), which a forked child keeps from its zygote. The zygotes of the pool's configured
+//! tenants ([`PoolSpec::tenants`], at most [`MAX_TENANT_ZYGOTES`]) start with the pool; another
+//! tenant's starts in the background on its first session (started cold meanwhile). Warm stock
+//! is forked only in a pool one tenant alone may use; a shared pool keeps none (a fork from the
+//! tenant's zygote is faster to a first result than a cold warm session). A
+//! zygote that has forked nothing for [`ZYGOTE_IDLE`] is let go when another tenant's zygote is
+//! started (it ends with the last session it forked), and started again on its tenant's next
+//! session. Each zygote is replaced in the
 //! background, the old one serving until the new one is ready, after [`RECYCLE_FORKS`] forks,
 //! after [`RECYCLE_AGE`], or when the Python environment on disk no longer matches the one it
 //! started from (packages installed or upgraded since: its imports are stale), which is
@@ -54,7 +56,7 @@ const RETRY_AFTER: Duration = Duration::from_secs(60);
 
 /// Most zygotes of one pool (one per tenant); a tenant beyond them gets cold sessions.
 const MAX_TENANT_ZYGOTES: usize = 8;
-/// A zygote of a pool several tenants share that has forked nothing for this long is let go.
+/// A zygote that has forked nothing for this long is let go when another tenant's starts.
 const ZYGOTE_IDLE: Duration = Duration::from_secs(600);
 
 /// The `reason` of a zygote replaced because its Python environment changed.
@@ -286,7 +288,7 @@ impl SessionEngine {
         wait: bool,
     ) -> Result<(Zygote, Arc<AtomicBool>), NoZygote> {
         let entry = self
-            .pool_zygote(key, spec.sole_tenant.as_deref())
+            .pool_zygote(key, spec.sole_tenant())
             .ok_or(NoZygote::Full)?;
         let mut g = entry.lock().await;
         g.last_used = Some(Instant::now());
@@ -379,10 +381,12 @@ impl SessionEngine {
         // Warm stock is forked only where it can go to one tenant alone.
         let key = ZygoteKey {
             pool: spec.name.clone(),
-            tenant: tenant.or(spec.sole_tenant.as_deref())?.to_owned(),
+            tenant: tenant.or(spec.sole_tenant())?.to_owned(),
         };
-        let sole = spec.sole_tenant.as_deref() == Some(key.tenant.as_str());
-        let (zygote, outdated) = match self.zygote(spec, &key, preload, sole).await {
+        // A configured tenant's zygote started with the pool: wait for it if it is (re)starting
+        // on this very call; anyone else's starts in the background.
+        let known = spec.tenants.contains(&key.tenant);
+        let (zygote, outdated) = match self.zygote(spec, &key, preload, known).await {
             Ok(z) => z,
             Err(NoZygote::Failed(why)) => {
                 tracing::warn!(pool = %spec.name, tenant = %key.tenant, %why, "no zygote: starting the session cold");
@@ -394,7 +398,7 @@ impl SessionEngine {
             }
         };
         let outcome = Session::start_forked(&self.host, &zygote, spec.limits.clone()).await;
-        let entry = self.pool_zygote(&key, spec.sole_tenant.as_deref())?;
+        let entry = self.pool_zygote(&key, spec.sole_tenant())?;
         let mut g = entry.lock().await;
         match outcome {
             Ok(session) => {
@@ -436,22 +440,28 @@ impl Engine for SessionEngine {
             tracing::info!(pool = %spec.name, "not root: sessions start cold (zygotes need root)");
             return;
         }
-        // The sole tenant's zygote now; several tenants' each on its first session.
-        if let (Some(preload), None, Some(tenant)) =
-            (&spec.zygote, &spec.network, &spec.sole_tenant)
-        {
-            let key = ZygoteKey {
-                pool: spec.name.clone(),
-                tenant: tenant.clone(),
-            };
-            if let Err(why) = self.zygote(spec, &key, preload, true).await {
-                tracing::warn!(pool = %spec.name, ?why, "no zygote: sessions start cold");
+        // The configured tenants' zygotes now (one at a time: each import takes a core).
+        if let (Some(preload), None) = (&spec.zygote, &spec.network) {
+            for tenant in spec.tenants.iter().take(MAX_TENANT_ZYGOTES) {
+                let key = ZygoteKey {
+                    pool: spec.name.clone(),
+                    tenant: tenant.clone(),
+                };
+                if let Err(why) = self.zygote(spec, &key, preload, true).await {
+                    tracing::warn!(pool = %spec.name, %tenant, ?why, "no zygote: sessions start cold");
+                }
             }
         }
     }
 
     fn zygotes(&self) -> Vec<ZygoteHealth> {
         self.health()
+    }
+
+    fn keeps_warm_stock(&self, spec: &PoolSpec) -> bool {
+        // Warm stock is forked only where one tenant alone may get it (see `start_forked`).
+        let forks = self.host.privileged && spec.zygote.is_some() && spec.network.is_none();
+        !forks || spec.sole_tenant().is_some()
     }
 
     async fn start(

@@ -542,11 +542,10 @@ fn trial(body: Body) -> Result<(), Failed> {
     jail.enter()?;
     let outcome = body(&jail);
     jail.stop();
-    outcome.map_err(|e| {
+    outcome.inspect_err(|_| {
         if std::env::var_os("TENANTS_VERBOSE").is_some() {
             eprintln!("{}", jail.log());
         }
-        e
     })
 }
 

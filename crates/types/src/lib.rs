@@ -83,7 +83,7 @@ impl Language {
     /// The languages the runtime crate also runs as one-shot programs (`ampoule run`), in the
     /// order `doctor` reports their interpreters. C# and PowerShell run only as sessions: their
     /// kernels are driven through the session crate.
-    pub const ALL: [Language; 3] = [Language::Python, Language::Javascript, Language::Shell];
+    pub const ONE_SHOT: [Language; 3] = [Language::Python, Language::Javascript, Language::Shell];
 
     /// The canonical name, as used in configs and on the wire.
     pub fn as_str(self) -> &'static str {
@@ -107,9 +107,9 @@ impl Language {
         }
     }
 
-    /// Whether `ampoule run` runs it as a one-shot program (see [`Language::ALL`]).
+    /// Whether `ampoule run` runs it as a one-shot program (see [`Language::ONE_SHOT`]).
     pub fn one_shot(self) -> bool {
-        Language::ALL.contains(&self)
+        Language::ONE_SHOT.contains(&self)
     }
 
     /// Parses a name or an alias ([`Language::aliases`]), case-insensitively.
@@ -429,7 +429,11 @@ mod tests {
                 assert_eq!(Language::parse(alias), Some(l), "{alias}");
             }
         }
-        assert!(Language::ALL.iter().all(|l| Language::EVERY.contains(l)));
+        assert!(
+            Language::ONE_SHOT
+                .iter()
+                .all(|l| Language::EVERY.contains(l))
+        );
         assert!(!Language::Csharp.one_shot());
     }
 
