@@ -7,13 +7,15 @@
 //! not share interpreter randomness: the real `ampoule serve`, two tenants (`a`, `b`) on one
 //! Python pool whose sessions fork from zygotes (the default), driven over `/v1`.
 //!
-//! Linux counts some kernel objects per user, not per cgroup: inotify instances, pipe buffer
-//! pages, pending signals, POSIX message queue bytes. Every attack runs in tenant `a`'s session
-//! `a1` (forked from a zygote) and exhausts its own share; then `a1`'s sibling `a2` (forked from
-//! the same zygote), tenant `b`'s running session and a brand-new one of `b` must still get
-//! theirs. Each attack also checks, from `a1`, that it really exhausted something (or the test
-//! would prove nothing). Before per-session uids, all of these were shared by every session of
-//! a zygote (crates/runtime/src/ucounts.rs explains the kernel's accounting).
+//! Linux counts some kernel objects per user, not per cgroup: inotify instances and watches,
+//! pipe buffer pages, pending signals, POSIX message queue bytes. Every attack runs in tenant
+//! `a`'s session `a1` (forked from a zygote) and exhausts its own share; then `a1`'s sibling
+//! `a2` (forked from the same zygote), tenant `b`'s running session and a brand-new one of `b`
+//! must still get theirs. Each attack also checks, from `a1`, that it really exhausted
+//! something (or the test would prove nothing); message queues cannot be created in a sandbox
+//! at all (Landlock refuses them), which counts as exhausted. User namespaces (refused by
+//! seccomp) are the containment suite's. Before per-session uids, all of these were shared by
+//! every session of a zygote (crates/runtime/src/ucounts.rs explains the kernel's accounting).
 //!
 //! Everything runs inside one throw-away outer namespace (a jail: `unshare --mount --pid --net
 //! ...`), so a sandbox bug cannot hurt the machine; the test talks to the server from a thread
@@ -328,6 +330,7 @@ for _ in range(8):
         break
     fds.append(fd)
 out["inotify"] = len(fds)
+out["watch"] = bool(fds) and libc.inotify_add_watch(fds[0], b"/usr/bin", 0x2) >= 0
 for fd in fds:
     os.close(fd)
 r, w = os.pipe()
@@ -380,6 +383,21 @@ while len(HELD_INOTIFY) < 4096:
         break
     HELD_INOTIFY.append(fd)
 out["inotify"] = len(HELD_INOTIFY)
+# Watches: one per file of the (read-only) root, until refused.
+watches, stop = 0, None
+for top in ("/usr", "/lib", "/etc", "/opt"):
+    for d, dirs, files in os.walk(top):
+        for f in files + dirs:
+            if libc.inotify_add_watch(HELD_INOTIFY[0], os.path.join(d, f).encode(), 0x2) >= 0:
+                watches += 1
+            elif ctypes.get_errno() == errno.ENOSPC:
+                stop = "ENOSPC"
+                break
+        if stop:
+            break
+    if stop:
+        break
+out["watches"], out["watches_stop"] = watches, stop
 HELD_PIPES = []
 while len(HELD_PIPES) < 400:
     r, w = os.pipe()
@@ -415,7 +433,7 @@ print(json.dumps(out))
 /// before the attack (`mqueue_before`; sandboxes cannot create any: Landlock refuses them).
 fn unaffected(who: &str, v: &Value, mqueue_before: &Value) -> Result<(), String> {
     let want = json!({
-        "inotify": 8, "pipe_size": 65536, "pipe_grow": true, "signals": 100,
+        "inotify": 8, "watch": true, "pipe_size": 65536, "pipe_grow": true, "signals": 100,
         "mqueue": mqueue_before,
     });
     if *v != want {
@@ -452,6 +470,9 @@ fn per_user_quotas(jail: &Jail) -> Result<(), Failed> {
     let mut staged = Vec::new();
     if !(num("inotify") >= 64 && took["inotify_stop"] == json!("EMFILE")) {
         staged.push("inotify instances");
+    }
+    if took["watches_stop"] != json!("ENOSPC") {
+        staged.push("inotify watches");
     }
     if !(num("big_pipes") >= 16 && num("own_pipe_size") <= 8192) {
         staged.push("pipe buffers");
