@@ -9,17 +9,9 @@
 
 use std::process::Command;
 
-use libtest_mimic::{Arguments, Trial};
+use ampoule_testkit::host::{is_root, trial};
+use libtest_mimic::Arguments;
 use serde_json::Value;
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .map(|s| {
-            s.lines()
-                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
-        })
-        .unwrap_or(false)
-}
 
 /// A latency summary that succeeded at least once, with ordered percentiles.
 fn check_stat(name: &str, s: &Value) {
@@ -126,16 +118,7 @@ fn main() {
         ),
     ]
     .into_iter()
-    .map(|(name, body, skip)| {
-        if let Some(why) = skip {
-            eprintln!("{name}: ignored: {why}");
-        }
-        Trial::test(name, move || {
-            body();
-            Ok(())
-        })
-        .with_ignored_flag(skip.is_some())
-    })
+    .map(|(name, body, skip)| trial(name, body, skip))
     .collect();
     libtest_mimic::run(&args, trials).exit();
 }

@@ -13,19 +13,11 @@ use std::io::Write;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use libtest_mimic::{Arguments, Trial};
+use ampoule_testkit::host::{is_root, trial};
+use libtest_mimic::Arguments;
 
 fn ampoule() -> Command {
     Command::new(env!("CARGO_BIN_EXE_ampoule"))
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .map(|s| {
-            s.lines()
-                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
-        })
-        .unwrap_or(false)
 }
 
 fn run_stdin(args: &[&str], code: &str) -> Output {
@@ -355,18 +347,6 @@ fn an_ordinary_user_gets_a_sandbox_and_doctor_says_what_is_weaker() {
     assert_eq!(cg["level"], "warn", "{cg}");
     assert!(cg["detail"].as_str().unwrap().contains("limits are off"));
     assert!(cg["fix"].is_string());
-}
-
-/// A trial, ignored (reported as skipped, never as passed) when `skip` names a reason.
-fn trial(name: &'static str, body: fn(), skip: Option<&'static str>) -> Trial {
-    if let Some(why) = skip {
-        eprintln!("{name}: ignored: {why}");
-    }
-    Trial::test(name, move || {
-        body();
-        Ok(())
-    })
-    .with_ignored_flag(skip.is_some())
 }
 
 fn main() {

@@ -16,107 +16,20 @@
 //! `cargo test --release -p ampoule-cli --test egress -- --ignored latency --nocapture`.
 //! `EGRESS_VERBOSE=1` prints every probe's outcome and what the upstream saw.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
+use ampoule_testkit::host::{Need, missing};
+use ampoule_testkit::jail::{self, PRELUDE};
+use ampoule_testkit::upstream;
 use ampoule_types::{EgressProtocol, RunResult};
 use libtest_mimic::{Arguments, Failed, Trial};
 use serde_json::Value;
 
-/// The upstream servers (and, with `jail` as second argument, the jail's own service). Every
-/// request, connection and datagram is logged as a JSON line to `$T/upstream.log`.
-const UPSTREAM: &str = r#"
-import http.server, json, os, socket, ssl, sys, threading
-T = sys.argv[1]
-mode = sys.argv[2] if len(sys.argv) > 2 else "upstream"
-lock = threading.Lock()
-LOG = open(os.path.join(T, mode + ".log"), "a", buffering=1)
-def log(kind, **kw):
-    with lock:
-        LOG.write(json.dumps(dict(kind=kind, **kw)) + "\n")
-
-class H(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    # Headers and body go out in two writes: without this, Nagle's algorithm and the client's
-    # delayed ACK add 40 ms to every kept-alive response and swamp what is measured.
-    disable_nagle_algorithm = True
-    def do_GET(self):
-        auth = self.headers.get("Authorization")
-        log(self.server.kind, path=self.path, host=self.headers.get("Host"), authorization=auth)
-        # Never echo the header: the sandbox must not learn the secret from a response.
-        body = ("upstream-%s auth=%s\n" % (self.server.kind, "yes" if auth else "no")).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *a):
-        pass
-
-class S(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-def serve(srv):
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-
-if mode == "jail":
-    s = S(("0.0.0.0", 8080), H); s.kind = "jail"; serve(s)
-else:
-    s = S(("10.77.0.2", 80), H); s.kind = "http"; serve(s)
-    t = S(("10.77.0.2", 443), H); t.kind = "https"
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(os.path.join(T, "server.pem"), os.path.join(T, "server.key"))
-    t.socket = ctx.wrap_socket(t.socket, server_side=True, do_handshake_on_connect=False)
-    serve(t)
-    def banner():
-        l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        l.bind(("10.77.0.2", 2222)); l.listen(16)
-        while True:
-            c, a = l.accept(); log("tcp2222", peer=a[0])
-            try: c.sendall(b"SSH-2.0-upstream\r\n")
-            except OSError: pass
-            c.close()
-    def udp(port, kind):
-        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(("10.77.0.2", port))
-        while True:
-            d, a = u.recvfrom(4096); log(kind, size=len(d))
-    threading.Thread(target=banner, daemon=True).start()
-    threading.Thread(target=udp, args=(5353, "udp5353"), daemon=True).start()
-    threading.Thread(target=udp, args=(53, "dns53"), daemon=True).start()
-open(os.path.join(T, mode + ".ready"), "w").close()
-threading.Event().wait()
-"#;
-
-/// The jail. `$T` is the case's directory (bound to itself so it stays writable under the
-/// read-only root). The upstream's namespace is made with `unshare --net`, not `ip netns`, so
-/// nothing is created under the host's `/run/netns`.
-const JAIL: &str = r#"
-set -e
-T="$EGRESS_T"
-mkdir -p /run/ampoule
-mount --bind /run/ampoule /run/ampoule
-mount --bind "$T" "$T"
-mount -o remount,bind,ro /
-mount -t tmpfs -o size=1m,mode=0700 tmpfs /root
-if [ -f "$T/hosts" ]; then mount --bind "$T/hosts" /etc/hosts; fi
-ip link set lo up
-unshare --net /bin/sh -c 'while [ ! -e "$0/up.go" ]; do sleep 0.01; done
-  ip link set lo up; ip addr add 10.77.0.2/24 dev eth0; ip link set eth0 up
-  exec /usr/bin/python3 "$0/upstream.py" "$0"' "$T" &
-UP=$!
-i=0
-while [ "$(readlink /proc/$UP/ns/net)" = "$(readlink /proc/$$/ns/net)" ]; do
-  i=$((i+1)); [ $i -lt 500 ] || { echo "upstream namespace never appeared" >&2; exit 90; }; sleep 0.01
-done
-ip link add up0 type veth peer name eth0 netns $UP
-ip addr add 10.77.0.1/24 dev up0
-ip link set up0 up
-touch "$T/up.go"
-/usr/bin/python3 "$T/upstream.py" "$T" jail &
-i=0
-while [ ! -e "$T/upstream.ready" ] || [ ! -e "$T/jail.ready" ]; do
-  i=$((i+1)); [ $i -lt 1000 ] || { echo "upstream never became ready" >&2; exit 91; }; sleep 0.01
-done
+/// The rest of the jail, after its prelude and the upstream host (`ampoule_testkit`): the
+/// case's `before` shell, then `ampoule run` ("$@") with `$T/code` on stdin, its exit status,
+/// the `amp*` links it left, and the case's `after` shell.
+const RUN: &str = r#"
 eval "$EGRESS_BEFORE"
 set +e
 "$@" < "$T/code" > "$T/result.json" 2> "$T/ampoule.err"
@@ -279,34 +192,6 @@ if os.path.exists("/usr/bin/node"):
 # Tools that read only the system store trust the gateway too.
 check("system_store", lambda: open("/etc/ampoule/egress-ca.crt").read().strip() in open("/etc/ssl/certs/ca-certificates.crt").read())
 check("trust_env", lambda: {k: os.environ.get(k) for k in ["SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "NODE_EXTRA_CA_CERTS", "CURL_CA_BUNDLE"]})
-# Built at run time, or this very file would contain it.
-MARK = ("AMPOULE" + "-SECRET-").encode()
-hits, scanned = [], 0
-for k, v in os.environ.items():
-    if MARK in (k + "=" + v).encode():
-        hits.append("env " + k)
-for top in ["/etc", "/run", "/mnt/data", "/tmp", "/var", "/dev/shm", "/root", "/home"]:
-    for dirpath, dirs, files in os.walk(top):
-        for f in files:
-            p = os.path.join(dirpath, f)
-            try:
-                if os.path.islink(p) or not os.path.isfile(p):
-                    continue
-                with open(p, "rb") as fh:
-                    scanned += 1
-                    if MARK in fh.read(8 << 20):
-                        hits.append(p)
-            except OSError:
-                pass
-for p in ["/proc/self/environ", "/proc/self/cmdline", "/proc/1/environ", "/proc/1/cmdline"]:
-    try:
-        if MARK in open(p, "rb").read():
-            hits.append(p)
-    except OSError:
-        pass
-res["secret_hits"] = hits
-res["files_scanned"] = scanned
-print(json.dumps(res))
 "#;
 
 /// Times HTTPS requests to `allowed.test`/`inject.test` at `10.77.0.2`: `n` requests each on a
@@ -396,81 +281,24 @@ struct Case<'a> {
     after: &'a str,
 }
 
-/// A test CA and a server certificate for every name the cases use (and the IP, so an
-/// IP-literal HTTPS request fails on policy, not on the certificate).
-fn write_certs(dir: &Path) {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(DnType::CommonName, "egress test upstream CA");
-    let ca_cert = ca.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca, ca_key);
-    let key = KeyPair::generate().unwrap();
-    let names = [
-        "allowed.test",
-        "denied.test",
-        "private.test",
-        "metadata.test",
-        "inject.test",
-        "10.77.0.2",
-    ];
-    let leaf = CertificateParams::new(names.map(String::from).to_vec())
-        .unwrap()
-        .signed_by(&key, &issuer)
-        .unwrap();
-    std::fs::write(dir.join("upstream-ca.pem"), ca_cert.pem()).unwrap();
-    std::fs::write(dir.join("server.pem"), leaf.pem()).unwrap();
-    std::fs::write(dir.join("server.key"), key.serialize_pem()).unwrap();
-}
-
-fn read_lines(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
-
 fn jail(case: &Case<'_>) -> Result<Jailed, String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let t = dir.path();
-    write_certs(t);
-    std::fs::write(t.join("upstream.py"), UPSTREAM).unwrap();
+    upstream::prepare(t)?;
     std::fs::write(t.join("latency.py"), LATENCY_CLIENT).unwrap();
     std::fs::write(t.join("startup.py"), STARTUP).unwrap();
     std::fs::write(t.join("code"), &case.code).unwrap();
     if let Some(h) = case.hosts {
         std::fs::write(t.join("hosts"), h).unwrap();
     }
-    let mut cmd = Command::new("unshare");
-    cmd.args([
-        "--mount",
-        "--propagation",
-        "private",
-        "--pid",
-        "--fork",
-        "--kill-child",
-        "--mount-proc",
-        "--net",
-        "--ipc",
-        "--uts",
-        "--",
-        "/bin/sh",
-        "-c",
-        JAIL,
-        "jail",
-        env!("CARGO_BIN_EXE_ampoule"),
-        "run",
-        "--json",
-    ])
-    .args(case.args.iter().map(|a| expand(a, t)))
-    .arg("-")
-    .env("EGRESS_T", t)
-    .env("EGRESS_BEFORE", case.before)
-    .env("EGRESS_AFTER", case.after)
-    .env_remove("SSL_CERT_FILE");
+    let mut cmd = jail::command(&format!("{PRELUDE}{}{RUN}", upstream::HOST));
+    cmd.args([env!("CARGO_BIN_EXE_ampoule"), "run", "--json"])
+        .args(case.args.iter().map(|a| expand(a, t)))
+        .arg("-")
+        .env("JAIL_T", t)
+        .env("EGRESS_BEFORE", case.before)
+        .env("EGRESS_AFTER", case.after)
+        .env_remove("SSL_CERT_FILE");
     for (k, v) in &case.env {
         cmd.env(k, expand(v, t));
     }
@@ -493,8 +321,8 @@ fn jail(case: &Case<'_>) -> Result<Jailed, String> {
         result,
         rc,
         ampoule_stderr,
-        upstream: read_lines(&t.join("upstream.log")),
-        jail_service: read_lines(&t.join("jail.log")),
+        upstream: upstream::read_log(&t.join("upstream.log")),
+        jail_service: upstream::read_log(&t.join("jail.log")),
         leftover_links: std::fs::read_to_string(t.join("leftover_links"))
             .unwrap_or_default()
             .trim()
@@ -762,7 +590,7 @@ fn injection() -> Result<(), Failed> {
     pins(&mut args, &[("inject.test", "10.77.0.2")]);
     let case = Case {
         args,
-        code: format!("{PROBE_PRELUDE}{INJECT_PROBE}"),
+        code: format!("{PROBE_PRELUDE}{INJECT_PROBE}{}", upstream::SECRET_SCAN),
         env: vec![
             ("EXAMPLE_TOKEN", value.clone()),
             // The gateway verifies the upstream against the test CA.
@@ -1018,27 +846,14 @@ fn latency() -> Result<(), Failed> {
 
 /// Why this machine cannot run the cases, if it cannot.
 fn unavailable() -> Option<String> {
-    let root = std::fs::read_to_string("/proc/self/status")
-        .map(|s| {
-            s.lines()
-                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
-        })
-        .unwrap_or(false);
-    if !root {
-        return Some("needs root (it builds network namespaces)".into());
-    }
-    for (tool, hint) in [
-        ("/usr/bin/unshare", "util-linux"),
-        ("/usr/sbin/ip", "iproute2"),
-        ("/usr/sbin/nft", "nftables"),
-        ("/usr/bin/python3", "python3"),
-        ("/usr/bin/setpriv", "util-linux"),
-    ] {
-        if !PathBuf::from(tool).exists() && !PathBuf::from(tool.replace("/usr", "")).exists() {
-            return Some(format!("{tool} is missing (apt-get install {hint})"));
-        }
-    }
-    None
+    missing(&[
+        Need::Root("it builds network namespaces"),
+        Need::Tool("/usr/bin/unshare", "util-linux"),
+        Need::Tool("/usr/sbin/ip", "iproute2"),
+        Need::Tool("/usr/sbin/nft", "nftables"),
+        Need::Tool("/usr/bin/python3", "python3"),
+        Need::Tool("/usr/bin/setpriv", "util-linux"),
+    ])
 }
 
 /// Runs in the jail before `ampoule run`: as soon as the sandbox's veth appears, opens the

@@ -12,125 +12,26 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+
+use ampoule_testkit::host::{is_root, trial};
+use ampoule_testkit::paths::binary;
+use ampoule_testkit::serve::Serve;
 
 const KEY: &str = "mcp-e2e-key";
 
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .map(|ids| ids.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false)
-}
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// The `ampoule` binary: `$AMPOULE_BIN`, else the workspace's debug build (built if missing).
-fn binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("AMPOULE_BIN") {
-        return PathBuf::from(p);
-    }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join("target"));
-    let bin = target.join("debug/ampoule");
-    if !bin.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let st = Command::new(cargo)
-            .args(["build", "-p", "ampoule-cli", "--bin", "ampoule"])
-            .current_dir(workspace())
-            .status()
-            .unwrap();
-        assert!(st.success(), "building the ampoule binary failed");
-    }
-    bin
-}
-
-/// The client venv: `$AMPOULE_CLIENT_VENV`. When it is set, or in CI, a missing venv fails
-/// the test instead of skipping it.
 fn client_venv() -> Option<PathBuf> {
-    match std::env::var_os("AMPOULE_CLIENT_VENV") {
-        Some(v) => {
-            let venv = PathBuf::from(v);
-            assert!(
-                venv.join("bin/python").exists(),
-                "AMPOULE_CLIENT_VENV={} has no bin/python; scripts/test.sh creates it",
-                venv.display()
-            );
-            Some(venv)
-        }
-        None => {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "CI must run the MCP client: set AMPOULE_CLIENT_VENV (scripts/test.sh does)"
-            );
-            None
-        }
-    }
+    ampoule_testkit::paths::client_venv("the MCP client")
 }
 
-struct Server {
-    child: Child,
-    port: u16,
-}
-
-impl Server {
-    fn start(config: &Path) -> Server {
-        let mut child = Command::new(binary())
-            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-            .arg(config)
-            .env("AMPOULE_MCP_E2E_KEY", KEY)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("serve: {line}");
-                if let Some(addr) = line
-                    .split("listening on ")
-                    .nth(1)
-                    .and_then(|rest| rest.split_whitespace().next())
-                {
-                    let _ = tx.send(addr.to_owned());
-                }
-            }
-        });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("the server did not start");
-        let port = addr.rsplit(':').next().unwrap().parse().unwrap();
-        Server { child, port }
-    }
-
-    fn stop(mut self) {
-        let pid = self.child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        let t = Instant::now();
-        while self.child.try_wait().unwrap().is_none() {
-            assert!(
-                t.elapsed() < Duration::from_secs(30),
-                "the server did not stop on SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// `ampoule serve` with `config` and the test's key, its log echoed.
+fn serve(config: &Path) -> Serve {
+    let mut cmd = Command::new(binary());
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(config)
+        .env("AMPOULE_MCP_E2E_KEY", KEY)
+        .stdout(Stdio::null());
+    Serve::spawn(cmd, true).unwrap()
 }
 
 fn smoke(venv: &Path, args: &[&str]) {
@@ -162,7 +63,7 @@ fn mcp_over_streamable_http_and_stdio() {
         ),
     )
     .unwrap();
-    let server = Server::start(&config);
+    let server = serve(&config);
     let url = format!("http://127.0.0.1:{}", server.port);
     let bin = binary();
     let bin = bin.to_str().unwrap();
@@ -174,7 +75,7 @@ fn mcp_over_streamable_http_and_stdio() {
         &venv,
         &["stdio", bin, "mcp", "--url", &url, "--api-key", KEY],
     );
-    server.stop();
+    server.stop().unwrap();
     // stdio, running its own sandboxes (the SDK starts it with a minimal environment: no
     // AMPOULE_URL reaches it).
     smoke(&venv, &["stdio", bin, "mcp"]);
@@ -250,14 +151,6 @@ fn main() {
     } else {
         None
     };
-    if let Some(why) = skip {
-        eprintln!("mcp_over_streamable_http_and_stdio: ignored: {why}");
-    }
-    let trial = libtest_mimic::Trial::test("mcp_over_streamable_http_and_stdio", || {
-        mcp_over_streamable_http_and_stdio();
-        Ok(())
-    })
-    .with_ignored_flag(skip.is_some());
     let csharp_skip = if !is_root() {
         Some("running sandboxes needs root")
     } else if !Path::new("/usr/bin/mono").exists() {
@@ -265,13 +158,13 @@ fn main() {
     } else {
         None
     };
-    if let Some(why) = csharp_skip {
-        eprintln!("csharp_over_stdio: ignored: {why}");
-    }
-    let csharp = libtest_mimic::Trial::test("csharp_over_stdio", || {
-        csharp_over_stdio();
-        Ok(())
-    })
-    .with_ignored_flag(csharp_skip.is_some());
-    libtest_mimic::run(&args, vec![trial, csharp]).exit();
+    let trials = vec![
+        trial(
+            "mcp_over_streamable_http_and_stdio",
+            mcp_over_streamable_http_and_stdio,
+            skip,
+        ),
+        trial("csharp_over_stdio", csharp_over_stdio, csharp_skip),
+    ];
+    libtest_mimic::run(&args, trials).exit();
 }

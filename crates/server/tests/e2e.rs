@@ -12,152 +12,34 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use libtest_mimic::{Arguments, Trial};
+use ampoule_testkit::host::{is_root, trial};
+use ampoule_testkit::paths::binary;
+use ampoule_testkit::serve::Serve;
+use libtest_mimic::Arguments;
 use serde_json::{Value, json};
 
 const KEY_A: &str = "e2e-key-tenant-a";
 const KEY_B: &str = "e2e-key-tenant-b";
 const V1: &str = "api-version=2024-02-02-preview";
 
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .map(|ids| ids.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false)
+/// `ampoule serve` with `config`, tenant `a`'s key and these environment variables on top;
+/// its stdout is piped (a generated key is printed there).
+fn serve_with_env(config: &Path, env: &[(&str, &Path)]) -> Serve {
+    let mut cmd = Command::new(binary());
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(config)
+        .env("AMPOULE_E2E_KEY_A", KEY_A)
+        .env("AMPOULE_LOG", "info")
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped());
+    Serve::spawn(cmd, false).unwrap()
 }
 
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// The `ampoule` binary: `$AMPOULE_BIN`, else the workspace's debug build (built if missing).
-fn binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("AMPOULE_BIN") {
-        return PathBuf::from(p);
-    }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join("target"));
-    let bin = target.join("debug/ampoule");
-    if !bin.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let st = Command::new(cargo)
-            .args(["build", "-p", "ampoule-cli", "--bin", "ampoule"])
-            .current_dir(workspace())
-            .status()
-            .unwrap();
-        assert!(st.success(), "building the ampoule binary failed");
-    }
-    bin
-}
-
-struct Server {
-    child: Child,
-    port: u16,
-    stderr: std::sync::Arc<std::sync::Mutex<String>>,
-}
-
-impl Server {
-    fn start(config: &Path) -> Server {
-        Self::start_with_env(config, &[])
-    }
-
-    /// Started with these environment variables on top.
-    fn start_with_env(config: &Path, env: &[(&str, &Path)]) -> Server {
-        let mut child = Command::new(binary())
-            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-            .arg(config)
-            .env("AMPOULE_E2E_KEY_A", KEY_A)
-            .env("AMPOULE_LOG", "info")
-            .envs(env.iter().copied())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let log2 = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                {
-                    let mut l = log2.lock().unwrap();
-                    l.push_str(&line);
-                    l.push('\n');
-                }
-                if let Some(addr) = line
-                    .split("listening on ")
-                    .nth(1)
-                    .and_then(|rest| rest.split_whitespace().next())
-                {
-                    let _ = tx.send(addr.to_owned());
-                }
-            }
-        });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(60))
-            .unwrap_or_else(|_| panic!("the server did not start: {}", log.lock().unwrap()));
-        let port = addr.rsplit(':').next().unwrap().parse().unwrap();
-        Server {
-            child,
-            port,
-            stderr: log,
-        }
-    }
-
-    /// SIGTERM, and the exit status.
-    fn stop(mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        let t = Instant::now();
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st;
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(30),
-                "the server did not stop on SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// Pids of the sandbox inits this server started (its direct children).
-    fn sandboxes(&self) -> Vec<u32> {
-        let me = self.child.id();
-        let mut out = Vec::new();
-        for e in std::fs::read_dir("/proc").unwrap().flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-                continue;
-            };
-            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-                continue;
-            };
-            let ppid = stat
-                .rsplit(')')
-                .next()
-                .and_then(|rest| rest.split_whitespace().nth(1))
-                .and_then(|p| p.parse::<u32>().ok());
-            if ppid == Some(me) {
-                out.push(pid);
-            }
-        }
-        out
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn serve(config: &Path) -> Serve {
+    serve_with_env(config, &[])
 }
 
 struct Resp {
@@ -314,7 +196,7 @@ fn write_config(dir: &Path, extra: &str) -> PathBuf {
 
 fn ampoule_serve_end_to_end() {
     let tmp = tempfile::tempdir().unwrap();
-    let server = Server::start(&write_config(tmp.path(), ""));
+    let server = serve(&write_config(tmp.path(), ""));
     let port = server.port;
     let a = bearer(KEY_A);
     let b = bearer(KEY_B);
@@ -681,18 +563,18 @@ fn ampoule_serve_end_to_end() {
     );
 
     // Graceful shutdown destroys every session.
-    let sandboxes = server.sandboxes();
+    let sandboxes = server.children();
     assert!(!sandboxes.is_empty(), "no sandbox seen");
-    let log = server.stderr.clone();
-    let st = server.stop();
-    assert!(st.success(), "exit {st:?}: {}", log.lock().unwrap());
+    let log = server.log.clone();
+    let st = server.stop().unwrap();
+    assert!(st.success(), "exit {st:?}: {}", log.text());
     for pid in sandboxes {
         assert!(
             !Path::new(&format!("/proc/{pid}")).exists(),
             "sandbox {pid} outlived the server"
         );
     }
-    assert!(log.lock().unwrap().contains("closing every session"));
+    assert!(log.text().contains("closing every session"));
 }
 
 /// HTTPS: the listener speaks TLS with a PEM certificate, and a client that refuses plain
@@ -730,8 +612,8 @@ fn ampoule_serve_over_https() {
         cert.display(),
         key.display()
     );
-    let server = Server::start(&write_config(tmp.path(), &extra));
-    assert!(server.stderr.lock().unwrap().contains("https://"));
+    let server = serve(&write_config(tmp.path(), &extra));
+    assert!(server.log.text().contains("https://"));
     // Plain HTTP on the TLS port gets no HTTP answer.
     let mut s = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -770,30 +652,11 @@ fn ampoule_serve_over_https() {
         }
         None => eprintln!("note: no client venv; HTTPS checked without the client libraries"),
     }
-    assert!(server.stop().success());
+    assert!(server.stop().unwrap().success());
 }
 
-/// The client venv: `$AMPOULE_CLIENT_VENV`. When it is set, or in CI, a missing venv fails
-/// the test instead of skipping the client checks.
 fn client_venv() -> Option<PathBuf> {
-    match std::env::var_os("AMPOULE_CLIENT_VENV") {
-        Some(v) => {
-            let venv = PathBuf::from(v);
-            assert!(
-                venv.join("bin/python").exists(),
-                "AMPOULE_CLIENT_VENV={} has no bin/python; scripts/test.sh creates it",
-                venv.display()
-            );
-            Some(venv)
-        }
-        None => {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "CI must run the client libraries: set AMPOULE_CLIENT_VENV (scripts/test.sh does)"
-            );
-            None
-        }
-    }
+    ampoule_testkit::paths::client_venv("the client libraries")
 }
 
 fn run_clients(endpoint: &str, clients: &[&str]) {
@@ -844,7 +707,7 @@ fn run_clients_with(endpoint: &str, clients: &[&str], env: &[(&str, &Path)]) {
 /// `zygote = false` starts its sessions from scratch.
 fn python_pools_fork_sessions_from_a_zygote() {
     let tmp = tempfile::tempdir().unwrap();
-    let server = Server::start(&write_config(
+    let server = serve(&write_config(
         tmp.path(),
         "[pools.cold]\nwarm = 0\nzygote = false\n",
     ));
@@ -901,7 +764,7 @@ fn python_pools_fork_sessions_from_a_zygote() {
         "{text}"
     );
     assert!(!text.contains("ampoule_zygote_up{pool=\"cold\"}"), "{text}");
-    server.stop();
+    server.stop().unwrap();
 }
 
 /// A zygote imported a package; the package is upgraded in the pool's Python environment (the
@@ -953,7 +816,7 @@ fn zygotes_are_recycled_when_packages_change() {
     install(1);
 
     let tmp = tempfile::tempdir().unwrap();
-    let server = Server::start_with_env(
+    let server = serve_with_env(
         &write_config(
             tmp.path(),
             "[pools.fresh]\nwarm = 2\nmax_sessions = 50\npreload = [\"fakepkg\"]\n",
@@ -981,11 +844,11 @@ fn zygotes_are_recycled_when_packages_change() {
         })
     };
     let t = Instant::now();
-    while !recycled(&server.stderr.lock().unwrap()) {
+    while !recycled(&server.log.text()) {
         assert!(
             t.elapsed() < Duration::from_secs(60),
             "the zygote was not recycled: {}",
-            server.stderr.lock().unwrap()
+            server.log.text()
         );
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -996,10 +859,10 @@ fn zygotes_are_recycled_when_packages_change() {
             p["stdout"],
             "True 2\n",
             "session {n}: {p}\n{}",
-            server.stderr.lock().unwrap()
+            server.log.text()
         );
     }
-    server.stop();
+    server.stop().unwrap();
 }
 
 /// A C# pool (Mono) keeps its state across executions through the ACA API and through `/v1`.
@@ -1016,7 +879,7 @@ fn csharp_pools_answer_through_aca_and_v1() {
         ),
     )
     .unwrap();
-    let server = Server::start(&config);
+    let server = serve(&config);
     let port = server.port;
     let a = bearer(KEY_A);
 
@@ -1059,7 +922,7 @@ fn csharp_pools_answer_through_aca_and_v1() {
     .json();
     assert_eq!(r["status"], "succeeded", "{r}");
     assert_eq!(r["result"]["text/plain"], "21", "{r}");
-    server.stop();
+    server.stop().unwrap();
 }
 
 /// A PowerShell pool on a host without `pwsh` stops `ampoule serve` at start, naming the
@@ -1110,7 +973,7 @@ fn a_generated_key_is_printed_once_and_works() {
         ),
     )
     .unwrap();
-    let mut first = Server::start(&config);
+    let mut first = serve(&config);
     let stdout = first.child.stdout.take().unwrap();
     // On a thread: a server that printed no key would block the read until it stops.
     let (tx, rx) = std::sync::mpsc::channel();
@@ -1125,7 +988,7 @@ fn a_generated_key_is_printed_once_and_works() {
         .trim()
         .to_owned();
     assert!(!key.is_empty(), "no key on stdout");
-    let log = first.stderr.lock().unwrap().clone();
+    let log = first.log.text();
     assert!(log.contains("generated an API key for tenant"), "{log}");
     assert!(!log.contains(&key), "the key is on stderr: {log}");
     let auth = bearer(&key);
@@ -1137,11 +1000,11 @@ fn a_generated_key_is_printed_once_and_works() {
         Payload::None,
     );
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    first.stop();
+    first.stop().unwrap();
 
-    let mut second = Server::start(&config);
+    let mut second = serve(&config);
     let mut stdout = second.child.stdout.take().unwrap();
-    let log = second.stderr.lock().unwrap().clone();
+    let log = second.log.text();
     assert!(
         log.contains("using the API key generated on first start"),
         "{log}"
@@ -1154,7 +1017,7 @@ fn a_generated_key_is_printed_once_and_works() {
         Payload::None,
     );
     assert_eq!(r.status, 200);
-    second.stop();
+    second.stop().unwrap();
     let mut rest = String::new();
     stdout.read_to_string(&mut rest).unwrap();
     assert_eq!(rest, "", "the key was shown again");
@@ -1166,18 +1029,6 @@ const PWSH: [&str; 3] = [
     "/usr/local/bin/pwsh",
     "/opt/microsoft/powershell/7/pwsh",
 ];
-
-/// A trial, ignored (reported as skipped, never as passed) when `skip` names a reason.
-fn trial(name: &'static str, body: fn(), skip: Option<&'static str>) -> Trial {
-    if let Some(why) = skip {
-        eprintln!("{name}: ignored: {why}");
-    }
-    Trial::test(name, move || {
-        body();
-        Ok(())
-    })
-    .with_ignored_flag(skip.is_some())
-}
 
 fn main() {
     let args = Arguments::from_args();

@@ -24,116 +24,20 @@
 //! measurement, ignored by default:
 //! `EGRESS_BENCH_N=1000 cargo test -p ampoule-server --test egress -- --ignored latency --nocapture`.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use ampoule_testkit::host::{Need, missing};
+use ampoule_testkit::http::Client;
+use ampoule_testkit::jail::{Served, Stopped};
+use ampoule_testkit::upstream;
 use libtest_mimic::{Arguments, Failed, Trial};
 use serde_json::{Map, Value, json};
 
 const KEY: &str = "egress-e2e-key";
 /// Built at run time in the probes, so no file of the sandbox holds it by accident.
 const SECRET_MARK: &str = "AMPOULE-SECRET-";
-
-/// The upstream servers (and, with `jail` as second argument, the jail's own service). Every
-/// request and datagram is logged as a JSON line to `$T/<mode>.log`.
-const UPSTREAM: &str = r#"
-import http.server, json, os, socket, ssl, sys, threading
-T = sys.argv[1]
-mode = sys.argv[2] if len(sys.argv) > 2 else "upstream"
-lock = threading.Lock()
-LOG = open(os.path.join(T, mode + ".log"), "a", buffering=1)
-def log(kind, **kw):
-    with lock:
-        LOG.write(json.dumps(dict(kind=kind, **kw)) + "\n")
-
-class H(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    # Headers and body go out in two writes: with Nagle's algorithm and the client's delayed
-    # ACK, every kept-alive response would wait 40 ms.
-    disable_nagle_algorithm = True
-    def do_GET(self):
-        auth = self.headers.get("Authorization")
-        log(self.server.kind, path=self.path, host=self.headers.get("Host"), authorization=auth)
-        # Never echo the header: the sandbox must not learn the secret from a response.
-        body = ("upstream-%s auth=%s\n" % (self.server.kind, "yes" if auth else "no")).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *a):
-        pass
-
-class S(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-def serve(srv):
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-
-if mode == "jail":
-    s = S(("0.0.0.0", 8080), H); s.kind = "jail"; serve(s)
-else:
-    s = S(("10.77.0.2", 80), H); s.kind = "http"; serve(s)
-    t = S(("10.77.0.2", 443), H); t.kind = "https"
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(os.path.join(T, "server.pem"), os.path.join(T, "server.key"))
-    t.socket = ctx.wrap_socket(t.socket, server_side=True, do_handshake_on_connect=False)
-    serve(t)
-    def udp(port, kind):
-        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(("10.77.0.2", port))
-        while True:
-            d, a = u.recvfrom(4096); log(kind, size=len(d))
-    threading.Thread(target=udp, args=(5353, "udp5353"), daemon=True).start()
-open(os.path.join(T, mode + ".ready"), "w").close()
-threading.Event().wait()
-"#;
-
-/// The jail: the upstream host, the jail's service, then `ampoule serve` ("$@") until
-/// `$T/stop` appears; then SIGTERM, its exit status and the `amp*` links left.
-const JAIL: &str = r#"
-set -e
-T="$EGRESS_T"
-mkdir -p /run/ampoule
-mount --bind /run/ampoule /run/ampoule
-mount --bind "$T" "$T"
-mount -o remount,bind,ro /
-mount -t tmpfs -o size=1m,mode=0700 tmpfs /root
-mount --bind "$T/hosts" /etc/hosts
-ip link set lo up
-unshare --net /bin/sh -c 'while [ ! -e "$0/up.go" ]; do sleep 0.01; done
-  ip link set lo up; ip addr add 10.77.0.2/24 dev eth0; ip link set eth0 up
-  exec /usr/bin/python3 "$0/upstream.py" "$0"' "$T" &
-UP=$!
-i=0
-while [ "$(readlink /proc/$UP/ns/net)" = "$(readlink /proc/$$/ns/net)" ]; do
-  i=$((i+1)); [ $i -lt 500 ] || { echo "upstream namespace never appeared" >&2; exit 90; }; sleep 0.01
-done
-ip link add up0 type veth peer name eth0 netns $UP
-ip addr add 10.77.0.1/24 dev up0
-ip link set up0 up
-touch "$T/up.go"
-/usr/bin/python3 "$T/upstream.py" "$T" jail &
-i=0
-while [ ! -e "$T/upstream.ready" ] || [ ! -e "$T/jail.ready" ]; do
-  i=$((i+1)); [ $i -lt 1000 ] || { echo "upstream never became ready" >&2; exit 91; }; sleep 0.01
-done
-set +e
-"$@" &
-SRV=$!
-while [ ! -e "$T/stop" ] && kill -0 $SRV 2>/dev/null; do sleep 0.1; done
-kill -TERM $SRV 2>/dev/null
-wait $SRV
-echo $? > "$T/server.rc"
-# The kernel destroys a dead namespace's veth pairs asynchronously (its cleanup work queue):
-# give it a moment before counting what is left.
-i=0
-while [ "$(ip -o link show | grep -c ': amp')" -gt 0 ] && [ $i -lt 200 ]; do i=$((i+1)); sleep 0.05; done
-ip -o link show | grep -c ': amp' > "$T/leftover_links"
-"#;
 
 /// Probe helpers: `check(name, fn)` records `ok: ...` or `error: ...`.
 const PRELUDE: &str = r#"
@@ -210,33 +114,6 @@ import requests
 check("requests", lambda: requests.get("https://inject.test/requests", timeout=8).text.strip())
 check("forged", lambda: get("https://inject.test/forged", headers={"Authorization": "Bearer forged"}))
 check("trust_env", lambda: {k: os.environ.get(k) for k in ["SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "NODE_EXTRA_CA_CERTS"]})
-MARK = ("AMPOULE" + "-SECRET-").encode()
-hits, scanned = [], 0
-for k, v in os.environ.items():
-    if MARK in (k + "=" + v).encode():
-        hits.append("env " + k)
-for top in ["/etc", "/run", "/mnt/data", "/tmp", "/var", "/dev/shm", "/root", "/home"]:
-    for dirpath, dirs, files in os.walk(top):
-        for f in files:
-            p = os.path.join(dirpath, f)
-            try:
-                if os.path.islink(p) or not os.path.isfile(p):
-                    continue
-                with open(p, "rb") as fh:
-                    scanned += 1
-                    if MARK in fh.read(8 << 20):
-                        hits.append(p)
-            except OSError:
-                pass
-for p in ["/proc/self/environ", "/proc/self/cmdline", "/proc/1/environ", "/proc/1/cmdline"]:
-    try:
-        if MARK in open(p, "rb").read():
-            hits.append(p)
-    except OSError:
-        pass
-res["secret_hits"] = hits
-res["files_scanned"] = scanned
-print(json.dumps(res))
 "#;
 
 /// What a session of the pool without network tries.
@@ -284,59 +161,6 @@ for _ in range(n):
 print(json.dumps({"new": new, "kept": kept}))
 "#;
 
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// The `ampoule` binary: `$AMPOULE_BIN`, else the workspace's debug build (built if missing).
-fn binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("AMPOULE_BIN") {
-        return PathBuf::from(p);
-    }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join("target"));
-    let bin = target.join("debug/ampoule");
-    if !bin.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let st = Command::new(cargo)
-            .args(["build", "-p", "ampoule-cli", "--bin", "ampoule"])
-            .current_dir(workspace())
-            .status()
-            .unwrap();
-        assert!(st.success(), "building the ampoule binary failed");
-    }
-    bin
-}
-
-/// A test CA and a server certificate for every name the probes use.
-fn write_certs(dir: &Path) {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(DnType::CommonName, "server egress test upstream CA");
-    let ca_cert = ca.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca, ca_key);
-    let key = KeyPair::generate().unwrap();
-    let names = [
-        "allowed.test",
-        "denied.test",
-        "private.test",
-        "metadata.test",
-        "inject.test",
-        "10.77.0.2",
-    ];
-    let leaf = CertificateParams::new(names.map(String::from).to_vec())
-        .unwrap()
-        .signed_by(&key, &issuer)
-        .unwrap();
-    std::fs::write(dir.join("upstream-ca.pem"), ca_cert.pem()).unwrap();
-    std::fs::write(dir.join("server.pem"), leaf.pem()).unwrap();
-    std::fs::write(dir.join("server.key"), key.serialize_pem()).unwrap();
-}
-
 /// The server's config: three pools, the pins, the audit log in the case's directory.
 fn config(t: &Path) -> String {
     format!(
@@ -376,205 +200,74 @@ value_from_env = "EGRESS_E2E_SECRET"
 
 /// The running jail with the server in it.
 struct Jail {
-    child: Child,
-    dir: tempfile::TempDir,
+    served: Served,
+    /// The server's port in the jail.
     port: u16,
-    netns: std::fs::File,
-    log: Arc<Mutex<String>>,
+    /// The credential the `inject` pool's rule adds.
     secret: String,
 }
 
 impl Jail {
+    /// The jail's setup before the server: `/etc/hosts` names for the system resolver, then
+    /// the upstream host and the jail's own service.
     fn start() -> Result<Jail, String> {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let t = dir.path();
-        write_certs(t);
-        std::fs::write(t.join("upstream.py"), UPSTREAM).unwrap();
-        std::fs::write(
-            t.join("hosts"),
+        upstream::prepare(t)?;
+        let write =
+            |f: &str, text: &str| std::fs::write(t.join(f), text).map_err(|e| e.to_string());
+        write(
+            "hosts",
             "127.0.0.1 localhost\n10.77.0.2 private.test\n169.254.169.254 metadata.test\n",
-        )
-        .unwrap();
+        )?;
         let cfg = t.join("ampoule.toml");
-        std::fs::write(&cfg, config(t)).unwrap();
+        write("ampoule.toml", &config(t))?;
         let secret = format!("Bearer {SECRET_MARK}{}", std::process::id());
-        let mut child = Command::new("unshare")
-            .args([
-                "--mount",
-                "--propagation",
-                "private",
-                "--pid",
-                "--fork",
-                "--kill-child",
-                "--mount-proc",
-                "--net",
-                "--ipc",
-                "--uts",
-                "--",
-                "/bin/sh",
-                "-c",
-                JAIL,
-                "jail",
-            ])
-            .arg(binary())
-            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-            .arg(&cfg)
-            .env("EGRESS_T", t)
-            .env("EGRESS_E2E_KEY", KEY)
-            .env("EGRESS_E2E_SECRET", &secret)
-            // The gateway trusts the test upstream when it terminates TLS to inject.
-            .env("SSL_CERT_FILE", t.join("upstream-ca.pem"))
-            .env("AMPOULE_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("starting unshare: {e}"))?;
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let log2 = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                {
-                    let mut l = log2.lock().unwrap();
-                    l.push_str(&line);
-                    l.push('\n');
-                }
-                if let Some(addr) = line
-                    .split("listening on ")
-                    .nth(1)
-                    .and_then(|rest| rest.split_whitespace().next())
-                {
-                    let _ = tx.send(addr.to_owned());
-                }
-            }
-        });
-        let addr = rx.recv_timeout(Duration::from_secs(120)).map_err(|_| {
-            format!(
-                "the server did not start in the jail:\n{}",
-                log.lock().unwrap()
-            )
-        })?;
-        let port = addr
-            .rsplit(':')
-            .next()
-            .and_then(|p| {
-                p.trim_end_matches(|c: char| !c.is_ascii_digit())
-                    .parse()
-                    .ok()
-            })
-            .ok_or_else(|| format!("no port in {addr:?}"))?;
-        // `unshare` made the namespaces itself before forking: its network namespace is the
-        // jail's.
-        let netns = std::fs::File::open(format!("/proc/{}/ns/net", child.id()))
-            .map_err(|e| format!("opening the jail's network namespace: {e}"))?;
-        Ok(Jail {
-            child,
+        // The gateway trusts the test upstream when it terminates TLS to inject.
+        let ca = t.join("upstream-ca.pem");
+        let served = Served::start(
             dir,
-            port,
-            netns,
-            log,
+            upstream::HOST,
+            &cfg,
+            [
+                ("EGRESS_E2E_KEY", KEY.as_ref()),
+                ("EGRESS_E2E_SECRET", secret.as_ref()),
+                ("SSL_CERT_FILE", ca.as_os_str()),
+            ],
+        )?;
+        Ok(Jail {
+            port: served.port,
+            served,
             secret,
         })
     }
 
     fn t(&self) -> &Path {
-        self.dir.path()
-    }
-
-    /// Puts the calling thread into the jail's network namespace (where the server listens).
-    fn enter(&self) -> Result<(), Failed> {
-        // Only this thread moves; the jail's namespace stays alive while it is in it.
-        nix::sched::setns(&self.netns, nix::sched::CloneFlags::CLONE_NEWNET)
-            .map_err(|e| format!("setns into the jail: {e}").into())
+        self.served.t()
     }
 
     fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
+        self.served.log()
     }
 
     /// Lines the upstream host logged.
     fn upstream(&self) -> Vec<Value> {
-        std::fs::read_to_string(self.t().join("upstream.log"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
-    }
-
-    /// Stops the server (SIGTERM through the jail) and waits for the jail to end.
-    fn stop(&mut self) -> Result<(i32, String), String> {
-        std::fs::write(self.t().join("stop"), "").map_err(|e| e.to_string())?;
-        let t0 = Instant::now();
-        while self.child.try_wait().map_err(|e| e.to_string())?.is_none() {
-            if t0.elapsed() > Duration::from_secs(60) {
-                return Err("the jail did not end after the server was told to stop".into());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let read = |f: &str| {
-            std::fs::read_to_string(self.t().join(f))
-                .unwrap_or_default()
-                .trim()
-                .to_owned()
-        };
-        let rc = read("server.rc").parse().unwrap_or(-1);
-        Ok((rc, read("leftover_links")))
+        upstream::read_log(&self.t().join("upstream.log"))
     }
 }
 
-impl Drop for Jail {
-    fn drop(&mut self) {
-        // Normally stopped already; otherwise --kill-child takes the whole jail down.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// One HTTP/1.1 request to the server; returns the status and the JSON body.
+/// One request to the server with the test's key; the status and the JSON body.
 fn call(port: u16, method: &str, path: &str, body: Option<&[u8]>) -> Result<(u16, Value), Failed> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(240)))?;
-    let body = body.unwrap_or_default();
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\
-         Authorization: Bearer {KEY}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes())?;
-    s.write_all(body)?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or("no response head")?;
-    let status = String::from_utf8_lossy(&raw[..split])
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or("no status")?;
-    let text = &raw[split + 4..];
-    let json = if text.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_slice(text).unwrap_or_else(|_| Value::String(lossy(text)))
-    };
-    Ok((status, json))
+    Ok(Client::new(port, KEY).call(method, path, body)?)
 }
 
 fn lossy(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// The body of a 2xx answer, else an error naming the request.
 fn ok(port: u16, method: &str, path: &str, body: Option<Value>) -> Result<Value, Failed> {
-    let bytes = body.map(|b| b.to_string().into_bytes());
-    let (status, v) = call(port, method, path, bytes.as_deref())?;
-    if !(200..300).contains(&status) {
-        return Err(format!("{method} {path}: {status} {v}").into());
-    }
-    Ok(v)
+    Ok(Client::new(port, KEY).ok(method, path, body)?)
 }
 
 fn new_session(port: u16, pool: &str) -> Result<String, Failed> {
@@ -863,7 +556,11 @@ fn allowlist(jail: &Jail) -> Result<(), Failed> {
 fn injection(jail: &Jail) -> Result<(), Failed> {
     let port = jail.port;
     let sid = new_session(port, "inject")?;
-    let result = execute(port, &sid, &format!("{PRELUDE}{INJECT_PROBE}"))?;
+    let result = execute(
+        port,
+        &sid,
+        &format!("{PRELUDE}{INJECT_PROBE}{}", upstream::SECRET_SCAN),
+    )?;
     let p = probes(&result)?;
     let mut errors = Vec::new();
     let e = &mut errors;
@@ -1034,32 +731,14 @@ fn latency(jail: &Jail) -> Result<(), Failed> {
 
 /// Why the trials cannot run here, if they cannot.
 fn unavailable() -> Option<String> {
-    let root = std::fs::read_to_string("/proc/self/status")
-        .map(|s| {
-            s.lines()
-                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
-        })
-        .unwrap_or(false);
-    if !root {
-        return Some("needs root (it builds network namespaces and sandboxes)".into());
-    }
-    for (tool, hint) in [
-        ("/usr/bin/unshare", "util-linux"),
-        ("/usr/sbin/ip", "iproute2"),
-        ("/usr/sbin/nft", "nftables"),
-        ("/usr/bin/python3", "python3"),
-    ] {
-        if !PathBuf::from(tool).exists() && !PathBuf::from(tool.replace("/usr", "")).exists() {
-            return Some(format!("{tool} is missing (apt-get install {hint})"));
-        }
-    }
-    if !ampoule_session::paths::python_env_dir()
-        .join("bin/python")
-        .exists()
-    {
-        return Some("no Python session environment (run `ampoule setup`)".into());
-    }
-    None
+    missing(&[
+        Need::Root("it builds network namespaces and sandboxes"),
+        Need::Tool("/usr/bin/unshare", "util-linux"),
+        Need::Tool("/usr/sbin/ip", "iproute2"),
+        Need::Tool("/usr/sbin/nft", "nftables"),
+        Need::Tool("/usr/bin/python3", "python3"),
+        Need::SessionEnv(&ampoule_session::paths::python_env_dir()),
+    ])
 }
 
 /// What a trial checks, given its running jail.
@@ -1069,9 +748,12 @@ type Body = fn(&Jail) -> Result<(), Failed>;
 /// `amp*` link left behind.
 fn trial(body: Body) -> Result<(), Failed> {
     let mut jail = Jail::start()?;
-    jail.enter()?;
+    jail.served.enter()?;
     let outcome = body(&jail);
-    let (rc, links) = jail.stop()?;
+    let Stopped {
+        rc,
+        leftover_links: links,
+    } = jail.served.stop()?;
     outcome?;
     if rc != 0 || links != "0" {
         return Err(format!(

@@ -23,60 +23,17 @@
 //! Python session environment (`ampoule setup`); without them every trial is reported as
 //! ignored with the reason, never as passed.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
+use ampoule_testkit::host::{Need, missing};
+use ampoule_testkit::http::Client;
+use ampoule_testkit::jail::Served;
 use libtest_mimic::{Arguments, Failed, Trial};
 use serde_json::{Value, json};
 
 const KEY_A: &str = "tenants-e2e-key-a";
 const KEY_B: &str = "tenants-e2e-key-b";
-
-/// The jail: the host's `/` read-only (but the case's directory and the runtime directory),
-/// then the server until `$T/stop` appears.
-const JAIL: &str = r#"
-set -e
-mkdir -p /run/ampoule
-mount --bind /run/ampoule /run/ampoule
-mount --bind "$TENANTS_T" "$TENANTS_T"
-mount -o remount,bind,ro /
-mount -t tmpfs -o size=1m,mode=0700 tmpfs /root
-ip link set lo up
-"$@" &
-server=$!
-while [ ! -e "$TENANTS_T/stop" ] && kill -0 $server 2>/dev/null; do sleep 0.1; done
-kill -TERM $server 2>/dev/null || true
-wait $server || true
-"#;
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// The `ampoule` binary: `$AMPOULE_BIN`, else the workspace's debug build (built if missing).
-fn binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("AMPOULE_BIN") {
-        return PathBuf::from(p);
-    }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join("target"));
-    let bin = target.join("debug/ampoule");
-    if !bin.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let st = Command::new(cargo)
-            .args(["build", "-p", "ampoule-cli", "--bin", "ampoule"])
-            .current_dir(workspace())
-            .status()
-            .unwrap();
-        assert!(st.success(), "building the ampoule binary failed");
-    }
-    bin
-}
 
 fn config(t: &Path) -> String {
     format!(
@@ -98,171 +55,19 @@ max_sessions = 16
     )
 }
 
-struct Jail {
-    child: Child,
-    dir: tempfile::TempDir,
-    port: u16,
-    netns: std::fs::File,
-    log: Arc<Mutex<String>>,
-}
+/// The server in its jail: tenants `a` and `b` on one Python pool.
+type Jail = Served;
 
-impl Jail {
-    fn start() -> Result<Jail, String> {
-        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-        let t = dir.path();
-        let cfg = t.join("ampoule.toml");
-        std::fs::write(&cfg, config(t)).unwrap();
-        let mut child = Command::new("unshare")
-            .args([
-                "--mount",
-                "--propagation",
-                "private",
-                "--pid",
-                "--fork",
-                "--kill-child",
-                "--mount-proc",
-                "--net",
-                "--ipc",
-                "--uts",
-                "--",
-                "/bin/sh",
-                "-c",
-                JAIL,
-                "jail",
-            ])
-            .arg(binary())
-            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-            .arg(&cfg)
-            .env("TENANTS_T", t)
-            .env("TENANTS_KEY_A", KEY_A)
-            .env("TENANTS_KEY_B", KEY_B)
-            .env("AMPOULE_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("starting unshare: {e}"))?;
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let log2 = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                {
-                    let mut l = log2.lock().unwrap();
-                    l.push_str(&line);
-                    l.push('\n');
-                }
-                if let Some(addr) = line
-                    .split("listening on ")
-                    .nth(1)
-                    .and_then(|rest| rest.split_whitespace().next())
-                {
-                    let _ = tx.send(addr.to_owned());
-                }
-            }
-        });
-        let addr = rx.recv_timeout(Duration::from_secs(120)).map_err(|_| {
-            format!(
-                "the server did not start in the jail:\n{}",
-                log.lock().unwrap()
-            )
-        })?;
-        let port = addr
-            .rsplit(':')
-            .next()
-            .and_then(|p| {
-                p.trim_end_matches(|c: char| !c.is_ascii_digit())
-                    .parse()
-                    .ok()
-            })
-            .ok_or_else(|| format!("no port in {addr:?}"))?;
-        let netns = std::fs::File::open(format!("/proc/{}/ns/net", child.id()))
-            .map_err(|e| format!("opening the jail's network namespace: {e}"))?;
-        Ok(Jail {
-            child,
-            dir,
-            port,
-            netns,
-            log,
-        })
-    }
-
-    fn enter(&self) -> Result<(), Failed> {
-        nix::sched::setns(&self.netns, nix::sched::CloneFlags::CLONE_NEWNET)
-            .map_err(|e| format!("setns into the jail: {e}").into())
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-
-    fn stop(&mut self) {
-        let _ = std::fs::write(self.dir.path().join("stop"), "");
-        let t0 = Instant::now();
-        while matches!(self.child.try_wait(), Ok(None)) && t0.elapsed() < Duration::from_secs(60) {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Jail {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn call(
-    port: u16,
-    key: &str,
-    method: &str,
-    path: &str,
-    body: Option<Value>,
-) -> Result<(u16, Value), Failed> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(240)))?;
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\
-         Authorization: Bearer {key}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes())?;
-    s.write_all(body.as_bytes())?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or("no response head")?;
-    let status = String::from_utf8_lossy(&raw[..split])
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or("no status")?;
-    let text = &raw[split + 4..];
-    let json = if text.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_slice(text)
-            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(text).into_owned()))
-    };
-    Ok((status, json))
-}
-
-fn ok(
-    port: u16,
-    key: &str,
-    method: &str,
-    path: &str,
-    body: Option<Value>,
-) -> Result<Value, Failed> {
-    let (status, v) = call(port, key, method, path, body)?;
-    if !(200..300).contains(&status) {
-        return Err(format!("{method} {path}: {status} {v}").into());
-    }
-    Ok(v)
+fn start() -> Result<Jail, String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let cfg = dir.path().join("ampoule.toml");
+    std::fs::write(&cfg, config(dir.path())).map_err(|e| e.to_string())?;
+    Served::start(
+        dir,
+        "",
+        &cfg,
+        [("TENANTS_KEY_A", KEY_A), ("TENANTS_KEY_B", KEY_B)],
+    )
 }
 
 /// A session of `key`'s tenant.
@@ -275,9 +80,7 @@ struct Sess<'a> {
 impl Sess<'_> {
     /// Runs `code`; the last line of its stdout, parsed as JSON.
     fn run(&self, code: &str) -> Result<Value, Failed> {
-        let r = ok(
-            self.port,
-            self.key,
+        let r = Client::new(self.port, self.key).ok(
             "POST",
             &format!("/v1/sessions/{}/executions", self.id),
             Some(json!({ "code": code, "timeout_s": 120 })),
@@ -294,7 +97,7 @@ impl Sess<'_> {
 fn forked<'a>(port: u16, key: &'a str) -> Result<Sess<'a>, Failed> {
     let t0 = Instant::now();
     loop {
-        let s = ok(port, key, "POST", "/v1/sessions", Some(json!({})))?;
+        let s = Client::new(port, key).ok("POST", "/v1/sessions", Some(json!({})))?;
         let sess = Sess {
             port,
             key,
@@ -304,13 +107,7 @@ fn forked<'a>(port: u16, key: &'a str) -> Result<Sess<'a>, Failed> {
         if v == json!(true) {
             return Ok(sess);
         }
-        ok(
-            port,
-            key,
-            "DELETE",
-            &format!("/v1/sessions/{}", sess.id),
-            None,
-        )?;
+        Client::new(port, key).ok("DELETE", &format!("/v1/sessions/{}", sess.id), None)?;
         if t0.elapsed() > Duration::from_secs(120) {
             return Err("no session forked from a zygote within 120 s".into());
         }
@@ -539,30 +336,21 @@ print(json.dumps(out))
 }
 
 fn unavailable() -> Option<String> {
-    if !nix::unistd::geteuid().is_root() {
-        return Some("needs root (it starts sandboxes in a jail)".into());
-    }
-    for tool in ["/usr/bin/unshare", "/usr/bin/python3"] {
-        if !Path::new(tool).exists() {
-            return Some(format!("{tool} is missing"));
-        }
-    }
-    if !ampoule_session::paths::python_env_dir()
-        .join("bin/python")
-        .exists()
-    {
-        return Some("no Python session environment (run `ampoule setup`)".into());
-    }
-    None
+    missing(&[
+        Need::Root("it starts sandboxes in a jail"),
+        Need::Tool("/usr/bin/unshare", "util-linux"),
+        Need::Tool("/usr/bin/python3", "python3"),
+        Need::SessionEnv(&ampoule_session::paths::python_env_dir()),
+    ])
 }
 
 type Body = fn(&Jail) -> Result<(), Failed>;
 
 fn trial(body: Body) -> Result<(), Failed> {
-    let mut jail = Jail::start()?;
+    let mut jail = start()?;
     jail.enter()?;
     let outcome = body(&jail);
-    jail.stop();
+    let _ = jail.stop();
     outcome.inspect_err(|_| {
         if std::env::var_os("TENANTS_VERBOSE").is_some() {
             eprintln!("{}", jail.log());

@@ -10,10 +10,10 @@
 //! mounts in its mount namespace, and sandbox cgroups in its own cgroup subtree.
 
 use std::collections::BTreeMap;
-use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use ampoule_runtime::cgroup::CgroupRoot;
+use ampoule_testkit::host::{Need, missing};
 use ampoule_types::RunResult;
 
 /// A value planted in the server's environment and in host files; it must never reach output.
@@ -132,29 +132,8 @@ pub(crate) fn run(code: &str, setup: &Setup) -> Result<Outcome, String> {
     } else {
         setup.lang
     };
-    let out = Command::new("unshare")
-        .args([
-            "--mount",
-            "--propagation",
-            "private",
-            "--pid",
-            "--fork",
-            "--kill-child",
-            "--mount-proc",
-            "--net",
-            "--ipc",
-            "--uts",
-            "--",
-            "/bin/sh",
-            "-c",
-            SCRIPT,
-            "jail",
-            ampoule(),
-            "run",
-            "--json",
-            "--lang",
-            lang,
-        ])
+    let out = ampoule_testkit::jail::command(SCRIPT)
+        .args([ampoule(), "run", "--json", "--lang", lang])
         .args(&setup.args)
         .arg("-")
         .stdin(std::fs::File::open(&code_path).map_err(|e| e.to_string())?)
@@ -232,29 +211,9 @@ fn parse(stdout: &str, leftover_cgroups: Vec<String>) -> Result<Outcome, String>
 
 /// Whether this machine can run the suite, and if not, why.
 pub(crate) fn unavailable() -> Option<String> {
-    if !nix_is_root() {
-        return Some("the containment suite needs root (it builds an outer namespace)".into());
-    }
-    for tool in ["unshare", "ip"] {
-        let found = std::env::var_os("PATH")
-            .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).exists()))
-            .unwrap_or(false);
-        if !found {
-            return Some(format!(
-                "`{tool}` is not installed (apt-get install util-linux iproute2)"
-            ));
-        }
-    }
-    None
-}
-
-fn nix_is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(2) == Some("0"))
-        })
-        .unwrap_or(false)
+    missing(&[
+        Need::Root("the containment suite builds an outer namespace"),
+        Need::OnPath("unshare", "util-linux"),
+        Need::OnPath("ip", "iproute2"),
+    ])
 }
