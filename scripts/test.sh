@@ -30,6 +30,18 @@ if ! cmp -s "$reqs" "$venv/requirements.txt"; then
   cp "$reqs" "$venv/requirements.txt"
 fi
 export AMPOULE_CLIENT_VENV="$PWD/$venv"
+echo "== schemathesis (venv for the server's /v1 contract test)" >&2
+# crates/server/tests/contract.rs fuzzes a real `ampoule serve` with it; recreated when the
+# pinned requirements change.
+venv=target/schemathesis-venv
+reqs=crates/server/tests/contract/requirements.txt
+if ! cmp -s "$reqs" "$venv/requirements.txt"; then
+  rm -rf "$venv"
+  /usr/bin/python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check -r "$reqs"
+  cp "$reqs" "$venv/requirements.txt"
+fi
+export AMPOULE_SCHEMATHESIS_VENV="$PWD/$venv"
 echo "== postgres (the audit store's tests run on it and on SQLite)" >&2
 AMPOULE_TEST_POSTGRES_URL=$(bash scripts/postgres.sh)
 export AMPOULE_TEST_POSTGRES_URL

@@ -36,6 +36,9 @@ pub enum ErrorCode {
     LanguageNotAllowed,
     /// The requested timeout is above the tenant's maximum.
     TimeoutNotAllowed,
+    /// The language asked for is a known one, but not the session's (or the pool's): the
+    /// request conflicts with what the session is, not with the API's schema.
+    LanguageMismatch,
     /// The request is malformed (bad JSON, missing field, bad identifier).
     InvalidRequest,
     /// A file path is absolute, contains `..`, or is otherwise not a path below `/mnt/data`.
@@ -75,6 +78,7 @@ impl ErrorCode {
             ErrorCode::PoolNotAllowed => "pool_not_allowed",
             ErrorCode::LanguageNotAllowed => "language_not_allowed",
             ErrorCode::TimeoutNotAllowed => "timeout_not_allowed",
+            ErrorCode::LanguageMismatch => "language_mismatch",
             ErrorCode::InvalidRequest => "invalid_request",
             ErrorCode::InvalidPath => "invalid_path",
             ErrorCode::LinkRefused => "link_refused",
@@ -145,6 +149,10 @@ pub enum Error {
         /// The tenant's maximum, in seconds.
         max: f64,
     },
+    /// The language asked for is not the session's (or the pool's); the message says which
+    /// it runs.
+    #[error("{0}")]
+    LanguageMismatch(String),
     /// The request is malformed (an identifier, a timeout, a language, a body).
     #[error("{0}")]
     Invalid(String),
@@ -193,6 +201,7 @@ impl Error {
             Error::PoolNotAllowed(_) => ErrorCode::PoolNotAllowed,
             Error::LanguageNotAllowed(_) => ErrorCode::LanguageNotAllowed,
             Error::TimeoutNotAllowed { .. } => ErrorCode::TimeoutNotAllowed,
+            Error::LanguageMismatch(_) => ErrorCode::LanguageMismatch,
             Error::Invalid(_) => ErrorCode::InvalidRequest,
             Error::InvalidPath(_) => ErrorCode::InvalidPath,
             Error::LinkRefused(_) => ErrorCode::LinkRefused,

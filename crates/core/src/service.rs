@@ -386,7 +386,7 @@ impl Manager {
                     ),
                     Resolved::New { pool, .. } => format!("pool {pool:?} runs {has}, not {wanted}"),
                 };
-                return Err(Error::Invalid(message));
+                return Err(Error::LanguageMismatch(message));
             }
         }
         match self.quotas().check_pool(&caller.tenant, r.pool(), has) {

@@ -184,7 +184,7 @@ async fn a_language_that_is_not_the_sessions_is_refused_before_running() {
     let mut js = ExecuteCommand::new(Target::Id(done.session.id.clone()), "x");
     js.language = Some("javascript".into());
     let e = m.execute(&a, js).await.unwrap_err();
-    assert_eq!(e.code(), ErrorCode::InvalidRequest);
+    assert_eq!(e.code(), ErrorCode::LanguageMismatch);
     assert_eq!(
         m.get_session(&a, &Target::Id(done.session.id.clone()))
             .unwrap()

@@ -536,6 +536,7 @@ async fn upload(
         headers,
         body,
         max,
+        files::FormFields::Ignore,
     )
     .await?;
     if family_b_shape {

@@ -11,7 +11,7 @@
 
 use ampoule_core::{AuditQuery as CoreAuditQuery, CreateSession as CoreCreate, ExecuteCommand};
 use ampoule_core::{SessionInfo as CoreSession, Target};
-use ampoule_types::{ExecutionEvent, ExecutionResult};
+use ampoule_types::{ExecutionEvent, ExecutionResult, ExecutionStatus, Language};
 use axum::body::Body;
 use axum::extract::{FromRequest, FromRequestParts, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header, request::Parts};
@@ -37,12 +37,22 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
         // Clients differ in the Content-Type they send; the body decides.
         let bytes = axum::body::Bytes::from_request(req, state)
             .await
-            .map_err(|e| ApiError::invalid(format!("reading the body: {}", e.body_text())))?;
+            .map_err(|e| {
+                // Above axum's body limit: as documented, a 413, not a malformed request.
+                let code = if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ErrorCode::PayloadTooLarge
+                } else {
+                    ErrorCode::InvalidRequest
+                };
+                ApiError::new(code, format!("reading the body: {}", e.body_text()))
+            })?;
         // An empty body means "all defaults" (`curl -X POST .../v1/sessions`).
-        let bytes = if bytes.iter().all(u8::is_ascii_whitespace) {
-            axum::body::Bytes::from_static(b"{}")
-        } else {
-            bytes
+        let bytes = match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+            None => axum::body::Bytes::from_static(b"{}"),
+            // serde reads a struct from an array too (`[null, null]`); every body of this
+            // API is an object, as documented.
+            Some(b'{') => bytes,
+            Some(_) => return Err(ApiError::invalid("the body must be a JSON object")),
         };
         serde_json::from_slice(&bytes)
             .map(JsonBody)
@@ -97,7 +107,7 @@ pub async fn method_not_allowed() -> ApiError {
     ),
     modifiers(&BearerAuth),
     security(("bearer" = [])),
-    components(schemas(ErrorBody, ExecutionEvent, StreamEvent))
+    components(schemas(ErrorBody, ExecutionEvent, StreamEvent, AuditKind, Language, ExecutionStatus))
 )]
 struct ApiDoc;
 
@@ -118,6 +128,102 @@ impl Modify for BearerAuth {
     }
 }
 
+/// The responses every operation shares, added to the document so that no handler can forget
+/// one: 401 `unauthorized` on each operation that needs a key (the key is checked before
+/// anything else), and 400 `invalid_request` on each with path parameters (a path segment
+/// that is not UTF-8 is refused before the handler runs).
+struct SharedResponses;
+
+impl Modify for SharedResponses {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::path::ParameterIn;
+        use utoipa::openapi::{Ref, ResponseBuilder, content::ContentBuilder};
+        let error = |description: &str| {
+            ResponseBuilder::new()
+                .description(description)
+                .content(
+                    "application/json",
+                    ContentBuilder::new()
+                        .schema(Some(Ref::from_schema_name("ErrorBody")))
+                        .build(),
+                )
+                .build()
+        };
+        for item in openapi.paths.paths.values_mut() {
+            let ops = [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.patch,
+            ];
+            for op in ops.into_iter().flatten() {
+                // `security(())` (an empty requirement) marks the operations open to all.
+                let open = op
+                    .security
+                    .as_ref()
+                    .is_some_and(|s| s.iter().all(|r| r == &Default::default()));
+                if !open {
+                    op.responses
+                        .responses
+                        .entry("401".into())
+                        .or_insert_with(|| {
+                            error("no API key, or an unknown one (`unauthorized`)").into()
+                        });
+                }
+                let has_path_params = op.parameters.as_ref().is_some_and(|ps| {
+                    ps.iter()
+                        .any(|p| matches!(p.parameter_in, ParameterIn::Path))
+                });
+                if has_path_params {
+                    op.responses
+                        .responses
+                        .entry("400".into())
+                        .or_insert_with(|| {
+                            error("a path segment that is not UTF-8 (`invalid_request`)").into()
+                        });
+                }
+            }
+        }
+    }
+}
+
+/// utoipa documents an optional body (`request_body = Option<T>`) as `null` or `T`; this API
+/// means "absent or `T`" (no body is all defaults), and refuses a `null` body. Keeps `T`.
+struct AbsentBodies;
+
+impl Modify for AbsentBodies {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::schema::{Schema, SchemaType, Type};
+        use utoipa::openapi::{RefOr, Required};
+        for item in openapi.paths.paths.values_mut() {
+            let ops = [&mut item.put, &mut item.post, &mut item.patch];
+            for op in ops.into_iter().flatten() {
+                let Some(body) = op.request_body.as_mut() else {
+                    continue;
+                };
+                if body.required == Some(Required::True) {
+                    continue;
+                }
+                for content in body.content.values_mut() {
+                    let Some(RefOr::T(Schema::OneOf(one))) = content.schema.as_ref() else {
+                        continue;
+                    };
+                    let is_null = |s: &RefOr<Schema>| {
+                        matches!(s, RefOr::T(Schema::Object(o))
+                            if o.schema_type == SchemaType::Type(Type::Null))
+                    };
+                    let rest: Vec<_> = one.items.iter().filter(|s| !is_null(s)).collect();
+                    if let [only] = rest[..] {
+                        content.schema = Some(only.clone());
+                    }
+                }
+                body.required = Some(Required::False);
+            }
+        }
+    }
+}
+
 /// The `/v1` routes and `/healthz`, and their OpenAPI document.
 pub fn routes() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
     let (router, mut doc) = router().split_for_parts();
@@ -127,6 +233,9 @@ pub fn routes() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
         .into_iter()
         .map(|(k, v)| (k.replace("{*", "{"), v))
         .collect();
+    // After the routes: `#[openapi(modifiers)]` run before there are any paths.
+    SharedResponses.modify(&mut doc);
+    AbsentBodies.modify(&mut doc);
     (router, doc)
 }
 
@@ -219,8 +328,13 @@ async fn list_pools(State(state): State<AppState>, Caller(caller): Caller) -> ax
 pub struct CreateSession {
     /// The pool (default: the server's default pool).
     pub pool: Option<String>,
-    /// The caller's name for the session (1-256 characters); when a session of this name
-    /// exists in the pool, it is returned instead of a new one.
+    /// The caller's name for the session (1-256 characters, no control characters); when a
+    /// session of this name exists in the pool, it is returned instead of a new one.
+    #[schema(
+        min_length = 1,
+        max_length = 256,
+        pattern = r"^[^\x00-\x1f\x7f-\x9f]*$"
+    )]
     pub identifier: Option<String>,
 }
 
@@ -262,16 +376,22 @@ fn session_info(s: &CoreSession) -> SessionInfo {
 }
 
 /// Creates a session (or returns the existing one of the same identifier).
-#[utoipa::path(post, path = "/v1/sessions", tag = "sessions", request_body = CreateSession,
+#[utoipa::path(post, path = "/v1/sessions", tag = "sessions",
+    // Optional: no body means all defaults (`curl -X POST …/v1/sessions`).
+    request_body = Option<CreateSession>,
     responses(
         (status = 201, description = "created", body = SessionInfo),
         (status = 200, description = "a session of this identifier existed", body = SessionInfo),
-        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 400, description = "a body that is not JSON, an unknown field, a value of \
+            the wrong type or out of bounds (`invalid_request`)", body = ErrorBody),
         (status = 403, description = "the tenant may not use this pool or its language \
             (`pool_not_allowed`, `language_not_allowed`)", body = ErrorBody),
         (status = 404, description = "no such pool", body = ErrorBody),
-        (status = 429, description = "the pool or the tenant is full", body = ErrorBody),
-        (status = 503, description = "no sandbox could be started", body = ErrorBody)))]
+        (status = 413, description = "the body is above the server's limit", body = ErrorBody),
+        (status = 429, description = "the pool or the tenant is full (`pool_full`, \
+            `tenant_full`)", body = ErrorBody),
+        (status = 503, description = "no sandbox could be started, or the server is shutting \
+            down (`sandbox_unavailable`, `shutting_down`)", body = ErrorBody)))]
 async fn create_session(
     State(state): State<AppState>,
     Caller(caller): Caller,
@@ -316,7 +436,8 @@ async fn list_sessions(
 /// One session.
 #[utoipa::path(get, path = "/v1/sessions/{id}", tag = "sessions",
     params(("id" = String, Path, description = "session id")),
-    responses((status = 200, body = SessionInfo), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = SessionInfo),
+        (status = 404, description = "no such session (`session_not_found`)", body = ErrorBody)))]
 async fn get_session(
     State(state): State<AppState>,
     Caller(caller): Caller,
@@ -329,7 +450,8 @@ async fn get_session(
 /// Destroys a session and everything in it.
 #[utoipa::path(delete, path = "/v1/sessions/{id}", tag = "sessions",
     params(("id" = String, Path, description = "session id")),
-    responses((status = 204, description = "deleted"), (status = 404, body = ErrorBody)))]
+    responses((status = 204, description = "deleted"),
+        (status = 404, description = "no such session (`session_not_found`)", body = ErrorBody)))]
 async fn delete_session(
     State(state): State<AppState>,
     Caller(caller): Caller,
@@ -348,9 +470,12 @@ async fn delete_session(
 pub struct ExecuteRequest {
     /// The code.
     pub code: String,
-    /// The language; must be the session's (default: the session's).
+    /// The language; must be the session's (default: the session's): another one answers
+    /// 409 `language_mismatch`.
+    #[schema(value_type = Option<Language>)]
     pub language: Option<String>,
     /// Wall-clock limit in seconds (default: the pool's; at most the pool's maximum).
+    #[schema(exclusive_minimum = 0.0)]
     pub timeout_s: Option<f64>,
     /// A JSON object available to the code as `inputs`.
     #[schema(value_type = Option<Object>)]
@@ -385,13 +510,22 @@ pub struct Execution {
 #[utoipa::path(post, path = "/v1/sessions/{id}/executions", tag = "executions",
     params(("id" = String, Path, description = "session id")),
     request_body = ExecuteRequest,
-    responses((status = 200, body = Execution), (status = 400, body = ErrorBody),
-        (status = 403, description = "the timeout is above the tenant's maximum \
-            (`timeout_not_allowed`)", body = ErrorBody),
-        (status = 404, body = ErrorBody),
+    responses((status = 200, body = Execution),
+        (status = 400, description = "a body that is not JSON, a missing `code`, an unknown \
+            field, a value of the wrong type or out of bounds (`invalid_request`)",
+            body = ErrorBody),
+        (status = 403, description = "the timeout is above the tenant's maximum, or the tenant \
+            may not use the session's pool or language (`timeout_not_allowed`, \
+            `pool_not_allowed`, `language_not_allowed`)", body = ErrorBody),
+        (status = 404, description = "no such session (`session_not_found`)", body = ErrorBody),
+        (status = 409, description = "`language` is not the session's (`language_mismatch`)",
+            body = ErrorBody),
+        (status = 413, description = "the body is above the server's limit", body = ErrorBody),
         (status = 429, description = "the tenant's executions per minute are used up \
-            (`rate_limited`); `Retry-After` says in how many seconds to try again",
-            body = ErrorBody)))]
+            (`rate_limited`)", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "seconds until an execution may start"))),
+        (status = 503, description = "the session's interpreter stopped answering \
+            (`sandbox_unavailable`)", body = ErrorBody)))]
 async fn execute(
     State(state): State<AppState>,
     Caller(caller): Caller,
@@ -450,11 +584,22 @@ pub enum StreamOutcome {
     request_body = ExecuteRequest,
     responses(
         (status = 200, description = "NDJSON lines or SSE events: StreamEvent..., then StreamEnd",
-            content_type = "application/x-ndjson", body = StreamEnd),
-        (status = 403, description = "the timeout is above the tenant's maximum", body = ErrorBody),
-        (status = 404, body = ErrorBody),
-        (status = 429, description = "rate limited (`rate_limited`, with `Retry-After`)",
-            body = ErrorBody)))]
+            content((StreamEnd = "application/x-ndjson"), (String = "text/event-stream"))),
+        (status = 400, description = "a body that is not JSON, a missing `code`, an unknown \
+            field, a value of the wrong type or out of bounds (`invalid_request`)",
+            body = ErrorBody),
+        (status = 403, description = "the timeout is above the tenant's maximum, or the tenant \
+            may not use the session's pool or language (`timeout_not_allowed`, \
+            `pool_not_allowed`, `language_not_allowed`)", body = ErrorBody),
+        (status = 404, description = "no such session (`session_not_found`)", body = ErrorBody),
+        (status = 409, description = "`language` is not the session's (`language_mismatch`)",
+            body = ErrorBody),
+        (status = 413, description = "the body is above the server's limit", body = ErrorBody),
+        (status = 429, description = "the tenant's executions per minute are used up \
+            (`rate_limited`)", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "seconds until an execution may start"))),
+        (status = 503, description = "the session's interpreter stopped answering \
+            (`sandbox_unavailable`)", body = ErrorBody)))]
 async fn execute_stream(
     State(state): State<AppState>,
     Caller(caller): Caller,
@@ -569,6 +714,22 @@ impl From<&ampoule_core::FileInfo> for FileItem {
     }
 }
 
+/// The multipart body of an upload: every part with a file name is stored under that name.
+// Documents the body; `files::upload_multipart` reads it as a stream.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UploadForm {
+    /// A file (the part's file name is where it goes). Inline, not a reference: a fuzzer
+    /// then knows that a part's bytes are a string whatever they hold.
+    #[schema(value_type = String, format = Binary)]
+    pub file: Vec<u8>,
+}
+
+/// A file's bytes.
+#[derive(Deserialize, ToSchema)]
+#[schema(value_type = String, format = Binary)]
+pub struct FileContent(pub Vec<u8>);
+
 /// A list of files.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct FileList {
@@ -579,15 +740,20 @@ pub struct FileList {
 /// `?path=` of the file list and multipart upload.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub struct DirQuery {
     /// A directory below `/mnt/data` (list: only files below it; upload: where parts go).
+    #[param(pattern = r"^[^\x00]*$")]
     pub path: Option<String>,
 }
 
 /// The regular files in the session's `/mnt/data`, recursively.
 #[utoipa::path(get, path = "/v1/sessions/{id}/files", tag = "files",
     params(("id" = String, Path, description = "session id"), DirQuery),
-    responses((status = 200, body = FileList), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = FileList),
+        (status = 400, description = "`path` is not a directory below /mnt/data, or an \
+            unknown query parameter (`invalid_path`, `invalid_request`)", body = ErrorBody),
+        (status = 404, description = "no such session (`session_not_found`)", body = ErrorBody)))]
 async fn list_files(
     State(state): State<AppState>,
     Caller(caller): Caller,
@@ -612,9 +778,20 @@ async fn list_files(
 /// name (below `?path=` when given).
 #[utoipa::path(post, path = "/v1/sessions/{id}/files", tag = "files",
     params(("id" = String, Path, description = "session id"), DirQuery),
-    request_body(content_type = "multipart/form-data", content = String),
-    responses((status = 201, body = FileList), (status = 400, body = ErrorBody),
-        (status = 413, body = ErrorBody)))]
+    request_body(content_type = "multipart/form-data", content = UploadForm),
+    responses((status = 201, body = FileList),
+        (status = 400, description = "a malformed multipart body, one without a file part, a \
+            file name or `path` that is not below /mnt/data (`invalid_request`, \
+            `invalid_path`, `link_refused`)", body = ErrorBody),
+        (status = 409, description = "a directory stands where the path needs a file, or a \
+            file where it needs a directory (`not_a_file`)", body = ErrorBody),
+        (status = 404, description = "no such session (`session_not_found`)", body = ErrorBody),
+        (status = 413, description = "above the server's upload limit (`payload_too_large`)",
+            body = ErrorBody),
+        (status = 415, description = "not a multipart/form-data body \
+            (`unsupported_media_type`)", body = ErrorBody),
+        (status = 507, description = "the session's disk is full (`no_space`)",
+            body = ErrorBody)))]
 async fn upload_files(
     State(state): State<AppState>,
     Caller(caller): Caller,
@@ -635,6 +812,7 @@ async fn upload_files(
         &headers,
         body,
         state.max_upload,
+        files::FormFields::Refuse,
     )
     .await?;
     Ok((
@@ -648,10 +826,15 @@ async fn upload_files(
 /// `…/files/{path}`: metadata, or the content when the path ends in `/content`.
 #[utoipa::path(get, path = "/v1/sessions/{id}/files/{*path}", tag = "files",
     params(("id" = String, Path, description = "session id"),
-        ("path" = String, Path, description = "file path below /mnt/data; append `/content` for the bytes")),
+        ("path" = String, Path, pattern = r"^[^\x00]+$", description = "file path below /mnt/data; append `/content` for the bytes")),
     responses((status = 200, description = "the file's metadata (FileItem), or its bytes for `…/content`",
-            body = FileItem),
-        (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+            content((FileItem = "application/json"), (FileContent = "*/*"))),
+        (status = 400, description = "a path that is not below /mnt/data or leads through a \
+            link (`invalid_path`, `link_refused`)", body = ErrorBody),
+        (status = 409, description = "a directory stands where the path needs a file, or a \
+            file where it needs a directory (`not_a_file`)", body = ErrorBody),
+        (status = 404, description = "no such session or file (`session_not_found`, \
+            `file_not_found`)", body = ErrorBody)))]
 async fn get_file(
     State(state): State<AppState>,
     Caller(caller): Caller,
@@ -675,10 +858,19 @@ async fn get_file(
 /// Writes the raw request body to a file (parents created, an existing file replaced).
 #[utoipa::path(put, path = "/v1/sessions/{id}/files/{*path}", tag = "files",
     params(("id" = String, Path, description = "session id"),
-        ("path" = String, Path, description = "file path below /mnt/data")),
-    request_body(content_type = "application/octet-stream", content = String),
-    responses((status = 201, body = FileItem), (status = 400, body = ErrorBody),
-        (status = 413, body = ErrorBody)))]
+        ("path" = String, Path, pattern = r"^[^\x00]+$", description = "file path below /mnt/data")),
+    // Optional: no body writes an empty file.
+    request_body(content_type = "application/octet-stream", content = Option<FileContent>),
+    responses((status = 201, body = FileItem),
+        (status = 400, description = "a path that is not below /mnt/data or leads through a \
+            link (`invalid_path`, `link_refused`)", body = ErrorBody),
+        (status = 409, description = "a directory stands where the path needs a file, or a \
+            file where it needs a directory (`not_a_file`)", body = ErrorBody),
+        (status = 404, description = "no such session (`session_not_found`)", body = ErrorBody),
+        (status = 413, description = "above the server's upload limit (`payload_too_large`)",
+            body = ErrorBody),
+        (status = 507, description = "the session's disk is full (`no_space`)",
+            body = ErrorBody)))]
 async fn put_file(
     State(state): State<AppState>,
     Caller(caller): Caller,
@@ -702,8 +894,14 @@ async fn put_file(
 /// Deletes a file (a link itself, never what it points to).
 #[utoipa::path(delete, path = "/v1/sessions/{id}/files/{*path}", tag = "files",
     params(("id" = String, Path, description = "session id"),
-        ("path" = String, Path, description = "file path below /mnt/data")),
-    responses((status = 204, description = "deleted"), (status = 404, body = ErrorBody)))]
+        ("path" = String, Path, pattern = r"^[^\x00]+$", description = "file path below /mnt/data")),
+    responses((status = 204, description = "deleted"),
+        (status = 400, description = "a path that is not below /mnt/data \
+            (`invalid_path`)", body = ErrorBody),
+        (status = 409, description = "a directory stands where the path needs a file, or a \
+            file where it needs a directory (`not_a_file`)", body = ErrorBody),
+        (status = 404, description = "no such session or file (`session_not_found`, \
+            `file_not_found`)", body = ErrorBody)))]
 async fn delete_file(
     State(state): State<AppState>,
     Caller(caller): Caller,
@@ -732,17 +930,48 @@ pub struct AuditQuery {
     pub since: Option<i64>,
     /// Before this time.
     pub until: Option<i64>,
-    /// Only this status (`succeeded`, `failed`, `timed_out`, `killed`).
-    pub status: Option<String>,
+    /// Only this status.
+    pub status: Option<ExecutionStatus>,
     /// Only this language.
-    pub language: Option<String>,
-    /// Only this kind (`execution`, `session_created`, `session_expired`, `session_deleted`,
-    /// `session_killed`).
-    pub kind: Option<String>,
+    pub language: Option<Language>,
+    /// Only this kind.
+    pub kind: Option<AuditKind>,
     /// The previous page's `next`.
     pub after: Option<i64>,
-    /// Records per page (default 100, at most 1000).
+    /// Records per page (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
+}
+
+/// What an audit record is about (the `kind` filter).
+#[derive(Debug, Clone, Copy, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AuditKind {
+    /// One execution of code.
+    Execution,
+    /// A session was created.
+    SessionCreated,
+    /// A session expired (idle timeout or lifetime).
+    SessionExpired,
+    /// A session was deleted by its tenant.
+    SessionDeleted,
+    /// A session's sandbox was killed by a limit.
+    SessionKilled,
+    /// A request refused by a quota or policy.
+    Refused,
+}
+
+impl AuditKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            AuditKind::Execution => "execution",
+            AuditKind::SessionCreated => "session_created",
+            AuditKind::SessionExpired => "session_expired",
+            AuditKind::SessionDeleted => "session_deleted",
+            AuditKind::SessionKilled => "session_killed",
+            AuditKind::Refused => "refused",
+        }
+    }
 }
 
 /// `GET /v1/audit`.
@@ -760,22 +989,29 @@ pub struct AuditList {
 /// The calling tenant's audit records: one per execution, session event and refusal. Each
 /// record carries the session's identifier and the request id that caused it.
 #[utoipa::path(get, path = "/v1/audit", tag = "audit", params(AuditQuery),
-    responses((status = 200, body = AuditList), (status = 400, body = ErrorBody),
-        (status = 401, body = ErrorBody)))]
+    responses((status = 200, body = AuditList),
+        (status = 400, description = "an unknown parameter, or a value of the wrong type or \
+            out of bounds (`invalid_request`)", body = ErrorBody),
+        (status = 404, description = "this server keeps no audit log (`not_found`)",
+            body = ErrorBody)))]
 async fn list_audit(
     State(state): State<AppState>,
     Caller(caller): Caller,
     QueryParams(q): QueryParams<AuditQuery>,
 ) -> Result<axum::Json<AuditList>, ApiError> {
+    // As documented: out of bounds is refused, not silently clamped by the store.
+    if q.limit.is_some_and(|n| !(1..=1000).contains(&n)) {
+        return Err(ApiError::invalid("`limit` must be 1-1000"));
+    }
     let query = CoreAuditQuery {
         session: q.session,
         identifier: q.identifier,
         execution: q.execution,
         since: q.since,
         until: q.until,
-        status: q.status,
-        language: q.language,
-        kind: q.kind,
+        status: q.status.map(|s| s.as_str().to_owned()),
+        language: q.language.map(|l| l.as_str().to_owned()),
+        kind: q.kind.map(|k| k.as_str().to_owned()),
         after: q.after,
         limit: q.limit,
     };
@@ -818,7 +1054,11 @@ pub struct UsageBody {
 
 /// The calling tenant's metered usage over a period.
 #[utoipa::path(get, path = "/v1/usage", tag = "audit", params(UsageQuery),
-    responses((status = 200, body = UsageBody), (status = 401, body = ErrorBody)))]
+    responses((status = 200, body = UsageBody),
+        (status = 400, description = "an unknown parameter or a value of the wrong type \
+            (`invalid_request`)", body = ErrorBody),
+        (status = 404, description = "this server keeps no audit log (`not_found`)",
+            body = ErrorBody)))]
 async fn get_usage(
     State(state): State<AppState>,
     Caller(caller): Caller,

@@ -63,10 +63,12 @@ pub fn status(code: ErrorCode) -> StatusCode {
         ErrorCode::PoolNotAllowed
         | ErrorCode::LanguageNotAllowed
         | ErrorCode::TimeoutNotAllowed => StatusCode::FORBIDDEN,
-        ErrorCode::InvalidRequest
-        | ErrorCode::InvalidPath
-        | ErrorCode::LinkRefused
-        | ErrorCode::NotAFile => StatusCode::BAD_REQUEST,
+        // Well-formed requests that the session's state refuses: it runs another language, or
+        // a directory (or a file) stands where the path needs the other.
+        ErrorCode::LanguageMismatch | ErrorCode::NotAFile => StatusCode::CONFLICT,
+        ErrorCode::InvalidRequest | ErrorCode::InvalidPath | ErrorCode::LinkRefused => {
+            StatusCode::BAD_REQUEST
+        }
         ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         ErrorCode::NoSpace => StatusCode::INSUFFICIENT_STORAGE,
         ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -91,6 +93,7 @@ pub fn aca_name(code: ErrorCode) -> &'static str {
         | ErrorCode::LanguageNotAllowed
         | ErrorCode::TimeoutNotAllowed => "Forbidden",
         ErrorCode::InvalidRequest
+        | ErrorCode::LanguageMismatch
         | ErrorCode::InvalidPath
         | ErrorCode::LinkRefused
         | ErrorCode::NotAFile => "SessionRequestValidationFailed",
@@ -108,6 +111,8 @@ pub fn aca_name(code: ErrorCode) -> &'static str {
 pub fn aca_status(code: ErrorCode) -> StatusCode {
     match code {
         ErrorCode::PoolFull | ErrorCode::TenantFull => StatusCode::NOT_FOUND,
+        // ACA validates the request as a whole: these stay 400s there.
+        ErrorCode::LanguageMismatch | ErrorCode::NotAFile => StatusCode::BAD_REQUEST,
         other => status(other),
     }
 }

@@ -181,8 +181,18 @@ fn part_target(dir: Option<&str>, file_name: &str) -> Result<String, ApiError> {
     }
 }
 
+/// What an upload does with a form field that is not a file (a part without a file name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FormFields {
+    /// Skips it: ACA clients send such fields.
+    Ignore,
+    /// Refuses the upload, as `/v1` documents (its form has file parts only).
+    Refuse,
+}
+
 /// Stores every file part of a multipart body in `target` (ACA `files/upload`, native
 /// `POST files`): one core `put_file` per part.
+#[allow(clippy::too_many_arguments)]
 pub async fn upload_multipart(
     manager: &Manager,
     caller: &Caller,
@@ -191,6 +201,7 @@ pub async fn upload_multipart(
     headers: &HeaderMap,
     body: Body,
     max: u64,
+    fields: FormFields,
 ) -> Result<Vec<FileInfo>, ApiError> {
     check_content_length(headers, max)?;
     let over = Arc::new(AtomicBool::new(false));
@@ -216,6 +227,12 @@ pub async fn upload_multipart(
             Err(e) => return Err(malformed(&over, e)),
         };
         let Some(file_name) = field.file_name().map(str::to_owned) else {
+            if fields == FormFields::Refuse {
+                return Err(ApiError::invalid(format!(
+                    "form field {:?} is not a file (a part with a file name)",
+                    field.name().unwrap_or_default()
+                )));
+            }
             // Form fields without a file name carry nothing to store.
             continue;
         };

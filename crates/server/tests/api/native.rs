@@ -73,7 +73,9 @@ async fn native_api_sessions_executions_and_files() {
             json!({"code": "1", "language": "javascript"}),
         )
         .await;
-    assert_eq!(r.code(), "invalid_request");
+    // A known language that is not the session's conflicts with it (409, as documented).
+    assert_eq!(r.status, StatusCode::CONFLICT);
+    assert_eq!(r.code(), "language_mismatch");
     let r = h
         .json(
             "POST",

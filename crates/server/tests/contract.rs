@@ -1,0 +1,117 @@
+//! The `/v1` contract, fuzzed: schemathesis (every check, the stateful phase included) runs
+//! over every operation of the OpenAPI document that a real `ampoule serve` serves, with real
+//! Python sessions in real sandboxes, and must report no failure. A status code an operation
+//! answers but does not document, a schema-valid request refused, a schema-violating one
+//! accepted, a response that breaks its schema: each fails this test.
+//!
+//! Schemathesis comes from the venv `scripts/test.sh` builds from
+//! `tests/contract/requirements.txt` (`target/schemathesis-venv`, or `$AMPOULE_SCHEMATHESIS_VENV`).
+//! Without it, or without root or the Python session environment, the test is reported as
+//! ignored with the reason, never as passed; in CI a missing venv fails it. The run is bounded
+//! (examples per operation, a fixed seed) to stay within a minute or two on two cores. Only
+//! 127.0.0.1 is bound or contacted.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use ampoule_testkit::host::{Need, missing, trial};
+use ampoule_testkit::paths::{binary, workspace};
+use ampoule_testkit::serve::Serve;
+use libtest_mimic::Arguments;
+
+const KEY: &str = "contract-key-tenant-a";
+
+/// Test cases per operation and phase, and the seed: enough to reach every status code the
+/// document lists, few enough for CI.
+const MAX_EXAMPLES: &str = "50";
+const SEED: &str = "1";
+
+/// The schemathesis venv, if it is there.
+fn venv() -> Option<PathBuf> {
+    let dir = std::env::var_os("AMPOULE_SCHEMATHESIS_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target/schemathesis-venv"));
+    dir.join("bin/schemathesis").exists().then_some(dir)
+}
+
+fn write_config(dir: &Path) -> PathBuf {
+    let path = dir.join("ampoule.toml");
+    // Small limits so that schemathesis meets them: a full pool (429), a 1 MiB upload (413).
+    let text = format!(
+        "[server]\ndata_dir = \"{}\"\nmax_upload_mib = 1\n\
+         [[auth.keys]]\ntenant = \"a\"\nkey_env = \"AMPOULE_CONTRACT_KEY\"\n\
+         [pools.python]\nwarm = 1\nmax_sessions = 8\n",
+        dir.join("data").display()
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn schemathesis_finds_nothing() {
+    let venv = venv().expect("checked before the trial");
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(binary());
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(write_config(tmp.path()))
+        .env("AMPOULE_CONTRACT_KEY", KEY)
+        .env("AMPOULE_LOG", "warn")
+        .stdout(Stdio::null());
+    let server = Serve::spawn(cmd, false).unwrap();
+    let started = Instant::now();
+    let out = Command::new(venv.join("bin/schemathesis"))
+        .current_dir(tmp.path())
+        .args([
+            "run",
+            &format!("http://127.0.0.1:{}/openapi.json", server.port),
+        ])
+        .args(["--header", &format!("Authorization: Bearer {KEY}")])
+        .args(["--checks", "all"])
+        .args(["--phases", "examples,coverage,fuzzing,stateful"])
+        .args(["--max-examples", MAX_EXAMPLES, "--seed", SEED])
+        // One worker: the server's sessions are real sandboxes on a two-core machine.
+        .args(["--workers", "1", "--no-shrink", "--request-timeout", "60"])
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!(
+        "schemathesis ({} s):\n{stdout}{}",
+        started.elapsed().as_secs(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "schemathesis found failures in the /v1 contract (above); the server log:\n{}",
+        server.log.text()
+    );
+    // A run that tested nothing would also exit 0.
+    assert!(
+        stdout.contains("Tested: 15"),
+        "schemathesis did not test every operation"
+    );
+}
+
+fn main() {
+    let args = Arguments::from_args();
+    let env = ampoule_session::paths::python_env_dir();
+    let mut skip = missing(&[
+        Need::Root("real sandboxes with their own uids"),
+        Need::SessionEnv(&env),
+    ]);
+    if skip.is_none() && venv().is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must run the contract test: scripts/test.sh builds target/schemathesis-venv"
+        );
+        skip =
+            Some("no schemathesis venv (scripts/test.sh builds target/schemathesis-venv)".into());
+    }
+    let trials = vec![trial(
+        "schemathesis_finds_nothing_in_the_v1_contract",
+        schemathesis_finds_nothing,
+        skip.as_deref(),
+    )];
+    libtest_mimic::run(&args, trials).exit();
+}
