@@ -737,13 +737,17 @@ pub struct FileList {
     pub files: Vec<FileItem>,
 }
 
-/// `?path=` of the file list and multipart upload.
+/// `?path=` of the file list and multipart upload. The patterns of this and of the file path
+/// parameters are the rules of `ampoule_core::files::data_dir` and `scratch::normalize`:
+/// below /mnt/data (relative, or under `/mnt/data/`), no `..` segment, no NUL.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct DirQuery {
     /// A directory below `/mnt/data` (list: only files below it; upload: where parts go).
-    #[param(pattern = r"^[^\x00]*$")]
+    #[param(
+        pattern = r"^(?:/mnt/data|/mnt/data/(?:(?:[^/\x00.][^/\x00]*|\.[^/\x00.][^/\x00]*|\.\.[^/\x00]+)|\.)?(?:/(?:(?:[^/\x00.][^/\x00]*|\.[^/\x00.][^/\x00]*|\.\.[^/\x00]+)|\.)?)*|(?:(?:[^/\x00.][^/\x00]*|\.[^/\x00.][^/\x00]*|\.\.[^/\x00]+)|\.)(?:/(?:(?:[^/\x00.][^/\x00]*|\.[^/\x00.][^/\x00]*|\.\.[^/\x00]+)|\.)?)*)?$"
+    )]
     pub path: Option<String>,
 }
 
@@ -826,7 +830,7 @@ async fn upload_files(
 /// `…/files/{path}`: metadata, or the content when the path ends in `/content`.
 #[utoipa::path(get, path = "/v1/sessions/{id}/files/{*path}", tag = "files",
     params(("id" = String, Path, description = "session id"),
-        ("path" = String, Path, pattern = r"^[^\x00]+$", description = "file path below /mnt/data; append `/content` for the bytes")),
+        ("path" = String, Path, pattern = r"^(?:/mnt/data/)?(?:\./+)*(?:[^/\x00.][^/\x00]*|\.[^/\x00.][^/\x00]*|\.\.[^/\x00]+)(?:/+(?:\.|(?:[^/\x00.][^/\x00]*|\.[^/\x00.][^/\x00]*|\.\.[^/\x00]+)))*/*$", description = "file path below /mnt/data; append `/content` for the bytes")),
     responses((status = 200, description = "the file's metadata (FileItem), or its bytes for `…/content`",
             content((FileItem = "application/json"), (FileContent = "*/*"))),
         (status = 400, description = "a path that is not below /mnt/data or leads through a \
@@ -858,7 +862,7 @@ async fn get_file(
 /// Writes the raw request body to a file (parents created, an existing file replaced).
 #[utoipa::path(put, path = "/v1/sessions/{id}/files/{*path}", tag = "files",
     params(("id" = String, Path, description = "session id"),
-        ("path" = String, Path, pattern = r"^[^\x00]+$", description = "file path below /mnt/data")),
+        ("path" = String, Path, pattern = r"^(?:/mnt/data/)?(?:\./+)*(?:[^/\x00.][^/\x00]*|\.[^/\x00.][^/\x00]*|\.\.[^/\x00]+)(?:/+(?:\.|(?:[^/\x00.][^/\x00]*|\.[^/\x00.][^/\x00]*|\.\.[^/\x00]+)))*/*$", description = "file path below /mnt/data")),
     // Optional: no body writes an empty file.
     request_body(content_type = "application/octet-stream", content = Option<FileContent>),
     responses((status = 201, body = FileItem),
@@ -894,7 +898,7 @@ async fn put_file(
 /// Deletes a file (a link itself, never what it points to).
 #[utoipa::path(delete, path = "/v1/sessions/{id}/files/{*path}", tag = "files",
     params(("id" = String, Path, description = "session id"),
-        ("path" = String, Path, pattern = r"^[^\x00]+$", description = "file path below /mnt/data")),
+        ("path" = String, Path, pattern = r"^(?:/mnt/data/)?(?:\./+)*(?:[^/\x00.][^/\x00]*|\.[^/\x00.][^/\x00]*|\.\.[^/\x00]+)(?:/+(?:\.|(?:[^/\x00.][^/\x00]*|\.[^/\x00.][^/\x00]*|\.\.[^/\x00]+)))*/*$", description = "file path below /mnt/data")),
     responses((status = 204, description = "deleted"),
         (status = 400, description = "a path that is not below /mnt/data \
             (`invalid_path`)", body = ErrorBody),
