@@ -263,7 +263,9 @@ async fn v1_refusals_start_no_sandbox() {
     assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.text);
     let js = json!({"code": "1", "language": "javascript"});
     let r = send(&d, "POST", &uri, B, None, Some(js)).await;
-    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text);
+    // Not the session's language: a conflict with the session on /v1 (400 on ACA).
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.text);
+    assert_eq!(r.json()["error"]["code"], "language_mismatch", "{}", r.text);
     let r = send(&d, "GET", &format!("/v1/sessions/{sid}"), B, None, None).await;
     assert_eq!(r.json()["executions"], 0, "{}", r.text);
     assert_eq!(d.starts_and_sessions(), (1, 1));
