@@ -233,7 +233,10 @@ fn per_user_limits(root: bool) -> Check {
                 "per-user limits",
                 Level::Ok,
                 format!(
-                    "each session has its own uid; a zygote-born one may hold                      {SESSION_INOTIFY_INSTANCES} inotify instances and {SESSION_INOTIFY_WATCHES}                      watches; the host's per-user maximums ({instances}, {watches}) hold {fit}                      such sessions per zygote now{}",
+                    "each session has its own uid; a zygote-born one may hold \
+                     {SESSION_INOTIFY_INSTANCES} inotify instances and {SESSION_INOTIFY_WATCHES} \
+                     watches; the host's per-user maximums ({instances}, {watches}) hold {fit} \
+                     such sessions per zygote now{}",
                     if root {
                         ", and a zygote raises them to its pool's max_sessions"
                     } else {

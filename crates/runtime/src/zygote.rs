@@ -199,13 +199,24 @@ impl Zygote {
             ));
         }
         let policy = SeccompPolicy::default_policy()?;
-        for r in crate::ucounts::ensure_host_room(cfg.max_children)? {
-            tracing::info!(
-                sysctl = r.path,
-                from = r.from,
-                to = r.to,
-                "raised a per-user limit of the host for a zygote's sessions"
-            );
+        // Not fatal (a read-only /proc/sys in a container): each session keeps its own ceiling
+        // at the zygote's level, but all of them then share the host's current maximums.
+        match crate::ucounts::ensure_host_room(cfg.max_children) {
+            Ok(raised) => {
+                for r in raised {
+                    tracing::info!(
+                        sysctl = r.path,
+                        from = r.from,
+                        to = r.to,
+                        "raised a per-user limit of the host for a zygote's sessions"
+                    );
+                }
+            }
+            Err(e) => tracing::warn!(
+                error = %e,
+                "cannot make room in the host's per-user inotify limits: a zygote's sessions \
+                 share what is left of them"
+            ),
         }
         let (ours, theirs) = channel::pair()?;
         let files = cfg.files.clone();
