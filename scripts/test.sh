@@ -17,31 +17,25 @@ if [ -f crates/cli/src/setup.rs ]; then
 fi
 echo "== doctor" >&2
 target/debug/ampoule doctor || true
+# A Python venv at $1 with the pinned requirements $2 (with Debian's interpreter: `python3` on
+# PATH may be a slow shim). Created once; recreated when the requirements change.
+venv() {
+  if ! cmp -s "$2" "$1/requirements.txt"; then
+    rm -rf "$1"
+    /usr/bin/python3 -m venv "$1"
+    "$1/bin/pip" install -q --disable-pip-version-check -r "$2"
+    cp "$2" "$1/requirements.txt"
+  fi
+}
 echo "== client libraries (venv for the server's end-to-end test)" >&2
-# The real ACA clients, driven against `ampoule serve` by crates/server/tests/e2e.rs. Created
-# once; recreated when the requirements change. The test fails when the venv named here is
-# missing.
-venv=target/client-venv
-reqs=crates/server/tests/clients/requirements.txt
-if ! cmp -s "$reqs" "$venv/requirements.txt"; then
-  rm -rf "$venv"
-  /usr/bin/python3 -m venv "$venv"
-  "$venv/bin/pip" install -q --disable-pip-version-check -r "$reqs"
-  cp "$reqs" "$venv/requirements.txt"
-fi
-export AMPOULE_CLIENT_VENV="$PWD/$venv"
+# The real ACA clients, driven against `ampoule serve` by crates/server/tests/e2e.rs. The test
+# fails when the venv named here is missing.
+venv target/client-venv crates/server/tests/clients/requirements.txt
+export AMPOULE_CLIENT_VENV="$PWD/target/client-venv"
 echo "== schemathesis (venv for the server's /v1 contract test)" >&2
-# crates/server/tests/contract.rs fuzzes a real `ampoule serve` with it; recreated when the
-# pinned requirements change.
-venv=target/schemathesis-venv
-reqs=crates/server/tests/contract/requirements.txt
-if ! cmp -s "$reqs" "$venv/requirements.txt"; then
-  rm -rf "$venv"
-  /usr/bin/python3 -m venv "$venv"
-  "$venv/bin/pip" install -q --disable-pip-version-check -r "$reqs"
-  cp "$reqs" "$venv/requirements.txt"
-fi
-export AMPOULE_SCHEMATHESIS_VENV="$PWD/$venv"
+# crates/server/tests/contract.rs fuzzes a real `ampoule serve` with it.
+venv target/schemathesis-venv crates/server/tests/contract/requirements.txt
+export AMPOULE_SCHEMATHESIS_VENV="$PWD/target/schemathesis-venv"
 echo "== postgres (the audit store's tests run on it and on SQLite)" >&2
 AMPOULE_TEST_POSTGRES_URL=$(bash scripts/postgres.sh)
 export AMPOULE_TEST_POSTGRES_URL
