@@ -408,21 +408,27 @@ impl Manager {
         tokio::spawn(async move { me.reap_loop().await });
     }
 
+    /// The warm sessions a pool keeps: its `warm`, unless the engine would start them worse
+    /// than on demand ([`Engine::keeps_warm_stock`]).
+    fn warm_target(&self, settings: &PoolSettings) -> usize {
+        if self.inner.engine.keeps_warm_stock(&settings.spec) {
+            settings.warm
+        } else {
+            0
+        }
+    }
+
     async fn fill_warm(&self, name: &str) {
         let Some(pool) = self.inner.pools.get(name) else {
             return;
         };
-        let target = if self.inner.engine.keeps_warm_stock(&pool.settings.spec) {
-            pool.settings.warm
-        } else {
-            if pool.settings.warm > 0 {
-                tracing::info!(
-                    pool = name,
-                    "no warm stock: the pool's tenants fork their sessions from zygotes of their own"
-                );
-            }
-            0
-        };
+        let target = self.warm_target(&pool.settings);
+        if target < pool.settings.warm {
+            tracing::info!(
+                pool = name,
+                "no warm stock: the pool's tenants fork their sessions from zygotes of their own"
+            );
+        }
         let mut backoff = Duration::from_millis(500);
         loop {
             if self.inner.shutting_down.load(Ordering::SeqCst) {
@@ -998,7 +1004,7 @@ impl Manager {
                 busy: busy.get(name).copied().unwrap_or(0),
                 sessions: sessions.get(name).copied().unwrap_or(0),
                 max_sessions: p.settings.max_sessions,
-                warm: p.settings.warm,
+                warm: self.warm_target(&p.settings),
             })
             .collect()
     }
