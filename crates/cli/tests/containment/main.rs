@@ -292,7 +292,7 @@ fn main() {
     // stop the same attacks.
     let forked: Vec<Probe> = probes
         .iter()
-        .filter(|p| p.setup.lang == "python")
+        .filter(|p| p.setup.lang == "python" && !p.setup.args.iter().any(|a| a == "--zygote"))
         .map(|p| {
             let mut setup = p.setup.clone();
             setup.args.push("--zygote".into());

@@ -38,6 +38,31 @@ fn finished_quickly(o: &Outcome, marker: &str) -> Result<(), String> {
 
 pub(crate) fn probes() -> Vec<Probe> {
     vec![
+        // A zygote-born session's pid 1 (the reaper) runs as the zygote's uid, the code as its
+        // slot's own: nothing of pid 1 is the code's to re-limit, re-prioritise or signal. (In a
+        // cold sandbox pid 1 is the sandbox's own init, with the code's uid.)
+        py(
+            "processes/zygote_pid1_out_of_reach",
+            r#"
+import errno, os, resource, signal
+for what, f in [
+    ("prlimit(1, NOFILE, 1)", lambda: resource.prlimit(1, resource.RLIMIT_NOFILE, (1, 1))),
+    ("prlimit(1, CPU, 1)", lambda: resource.prlimit(1, resource.RLIMIT_CPU, (1, 1))),
+    ("setpriority(pid 1, 19)", lambda: os.setpriority(os.PRIO_PROCESS, 1, 19)),
+    ("kill(1, SIGSTOP)", lambda: os.kill(1, signal.SIGSTOP)),
+    ("kill(1, SIGKILL)", lambda: os.kill(1, signal.SIGKILL)),
+]:
+    try:
+        f()
+        print("ESCAPED", what)
+    except OSError as e:
+        print("BLOCKED", what, errno.errorcode.get(e.errno))
+uid1 = os.stat("/proc/1").st_uid
+print("BLOCKED" if uid1 != os.getuid() else "ESCAPED", "pid 1's uid", uid1, "vs ours", os.getuid())
+"#,
+            expect_blocked,
+        )
+        .args(&["--zygote"]),
         py(
             "processes/only_own_pids_visible",
             r#"
