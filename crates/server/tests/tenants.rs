@@ -182,7 +182,7 @@ while len(HELD_INOTIFY) < 4096:
 out["inotify"] = len(HELD_INOTIFY)
 # Watches: one per file of the (read-only) root, until refused.
 watches, stop = 0, None
-for top in ("/usr", "/lib", "/etc", "/opt"):
+for top in ("/usr", "/lib", "/etc", "/opt", "/var"):
     for d, dirs, files in os.walk(top):
         for f in files + dirs:
             if libc.inotify_add_watch(HELD_INOTIFY[0], os.path.join(d, f).encode(), 0x2) >= 0:
@@ -194,6 +194,20 @@ for top in ("/usr", "/lib", "/etc", "/opt"):
             break
     if stop:
         break
+# A host with fewer files than that: files of our own in /tmp (its inodes are limited too).
+if stop is None:
+    os.makedirs("/tmp/w", exist_ok=True)
+    for i in range(70000):
+        path = f"/tmp/w/{i}".encode()
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        except OSError:
+            break
+        if libc.inotify_add_watch(HELD_INOTIFY[0], path, 0x2) >= 0:
+            watches += 1
+        elif ctypes.get_errno() == errno.ENOSPC:
+            stop = "ENOSPC"
+            break
 out["watches"], out["watches_stop"] = watches, stop
 HELD_PIPES = []
 while len(HELD_PIPES) < 400:
