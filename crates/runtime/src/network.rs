@@ -15,7 +15,7 @@
 //!
 //! When the sandbox's network namespace dies, the kernel destroys both ends of the pair, but
 //! asynchronously (and only once nothing holds the namespace), so a one-shot run deletes its
-//! pair itself before it returns ([`remove_host_side`]): whoever looks at the host's links after
+//! pair itself before it returns (`remove_host_side`): whoever looks at the host's links after
 //! `ampoule run` exits sees none of it. Nothing needs sweeping. A pair left by the previous
 //! sandbox of the same slot while its namespace is still being torn down is deleted before the
 //! new one is made (the slot lock says nobody else owns it).

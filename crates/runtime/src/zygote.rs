@@ -9,23 +9,26 @@
 //! was forked ahead of the request (the zygote's "spare": pid 2 of a new pid namespace whose
 //! pid 1 is a reaper, with its mount, network, ipc and uts namespaces, `/proc`, loopback and
 //! scratch tmpfs already made, and the pages a session writes first already copied); given the
-//! request it joins its cgroup, sizes its scratch space, unshares its cgroup namespace, enters a user
-//! namespace of its own as [`crate::sandbox::SANDBOX_UID`], applies the same Landlock ruleset,
+//! request it joins its cgroup, sets its rlimits, sizes its scratch space, unshares its cgroup
+//! namespace, takes its slot's host uid and gid (the zygote's user namespace maps every slot's:
+//! [`crate::Host::zygote_id_map`]), enters a user namespace of its own as
+//! [`crate::sandbox::SANDBOX_UID`], applies the same Landlock ruleset,
 //! drops every capability, sets `no_new_privs` and installs the same seccomp programs as the
 //! runtime's init (the programs are compiled here and handed over; the child's code is
 //! `kernels/python/zygote.py`). What comes back is an ordinary [`Sandbox`]: same scratch API,
 //! cgroup, limits, kill and teardown.
 //!
 //! Differences from an init-born sandbox, by design:
-//! * All children of one zygote share its host uid (they are told apart by their pid, mount,
-//!   network and ipc namespaces, their cgroup and their own user namespace, which owns
-//!   nothing). `RLIMIT_NPROC` is left to the cgroup's `pids.max`.
+//! * Every child runs as its own slot's host uid, as a cold sandbox does, but its user namespace
+//!   lives below the zygote's, where the kernel charges some per-user counters to the zygote's
+//!   owner: [`crate::ucounts`] gives each child a share of its own ([`ZygoteConfig::max_children`]
+//!   sizes it).
 //! * Siblings start from the same memory: the child re-seeds its random generators; CPython's
 //!   string-hash secret is per zygote and cannot change in a live interpreter, so zygotes are
-//!   recycled ([`Zygote::forks`], [`Zygote::age`]).
+//!   recycled ([`Zygote::forks`], [`Zygote::age`]), and a server runs one per tenant.
 //! * The session's pid 1 is a reaper (ampoule's init binary, sealed in a user namespace of its
-//!   own), the program is pid 2; the zygote reaps the program, reports its status and kills
-//!   the reaper. The reaper and what the spare allocated before its request (page tables,
+//!   own, still the zygote's uid: out of the code's reach), the program is pid 2; the zygote
+//!   reaps the program, reports its status and kills the reaper. The reaper and what the spare allocated before its request (page tables,
 //!   namespaces) are charged to the zygote's cgroup, not the session's.
 //!
 //! Protocol with the zygote (one JSON object per `SOCK_SEQPACKET` datagram, descriptors with

@@ -8,17 +8,18 @@
 //! `tests/contract/requirements.txt` (`target/schemathesis-venv`, or `$AMPOULE_SCHEMATHESIS_VENV`).
 //! Without it, or without root or the Python session environment, the test is reported as
 //! ignored with the reason, never as passed; in CI a missing venv fails it. The run is bounded
-//! (examples per operation, a fixed seed) to stay within a minute or two on two cores. Only
-//! 127.0.0.1 is bound or contacted.
+//! (examples per operation, a fixed seed) to stay within a minute or two on two cores. The
+//! server runs in a throw-away outer namespace (the fuzzed code runs in real sandboxes); only
+//! its 127.0.0.1 is bound or contacted.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Instant;
 
 use ampoule_testkit::host::{Need, missing, trial};
-use ampoule_testkit::paths::{binary, workspace};
-use ampoule_testkit::serve::Serve;
+use ampoule_testkit::jail::Served;
+use ampoule_testkit::paths::workspace;
 use libtest_mimic::Arguments;
 
 const KEY: &str = "contract-key-tenant-a";
@@ -51,17 +52,21 @@ fn write_config(dir: &Path) -> PathBuf {
 
 fn schemathesis_finds_nothing() {
     let venv = venv().expect("checked before the trial");
+    // The server runs in a throw-away namespace: the fuzzed code runs in real sandboxes. This
+    // thread joins the jail's network namespace, and schemathesis, forked from it, too.
     let tmp = tempfile::tempdir().unwrap();
-    let mut cmd = Command::new(binary());
-    cmd.args(["serve", "--listen", "127.0.0.1:0", "--config"])
-        .arg(write_config(tmp.path()))
-        .env("AMPOULE_CONTRACT_KEY", KEY)
-        .env("AMPOULE_LOG", "warn")
-        .stdout(Stdio::null());
-    let server = Serve::spawn(cmd, false).unwrap();
+    let config = write_config(tmp.path());
+    let mut server = Served::start(
+        tmp,
+        "",
+        &config,
+        [("AMPOULE_CONTRACT_KEY", KEY), ("AMPOULE_LOG", "warn")],
+    )
+    .unwrap();
+    server.enter().unwrap();
     let started = Instant::now();
     let out = Command::new(venv.join("bin/schemathesis"))
-        .current_dir(tmp.path())
+        .current_dir(server.t())
         .args([
             "run",
             &format!("http://127.0.0.1:{}/openapi.json", server.port),
@@ -81,11 +86,14 @@ fn schemathesis_finds_nothing() {
         started.elapsed().as_secs(),
         String::from_utf8_lossy(&out.stderr)
     );
+    let log = server.log();
+    let stopped = server.stop();
     assert!(
         out.status.success(),
-        "schemathesis found failures in the /v1 contract (above); the server log:\n{}",
-        server.log.text()
+        "schemathesis found failures in the /v1 contract (above); the server log:\n{log}"
     );
+    let stopped = stopped.unwrap();
+    assert_eq!(stopped.rc, 0, "the server did not stop cleanly:\n{log}");
     // A run that tested nothing would also exit 0.
     assert!(
         stdout.contains("Tested: 15"),
@@ -97,7 +105,8 @@ fn main() {
     let args = Arguments::from_args();
     let env = ampoule_session::paths::python_env_dir();
     let mut skip = missing(&[
-        Need::Root("real sandboxes with their own uids"),
+        Need::Root("real sandboxes with their own uids, in a jail"),
+        Need::Tool("/usr/bin/unshare", "util-linux"),
         Need::SessionEnv(&env),
     ]);
     if skip.is_none() && venv().is_none() {
