@@ -279,14 +279,14 @@ impl SessionEngine {
     /// `key`'s running zygote, started when there is none (or it died): here, when
     /// `wait`, else in the background (the caller starts its session cold meanwhile). A zygote
     /// due for recycling keeps serving while its replacement starts in the background.
-    /// Returns it with its [`PoolZygote::outdated`] flag.
+    /// Returns it with its [`PoolZygote::outdated`] flag and its entry (for the figures).
     async fn zygote(
         &self,
         spec: &PoolSpec,
         key: &ZygoteKey,
         preload: &[String],
         wait: bool,
-    ) -> Result<(Zygote, Arc<AtomicBool>), NoZygote> {
+    ) -> Result<(Zygote, Arc<AtomicBool>, Arc<Mutex<PoolZygote>>), NoZygote> {
         let entry = self
             .pool_zygote(key, spec.sole_tenant())
             .ok_or(NoZygote::Full)?;
@@ -339,7 +339,9 @@ impl SessionEngine {
                         }
                     });
                 }
-                return Ok((z, g.outdated.clone()));
+                let outdated = g.outdated.clone();
+                drop(g);
+                return Ok((z, outdated, entry));
             }
             tracing::warn!(pool = %spec.name, tenant = %key.tenant, "zygote died; starting another");
             g.current = None;
@@ -366,7 +368,10 @@ impl SessionEngine {
             return Err(NoZygote::Starting);
         }
         let (started, env) = launch(&self.host, key, preload, spec.max_sessions).await;
-        g.install(started, env, key)
+        let installed = g.install(started, env, key);
+        drop(g);
+        installed
+            .map(|(z, outdated)| (z, outdated, entry))
             .ok_or_else(|| NoZygote::Failed("the zygote did not start".into()))
     }
 
@@ -386,7 +391,7 @@ impl SessionEngine {
         // A configured tenant's zygote started with the pool: wait for it if it is (re)starting
         // on this very call; anyone else's starts in the background.
         let known = spec.tenants.contains(&key.tenant);
-        let (zygote, outdated) = match self.zygote(spec, &key, preload, known).await {
+        let (zygote, outdated, entry) = match self.zygote(spec, &key, preload, known).await {
             Ok(z) => z,
             Err(NoZygote::Failed(why)) => {
                 tracing::warn!(pool = %spec.name, tenant = %key.tenant, %why, "no zygote: starting the session cold");
@@ -398,7 +403,6 @@ impl SessionEngine {
             }
         };
         let outcome = Session::start_forked(&self.host, &zygote, spec.limits.clone()).await;
-        let entry = self.pool_zygote(&key, spec.sole_tenant())?;
         let mut g = entry.lock().await;
         match outcome {
             Ok(session) => {
