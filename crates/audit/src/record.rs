@@ -17,6 +17,9 @@ pub enum Kind {
     SessionDeleted,
     /// A session's sandbox was killed by a limit.
     SessionKilled,
+    /// A process (a command) ran in a sandbox; `code` is its command line, `status` how it
+    /// ended.
+    Process,
     /// A request refused by a quota or policy (rate limit, pool, language, timeout, session
     /// limits); `decided_by` names the rule, `session` may be empty.
     Refused,
@@ -31,6 +34,7 @@ impl Kind {
             Kind::SessionExpired => "session_expired",
             Kind::SessionDeleted => "session_deleted",
             Kind::SessionKilled => "session_killed",
+            Kind::Process => "process",
             Kind::Refused => "refused",
         }
     }

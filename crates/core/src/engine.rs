@@ -118,6 +118,80 @@ pub enum EngineError {
     /// The session was closed.
     #[error("the session is closed")]
     Closed,
+    /// This engine or pool cannot do that (a process or context in a session whose engine
+    /// has no way in).
+    #[error("{0}")]
+    Unsupported(String),
+    /// Nothing answered inside the sandbox (a port nobody listens on).
+    #[error("{0}")]
+    Unreachable(String),
+}
+
+/// A command to start inside a live sandbox (the core has merged the sandbox's variables).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessRequest {
+    /// Program and arguments (a shell command is `["/bin/bash", "-l", "-c", CMD]`).
+    pub argv: Vec<String>,
+    /// The whole environment.
+    pub env: Vec<(String, String)>,
+    /// Working directory inside the sandbox.
+    pub cwd: String,
+    /// Whether the process gets a stdin pipe (else `/dev/null`).
+    pub stdin: bool,
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProcessExit {
+    /// It exited with this status.
+    Exited(i32),
+    /// A signal ended it.
+    Signaled(i32),
+    /// It is gone without a status (its sandbox was destroyed).
+    Lost,
+}
+
+/// Sends a signal to a process the engine started.
+pub type Signaller = Arc<dyn Fn(i32) -> Result<(), EngineError> + Send + Sync>;
+
+/// A process started in a sandbox: its pid there, its pipes, how to signal it and its end.
+pub struct LiveProcess {
+    /// Its pid inside the sandbox.
+    pub pid: u32,
+    /// Its stdin, when asked for.
+    pub stdin: Option<Box<dyn tokio::io::AsyncWrite + Send + Unpin>>,
+    /// Its stdout.
+    pub stdout: Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+    /// Its stderr.
+    pub stderr: Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+    /// Sends it a signal.
+    pub signal: Signaller,
+    /// Resolves when it has ended (awaited once).
+    pub exit: std::pin::Pin<Box<dyn std::future::Future<Output = ProcessExit> + Send>>,
+}
+
+impl std::fmt::Debug for LiveProcess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LiveProcess")
+            .field("pid", &self.pid)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Another interpreter in a live sandbox: a context (its own state, the sandbox's files).
+#[async_trait]
+pub trait LiveContext: Send + Sync + 'static {
+    /// Runs code against the context's state (as [`LiveSession::execute`]; never called
+    /// concurrently on one context). A timeout that has to kill kills this context only.
+    async fn execute(
+        &self,
+        req: ExecRequest,
+        events: Option<EventSender>,
+    ) -> Result<ExecutionResult, EngineError>;
+    /// Whether its interpreter still runs.
+    fn alive(&self) -> bool;
+    /// Stops its interpreter. Idempotent.
+    async fn close(&self);
 }
 
 /// Starts sessions.
@@ -189,6 +263,41 @@ pub trait LiveSession: Send + Sync + 'static {
     /// its own (its egress decisions, logged as they happen) carries their ids. Called before
     /// each execution; engines without network need not care.
     fn label(&self, _session: &str, _execution: &str) {}
+
+    /// Starts a command inside the sandbox, confined like its interpreter.
+    async fn spawn(&self, _req: ProcessRequest) -> Result<LiveProcess, EngineError> {
+        Err(EngineError::Unsupported(
+            "this engine cannot start processes in a sandbox".into(),
+        ))
+    }
+
+    /// Starts an interpreter of `language` inside the sandbox, beside the session's own.
+    async fn open_context(
+        &self,
+        _language: Language,
+        _cwd: Option<String>,
+        _env: Vec<(String, String)>,
+    ) -> Result<Box<dyn LiveContext>, EngineError> {
+        Err(EngineError::Unsupported(
+            "this engine cannot start contexts in a sandbox".into(),
+        ))
+    }
+
+    /// A TCP connection to `127.0.0.1:port` inside the sandbox's network namespace.
+    async fn connect(&self, _port: u16) -> Result<tokio::net::TcpStream, EngineError> {
+        Err(EngineError::Unsupported(
+            "this engine cannot reach ports in a sandbox".into(),
+        ))
+    }
+
+    /// The environment a command gets before the sandbox's and the request's variables.
+    fn command_env(&self) -> Vec<(String, String)> {
+        vec![
+            ("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()),
+            ("HOME".into(), "/mnt/data".into()),
+            ("LANG".into(), "C.UTF-8".into()),
+        ]
+    }
 
     /// Stops the interpreter and destroys the sandbox. Idempotent.
     async fn close(&self);

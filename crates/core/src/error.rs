@@ -55,6 +55,14 @@ pub enum ErrorCode {
     UnsupportedMediaType,
     /// The operation exists, with another method.
     MethodNotAllowed,
+    /// No such context in the sandbox.
+    ContextNotFound,
+    /// No such process running in the sandbox.
+    ProcessNotFound,
+    /// Nothing listens on that port inside the sandbox.
+    PortUnreachable,
+    /// The sandbox (its pool's engine) cannot do that.
+    NotSupported,
     /// A sandbox could not be started, or its interpreter stopped answering.
     SandboxUnavailable,
     /// The server is shutting down.
@@ -87,6 +95,10 @@ impl ErrorCode {
             ErrorCode::NoSpace => "no_space",
             ErrorCode::UnsupportedMediaType => "unsupported_media_type",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::ContextNotFound => "context_not_found",
+            ErrorCode::ProcessNotFound => "process_not_found",
+            ErrorCode::PortUnreachable => "port_unreachable",
+            ErrorCode::NotSupported => "not_supported",
             ErrorCode::SandboxUnavailable => "sandbox_unavailable",
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::Internal => "internal",
@@ -174,6 +186,18 @@ pub enum Error {
     /// The session's disk is full.
     #[error("no space left in the session's files")]
     NoSpace,
+    /// No such context in the sandbox.
+    #[error("{0}")]
+    ContextNotFound(String),
+    /// No such process running in the sandbox.
+    #[error("{0}")]
+    ProcessNotFound(String),
+    /// Nothing answered on the port inside the sandbox.
+    #[error("{0}")]
+    PortUnreachable(String),
+    /// The sandbox cannot do that.
+    #[error("{0}")]
+    NotSupported(String),
     /// The sandbox could not be started or stopped answering.
     #[error("{0}")]
     SandboxUnavailable(String),
@@ -208,6 +232,10 @@ impl Error {
             Error::NotAFile(_) => ErrorCode::NotAFile,
             Error::PayloadTooLarge { .. } => ErrorCode::PayloadTooLarge,
             Error::NoSpace => ErrorCode::NoSpace,
+            Error::ContextNotFound(_) => ErrorCode::ContextNotFound,
+            Error::ProcessNotFound(_) => ErrorCode::ProcessNotFound,
+            Error::PortUnreachable(_) => ErrorCode::PortUnreachable,
+            Error::NotSupported(_) => ErrorCode::NotSupported,
             Error::SandboxUnavailable(_) => ErrorCode::SandboxUnavailable,
             Error::ShuttingDown => ErrorCode::ShuttingDown,
             Error::NoAuditLog => ErrorCode::NotFound,
@@ -261,6 +289,8 @@ impl From<crate::engine::EngineError> for Error {
             EngineError::Closed => {
                 Error::SessionNotFound("the session ended while the request was running".into())
             }
+            EngineError::Unsupported(m) => Error::NotSupported(m),
+            EngineError::Unreachable(m) => Error::PortUnreachable(m),
             other => {
                 tracing::warn!(error = %other, "sandbox engine");
                 Error::SandboxUnavailable("the sandbox could not run the request; try again".into())

@@ -22,6 +22,7 @@ pub mod files;
 pub mod manager;
 pub mod observer;
 pub mod quota;
+pub mod sandbox;
 pub mod service;
 pub mod settings;
 #[cfg(test)]
@@ -29,11 +30,18 @@ mod tests;
 
 pub use ampoule_runtime::scratch::FileInfo;
 pub use caller::Caller;
-pub use engine::{Engine, LiveSession, PoolNetwork, PoolSpec, ZygoteHealth};
+pub use engine::{
+    Engine, LiveContext, LiveProcess, LiveSession, PoolNetwork, PoolSpec, ProcessExit,
+    ProcessRequest, ZygoteHealth,
+};
 pub use error::{Error, ErrorCode};
 pub use files::ByteStream;
 pub use manager::{Manager, PoolStatus};
 pub use observer::{NoObserver, Observer};
+pub use sandbox::{
+    Command, ContextInfo, CreateContext, CreateSandbox, ProcessEnd, ProcessEvent, ProcessInfo,
+    ProcessSelector, ProcessStream, SandboxInfo, SandboxTokens, StartProcess,
+};
 pub use service::{
     AuditQuery, CreateSession, Download, ExecuteCommand, Executed, Outcome, PutFile, SessionInfo,
     Streaming, Target, check_identifier,

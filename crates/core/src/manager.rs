@@ -53,10 +53,12 @@ pub(crate) struct Session {
     pub(crate) created_at: SystemTime,
     created: Instant,
     pub(crate) live: Arc<dyn LiveSession>,
-    exec_lock: tokio::sync::Mutex<()>,
+    pub(crate) exec_lock: tokio::sync::Mutex<()>,
     last_used: Mutex<(Instant, SystemTime)>,
-    in_flight: AtomicUsize,
+    pub(crate) in_flight: AtomicUsize,
     executions: AtomicU64,
+    /// What it has as a sandbox: contexts, processes, metadata, tokens, its end.
+    pub(crate) sandbox: crate::sandbox::Extras,
 }
 
 impl std::fmt::Debug for Session {
@@ -96,6 +98,11 @@ impl Session {
     /// Whether an execution or file call is running.
     pub(crate) fn busy(&self) -> bool {
         self.in_flight.load(Ordering::SeqCst) > 0
+    }
+
+    /// How long ago it was created.
+    pub(crate) fn age(&self) -> Duration {
+        self.created.elapsed()
     }
 
     /// Executions so far.
@@ -170,7 +177,7 @@ async fn listing(live: &Arc<dyn LiveSession>) -> Vec<ampoule_runtime::scratch::F
     crate::files::list(live).await.unwrap_or_default()
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
@@ -315,13 +322,13 @@ impl Manager {
             r.decided_by = Some(code.as_str().to_owned());
             r.identifier = identifier.map(str::to_owned);
             r.request_id = caller.request_id.clone();
-            self.write_audit(r).await;
+            self.write_audit_record(r).await;
         }
         e
     }
 
     /// Queues a record; never fails the caller (a stopped writer is logged).
-    async fn write_audit(&self, record: Record) {
+    pub(crate) async fn write_audit_record(&self, record: Record) {
         if record.kind == Kind::Execution {
             for e in &record.egress {
                 self.inner.observer.egress(&record.pool, e.allowed);
@@ -367,7 +374,7 @@ impl Manager {
         r.decided_by = decided_by.map(str::to_owned);
         r.identifier = Some(s.identifier.clone());
         r.request_id = request_id.map(str::to_owned);
-        self.write_audit(r).await;
+        self.write_audit_record(r).await;
     }
 
     /// The default pool's name.
@@ -508,8 +515,12 @@ impl Manager {
                     let Some(pool) = self.inner.pools.get(&s.pool) else {
                         return true;
                     };
-                    let too_old = s.created.elapsed() >= pool.settings.max_lifetime;
-                    let idle = !s.busy() && s.idle_for() >= pool.settings.idle_timeout;
+                    let too_old =
+                        s.created.elapsed() >= pool.settings.max_lifetime || s.sandbox.past_end();
+                    // A sandbox lives until its timeout, however idle.
+                    let idle = s.sandbox.end().is_none()
+                        && !s.busy()
+                        && s.idle_for() >= pool.settings.idle_timeout;
                     // A busy session's death is the execution's to report.
                     too_old || idle || (!s.busy() && !s.live.alive())
                 })
@@ -522,6 +533,7 @@ impl Manager {
                 tracing::info!(session = %s.id, pool = %s.pool, "session expired");
                 let why = match self.inner.pools.get(&s.pool) {
                     _ if !s.live.alive() => "sandbox_died",
+                    _ if s.sandbox.past_end() => "timeout",
                     Some(p) if s.created.elapsed() >= p.settings.max_lifetime => "max_lifetime",
                     _ => "idle_timeout",
                 };
@@ -543,7 +555,7 @@ impl Manager {
     }
 
     /// Reserves a slot for a new key, enforcing the limits.
-    fn reserve(&self, key: &Key) -> Result<(Arc<Slot>, bool), Error> {
+    fn reserve(&self, key: &Key, id: Option<&str>) -> Result<(Arc<Slot>, bool), Error> {
         let mut table = self
             .inner
             .table
@@ -567,7 +579,7 @@ impl Manager {
         }
         let slot = Arc::new(Slot {
             key: key.clone(),
-            id: format!("ses_{}", random_hex(12)),
+            id: id.map_or_else(|| format!("ses_{}", random_hex(12)), str::to_owned),
             cell: OnceCell::new(),
         });
         table.by_key.insert(key.clone(), slot.clone());
@@ -581,6 +593,9 @@ impl Manager {
     async fn remove_and_close(&self, slot: &Arc<Slot>) {
         self.unlist(slot);
         if let Some(s) = slot.cell.get() {
+            for ctx in s.sandbox.take_contexts() {
+                ctx.close().await;
+            }
             s.live.close().await;
         }
     }
@@ -672,12 +687,39 @@ impl Manager {
         pool: &str,
         identifier: &str,
     ) -> Result<(Arc<Session>, bool), Error> {
+        self.get_or_create_with(caller, pool, identifier, None, None)
+            .await
+    }
+
+    /// Creates a sandbox: a session under a fresh identifier with its id and extras.
+    pub(crate) async fn create_with(
+        &self,
+        caller: &Caller,
+        pool: &str,
+        identifier: &str,
+        id: Option<String>,
+        extras: crate::sandbox::Extras,
+    ) -> Result<Arc<Session>, Error> {
+        Ok(self
+            .get_or_create_with(caller, pool, identifier, id, Some(extras))
+            .await?
+            .0)
+    }
+
+    async fn get_or_create_with(
+        &self,
+        caller: &Caller,
+        pool: &str,
+        identifier: &str,
+        id: Option<String>,
+        extras: Option<crate::sandbox::Extras>,
+    ) -> Result<(Arc<Session>, bool), Error> {
         if self.is_shutting_down() {
             return Err(Error::ShuttingDown);
         }
         let tenant = caller.tenant.as_str();
         let key: Key = (tenant.to_owned(), pool.to_owned(), identifier.to_owned());
-        let (slot, reserved) = match self.reserve(&key) {
+        let (slot, reserved) = match self.reserve(&key, id.as_deref()) {
             Ok(r) => r,
             Err(e) if e.is_policy() => {
                 return Err(self.refuse(caller, pool, "", Some(identifier), e).await);
@@ -701,6 +743,7 @@ impl Manager {
                     last_used: Mutex::new(now),
                     in_flight: AtomicUsize::new(0),
                     executions: AtomicU64::new(0),
+                    sandbox: extras.unwrap_or_else(crate::sandbox::Extras::session),
                 }))
             })
             .await;
@@ -773,6 +816,17 @@ impl Manager {
         Ok(s)
     }
 
+    /// The session with this id, whoever it belongs to (only for a caller that proves a
+    /// right to it, e.g. with its token).
+    pub(crate) fn get_any_tenant(&self, id: &str) -> Option<Arc<Session>> {
+        let table = self.inner.table.lock().ok()?;
+        table
+            .by_id
+            .get(id)
+            .and_then(|slot| slot.cell.get())
+            .cloned()
+    }
+
     /// The tenant's live sessions, oldest first.
     pub(crate) fn list(&self, tenant: &str) -> Vec<Arc<Session>> {
         let Ok(table) = self.inner.table.lock() else {
@@ -835,6 +889,7 @@ impl Manager {
         &self,
         caller: &Caller,
         session: &Arc<Session>,
+        ctx: Option<Arc<crate::sandbox::Ctx>>,
         req: ExecRequest,
         events: Option<EventSender>,
         execution: String,
@@ -850,7 +905,7 @@ impl Manager {
         );
         tokio::spawn(
             async move {
-                me.execute_here(&session, req, events, execution, request_id)
+                me.execute_here(&session, ctx, req, events, execution, request_id)
                     .await
             }
             .instrument(span),
@@ -860,6 +915,7 @@ impl Manager {
     async fn execute_here(
         &self,
         session: &Arc<Session>,
+        ctx: Option<Arc<crate::sandbox::Ctx>>,
         req: ExecRequest,
         events: Option<EventSender>,
         execution: String,
@@ -870,8 +926,19 @@ impl Manager {
         let started = now_ms();
         let begun = Instant::now();
         let code = self.inner.audit.get().map(|_| req.code.clone());
+        let language = match &ctx {
+            Some(c) => Some(c.language.as_str().to_owned()),
+            None => self
+                .inner
+                .pools
+                .get(&session.pool)
+                .map(|p| p.settings.spec.language.as_str().to_owned()),
+        };
         let (result, files) = {
-            let _turn = session.exec_lock.lock().await;
+            let _turn = match &ctx {
+                Some(c) => c.turn.lock().await,
+                None => session.exec_lock.lock().await,
+            };
             session.executions.fetch_add(1, Ordering::SeqCst);
             // What the execution touched in /mnt/data: the listing before and after (file
             // calls may run meanwhile and are counted too; the record says "changed while
@@ -881,7 +948,11 @@ impl Manager {
                 None => None,
             };
             session.live.label(&session.id, &execution);
-            let result = session.live.execute(req, events).await;
+            let result = match ctx.as_ref().map(|c| c.current()) {
+                None => session.live.execute(req, events).await,
+                Some(Some(live)) => live.execute(req, events).await,
+                Some(None) => Err(crate::engine::EngineError::Closed),
+            };
             let files = match before {
                 Some(before) if session.live.alive() => {
                     changed_files(&before, &listing(&session.live).await)
@@ -908,6 +979,7 @@ impl Manager {
                 execution,
                 request_id: request_id.clone(),
                 files,
+                language,
             };
             self.audit_execution(session, rec, r).await;
         }
@@ -950,11 +1022,7 @@ impl Manager {
         rec.execution = Some(x.execution);
         rec.identifier = Some(session.identifier.clone());
         rec.request_id = x.request_id;
-        rec.language = self
-            .inner
-            .pools
-            .get(&session.pool)
-            .map(|p| p.settings.spec.language.as_str().to_owned());
+        rec.language = x.language;
         rec.code_sha256 = Some(ampoule_audit::sha256_hex(x.code.as_bytes()));
         rec.code = keep_code.then_some(x.code);
         rec.status = Some(r.status.as_str().to_owned());
@@ -968,7 +1036,7 @@ impl Manager {
         rec.files = x.files;
         rec.egress = r.egress.iter().map(egress_decision).collect();
         rec.decided_by = r.limit.map(|l| l.as_str().to_owned());
-        self.write_audit(rec).await;
+        self.write_audit_record(rec).await;
     }
 
     /// Marks the start and end of a file call, so the reaper leaves a session alone while it
@@ -1060,6 +1128,7 @@ struct ExecutionRecord {
     execution: String,
     request_id: Option<String>,
     files: Vec<String>,
+    language: Option<String>,
 }
 
 /// An egress decision as the audit log keeps it: the checked address and whether a credential

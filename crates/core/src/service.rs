@@ -32,6 +32,7 @@ use crate::engine::ExecRequest;
 use crate::error::Error;
 use crate::files::ByteStream;
 use crate::manager::{FileCall, Manager, PoolStatus, Session, random_hex};
+use crate::sandbox::Ctx;
 
 /// Which session a command is about.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,6 +106,9 @@ pub struct ExecuteCommand {
     pub timeout_s: Option<f64>,
     /// A JSON object made available to the code as `inputs`.
     pub inputs: Option<serde_json::Map<String, serde_json::Value>>,
+    /// The context to run in (a sandbox's; default: its interpreter, or in a sandbox the
+    /// default context of `language`).
+    pub context: Option<String>,
 }
 
 impl ExecuteCommand {
@@ -116,6 +120,7 @@ impl ExecuteCommand {
             language: None,
             timeout_s: None,
             inputs: None,
+            context: None,
         }
     }
 }
@@ -419,10 +424,18 @@ impl Manager {
         &self,
         caller: &Caller,
         cmd: ExecuteCommand,
-    ) -> Result<(Arc<Session>, ExecRequest), Error> {
+    ) -> Result<(Arc<Session>, ExecRequest, Option<Arc<Ctx>>), Error> {
         let r = self.resolve(caller, &cmd.target)?;
-        self.check_policy(caller, &r, cmd.language.as_deref())
-            .await?;
+        // In a sandbox (or naming a context) the language picks a context instead of
+        // having to be the session's.
+        let routed =
+            cmd.context.is_some() || matches!(&r, Resolved::Existing(s) if s.sandbox.is_sandbox);
+        let expect = if routed {
+            None
+        } else {
+            cmd.language.as_deref()
+        };
+        self.check_policy(caller, &r, expect).await?;
         let timeout_s = match self.timeout_for(&caller.tenant, r.pool(), cmd.timeout_s) {
             Ok(t) => t,
             Err(e) if e.is_policy() => return Err(self.refused(caller, &r, e).await),
@@ -432,6 +445,17 @@ impl Manager {
             return Err(self.refused(caller, &r, e).await);
         }
         let session = self.materialize(caller, r).await?;
+        let ctx = if routed {
+            self.route_execution(
+                caller,
+                &session,
+                cmd.context.as_deref(),
+                cmd.language.as_deref(),
+            )
+            .await?
+        } else {
+            None
+        };
         Ok((
             session,
             ExecRequest {
@@ -439,16 +463,17 @@ impl Manager {
                 timeout_s,
                 inputs: cmd.inputs,
             },
+            ctx,
         ))
     }
 
     /// Runs code and answers its result. The one call every door's execute path makes.
     pub async fn execute(&self, caller: &Caller, cmd: ExecuteCommand) -> Result<Executed, Error> {
-        let (session, req) = self.admit_execution(caller, cmd).await?;
+        let (session, req, ctx) = self.admit_execution(caller, cmd).await?;
         let execution_id = format!("exe_{}", random_hex(12));
         let info = self.info(&session);
         let result = self
-            .spawn_execution(caller, &session, req, None, execution_id.clone())
+            .spawn_execution(caller, &session, ctx, req, None, execution_id.clone())
             .await
             .map_err(Error::internal)??;
         Ok(Executed {
@@ -465,11 +490,11 @@ impl Manager {
         caller: &Caller,
         cmd: ExecuteCommand,
     ) -> Result<Streaming, Error> {
-        let (session, req) = self.admit_execution(caller, cmd).await?;
+        let (session, req, ctx) = self.admit_execution(caller, cmd).await?;
         let execution_id = format!("exe_{}", random_hex(12));
         let info = self.info(&session);
         let (tx, events) = tokio::sync::mpsc::unbounded_channel();
-        let run = self.spawn_execution(caller, &session, req, Some(tx), execution_id.clone());
+        let run = self.spawn_execution(caller, &session, ctx, req, Some(tx), execution_id.clone());
         Ok(Streaming {
             execution_id,
             session: info,

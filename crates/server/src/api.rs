@@ -491,6 +491,7 @@ impl ExecuteRequest {
             language: self.language,
             timeout_s: self.timeout_s,
             inputs: self.inputs,
+            context: None,
         }
     }
 }

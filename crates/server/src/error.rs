@@ -66,6 +66,9 @@ pub fn status(code: ErrorCode) -> StatusCode {
         // Well-formed requests that the session's state refuses: it runs another language, or
         // a directory (or a file) stands where the path needs the other.
         ErrorCode::LanguageMismatch | ErrorCode::NotAFile => StatusCode::CONFLICT,
+        ErrorCode::ContextNotFound | ErrorCode::ProcessNotFound => StatusCode::NOT_FOUND,
+        ErrorCode::PortUnreachable => StatusCode::BAD_GATEWAY,
+        ErrorCode::NotSupported => StatusCode::NOT_IMPLEMENTED,
         ErrorCode::InvalidRequest | ErrorCode::InvalidPath | ErrorCode::LinkRefused => {
             StatusCode::BAD_REQUEST
         }
@@ -101,6 +104,9 @@ pub fn aca_name(code: ErrorCode) -> &'static str {
         ErrorCode::NoSpace => "InsufficientStorage",
         ErrorCode::UnsupportedMediaType => "UnsupportedMediaType",
         ErrorCode::MethodNotAllowed => "MethodNotAllowed",
+        ErrorCode::ContextNotFound | ErrorCode::ProcessNotFound => "NotFound",
+        ErrorCode::PortUnreachable => "BadGateway",
+        ErrorCode::NotSupported => "NotImplemented",
         ErrorCode::SandboxUnavailable => "SessionUnavailable",
         ErrorCode::ShuttingDown => "ServiceUnavailable",
         ErrorCode::Internal => "InternalServerError",

@@ -61,6 +61,7 @@ impl SandboxApi for ManagerApi {
             language: req.language,
             timeout_s: req.timeout_s,
             inputs: None,
+            context: None,
         };
         let done = self
             .manager
