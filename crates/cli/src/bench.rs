@@ -768,6 +768,45 @@ impl Client {
         Ok(ms)
     }
 
+    /// `POST /v1/sandboxes` in `pool`, then the first `POST /v1/sandboxes/{id}/executions`:
+    /// the ms from the first request to the second answer, when the result is `want`; the
+    /// sandbox is deleted afterwards (untimed).
+    async fn new_sandbox(&mut self, pool: &str, code: &str, want: &str) -> Result<f64> {
+        let create = json!({"pool": pool}).to_string().into_bytes();
+        let begun = Instant::now();
+        let (status, body, _) = self
+            .request(Method::POST, "/v1/sandboxes", Some(create))
+            .await?;
+        if status != StatusCode::CREATED && status != StatusCode::OK {
+            bail!("POST /v1/sandboxes: HTTP {status}: {}", String::from_utf8_lossy(&body));
+        }
+        let v: Value = serde_json::from_slice(&body)?;
+        let id = v["id"]
+            .as_str()
+            .context("POST /v1/sandboxes answered no id")?
+            .to_owned();
+        let exec = json!({"code": code}).to_string().into_bytes();
+        let path = format!("/v1/sandboxes/{id}/executions");
+        let (status, body, _) = self.request(Method::POST, &path, Some(exec)).await?;
+        let ms = begun.elapsed().as_secs_f64() * 1000.0;
+        let _ = self
+            .request(Method::DELETE, &format!("/v1/sandboxes/{id}"), None)
+            .await;
+        if status != StatusCode::OK {
+            bail!("{path}: HTTP {status}: {}", String::from_utf8_lossy(&body));
+        }
+        let r: Value = serde_json::from_slice(&body)?;
+        let got = r["result"]["data"]["text/plain"]
+            .as_str()
+            .or_else(|| r["result"]["text/plain"].as_str())
+            .or_else(|| r["result"].as_str())
+            .unwrap_or_default();
+        if r["status"] != "success" || got != want {
+            bail!("execution in a new sandbox: {}", String::from_utf8_lossy(&body));
+        }
+        Ok(ms)
+    }
+
     /// Deletes the session of `identifier` in `pool` (ACA `DELETE …/session`).
     async fn delete(&mut self, pool: &str, identifier: &str) -> Result<()> {
         let path =
@@ -882,6 +921,19 @@ async fn server_phase(
         if pool == WARM_POOL {
             c.wait_warm(WARM_POOL, Duration::from_secs(600)).await?;
         }
+    }
+
+    // 1a. The same through the sandbox API (two requests: create, then the first
+    // execution), in the zygote pool.
+    {
+        let pb = progress(plan.new_zygote, "new sandbox → first result (zygote)");
+        let mut s = Samples::default();
+        for _ in 0..plan.new_zygote {
+            s.record(c.new_sandbox(ZYGOTE_POOL, FIRST_CODE, "2").await);
+            pb.inc(1);
+        }
+        pb.finish_and_clear();
+        new_session.insert("sandbox_zygote".to_owned(), serde_json::to_value(s.stat())?);
     }
 
     // 1b. A burst: `burst` new identifiers at the same instant, on connections opened before.
@@ -1288,6 +1340,11 @@ fn print_tables(out: &mut impl Write, r: &Value) -> Result<()> {
         &ns["warm_pool"],
     )?;
     row(out, "new session → first result, cold", &ns["cold"])?;
+    row(
+        out,
+        "new sandbox → first result, zygote (/v1/sandboxes)",
+        &ns["sandbox_zygote"],
+    )?;
     if let Some(n) = ns["zygote_cold_fallbacks"].as_u64().filter(|n| *n > 0) {
         writeln!(
             out,
