@@ -778,7 +778,10 @@ impl Client {
             .request(Method::POST, "/v1/sandboxes", Some(create))
             .await?;
         if status != StatusCode::CREATED && status != StatusCode::OK {
-            bail!("POST /v1/sandboxes: HTTP {status}: {}", String::from_utf8_lossy(&body));
+            bail!(
+                "POST /v1/sandboxes: HTTP {status}: {}",
+                String::from_utf8_lossy(&body)
+            );
         }
         let v: Value = serde_json::from_slice(&body)?;
         let id = v["id"]
@@ -802,7 +805,10 @@ impl Client {
             .or_else(|| r["result"].as_str())
             .unwrap_or_default();
         if r["status"] != "success" || got != want {
-            bail!("execution in a new sandbox: {}", String::from_utf8_lossy(&body));
+            bail!(
+                "execution in a new sandbox: {}",
+                String::from_utf8_lossy(&body)
+            );
         }
         Ok(ms)
     }
