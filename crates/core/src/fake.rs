@@ -10,25 +10,36 @@
 //! | `print(text)` / `eprint(text)` | writes `text` (quotes stripped) to stdout / stderr |
 //! | `raise Name` | fails with error `Name` |
 //! | `write NAME TEXT` | writes `TEXT` to the file `NAME` in `/mnt/data` (replacing it) |
+//! | `read NAME` | writes the content of the file `NAME` in `/mnt/data` to stdout |
 //! | `sleep S` | waits S seconds (a timeout ends the execution as `timed_out`) |
 //! | `plot` | displays a PNG |
 //! | `exit N` | sets the exit code (non-zero fails) |
 //! | `expr` (last line) | the result: integers with `+` and `*`, variable names, `'strings'`, `image` |
+//!
+//! As a sandbox, a session runs its processes as host processes (`tokio::process`, in a process
+//! group of their own, killed with the session) with `/mnt/data` mapped to its data directory in
+//! their working directory and variables; its contexts are more toy interpreters with state of
+//! their own over the same data directory; its ports are `127.0.0.1` of the host (a test
+//! listens there). A command that cannot be started ends at once with status 127 and the
+//! reason on stderr, as a shell's would.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ampoule_runtime::Scratch;
 use ampoule_types::{
-    ExecutionError, ExecutionEvent, ExecutionResult, ExecutionStatus, LimitKind, MimeBundle,
-    SessionState,
+    ExecutionError, ExecutionEvent, ExecutionResult, ExecutionStatus, Language, LimitKind,
+    MimeBundle, SessionState,
 };
 use async_trait::async_trait;
 
-use crate::engine::{Engine, EngineError, EventSender, ExecRequest, LiveSession, PoolSpec};
+use crate::engine::{
+    Engine, EngineError, EventSender, ExecRequest, LiveContext, LiveProcess, LiveSession, PoolSpec,
+    ProcessExit, ProcessRequest, Signaller,
+};
 
 /// A 1×1 transparent PNG, base64.
 pub const PNG_1X1: &str =
@@ -95,25 +106,44 @@ impl Engine for FakeEngine {
             .into();
         self.stats.started.fetch_add(1, Ordering::SeqCst);
         Ok(Box::new(FakeSession {
+            toy: Toy::new(data),
             dir,
-            scratch: std::sync::Mutex::new(Some(Arc::new(Scratch::from_dir(fd)))),
-            vars: std::sync::Mutex::new(HashMap::new()),
-            count: AtomicU64::new(0),
-            closed: AtomicBool::new(false),
+            scratch: Mutex::new(Some(Arc::new(Scratch::from_dir(fd)))),
+            closed: Arc::new(AtomicBool::new(false)),
             stats: self.stats.clone(),
+            children: Arc::default(),
+            next_lost: AtomicU32::new(u32::MAX),
         }))
     }
+}
+
+/// A process a session started: its process group, and whether it has been reaped (after
+/// which its pid may be another process's, so it is never signalled again).
+#[derive(Debug)]
+struct Child {
+    pgid: i32,
+    reaped: Arc<AtomicBool>,
 }
 
 /// One toy session.
 #[derive(Debug)]
 pub struct FakeSession {
     dir: PathBuf,
-    scratch: std::sync::Mutex<Option<Arc<Scratch>>>,
-    vars: std::sync::Mutex<HashMap<String, i64>>,
-    count: AtomicU64,
-    closed: AtomicBool,
+    toy: Toy,
+    scratch: Mutex<Option<Arc<Scratch>>>,
+    closed: Arc<AtomicBool>,
     stats: Arc<FakeStats>,
+    children: Arc<Mutex<Vec<Child>>>,
+    /// Pids for commands that could not start (counting down from `u32::MAX`).
+    next_lost: AtomicU32,
+}
+
+/// One toy interpreter: its variables and count, writing to a data directory.
+#[derive(Debug)]
+struct Toy {
+    data: PathBuf,
+    vars: Mutex<HashMap<String, i64>>,
+    count: AtomicU64,
 }
 
 enum Value {
@@ -122,7 +152,15 @@ enum Value {
     Image,
 }
 
-impl FakeSession {
+impl Toy {
+    fn new(data: PathBuf) -> Self {
+        Self {
+            data,
+            vars: Mutex::new(HashMap::new()),
+            count: AtomicU64::new(0),
+        }
+    }
+
     fn eval(&self, expr: &str) -> Result<Value, ExecutionError> {
         let expr = expr.trim();
         if expr == "image" {
@@ -173,16 +211,8 @@ fn unquote(s: &str) -> &str {
         .unwrap_or(s)
 }
 
-#[async_trait]
-impl LiveSession for FakeSession {
-    async fn execute(
-        &self,
-        req: ExecRequest,
-        events: Option<EventSender>,
-    ) -> Result<ExecutionResult, EngineError> {
-        if self.closed.load(Ordering::SeqCst) {
-            return Err(EngineError::Closed);
-        }
+impl Toy {
+    async fn run(&self, req: ExecRequest, events: Option<EventSender>) -> ExecutionResult {
         let started = Instant::now();
         let count = self.count.fetch_add(1, Ordering::SeqCst) + 1;
         let mut out = ExecutionResult {
@@ -240,10 +270,26 @@ impl LiveSession for FakeSession {
                     out.error = Some(err("OSError", "a plain file name, please"));
                     break;
                 }
-                let path = self.dir.join(ampoule_runtime::scratch::DATA).join(name);
+                let path = self.data.join(name);
                 if let Err(e) = std::fs::write(path, text) {
                     out.error = Some(err("OSError", &e.to_string()));
                     break;
+                }
+            } else if let Some(name) = stmt.strip_prefix("read ") {
+                let name = name.trim();
+                if name.is_empty() || name.contains('/') || name.starts_with('.') {
+                    out.error = Some(err("OSError", "a plain file name, please"));
+                    break;
+                }
+                match std::fs::read_to_string(self.data.join(name)) {
+                    Ok(text) => {
+                        out.stdout.push_str(&text);
+                        emit(ExecutionEvent::Stdout { text });
+                    }
+                    Err(_) => {
+                        out.error = Some(err("FileNotFoundError", name));
+                        break;
+                    }
                 }
             } else if let Some(secs) = stmt.strip_prefix("sleep ") {
                 let secs: f64 = secs.trim().parse().unwrap_or(0.0);
@@ -312,7 +358,206 @@ impl LiveSession for FakeSession {
             out.stderr.push_str(&e.traceback.join("\n"));
         }
         out.duration_ms = started.elapsed().as_secs_f64() * 1000.0;
-        Ok(out)
+        out
+    }
+}
+
+/// Where a path of the sandbox is on the host: `/mnt/data` is the session's data directory.
+fn host_path(data: &Path, path: &str) -> PathBuf {
+    match path.strip_prefix("/mnt/data") {
+        Some("") => data.to_path_buf(),
+        Some(rest) if rest.starts_with('/') => data.join(rest.trim_start_matches('/')),
+        _ => PathBuf::from(path),
+    }
+}
+
+/// A variable's value as the host sees it (`HOME=/mnt/data` and the like).
+fn host_value(data: &Path, value: &str) -> String {
+    if value == "/mnt/data" || value.starts_with("/mnt/data/") {
+        host_path(data, value).to_string_lossy().into_owned()
+    } else {
+        value.to_owned()
+    }
+}
+
+/// A process that could not start: it ends at once with status 127, saying why on stderr.
+fn not_started(pid: u32, why: String) -> LiveProcess {
+    LiveProcess {
+        pid,
+        stdin: None,
+        stdout: Box::new(tokio::io::empty()),
+        stderr: Box::new(std::io::Cursor::new(why.into_bytes())),
+        signal: Arc::new(|_| Ok(())),
+        exit: Box::pin(async { ProcessExit::Exited(127) }),
+    }
+}
+
+/// Sends `sig` to a process group (ESRCH: it has just gone, which is no error).
+fn signal_group(pgid: i32, sig: i32) -> Result<(), EngineError> {
+    use nix::sys::signal::{Signal, killpg};
+    let sig = Signal::try_from(sig).map_err(|_| {
+        EngineError::Unsupported(format!("the fake engine cannot send signal {sig}"))
+    })?;
+    match killpg(nix::unistd::Pid::from_raw(pgid), sig) {
+        Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
+        Err(e) => Err(EngineError::Execute(format!("signalling a process: {e}"))),
+    }
+}
+
+impl FakeSession {
+    fn start_process(&self, req: ProcessRequest) -> LiveProcess {
+        let data = &self.toy.data;
+        let Some((program, args)) = req.argv.split_first() else {
+            let pid = self.next_lost.fetch_sub(1, Ordering::SeqCst);
+            return not_started(pid, "nothing to run\n".into());
+        };
+        let mut cmd = tokio::process::Command::new(host_path(data, program));
+        cmd.args(args)
+            .env_clear()
+            .envs(req.env.iter().map(|(k, v)| (k, host_value(data, v))))
+            .current_dir(host_path(data, &req.cwd))
+            .stdin(if req.stdin {
+                std::process::Stdio::piped()
+            } else {
+                std::process::Stdio::null()
+            })
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                let pid = self.next_lost.fetch_sub(1, Ordering::SeqCst);
+                return not_started(pid, format!("{program}: {e}\n"));
+            }
+        };
+        let (Some(pid), Some(stdout), Some(stderr)) =
+            (child.id(), child.stdout.take(), child.stderr.take())
+        else {
+            let pid = self.next_lost.fetch_sub(1, Ordering::SeqCst);
+            return not_started(pid, format!("{program}: lost at its start\n"));
+        };
+        let stdin = child
+            .stdin
+            .take()
+            .map(|w| Box::new(w) as Box<dyn tokio::io::AsyncWrite + Send + Unpin>);
+        let pgid = i32::try_from(pid).unwrap_or(i32::MAX);
+        let reaped = Arc::new(AtomicBool::new(false));
+        if let Ok(mut c) = self.children.lock() {
+            c.retain(|c| !c.reaped.load(Ordering::SeqCst));
+            c.push(Child {
+                pgid,
+                reaped: reaped.clone(),
+            });
+        }
+        let gone = reaped.clone();
+        let signal: Signaller = Arc::new(move |sig| {
+            if gone.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            signal_group(pgid, sig)
+        });
+        let exit = Box::pin(async move {
+            use std::os::unix::process::ExitStatusExt;
+            let status = child.wait().await;
+            reaped.store(true, Ordering::SeqCst);
+            match status {
+                Ok(s) => match (s.code(), s.signal()) {
+                    (Some(code), _) => ProcessExit::Exited(code),
+                    (None, Some(sig)) => ProcessExit::Signaled(sig),
+                    (None, None) => ProcessExit::Lost,
+                },
+                Err(_) => ProcessExit::Lost,
+            }
+        });
+        LiveProcess {
+            pid,
+            stdin,
+            stdout: Box::new(stdout),
+            stderr: Box::new(stderr),
+            signal,
+            exit,
+        }
+    }
+}
+
+/// Another toy interpreter in a session: state of its own, the session's files.
+#[derive(Debug)]
+pub struct FakeContext {
+    toy: Toy,
+    closed: AtomicBool,
+    /// The session's: a context ends with its sandbox.
+    session_closed: Arc<AtomicBool>,
+}
+
+#[async_trait]
+impl LiveContext for FakeContext {
+    async fn execute(
+        &self,
+        req: ExecRequest,
+        events: Option<EventSender>,
+    ) -> Result<ExecutionResult, EngineError> {
+        if !self.alive() {
+            return Err(EngineError::Closed);
+        }
+        Ok(self.toy.run(req, events).await)
+    }
+
+    fn alive(&self) -> bool {
+        !self.closed.load(Ordering::SeqCst) && !self.session_closed.load(Ordering::SeqCst)
+    }
+
+    async fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+    }
+}
+
+#[async_trait]
+impl LiveSession for FakeSession {
+    async fn execute(
+        &self,
+        req: ExecRequest,
+        events: Option<EventSender>,
+    ) -> Result<ExecutionResult, EngineError> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(EngineError::Closed);
+        }
+        Ok(self.toy.run(req, events).await)
+    }
+
+    async fn spawn(&self, req: ProcessRequest) -> Result<LiveProcess, EngineError> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(EngineError::Closed);
+        }
+        Ok(self.start_process(req))
+    }
+
+    async fn open_context(
+        &self,
+        _language: Language,
+        _cwd: Option<String>,
+        _env: Vec<(String, String)>,
+    ) -> Result<Box<dyn LiveContext>, EngineError> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(EngineError::Closed);
+        }
+        Ok(Box::new(FakeContext {
+            toy: Toy::new(self.toy.data.clone()),
+            closed: AtomicBool::new(false),
+            session_closed: self.closed.clone(),
+        }))
+    }
+
+    async fn connect(&self, port: u16) -> Result<tokio::net::TcpStream, EngineError> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(EngineError::Closed);
+        }
+        tokio::net::TcpStream::connect((std::net::Ipv4Addr::LOCALHOST, port))
+            .await
+            .map_err(|_| {
+                EngineError::Unreachable(format!("nothing listens on port {port} in the sandbox"))
+            })
     }
 
     fn scratch(&self) -> Result<Arc<Scratch>, EngineError> {
@@ -329,6 +574,16 @@ impl LiveSession for FakeSession {
 
     async fn close(&self) {
         if !self.closed.swap(true, Ordering::SeqCst) {
+            let children = self
+                .children
+                .lock()
+                .map(|mut c| std::mem::take(&mut *c))
+                .unwrap_or_default();
+            for c in children {
+                if !c.reaped.load(Ordering::SeqCst) {
+                    let _ = signal_group(c.pgid, 9);
+                }
+            }
             if let Ok(mut s) = self.scratch.lock() {
                 s.take();
             }

@@ -23,6 +23,8 @@ pub mod manager;
 pub mod observer;
 pub mod quota;
 pub mod sandbox;
+#[cfg(test)]
+mod sandbox_tests;
 pub mod service;
 pub mod settings;
 #[cfg(test)]

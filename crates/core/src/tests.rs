@@ -37,7 +37,7 @@ fn pool(name: &str, language: Language) -> PoolSettings {
 }
 
 /// A manager with pools `python` and `js`, tenant `a` under `policy`.
-fn manager(policy: Policy) -> (Manager, Arc<FakeStats>, tempfile::TempDir) {
+pub(crate) fn manager(policy: Policy) -> (Manager, Arc<FakeStats>, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let engine = FakeEngine::new(dir.path());
     let stats = engine.stats.clone();
