@@ -8,6 +8,8 @@ have() { command -v "$1" >/dev/null 2>&1; }
 [ -x /usr/bin/python3 ] || need+=(python3)
 /usr/bin/python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 [ -x /usr/bin/node ] || need+=(nodejs)
+# `npm ci` of the E2B JavaScript SDK for crates/server/tests/e2b.rs (scripts/test.sh)
+have npm || need+=(npm)
 have unshare || need+=(util-linux)
 have ip || need+=(iproute2)
 # the egress firewall of sandboxes with allowed hosts (`nft -f`, root only)

@@ -36,6 +36,23 @@ echo "== schemathesis (venv for the server's /v1 contract test)" >&2
 # crates/server/tests/contract.rs fuzzes a real `ampoule serve` with it.
 venv target/schemathesis-venv crates/server/tests/contract/requirements.txt
 export AMPOULE_SCHEMATHESIS_VENV="$PWD/target/schemathesis-venv"
+# npm packages at $1 from the package.json and package-lock.json in $2 (`npm ci`: exactly the
+# locked versions). Installed once; reinstalled when the lock file changes.
+node_packages() {
+  if ! cmp -s "$2/package-lock.json" "$1/installed-package-lock.json"; then
+    rm -rf "$1"
+    mkdir -p "$1"
+    cp "$2/package.json" "$2/package-lock.json" "$1/"
+    (cd "$1" && npm ci --no-audit --no-fund --loglevel=error)
+    cp "$2/package-lock.json" "$1/installed-package-lock.json"
+  fi
+}
+echo "== E2B SDKs (Python venv and npm packages for the server's E2B test)" >&2
+# crates/server/tests/e2b.rs runs the real E2B SDKs, pinned, against `ampoule serve`.
+venv target/e2b-venv crates/server/tests/e2b/requirements.txt
+export AMPOULE_E2B_VENV="$PWD/target/e2b-venv"
+node_packages target/e2b-node crates/server/tests/e2b
+export AMPOULE_E2B_NODE="$PWD/target/e2b-node"
 echo "== postgres (the audit store's tests run on it and on SQLite)" >&2
 AMPOULE_TEST_POSTGRES_URL=$(bash scripts/postgres.sh)
 export AMPOULE_TEST_POSTGRES_URL
