@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use ampoule_runtime::scratch::{DATA, FileInfo, NewFile};
+use ampoule_runtime::scratch::{DATA, FileError, FileInfo, NewFile};
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use tokio::io::AsyncWriteExt;
@@ -97,6 +97,98 @@ pub(crate) async fn open(
     let live = live.clone();
     let path = path.to_owned();
     blocking(move || Ok(live.scratch()?.open(DATA, &path)?)).await
+}
+
+/// Makes the directory `path` and its missing parents. Answers whether it was made (`false`:
+/// a directory was already there).
+pub(crate) async fn make_dir(live: &Arc<dyn LiveSession>, path: &str) -> Result<bool, Error> {
+    let live = live.clone();
+    let path = path.to_owned();
+    blocking(move || {
+        let scratch = live.scratch()?;
+        match scratch.stat(DATA, &path) {
+            Ok(info) if info.regular => {
+                return Err(Error::NotAFile(format!(
+                    "{path:?} is a file, not a directory"
+                )));
+            }
+            Ok(_) => return Ok(false),
+            Err(FileError::NotFound(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        // The scratch makes a new file's missing parents (beneath the data directory, never
+        // through a link); the file itself lives under a temporary name until committed and
+        // is removed when dropped, so only the directories remain.
+        drop(scratch.create(DATA, &format!("{path}/.ampoule-mkdir"), 0o644)?);
+        Ok(true)
+    })
+    .await
+}
+
+/// Moves the regular file `from` to `to` (parents created, an existing file replaced), by
+/// copying it through the scratch's descriptors and removing the original: the scratch has
+/// no rename, and a copy never writes through a link planted at `to`. Directories are
+/// refused.
+pub(crate) async fn move_file(
+    live: &Arc<dyn LiveSession>,
+    from: &str,
+    to: &str,
+) -> Result<FileInfo, Error> {
+    let live = live.clone();
+    let (from, to) = (from.to_owned(), to.to_owned());
+    blocking(move || {
+        let scratch = live.scratch()?;
+        let info = scratch.stat(DATA, &from)?;
+        if !info.regular {
+            return Err(Error::NotSupported(format!(
+                "{from:?} is not a regular file: only files can be moved (directories not yet)"
+            )));
+        }
+        if info.path
+            == ampoule_runtime::scratch::normalize(&to)
+                .map_err(|e| Error::InvalidPath(e.to_string()))?
+                .join("/")
+        {
+            return Ok(info);
+        }
+        let (src, info) = scratch.open(DATA, &from)?;
+        let mut dst = scratch.create(DATA, &to, 0o644)?;
+        std::io::copy(&mut std::io::Read::take(src, info.size), dst.file()).map_err(write_error)?;
+        let moved = dst.commit()?;
+        scratch.remove(DATA, &from)?;
+        Ok(moved)
+    })
+    .await
+}
+
+/// Removes what is at `path`: a file (or a link itself), or a directory's files, recursively
+/// (the directories themselves stay, empty: the scratch removes no directory).
+pub(crate) async fn remove_tree(live: &Arc<dyn LiveSession>, path: &str) -> Result<(), Error> {
+    let live = live.clone();
+    let path = path.to_owned();
+    blocking(move || {
+        let scratch = live.scratch()?;
+        let info = scratch.stat(DATA, &path)?;
+        if info.regular {
+            return Ok(scratch.remove(DATA, &path)?);
+        }
+        let below = format!("{}/", info.path);
+        let files = scratch
+            .list_info(DATA)
+            .map_err(|e| Error::internal(format!("listing files: {e}")))?;
+        for f in files.iter().filter(|f| f.path.starts_with(&below)) {
+            match scratch.remove(DATA, &f.path) {
+                Ok(()) | Err(FileError::NotFound(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        // A link (to anything) is removed itself.
+        match scratch.remove(DATA, &path) {
+            Ok(()) | Err(FileError::NotFound(_)) | Err(FileError::NotAFile(_)) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    })
+    .await
 }
 
 /// A directory named by a client (`?path=`) as a path relative to `/mnt/data` (`""` for

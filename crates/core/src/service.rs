@@ -657,6 +657,50 @@ impl Manager {
         crate::files::remove(&call.session().live, path).await
     }
 
+    /// Makes a directory and its missing parents; answers whether it was made (`false`: it
+    /// was there).
+    pub async fn make_dir(
+        &self,
+        caller: &Caller,
+        target: &Target,
+        path: &str,
+    ) -> Result<bool, Error> {
+        let call = self.file_session(caller, target).await?;
+        crate::files::make_dir(&call.session().live, path).await
+    }
+
+    /// Moves a regular file (an existing file at `to` is replaced).
+    pub async fn move_file(
+        &self,
+        caller: &Caller,
+        target: &Target,
+        from: &str,
+        to: &str,
+    ) -> Result<FileInfo, Error> {
+        let call = self.file_session(caller, target).await?;
+        crate::files::move_file(&call.session().live, from, to).await
+    }
+
+    /// Removes a file, or every file below a directory.
+    pub async fn delete_tree(
+        &self,
+        caller: &Caller,
+        target: &Target,
+        path: &str,
+    ) -> Result<(), Error> {
+        let call = self.file_session(caller, target).await?;
+        crate::files::remove_tree(&call.session().live, path).await
+    }
+
+    /// The tokens of one of the caller's sandboxes (E2B's connect answers them again).
+    pub fn sandbox_tokens(
+        &self,
+        caller: &Caller,
+        id: &str,
+    ) -> Result<crate::sandbox::SandboxTokens, Error> {
+        Ok(self.get(&caller.tenant, id)?.sandbox.tokens.clone())
+    }
+
     fn audit_store(&self) -> Result<Arc<dyn ampoule_audit::AuditStore>, Error> {
         self.audit()
             .map(|a| a.store.clone())

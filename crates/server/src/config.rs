@@ -54,6 +54,20 @@ pub struct Config {
     /// `[mcp]`: the MCP endpoint `/mcp`.
     #[serde(default)]
     pub mcp: McpConfig,
+    /// `[e2b]`: the E2B-compatible door.
+    #[serde(default)]
+    pub e2b: E2bConfig,
+}
+
+/// `[e2b]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct E2bConfig {
+    /// The domain answered to E2B's SDKs: `Sandbox.get_host(port)` is
+    /// `{port}-{sandbox id}.{domain}`, which this server routes to the port when the name
+    /// reaches it (wildcard DNS). Default `ampoule.localhost` (`*.localhost` resolves to the
+    /// loopback address on most systems).
+    pub domain: Option<String>,
 }
 
 /// `[mcp]`.

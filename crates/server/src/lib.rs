@@ -20,11 +20,13 @@ pub mod aca;
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod e2b;
 pub mod error;
 pub mod files;
 pub mod logging;
 pub mod mcp;
 pub mod metrics;
+pub mod ports;
 pub mod serve;
 pub mod session_engine;
 pub mod tls;
@@ -54,10 +56,14 @@ pub struct AppState {
     pub max_upload: u64,
     /// `Host` values `/mcp` accepts (`[mcp] allowed_hosts`; empty: any).
     pub mcp_allowed_hosts: Vec<String>,
+    /// The E2B-compatible door's state (its domain, its directory watchers).
+    pub e2b: Arc<e2b::Door>,
 }
 
 /// The whole HTTP application: `/healthz`, `/openapi.json`, `/metrics` (with an API key),
-/// `/v1/...`, the MCP endpoint `/mcp`, and the ACA-compatible API on every other path.
+/// `/v1/...`, the MCP endpoint `/mcp`, E2B's control plane (`/sandboxes`, `/v2/sandboxes`)
+/// and data plane (requests naming a sandbox by `E2b-Sandbox-Id` or host, see [`e2b`]), and
+/// the ACA-compatible API on every other path.
 pub fn app(state: AppState) -> Router {
     let (router, openapi) = api::routes();
     let openapi = Arc::new(openapi);
@@ -80,8 +86,15 @@ pub fn app(state: AppState) -> Router {
                 async move { axum::Json(doc.as_ref().clone()) }
             }),
         )
+        .merge(e2b::control::routes())
         .method_not_allowed_fallback(api::method_not_allowed)
         .fallback(aca::dispatch)
+        // E2B's data plane is routed by headers or host name, whatever the path: before
+        // any route (and the ACA fallback) sees the request.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            e2b::intercept,
+        ))
         .layer(axum::middleware::from_fn(access_log))
         .with_state(state)
 }

@@ -124,6 +124,7 @@ pub fn state(cfg: &Config, engine: Arc<dyn Engine>, keys: Keys) -> Result<AppSta
         keys: Arc::new(keys),
         max_upload: cfg.max_upload_bytes(),
         mcp_allowed_hosts: cfg.mcp_allowed_hosts(),
+        e2b: crate::e2b::door(cfg.e2b.domain.as_deref()),
     })
 }
 

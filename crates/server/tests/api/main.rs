@@ -2,7 +2,8 @@
 //! root). One test binary, one module per area (each module starts with `use super::*;` for
 //! the harness below): the ACA door ([`aca`]), the native `/v1` API ([`native`]), file attacks
 //! and limits ([`files`]: traversal, symlinks and hard links planted in a session), keys and
-//! tenants ([`tenants`]: isolation, limits) and session lifecycle ([`lifecycle`]).
+//! tenants ([`tenants`]: isolation, limits), session lifecycle ([`lifecycle`]) and the E2B door
+//! ([`e2b`]: control plane, tokens, Connect framing, NDJSON).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
@@ -21,6 +22,7 @@ use serde_json::{Value, json};
 use tower::ServiceExt;
 
 mod aca;
+mod e2b;
 mod files;
 mod lifecycle;
 mod native;
