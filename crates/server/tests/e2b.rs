@@ -181,6 +181,7 @@ fn e2b_sdks_against_ampoule_serve() {
             ("AMPOULE_E2B_KEY_A", KEY_A),
             ("AMPOULE_E2B_KEY_B", KEY_B),
             ("AMPOULE_LOG", "info"),
+            ("NO_COLOR", "1"),
         ],
     )
     .unwrap();

@@ -159,13 +159,14 @@ def nonzero_exit():
 
 
 def run_code_error():
+    a.run_code("kept = 'before the error'")
     ex = a.run_code("def f():\n    return 1 / 0\nf()")
     expect(ex.error is not None, "no error")
     expect(ex.error.name == "ZeroDivisionError", f"name {ex.error.name!r}")
     expect("division by zero" in ex.error.value, f"value {ex.error.value!r}")
     expect("ZeroDivisionError" in ex.error.traceback and "f()" in ex.error.traceback, f"traceback {ex.error.traceback!r}")
     # The state survives the error.
-    expect(stdout_of(a.run_code("print(shared)")) == "default context\n", "state lost")
+    expect(stdout_of(a.run_code("print(kept)")) == "before the error\n", "state lost")
 
 
 def callbacks():
