@@ -477,6 +477,15 @@ impl Cgroup {
         }
     }
 
+    /// The files a single-threaded process writes `0` to, to move itself into this cgroup:
+    /// `tasks` on v1 (see [`Cgroup::self_join_files`]), `cgroup.procs` on v2.
+    pub(crate) fn join_files(&self) -> Vec<PathBuf> {
+        match self.version {
+            CgroupVersion::V1 => self.self_join_files(),
+            CgroupVersion::V2 => self.procs_files(),
+        }
+    }
+
     /// Moves process `pid` into this cgroup (every hierarchy on v1).
     ///
     /// On cgroup v1 the first move after a quiet period waits for an RCU grace period (the

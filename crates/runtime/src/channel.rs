@@ -22,7 +22,7 @@ use tokio::io::unix::AsyncFd;
 use crate::error::{Error, Result};
 
 /// Largest message we accept.
-const MAX_MESSAGE: usize = 256 * 1024;
+pub(crate) const MAX_MESSAGE: usize = 256 * 1024;
 
 /// Everything the init process needs to build the sandbox.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -48,14 +48,14 @@ pub const INIT_ARG: &str = "__sandbox-init";
 const CHANNEL_FD: RawFd = 3;
 
 /// A failed stage: its name and the error.
-struct StageError {
-    stage: &'static str,
-    message: String,
+pub(crate) struct StageError {
+    pub(crate) stage: &'static str,
+    pub(crate) message: String,
 }
 
-type Stage<T> = std::result::Result<T, StageError>;
+pub(crate) type Stage<T> = std::result::Result<T, StageError>;
 
-trait StageContext<T> {
+pub(crate) trait StageContext<T> {
     fn stage(self, stage: &'static str) -> Stage<T>;
 }
 
@@ -68,7 +68,7 @@ impl<T, E: std::fmt::Display> StageContext<T> for std::result::Result<T, E> {
     }
 }
 
-fn fail(stage: &'static str, message: impl Into<String>) -> StageError {
+pub(crate) fn fail(stage: &'static str, message: impl Into<String>) -> StageError {
     StageError {
         stage,
         message: message.into(),
@@ -83,8 +83,10 @@ const SEALED_ARG: &str = "--sealed";
 
 /// Entry point of `ampoule __sandbox-init`. Never returns.
 pub fn main() -> ! {
-    if std::env::args_os().nth(2).as_deref() == Some(REAPER_ARG.as_ref()) {
-        reaper();
+    match std::env::args_os().nth(2).as_deref() {
+        Some(arg) if arg == REAPER_ARG => reaper(),
+        Some(arg) if arg == crate::enter::ENTER_ARG => crate::enter::helper(),
+        _ => {}
     }
     // Die with the supervisor. If it already died, stop here.
     let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
@@ -273,7 +275,7 @@ pub fn reaper() -> ! {
 
 /// Points stdin/stdout/stderr at /dev/null, so only the program holds the output pipes and the
 /// supervisor sees end-of-file when the program's processes are gone.
-fn detach_stdio() {
+pub(crate) fn detach_stdio() {
     if let Ok(null) = fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -286,27 +288,50 @@ fn detach_stdio() {
 }
 
 fn set_rlimits(spec: &InitSpec) -> nix::Result<()> {
-    setrlimit(Resource::RLIMIT_CORE, 0, 0)?;
-    setrlimit(
-        Resource::RLIMIT_NOFILE,
-        spec.rlimit_nofile,
-        spec.rlimit_nofile,
-    )?;
-    setrlimit(Resource::RLIMIT_FSIZE, spec.rlimit_fsize, spec.rlimit_fsize)?;
-    setrlimit(
-        Resource::RLIMIT_CPU,
-        spec.rlimit_cpu_s,
-        spec.rlimit_cpu_s.saturating_add(1),
-    )?;
-    if let Some(n) = spec.rlimit_nproc {
-        setrlimit(Resource::RLIMIT_NPROC, n, n)?;
+    Rlimits::of(spec).apply()
+}
+
+/// The rlimits of a sandbox's processes: what the init sets, and what a process entering the
+/// sandbox later gets too (see [`crate::enter`]).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(crate) struct Rlimits {
+    pub(crate) nofile: u64,
+    pub(crate) fsize: u64,
+    pub(crate) cpu_s: u64,
+    pub(crate) nproc: Option<u64>,
+    pub(crate) user: Option<crate::ucounts::UserRlimits>,
+}
+
+impl Rlimits {
+    pub(crate) fn of(spec: &InitSpec) -> Self {
+        Self {
+            nofile: spec.rlimit_nofile,
+            fsize: spec.rlimit_fsize,
+            cpu_s: spec.rlimit_cpu_s,
+            nproc: spec.rlimit_nproc,
+            user: spec.rlimit_user,
+        }
     }
-    if let Some(r) = &spec.rlimit_user {
-        setrlimit(Resource::RLIMIT_SIGPENDING, r.sigpending, r.sigpending)?;
-        setrlimit(Resource::RLIMIT_MSGQUEUE, r.msgqueue, r.msgqueue)?;
-        setrlimit(Resource::RLIMIT_MEMLOCK, r.memlock, r.memlock)?;
+
+    pub(crate) fn apply(&self) -> nix::Result<()> {
+        setrlimit(Resource::RLIMIT_CORE, 0, 0)?;
+        setrlimit(Resource::RLIMIT_NOFILE, self.nofile, self.nofile)?;
+        setrlimit(Resource::RLIMIT_FSIZE, self.fsize, self.fsize)?;
+        setrlimit(
+            Resource::RLIMIT_CPU,
+            self.cpu_s,
+            self.cpu_s.saturating_add(1),
+        )?;
+        if let Some(n) = self.nproc {
+            setrlimit(Resource::RLIMIT_NPROC, n, n)?;
+        }
+        if let Some(r) = &self.user {
+            setrlimit(Resource::RLIMIT_SIGPENDING, r.sigpending, r.sigpending)?;
+            setrlimit(Resource::RLIMIT_MSGQUEUE, r.msgqueue, r.msgqueue)?;
+            setrlimit(Resource::RLIMIT_MEMLOCK, r.memlock, r.memlock)?;
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 /// A child of the outer init that keeps real root while the init gives it up, and writes the
@@ -749,7 +774,7 @@ pub(crate) const LANDLOCK_RW_DEVS: &[&str] = &[
     "/dev/urandom",
 ];
 
-fn landlock() -> Stage<String> {
+pub(crate) fn landlock() -> Stage<String> {
     use landlock::{
         ABI, Access, AccessFs, CompatLevel, Compatible, PathBeneath, PathFd, Ruleset, RulesetAttr,
         RulesetCreatedAttr, RulesetStatus, Scope,
@@ -826,6 +851,9 @@ fn inner(spec: &InitSpec, chan: &InitChannel, seccomp: &SeccompPolicy) -> Stage<
     nix::unistd::sethostname(&spec.hostname).stage("hostname")?;
     sys::loopback_up().stage("loopback")?;
     nix::unistd::chdir(spec.cwd.as_str()).stage("cwd")?;
+    // A handle on ourselves for the supervisor: the process whose namespaces later processes
+    // join (`crate::enter`). Taken before seccomp; close-on-exec, and dropped before the fork.
+    let me = sys::pidfd_open(nix::unistd::getpid().as_raw()).ok();
     let landlock = if spec.zygote {
         // A zygote's children build their own mounts (which Landlock would forbid) and then
         // apply every layer below themselves (kernels/python/zygote.py).
@@ -847,8 +875,12 @@ fn inner(spec: &InitSpec, chan: &InitChannel, seccomp: &SeccompPolicy) -> Stage<
         seccomp.apply().stage("seccomp")?;
         landlock
     };
-    chan.send(&FromInit::Ready { landlock }, None)
-        .stage("channel")?;
+    chan.send(
+        &FromInit::Ready { landlock },
+        me.as_ref().map(AsRawFd::as_raw_fd),
+    )
+    .stage("channel")?;
+    drop(me);
 
     match sys::fork().stage("fork")? {
         Fork::Child => {

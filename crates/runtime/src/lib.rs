@@ -17,6 +17,7 @@
 pub mod cgroup;
 mod channel;
 pub mod doctor;
+pub mod enter;
 pub mod error;
 pub mod host;
 pub mod init;
@@ -31,6 +32,7 @@ mod sys;
 pub mod ucounts;
 pub mod zygote;
 
+pub use enter::{EnterSpec, Entered, Entrance};
 pub use error::{Error, Result};
 pub use host::Host;
 pub use language::Interpreter;

@@ -23,8 +23,12 @@ use std::time::Instant;
 use ampoule_types::Limits;
 use tokio::process::{Child, ChildStderr, ChildStdin, ChildStdout};
 
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
 use crate::cgroup::{Cgroup, CgroupStats};
 use crate::channel::{self, FromInit, HostChannel, InitSpec, ToInit};
+use crate::enter::{Entrance, Target};
 use crate::error::{Error, Result};
 use crate::host::{Host, Slot};
 use crate::init::INIT_ARG;
@@ -166,6 +170,8 @@ pub struct Sandbox {
     scratch: Scratch,
     _slot: Slot,
     network: Option<GatewayAddrs>,
+    /// What [`Sandbox::entrance`] hands out, once the program runs.
+    entry: Option<Arc<Target>>,
     landlock: String,
     started: Instant,
     exit: Option<ProgramExit>,
@@ -371,6 +377,7 @@ impl Sandbox {
         let chan = HostChannel::new(ours)?;
         // From here on, an error (or the caller dropping this future) drops `child`, which kills
         // the init and with it the pid namespace, and `cgroup`, which kills and removes it.
+        let rlimits = crate::init::Rlimits::of(&spec);
         chan.send(&ToInit::Spec(Box::new(spec))).await?;
         let fd = match chan.recv().await? {
             Some((FromInit::Scratch, Some(fd))) => {
@@ -405,15 +412,32 @@ impl Sandbox {
             tracing::debug!(elapsed = ?started.elapsed(), "init moved into its cgroup");
         }
         chan.send(&ToInit::Start).await?;
-        let landlock = match chan.recv().await? {
-            Some((FromInit::Ready { landlock }, _)) => {
+        let (landlock, pid1) = match chan.recv().await? {
+            Some((FromInit::Ready { landlock }, pid1)) => {
                 tracing::debug!(elapsed = ?started.elapsed(), "sandbox ready, program starting");
-                landlock
+                (landlock, pid1)
             }
             Some((FromInit::Failed { stage, message }, _)) => {
                 return Err(Error::Setup { stage, message });
             }
             other => return Err(Error::Channel(format!("expected ready, got {other:?}"))),
+        };
+        // The zygote's own sandbox is not for entering (its program is root of its namespace).
+        let entry = match pid1 {
+            Some(pidfd) if !is_zygote => Some(Arc::new(Target {
+                pidfd,
+                exe: host.init_exe.clone(),
+                cgroup: cgroup
+                    .as_ref()
+                    .map(|c| c.0.join_files())
+                    .unwrap_or_default(),
+                rlimits,
+                host_gid,
+                privileged: host.privileged,
+                scratch: scratch.try_clone().ok(),
+                over: Default::default(),
+            })),
+            _ => None,
         };
         Ok(Self {
             child: Proc::Init(child),
@@ -422,6 +446,7 @@ impl Sandbox {
             scratch,
             _slot: slot,
             network: addrs,
+            entry,
             landlock,
             started,
             exit: None,
@@ -487,8 +512,19 @@ impl Sandbox {
         }
     }
 
+    /// A handle to start more processes in the sandbox and to connect to its ports (see
+    /// [`crate::enter`]); `None` once the sandbox is over.
+    pub fn entrance(&self) -> Option<Entrance> {
+        let target = self.entry.as_ref()?;
+        let entrance = Entrance::new(target.clone());
+        (self.exit.is_none() && entrance.alive()).then_some(entrance)
+    }
+
     /// Kills every process of the sandbox. Idempotent.
     pub fn kill(&mut self) {
+        if let Some(t) = &self.entry {
+            t.over.store(true, Ordering::Relaxed);
+        }
         if let Some(cg) = &self.cgroup {
             cg.0.kill();
         }
@@ -508,6 +544,9 @@ impl Sandbox {
     /// Makes sure nothing of the sandbox runs any more, reaps it, reads the final figures and
     /// removes the cgroup. The scratch space stays readable until `self` is dropped.
     pub async fn finish(&mut self) -> Finished {
+        if let Some(t) = &self.entry {
+            t.over.store(true, Ordering::Relaxed);
+        }
         if self.exit.is_none() {
             self.kill();
         }
@@ -568,6 +607,7 @@ impl Sandbox {
         landlock: String,
         started: Instant,
         stdio: (Option<ChildStdin>, Option<ChildStdout>, Option<ChildStderr>),
+        entry: Option<Arc<Target>>,
     ) -> Self {
         Self {
             child: Proc::Forked(forked),
@@ -576,6 +616,7 @@ impl Sandbox {
             scratch,
             _slot: slot,
             network: None,
+            entry,
             landlock,
             started,
             exit: None,

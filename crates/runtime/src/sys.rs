@@ -168,6 +168,11 @@ pub(crate) fn disable_speculative_store_bypass() -> io::Result<()> {
 
 /// Sends `SIGKILL` through a pidfd (no pid-reuse race).
 pub(crate) fn pidfd_kill(pidfd: RawFd) -> io::Result<()> {
+    pidfd_signal(pidfd, libc::SIGKILL)
+}
+
+/// Sends `signal` through a pidfd (no pid-reuse race).
+pub(crate) fn pidfd_signal(pidfd: RawFd, signal: i32) -> io::Result<()> {
     // JUSTIFICATION: nix has no pidfd_send_signal wrapper.
     // SAFETY: integer arguments and a null siginfo pointer, which the kernel accepts; a stale
     // or foreign descriptor only makes the call fail.
@@ -175,7 +180,7 @@ pub(crate) fn pidfd_kill(pidfd: RawFd) -> io::Result<()> {
         libc::syscall(
             libc::SYS_pidfd_send_signal,
             pidfd,
-            libc::SIGKILL,
+            signal,
             std::ptr::null::<libc::siginfo_t>(),
             0u32,
         )
@@ -185,6 +190,20 @@ pub(crate) fn pidfd_kill(pidfd: RawFd) -> io::Result<()> {
     } else {
         Ok(())
     }
+}
+
+/// A pidfd (close-on-exec) for process `pid` of our pid namespace. Race-free only while the
+/// caller knows `pid` cannot be reused: its own unreaped child, or itself.
+pub(crate) fn pidfd_open(pid: i32) -> io::Result<std::os::fd::OwnedFd> {
+    // JUSTIFICATION: nix has no pidfd_open wrapper.
+    // SAFETY: integer arguments only; on success the kernel returns a new descriptor that
+    // nothing else owns, which we wrap at once.
+    let rc = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0u32) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = RawFd::try_from(rc).map_err(|_| io::Error::other("pidfd out of range"))?;
+    Ok(own_fd(fd))
 }
 
 /// The pid (in our pid namespace) of the process a pidfd refers to, from its fdinfo.

@@ -450,6 +450,10 @@ impl Zygote {
         self.inner.forks.fetch_add(1, Ordering::Relaxed);
         let pid = crate::sys::pidfd_pid(pidfd.as_raw_fd())
             .map_err(|e| Error::io("reading the child's pid", e))?;
+        // A second handle on the program: the process every entered one joins.
+        let entry_pidfd = pidfd
+            .try_clone()
+            .map_err(|e| Error::io("duplicating the pidfd", e))?;
         let forked = Forked {
             pid,
             pidfd: crate::sys::register_async(pidfd)
@@ -489,6 +493,27 @@ impl Zygote {
             other => return Err(Error::Channel(format!("expected ready, got {other:?}"))),
         };
         tracing::debug!(elapsed = ?started.elapsed(), pid, "zygote child ready");
+        let (_, host_gid) = host.ids_for(&slot);
+        let entry = Arc::new(crate::enter::Target {
+            pidfd: entry_pidfd,
+            exe: host.init_exe.clone(),
+            cgroup: cgroup
+                .as_ref()
+                .and_then(CgroupGuard::get)
+                .map(crate::cgroup::Cgroup::join_files)
+                .unwrap_or_default(),
+            rlimits: crate::init::Rlimits {
+                nofile: limits.open_files,
+                fsize: disk_bytes.max(1),
+                cpu_s: crate::sandbox::cpu_backstop_s(limits),
+                nproc: Some(crate::sandbox::nproc_backstop(host, limits)),
+                user: Some(*user),
+            },
+            host_gid,
+            privileged: host.privileged,
+            scratch: scratch.try_clone().ok(),
+            over: Default::default(),
+        });
         let stdio = (
             match stdin_w {
                 Some(w) => Some(
@@ -515,6 +540,7 @@ impl Zygote {
             landlock,
             started,
             stdio,
+            Some(entry),
         ))
     }
 }

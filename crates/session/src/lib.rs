@@ -41,6 +41,7 @@
 // A library prints nothing: the CLI's printer owns stdout and stderr.
 #![cfg_attr(not(test), deny(clippy::print_stdout, clippy::print_stderr))]
 
+pub mod context;
 pub mod doctor;
 pub mod error;
 pub mod language;
@@ -51,6 +52,7 @@ pub mod setup;
 pub mod zygote;
 
 pub use ampoule_types::{ExecutionEvent, ExecutionResult, MimeBundle, SessionState};
+pub use context::{Context, command_env};
 pub use error::{Error, Result};
 pub use language::{Kernel, LanguageSpec};
 pub use network::{SessionNetwork, SessionOptions};

@@ -126,7 +126,7 @@ enum End {
 pub struct Session {
     language: &'static str,
     runtime: String,
-    sandbox: Sandbox,
+    sandbox: Body,
     requests: ChildStdin,
     events: mpsc::Receiver<Incoming>,
     log: Arc<Mutex<Vec<u8>>>,
@@ -169,11 +169,27 @@ impl Session {
         language: &'static str,
         limits: Limits,
     ) -> Result<Self> {
-        let (Some(requests), Some(stdout), Some(stderr)) = (
+        let stdio = (
             sandbox.stdin.take(),
             sandbox.stdout.take(),
             sandbox.stderr.take(),
-        ) else {
+        );
+        Self::handshake_body(Body::Sandbox(sandbox), stdio, language, limits).await
+    }
+
+    /// [`Session::handshake`] of a kernel in a sandbox, or of one entered into a sandbox (a
+    /// [`crate::Context`]).
+    pub(crate) async fn handshake_body(
+        mut sandbox: Body,
+        stdio: (
+            Option<ChildStdin>,
+            Option<tokio::process::ChildStdout>,
+            Option<tokio::process::ChildStderr>,
+        ),
+        language: &'static str,
+        limits: Limits,
+    ) -> Result<Self> {
+        let (Some(requests), Some(stdout), Some(stderr)) = stdio else {
             return Err(Error::KernelStart {
                 language: language.into(),
                 detail: "the sandbox has no stdio pipes".into(),
@@ -270,6 +286,12 @@ impl Session {
     /// The session's files (`/mnt/data`).
     pub fn scratch(&self) -> &Scratch {
         self.sandbox.scratch()
+    }
+
+    /// A handle to run more processes in the session's sandbox and to connect to its ports;
+    /// `None` once the sandbox is over.
+    pub fn entrance(&self) -> Option<ampoule_runtime::Entrance> {
+        self.sandbox.entrance()
     }
 
     /// The session's limits.
@@ -571,6 +593,67 @@ impl Session {
         }
         self.sandbox.kill();
         self.sandbox.finish().await;
+    }
+}
+
+/// What a session's kernel runs in: a sandbox of its own, or a process entered into another
+/// session's sandbox (a [`crate::Context`]: its figures are the sandbox's, so none are
+/// reported per execution, and killing it kills only its process group).
+#[derive(Debug)]
+pub(crate) enum Body {
+    Sandbox(Sandbox),
+    Entered {
+        process: ampoule_runtime::Entered,
+        scratch: Scratch,
+    },
+}
+
+impl Body {
+    fn stats(&self) -> Option<ampoule_runtime::cgroup::CgroupStats> {
+        match self {
+            Body::Sandbox(s) => s.stats(),
+            Body::Entered { .. } => None,
+        }
+    }
+
+    fn scratch(&self) -> &Scratch {
+        match self {
+            Body::Sandbox(s) => s.scratch(),
+            Body::Entered { scratch, .. } => scratch,
+        }
+    }
+
+    fn entrance(&self) -> Option<ampoule_runtime::Entrance> {
+        match self {
+            Body::Sandbox(s) => s.entrance(),
+            Body::Entered { .. } => None,
+        }
+    }
+
+    async fn wait(&mut self) -> ampoule_runtime::Result<ProgramExit> {
+        match self {
+            Body::Sandbox(s) => s.wait().await,
+            Body::Entered { process, .. } => process.wait().await,
+        }
+    }
+
+    fn kill(&mut self) {
+        match self {
+            Body::Sandbox(s) => s.kill(),
+            Body::Entered { process, .. } => process.kill(),
+        }
+    }
+
+    async fn finish(&mut self) {
+        match self {
+            Body::Sandbox(s) => {
+                s.finish().await;
+            }
+            Body::Entered { process, .. } => {
+                process.kill();
+                let _ = tokio::time::timeout(Duration::from_secs(2), process.wait()).await;
+            }
+        }
     }
 }
 

@@ -11,6 +11,7 @@
 //! `harness = false` and the check at the top of `main`.
 
 mod cases;
+mod entrance;
 mod zygote;
 
 use std::future::Future;
@@ -108,6 +109,7 @@ fn main() {
     }
     let mut cases = cases::all();
     cases.extend(zygote::cases());
+    cases.extend(entrance::cases());
     let mut skipped_languages = Vec::new();
     for lang in Language::EVERY.map(Language::as_str) {
         if let Err(e) =
