@@ -214,9 +214,9 @@ def port_needs_token():
         time.sleep(0.5)
     expect(last.status_code == 200 and last.text == "tenant a's secret\n", f"with its token: {last.status_code} {last.text[:200]!r}")
     r = port_request(a.sandbox_id, host)
-    expect(r.status_code in (401, 403, 404) and "secret" not in r.text, f"without a token: {r.status_code} {r.text[:200]!r}")
+    expect(r.status_code in (401, 403, 404, 502) and "secret" not in r.text, f"without a token: {r.status_code} {r.text[:200]!r}")
     r = port_request(a.sandbox_id, host, "not-the-token")
-    expect(r.status_code in (401, 403, 404) and "secret" not in r.text, f"a wrong token: {r.status_code} {r.text[:200]!r}")
+    expect(r.status_code in (401, 403, 404, 502) and "secret" not in r.text, f"a wrong token: {r.status_code} {r.text[:200]!r}")
     return f"without a token {r.status_code}"
 
 
@@ -239,10 +239,14 @@ def tenant_b_sdk():
     expect(Sandbox.connect(a.sandbox_id).sandbox_id == a.sandbox_id, "a cannot connect")
 
 
-def b_headers(port):
-    """Everything tenant B owns (its key, its sandbox's tokens), aimed at tenant A's sandbox."""
+MISSING = "sbx_" + "0" * 24
+
+
+def b_headers(port, sandbox_id=None):
+    """Everything tenant B owns (its key, its sandbox's tokens), aimed at tenant A's sandbox
+    (or at `sandbox_id`)."""
     h = {
-        "E2b-Sandbox-Id": a.sandbox_id,
+        "E2b-Sandbox-Id": sandbox_id or a.sandbox_id,
         "E2b-Sandbox-Port": str(port),
         "X-API-Key": KEY_B,
         "Authorization": f"Bearer {KEY_B}",
@@ -256,8 +260,17 @@ def b_headers(port):
     return h
 
 
-def expect_404(what, r):
-    expect(r.status_code == 404, f"{what}: {r.status_code} {r.text[:200]!r}")
+def expect_not_found(what, send):
+    """`send(sandbox_id)` aimed at A's sandbox is answered as not found (404, or the 502 "not
+    found" of E2B's sandbox proxy), exactly as the same request aimed at a sandbox that does
+    not exist: tenant B learns nothing of A's."""
+    r = send(a.sandbox_id)
+    missing = send(MISSING)
+    expect(
+        r.status_code in (404, 502) and r.status_code == missing.status_code,
+        f"{what}: {r.status_code} {r.text[:200]!r} (a missing sandbox: {missing.status_code})",
+    )
+    return r.status_code
 
 
 def envelope(message):
@@ -266,52 +279,76 @@ def envelope(message):
     return struct.pack(">BI", 0, len(body)) + body
 
 
+def rpc_headers(sandbox_id, content_type="application/json"):
+    return {
+        **b_headers(ENVD_PORT, sandbox_id),
+        "Content-Type": content_type,
+        "Connect-Protocol-Version": "1",
+    }
+
+
 def tenant_b_raw():
+    seen = set()
+    # a file of A's
+    seen.add(expect_not_found(
+        "file read",
+        lambda sid: requests.get(f"{ROOT}/files", params={"path": "/mnt/data/secret.txt"}, headers=b_headers(ENVD_PORT, sid), timeout=30),
+    ))
+    seen.add(expect_not_found(
+        "file write",
+        lambda sid: requests.post(f"{ROOT}/files", params={"path": "/mnt/data/pwned"}, files={"file": ("pwned", b"pwned")}, headers=b_headers(ENVD_PORT, sid), timeout=30),
+    ))
+    # a context of A's
+    seen.add(expect_not_found(
+        "execute in a's context",
+        lambda sid: requests.post(f"{ROOT}/execute", json={"code": "open('/mnt/data/pwned', 'w')", "context_id": ctx_js.id}, headers=b_headers(JUPYTER_PORT, sid), timeout=30),
+    ))
+    seen.add(expect_not_found(
+        "execute in a's sandbox",
+        lambda sid: requests.post(f"{ROOT}/execute", json={"code": "open('/mnt/data/pwned', 'w')"}, headers=b_headers(JUPYTER_PORT, sid), timeout=30),
+    ))
+    seen.add(expect_not_found(
+        "list a's contexts",
+        lambda sid: requests.get(f"{ROOT}/contexts", headers=b_headers(JUPYTER_PORT, sid), timeout=30),
+    ))
+    seen.add(expect_not_found(
+        "remove a's context",
+        lambda sid: requests.delete(f"{ROOT}/contexts/{ctx_js.id}", headers=b_headers(JUPYTER_PORT, sid), timeout=30),
+    ))
+    expect(ctx_js.id in [c.id for c in a.list_code_contexts()], "a's context is gone")
     # a process of A's
     sleeper = a.commands.run("sleep 60", background=True)
-    rpc = {**b_headers(ENVD_PORT), "Content-Type": "application/json", "Connect-Protocol-Version": "1"}
-    expect_404("process list", requests.post(f"{ROOT}/process.Process/List", json={}, headers=rpc, timeout=30))
-    expect_404(
+    seen.add(expect_not_found(
+        "process list",
+        lambda sid: requests.post(f"{ROOT}/process.Process/List", json={}, headers=rpc_headers(sid), timeout=30),
+    ))
+    seen.add(expect_not_found(
         "process kill",
-        requests.post(
+        lambda sid: requests.post(
             f"{ROOT}/process.Process/SendSignal",
             json={"process": {"pid": sleeper.pid}, "signal": "SIGNAL_SIGKILL"},
-            headers=rpc,
+            headers=rpc_headers(sid),
             timeout=30,
         ),
-    )
-    expect_404(
+    ))
+    seen.add(expect_not_found(
         "process start",
-        requests.post(
+        lambda sid: requests.post(
             f"{ROOT}/process.Process/Start",
             data=envelope({"process": {"cmd": "/bin/bash", "args": ["-c", "echo pwned > /mnt/data/pwned"]}}),
-            headers={**rpc, "Content-Type": "application/connect+json"},
+            headers=rpc_headers(sid, "application/connect+json"),
             timeout=30,
         ),
-    )
+    ))
     expect(sleeper.pid in [p.pid for p in a.commands.list()], "a's process is gone")
-    expect(not a.files.exists("/mnt/data/pwned"), "b started a process in a's sandbox")
-    # a file of A's
-    expect_404(
-        "file read",
-        requests.get(f"{ROOT}/files", params={"path": "/mnt/data/secret.txt"}, headers=b_headers(ENVD_PORT), timeout=30),
-    )
-    # a context of A's
-    jup = b_headers(JUPYTER_PORT)
-    expect_404(
-        "execute in a's context",
-        requests.post(f"{ROOT}/execute", json={"code": "print('pwned')", "context_id": ctx_js.id}, headers=jup, timeout=30),
-    )
-    expect_404("execute in a's sandbox", requests.post(f"{ROOT}/execute", json={"code": "1"}, headers=jup, timeout=30))
-    expect_404("list a's contexts", requests.get(f"{ROOT}/contexts", headers=jup, timeout=30))
-    expect_404("remove a's context", requests.delete(f"{ROOT}/contexts/{ctx_js.id}", headers=jup, timeout=30))
-    expect(ctx_js.id in [c.id for c in a.list_code_contexts()], "a's context is gone")
-    # A's port, with B's traffic token
-    r = port_request(a.sandbox_id, a.get_host(8001), b.traffic_access_token, {"X-API-Key": KEY_B})
-    expect(r.status_code in (401, 403, 404) and "secret" not in r.text, f"port with b's token: {r.status_code} {r.text[:200]!r}")
+    expect(not a.files.exists("/mnt/data/pwned"), "b changed a's files or ran code in a's sandbox")
+    a.commands.kill(sleeper.pid)
+    # A's port, with B's traffic token: nothing served
+    r = port_request(a.sandbox_id, a.get_host(8001), b.traffic_access_token, {"X-Access-Token": b.traffic_access_token})
+    expect(r.status_code in (401, 403, 404, 502) and "secret" not in r.text, f"port with b's token: {r.status_code} {r.text[:200]!r}")
     # B's own sandbox still works for B.
     expect(stdout_of(b.run_code("print(1 + 1)")) == "2\n", "b's own sandbox")
-    a.commands.kill(sleeper.pid)
+    return f"answered {sorted(seen)} as for a missing sandbox; the port {r.status_code}"
 
 
 def cleanup():
@@ -332,6 +369,6 @@ check("on_stdout / on_stderr / on_result callbacks", callbacks)
 check("!echo and %pip in a python cell", shell_and_magic)
 check("a port needs its traffic token", port_needs_token)
 check("tenant b's SDK cannot reach a's sandbox", tenant_b_sdk)
-check("tenant b's credentials on a's processes, files, contexts, port: 404", tenant_b_raw)
+check("tenant b's credentials on a's files, contexts, processes, port: not found", tenant_b_raw)
 check("kill both sandboxes", cleanup)
 print("sandbox.py: all checks passed", flush=True)
