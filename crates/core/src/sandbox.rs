@@ -1035,7 +1035,11 @@ async fn pump(
     timeout_s: Option<f64>,
     end_tx: watch::Sender<Option<ProcessEnd>>,
 ) -> ProcessEnd {
-    let deadline = timeout_s.map(|t| tokio::time::Instant::now() + Duration::from_secs_f64(t));
+    // A timeout too large for a clock (`1e300`) is no timeout, never a panic that would
+    // leave the process without its end.
+    let deadline = timeout_s
+        .and_then(|t| Duration::try_from_secs_f64(t).ok())
+        .and_then(|d| tokio::time::Instant::now().checked_add(d));
     let mut out_buf = vec![0u8; 16 * 1024];
     let mut err_buf = vec![0u8; 16 * 1024];
     let (mut out_open, mut err_open) = (true, true);

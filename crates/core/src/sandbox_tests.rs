@@ -622,3 +622,14 @@ async fn the_rate_limit_counts_processes() {
         .unwrap_err();
     assert_eq!(e.code(), ErrorCode::RateLimited);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_timeout_too_large_for_a_clock_is_no_timeout() {
+    let (m, _stats, _dir) = manager(Policy::default());
+    let a = Caller::new("a");
+    let id = sandbox(&m, &a, &[]).await;
+    let mut p = shell("echo ok");
+    p.timeout_s = Some(1e300);
+    let (out, _, end) = drain(m.start_process(&a, &id, p).await.unwrap()).await;
+    assert_eq!((out.as_str(), end.exit_code), ("ok\n", 0));
+}

@@ -17,7 +17,7 @@ use axum::extract::{FromRequest, FromRequestParts, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header, request::Parts};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
-use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -26,6 +26,8 @@ use crate::AppState;
 use crate::auth::Caller;
 use crate::error::{ApiError, ErrorBody, ErrorCode};
 use crate::files;
+
+pub mod sandboxes;
 
 /// A JSON body whose rejections are [`ApiError`]s.
 pub struct JsonBody<T>(pub T);
@@ -124,6 +126,13 @@ impl Modify for BearerAuth {
                     .description(Some("An API key from the server's config"))
                     .build(),
             ),
+        );
+        components.add_security_scheme(
+            "traffic_token",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::with_description(
+                "X-Access-Token",
+                "A sandbox's traffic token (answered by `POST /v1/sandboxes`): grants its ports",
+            ))),
         );
     }
 }
@@ -251,6 +260,7 @@ fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(get_file, put_file, delete_file))
         .routes(routes!(list_audit))
         .routes(routes!(get_usage))
+        .merge(sandboxes::router())
 }
 
 /// `GET /healthz`.
@@ -613,10 +623,43 @@ async fn execute_stream(
         .manager
         .execute_streaming(&caller, req.command(id))
         .await?;
-    let sse = headers
+    Ok(stream_execution(run, wants_sse(&headers)))
+}
+
+/// Whether the client asked for server-sent events (else NDJSON).
+fn wants_sse(headers: &HeaderMap) -> bool {
+    headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|a| a.contains("text/event-stream"));
+        .is_some_and(|a| a.contains("text/event-stream"))
+}
+
+/// A streaming response's headers: its media type, and no caching or proxy buffering.
+fn streaming_headers(resp: &mut Response, sse: bool) {
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(if sse {
+            "text/event-stream"
+        } else {
+            "application/x-ndjson"
+        }),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+}
+
+/// One NDJSON line, or one SSE event of `kind`.
+fn frame(sse: bool, kind: &str, json: String) -> axum::body::Bytes {
+    if sse {
+        format!("event: {kind}\ndata: {json}\n\n").into()
+    } else {
+        format!("{json}\n").into()
+    }
+}
+
+/// An admitted execution as a stream: its events, then its end (see [`execute_stream`]).
+fn stream_execution(run: ampoule_core::Streaming, sse: bool) -> Response {
     let execution_id = run.execution_id;
 
     enum St {
@@ -626,13 +669,6 @@ async fn execute_stream(
         ),
         Done,
     }
-    let frame = move |kind: &str, json: String| -> axum::body::Bytes {
-        if sse {
-            format!("event: {kind}\ndata: {json}\n\n").into()
-        } else {
-            format!("{json}\n").into()
-        }
-    };
     let stream = futures_util::stream::unfold(St::Events(run.events, run.outcome), move |st| {
         let execution_id = execution_id.clone();
         async move {
@@ -650,7 +686,7 @@ async fn execute_stream(
                         };
                         let json = serde_json::to_string(&line).unwrap_or_default();
                         Some((
-                            Ok::<_, std::convert::Infallible>(frame(kind, json)),
+                            Ok::<_, std::convert::Infallible>(frame(sse, kind, json)),
                             St::Events(rx, run),
                         ))
                     }
@@ -672,7 +708,7 @@ async fn execute_stream(
                         };
                         let end = StreamEnd { execution_id, end };
                         let json = serde_json::to_string(&end).unwrap_or_default();
-                        Some((Ok(frame(kind, json)), St::Done))
+                        Some((Ok(frame(sse, kind, json)), St::Done))
                     }
                 },
                 St::Done => None,
@@ -680,18 +716,8 @@ async fn execute_stream(
         }
     });
     let mut resp = Body::from_stream(stream).into_response();
-    let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static(if sse {
-            "text/event-stream"
-        } else {
-            "application/x-ndjson"
-        }),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    Ok(resp)
+    streaming_headers(&mut resp, sse);
+    resp
 }
 
 /// A file in a session.

@@ -2,7 +2,8 @@
 //! root). One test binary, one module per area (each module starts with `use super::*;` for
 //! the harness below): the ACA door ([`aca`]), the native `/v1` API ([`native`]), file attacks
 //! and limits ([`files`]: traversal, symlinks and hard links planted in a session), keys and
-//! tenants ([`tenants`]: isolation, limits), session lifecycle ([`lifecycle`]) and the E2B door
+//! tenants ([`tenants`]: isolation, limits), session lifecycle ([`lifecycle`]), sandboxes
+//! ([`sandboxes`]: contexts, processes, files and ports under `/v1/sandboxes`) and the E2B door
 //! ([`e2b`]: control plane, tokens, Connect framing, NDJSON).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -26,6 +27,7 @@ mod e2b;
 mod files;
 mod lifecycle;
 mod native;
+mod sandboxes;
 mod tenants;
 
 const A: &str = "key-of-tenant-a";
