@@ -951,7 +951,8 @@ fn remove_watcher(
 }
 
 /// `WatchDir`: a stream of the differences, polled every [`WATCH_POLL`], until the client
-/// leaves or the sandbox ends.
+/// leaves or the sandbox ends. Its messages are the `WatchDirResponse` oneof itself
+/// (`{"start":{}}`, `{"filesystem":…}`), not wrapped in `event` as a process's are.
 async fn watch_dir(
     state: &AppState,
     caller: Caller,
@@ -976,7 +977,7 @@ async fn watch_dir(
     let id = id.to_owned();
     tokio::spawn(async move {
         if tx
-            .send(connect::message(&json!({"event": {"start": {}}})))
+            .send(connect::message(&json!({"start": {}})))
             .await
             .is_err()
         {
@@ -997,7 +998,7 @@ async fn watch_dir(
             };
             for ev in diff(&seen, &new) {
                 if tx
-                    .send(connect::message(&json!({"event": {"filesystem": ev}})))
+                    .send(connect::message(&json!({"filesystem": ev})))
                     .await
                     .is_err()
                 {
@@ -1008,7 +1009,7 @@ async fn watch_dir(
             seen = new;
             if last_sent.elapsed() >= every {
                 if tx
-                    .send(connect::message(&json!({"event": {"keepalive": {}}})))
+                    .send(connect::message(&json!({"keepalive": {}})))
                     .await
                     .is_err()
                 {
