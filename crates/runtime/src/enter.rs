@@ -147,7 +147,7 @@ pub struct Entered {
     /// Its stderr.
     pub stderr: Option<ChildStderr>,
     host_pid: u32,
-    control: AsyncFd<OwnedFd>,
+    control: Arc<AsyncFd<OwnedFd>>,
     helper: tokio::process::Child,
     exit: Option<ProgramExit>,
 }
@@ -315,7 +315,7 @@ impl Entrance {
             stdout: helper.stdout.take(),
             stderr: helper.stderr.take(),
             host_pid,
-            control,
+            control: Arc::new(control),
             helper,
             exit: None,
         })
@@ -366,16 +366,14 @@ impl Entered {
         if self.exit.is_some() {
             return Err(Error::Invalid("the process has ended".into()));
         }
-        let buf = serde_json::to_vec(&ToHelper::Signal { signal, group })
-            .map_err(|e| Error::Channel(format!("encode: {e}")))?;
-        channel::send_fds(
-            self.control.get_ref().as_raw_fd(),
-            &buf,
-            &[],
-            MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
-        )
-        .map(drop)
-        .map_err(|e| Error::Channel(format!("the process's helper is gone: {e}")))
+        self.signaller().request(signal, group)
+    }
+
+    /// A handle that signals the process while another task waits for it.
+    pub fn signaller(&self) -> Signaller {
+        Signaller {
+            control: self.control.clone(),
+        }
     }
 
     /// Delivers `signal` to the process.
@@ -415,6 +413,38 @@ impl Entered {
         self.exit = Some(exit);
         let _ = self.helper.wait().await;
         Ok(exit)
+    }
+}
+
+/// Signals an [`Entered`] process from anywhere (see [`Entered::signaller`]); once the
+/// process has ended and its helper is gone, every request fails.
+#[derive(Debug, Clone)]
+pub struct Signaller {
+    control: Arc<AsyncFd<OwnedFd>>,
+}
+
+impl Signaller {
+    fn request(&self, signal: i32, group: bool) -> Result<()> {
+        let buf = serde_json::to_vec(&ToHelper::Signal { signal, group })
+            .map_err(|e| Error::Channel(format!("encode: {e}")))?;
+        channel::send_fds(
+            self.control.get_ref().as_raw_fd(),
+            &buf,
+            &[],
+            MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+        )
+        .map(drop)
+        .map_err(|e| Error::Channel(format!("the process's helper is gone: {e}")))
+    }
+
+    /// Delivers `signal` to the process.
+    pub fn signal(&self, signal: i32) -> Result<()> {
+        self.request(signal, false)
+    }
+
+    /// Delivers `signal` to the process's group.
+    pub fn signal_group(&self, signal: i32) -> Result<()> {
+        self.request(signal, true)
     }
 }
 

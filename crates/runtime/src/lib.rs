@@ -32,7 +32,7 @@ mod sys;
 pub mod ucounts;
 pub mod zygote;
 
-pub use enter::{EnterSpec, Entered, Entrance};
+pub use enter::{EnterSpec, Entered, Entrance, Signaller};
 pub use error::{Error, Result};
 pub use host::Host;
 pub use language::Interpreter;

@@ -23,6 +23,7 @@ pub mod config;
 pub mod e2b;
 pub mod error;
 pub mod files;
+mod inside;
 pub mod logging;
 pub mod mcp;
 pub mod metrics;

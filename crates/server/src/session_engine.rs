@@ -426,7 +426,7 @@ impl SessionEngine {
 }
 
 /// The error with its causes, for the log (never sent to clients).
-fn chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
     let mut msg = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
@@ -509,7 +509,10 @@ impl Engine for SessionEngine {
             .try_clone()
             .map_err(|e| EngineError::Start(chain(&e)))?;
         tracing::debug!(pool = %spec.name, runtime = session.runtime(), "session started");
+        let entrance = session.entrance();
         Ok(Box::new(LiveInterpreter {
+            entrance: std::sync::Mutex::new(entrance),
+            limits: spec.limits.clone(),
             session: Mutex::new(Some(session)),
             scratch: std::sync::Mutex::new(Some(Arc::new(scratch))),
             alive: AtomicBool::new(true),
@@ -517,6 +520,17 @@ impl Engine for SessionEngine {
             closing: Notify::new(),
             outdated,
         }))
+    }
+}
+
+impl LiveInterpreter {
+    fn entrance(&self) -> Result<ampoule_runtime::Entrance, EngineError> {
+        self.entrance
+            .lock()
+            .ok()
+            .and_then(|e| e.clone())
+            .filter(ampoule_runtime::Entrance::alive)
+            .ok_or(EngineError::Closed)
     }
 }
 
@@ -550,6 +564,10 @@ impl SessionEngine {
 
 /// One interpreter session.
 struct LiveInterpreter {
+    /// The way into its sandbox for processes, contexts and ports (`None` once closed).
+    entrance: std::sync::Mutex<Option<ampoule_runtime::Entrance>>,
+    /// The pool's limits (a context's execution timeout default).
+    limits: ampoule_types::Limits,
     session: Mutex<Option<Session>>,
     scratch: std::sync::Mutex<Option<Arc<Scratch>>>,
     alive: AtomicBool,
@@ -642,9 +660,37 @@ impl LiveSession for LiveInterpreter {
         }
     }
 
+    async fn spawn(
+        &self,
+        req: ampoule_core::ProcessRequest,
+    ) -> Result<ampoule_core::LiveProcess, EngineError> {
+        crate::inside::spawn(&self.entrance()?, req).await
+    }
+
+    async fn open_context(
+        &self,
+        language: ampoule_types::Language,
+        cwd: Option<String>,
+        env: Vec<(String, String)>,
+    ) -> Result<Box<dyn ampoule_core::LiveContext>, EngineError> {
+        crate::inside::open_context(&self.entrance()?, language, self.limits.clone(), cwd, env)
+            .await
+    }
+
+    async fn connect(&self, port: u16) -> Result<tokio::net::TcpStream, EngineError> {
+        crate::inside::connect(&self.entrance()?, port).await
+    }
+
+    fn command_env(&self) -> Vec<(String, String)> {
+        ampoule_session::command_env(&[])
+    }
+
     async fn close(&self) {
         self.alive.store(false, Ordering::SeqCst);
         self.closed.store(true, Ordering::SeqCst);
+        if let Ok(mut e) = self.entrance.lock() {
+            e.take();
+        }
         if let Ok(mut s) = self.scratch.lock() {
             s.take();
         }
