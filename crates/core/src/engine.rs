@@ -122,6 +122,14 @@ pub enum EngineError {
     /// has no way in).
     #[error("{0}")]
     Unsupported(String),
+    /// What the request names is not in the sandbox (a working directory that cannot be
+    /// entered, a program that cannot be executed).
+    #[error("{0}")]
+    Invalid(String),
+    /// This host has no runtime for the language asked for (a context of a language no pool
+    /// was checked for).
+    #[error("{0}")]
+    NoRuntime(String),
     /// Nothing answered inside the sandbox (a port nobody listens on).
     #[error("{0}")]
     Unreachable(String),

@@ -127,6 +127,10 @@ pub enum Error {
     /// No such file in the session.
     #[error("no file {0:?} in the session")]
     FileNotFound(String),
+    /// A working directory or program the request names is not in the sandbox (or cannot be
+    /// used there).
+    #[error("{0}")]
+    MissingInSandbox(String),
     /// The pool holds its maximum of sessions.
     #[error("pool {pool:?} is at its maximum of {max} sessions")]
     PoolFull {
@@ -218,7 +222,7 @@ impl Error {
         match self {
             Error::SessionNotFound(_) => ErrorCode::SessionNotFound,
             Error::PoolNotFound(_) | Error::NoPoolFor(_) => ErrorCode::PoolNotFound,
-            Error::FileNotFound(_) => ErrorCode::FileNotFound,
+            Error::FileNotFound(_) | Error::MissingInSandbox(_) => ErrorCode::FileNotFound,
             Error::PoolFull { .. } => ErrorCode::PoolFull,
             Error::TenantFull { .. } => ErrorCode::TenantFull,
             Error::RateLimited { .. } => ErrorCode::RateLimited,
@@ -290,6 +294,10 @@ impl From<crate::engine::EngineError> for Error {
                 Error::SessionNotFound("the session ended while the request was running".into())
             }
             EngineError::Unsupported(m) => Error::NotSupported(m),
+            // The request conflicts with what this sandbox can be (409), like a language a
+            // session does not run.
+            EngineError::NoRuntime(m) => Error::LanguageMismatch(m),
+            EngineError::Invalid(m) => Error::MissingInSandbox(m),
             EngineError::Unreachable(m) => Error::PortUnreachable(m),
             other => {
                 tracing::warn!(error = %other, "sandbox engine");

@@ -29,10 +29,7 @@ pub(crate) async fn spawn(
         cwd: req.cwd,
         stdin: req.stdin,
     };
-    let mut entered = entrance
-        .spawn(&spec)
-        .await
-        .map_err(|e| EngineError::Execute(chain(&e)))?;
+    let mut entered = entrance.spawn(&spec).await.map_err(refused)?;
     let (Some(stdout), Some(stderr)) = (entered.stdout.take(), entered.stderr.take()) else {
         entered.kill();
         return Err(EngineError::Execute(
@@ -66,6 +63,22 @@ pub(crate) async fn spawn(
     })
 }
 
+/// A start that failed: the request's fault when the working directory could not be entered
+/// or the program not executed (a 4xx), the sandbox's otherwise.
+fn refused(e: ampoule_runtime::Error) -> EngineError {
+    match &e {
+        ampoule_runtime::Error::Setup { stage, message } if stage == "cwd" || stage == "exec" => {
+            let what = if stage == "cwd" {
+                "the working directory cannot be entered"
+            } else {
+                "the program cannot be executed"
+            };
+            EngineError::Invalid(format!("{what}: {message}"))
+        }
+        _ => EngineError::Execute(chain(&e)),
+    }
+}
+
 /// A connection to a port inside the sandbox.
 pub(crate) async fn connect(
     entrance: &Entrance,
@@ -87,9 +100,21 @@ pub(crate) async fn open_context(
     cwd: Option<String>,
     env: Vec<(String, String)>,
 ) -> Result<Box<dyn LiveContext>, EngineError> {
+    // A language whose runtime this host lacks is the request's problem, not the sandbox's.
+    if let Err(e) =
+        ampoule_session::language::find(language.as_str()).and_then(|k| k.locate(&limits))
+    {
+        return Err(EngineError::NoRuntime(format!(
+            "this sandbox cannot run {language}: {}",
+            chain(&e)
+        )));
+    }
     let ctx = Context::start(entrance, language.as_str(), limits, cwd.as_deref(), &env)
         .await
-        .map_err(|e| EngineError::Start(chain(&e)))?;
+        .map_err(|e| match e {
+            ampoule_session::Error::Sandbox(e) => refused(e),
+            e => EngineError::Start(chain(&e)),
+        })?;
     Ok(Box::new(LiveCtx {
         ctx: Mutex::new(Some(ctx)),
         alive: AtomicBool::new(true),

@@ -29,6 +29,40 @@ const KEY: &str = "contract-key-tenant-a";
 const MAX_EXAMPLES: &str = "50";
 const SEED: &str = "1";
 
+/// The paths left out of the fuzzing (see where it is passed).
+const EXCLUDED: &str = r"/ports/|/(pause|resume|hibernate)$";
+
+/// How many operations schemathesis must test: every one of the committed document but the
+/// excluded.
+fn expected_operations() -> usize {
+    let doc: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(workspace().join("openapi.json")).unwrap()).unwrap();
+    let excluded = regex_lite(EXCLUDED);
+    doc["paths"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(path, _)| !excluded(path))
+        .map(|(_, ops)| {
+            ops.as_object()
+                .unwrap()
+                .keys()
+                .filter(|m| ["get", "post", "put", "delete", "patch"].contains(&m.as_str()))
+                .count()
+        })
+        .sum()
+}
+
+/// [`EXCLUDED`] as a predicate (no regex engine for two alternatives).
+fn regex_lite(_: &str) -> impl Fn(&str) -> bool {
+    |path: &str| {
+        path.contains("/ports/")
+            || ["/pause", "/resume", "/hibernate"]
+                .iter()
+                .any(|end| path.ends_with(end))
+    }
+}
+
 /// The schemathesis venv, if it is there.
 fn venv() -> Option<PathBuf> {
     let dir = std::env::var_os("AMPOULE_SCHEMATHESIS_VENV")
@@ -75,8 +109,13 @@ fn schemathesis_finds_nothing() {
         .args(["--checks", "all"])
         .args(["--phases", "examples,coverage,fuzzing,stateful"])
         .args(["--max-examples", MAX_EXAMPLES, "--seed", SEED])
+        // Not fuzzed: operations whose documented answer is a 5xx, which the
+        // `not_a_server_error` check refuses whatever the document says (pause, resume and
+        // hibernate answer 501 until durable sandboxes; a port with nothing listening inside
+        // answers 502, and the fuzzer never starts a server). The API tests cover them.
+        .args(["--exclude-path-regex", EXCLUDED])
         // One worker: the server's sessions are real sandboxes on a two-core machine.
-        .args(["--workers", "1", "--no-shrink", "--request-timeout", "60"])
+        .args(["--workers", "1", "--no-shrink", "--request-timeout", "90"])
         .env("NO_COLOR", "1")
         .output()
         .unwrap();
@@ -95,9 +134,10 @@ fn schemathesis_finds_nothing() {
     let stopped = stopped.unwrap();
     assert_eq!(stopped.rc, 0, "the server did not stop cleanly:\n{log}");
     // A run that tested nothing would also exit 0.
+    let want = format!("Tested: {}", expected_operations());
     assert!(
-        stdout.contains("Tested: 15"),
-        "schemathesis did not test every operation"
+        stdout.contains(&want),
+        "schemathesis did not test every operation ({want} expected)"
     );
 }
 

@@ -89,6 +89,7 @@ pub struct CreateSandbox {
     /// Seconds until it is destroyed, however busy (default 300; never beyond the pool's
     /// session lifetime).
     #[schema(minimum = 1, maximum = 2_147_483_647)]
+    #[serde(default, deserialize_with = "whole_seconds_opt")]
     pub timeout_s: Option<u64>,
     /// Labels answered back and filtered on (`GET /v1/sandboxes?metadata.K=V`).
     #[schema(schema_with = metadata_schema)]
@@ -261,7 +262,26 @@ pub struct SandboxList {
 pub struct SetTimeout {
     /// Seconds from now until the sandbox is destroyed (never beyond its pool's lifetime).
     #[schema(minimum = 1, maximum = 2_147_483_647)]
+    #[serde(deserialize_with = "whole_seconds")]
     pub timeout_s: u64,
+}
+
+/// A count of seconds: a JSON integer, which JSON may also write `612.0`.
+fn whole_seconds<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    let n = f64::deserialize(d)?;
+    if n.fract() != 0.0 || !(0.0..=u64::MAX as f64).contains(&n) {
+        return Err(serde::de::Error::custom(
+            "expected a whole, non-negative number of seconds",
+        ));
+    }
+    Ok(n as u64)
+}
+
+fn whole_seconds_opt<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    match Option::<f64>::deserialize(d)? {
+        None => Ok(None),
+        Some(n) => whole_seconds(serde::de::value::F64Deserializer::<D::Error>::new(n)).map(Some),
+    }
 }
 
 /// `POST /v1/sandboxes/{id}/contexts`.
@@ -369,7 +389,8 @@ pub struct StartProcessRequest {
         example = "echo hello"
     )]
     pub cmd: Option<String>,
-    /// The program and its arguments. Give this or `cmd`.
+    /// The program and its arguments. Give this or `cmd`; with `cmd`, the command's
+    /// positional parameters (`$0`, `$1`, …); with neither, a login shell reading stdin.
     #[schema(min_items = 1, max_items = 256, inline, value_type = Option<Vec<ArgvItem>>)]
     pub argv: Option<Vec<String>>,
     /// Variables over the sandbox's.
@@ -390,17 +411,20 @@ pub struct StartProcessRequest {
         pattern = r"^[^\x00-\x1f\x7f-\x9f]*$"
     )]
     pub tag: Option<String>,
-    /// Seconds after which it is killed (default: it runs until it ends or the sandbox
-    /// does).
+    /// Seconds after which it is killed (default: 60 for a streamed or awaited process; a
+    /// background one runs until it ends or the sandbox does).
     #[schema(exclusive_minimum = 0.0, maximum = 31_536_000.0)]
     pub timeout_s: Option<f64>,
     /// Answer 201 with the process at once, and let it run (re-attach with
-    /// `…/processes/{pid}/stream`). Not with `wait`.
+    /// `…/processes/{pid}/stream`). `wait` overrides it.
     pub background: Option<bool>,
     /// Answer once it has ended, with its whole output as one `ProcessResult` instead of a
-    /// stream. Not with `background`.
+    /// stream. Overrides `background`.
     pub wait: Option<bool>,
 }
+
+/// The default `timeout_s` of a process that is not in the background.
+const FOREGROUND_TIMEOUT_S: f64 = 60.0;
 
 /// One argument: no NUL, up to 4096 characters.
 pub struct ArgvItem;
@@ -435,7 +459,28 @@ impl StartProcessRequest {
                 }
                 Command::Argv(argv)
             }
-            _ => return Err(ApiError::invalid("give either `cmd` or `argv`")),
+            // Both: `argv` are the command's positional parameters (`$0`, `$1`, …), as with
+            // `bash -c CMD ARG0 ARG1…`.
+            (Some(cmd), Some(argv)) => {
+                let bad = cmd.is_empty()
+                    || cmd.chars().count() > 32768
+                    || cmd.contains('\0')
+                    || argv.len() > 256
+                    || argv
+                        .iter()
+                        .any(|a| a.contains('\0') || a.chars().count() > 4096);
+                if bad {
+                    return Err(ApiError::invalid(
+                        "`cmd` is 1-32768 characters and `argv` 1-256 arguments of up to 4096, \
+                         without NUL",
+                    ));
+                }
+                let mut line = vec!["/bin/bash".into(), "-l".into(), "-c".into(), cmd];
+                line.extend(argv);
+                Command::Argv(line)
+            }
+            // Neither: a login shell, which reads its commands from stdin (as a terminal's).
+            (None, None) => Command::Argv(vec!["/bin/bash".into(), "-l".into()]),
         };
         let envs = self.envs.unwrap_or_default();
         check_envs(&envs)?;
@@ -458,18 +503,19 @@ impl StartProcessRequest {
             ));
         }
         let (background, wait) = (self.background.unwrap_or(false), self.wait.unwrap_or(false));
-        if background && wait {
-            return Err(ApiError::invalid(
-                "`background` and `wait` exclude each other",
-            ));
-        }
+        // With both, `wait` wins: the answer comes once it has ended.
+        let background = background && !wait;
         let cmd = StartProcess {
             command,
             envs,
             cwd: self.cwd,
             stdin: self.stdin.unwrap_or(false),
             tag: self.tag,
-            timeout_s: self.timeout_s,
+            // A process streamed to (or awaited by) the caller ends within a minute unless
+            // asked otherwise, as E2B's `commands.run`; a background one runs until it ends.
+            timeout_s: self
+                .timeout_s
+                .or((!background).then_some(FOREGROUND_TIMEOUT_S)),
         };
         Ok((cmd, background, wait))
     }
@@ -627,8 +673,8 @@ pub struct SignalBody {
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 pub enum SignalValue {
-    /// Its number.
-    Number(i64),
+    /// Its number (JSON may write it `9.0`).
+    Number(f64),
     /// Its name, with or without `SIG`.
     Name(SignalName),
 }
@@ -705,10 +751,8 @@ impl ToSchema for SignalName {}
 impl SignalValue {
     fn number(&self) -> Result<i32, ApiError> {
         match self {
-            SignalValue::Number(n) => i32::try_from(*n)
-                .ok()
-                .filter(|n| (1..=64).contains(n))
-                .ok_or_else(|| ApiError::invalid("a signal number is 1-64")),
+            SignalValue::Number(n) if n.fract() == 0.0 && (1.0..=64.0).contains(n) => Ok(*n as i32),
+            SignalValue::Number(_) => Err(ApiError::invalid("a signal number is 1-64")),
             SignalValue::Name(SignalName(name)) => {
                 let bare = name.strip_prefix("SIG").unwrap_or(name);
                 SIGNALS
@@ -777,8 +821,10 @@ async fn create_sandbox(
 /// The caller's sandboxes (and sessions), oldest first; `metadata.K=V` (or `metadata[K]=V`)
 /// keeps those whose metadata has every such pair.
 #[utoipa::path(get, path = "/v1/sandboxes", tag = "sandboxes",
-    params(("metadata" = Option<BTreeMap<String, String>>, Query, style = DeepObject, explode,
-            description = "pairs the metadata must have: `metadata[K]=V` or `metadata.K=V`"),
+    params(("metadata" = Option<String>, Query,
+            description = "pairs the metadata must have, E2B's form: `K1=V1&K2=V2`, URL-encoded \
+            as one value (`metadata.K=V` and `metadata[K]=V` are accepted too); a pair \
+            without `=` asks for an empty value"),
         ("state" = Option<String>, Query, description = "only sandboxes in this state",
             example = "running")),
     responses((status = 200, body = SandboxList),
@@ -799,7 +845,21 @@ async fn list_sandboxes(
                     .and_then(|k| k.strip_suffix(']'))
             })
             .map(str::to_owned);
+        if k == "metadata" {
+            for pair in v.split('&').filter(|p| !p.is_empty()) {
+                let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+                filter.insert(key.to_owned(), value.to_owned());
+            }
+            continue;
+        }
         match key {
+            // A deepObject key names one level: `metadata[a][b]` would be a nested object,
+            // which metadata never holds.
+            Some(key) if key.contains(['[', ']']) => {
+                return Err(ApiError::invalid(format!(
+                    "metadata filters are flat: `metadata[KEY]=VALUE`, not {k:?}"
+                )));
+            }
             Some(key) => {
                 filter.insert(key, v);
             }
@@ -937,6 +997,8 @@ async fn hibernate(
         (status = 403, description = "the tenant may not use this language \
             (`language_not_allowed`)", body = ErrorBody),
         (status = 404, description = "no such sandbox (`session_not_found`)", body = ErrorBody),
+        (status = 409, description = "this host has no runtime for the language \
+            (`language_mismatch`)", body = ErrorBody),
         (status = 413, description = "the body is above the server's limit", body = ErrorBody),
         (status = 501, description = "the sandbox's engine cannot open contexts of this \
             language (`not_supported`)", body = ErrorBody),
