@@ -804,7 +804,7 @@ impl Client {
             .or_else(|| r["result"]["text/plain"].as_str())
             .or_else(|| r["result"].as_str())
             .unwrap_or_default();
-        if r["status"] != "success" || got != want {
+        if r["status"] != "succeeded" || got != want {
             bail!(
                 "execution in a new sandbox: {}",
                 String::from_utf8_lossy(&body)
