@@ -4,6 +4,7 @@
 //! 124 when it timed out, 137 when a limit killed it, 125 when ampoule itself failed.
 #![forbid(unsafe_code)]
 
+mod as_command;
 mod audit;
 mod bench;
 mod printer;
@@ -143,6 +144,12 @@ struct RunArgs {
     /// fast path; root only) instead of a fresh interpreter.
     #[arg(long)]
     zygote: bool,
+    /// Run the program as a command entered into a live Python session's sandbox — how
+    /// sandbox processes and E2B commands run — instead of as the sandbox's program (python
+    /// or shell; with --zygote the session is forked from a zygote, the server's default;
+    /// root only). For testing containment.
+    #[arg(long, hide_short_help = true)]
+    as_command: bool,
     /// File with the code, or `-` for standard input.
     code: String,
 }
@@ -307,6 +314,28 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
         inputs.push((name, data));
     }
 
+    if args.as_command {
+        if !matches!(language, Language::Python | Language::Shell)
+            || (args.zygote && language != Language::Python)
+            || !args.allow_host.is_empty()
+            || args.out.is_some()
+        {
+            bail!(
+                "--as-command runs python or shell (python only with --zygote), without \
+                 network or --out\nhint: drop --allow-host and --out, or drop --as-command"
+            );
+        }
+        let limits = run_limits(&args);
+        let result = as_command::run(language, args.zygote, &limits, &code, &inputs).await?;
+        if !args.json {
+            print!("{}", result.stdout);
+            eprint!("{}", result.stderr);
+        }
+        print_result(&result, &limits, args.json)?;
+        return Ok(ExitCode::from(
+            u8::try_from(result.exit_code & 0xff).unwrap_or(1),
+        ));
+    }
     if args.zygote {
         if language != Language::Python || !args.allow_host.is_empty() || args.out.is_some() {
             bail!(
@@ -320,14 +349,7 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
     let mut cfg = SandboxConfig::new(interpreter.argv());
     cfg.env.extend(interpreter.env.iter().cloned());
     cfg.ro_binds = interpreter.binds.clone();
-    cfg.limits = Limits {
-        timeout_s: args.timeout,
-        memory_mib: args.memory,
-        pids: args.pids,
-        disk_mib: args.disk,
-        output_bytes: args.output_bytes,
-        ..Limits::default()
-    };
+    cfg.limits = run_limits(&args);
 
     let egress = if args.allow_host.is_empty() {
         None
@@ -399,6 +421,18 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
     ))
 }
 
+/// The limits `ampoule run`'s flags set.
+fn run_limits(args: &RunArgs) -> Limits {
+    Limits {
+        timeout_s: args.timeout,
+        memory_mib: args.memory,
+        pids: args.pids,
+        disk_mib: args.disk,
+        output_bytes: args.output_bytes,
+        ..Limits::default()
+    }
+}
+
 /// `ampoule run --zygote`: the code as the first execution of a zygote-born Python session.
 async fn run_forked(
     args: &RunArgs,
@@ -406,14 +440,7 @@ async fn run_forked(
     inputs: Vec<(String, Vec<u8>)>,
 ) -> Result<ExitCode> {
     use ampoule_session::{ExecuteRequest, Session};
-    let limits = Limits {
-        timeout_s: args.timeout,
-        memory_mib: args.memory,
-        pids: args.pids,
-        disk_mib: args.disk,
-        output_bytes: args.output_bytes,
-        ..Limits::default()
-    };
+    let limits = run_limits(args);
     let host = Host::detect().context("preparing the host")?;
     host.sweep_orphans();
     let preload: Vec<String> = ampoule_session::zygote::DEFAULT_PRELOAD

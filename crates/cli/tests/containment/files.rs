@@ -365,7 +365,8 @@ ok = links[0] == "/dev/null" and links[1].startswith("pipe:") and links[2].start
 print("BLOCKED stdio:", links) if ok else print("ESCAPED unexpected stdio:", links)
 "#,
             expect_blocked,
-        ),
+        )
+        .command_check(stdio_pipes),
         py(
             "files/other_sandbox_files_invisible",
             r#"
@@ -421,4 +422,23 @@ echo LIVE_WROTE=$(grep -c WROTE /tmp/live.out)
 "#,
         ),
     ]
+}
+
+/// `no_inherited_descriptors` for a command entered into a session's sandbox (`command/`
+/// variant): `ampoule run --as-command` hands Python its code on a stdin pipe (so nothing of
+/// the run is left in /mnt/data), so descriptor 0 is that pipe, not `/dev/null`. Only that
+/// differs: nothing beyond stdio may be open, and stdio must be pipes.
+fn stdio_pipes(o: &crate::jail::Outcome) -> Result<(), String> {
+    let out = o.output();
+    let pipes = |l: &str| {
+        l.strip_prefix("ESCAPED unexpected stdio: ")
+            .is_some_and(|m| m.matches("'pipe:[").count() == 3 && m.matches(": '").count() == 3)
+    };
+    if !out.contains("BLOCKED only stdio is open")
+        || out.lines().any(|l| l.contains("ESCAPED") && !pipes(l))
+        || o.result.status != ampoule_types::ExecutionStatus::Succeeded
+    {
+        return Err(format!("the attack succeeded or the probe failed:\n{out}"));
+    }
+    Ok(())
 }

@@ -95,6 +95,19 @@ pub(crate) struct Probe {
     pub(crate) setup: Setup,
     /// What must be true afterwards (on top of the host checks).
     pub(crate) check: Check,
+    /// How the probe runs in the `command/` variant.
+    pub(crate) command: AsCommand,
+}
+
+/// How a probe runs as a command entered into a session's sandbox (`ampoule run
+/// --as-command`, the `command/` variant).
+#[derive(Clone, Copy)]
+pub(crate) enum AsCommand {
+    /// Like the program, with the same check.
+    Same,
+    /// With this check instead: the probe's own encodes what only holds for the sandbox's
+    /// program (say so where it is set).
+    Check(Check),
 }
 
 /// A Python probe with the default setup.
@@ -107,6 +120,7 @@ pub(crate) fn py(name: &'static str, code: &'static str, check: Check) -> Probe 
             ..Setup::default()
         },
         check,
+        command: AsCommand::Same,
     }
 }
 
@@ -120,6 +134,7 @@ pub(crate) fn sh(name: &'static str, code: &'static str, check: Check) -> Probe 
             ..Setup::default()
         },
         check,
+        command: AsCommand::Same,
     }
 }
 
@@ -128,6 +143,26 @@ impl Probe {
     pub(crate) fn args(mut self, args: &[&str]) -> Self {
         self.setup.args = args.iter().map(|s| (*s).to_owned()).collect();
         self
+    }
+
+    /// Another check for the `command/` variant (the probe's own assumes the sandbox's
+    /// program).
+    pub(crate) fn command_check(mut self, check: Check) -> Self {
+        self.command = AsCommand::Check(check);
+        self
+    }
+
+    /// This probe under `prefix/`, with more `ampoule run` arguments and `check`.
+    fn variant(&self, prefix: &str, extra: &[&str], check: Check) -> Probe {
+        let mut setup = self.setup.clone();
+        setup.args.extend(extra.iter().map(|s| (*s).to_owned()));
+        Probe {
+            name: Box::leak(format!("{prefix}/{}", self.name).into_boxed_str()),
+            code: self.code,
+            setup,
+            check,
+            command: self.command,
+        }
     }
 
     /// Adds jail commands around the run.
@@ -293,20 +328,34 @@ fn main() {
     let forked: Vec<Probe> = probes
         .iter()
         .filter(|p| p.setup.lang == "python" && !p.setup.args.iter().any(|a| a == "--zygote"))
+        .map(|p| p.variant("zygote", &["--zygote"], p.check))
+        .collect();
+    // Every Python and shell probe again as a command entered into a live session's sandbox
+    // (`ampoule run --as-command`), the way sandbox processes and E2B commands run: an entered
+    // process joins the sandbox itself (runtime/src/enter.rs), so it must be held to the same
+    // walls. Python runs in a session forked from a zygote (the server's default for Python
+    // pools), shell in a cold Python session.
+    let commands: Vec<Probe> = probes
+        .iter()
+        .filter(|p| p.setup.lang == "python" || p.setup.lang == "shell")
         .map(|p| {
-            let mut setup = p.setup.clone();
-            setup.args.push("--zygote".into());
-            Probe {
-                name: Box::leak(format!("zygote/{}", p.name).into_boxed_str()),
-                code: p.code,
-                setup,
-                check: p.check,
-            }
+            let check = match p.command {
+                AsCommand::Same => p.check,
+                AsCommand::Check(c) => c,
+            };
+            let zygote = p.setup.lang == "python" && !p.setup.args.iter().any(|a| a == "--zygote");
+            let extra: &[&str] = if zygote {
+                &["--as-command", "--zygote"]
+            } else {
+                &["--as-command"]
+            };
+            p.variant("command", extra, check)
         })
         .collect();
     let trials = probes
         .into_iter()
         .chain(forked)
+        .chain(commands)
         .map(|p| {
             let ignored = skip.is_some();
             Trial::test(p.name, move || {

@@ -16,6 +16,44 @@ kill $v 2>/dev/null
 wait $v 2>/dev/null
 "#;
 
+/// For a command entered into a session's sandbox (`command/` variant), where the session's
+/// own processes (its kernel; in a zygote-born one also its reaper) share the pid namespace, so
+/// `kill(-1, 0)` finds them (the kernel answers it even when every target refuses with EPERM)
+/// and some pids above 1 exist: every `ESCAPED` line may name only pids of the sandbox (≤ 64,
+/// as `only_own_pids_visible` holds), and the jail's victim must be untouched. The
+/// `kill(-1, 0)` line names none and the victim decides it: it is allowed only with the victim
+/// asleep.
+fn only_sandbox_pids(o: &Outcome) -> Result<(), String> {
+    expect_vars(o, &[("VICTIM_STATE", "S")])?;
+    let out = o.output();
+    for line in out.lines().filter(|l| l.contains("ESCAPED")) {
+        if line.contains("kill(-1, 0) still finds processes") {
+            continue;
+        }
+        let Some(list) = line.strip_prefix("ESCAPED foreign processes answer: ") else {
+            return Err(format!("the attack succeeded:\n{out}"));
+        };
+        // [('pid', 2, 'exists'), ...]: the number of every tuple.
+        for item in list.split("('").skip(1) {
+            let pid: u32 = item
+                .split(", ")
+                .nth(1)
+                .and_then(|n| n.parse().ok())
+                .ok_or_else(|| format!("unreadable: {line}"))?;
+            if pid > 64 {
+                return Err(format!("a pid outside the sandbox answers:\n{out}"));
+            }
+        }
+    }
+    if !out.contains("still running") && !out.contains("BLOCKED") && !out.contains("ESCAPED") {
+        return Err(format!("the probe reported nothing:\n{out}"));
+    }
+    if o.result.status != ExecutionStatus::Succeeded {
+        return Err(format!("the probe did not run to its end:\n{out}"));
+    }
+    Ok(())
+}
+
 /// The run ended on its own, quickly and successfully, after printing `marker`.
 fn finished_quickly(o: &Outcome, marker: &str) -> Result<(), String> {
     if o.result.status != ExecutionStatus::Succeeded || !o.result.stdout.contains(marker) {
@@ -100,7 +138,8 @@ print("still running")
                 expect_vars(o, &[("VICTIM_STATE", "S")])
             },
         )
-        .around(VICTIM_BEFORE, VICTIM_AFTER),
+        .around(VICTIM_BEFORE, VICTIM_AFTER)
+        .command_check(only_sandbox_pids),
         py(
             "processes/signal_any_pid_and_group",
             r#"
@@ -136,7 +175,8 @@ print("ESCAPED foreign processes answer:", found[:20]) if found else print("BLOC
                 expect_vars(o, &[("VICTIM_STATE", "S")])
             },
         )
-        .around(VICTIM_BEFORE, VICTIM_AFTER),
+        .around(VICTIM_BEFORE, VICTIM_AFTER)
+        .command_check(only_sandbox_pids),
         py(
             "processes/signal_sandbox_init",
             r#"
