@@ -11,7 +11,7 @@ use ampoule_runtime::cgroup::Cgroup;
 use ampoule_runtime::scratch::DATA;
 use ampoule_runtime::{EnterSpec, Host, ProgramExit};
 use ampoule_session::Session;
-use ampoule_types::{ExecutionStatus, Language, LimitKind, Limits, RunResult};
+use ampoule_types::{Language, LimitKind, Limits, RunResult};
 use anyhow::{Context, Result, bail};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::Notify;
@@ -191,7 +191,8 @@ async fn enter(
     if signal == Some(nix::libc::SIGXCPU) {
         limits_hit.push(LimitKind::Cpu);
     }
-    let (status, limit, exit_code) = classify(exit, timed_out, output_killed, &limits_hit);
+    let (status, limit, exit_code) =
+        ampoule_runtime::run::classify(exit, timed_out, output_killed, &limits_hit);
     let files = session
         .scratch()
         .list(DATA)
@@ -292,42 +293,5 @@ async fn capture<R: AsyncRead + Unpin>(
                 }
             }
         }
-    }
-}
-
-/// `ampoule run`'s classification (the runtime's `run::classify`, which is private): status,
-/// deciding limit and exit code — the command's own code, 124 on timeout, 137 when a limit
-/// killed it, 128+N for a signal N.
-fn classify(
-    exit: ProgramExit,
-    timed_out: bool,
-    output_killed: bool,
-    hit: &[LimitKind],
-) -> (ExecutionStatus, Option<LimitKind>, i32) {
-    let killed = |l| (ExecutionStatus::Killed, Some(l), 137);
-    if timed_out {
-        return (ExecutionStatus::TimedOut, Some(LimitKind::Time), 124);
-    }
-    if output_killed {
-        return killed(LimitKind::Output);
-    }
-    if hit.contains(&LimitKind::Memory) && exit != ProgramExit::Exited(0) {
-        return killed(LimitKind::Memory);
-    }
-    match exit {
-        ProgramExit::Signaled(s) if s == nix::libc::SIGXFSZ => return killed(LimitKind::Disk),
-        ProgramExit::Signaled(s) if s == nix::libc::SIGXCPU => return killed(LimitKind::Cpu),
-        ProgramExit::Exited(0) => return (ExecutionStatus::Succeeded, None, 0),
-        _ => {}
-    }
-    for l in [LimitKind::Pids, LimitKind::Disk] {
-        if hit.contains(&l) {
-            return killed(l);
-        }
-    }
-    match exit {
-        ProgramExit::Exited(code) => (ExecutionStatus::Failed, None, code),
-        ProgramExit::Signaled(s) => (ExecutionStatus::Failed, None, 128 + s),
-        ProgramExit::Killed => (ExecutionStatus::Failed, None, 137),
     }
 }

@@ -208,8 +208,9 @@ fn stats_opt(v: Option<Option<u64>>) -> Option<u64> {
 }
 
 /// Decides status, deciding limit and exit code (`ampoule run`'s contract: the program's own
-/// code, 124 on timeout, 137 when a limit killed it, 128+N for a signal N).
-fn classify(
+/// code, 124 on timeout, 137 when a limit killed it, 128+N for a signal N). Public so a
+/// command entered into a sandbox (`ampoule run --as-command`) is classified the same way.
+pub fn classify(
     exit: ProgramExit,
     timed_out: bool,
     output_killed: bool,
