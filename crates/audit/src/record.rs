@@ -23,6 +23,14 @@ pub enum Kind {
     /// A request refused by a quota or policy (rate limit, pool, language, timeout, session
     /// limits); `decided_by` names the rule, `session` may be empty.
     Refused,
+    /// A sandbox was paused (frozen); `decided_by` is `request` or the lifecycle rule.
+    SandboxPaused,
+    /// A sandbox was hibernated (written to disk, nothing running); `duration_ms` is the
+    /// running time it had since its creation or last resume.
+    SandboxHibernated,
+    /// A sandbox runs again; `status` is `memory_kept` (from a pause) or `memory_lost`
+    /// (from hibernation: its contexts started afresh, its files intact).
+    SandboxResumed,
 }
 
 impl Kind {
@@ -36,6 +44,9 @@ impl Kind {
             Kind::SessionKilled => "session_killed",
             Kind::Process => "process",
             Kind::Refused => "refused",
+            Kind::SandboxPaused => "sandbox_paused",
+            Kind::SandboxHibernated => "sandbox_hibernated",
+            Kind::SandboxResumed => "sandbox_resumed",
         }
     }
 }

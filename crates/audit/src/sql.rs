@@ -488,7 +488,7 @@ impl AuditStore for SqlStore {
         const USAGE: &str = "SELECT \
             CAST(COALESCE(SUM(CASE WHEN kind = 'execution' THEN 1 ELSE 0 END), 0) AS BIGINT) AS executions, \
             CAST(COALESCE(SUM(CASE WHEN kind = 'execution' THEN duration_ms ELSE 0 END), 0) AS DOUBLE PRECISION) AS exec_ms, \
-            CAST(COALESCE(SUM(CASE WHEN kind IN ('session_expired', 'session_deleted', 'session_killed') \
+            CAST(COALESCE(SUM(CASE WHEN kind IN ('session_expired', 'session_deleted', 'session_killed', 'sandbox_hibernated') \
                  THEN duration_ms ELSE 0 END), 0) AS DOUBLE PRECISION) AS session_ms, \
             CAST(COALESCE(SUM(cpu_time_ms), 0) AS DOUBLE PRECISION) AS cpu_ms, \
             CAST(COALESCE(MAX(peak_memory_bytes), 0) AS BIGINT) AS peak, \

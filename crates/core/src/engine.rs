@@ -230,6 +230,22 @@ pub trait Engine: Send + Sync + 'static {
     fn keeps_warm_stock(&self, _spec: &PoolSpec) -> bool {
         true
     }
+
+    /// Starts a session whose files live on the disk image at `disk` (made, with the pool's
+    /// disk limit as its size, when it does not exist; else its files are the sandbox's
+    /// again): a durable sandbox, whose files outlive it (see [`crate::lifecycle`]). Never
+    /// from warm stock. Before starting, waits for a previous sandbox of the same image to
+    /// have released it.
+    async fn start_durable(
+        &self,
+        _spec: &PoolSpec,
+        _tenant: &str,
+        _disk: &std::path::Path,
+    ) -> Result<Box<dyn LiveSession>, EngineError> {
+        Err(EngineError::Unsupported(
+            "this server cannot keep a sandbox's files on disk".into(),
+        ))
+    }
 }
 
 /// One live session: a sandbox with an interpreter and its files.
@@ -305,6 +321,20 @@ pub trait LiveSession: Send + Sync + 'static {
             ("HOME".into(), "/mnt/data".into()),
             ("LANG".into(), "C.UTF-8".into()),
         ]
+    }
+
+    /// Freezes every process of the sandbox (memory kept, no CPU); returns once they are.
+    fn pause(&self) -> Result<(), EngineError> {
+        Err(EngineError::Unsupported(
+            "this server cannot pause a sandbox (no cgroup freezer)".into(),
+        ))
+    }
+
+    /// Thaws what [`LiveSession::pause`] froze.
+    fn resume(&self) -> Result<(), EngineError> {
+        Err(EngineError::Unsupported(
+            "this server cannot pause a sandbox (no cgroup freezer)".into(),
+        ))
     }
 
     /// Stops the interpreter and destroys the sandbox. Idempotent.

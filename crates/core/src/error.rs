@@ -65,6 +65,10 @@ pub enum ErrorCode {
     NotSupported,
     /// A sandbox could not be started, or its interpreter stopped answering.
     SandboxUnavailable,
+    /// The request conflicts with the sandbox's state (busy, not durable).
+    Conflict,
+    /// The tenant's durable sandboxes would take more disk than its quota.
+    DiskQuotaExceeded,
     /// The server is shutting down.
     ShuttingDown,
     /// Something broke inside the server (logged; the message says no more).
@@ -100,6 +104,8 @@ impl ErrorCode {
             ErrorCode::PortUnreachable => "port_unreachable",
             ErrorCode::NotSupported => "not_supported",
             ErrorCode::SandboxUnavailable => "sandbox_unavailable",
+            ErrorCode::Conflict => "conflict",
+            ErrorCode::DiskQuotaExceeded => "disk_quota_exceeded",
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::Internal => "internal",
         }
@@ -205,6 +211,18 @@ pub enum Error {
     /// The sandbox could not be started or stopped answering.
     #[error("{0}")]
     SandboxUnavailable(String),
+    /// The request conflicts with the sandbox's state.
+    #[error("{0}")]
+    Conflict(String),
+    /// The tenant's durable sandboxes would take more disk than its quota.
+    #[error(
+        "the disks of your durable sandboxes would take more than {max_mib} MiB (your quota); \
+         delete some"
+    )]
+    DiskQuota {
+        /// The quota.
+        max_mib: u64,
+    },
     /// The server is shutting down.
     #[error("the server is shutting down")]
     ShuttingDown,
@@ -241,6 +259,8 @@ impl Error {
             Error::PortUnreachable(_) => ErrorCode::PortUnreachable,
             Error::NotSupported(_) => ErrorCode::NotSupported,
             Error::SandboxUnavailable(_) => ErrorCode::SandboxUnavailable,
+            Error::Conflict(_) => ErrorCode::Conflict,
+            Error::DiskQuota { .. } => ErrorCode::DiskQuotaExceeded,
             Error::ShuttingDown => ErrorCode::ShuttingDown,
             Error::NoAuditLog => ErrorCode::NotFound,
             Error::Internal => ErrorCode::Internal,
@@ -266,6 +286,7 @@ impl Error {
                 | Error::PoolNotAllowed(_)
                 | Error::LanguageNotAllowed(_)
                 | Error::TimeoutNotAllowed { .. }
+                | Error::DiskQuota { .. }
         )
     }
 

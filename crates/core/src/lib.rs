@@ -14,11 +14,13 @@
 #![warn(missing_docs)]
 
 pub mod caller;
+mod durable;
 pub mod engine;
 pub mod error;
 #[cfg(any(test, feature = "fake"))]
 pub mod fake;
 pub mod files;
+pub mod lifecycle;
 pub mod manager;
 pub mod observer;
 pub mod quota;
@@ -32,6 +34,7 @@ mod tests;
 
 pub use ampoule_runtime::scratch::FileInfo;
 pub use caller::Caller;
+pub use durable::SandboxCounts;
 pub use engine::{
     Engine, LiveContext, LiveProcess, LiveSession, PoolNetwork, PoolSpec, ProcessExit,
     ProcessRequest, ZygoteHealth,

@@ -36,7 +36,7 @@ use crate::quota::Quotas;
 use crate::settings::{Audit, PoolSettings, TenantLimits};
 use tracing::Instrument;
 
-type Key = (String, String, String);
+pub(crate) type Key = (String, String, String);
 
 /// A live session as the core knows it. Doors never hold one: they get a
 /// [`crate::SessionInfo`] (a snapshot) from the commands.
@@ -51,7 +51,7 @@ pub(crate) struct Session {
     pub(crate) identifier: String,
     /// When it was assigned to its identifier.
     pub(crate) created_at: SystemTime,
-    created: Instant,
+    pub(crate) created: Instant,
     pub(crate) live: Arc<dyn LiveSession>,
     pub(crate) exec_lock: tokio::sync::Mutex<()>,
     last_used: Mutex<(Instant, SystemTime)>,
@@ -88,7 +88,7 @@ impl Session {
             .unwrap_or(self.created_at)
     }
 
-    fn idle_for(&self) -> Duration {
+    pub(crate) fn idle_for(&self) -> Duration {
         self.last_used
             .lock()
             .map(|t| t.0.elapsed())
@@ -112,16 +112,16 @@ impl Session {
 }
 
 /// A reserved place in the table: the session starts once, whoever asks first.
-struct Slot {
-    key: Key,
-    id: String,
-    cell: OnceCell<Arc<Session>>,
+pub(crate) struct Slot {
+    pub(crate) key: Key,
+    pub(crate) id: String,
+    pub(crate) cell: OnceCell<Arc<Session>>,
 }
 
 #[derive(Default)]
-struct Table {
+pub(crate) struct Table {
     by_key: HashMap<Key, Arc<Slot>>,
-    by_id: HashMap<String, Arc<Slot>>,
+    pub(crate) by_id: HashMap<String, Arc<Slot>>,
     per_pool: HashMap<String, usize>,
     per_tenant: HashMap<String, usize>,
 }
@@ -133,16 +133,23 @@ struct Pool {
     refill: Notify,
 }
 
-struct Inner {
+pub(crate) struct Inner {
     engine: Arc<dyn Engine>,
     pools: BTreeMap<String, Pool>,
     default_pool: String,
     tenants: TenantLimits,
-    table: Mutex<Table>,
+    pub(crate) table: Mutex<Table>,
     shutting_down: AtomicBool,
     shutdown: Notify,
     audit: std::sync::OnceLock<Audit>,
-    observer: Arc<dyn Observer>,
+    pub(crate) observer: Arc<dyn Observer>,
+    /// Where durable sandboxes live (`<data_dir>/sandboxes`), once set.
+    pub(crate) store: std::sync::OnceLock<crate::lifecycle::Store>,
+    /// Hibernated sandboxes, by id: nothing of them runs.
+    pub(crate) dormant: Mutex<BTreeMap<String, crate::durable::Dormant>>,
+    /// Held while a hibernated sandbox is brought back, so that two calls naming it do not
+    /// both start it.
+    pub(crate) waking: tokio::sync::Mutex<()>,
 }
 
 /// Most files listed in one execution record's `files`; a record that lists this many
@@ -207,7 +214,7 @@ pub struct PoolStatus {
 /// `service.rs`.
 #[derive(Clone)]
 pub struct Manager {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
 impl std::fmt::Debug for Manager {
@@ -273,6 +280,9 @@ impl Manager {
                 shutdown: Notify::new(),
                 audit: std::sync::OnceLock::new(),
                 observer,
+                store: std::sync::OnceLock::new(),
+                dormant: Mutex::new(BTreeMap::new()),
+                waking: tokio::sync::Mutex::new(()),
             }),
         }
     }
@@ -342,7 +352,7 @@ impl Manager {
     }
 
     /// A session event's record; `request_id` is the request that caused it, if one did.
-    async fn audit_session(
+    pub(crate) async fn audit_session(
         &self,
         s: &Session,
         kind: Kind,
@@ -369,7 +379,9 @@ impl Manager {
             .get(&s.pool)
             .map(|p| p.settings.spec.language.as_str().to_owned());
         if kind != Kind::SessionCreated {
-            r.duration_ms = Some(s.created.elapsed().as_secs_f64() * 1000.0);
+            // Running time only: paused time is not metered.
+            let running = s.created.elapsed().saturating_sub(s.sandbox.paused_total());
+            r.duration_ms = Some(running.as_secs_f64() * 1000.0);
         }
         r.decided_by = decided_by.map(str::to_owned);
         r.identifier = Some(s.identifier.clone());
@@ -499,50 +511,35 @@ impl Manager {
         }
     }
 
-    /// Destroys sessions past their idle timeout or lifetime (the reaper's one round).
+    /// Applies every session's and sandbox's lifecycle (the reaper's one round): destroys
+    /// those past their idle timeout, lifetime or timeout, pauses and hibernates the idle ones
+    /// their policy says, deletes hibernated ones past their time. Returns how many it acted
+    /// on.
     pub async fn reap_once(&self) -> usize {
-        let expired: Vec<Arc<Slot>> = {
+        let due: Vec<(Arc<Slot>, crate::durable::Due)> = {
             let Ok(table) = self.inner.table.lock() else {
                 return 0;
             };
             table
                 .by_id
                 .values()
-                .filter(|slot| {
-                    let Some(s) = slot.cell.get() else {
-                        return false;
-                    };
-                    let Some(pool) = self.inner.pools.get(&s.pool) else {
-                        return true;
-                    };
-                    let too_old =
-                        s.created.elapsed() >= pool.settings.max_lifetime || s.sandbox.past_end();
-                    // A sandbox lives until its timeout, however idle.
-                    let idle = s.sandbox.end().is_none()
-                        && !s.busy()
-                        && s.idle_for() >= pool.settings.idle_timeout;
-                    // A busy session's death is the execution's to report.
-                    too_old || idle || (!s.busy() && !s.live.alive())
+                .filter_map(|slot| {
+                    let s = slot.cell.get()?;
+                    let due = match self.inner.pools.get(&s.pool) {
+                        Some(pool) => self.due(s, &pool.settings),
+                        None => Some(crate::durable::Due::Delete("pool_removed")),
+                    }?;
+                    Some((slot.clone(), due))
                 })
-                .cloned()
                 .collect()
         };
-        let n = expired.len();
-        for slot in expired {
-            if let Some(s) = slot.cell.get() {
-                tracing::info!(session = %s.id, pool = %s.pool, "session expired");
-                let why = match self.inner.pools.get(&s.pool) {
-                    _ if !s.live.alive() => "sandbox_died",
-                    _ if s.sandbox.past_end() => "timeout",
-                    Some(p) if s.created.elapsed() >= p.settings.max_lifetime => "max_lifetime",
-                    _ => "idle_timeout",
-                };
-                self.audit_session(s, Kind::SessionExpired, Some(why), None)
-                    .await;
+        let mut n = 0;
+        for (slot, due) in due {
+            if self.act(&slot, due).await {
+                n += 1;
             }
-            self.remove_and_close(&slot).await;
         }
-        n
+        n + self.reap_dormant().await
     }
 
     fn tenant_limit(&self, tenant: &str) -> Option<usize> {
@@ -590,7 +587,7 @@ impl Manager {
     }
 
     /// Takes the slot out of the table (if it is still there) and closes its session.
-    async fn remove_and_close(&self, slot: &Arc<Slot>) {
+    pub(crate) async fn remove_and_close(&self, slot: &Arc<Slot>) {
         self.unlist(slot);
         if let Some(s) = slot.cell.get() {
             for ctx in s.sandbox.take_contexts() {
@@ -633,6 +630,7 @@ impl Manager {
         &self,
         tenant: &str,
         pool_name: &str,
+        disk: Option<&std::path::Path>,
     ) -> Result<Arc<dyn LiveSession>, Error> {
         let pool = self
             .inner
@@ -640,6 +638,21 @@ impl Manager {
             .get(pool_name)
             .ok_or_else(|| Error::PoolNotFound(pool_name.to_owned()))?;
         let begun = Instant::now();
+        if let Some(disk) = disk {
+            // A durable sandbox starts on its own disk: never from warm stock.
+            pool.starting.fetch_add(1, Ordering::SeqCst);
+            let started = self
+                .inner
+                .engine
+                .start_durable(&pool.settings.spec, tenant, disk)
+                .await;
+            pool.starting.fetch_sub(1, Ordering::SeqCst);
+            let started = started?;
+            self.inner
+                .observer
+                .session_started(pool_name, false, begun.elapsed().as_secs_f64());
+            return Ok(Arc::from(started));
+        }
         loop {
             let warm = pool.warm.lock().ok().and_then(|mut w| w.pop_front());
             match warm {
@@ -706,7 +719,7 @@ impl Manager {
             .0)
     }
 
-    async fn get_or_create_with(
+    pub(crate) async fn get_or_create_with(
         &self,
         caller: &Caller,
         pool: &str,
@@ -719,31 +732,66 @@ impl Manager {
         }
         let tenant = caller.tenant.as_str();
         let key: Key = (tenant.to_owned(), pool.to_owned(), identifier.to_owned());
+        // A durable session's disk, made here for a session that may not be ours to start.
+        let mut made_disk = None;
+        let (extras, id) = match extras {
+            Some(x) => (Some(x), id),
+            None => {
+                // A session under an identifier that was hibernated comes back.
+                if let Some(dormant) = self.dormant_for_key(&key) {
+                    let s = Box::pin(self.restore(caller, &dormant)).await?;
+                    return Ok((s, false));
+                }
+                match self.find(tenant, pool, identifier) {
+                    Some(_) => (None, id),
+                    None => match self.durable_session_extras(caller, pool).await? {
+                        Some((x, sid)) => {
+                            made_disk = Some(sid.clone());
+                            (Some(x), Some(sid))
+                        }
+                        None => (None, id),
+                    },
+                }
+            }
+        };
+        let restoring = extras.as_ref().is_some_and(|x| x.created_at.is_some());
+        let disk = extras.as_ref().and_then(|x| x.disk.clone());
         let (slot, reserved) = match self.reserve(&key, id.as_deref()) {
             Ok(r) => r,
             Err(e) if e.is_policy() => {
                 return Err(self.refuse(caller, pool, "", Some(identifier), e).await);
             }
-            Err(e) => return Err(e),
+            Err(e) => {
+                if let Some(d) = &made_disk {
+                    self.forget_disk(d);
+                }
+                return Err(e);
+            }
         };
+        if !reserved && let Some(d) = &made_disk {
+            self.forget_disk(d);
+        }
         let init = slot
             .cell
             .get_or_try_init(|| async {
-                let live = self.start_live(tenant, pool).await?;
+                let extras = extras.unwrap_or_else(crate::sandbox::Extras::session);
+                let live = self
+                    .start_live(tenant, pool, extras.disk.as_deref())
+                    .await?;
                 let now = (Instant::now(), SystemTime::now());
                 Ok::<_, Error>(Arc::new(Session {
                     id: slot.id.clone(),
                     tenant: tenant.to_owned(),
                     pool: pool.to_owned(),
                     identifier: identifier.to_owned(),
-                    created_at: now.1,
+                    created_at: extras.created_at.unwrap_or(now.1),
                     created: now.0,
                     live,
                     exec_lock: tokio::sync::Mutex::new(()),
                     last_used: Mutex::new(now),
                     in_flight: AtomicUsize::new(0),
                     executions: AtomicU64::new(0),
-                    sandbox: extras.unwrap_or_else(crate::sandbox::Extras::session),
+                    sandbox: extras,
                 }))
             })
             .await;
@@ -763,9 +811,16 @@ impl Manager {
                     self.remove_and_close(&slot).await;
                     return Err(Error::ShuttingDown);
                 }
+                if !reserved {
+                    // Named by a call: a paused session runs again.
+                    self.wake(&session, caller.request_id.as_deref()).await?;
+                }
                 session.touch();
                 tracing::Span::current().record("session", session.id.as_str());
-                if reserved {
+                if reserved && !restoring {
+                    if session.sandbox.disk.is_some() {
+                        self.save_record(&session);
+                    }
                     self.audit_session(
                         &session,
                         Kind::SessionCreated,
@@ -779,6 +834,9 @@ impl Manager {
             Err(e) => {
                 // Nobody else can use a slot whose start failed; the next call tries afresh.
                 self.unlist(&slot);
+                if reserved && !restoring && disk.is_some() {
+                    self.forget_disk(&slot.id);
+                }
                 Err(e)
             }
         }
@@ -1113,9 +1171,12 @@ impl Manager {
         let n = lives.len();
         futures_util::future::join_all(lives.iter().map(|l| l.close())).await;
         // Every session's life ends in the audit log, so usage counts it.
+        // A durable one is written down as hibernated: the server started again lists it.
         for s in slots.iter().filter_map(|slot| slot.cell.get()) {
-            self.audit_session(s, Kind::SessionExpired, Some("shutdown"), None)
-                .await;
+            if !self.hibernate_at_shutdown(s).await {
+                self.audit_session(s, Kind::SessionExpired, Some("shutdown"), None)
+                    .await;
+            }
         }
         tracing::info!(sessions = n, "closed every session");
     }

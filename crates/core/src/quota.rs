@@ -31,7 +31,13 @@ pub struct Policy {
     pub languages: Option<Vec<Language>>,
     /// The longest timeout it may ask for, in seconds.
     pub max_timeout_s: Option<f64>,
+    /// Most MiB the disks of its durable sandboxes may take together (each counted at its
+    /// pool's disk limit, running or hibernated); `None`: [`DEFAULT_DURABLE_DISK_MIB`].
+    pub durable_disk_mib: Option<u64>,
 }
+
+/// The default of [`Policy::durable_disk_mib`]: 32 disks of the default 1 GiB.
+pub const DEFAULT_DURABLE_DISK_MIB: u64 = 32 * 1024;
 
 /// Every tenant's policy and the rate windows.
 #[derive(Debug, Default)]

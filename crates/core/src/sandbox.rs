@@ -26,6 +26,7 @@ use tokio::sync::{mpsc, watch};
 use crate::caller::Caller;
 use crate::engine::{LiveContext, ProcessExit, ProcessRequest, Signaller};
 use crate::error::Error;
+use crate::lifecycle::{Lifecycle, Record, State};
 use crate::manager::{Manager, Session, random_hex};
 
 /// The id of a sandbox's first context, its interpreter.
@@ -52,6 +53,8 @@ pub struct CreateSandbox {
     pub metadata: BTreeMap<String, String>,
     /// Variables every process and new context of the sandbox gets.
     pub envs: BTreeMap<String, String>,
+    /// Its lifecycle policy (over the pool's).
+    pub lifecycle: Lifecycle,
 }
 
 /// A sandbox as the commands report it (a snapshot).
@@ -73,7 +76,7 @@ pub struct SandboxInfo {
     pub metadata: BTreeMap<String, String>,
     /// The names of its variables (their values are never answered back).
     pub env_names: Vec<String>,
-    /// `running` (pause and hibernation come later).
+    /// `running`, `paused` or `hibernated` ([`State`]).
     pub state: &'static str,
     /// Whether it was made as a sandbox (else: a session).
     pub is_sandbox: bool,
@@ -81,6 +84,13 @@ pub struct SandboxInfo {
     pub memory_bytes: u64,
     /// CPU limit in cores, for reports.
     pub cpus: f64,
+    /// Whether its files live on disk (it can hibernate and outlives the server).
+    pub durable: bool,
+    /// `kept`, or `lost` once it was hibernated: its contexts then start afresh (this host
+    /// keeps no memory across hibernation), its files are intact.
+    pub session_state: &'static str,
+    /// Its lifecycle policy.
+    pub lifecycle: Lifecycle,
 }
 
 /// The secrets of a sandbox, answered to its creator only.
@@ -274,6 +284,44 @@ pub(crate) struct Extras {
     end: Mutex<Option<(Instant, SystemTime)>>,
     contexts: Mutex<BTreeMap<String, Arc<Ctx>>>,
     processes: Mutex<BTreeMap<u32, Arc<Proc>>>,
+    /// Its lifecycle policy (the pool's, overridden by the sandbox's own).
+    pub(crate) lifecycle: Lifecycle,
+    /// Its disk image, when it is durable.
+    pub(crate) disk: Option<std::path::PathBuf>,
+    /// When it was first created, for one resumed from hibernation.
+    pub(crate) created_at: Option<SystemTime>,
+    /// Pauses, open port connections, whether its memory was lost.
+    pub(crate) life: Mutex<Life>,
+}
+
+/// What changes as a sandbox is paused, resumed and reached.
+#[derive(Debug, Default)]
+pub(crate) struct Life {
+    /// Since when it is paused.
+    pub(crate) paused: Option<Instant>,
+    /// Time paused so far (not metered as running time).
+    pub(crate) paused_total: Duration,
+    /// Connections to its ports now open (it is not idle while one is).
+    pub(crate) ports_open: usize,
+    /// Resumed from hibernation without its memory: its contexts started afresh.
+    pub(crate) memory_lost: bool,
+}
+
+/// Held while a connection to a sandbox's port is open: the sandbox is not idle meanwhile.
+#[derive(Debug)]
+pub struct PortLease {
+    session: std::sync::Weak<Session>,
+}
+
+impl Drop for PortLease {
+    fn drop(&mut self) {
+        if let Some(s) = self.session.upgrade() {
+            if let Ok(mut l) = s.sandbox.life.lock() {
+                l.ports_open = l.ports_open.saturating_sub(1);
+            }
+            s.touch();
+        }
+    }
 }
 
 impl Extras {
@@ -299,7 +347,72 @@ impl Extras {
             end: Mutex::new(life.map(|d| (Instant::now() + d, SystemTime::now() + d))),
             contexts: Mutex::new(BTreeMap::new()),
             processes: Mutex::new(BTreeMap::new()),
+            lifecycle: Lifecycle::default(),
+            disk: None,
+            created_at: None,
+            life: Mutex::new(Life::default()),
         }
+    }
+
+    /// A durable sandbox's, read back from its record.
+    pub(crate) fn restored(r: &Record, disk: std::path::PathBuf) -> Self {
+        let mut x = Self::new(
+            r.is_sandbox,
+            r.metadata.clone(),
+            r.envs.clone(),
+            r.life_left_ms.map(Duration::from_millis),
+        );
+        x.tokens = SandboxTokens {
+            access: r.access_token.clone(),
+            traffic: r.traffic_token.clone(),
+        };
+        x.lifecycle = r.lifecycle.clone();
+        x.disk = Some(disk);
+        x.created_at =
+            Some(SystemTime::UNIX_EPOCH + Duration::from_millis(r.created_at_ms.max(0) as u64));
+        if let Ok(mut l) = x.life.lock() {
+            l.memory_lost = true;
+        }
+        x
+    }
+
+    /// Since when it is paused.
+    pub(crate) fn paused_since(&self) -> Option<Instant> {
+        self.life.lock().ok().and_then(|l| l.paused)
+    }
+
+    /// Whether a port connection is open.
+    pub(crate) fn ports_open(&self) -> bool {
+        self.life.lock().is_ok_and(|l| l.ports_open > 0)
+    }
+
+    /// Time it spent paused.
+    pub(crate) fn paused_total(&self) -> Duration {
+        self.life
+            .lock()
+            .map(|l| l.paused_total + l.paused.map(|p| p.elapsed()).unwrap_or_default())
+            .unwrap_or_default()
+    }
+
+    /// Whether its memory was lost (resumed from hibernation).
+    pub(crate) fn memory_lost(&self) -> bool {
+        self.life.lock().is_ok_and(|l| l.memory_lost)
+    }
+
+    /// Moves its end later by `d` (the time it spent paused: a paused sandbox's timeout does
+    /// not run).
+    pub(crate) fn extend_end(&self, d: Duration) {
+        if let Ok(mut e) = self.end.lock()
+            && let Some((at, sys)) = *e
+        {
+            *e = Some((at + d, sys + d));
+        }
+    }
+
+    /// Milliseconds of its timeout left.
+    pub(crate) fn life_left_ms(&self) -> Option<u64> {
+        self.end()
+            .map(|(at, _)| at.saturating_duration_since(Instant::now()).as_millis() as u64)
     }
 
     /// When the sandbox must end regardless of use (`None`: a session, ended when idle).
@@ -307,9 +420,9 @@ impl Extras {
         self.end.lock().ok().and_then(|e| *e)
     }
 
-    /// Whether its timeout has passed.
+    /// Whether its timeout has passed (never while it is paused: its clock stops).
     pub(crate) fn past_end(&self) -> bool {
-        self.end().is_some_and(|(at, _)| Instant::now() >= at)
+        self.paused_since().is_none() && self.end().is_some_and(|(at, _)| Instant::now() >= at)
     }
 
     /// Processes still running.
@@ -366,7 +479,7 @@ fn check_envs(envs: &BTreeMap<String, String>) -> Result<(), Error> {
 }
 
 impl Manager {
-    fn sandbox_info(&self, s: &Session) -> SandboxInfo {
+    pub(crate) fn sandbox_info(&self, s: &Session) -> SandboxInfo {
         let pool = self.pool(&s.pool).ok();
         let end_at = match s.sandbox.end() {
             Some((_, at)) => at,
@@ -382,10 +495,51 @@ impl Manager {
             end_at,
             metadata: s.sandbox.metadata.clone(),
             env_names: s.sandbox.envs.keys().cloned().collect(),
-            state: "running",
+            state: if s.sandbox.paused_since().is_some() {
+                "paused"
+            } else {
+                "running"
+            },
             is_sandbox: s.sandbox.is_sandbox,
             memory_bytes: limits.memory_mib * 1024 * 1024,
             cpus: limits.cpus,
+            durable: s.sandbox.disk.is_some(),
+            session_state: if s.sandbox.memory_lost() {
+                "lost"
+            } else {
+                "kept"
+            },
+            lifecycle: s.sandbox.lifecycle.clone(),
+        }
+    }
+
+    /// A hibernated sandbox as the commands report it.
+    pub(crate) fn record_info(&self, r: &Record) -> SandboxInfo {
+        let pool = self.pool(&r.pool).ok();
+        let limits = pool.map(|p| p.spec.limits.clone()).unwrap_or_default();
+        let created_at =
+            SystemTime::UNIX_EPOCH + Duration::from_millis(r.created_at_ms.max(0) as u64);
+        // Its timeout does not run while it sleeps: it would end this long after a resume.
+        let end_at = SystemTime::now()
+            + r.life_left_ms
+                .map(Duration::from_millis)
+                .unwrap_or_else(|| pool.map(|p| p.idle_timeout).unwrap_or_default());
+        SandboxInfo {
+            id: r.id.clone(),
+            pool: r.pool.clone(),
+            language: pool.map_or(Language::Python, |p| p.spec.language),
+            identifier: r.identifier.clone(),
+            created_at,
+            end_at,
+            metadata: r.metadata.clone(),
+            env_names: r.envs.keys().cloned().collect(),
+            state: "hibernated",
+            is_sandbox: r.is_sandbox,
+            memory_bytes: limits.memory_mib * 1024 * 1024,
+            cpus: limits.cpus,
+            durable: true,
+            session_state: "lost",
+            lifecycle: r.lifecycle.clone(),
         }
     }
 
@@ -427,12 +581,26 @@ impl Manager {
             return Err(self.refuse(caller, &pool, "", None, e).await);
         }
         let life = self.life(&pool, cmd.timeout_s)?;
+        let lifecycle = p.lifecycle.merged(&cmd.lifecycle);
+        lifecycle.check().map_err(Error::Invalid)?;
         let id = format!("sbx_{}", random_hex(12));
         let envs = cmd.envs.clone();
-        let extras = Extras::new(true, cmd.metadata, cmd.envs, Some(life));
-        let session = self
+        let mut extras = Extras::new(true, cmd.metadata, cmd.envs, Some(life));
+        if lifecycle.is_durable() {
+            extras.disk = Some(self.durable_disk(caller, &pool, &id).await?);
+        }
+        extras.lifecycle = lifecycle;
+        let session = match self
             .create_with(caller, &pool, &id, Some(id.clone()), extras)
-            .await?;
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                self.forget_disk(&id);
+                return Err(e);
+            }
+        };
+        self.save_record(&session);
         if !envs.is_empty() {
             self.set_default_env(&session, &envs).await;
         }
@@ -442,7 +610,11 @@ impl Manager {
     /// Makes the variables visible to the default context's code, where its language
     /// allows (Python and JavaScript: the process environment; contexts and processes
     /// started later get them at their start).
-    async fn set_default_env(&self, session: &Arc<Session>, envs: &BTreeMap<String, String>) {
+    pub(crate) async fn set_default_env(
+        &self,
+        session: &Arc<Session>,
+        envs: &BTreeMap<String, String>,
+    ) {
         let Ok(json) = serde_json::to_string(envs) else {
             return;
         };
@@ -465,43 +637,63 @@ impl Manager {
         }
     }
 
-    /// One of the caller's sandboxes (sessions included).
+    /// One of the caller's sandboxes (sessions included), hibernated ones too. Reading it
+    /// does not resume it.
     pub fn get_sandbox(&self, caller: &Caller, id: &str) -> Result<SandboxInfo, Error> {
-        Ok(self.sandbox_info(self.get(&caller.tenant, id)?.as_ref()))
+        match self.get(&caller.tenant, id) {
+            Ok(s) => Ok(self.sandbox_info(&s)),
+            Err(e) => self.dormant_info(&caller.tenant, id).ok_or(e),
+        }
     }
 
-    /// The caller's sandboxes (sessions included) whose metadata has every pair of `filter`.
+    /// The caller's sandboxes (sessions included, hibernated ones too) whose metadata has
+    /// every pair of `filter` and, when given, in `state`.
     pub fn list_sandboxes(
         &self,
         caller: &Caller,
         filter: &BTreeMap<String, String>,
+        state: Option<State>,
     ) -> Vec<SandboxInfo> {
-        self.list(&caller.tenant)
+        let mut out: Vec<SandboxInfo> = self
+            .list(&caller.tenant)
             .iter()
-            .filter(|s| {
-                filter
-                    .iter()
-                    .all(|(k, v)| s.sandbox.metadata.get(k) == Some(v))
-            })
             .map(|s| self.sandbox_info(s))
-            .collect()
+            .chain(self.dormant_infos(&caller.tenant))
+            .filter(|i| filter.iter().all(|(k, v)| i.metadata.get(k) == Some(v)))
+            .filter(|i| state.is_none_or(|st| i.state == st.as_str()))
+            .collect();
+        out.sort_by_key(|i| i.created_at);
+        out
     }
 
-    /// Destroys a sandbox and everything in it.
+    /// Destroys a sandbox and everything in it, its files on disk included.
     pub async fn kill_sandbox(&self, caller: &Caller, id: &str) -> Result<(), Error> {
-        let s = self.get(&caller.tenant, id)?;
-        self.delete(caller, &s).await;
-        Ok(())
+        match self.get(&caller.tenant, id) {
+            Ok(s) => {
+                self.delete(caller, &s).await;
+                Ok(())
+            }
+            Err(e) => {
+                if self
+                    .delete_dormant(&caller.tenant, id, None, caller.request_id.as_deref())
+                    .await
+                {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            }
+        }
     }
 
     /// Sets the sandbox to end `timeout_s` from now (a session becomes timed like a sandbox).
-    pub fn set_sandbox_timeout(
+    pub async fn set_sandbox_timeout(
         &self,
         caller: &Caller,
         id: &str,
         timeout_s: u64,
     ) -> Result<SandboxInfo, Error> {
-        let s = self.get(&caller.tenant, id)?;
+        let s = self.awake(caller, id).await?;
         let life = self.life(&s.pool, Some(timeout_s))?;
         let left = self
             .pool(&s.pool)?
@@ -511,6 +703,7 @@ impl Manager {
         if let Ok(mut e) = s.sandbox.end.lock() {
             *e = Some((Instant::now() + left, SystemTime::now() + left));
         }
+        self.save_record(&s);
         Ok(self.sandbox_info(&s))
     }
 
@@ -524,18 +717,29 @@ impl Manager {
         traffic: bool,
         request_id: Option<String>,
     ) -> Result<Caller, Error> {
-        let s = self
-            .get_any_tenant(id)
-            .ok_or_else(Error::session_not_found)?;
-        let want = if traffic {
-            &s.sandbox.tokens.traffic
-        } else {
-            &s.sandbox.tokens.access
+        // A hibernated sandbox's tokens are its record's: they outlive its sleep.
+        let (tenant, want) = match self.get_any_tenant(id) {
+            Some(s) => {
+                let t = &s.sandbox.tokens;
+                let want = if traffic { &t.traffic } else { &t.access };
+                (s.tenant.clone(), want.clone())
+            }
+            None => {
+                let r = self
+                    .dormant_record(id)
+                    .ok_or_else(Error::session_not_found)?;
+                let want = if traffic {
+                    r.traffic_token
+                } else {
+                    r.access_token
+                };
+                (r.tenant, want)
+            }
         };
-        if !constant_time_eq(want.as_bytes(), token.as_bytes()) {
+        if want.is_empty() || !constant_time_eq(want.as_bytes(), token.as_bytes()) {
             return Err(Error::session_not_found());
         }
-        let mut caller = Caller::new(s.tenant.clone());
+        let mut caller = Caller::new(tenant);
         caller.key_id = Some("sandbox-token".into());
         caller.request_id = request_id;
         Ok(caller)
@@ -652,7 +856,7 @@ impl Manager {
         sandbox: &str,
         cmd: CreateContext,
     ) -> Result<ContextInfo, Error> {
-        let s = self.get(&caller.tenant, sandbox)?;
+        let s = self.awake(caller, sandbox).await?;
         let has = self.pool(&s.pool)?.spec.language;
         let language = match cmd.language.as_deref() {
             Some(l) => parse_language(l)?,
@@ -666,8 +870,12 @@ impl Manager {
     }
 
     /// The sandbox's contexts, its interpreter first.
-    pub fn list_contexts(&self, caller: &Caller, sandbox: &str) -> Result<Vec<ContextInfo>, Error> {
-        let s = self.get(&caller.tenant, sandbox)?;
+    pub async fn list_contexts(
+        &self,
+        caller: &Caller,
+        sandbox: &str,
+    ) -> Result<Vec<ContextInfo>, Error> {
+        let s = self.awake(caller, sandbox).await?;
         let mut out = vec![ContextInfo {
             id: DEFAULT_CONTEXT.into(),
             language: self.pool(&s.pool)?.spec.language,
@@ -680,13 +888,14 @@ impl Manager {
     }
 
     /// One context.
-    pub fn get_context(
+    pub async fn get_context(
         &self,
         caller: &Caller,
         sandbox: &str,
         context: &str,
     ) -> Result<ContextInfo, Error> {
-        self.list_contexts(caller, sandbox)?
+        self.list_contexts(caller, sandbox)
+            .await?
             .into_iter()
             .find(|c| c.id == context)
             .ok_or_else(|| {
@@ -701,7 +910,7 @@ impl Manager {
         sandbox: &str,
         context: &str,
     ) -> Result<(), Error> {
-        let s = self.get(&caller.tenant, sandbox)?;
+        let s = self.awake(caller, sandbox).await?;
         let Some(ctx) = self.find_context(&s, context)? else {
             return Err(Error::invalid(
                 "the default context is the sandbox's interpreter; delete the sandbox instead",
@@ -724,7 +933,7 @@ impl Manager {
         sandbox: &str,
         context: &str,
     ) -> Result<ContextInfo, Error> {
-        let s = self.get(&caller.tenant, sandbox)?;
+        let s = self.awake(caller, sandbox).await?;
         let Some(ctx) = self.find_context(&s, context)? else {
             return Err(Error::NotSupported(
                 "the default context is the sandbox's interpreter and cannot be restarted; \
@@ -785,7 +994,7 @@ impl Manager {
         sandbox: &str,
         cmd: StartProcess,
     ) -> Result<ProcessStream, Error> {
-        let s = self.get(&caller.tenant, sandbox)?;
+        let s = self.awake(caller, sandbox).await?;
         check_envs(&cmd.envs)?;
         let cwd = cmd.cwd.clone().unwrap_or_else(|| "/mnt/data".into());
         check_cwd(&cwd)?;
@@ -883,12 +1092,12 @@ impl Manager {
     }
 
     /// The processes running in the sandbox.
-    pub fn list_processes(
+    pub async fn list_processes(
         &self,
         caller: &Caller,
         sandbox: &str,
     ) -> Result<Vec<ProcessInfo>, Error> {
-        let s = self.get(&caller.tenant, sandbox)?;
+        let s = self.awake(caller, sandbox).await?;
         let procs = s
             .sandbox
             .processes
@@ -898,13 +1107,13 @@ impl Manager {
     }
 
     /// Attaches to a running process: its events from now on.
-    pub fn attach_process(
+    pub async fn attach_process(
         &self,
         caller: &Caller,
         sandbox: &str,
         sel: &ProcessSelector,
     ) -> Result<ProcessStream, Error> {
-        let s = self.get(&caller.tenant, sandbox)?;
+        let s = self.awake(caller, sandbox).await?;
         let p = self.find_process(&s, sel)?;
         s.touch();
         Ok(ProcessStream {
@@ -921,7 +1130,7 @@ impl Manager {
         sel: &ProcessSelector,
         data: &[u8],
     ) -> Result<(), Error> {
-        let s = self.get(&caller.tenant, sandbox)?;
+        let s = self.awake(caller, sandbox).await?;
         let p = self.find_process(&s, sel)?;
         s.touch();
         let mut stdin = p.stdin.lock().await;
@@ -949,7 +1158,7 @@ impl Manager {
         sandbox: &str,
         sel: &ProcessSelector,
     ) -> Result<(), Error> {
-        let s = self.get(&caller.tenant, sandbox)?;
+        let s = self.awake(caller, sandbox).await?;
         let p = self.find_process(&s, sel)?;
         if let Some(mut w) = p.stdin.lock().await.take() {
             let _ = w.shutdown().await;
@@ -958,7 +1167,7 @@ impl Manager {
     }
 
     /// Sends a signal to a process (`9` kills it).
-    pub fn signal_process(
+    pub async fn signal_process(
         &self,
         caller: &Caller,
         sandbox: &str,
@@ -968,7 +1177,7 @@ impl Manager {
         if !(1..=64).contains(&signal) {
             return Err(Error::invalid(format!("no signal {signal}")));
         }
-        let s = self.get(&caller.tenant, sandbox)?;
+        let s = self.awake(caller, sandbox).await?;
         let p = self.find_process(&s, sel)?;
         (p.signal)(signal).map_err(Error::from)
     }
@@ -981,10 +1190,19 @@ impl Manager {
         caller: &Caller,
         sandbox: &str,
         port: u16,
-    ) -> Result<tokio::net::TcpStream, Error> {
-        let s = self.get(&caller.tenant, sandbox)?;
+    ) -> Result<(tokio::net::TcpStream, PortLease), Error> {
+        let s = self.awake(caller, sandbox).await?;
         s.touch();
-        s.live.connect(port).await.map_err(Error::from)
+        let stream = s.live.connect(port).await.map_err(Error::from)?;
+        if let Ok(mut l) = s.sandbox.life.lock() {
+            l.ports_open += 1;
+        }
+        Ok((
+            stream,
+            PortLease {
+                session: Arc::downgrade(&s),
+            },
+        ))
     }
 
     async fn audit_process(

@@ -74,14 +74,14 @@ async fn sandboxes_are_created_listed_by_metadata_and_killed() {
 
     assert_eq!(m.get_sandbox(&a, &info.id).unwrap().metadata["team"], "red");
     let red: Vec<String> = m
-        .list_sandboxes(&a, &BTreeMap::from([("team".into(), "red".into())]))
+        .list_sandboxes(&a, &BTreeMap::from([("team".into(), "red".into())]), None)
         .into_iter()
         .map(|s| s.id)
         .collect();
     assert_eq!(red, std::slice::from_ref(&info.id));
-    assert_eq!(m.list_sandboxes(&a, &BTreeMap::new()).len(), 2);
+    assert_eq!(m.list_sandboxes(&a, &BTreeMap::new(), None).len(), 2);
     assert!(
-        m.list_sandboxes(&a, &BTreeMap::from([("team".into(), "green".into())]))
+        m.list_sandboxes(&a, &BTreeMap::from([("team".into(), "green".into())]), None)
             .is_empty()
     );
 
@@ -92,7 +92,7 @@ async fn sandboxes_are_created_listed_by_metadata_and_killed() {
         m.kill_sandbox(&a, &info.id).await.unwrap_err().code(),
         ErrorCode::SessionNotFound
     );
-    assert_eq!(m.list_sandboxes(&a, &BTreeMap::new())[0].id, blue);
+    assert_eq!(m.list_sandboxes(&a, &BTreeMap::new(), None)[0].id, blue);
     assert_eq!(stats.closed.load(std::sync::atomic::Ordering::SeqCst), 1);
 
     // Bad input is refused before anything starts.
@@ -161,7 +161,7 @@ async fn a_sandbox_ends_at_its_timeout_however_busy_and_a_session_when_idle() {
         .unwrap()
         .0
         .id;
-    m.set_sandbox_timeout(&a, &pushed, 30).unwrap();
+    m.set_sandbox_timeout(&a, &pushed, 30).await.unwrap();
     assert_eq!(m.reap_once().await, 0);
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert_eq!(m.reap_once().await, 1);
@@ -174,7 +174,10 @@ async fn a_sandbox_ends_at_its_timeout_however_busy_and_a_session_when_idle() {
     let s = m.get_sandbox(&a, &session).unwrap();
     assert!(!s.is_sandbox);
     assert_eq!(
-        m.set_sandbox_timeout(&a, &long, 0).unwrap_err().code(),
+        m.set_sandbox_timeout(&a, &long, 0)
+            .await
+            .unwrap_err()
+            .code(),
         ErrorCode::InvalidRequest
     );
 }
@@ -202,7 +205,7 @@ async fn a_sandbox_routes_languages_to_contexts_and_a_session_still_refuses_them
     js.language = Some("javascript".into());
     let done = m.execute(&a, js).await.unwrap();
     assert_eq!(done.result.result.unwrap()["application/json"], 6);
-    let contexts = m.list_contexts(&a, &id).unwrap();
+    let contexts = m.list_contexts(&a, &id).await.unwrap();
     assert_eq!(contexts.len(), 2, "{contexts:?}");
     assert_eq!(contexts[0].id, "default");
     assert_eq!(contexts[1].language, ampoule_types::Language::Javascript);
@@ -281,7 +284,7 @@ async fn contexts_share_the_sandboxes_files_and_restart_with_fresh_state() {
         .unwrap();
     assert_eq!(back.result.stdout, "ok");
 
-    assert_eq!(m.get_context(&a, &id, &ctx.id).unwrap(), ctx);
+    assert_eq!(m.get_context(&a, &id, &ctx.id).await.unwrap(), ctx);
     m.restart_context(&a, &id, &ctx.id).await.unwrap();
     let mut k = ExecuteCommand::new(Target::Id(id.clone()), "k");
     k.context = Some(ctx.id.clone());
@@ -300,7 +303,7 @@ async fn contexts_share_the_sandboxes_files_and_restart_with_fresh_state() {
     );
     m.delete_context(&a, &id, &ctx.id).await.unwrap();
     assert_eq!(
-        m.get_context(&a, &id, &ctx.id).unwrap_err().code(),
+        m.get_context(&a, &id, &ctx.id).await.unwrap_err().code(),
         ErrorCode::ContextNotFound
     );
     assert_eq!(
@@ -342,11 +345,17 @@ async fn another_tenants_sandbox_context_and_process_are_not_found() {
 
     let nf = ErrorCode::SessionNotFound;
     assert_eq!(m.get_sandbox(&b, &id).unwrap_err().code(), nf);
-    assert!(m.list_sandboxes(&b, &BTreeMap::new()).is_empty());
+    assert!(m.list_sandboxes(&b, &BTreeMap::new(), None).is_empty());
     assert_eq!(m.kill_sandbox(&b, &id).await.unwrap_err().code(), nf);
-    assert_eq!(m.set_sandbox_timeout(&b, &id, 10).unwrap_err().code(), nf);
-    assert_eq!(m.list_contexts(&b, &id).unwrap_err().code(), nf);
-    assert_eq!(m.get_context(&b, &id, &ctx.id).unwrap_err().code(), nf);
+    assert_eq!(
+        m.set_sandbox_timeout(&b, &id, 10).await.unwrap_err().code(),
+        nf
+    );
+    assert_eq!(m.list_contexts(&b, &id).await.unwrap_err().code(), nf);
+    assert_eq!(
+        m.get_context(&b, &id, &ctx.id).await.unwrap_err().code(),
+        nf
+    );
     assert_eq!(
         m.delete_context(&b, &id, &ctx.id).await.unwrap_err().code(),
         nf
@@ -358,9 +367,15 @@ async fn another_tenants_sandbox_context_and_process_are_not_found() {
             .code(),
         nf
     );
-    assert_eq!(m.list_processes(&b, &id).unwrap_err().code(), nf);
-    assert_eq!(m.attach_process(&b, &id, &pid).unwrap_err().code(), nf);
-    assert_eq!(m.signal_process(&b, &id, &pid, 9).unwrap_err().code(), nf);
+    assert_eq!(m.list_processes(&b, &id).await.unwrap_err().code(), nf);
+    assert_eq!(
+        m.attach_process(&b, &id, &pid).await.unwrap_err().code(),
+        nf
+    );
+    assert_eq!(
+        m.signal_process(&b, &id, &pid, 9).await.unwrap_err().code(),
+        nf
+    );
     assert_eq!(
         m.write_stdin(&b, &id, &pid, b"x").await.unwrap_err().code(),
         nf
@@ -377,7 +392,7 @@ async fn another_tenants_sandbox_context_and_process_are_not_found() {
     exec.context = Some(ctx.id.clone());
     assert_eq!(m.execute(&b, exec).await.unwrap_err().code(), nf);
     // Still running for its owner.
-    assert_eq!(m.list_processes(&a, &id).unwrap().len(), 1);
+    assert_eq!(m.list_processes(&a, &id).await.unwrap().len(), 1);
     m.kill_sandbox(&a, &id).await.unwrap();
     let (_, _, end) = drain(started).await;
     assert_eq!(
@@ -478,6 +493,7 @@ async fn processes_stream_output_exit_codes_and_read_stdin() {
         .unwrap_err();
     assert_eq!(e.code(), ErrorCode::InvalidRequest);
     m.signal_process(&a, &id, &ProcessSelector::Pid(quiet.info.pid), 9)
+        .await
         .unwrap();
     drain(quiet).await;
 
@@ -520,14 +536,14 @@ async fn processes_are_listed_found_by_tag_signalled_and_reattached() {
     assert_eq!(ev.unwrap(), Some(ProcessEvent::Stdout("first\n".into())));
     // The first reader goes away; the process keeps running.
     drop(first);
-    let listed = m.list_processes(&a, &id).unwrap();
+    let listed = m.list_processes(&a, &id).await.unwrap();
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].pid, pid);
     assert_eq!(listed[0].tag.as_deref(), Some("server"));
     assert_eq!(listed[0].argv[..3], ["/bin/bash", "-l", "-c"]);
 
     let tag = ProcessSelector::Tag("server".into());
-    let mut again = m.attach_process(&a, &id, &tag).unwrap();
+    let mut again = m.attach_process(&a, &id, &tag).await.unwrap();
     assert_eq!(again.info.pid, pid);
     let later = tokio::time::timeout(Duration::from_secs(10), async {
         let mut seen = Vec::new();
@@ -546,30 +562,34 @@ async fn processes_are_listed_found_by_tag_signalled_and_reattached() {
         "a re-attached reader sees what comes next: {later}"
     );
 
-    m.signal_process(&a, &id, &tag, 9).unwrap();
+    m.signal_process(&a, &id, &tag, 9).await.unwrap();
     let (_, _, end) = drain(again).await;
     assert_eq!((end.exit_code, end.signal), (-1, Some(9)));
     assert_eq!(end.status(), "signal: killed");
     // Gone from the list once ended.
     tokio::time::timeout(Duration::from_secs(5), async {
-        while !m.list_processes(&a, &id).unwrap().is_empty() {
+        while !m.list_processes(&a, &id).await.unwrap().is_empty() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })
     .await
     .unwrap();
-    let e = m.attach_process(&a, &id, &tag).unwrap_err();
+    let e = m.attach_process(&a, &id, &tag).await.unwrap_err();
     assert_eq!(e.code(), ErrorCode::ProcessNotFound);
     let e = m
         .signal_process(&a, &id, &ProcessSelector::Pid(pid), 15)
+        .await
         .unwrap_err();
     assert_eq!(e.code(), ErrorCode::ProcessNotFound);
     assert_eq!(
-        m.signal_process(&a, &id, &tag, 0).unwrap_err().code(),
+        m.signal_process(&a, &id, &tag, 0).await.unwrap_err().code(),
         ErrorCode::InvalidRequest
     );
     assert_eq!(
-        m.signal_process(&a, &id, &tag, 65).unwrap_err().code(),
+        m.signal_process(&a, &id, &tag, 65)
+            .await
+            .unwrap_err()
+            .code(),
         ErrorCode::InvalidRequest
     );
 
@@ -593,7 +613,7 @@ async fn ports_reach_a_server_in_the_sandbox() {
         let (mut s, _) = listener.accept().await.unwrap();
         s.write_all(b"pong").await.unwrap();
     });
-    let mut conn = m.connect_port(&a, &id, port).await.unwrap();
+    let (mut conn, _lease) = m.connect_port(&a, &id, port).await.unwrap();
     let mut got = String::new();
     conn.read_to_string(&mut got).await.unwrap();
     assert_eq!(got, "pong");

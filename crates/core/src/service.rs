@@ -323,15 +323,22 @@ impl Manager {
     fn resolve(&self, caller: &Caller, target: &Target) -> Result<Resolved, Error> {
         let tenant = caller.tenant.as_str();
         let resolved = match target {
-            Target::Id(id) => Resolved::Existing(self.get(tenant, id)?),
-            Target::Name(name) => {
-                Resolved::Existing(self.find_any(tenant, name).ok_or_else(|| {
-                    Error::SessionNotFound(format!(
-                        "no session {name:?} (it may have expired; list_sessions shows the \
-                         live ones)"
-                    ))
-                })?)
-            }
+            Target::Id(id) => match self.get(tenant, id) {
+                Ok(s) => Resolved::Existing(s),
+                // A hibernated one comes back under its key when it is materialized.
+                Err(e) => self.dormant_target(tenant, |r| r.id == *id).ok_or(e)?,
+            },
+            Target::Name(name) => match self.find_any(tenant, name) {
+                Some(s) => Resolved::Existing(s),
+                None => self
+                    .dormant_target(tenant, |r| r.identifier == *name)
+                    .ok_or_else(|| {
+                        Error::SessionNotFound(format!(
+                            "no session {name:?} (it may have expired; list_sessions shows \
+                             the live ones)"
+                        ))
+                    })?,
+            },
             Target::Named { pool, identifier } => {
                 check_identifier(identifier)?;
                 let pool = pool.as_deref().unwrap_or(self.default_pool());
@@ -351,8 +358,12 @@ impl Manager {
                 let found = identifier
                     .as_deref()
                     .and_then(|name| self.find_any(tenant, name));
+                let dormant = identifier
+                    .as_deref()
+                    .and_then(|name| self.dormant_target(tenant, |r| r.identifier == name));
                 match found {
                     Some(s) => Resolved::Existing(s),
+                    None if dormant.is_some() => dormant.ok_or_else(Error::session_not_found)?,
                     None => {
                         if let Some(name) = identifier {
                             check_identifier(name)?;
@@ -409,6 +420,8 @@ impl Manager {
     async fn materialize(&self, caller: &Caller, r: Resolved) -> Result<Arc<Session>, Error> {
         match r {
             Resolved::Existing(s) => {
+                // Named by a call: a paused session runs again.
+                self.wake(&s, caller.request_id.as_deref()).await?;
                 s.touch();
                 Ok(s)
             }
@@ -698,7 +711,36 @@ impl Manager {
         caller: &Caller,
         id: &str,
     ) -> Result<crate::sandbox::SandboxTokens, Error> {
-        Ok(self.get(&caller.tenant, id)?.sandbox.tokens.clone())
+        match self.get(&caller.tenant, id) {
+            Ok(s) => Ok(s.sandbox.tokens.clone()),
+            Err(e) => {
+                let r = self
+                    .dormant_record(id)
+                    .filter(|r| r.tenant == caller.tenant);
+                let r = r.ok_or(e)?;
+                Ok(crate::sandbox::SandboxTokens {
+                    access: r.access_token,
+                    traffic: r.traffic_token,
+                })
+            }
+        }
+    }
+
+    /// A hibernated session of the tenant's that `which` picks, as a target that brings it
+    /// back (under its own key) when it is materialized.
+    fn dormant_target(
+        &self,
+        tenant: &str,
+        which: impl Fn(&crate::lifecycle::Record) -> bool,
+    ) -> Option<Resolved> {
+        let d = self.inner.dormant.lock().ok()?;
+        d.values()
+            .map(|x| &x.record)
+            .find(|r| r.tenant == tenant && which(r))
+            .map(|r| Resolved::New {
+                pool: r.pool.clone(),
+                identifier: r.identifier.clone(),
+            })
     }
 
     fn audit_store(&self) -> Result<Arc<dyn ampoule_audit::AuditStore>, Error> {

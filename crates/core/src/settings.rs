@@ -23,6 +23,8 @@ pub struct PoolSettings {
     pub max_lifetime: std::time::Duration,
     /// Most seconds one execution may ask for.
     pub max_timeout_s: f64,
+    /// What idleness and time do to its sessions and sandboxes (`[pools.X.lifecycle]`).
+    pub lifecycle: crate::lifecycle::Lifecycle,
 }
 
 /// What the audit log keeps of one pool's records, `[audit]` and `[pools.NAME.audit]`

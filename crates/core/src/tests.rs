@@ -33,6 +33,7 @@ fn pool(name: &str, language: Language) -> PoolSettings {
         idle_timeout: Duration::from_secs(300),
         max_lifetime: Duration::from_secs(3600),
         max_timeout_s: 600.0,
+        lifecycle: Default::default(),
     }
 }
 

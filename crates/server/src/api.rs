@@ -990,6 +990,14 @@ pub enum AuditKind {
     SessionKilled,
     /// A request refused by a quota or policy.
     Refused,
+    /// A process (a command) ran in a sandbox.
+    Process,
+    /// A sandbox was paused.
+    SandboxPaused,
+    /// A sandbox was hibernated.
+    SandboxHibernated,
+    /// A sandbox runs again after a pause or hibernation.
+    SandboxResumed,
 }
 
 impl AuditKind {
@@ -1001,6 +1009,10 @@ impl AuditKind {
             AuditKind::SessionDeleted => "session_deleted",
             AuditKind::SessionKilled => "session_killed",
             AuditKind::Refused => "refused",
+            AuditKind::Process => "process",
+            AuditKind::SandboxPaused => "sandbox_paused",
+            AuditKind::SandboxHibernated => "sandbox_hibernated",
+            AuditKind::SandboxResumed => "sandbox_resumed",
         }
     }
 }

@@ -148,6 +148,9 @@ pub struct TenantConfig {
     /// Longest timeout the tenant may ask for, in seconds (more: 403 `timeout_not_allowed`;
     /// a pool's longer default is cut to it).
     pub max_timeout_s: Option<f64>,
+    /// Most MiB the disks of the tenant's durable sandboxes may take together, each counted
+    /// at its pool's disk limit (default 32768); beyond it: 507 `disk_quota_exceeded`.
+    pub durable_disk_mib: Option<u64>,
 }
 
 /// `[pools.NAME]`.
@@ -187,6 +190,9 @@ pub struct PoolConfig {
     /// matplotlib, matplotlib.pyplot).
     #[serde(default)]
     pub preload: Option<Vec<String>>,
+    /// `[pools.NAME.lifecycle]`: what idleness and time do to its sessions and sandboxes.
+    #[serde(default)]
+    pub lifecycle: ampoule_core::lifecycle::Lifecycle,
 }
 
 /// `[pools.NAME.audit]`: each field overrides the `[audit]` one of the same name.
@@ -232,6 +238,7 @@ impl Default for PoolConfig {
             network: NetworkConfig::default(),
             audit: PoolAuditConfig::default(),
             zygote: None,
+            lifecycle: Default::default(),
             preload: None,
         }
     }
@@ -358,6 +365,7 @@ impl Config {
                 .or(self.quotas.languages.as_ref())
                 .map(|ls| ls.iter().filter_map(|l| Language::parse(l)).collect()),
             max_timeout_s: t.max_timeout_s.or(self.quotas.max_timeout_s),
+            durable_disk_mib: t.durable_disk_mib.or(self.quotas.durable_disk_mib),
         };
         crate::quota::Quotas::new(
             resolve(&TenantConfig::default()),
@@ -430,6 +438,9 @@ impl Config {
             if p.max_sessions == 0 {
                 return Err(format!("pools.{name}.max_sessions must be at least 1"));
             }
+            p.lifecycle
+                .check()
+                .map_err(|e| format!("pools.{name}.{e}"))?;
             let is_python = language == Language::Python;
             if p.zygote == Some(true) && !is_python {
                 return Err(format!(
@@ -467,6 +478,7 @@ impl Config {
                     idle_timeout: std::time::Duration::from_secs(p.idle_timeout_s.max(1)),
                     max_lifetime: std::time::Duration::from_secs(p.max_lifetime_s.max(1)),
                     max_timeout_s,
+                    lifecycle: p.lifecycle.clone(),
                 },
             );
         }

@@ -65,7 +65,9 @@ pub fn status(code: ErrorCode) -> StatusCode {
         | ErrorCode::TimeoutNotAllowed => StatusCode::FORBIDDEN,
         // Well-formed requests that the session's state refuses: it runs another language, or
         // a directory (or a file) stands where the path needs the other.
-        ErrorCode::LanguageMismatch | ErrorCode::NotAFile => StatusCode::CONFLICT,
+        ErrorCode::LanguageMismatch | ErrorCode::NotAFile | ErrorCode::Conflict => {
+            StatusCode::CONFLICT
+        }
         ErrorCode::ContextNotFound | ErrorCode::ProcessNotFound => StatusCode::NOT_FOUND,
         ErrorCode::PortUnreachable => StatusCode::BAD_GATEWAY,
         ErrorCode::NotSupported => StatusCode::NOT_IMPLEMENTED,
@@ -73,7 +75,7 @@ pub fn status(code: ErrorCode) -> StatusCode {
             StatusCode::BAD_REQUEST
         }
         ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-        ErrorCode::NoSpace => StatusCode::INSUFFICIENT_STORAGE,
+        ErrorCode::NoSpace | ErrorCode::DiskQuotaExceeded => StatusCode::INSUFFICIENT_STORAGE,
         ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         ErrorCode::SandboxUnavailable | ErrorCode::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
@@ -101,7 +103,8 @@ pub fn aca_name(code: ErrorCode) -> &'static str {
         | ErrorCode::LinkRefused
         | ErrorCode::NotAFile => "SessionRequestValidationFailed",
         ErrorCode::PayloadTooLarge => "PayloadTooLarge",
-        ErrorCode::NoSpace => "InsufficientStorage",
+        ErrorCode::NoSpace | ErrorCode::DiskQuotaExceeded => "InsufficientStorage",
+        ErrorCode::Conflict => "Conflict",
         ErrorCode::UnsupportedMediaType => "UnsupportedMediaType",
         ErrorCode::MethodNotAllowed => "MethodNotAllowed",
         ErrorCode::ContextNotFound | ErrorCode::ProcessNotFound => "NotFound",

@@ -42,11 +42,15 @@ pub async fn forward(
     port: u16,
     mut req: Request,
 ) -> Result<Response, Error> {
-    let stream = manager.connect_port(caller, sandbox, port).await?;
+    // Held while the connection lives (upgraded ones too): the sandbox is not idle meanwhile.
+    let (stream, lease) = manager.connect_port(caller, sandbox, port).await?;
+    let lease = std::sync::Arc::new(lease);
+    let conn_lease = lease.clone();
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| unreachable(port, e))?;
     tokio::spawn(async move {
+        let _lease = conn_lease;
         if let Err(e) = conn.with_upgrades().await {
             tracing::debug!(error = %e, port, "port connection ended");
         }
@@ -75,6 +79,7 @@ pub async fn forward(
     {
         let server_side = hyper::upgrade::on(&mut resp);
         tokio::spawn(async move {
+            let _lease = lease;
             match tokio::try_join!(client_side, server_side) {
                 Ok((client, server)) => {
                     let mut client = TokioIo::new(client);

@@ -806,6 +806,7 @@ async fn create_sandbox(
         timeout_s: req.timeout_s,
         metadata,
         envs,
+        lifecycle: Default::default(),
     };
     let (info, tokens) = state.manager.create_sandbox(&caller, cmd).await?;
     Ok((
@@ -873,7 +874,7 @@ async fn list_sandboxes(
     }
     let sandboxes = state
         .manager
-        .list_sandboxes(&caller, &filter)
+        .list_sandboxes(&caller, &filter, None)
         .iter()
         .filter(|s| wanted_state.as_deref().is_none_or(|w| w == s.state))
         .map(Sandbox::from)
@@ -930,7 +931,8 @@ async fn set_timeout(
     }
     let s = state
         .manager
-        .set_sandbox_timeout(&caller, &id, req.timeout_s)?;
+        .set_sandbox_timeout(&caller, &id, req.timeout_s)
+        .await?;
     Ok(axum::Json(Sandbox::from(&s)))
 }
 
@@ -1033,7 +1035,8 @@ async fn list_contexts(
 ) -> Result<axum::Json<ContextList>, ApiError> {
     let contexts = state
         .manager
-        .list_contexts(&caller, &id)?
+        .list_contexts(&caller, &id)
+        .await?
         .iter()
         .map(Context::from)
         .collect();
@@ -1052,7 +1055,7 @@ async fn get_context(
     Caller(caller): Caller,
     PathParams((id, cid)): PathParams<(String, String)>,
 ) -> Result<axum::Json<Context>, ApiError> {
-    let c = state.manager.get_context(&caller, &id, &cid)?;
+    let c = state.manager.get_context(&caller, &id, &cid).await?;
     Ok(axum::Json(Context::from(&c)))
 }
 
@@ -1323,7 +1326,8 @@ async fn list_processes(
 ) -> Result<axum::Json<ProcessList>, ApiError> {
     let processes = state
         .manager
-        .list_processes(&caller, &id)?
+        .list_processes(&caller, &id)
+        .await?
         .iter()
         .map(Process::from)
         .collect();
@@ -1346,7 +1350,10 @@ async fn attach_process(
     headers: HeaderMap,
     PathParams((id, pid)): PathParams<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let p = state.manager.attach_process(&caller, &id, &selector(pid))?;
+    let p = state
+        .manager
+        .attach_process(&caller, &id, &selector(pid))
+        .await?;
     Ok(stream_process(p, wants_sse(&headers)))
 }
 
@@ -1421,7 +1428,8 @@ async fn signal_process(
     let signal = req.signal.number()?;
     state
         .manager
-        .signal_process(&caller, &id, &selector(pid), signal)?;
+        .signal_process(&caller, &id, &selector(pid), signal)
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

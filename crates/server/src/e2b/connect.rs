@@ -126,7 +126,9 @@ pub fn code_of(code: ErrorCode) -> Code {
         | ErrorCode::TenantFull
         | ErrorCode::RateLimited
         | ErrorCode::PayloadTooLarge
-        | ErrorCode::NoSpace => Code::ResourceExhausted,
+        | ErrorCode::NoSpace
+        | ErrorCode::DiskQuotaExceeded => Code::ResourceExhausted,
+        ErrorCode::Conflict => Code::FailedPrecondition,
         ErrorCode::PoolNotAllowed
         | ErrorCode::LanguageNotAllowed
         | ErrorCode::TimeoutNotAllowed => Code::PermissionDenied,

@@ -175,6 +175,7 @@ async fn create(State(state): State<AppState>, req: Request) -> Response {
             timeout_s: new.timeout,
             metadata: new.metadata.unwrap_or_default(),
             envs: new.env_vars.unwrap_or_default(),
+            lifecycle: Default::default(),
         };
         let (info, tokens) = state
             .manager
@@ -249,7 +250,7 @@ async fn list(State(state): State<AppState>, RawQuery(query): RawQuery, req: Req
     let sandboxes: Vec<Value> = if want_running {
         state
             .manager
-            .list_sandboxes(&caller, &filter)
+            .list_sandboxes(&caller, &filter, None)
             .iter()
             .filter(|s| s.is_sandbox)
             .map(listed_json)
@@ -309,7 +310,10 @@ async fn set_timeout(
         let timeout = t
             .timeout
             .ok_or_else(|| E2bError::invalid("`timeout` (seconds) is required"))?;
-        state.manager.set_sandbox_timeout(&caller, &id, timeout)?;
+        state
+            .manager
+            .set_sandbox_timeout(&caller, &id, timeout)
+            .await?;
         Ok::<_, E2bError>(StatusCode::NO_CONTENT)
     }
     .await;
@@ -325,7 +329,12 @@ async fn connect(State(state): State<AppState>, Path(id): Path<String>, req: Req
         let body = read_body(req.into_body(), 64 * 1024).await?;
         let t: Timeout = parse_json(&body)?;
         let info = match t.timeout {
-            Some(secs) => state.manager.set_sandbox_timeout(&caller, &id, secs)?,
+            Some(secs) => {
+                state
+                    .manager
+                    .set_sandbox_timeout(&caller, &id, secs)
+                    .await?
+            }
             None => state.manager.get_sandbox(&caller, &id)?,
         };
         let tokens = state.manager.sandbox_tokens(&caller, &id)?;

@@ -232,24 +232,34 @@ async fn rpc(state: &AppState, caller: Caller, id: &str, req: Request, svc: Serv
     match (svc, method.as_str()) {
         (Service::Process, "Start") => start(state, caller, id, &msg, &headers).await,
         (Service::Process, "Connect") => {
-            let r = selector(&msg["process"])
-                .and_then(|sel| m.attach_process(&caller, id, &sel).map_err(RpcError::from));
+            let r = match selector(&msg["process"]) {
+                Ok(sel) => m
+                    .attach_process(&caller, id, &sel)
+                    .await
+                    .map_err(RpcError::from),
+                Err(e) => Err(e),
+            };
             match r {
                 Ok(p) => stream_process(Some(p.info.pid), p.events, &headers),
                 Err(e) => connect::stream_error(&e),
             }
         }
-        (Service::Process, "List") => connect::unary(list_processes(state, &caller, id)),
+        (Service::Process, "List") => connect::unary(list_processes(state, &caller, id).await),
         (Service::Process, "SendInput") => {
             connect::unary(send_input(state, &caller, id, &msg).await)
         }
         (Service::Process, "SendSignal") => {
-            let r = selector(&msg["process"]).and_then(|sel| {
+            let r = match selector(&msg["process"]).and_then(|sel| {
                 let sig = signal(&msg["signal"])?;
-                m.signal_process(&caller, id, &sel, sig)
+                Ok((sel, sig))
+            }) {
+                Ok((sel, sig)) => m
+                    .signal_process(&caller, id, &sel, sig)
+                    .await
                     .map(|()| json!({}))
-                    .map_err(RpcError::from)
-            });
+                    .map_err(RpcError::from),
+                Err(e) => Err(e),
+            };
             connect::unary(r)
         }
         (Service::Process, "CloseStdin") => {
@@ -483,8 +493,8 @@ fn cwd_out(cwd: &str) -> String {
     }
 }
 
-fn list_processes(state: &AppState, caller: &Caller, id: &str) -> Result<Value, RpcError> {
-    let procs = state.manager.list_processes(caller, id)?;
+async fn list_processes(state: &AppState, caller: &Caller, id: &str) -> Result<Value, RpcError> {
+    let procs = state.manager.list_processes(caller, id).await?;
     let list: Vec<Value> = procs
         .iter()
         .map(|p| {

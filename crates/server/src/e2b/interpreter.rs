@@ -34,7 +34,7 @@ pub async fn handle(state: &AppState, caller: Caller, id: &str, req: Request) ->
         (&Method::GET, ["health"]) => Ok(axum::Json(json!({"status": "ok"})).into_response()),
         (&Method::POST, ["execute"]) => execute(state, &caller, id, req.into_body()).await,
         (&Method::POST, ["contexts"]) => create_context(state, &caller, id, req.into_body()).await,
-        (&Method::GET, ["contexts"]) => list_contexts(state, &caller, id),
+        (&Method::GET, ["contexts"]) => list_contexts(state, &caller, id).await,
         (&Method::DELETE, ["contexts", ctx]) => state
             .manager
             .delete_context(&caller, id, ctx)
@@ -117,8 +117,8 @@ async fn create_context(
     Ok(axum::Json(context_json(&ctx)).into_response())
 }
 
-fn list_contexts(state: &AppState, caller: &Caller, id: &str) -> Result<Response, E2bError> {
-    let list = state.manager.list_contexts(caller, id)?;
+async fn list_contexts(state: &AppState, caller: &Caller, id: &str) -> Result<Response, E2bError> {
+    let list = state.manager.list_contexts(caller, id).await?;
     Ok(axum::Json(list.iter().map(context_json).collect::<Vec<_>>()).into_response())
 }
 
