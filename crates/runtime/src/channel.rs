@@ -72,6 +72,9 @@ pub(crate) struct InitSpec {
     /// namespace and gets neither Landlock nor seccomp, which each of its children applies.
     #[serde(default)]
     pub(crate) zygote: bool,
+    /// A disk image to mount as the scratch instead of a tmpfs (see `crate::disk`).
+    #[serde(default)]
+    pub(crate) scratch_image: Option<PathBuf>,
 }
 
 /// Supervisor → init.

@@ -413,15 +413,20 @@ fn tmpfs(target: &Path, opts: &str, flags: MsFlags) -> Stage<()> {
 /// One filesystem, so one size and inode limit covers all three.
 fn mount_scratch(spec: &InitSpec) -> Stage<()> {
     let dir = &spec.scratch_dir;
-    tmpfs(
-        dir,
-        &format!(
-            "size={},nr_inodes={},mode=0755",
-            spec.scratch_bytes.max(4096),
-            spec.scratch_inodes.max(64)
-        ),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-    )?;
+    match &spec.scratch_image {
+        // A durable sandbox's files: its own disk image, as real root (loop devices).
+        Some(image) if spec.privileged => crate::disk::mount(image, dir).stage("disk")?,
+        Some(_) => return Err(fail("disk", "a sandbox on a disk image needs root")),
+        None => tmpfs(
+            dir,
+            &format!(
+                "size={},nr_inodes={},mode=0755",
+                spec.scratch_bytes.max(4096),
+                spec.scratch_inodes.max(64)
+            ),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        )?,
+    }
     for (name, mode) in [
         ("data", 0o755),
         (".ampoule", 0o755),
@@ -429,12 +434,17 @@ fn mount_scratch(spec: &InitSpec) -> Stage<()> {
         ("shm", 0o1777),
     ] {
         let p = dir.join(name);
-        fs::DirBuilder::new()
-            .mode(mode)
-            .create(&p)
-            .stage("scratch")?;
+        // A disk image used before has them already.
+        match fs::DirBuilder::new().mode(mode).create(&p) {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            r => r.stage("scratch")?,
+        }
         fs::set_permissions(&p, fs::Permissions::from_mode(mode)).stage("scratch")?;
         if spec.privileged && name != ".ampoule" {
+            if spec.scratch_image.is_some() {
+                // Made for an earlier sandbox's host ids: the files become this one's.
+                crate::disk::reown(&p, spec.host_uid, spec.host_gid).stage("disk")?;
+            }
             nix::unistd::chown(
                 &p,
                 Some(Uid::from_raw(spec.host_uid)),

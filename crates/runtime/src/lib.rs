@@ -16,6 +16,7 @@
 
 pub mod cgroup;
 mod channel;
+pub mod disk;
 pub mod doctor;
 pub mod enter;
 pub mod error;

@@ -66,6 +66,9 @@ pub struct SandboxConfig {
     pub stdin: bool,
     /// Network access: none (loopback only, the default) or only through the egress gateway.
     pub network: Network,
+    /// A disk image (see [`crate::disk`]) holding the scratch instead of a tmpfs: the
+    /// sandbox's files outlive it. Root only; never for a zygote.
+    pub disk: Option<PathBuf>,
 }
 
 impl SandboxConfig {
@@ -79,6 +82,7 @@ impl SandboxConfig {
             ro_binds: Vec::new(),
             stdin: false,
             network: Network::None,
+            disk: None,
         }
     }
 }
@@ -233,6 +237,24 @@ impl Sandbox {
                 Some(trusted_ca_pem)
             }
         };
+        if let Some(disk) = &cfg.disk {
+            if !host.privileged || is_zygote {
+                return Err(Error::Invalid(
+                    "a sandbox on a disk image needs root (loop devices), and no zygote".into(),
+                ));
+            }
+            // The previous sandbox on this image must be gone before its next mount.
+            let deadline = Instant::now() + std::time::Duration::from_secs(10);
+            while crate::disk::in_use(disk) {
+                if Instant::now() >= deadline {
+                    return Err(Error::Invalid(format!(
+                        "the disk {} is still held by a previous sandbox",
+                        disk.display()
+                    )));
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            }
+        }
         let slot = host.acquire_slot()?;
         let addrs = allowlist.map(|_| GatewayAddrs::for_slot(slot.index()));
         let trusted_ca_pem = allowlist.cloned().flatten();
@@ -334,6 +356,7 @@ impl Sandbox {
             }),
             trusted_ca_pem,
             zygote: is_zygote,
+            scratch_image: cfg.disk.clone(),
         };
 
         let (ours, theirs) = channel::pair()?;
@@ -510,6 +533,11 @@ impl Sandbox {
             self.exit = Some(exit);
             return Ok(exit);
         }
+    }
+
+    /// Its cgroup, to freeze and thaw it (pause and resume); `None` without cgroups.
+    pub fn freezer(&self) -> Option<Cgroup> {
+        self.cgroup.as_ref().map(|c| c.0.clone())
     }
 
     /// A handle to start more processes in the sandbox and to connect to its ports (see

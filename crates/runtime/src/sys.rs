@@ -216,3 +216,79 @@ pub(crate) fn pidfd_pid(pidfd: RawFd) -> io::Result<u32> {
         .map(|pid| pid as u32)
         .ok_or_else(|| io::Error::other("the process is gone or not visible from here"))
 }
+
+/// `struct loop_info64` of `<linux/loop.h>` (not in the libc crate).
+#[repr(C)]
+struct LoopInfo64 {
+    lo_device: u64,
+    lo_inode: u64,
+    lo_rdevice: u64,
+    lo_offset: u64,
+    lo_sizelimit: u64,
+    lo_number: u32,
+    lo_encrypt_type: u32,
+    lo_encrypt_key_size: u32,
+    lo_flags: u32,
+    lo_file_name: [u8; 64],
+    lo_crypt_name: [u8; 64],
+    lo_encrypt_key: [u8; 32],
+    lo_init: [u64; 2],
+}
+
+/// `struct loop_config` of `<linux/loop.h>`.
+#[repr(C)]
+struct LoopConfig {
+    fd: u32,
+    block_size: u32,
+    info: LoopInfo64,
+    reserved: [u64; 8],
+}
+
+const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
+const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
+const LO_FLAGS_AUTOCLEAR: u32 = 4;
+
+/// Asks `/dev/loop-control` (open as `control`) for a free loop device number.
+pub(crate) fn loop_get_free(control: RawFd) -> io::Result<u32> {
+    // JUSTIFICATION: no crate we depend on wraps the loop ioctls (`loopdev` needs bindgen).
+    // SAFETY: LOOP_CTL_GET_FREE takes no argument and touches no memory of ours.
+    let rc = unsafe { libc::ioctl(control, LOOP_CTL_GET_FREE as _) };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc as u32)
+    }
+}
+
+/// Binds the loop device open as `dev` to the file open as `backing`, read-write, detached
+/// automatically once its last user (the mount) lets go of it.
+pub(crate) fn loop_configure(dev: RawFd, backing: RawFd) -> io::Result<()> {
+    let config = LoopConfig {
+        fd: backing as u32,
+        block_size: 0,
+        info: LoopInfo64 {
+            lo_device: 0,
+            lo_inode: 0,
+            lo_rdevice: 0,
+            lo_offset: 0,
+            lo_sizelimit: 0,
+            lo_number: 0,
+            lo_encrypt_type: 0,
+            lo_encrypt_key_size: 0,
+            lo_flags: LO_FLAGS_AUTOCLEAR,
+            lo_file_name: [0; 64],
+            lo_crypt_name: [0; 64],
+            lo_encrypt_key: [0; 32],
+            lo_init: [0; 2],
+        },
+        reserved: [0; 8],
+    };
+    // SAFETY: LOOP_CONFIGURE reads one `struct loop_config`, which `config` is (repr(C), the
+    // kernel's layout), alive for the duration of the call; the kernel keeps no pointer to it.
+    let rc = unsafe { libc::ioctl(dev, LOOP_CONFIGURE as _, &config as *const LoopConfig) };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}

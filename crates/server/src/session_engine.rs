@@ -468,6 +468,46 @@ impl Engine for SessionEngine {
         !forks || spec.sole_tenant().is_some()
     }
 
+    async fn start_durable(
+        &self,
+        spec: &PoolSpec,
+        _tenant: &str,
+        disk: &std::path::Path,
+    ) -> Result<Box<dyn LiveSession>, EngineError> {
+        ampoule_runtime::disk::check(self.host.privileged).map_err(EngineError::Unsupported)?;
+        let (path, mib, inodes) = (
+            disk.to_path_buf(),
+            spec.limits.disk_mib,
+            spec.limits.disk_inodes,
+        );
+        tokio::task::spawn_blocking(move || ampoule_runtime::disk::create(&path, mib, inodes))
+            .await
+            .map_err(|e| EngineError::Start(e.to_string()))?
+            .map_err(|e| EngineError::Start(chain(&e)))?;
+        // Always cold: a zygote's children cannot mount a disk of their own.
+        let kernel = ampoule_session::language::find(spec.language.as_str())
+            .and_then(|k| k.locate(&spec.limits))
+            .map_err(|e| EngineError::Start(chain(&e)))?;
+        let options = match &spec.network {
+            Some(network) => {
+                let egress = self.egress.clone().ok_or_else(|| {
+                    EngineError::Start(format!(
+                        "pool {} has a network policy but the server has no egress gateway",
+                        spec.name
+                    ))
+                })?;
+                SessionOptions::with_network(egress, network.policy.clone())
+            }
+            None => SessionOptions::default(),
+        }
+        .with_disk(disk);
+        let session = Session::start_with(&self.host, kernel, spec.limits.clone(), options)
+            .await
+            .map_err(|e| EngineError::Start(chain(&e)))?;
+        tracing::debug!(pool = %spec.name, disk = %disk.display(), "durable session started");
+        live(session, spec, None)
+    }
+
     async fn start(
         &self,
         spec: &PoolSpec,
@@ -504,23 +544,33 @@ impl Engine for SessionEngine {
                 (session, None)
             }
         };
-        let scratch = session
-            .scratch()
-            .try_clone()
-            .map_err(|e| EngineError::Start(chain(&e)))?;
         tracing::debug!(pool = %spec.name, runtime = session.runtime(), "session started");
-        let entrance = session.entrance();
-        Ok(Box::new(LiveInterpreter {
-            entrance: std::sync::Mutex::new(entrance),
-            limits: spec.limits.clone(),
-            session: Mutex::new(Some(session)),
-            scratch: std::sync::Mutex::new(Some(Arc::new(scratch))),
-            alive: AtomicBool::new(true),
-            closed: AtomicBool::new(false),
-            closing: Notify::new(),
-            outdated,
-        }))
+        live(session, spec, outdated)
     }
+}
+
+/// The live session of a started interpreter session.
+fn live(
+    session: Session,
+    spec: &PoolSpec,
+    outdated: Option<Arc<AtomicBool>>,
+) -> Result<Box<dyn LiveSession>, EngineError> {
+    let scratch = session
+        .scratch()
+        .try_clone()
+        .map_err(|e| EngineError::Start(chain(&e)))?;
+    let entrance = session.entrance();
+    Ok(Box::new(LiveInterpreter {
+        entrance: std::sync::Mutex::new(entrance),
+        limits: spec.limits.clone(),
+        freezer: session.freezer(),
+        session: Mutex::new(Some(session)),
+        scratch: std::sync::Mutex::new(Some(Arc::new(scratch))),
+        alive: AtomicBool::new(true),
+        closed: AtomicBool::new(false),
+        closing: Notify::new(),
+        outdated,
+    }))
 }
 
 impl LiveInterpreter {
@@ -568,6 +618,8 @@ struct LiveInterpreter {
     entrance: std::sync::Mutex<Option<ampoule_runtime::Entrance>>,
     /// The pool's limits (a context's execution timeout default).
     limits: ampoule_types::Limits,
+    /// Its sandbox's cgroup, to pause and resume it (`None` without cgroups).
+    freezer: Option<ampoule_runtime::cgroup::Cgroup>,
     session: Mutex<Option<Session>>,
     scratch: std::sync::Mutex<Option<Arc<Scratch>>>,
     alive: AtomicBool,
@@ -685,7 +737,27 @@ impl LiveSession for LiveInterpreter {
         ampoule_session::command_env(&[])
     }
 
+    fn pause(&self) -> Result<(), EngineError> {
+        let f = self.freezer.as_ref().ok_or_else(|| {
+            EngineError::Unsupported("this server cannot pause a sandbox (no cgroups)".into())
+        })?;
+        f.freeze().map_err(|e| EngineError::Start(chain(&e)))
+    }
+
+    fn resume(&self) -> Result<(), EngineError> {
+        let f = self.freezer.as_ref().ok_or_else(|| {
+            EngineError::Unsupported("this server cannot pause a sandbox (no cgroups)".into())
+        })?;
+        f.thaw().map_err(|e| EngineError::Start(chain(&e)))
+    }
+
     async fn close(&self) {
+        // A frozen kernel would never answer its goodbye.
+        if let Some(f) = &self.freezer
+            && f.frozen()
+        {
+            let _ = f.thaw();
+        }
         self.alive.store(false, Ordering::SeqCst);
         self.closed.store(true, Ordering::SeqCst);
         if let Ok(mut e) = self.entrance.lock() {

@@ -29,6 +29,9 @@ use crate::session::{Session, sandbox_config};
 pub struct SessionOptions {
     /// Network access through the egress gateway; `None`: loopback only.
     pub network: Option<SessionNetwork>,
+    /// A disk image holding the session's files (`/mnt/data`, `/tmp`) instead of memory, so
+    /// that they outlive it (see `ampoule_runtime::disk`); made by the caller. Root only.
+    pub disk: Option<std::path::PathBuf>,
 }
 
 impl SessionOptions {
@@ -36,7 +39,14 @@ impl SessionOptions {
     pub fn with_network(egress: Egress, policy: Arc<Policy>) -> Self {
         Self {
             network: Some(SessionNetwork { egress, policy }),
+            disk: None,
         }
+    }
+
+    /// These options with the session's files on the disk image at `path`.
+    pub fn with_disk(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.disk = Some(path.into());
+        self
     }
 }
 
@@ -61,9 +71,12 @@ impl Session {
         options: SessionOptions,
     ) -> Result<Self> {
         let Some(net) = options.network else {
-            return Self::start(host, spec, limits).await;
+            let mut cfg = sandbox_config(&spec, &limits);
+            cfg.disk = options.disk;
+            return Self::start_config(host, spec, limits, cfg).await;
         };
         let mut cfg = sandbox_config(&spec, &limits);
+        cfg.disk = options.disk;
         cfg.network = Network::Allowlist {
             trusted_ca_pem: net.egress.trusted_ca_pem(&net.policy),
         };

@@ -151,6 +151,16 @@ impl Session {
     /// (`limits.timeout_s` is the default per-execution timeout).
     pub async fn start(host: &Host, spec: LanguageSpec, limits: Limits) -> Result<Self> {
         let cfg = sandbox_config(&spec, &limits);
+        Self::start_config(host, spec, limits, cfg).await
+    }
+
+    /// [`Session::start`] with the sandbox's config made by the caller.
+    pub(crate) async fn start_config(
+        host: &Host,
+        spec: LanguageSpec,
+        limits: Limits,
+        cfg: SandboxConfig,
+    ) -> Result<Self> {
         let files = spec.files.clone();
         let sandbox = Sandbox::spawn(host, &cfg, |scratch| {
             for f in &files {
@@ -286,6 +296,15 @@ impl Session {
     /// The session's files (`/mnt/data`).
     pub fn scratch(&self) -> &Scratch {
         self.sandbox.scratch()
+    }
+
+    /// The cgroup of the session's sandbox, to freeze and thaw it (pause and resume); `None`
+    /// without cgroups.
+    pub fn freezer(&self) -> Option<ampoule_runtime::cgroup::Cgroup> {
+        match &self.sandbox {
+            Body::Sandbox(s) => s.freezer(),
+            Body::Entered { .. } => None,
+        }
     }
 
     /// A handle to run more processes in the session's sandbox and to connect to its ports;

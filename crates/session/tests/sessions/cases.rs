@@ -129,7 +129,7 @@ const LANGS: &[Lang] = &[
     },
 ];
 
-fn text_plain(out: &ExecutionResult) -> Option<String> {
+pub(crate) fn text_plain(out: &ExecutionResult) -> Option<String> {
     out.result
         .as_ref()
         .and_then(|r| r.get("text/plain"))

@@ -11,6 +11,7 @@
 //! `harness = false` and the check at the top of `main`.
 
 mod cases;
+mod durable;
 mod entrance;
 mod zygote;
 
@@ -110,6 +111,7 @@ fn main() {
     let mut cases = cases::all();
     cases.extend(zygote::cases());
     cases.extend(entrance::cases());
+    cases.extend(durable::cases());
     let mut skipped_languages = Vec::new();
     for lang in Language::EVERY.map(Language::as_str) {
         if let Err(e) =
