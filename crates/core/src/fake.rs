@@ -98,7 +98,25 @@ impl Engine for FakeEngine {
             return Err(EngineError::Start("no free sandbox slot (fake)".into()));
         }
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let dir = self.root.join(format!("session-{n}"));
+        self.session_at(self.root.join(format!("session-{n}")), false)
+    }
+
+    /// A durable session: its files in a directory next to where the real engine keeps its
+    /// disk image (`<disk>.d`), kept when it closes.
+    async fn start_durable(
+        &self,
+        _spec: &PoolSpec,
+        _tenant: &str,
+        disk: &std::path::Path,
+    ) -> Result<Box<dyn LiveSession>, EngineError> {
+        let mut dir = disk.as_os_str().to_owned();
+        dir.push(".d");
+        self.session_at(PathBuf::from(dir), true)
+    }
+}
+
+impl FakeEngine {
+    fn session_at(&self, dir: PathBuf, keep: bool) -> Result<Box<dyn LiveSession>, EngineError> {
         let data = dir.join(ampoule_runtime::scratch::DATA);
         std::fs::create_dir_all(&data).map_err(|e| EngineError::Start(e.to_string()))?;
         let fd: std::os::fd::OwnedFd = std::fs::File::open(&dir)
@@ -113,6 +131,8 @@ impl Engine for FakeEngine {
             stats: self.stats.clone(),
             children: Arc::default(),
             next_lost: AtomicU32::new(u32::MAX),
+            keep,
+            paused: AtomicBool::new(false),
         }))
     }
 }
@@ -136,6 +156,25 @@ pub struct FakeSession {
     children: Arc<Mutex<Vec<Child>>>,
     /// Pids for commands that could not start (counting down from `u32::MAX`).
     next_lost: AtomicU32,
+    /// Its files outlive it (a durable session).
+    keep: bool,
+    /// Paused: its processes are stopped (`SIGSTOP`).
+    paused: AtomicBool,
+}
+
+impl FakeSession {
+    /// Whether it is paused.
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::SeqCst)
+    }
+
+    fn signal_children(&self, sig: i32) {
+        if let Ok(c) = self.children.lock() {
+            for c in c.iter().filter(|c| !c.reaped.load(Ordering::SeqCst)) {
+                let _ = signal_group(c.pgid, sig);
+            }
+        }
+    }
 }
 
 /// One toy interpreter: its variables and count, writing to a data directory.
@@ -572,6 +611,18 @@ impl LiveSession for FakeSession {
         !self.closed.load(Ordering::SeqCst)
     }
 
+    fn pause(&self) -> Result<(), EngineError> {
+        self.signal_children(nix::sys::signal::Signal::SIGSTOP as i32);
+        self.paused.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn resume(&self) -> Result<(), EngineError> {
+        self.signal_children(nix::sys::signal::Signal::SIGCONT as i32);
+        self.paused.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+
     async fn close(&self) {
         if !self.closed.swap(true, Ordering::SeqCst) {
             let children = self
@@ -587,7 +638,9 @@ impl LiveSession for FakeSession {
             if let Ok(mut s) = self.scratch.lock() {
                 s.take();
             }
-            let _ = std::fs::remove_dir_all(&self.dir);
+            if !self.keep {
+                let _ = std::fs::remove_dir_all(&self.dir);
+            }
             self.stats.closed.fetch_add(1, Ordering::SeqCst);
         }
     }

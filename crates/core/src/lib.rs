@@ -15,6 +15,8 @@
 
 pub mod caller;
 mod durable;
+#[cfg(test)]
+mod durable_tests;
 pub mod engine;
 pub mod error;
 #[cfg(any(test, feature = "fake"))]

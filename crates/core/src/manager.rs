@@ -917,6 +917,10 @@ impl Manager {
                 .await;
         }
         self.remove_and_close(&slot).await;
+        // Deleted is deleted: a durable session's files go too.
+        if session.sandbox.disk.is_some() {
+            self.forget_disk(&session.id);
+        }
     }
 
     /// The timeout of one execution: the request's, else the pool's default, never above
