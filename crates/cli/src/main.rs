@@ -160,6 +160,13 @@ fn main() -> ExitCode {
     if std::env::args_os().nth(1).as_deref() == Some(ampoule_runtime::init::INIT_ARG.as_ref()) {
         ampoule_runtime::init::main();
     }
+    let mut args = std::env::args_os().skip(1);
+    if args.next().as_deref() == Some(ampoule_runtime::undertaker::ARG.as_ref()) {
+        let pid = args.next().unwrap_or_default();
+        ampoule_server::logging::init(Default::default());
+        let code = ampoule_runtime::undertaker::main(&pid.to_string_lossy());
+        return ExitCode::from(u8::try_from(code).unwrap_or(1));
+    }
     let cli = Cli::parse();
     ampoule_server::logging::init(cli.log_format.parse().unwrap_or_default());
     // Sandboxes ask to die with the thread that spawned them: a current-thread runtime keeps
@@ -197,8 +204,25 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         Some(path) => ampoule_server::Config::load(path)?,
         None => ampoule_server::Config::default(),
     };
-    ampoule_server::serve::serve(cfg, args.listen, std::sync::Arc::new(printer::serve_notice))
-        .await?;
+    // Cleans up after us if we are killed (see `ampoule_runtime::undertaker`).
+    let undertaker = match std::env::current_exe()
+        .and_then(|exe| ampoule_runtime::undertaker::spawn(&exe))
+    {
+        Ok(child) => Some(child),
+        Err(e) => {
+            tracing::warn!(error = %e, "no undertaker: a killed server's sandboxes wait for the next start");
+            None
+        }
+    };
+    let served =
+        ampoule_server::serve::serve(cfg, args.listen, std::sync::Arc::new(printer::serve_notice))
+            .await;
+    // Ended by us, cleanly or with an error: nothing is left for the undertaker.
+    if let Some(mut u) = undertaker {
+        let _ = u.kill();
+        let _ = u.wait();
+    }
+    served?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -195,6 +195,8 @@ pub async fn run() -> Vec<Check> {
     }
 
     out.push(per_user_limits(root));
+    out.push(durable(root, host.as_ref().ok()));
+    out.push(criu());
 
     // Language runtimes.
     for lang in Language::ONE_SHOT {
@@ -344,6 +346,89 @@ async fn end_to_end(host: &Host) -> Check {
             Some(
                 "fix the failing layer above (user namespaces, cgroups), then re-run ampoule doctor",
             ),
+        ),
+    }
+}
+
+/// Whether sandboxes can be durable here: disk images (loop devices, mkfs.ext4) and a
+/// freezer for pausing.
+fn durable(root: bool, host: Option<&Host>) -> Check {
+    let freezer = host
+        .and_then(|h| h.cgroups.as_ref())
+        .is_some_and(|c| c.controllers().contains(&"freezer") || c.version() == CgroupVersion::V2);
+    match (crate::disk::check(root), freezer) {
+        (Ok(()), true) => check(
+            "durable sandboxes",
+            Level::Ok,
+            "disk images on loop devices, pause through the cgroup freezer",
+            None,
+        ),
+        (Ok(()), false) => check(
+            "durable sandboxes",
+            Level::Warn,
+            "disk images work; no cgroup freezer, so sandboxes cannot be paused",
+            Some("mount the cgroup v1 freezer hierarchy, or use cgroup v2"),
+        ),
+        (Err(why), _) => check(
+            "durable sandboxes",
+            Level::Warn,
+            format!("unavailable: {why}; sandboxes cannot pause, hibernate or outlive the server"),
+            Some("run as root with the loop module and e2fsprogs installed"),
+        ),
+    }
+}
+
+/// The CRIU version that restores a process tree on recent kernels.
+const CRIU_MIN: (u32, u32) = (4, 1);
+
+/// CRIU's version, from `criu --version` ("Version: 3.17.1").
+pub fn criu_version() -> Option<(String, (u32, u32))> {
+    let criu = [
+        "/usr/sbin/criu",
+        "/sbin/criu",
+        "/usr/bin/criu",
+        "/usr/local/sbin/criu",
+    ]
+    .into_iter()
+    .find(|p| std::path::Path::new(p).exists())?;
+    let out = std::process::Command::new(criu)
+        .arg("--version")
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let v = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Version:"))?
+        .trim()
+        .to_owned();
+    let mut parts = v.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    let major = parts.next().unwrap_or(0);
+    let minor = parts.next().unwrap_or(0);
+    Some((v, (major, minor)))
+}
+
+/// Memory across hibernation: CRIU, detected, never assumed.
+fn criu() -> Check {
+    let lost = "hibernated sandboxes resume with their files but fresh interpreters \
+                (every API reports session_state \"lost\")";
+    match criu_version() {
+        None => check(
+            "memory across hibernation",
+            Level::Warn,
+            format!("no CRIU: {lost}"),
+            Some("install CRIU >= 4.1 (Debian 12's 3.17 cannot restore on recent kernels)"),
+        ),
+        Some((v, n)) if n < CRIU_MIN => check(
+            "memory across hibernation",
+            Level::Warn,
+            format!("CRIU {v} is too old for this kernel (needs >= 4.1): {lost}"),
+            Some("install CRIU >= 4.1"),
+        ),
+        Some((v, _)) => check(
+            "memory across hibernation",
+            Level::Warn,
+            format!("CRIU {v} found, but this ampoule does not checkpoint memory yet: {lost}"),
+            Some("nothing to do on this host: memory checkpoints are not built yet"),
         ),
     }
 }

@@ -31,6 +31,7 @@ pub mod scratch;
 pub mod seccomp;
 mod sys;
 pub mod ucounts;
+pub mod undertaker;
 pub mod zygote;
 
 pub use enter::{EnterSpec, Entered, Entrance, Signaller};
