@@ -223,6 +223,20 @@ pub async fn audit(cfg: &Config, manager: &Manager) -> Result<tokio::task::JoinH
     Ok(task)
 }
 
+/// Opens the durable sandboxes' store, `<data_dir>/sandboxes` (made, mode 0700, when
+/// missing), and hands it to the manager, which reads back the sandboxes recorded there as
+/// hibernated. Returns how many (0 when the manager had a store already).
+pub fn durable_store(cfg: &Config, manager: &Manager) -> Result<usize, Error> {
+    let dir = cfg.data_dir().join("sandboxes");
+    let store = ampoule_core::lifecycle::Store::open(&dir).map_err(|e| {
+        Error::io(
+            format!("opening {}", dir.display()),
+            std::io::Error::other(e),
+        )
+    })?;
+    Ok(manager.set_store(store))
+}
+
 /// Makes the SQLite audit database readable by its owner only (it holds every tenant's code
 /// and output): created empty with mode 0600 when missing, tightened when it exists. SQLite
 /// gives its `-wal` and `-shm` files the database's mode.
@@ -319,6 +333,15 @@ pub async fn serve_noting(
     // Every embedding audits: open the store unless the caller has already.
     if manager.audit().is_none() {
         audit(cfg, &manager).await?;
+    }
+    // Durable sandboxes live under the data directory; those of an earlier run are listed
+    // (hibernated) before the first request. A later call is a no-op.
+    let read_back = durable_store(cfg, &manager)?;
+    if read_back > 0 {
+        tracing::info!(
+            sandboxes = read_back,
+            "hibernated sandboxes of an earlier run read back"
+        );
     }
     let metrics_listener = match &cfg.metrics.listen {
         Some(addr) => {

@@ -98,6 +98,124 @@ pub struct CreateSandbox {
     /// answered back).
     #[schema(schema_with = envs_schema)]
     pub envs: Option<BTreeMap<String, String>>,
+    /// Its lifecycle policy, field by field over its pool's (`[pools.NAME.lifecycle]`).
+    pub lifecycle: Option<Lifecycle>,
+}
+
+/// What idleness does to a sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum OnIdle {
+    /// Freeze it: its processes stop, its memory is kept.
+    Pause,
+    /// Put it on disk: nothing of it runs, its files are kept, its memory is not.
+    Hibernate,
+    /// Destroy it.
+    Delete,
+}
+
+/// What the end of a sandbox's timeout does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum OnTimeout {
+    /// Destroy it (the default).
+    Delete,
+    /// Hibernate it (E2B's `autoPause`).
+    Hibernate,
+}
+
+/// A lifecycle policy: what idleness and time do to a sandbox. Each field left out (or
+/// `null`) is the pool's. Idle means no execution, no running process and no open port
+/// connection.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Lifecycle {
+    /// What idleness does (none: the sandbox lives until its timeout however idle).
+    pub on_idle: Option<OnIdle>,
+    /// Idle seconds before `on_idle` acts (default: the pool's idle timeout).
+    #[schema(minimum = 1, maximum = 2_147_483_647)]
+    #[serde(default, deserialize_with = "whole_seconds_opt")]
+    pub idle_timeout_s: Option<u64>,
+    /// Paused seconds before a paused sandbox is hibernated.
+    #[schema(minimum = 1, maximum = 2_147_483_647)]
+    #[serde(default, deserialize_with = "whole_seconds_opt")]
+    pub hibernate_after_s: Option<u64>,
+    /// Paused or hibernated seconds before it is deleted.
+    #[schema(minimum = 1, maximum = 2_147_483_647)]
+    #[serde(default, deserialize_with = "whole_seconds_opt")]
+    pub delete_after_s: Option<u64>,
+    /// Age in seconds (from its creation, whatever its states since) at which it is deleted.
+    #[schema(minimum = 1, maximum = 2_147_483_647)]
+    #[serde(default, deserialize_with = "whole_seconds_opt")]
+    pub max_lifetime_s: Option<u64>,
+    /// What the end of its timeout does.
+    pub on_timeout: Option<OnTimeout>,
+    /// Whether its files live on a disk image under the server's data directory, so that it
+    /// can hibernate and outlives a restart of the server (default: when the policy pauses or
+    /// hibernates it). `false` with a policy that hibernates is refused.
+    pub durable: Option<bool>,
+}
+
+impl Lifecycle {
+    /// The core's policy, checked: a duration of 0 or above 2147483647 seconds, or a policy
+    /// that hibernates a sandbox that is not durable, is a 400.
+    fn to_core(&self) -> Result<ampoule_core::lifecycle::Lifecycle, ApiError> {
+        use ampoule_core::lifecycle as core;
+        let durations = [
+            ("idle_timeout_s", self.idle_timeout_s),
+            ("hibernate_after_s", self.hibernate_after_s),
+            ("delete_after_s", self.delete_after_s),
+            ("max_lifetime_s", self.max_lifetime_s),
+        ];
+        for (name, v) in durations {
+            if v.is_some_and(|v| v == 0 || v > MAX_TIMEOUT_S) {
+                return Err(ApiError::invalid(format!(
+                    "`lifecycle.{name}` is 1-2147483647"
+                )));
+            }
+        }
+        let out = core::Lifecycle {
+            on_idle: self.on_idle.map(|o| match o {
+                OnIdle::Pause => core::OnIdle::Pause,
+                OnIdle::Hibernate => core::OnIdle::Hibernate,
+                OnIdle::Delete => core::OnIdle::Delete,
+            }),
+            idle_timeout_s: self.idle_timeout_s,
+            hibernate_after_s: self.hibernate_after_s,
+            delete_after_s: self.delete_after_s,
+            max_lifetime_s: self.max_lifetime_s,
+            on_timeout: self.on_timeout.map(|o| match o {
+                OnTimeout::Delete => core::OnTimeout::Delete,
+                OnTimeout::Hibernate => core::OnTimeout::Hibernate,
+            }),
+            durable: self.durable,
+        };
+        out.check().map_err(ApiError::invalid)?;
+        Ok(out)
+    }
+}
+
+impl From<&ampoule_core::lifecycle::Lifecycle> for Lifecycle {
+    fn from(l: &ampoule_core::lifecycle::Lifecycle) -> Self {
+        use ampoule_core::lifecycle as core;
+        Self {
+            on_idle: l.on_idle.map(|o| match o {
+                core::OnIdle::Pause => OnIdle::Pause,
+                core::OnIdle::Hibernate => OnIdle::Hibernate,
+                core::OnIdle::Delete => OnIdle::Delete,
+            }),
+            idle_timeout_s: l.idle_timeout_s,
+            hibernate_after_s: l.hibernate_after_s,
+            delete_after_s: l.delete_after_s,
+            max_lifetime_s: l.max_lifetime_s,
+            on_timeout: l.on_timeout.map(|o| match o {
+                core::OnTimeout::Delete => OnTimeout::Delete,
+                core::OnTimeout::Hibernate => OnTimeout::Hibernate,
+            }),
+            // What it is, not only what was asked.
+            durable: Some(l.is_durable()),
+        }
+    }
 }
 
 fn string_schema(min: usize, max: usize, pattern: Option<&str>) -> utoipa::openapi::Object {
@@ -210,13 +328,47 @@ pub struct Sandbox {
     pub metadata: BTreeMap<String, String>,
     /// The names of its variables.
     pub env_names: Vec<String>,
-    /// `running` (pausing and hibernating come later).
-    #[schema(example = "running")]
+    /// `running`, `paused` (frozen, its memory kept) or `hibernated` (on disk, nothing of
+    /// it runs). Any call that names a paused or hibernated sandbox runs it again.
+    #[schema(value_type = SandboxState)]
     pub state: String,
     /// Its memory limit, in bytes.
     pub memory_bytes: u64,
     /// Its CPU limit, in cores.
     pub cpus: f64,
+    /// Whether its files live on disk: it can hibernate, and it outlives a restart of the
+    /// server (which lists it as hibernated).
+    pub durable: bool,
+    /// `kept`, or `lost` once it was hibernated: its contexts then started afresh (no
+    /// variable, no running process survives hibernation on this host); its files are
+    /// intact.
+    #[schema(value_type = SessionState)]
+    pub session_state: String,
+    /// Its lifecycle policy (the pool's, with the sandbox's own fields over it).
+    pub lifecycle: Lifecycle,
+}
+
+/// A sandbox's state.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum SandboxState {
+    /// Its processes run.
+    Running,
+    /// Frozen, its memory kept.
+    Paused,
+    /// On disk, nothing of it running.
+    Hibernated,
+}
+
+/// Whether a sandbox's memory (its contexts' variables, its processes) is still there.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum SessionState {
+    /// Everything is as it was.
+    Kept,
+    /// It was hibernated: its contexts started afresh, its processes are gone, its files
+    /// are intact.
+    Lost,
 }
 
 impl From<&SandboxInfo> for Sandbox {
@@ -233,6 +385,9 @@ impl From<&SandboxInfo> for Sandbox {
             state: s.state.to_owned(),
             memory_bytes: s.memory_bytes,
             cpus: s.cpus,
+            durable: s.durable,
+            session_state: s.session_state.to_owned(),
+            lifecycle: Lifecycle::from(&s.lifecycle),
         }
     }
 }
@@ -787,8 +942,12 @@ fn selector(pid: String) -> ProcessSelector {
         (status = 413, description = "the body is above the server's limit", body = ErrorBody),
         (status = 429, description = "the pool or the tenant is full (`pool_full`, \
             `tenant_full`)", body = ErrorBody),
+        (status = 501, description = "a durable sandbox on a server without a data directory, \
+            or whose engine cannot keep one (`not_supported`)", body = ErrorBody),
         (status = 503, description = "no sandbox could be started, or the server is shutting \
-            down (`sandbox_unavailable`, `shutting_down`)", body = ErrorBody)))]
+            down (`sandbox_unavailable`, `shutting_down`)", body = ErrorBody),
+        (status = 507, description = "a durable sandbox's disk would take the tenant past its \
+            `durable_disk_mib` (`disk_quota_exceeded`)", body = ErrorBody)))]
 async fn create_sandbox(
     State(state): State<AppState>,
     Caller(caller): Caller,
@@ -801,12 +960,16 @@ async fn create_sandbox(
     if req.timeout_s.is_some_and(|t| t == 0 || t > MAX_TIMEOUT_S) {
         return Err(ApiError::invalid("`timeout_s` is 1-2147483647"));
     }
+    let lifecycle = match &req.lifecycle {
+        Some(l) => l.to_core()?,
+        None => Default::default(),
+    };
     let cmd = CoreCreateSandbox {
         pool: req.pool,
         timeout_s: req.timeout_s,
         metadata,
         envs,
-        lifecycle: Default::default(),
+        lifecycle,
     };
     let (info, tokens) = state.manager.create_sandbox(&caller, cmd).await?;
     Ok((
@@ -826,11 +989,10 @@ async fn create_sandbox(
             description = "pairs the metadata must have, E2B's form: `K1=V1&K2=V2`, URL-encoded \
             as one value (`metadata.K=V` and `metadata[K]=V` are accepted too); a pair \
             without `=` asks for an empty value"),
-        ("state" = Option<String>, Query, description = "only sandboxes in this state",
-            example = "running")),
+        ("state" = Option<SandboxState>, Query, description = "only sandboxes in this state")),
     responses((status = 200, body = SandboxList),
-        (status = 400, description = "an unknown query parameter (`invalid_request`)",
-            body = ErrorBody)))]
+        (status = 400, description = "an unknown query parameter or state \
+            (`invalid_request`)", body = ErrorBody)))]
 async fn list_sandboxes(
     State(state): State<AppState>,
     Caller(caller): Caller,
@@ -864,7 +1026,14 @@ async fn list_sandboxes(
             Some(key) => {
                 filter.insert(key, v);
             }
-            None if k == "state" => wanted_state = Some(v),
+            None if k == "state" => {
+                let st = ampoule_core::lifecycle::State::parse(&v).ok_or_else(|| {
+                    ApiError::invalid(format!(
+                        "`state` is `running`, `paused` or `hibernated`, not {v:?}"
+                    ))
+                })?;
+                wanted_state = Some(st);
+            }
             None => {
                 return Err(ApiError::invalid(format!(
                     "unknown query parameter {k:?} (filter with `metadata.KEY=VALUE` or `state`)"
@@ -874,9 +1043,8 @@ async fn list_sandboxes(
     }
     let sandboxes = state
         .manager
-        .list_sandboxes(&caller, &filter, None)
+        .list_sandboxes(&caller, &filter, wanted_state)
         .iter()
-        .filter(|s| wanted_state.as_deref().is_none_or(|w| w == s.state))
         .map(Sandbox::from)
         .collect();
     Ok(axum::Json(SandboxList { sandboxes }))
@@ -936,54 +1104,87 @@ async fn set_timeout(
     Ok(axum::Json(Sandbox::from(&s)))
 }
 
-/// Pausing, resuming and hibernating are not there yet: the sandbox is looked up, then 501.
-fn not_yet(state: &AppState, caller: &ampoule_core::Caller, id: &str) -> ApiError {
-    match state.manager.get_sandbox(caller, id) {
-        Err(e) => e.into(),
-        Ok(_) => ApiError::new(
-            ErrorCode::NotSupported,
-            "this server cannot pause, resume or hibernate sandboxes yet",
-        ),
-    }
+/// `POST /v1/sandboxes/{id}/resume`.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Resume {
+    /// Seconds from now until the sandbox is destroyed (default: what was left of its
+    /// timeout when it stopped; never beyond its pool's lifetime).
+    #[schema(minimum = 1, maximum = 2_147_483_647)]
+    #[serde(default, deserialize_with = "whole_seconds_opt")]
+    pub timeout_s: Option<u64>,
 }
 
-/// Freezes a sandbox (not supported yet: 501).
+/// Freezes a sandbox: its processes stop where they are, its memory is kept, its timeout
+/// stops running. Any call that names it (or `…/resume`) thaws it. A paused or hibernated
+/// sandbox is answered as it is.
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/pause", tag = "sandboxes",
     params(("id" = String, Path, description = "sandbox id")),
-    responses((status = 404, description = "no such sandbox (`session_not_found`)", body = ErrorBody),
-        (status = 501, description = "not supported yet (`not_supported`)", body = ErrorBody)))]
+    responses((status = 200, description = "paused", body = Sandbox),
+        (status = 404, description = "no such sandbox (`session_not_found`)", body = ErrorBody),
+        (status = 409, description = "an execution is running in it (`conflict`)",
+            body = ErrorBody),
+        (status = 501, description = "its engine cannot freeze it (`not_supported`)",
+            body = ErrorBody)))]
 async fn pause(
     State(state): State<AppState>,
     Caller(caller): Caller,
     PathParams(id): PathParams<String>,
-) -> ApiError {
-    not_yet(&state, &caller, &id)
+) -> Result<axum::Json<Sandbox>, ApiError> {
+    let s = state.manager.pause_sandbox(&caller, &id).await?;
+    Ok(axum::Json(Sandbox::from(&s)))
 }
 
-/// Thaws a paused or hibernated sandbox (not supported yet: 501).
+/// Runs a paused or hibernated sandbox again (a running one is answered as it is). A
+/// hibernated one comes back with its files and `session_state: "lost"`. With `timeout_s`,
+/// it is then destroyed that long from now.
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/resume", tag = "sandboxes",
     params(("id" = String, Path, description = "sandbox id")),
-    responses((status = 404, description = "no such sandbox (`session_not_found`)", body = ErrorBody),
-        (status = 501, description = "not supported yet (`not_supported`)", body = ErrorBody)))]
+    request_body = Option<Resume>,
+    responses((status = 200, description = "running", body = Sandbox),
+        (status = 400, description = "an out-of-bounds `timeout_s`, or a body that is not \
+            JSON (`invalid_request`)", body = ErrorBody),
+        (status = 404, description = "no such sandbox (`session_not_found`)", body = ErrorBody),
+        (status = 413, description = "the body is above the server's limit", body = ErrorBody),
+        (status = 429, description = "a hibernated sandbox cannot come back while its pool or \
+            tenant is full (`pool_full`, `tenant_full`)", body = ErrorBody),
+        (status = 503, description = "a hibernated sandbox could not be started again, or the \
+            server is shutting down (`sandbox_unavailable`, `shutting_down`)",
+            body = ErrorBody),
+        (status = 501, description = "its engine cannot thaw it (`not_supported`)",
+            body = ErrorBody)))]
 async fn resume(
     State(state): State<AppState>,
     Caller(caller): Caller,
     PathParams(id): PathParams<String>,
-) -> ApiError {
-    not_yet(&state, &caller, &id)
+    JsonBody(req): JsonBody<Resume>,
+) -> Result<axum::Json<Sandbox>, ApiError> {
+    if req.timeout_s.is_some_and(|t| t == 0 || t > MAX_TIMEOUT_S) {
+        return Err(ApiError::invalid("`timeout_s` is 1-2147483647"));
+    }
+    let s = state
+        .manager
+        .resume_sandbox(&caller, &id, req.timeout_s)
+        .await?;
+    Ok(axum::Json(Sandbox::from(&s)))
 }
 
-/// Puts a sandbox on disk (not supported yet: 501).
+/// Hibernates a durable sandbox now: nothing of it runs any more, its files stay on its
+/// disk, its memory is not kept (it comes back with `session_state: "lost"`). A hibernated
+/// sandbox is answered as it is.
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/hibernate", tag = "sandboxes",
     params(("id" = String, Path, description = "sandbox id")),
-    responses((status = 404, description = "no such sandbox (`session_not_found`)", body = ErrorBody),
-        (status = 501, description = "not supported yet (`not_supported`)", body = ErrorBody)))]
+    responses((status = 200, description = "hibernated", body = Sandbox),
+        (status = 404, description = "no such sandbox (`session_not_found`)", body = ErrorBody),
+        (status = 409, description = "it is not durable, or an execution is running in it \
+            (`conflict`)", body = ErrorBody)))]
 async fn hibernate(
     State(state): State<AppState>,
     Caller(caller): Caller,
     PathParams(id): PathParams<String>,
-) -> ApiError {
-    not_yet(&state, &caller, &id)
+) -> Result<axum::Json<Sandbox>, ApiError> {
+    let s = state.manager.hibernate_sandbox(&caller, &id).await?;
+    Ok(axum::Json(Sandbox::from(&s)))
 }
 
 // ---- contexts ----

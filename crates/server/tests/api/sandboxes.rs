@@ -1,4 +1,4 @@
-//! `/v1/sandboxes`: sandboxes (metadata, timeout, the states not there yet), contexts,
+//! `/v1/sandboxes`: sandboxes (metadata, timeout; their states are `durable.rs`'s), contexts,
 //! executions, processes (streamed, waited for, in the background, re-attached, stdin and
 //! signals), files and ports (a loopback server standing in for one inside), each with its
 //! errors, and another tenant's sandbox answering 404 everywhere.
@@ -164,16 +164,18 @@ async fn sandboxes_are_created_listed_timed_and_killed() {
         assert_error(&r, StatusCode::BAD_REQUEST, "invalid_request");
     }
 
+    // Pausing and resuming are `durable.rs`'s; a sandbox whose files are not on disk cannot
+    // hibernate.
+    let r = h
+        .call(
+            "POST",
+            &format!("/v1/sandboxes/{id}/hibernate"),
+            Some(A),
+            Body::empty(),
+        )
+        .await;
+    assert_error(&r, StatusCode::CONFLICT, "conflict");
     for verb in ["pause", "resume", "hibernate"] {
-        let r = h
-            .call(
-                "POST",
-                &format!("/v1/sandboxes/{id}/{verb}"),
-                Some(A),
-                Body::empty(),
-            )
-            .await;
-        assert_error(&r, StatusCode::NOT_IMPLEMENTED, "not_supported");
         let r = h
             .call(
                 "POST",
