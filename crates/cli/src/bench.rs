@@ -79,6 +79,10 @@ struct Plan {
     /// Simultaneous new identifiers per pool in the burst.
     burst: usize,
     round_trips: usize,
+    /// Pause/resume cycles of one sandbox.
+    pauses: usize,
+    /// Hibernate/resume cycles of a sandbox with 100 MiB of files.
+    hibernations: usize,
     throughput_for: Duration,
     clients: Vec<usize>,
     density: Vec<usize>,
@@ -106,6 +110,8 @@ impl Plan {
                 new_cold: 4,
                 burst: 4,
                 round_trips: 100,
+                pauses: 30,
+                hibernations: 4,
                 throughput_for: Duration::from_secs(3),
                 clients: vec![1, 10, 50],
                 density,
@@ -120,6 +126,8 @@ impl Plan {
                 new_cold: 30,
                 burst: 10,
                 round_trips: 1000,
+                pauses: 300,
+                hibernations: 20,
                 throughput_for: Duration::from_secs(10),
                 clients: vec![1, 10, 50],
                 density,
@@ -293,6 +301,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<ExitCode> {
 
     let baselines = baselines(&plan, &exe, &venv.python())?;
     let (new_session, bursts, round_trip, throughput) = server_phase(&plan, &exe, &work).await?;
+    let durable = durable_phase(&plan, &exe, &work).await?;
     let mut density = Vec::new();
     for &n in &plan.density {
         density.push(density_phase(n, &plan, &exe, &work).await?);
@@ -315,6 +324,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<ExitCode> {
         "new_session_burst": bursts,
         "warm_round_trip": round_trip,
         "throughput": throughput,
+        "durable": durable,
         "density": density,
         "baselines": baselines,
     });
@@ -724,6 +734,23 @@ impl Client {
         }
     }
 
+    /// One `/v1` request with a JSON body: the JSON answer and the ms it took; an error unless
+    /// the status is a success.
+    async fn call(
+        &mut self,
+        method: Method,
+        path: String,
+        body: Option<Value>,
+    ) -> Result<(Value, f64)> {
+        let body = body.map(|b| b.to_string().into_bytes());
+        let (status, bytes, ms) = self.request(method, &path, body).await?;
+        if !status.is_success() {
+            bail!("{path}: HTTP {status}: {}", String::from_utf8_lossy(&bytes));
+        }
+        let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        Ok((v, ms))
+    }
+
     /// An ACA execute call in `pool` for `identifier`; the ms it took when the answer is
     /// `Success` (and, with `expect`, that result).
     async fn execute(
@@ -1004,6 +1031,144 @@ async fn server_phase(
         rt.stat(),
         throughput,
     ))
+}
+
+/// Durable sandboxes (always started cold, on their own disk image): pause and resume of one
+/// with a background process, then hibernation and resume of one holding 100 MiB in
+/// `/mnt/data` (the resume is the call that brings it back; the first result after it is
+/// measured apart). Each timing is one HTTP request, as a client sees it.
+async fn durable_phase(plan: &Plan, exe: &Path, work: &WorkDir) -> Result<Value> {
+    if let Err(why) = ampoule_runtime::disk::check(is_root()) {
+        note(&format!("durable sandboxes skipped: {why}"));
+        let skipped = json!({ "skipped": why });
+        return Ok(json!({
+            "pause": skipped, "resume": skipped, "hibernate_100mib": skipped,
+            "resume_from_hibernation": skipped, "first_result_after_resume": skipped,
+        }));
+    }
+    let pools = [(COLD_POOL, pool_toml(false, 0, 8))];
+    note("starting ampoule serve for durable sandboxes (pause, hibernate)");
+    let server = Server::start(exe, work, "durable", &pools)?;
+    let mut c = server.client();
+    let mut out = serde_json::Map::new();
+    let create = json!({"pool": COLD_POOL, "timeout_s": 3600, "lifecycle": {"durable": true}});
+    let sandbox = |v: &Value| v["id"].as_str().map(str::to_owned);
+    let (v, _) = c
+        .call(
+            Method::POST,
+            "/v1/sandboxes".to_owned(),
+            Some(create.clone()),
+        )
+        .await
+        .with_context(|| {
+            format!(
+                "creating a durable sandbox
+{}",
+                server.log_tail()
+            )
+        })?;
+    let id = sandbox(&v).context("no sandbox id")?;
+    c.call(
+        Method::POST,
+        format!("/v1/sandboxes/{id}/processes"),
+        Some(json!({"cmd": "while :; do sleep 0.1; done"})),
+    )
+    .await?;
+    let pb = progress(
+        plan.pauses,
+        "pause / resume (a sandbox with a background process)",
+    );
+    let (mut pause, mut resume) = (Samples::default(), Samples::default());
+    for _ in 0..plan.pauses {
+        let p = c
+            .call(Method::POST, format!("/v1/sandboxes/{id}/pause"), None)
+            .await;
+        pause.record(p.map(|(_, ms)| ms));
+        let r = c
+            .call(Method::POST, format!("/v1/sandboxes/{id}/resume"), None)
+            .await;
+        resume.record(r.map(|(_, ms)| ms));
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    let _ = c
+        .call(Method::DELETE, format!("/v1/sandboxes/{id}"), None)
+        .await;
+    out.insert("pause".into(), serde_json::to_value(pause.stat())?);
+    out.insert("resume".into(), serde_json::to_value(resume.stat())?);
+
+    let (v, _) = c
+        .call(Method::POST, "/v1/sandboxes".to_owned(), Some(create))
+        .await?;
+    let id = sandbox(&v).context("no sandbox id")?;
+    let fill = "import os
+with open('/mnt/data/big', 'wb') as f:
+                    for _ in range(100):
+        f.write(os.urandom(1 << 20))
+                os.path.getsize('/mnt/data/big')";
+    c.call(
+        Method::POST,
+        format!("/v1/sandboxes/{id}/executions"),
+        Some(json!({"code": fill})),
+    )
+    .await?;
+    let pb = progress(
+        plan.hibernations,
+        "hibernate / resume (100 MiB in /mnt/data)",
+    );
+    let (mut hib, mut wake, mut first) =
+        (Samples::default(), Samples::default(), Samples::default());
+    let check = "import os
+os.path.getsize('/mnt/data/big')";
+    for _ in 0..plan.hibernations {
+        let h = c
+            .call(Method::POST, format!("/v1/sandboxes/{id}/hibernate"), None)
+            .await;
+        hib.record(h.map(|(_, ms)| ms));
+        let r = c
+            .call(Method::POST, format!("/v1/sandboxes/{id}/resume"), None)
+            .await;
+        wake.record(r.map(|(_, ms)| ms));
+        let x = c
+            .call(
+                Method::POST,
+                format!("/v1/sandboxes/{id}/executions"),
+                Some(json!({"code": check})),
+            )
+            .await
+            .and_then(|(v, ms)| {
+                let text = v["result"]["text/plain"].as_str().unwrap_or_default();
+                if text != "104857600" {
+                    bail!("the file came back as {v}");
+                }
+                Ok(ms)
+            });
+        first.record(x);
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    let _ = c
+        .call(Method::DELETE, format!("/v1/sandboxes/{id}"), None)
+        .await;
+    out.insert("hibernate_100mib".into(), serde_json::to_value(hib.stat())?);
+    out.insert(
+        "resume_from_hibernation".into(),
+        serde_json::to_value(wake.stat())?,
+    );
+    out.insert(
+        "first_result_after_resume".into(),
+        serde_json::to_value(first.stat())?,
+    );
+    out.insert(
+        "memory_across_hibernation".into(),
+        json!(ampoule_runtime::doctor::criu_version().map_or_else(
+            || "no CRIU on this host: files kept, interpreters start afresh".to_owned(),
+            |(v, _)| format!("CRIU {v} present, not used: files kept, interpreters start afresh"),
+        )),
+    );
+    drop(c);
+    server.stop(Duration::from_secs(60));
+    Ok(Value::Object(out))
 }
 
 /// `clients` clients, each with its own session (created first, untimed), executing `1+1` as
@@ -1372,6 +1537,31 @@ fn print_tables(out: &mut impl Write, r: &Value) -> Result<()> {
     )?;
     row(out, &format!("{k} new sessions at once, cold"), &b["cold"])?;
     row(out, "warm session round trip (1+1)", &r["warm_round_trip"])?;
+    let d = &r["durable"];
+    row(
+        out,
+        "pause (a sandbox with a background process)",
+        &d["pause"],
+    )?;
+    row(out, "resume from pause", &d["resume"])?;
+    row(
+        out,
+        "hibernate (100 MiB in /mnt/data)",
+        &d["hibernate_100mib"],
+    )?;
+    row(
+        out,
+        "resume from hibernation",
+        &d["resume_from_hibernation"],
+    )?;
+    row(
+        out,
+        "first result after that resume",
+        &d["first_result_after_resume"],
+    )?;
+    if let Some(m) = d["memory_across_hibernation"].as_str() {
+        writeln!(out, "    memory across hibernation: {m}")?;
+    }
     let bl = &r["baselines"];
     row(out, "baseline: python3 -c pass", &bl["python3_pass"])?;
     row(

@@ -53,6 +53,20 @@ fn quick_bench_reports_every_section() {
         );
     }
     check_stat("warm_round_trip", &r["warm_round_trip"]);
+    for k in [
+        "pause",
+        "resume",
+        "hibernate_100mib",
+        "resume_from_hibernation",
+        "first_result_after_resume",
+    ] {
+        let s = &r["durable"][k];
+        if s["skipped"].is_string() {
+            eprintln!("durable.{k} skipped: {}", s["skipped"]);
+        } else {
+            check_stat(&format!("durable.{k}"), s);
+        }
+    }
 
     let throughput = r["throughput"].as_array().unwrap();
     let clients: Vec<u64> = throughput
