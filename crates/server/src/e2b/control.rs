@@ -4,10 +4,17 @@
 //! A template is a pool. The SDKs' default templates (`code-interpreter-v1` for the code
 //! interpreter, `base` for the plain SDK) and none at all land in the default pool, unless a
 //! pool has that name. Another tenant's sandbox is a 404, as a missing one.
+//!
+//! Pausing: E2B's `pause` is the core's pause (frozen, memory kept), or its hibernation when
+//! the SDK asks for a filesystem-only snapshot (`memory: false`); `autoPause` at create is a
+//! lifecycle that hibernates the sandbox at the end of its timeout. `connect` and `resume`
+//! run it again. E2B knows two states, so a hibernated sandbox is `paused` here, and one
+//! whose memory did not survive says so in `sessionState: "lost"` (never silently).
 
 use std::collections::BTreeMap;
 use std::time::SystemTime;
 
+use ampoule_core::lifecycle::{Lifecycle, OnTimeout, State as SandboxState};
 use ampoule_core::{Caller, CreateSandbox, SandboxInfo, SandboxTokens};
 use axum::Router;
 use axum::extract::{Path, RawQuery, Request, State};
@@ -33,8 +40,8 @@ pub fn routes() -> Router<AppState> {
         .route("/sandboxes/{id}/connect", post(connect))
         .route("/v2/sandboxes/{id}/connect", post(connect))
         .route("/sandboxes/{id}/refreshes", post(refresh))
-        .route("/sandboxes/{id}/pause", post(not_yet))
-        .route("/sandboxes/{id}/resume", post(not_yet))
+        .route("/sandboxes/{id}/pause", post(pause))
+        .route("/sandboxes/{id}/resume", post(resume))
         .route("/sandboxes/{id}/snapshots", post(not_yet))
         .route("/sandboxes/{id}/fork", post(not_yet))
         .route("/sandboxes/{id}/metrics", get(not_yet))
@@ -85,6 +92,8 @@ struct NewSandbox {
     metadata: Option<BTreeMap<String, String>>,
     #[serde(default)]
     env_vars: Option<BTreeMap<String, String>>,
+    /// Hibernated at the end of its timeout. (`autoPauseMemory` is ignored: an auto-pause
+    /// never keeps memory here, and the sandbox says `sessionState: "lost"` once back.)
     #[serde(default)]
     auto_pause: Option<bool>,
     #[serde(default)]
@@ -117,7 +126,7 @@ fn rfc3339(t: SystemTime) -> String {
     crate::files::rfc3339(t)
 }
 
-/// `Sandbox`: what create and connect answer.
+/// `Sandbox`: what create, connect and resume answer (with `sessionState`, ampoule's).
 fn sandbox_json(state: &AppState, s: &SandboxInfo, tokens: &SandboxTokens) -> Value {
     json!({
         "templateID": s.pool,
@@ -128,7 +137,17 @@ fn sandbox_json(state: &AppState, s: &SandboxInfo, tokens: &SandboxTokens) -> Va
         "envdAccessToken": tokens.access,
         "trafficAccessToken": tokens.traffic,
         "domain": state.e2b.domain,
+        "sessionState": s.session_state,
     })
+}
+
+/// The state as E2B says it: `running`, or `paused` (a hibernated sandbox too).
+fn e2b_state(s: &SandboxInfo) -> &'static str {
+    if s.state == SandboxState::Running.as_str() {
+        "running"
+    } else {
+        "paused"
+    }
 }
 
 /// `ListedSandbox`, and with `detail` the fields of `SandboxDetail`.
@@ -143,9 +162,10 @@ fn listed_json(s: &SandboxInfo) -> Value {
         "cpuCount": s.cpus.ceil().max(1.0) as u64,
         "memoryMB": s.memory_bytes / (1024 * 1024),
         "diskSizeMB": 0,
-        "state": s.state,
+        "state": e2b_state(s),
         "envdVersion": ENVD_VERSION,
         "metadata": s.metadata,
+        "sessionState": s.session_state,
     })
 }
 
@@ -154,11 +174,6 @@ async fn create(State(state): State<AppState>, req: Request) -> Response {
         let caller = request_caller(&state, &req)?;
         let body = read_body(req.into_body(), 1 << 20).await?;
         let new: NewSandbox = parse_json(&body)?;
-        if new.auto_pause == Some(true) {
-            return Err(E2bError::invalid(
-                "autoPause is not supported by ampoule yet (pause and resume come later)",
-            ));
-        }
         if new.volume_mounts.as_ref().is_some_and(|v| !v.is_empty()) {
             return Err(E2bError::invalid(
                 "volume mounts are not supported by ampoule",
@@ -175,7 +190,12 @@ async fn create(State(state): State<AppState>, req: Request) -> Response {
             timeout_s: new.timeout,
             metadata: new.metadata.unwrap_or_default(),
             envs: new.env_vars.unwrap_or_default(),
-            lifecycle: Default::default(),
+            // `autoPause`: hibernated at the end of its timeout (memory is not kept), running
+            // again on `connect` or any call that names it.
+            lifecycle: Lifecycle {
+                on_timeout: (new.auto_pause == Some(true)).then_some(OnTimeout::Hibernate),
+                ..Lifecycle::default()
+            },
         };
         let (info, tokens) = state
             .manager
@@ -234,7 +254,8 @@ async fn list(State(state): State<AppState>, RawQuery(query): RawQuery, req: Req
         Err(e) => return e.into_response(),
     };
     let mut filter = BTreeMap::new();
-    let mut want_running = true;
+    // E2B's states asked for (none: both).
+    let mut states: Option<Vec<&'static str>> = None;
     for pair in query.as_deref().unwrap_or_default().split('&') {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         let v = percent_encoding::percent_decode_str(&v.replace('+', " "))
@@ -242,22 +263,32 @@ async fn list(State(state): State<AppState>, RawQuery(query): RawQuery, req: Req
             .into_owned();
         match k {
             "metadata" => filter.extend(metadata_filter(&v)),
-            // Every ampoule sandbox runs: asking for paused ones only finds none.
-            "state" => want_running = v.split(',').any(|s| s.trim() == "running"),
+            "state" => {
+                for st in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                    let st = match st {
+                        "running" => "running",
+                        "paused" => "paused",
+                        other => {
+                            return E2bError::invalid(format!(
+                                "unknown sandbox state {other:?} (`running` or `paused`)"
+                            ))
+                            .into_response();
+                        }
+                    };
+                    states.get_or_insert_with(Vec::new).push(st);
+                }
+            }
             _ => {}
         }
     }
-    let sandboxes: Vec<Value> = if want_running {
-        state
-            .manager
-            .list_sandboxes(&caller, &filter, None)
-            .iter()
-            .filter(|s| s.is_sandbox)
-            .map(listed_json)
-            .collect()
-    } else {
-        Vec::new()
-    };
+    let sandboxes: Vec<Value> = state
+        .manager
+        .list_sandboxes(&caller, &filter, None)
+        .iter()
+        .filter(|s| s.is_sandbox)
+        .filter(|s| states.as_ref().is_none_or(|w| w.contains(&e2b_state(s))))
+        .map(listed_json)
+        .collect();
     axum::Json(sandboxes).into_response()
 }
 
@@ -298,6 +329,29 @@ struct Timeout {
     timeout: Option<u64>,
 }
 
+/// `ConnectSandbox` (v1 and v2) and `ResumedSandbox`: `memory: false` asks for a sandbox
+/// that comes back from its disk alone (the SDK's `on_resume="reboot"`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Wake {
+    #[serde(default)]
+    timeout: Option<u64>,
+    #[serde(default)]
+    memory: Option<bool>,
+    #[serde(default)]
+    auto_pause: Option<bool>,
+}
+
+/// `SandboxPauseRequest`: `memory: false` is a filesystem-only snapshot (the SDK's
+/// `mode="filesystem"`), which is ampoule's hibernation. (`requireHealthyGuest` is ignored:
+/// the sandbox's interpreter need not answer for it to be frozen.)
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Pause {
+    #[serde(default)]
+    memory: Option<bool>,
+}
+
 async fn set_timeout(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -323,22 +377,137 @@ async fn set_timeout(
     }
 }
 
+/// Runs a sandbox again, whatever its state (`connect`, and `resume` once it is known not
+/// to run): a paused one is thawed, a hibernated one started on its disk. With
+/// `memory: false` a paused one drops its memory first (hibernated, then started again),
+/// as E2B's reboot; with `timeout`, it then ends that long from now. Answers it, and
+/// whether it was not running.
+async fn wake(
+    state: &AppState,
+    caller: &Caller,
+    id: &str,
+    w: &Wake,
+) -> Result<(SandboxInfo, bool), E2bError> {
+    let before = state.manager.get_sandbox(caller, id)?;
+    let asleep = before.state != SandboxState::Running.as_str();
+    if w.auto_pause == Some(true) && before.lifecycle.on_timeout != Some(OnTimeout::Hibernate) {
+        return Err(E2bError::invalid(
+            "autoPause is set when the sandbox is created, not when it is resumed",
+        ));
+    }
+    if w.memory == Some(false) && before.state == SandboxState::Paused.as_str() {
+        if !before.durable {
+            return Err(E2bError::invalid(
+                "this sandbox cannot come back without its memory: its files are not on disk \
+                 (create it with autoPause, or resume it with its memory)",
+            ));
+        }
+        state.manager.hibernate_sandbox(caller, id).await?;
+    }
+    let info = state
+        .manager
+        .resume_sandbox(caller, id, w.timeout)
+        .await
+        .map_err(busy_is_invalid)?;
+    Ok((info, asleep))
+}
+
+/// A request the sandbox's state refuses (an execution running in it) is a 400 for the
+/// SDKs (`InvalidArgumentException`): a 409 means "already paused" (or "already running")
+/// to them, which would hide the refusal.
+fn busy_is_invalid(e: ampoule_core::Error) -> E2bError {
+    if e.code() == ampoule_core::ErrorCode::Conflict {
+        E2bError::invalid(e.to_string())
+    } else {
+        e.into()
+    }
+}
+
+/// `connect`: the sandbox with its tokens, running (201 when it had to be woken, 200 when it
+/// ran already, as E2B).
 async fn connect(State(state): State<AppState>, Path(id): Path<String>, req: Request) -> Response {
     let result = async move {
         let caller = request_caller(&state, &req)?;
         let body = read_body(req.into_body(), 64 * 1024).await?;
-        let t: Timeout = parse_json(&body)?;
-        let info = match t.timeout {
-            Some(secs) => {
-                state
-                    .manager
-                    .set_sandbox_timeout(&caller, &id, secs)
-                    .await?
-            }
-            None => state.manager.get_sandbox(&caller, &id)?,
-        };
+        let w: Wake = parse_json(&body)?;
+        let (info, woken) = wake(&state, &caller, &id, &w).await?;
         let tokens = state.manager.sandbox_tokens(&caller, &id)?;
-        Ok::<_, E2bError>(axum::Json(sandbox_json(&state, &info, &tokens)))
+        let status = if woken {
+            StatusCode::CREATED
+        } else {
+            StatusCode::OK
+        };
+        Ok::<_, E2bError>((status, axum::Json(sandbox_json(&state, &info, &tokens))))
+    }
+    .await;
+    match result {
+        Ok(r) => r.into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `resume` (the SDKs' older way back): as `connect`, but a running sandbox is a 409.
+async fn resume(State(state): State<AppState>, Path(id): Path<String>, req: Request) -> Response {
+    let result = async move {
+        let caller = request_caller(&state, &req)?;
+        let body = read_body(req.into_body(), 64 * 1024).await?;
+        let w: Wake = parse_json(&body)?;
+        let s = state.manager.get_sandbox(&caller, &id)?;
+        if s.state == SandboxState::Running.as_str() {
+            return Err(E2bError::new(
+                StatusCode::CONFLICT,
+                format!("sandbox {id} is already running"),
+            ));
+        }
+        let (info, _) = wake(&state, &caller, &id, &w).await?;
+        let tokens = state.manager.sandbox_tokens(&caller, &id)?;
+        Ok::<_, E2bError>((
+            StatusCode::CREATED,
+            axum::Json(sandbox_json(&state, &info, &tokens)),
+        ))
+    }
+    .await;
+    match result {
+        Ok(r) => r.into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `pause` (`beta_pause`, `pause`): 204 once paused (memory kept), or hibernated when the SDK
+/// asks for a filesystem-only snapshot; 409 when it is paused already (the SDKs answer
+/// `false`).
+async fn pause(State(state): State<AppState>, Path(id): Path<String>, req: Request) -> Response {
+    let result = async move {
+        let caller = request_caller(&state, &req)?;
+        let body = read_body(req.into_body(), 64 * 1024).await?;
+        let p: Pause = parse_json(&body)?;
+        let s = state.manager.get_sandbox(&caller, &id)?;
+        if s.state != SandboxState::Running.as_str() {
+            return Err(E2bError::new(
+                StatusCode::CONFLICT,
+                format!("sandbox {id} is already paused"),
+            ));
+        }
+        if p.memory == Some(false) {
+            if !s.durable {
+                return Err(E2bError::invalid(
+                    "a filesystem-only pause needs a sandbox whose files are on disk (create \
+                     it with autoPause); pause it with its memory instead",
+                ));
+            }
+            state
+                .manager
+                .hibernate_sandbox(&caller, &id)
+                .await
+                .map_err(busy_is_invalid)?;
+        } else {
+            state
+                .manager
+                .pause_sandbox(&caller, &id)
+                .await
+                .map_err(busy_is_invalid)?;
+        }
+        Ok::<_, E2bError>(StatusCode::NO_CONTENT)
     }
     .await;
     match result {
@@ -360,7 +529,7 @@ async fn refresh(State(state): State<AppState>, Path(id): Path<String>, req: Req
     }
 }
 
-/// Pause, resume, snapshots, fork, metrics, network rules: not yet. The key is still
+/// Snapshots, fork, metrics, network rules: not yet. The key is still
 /// checked first, and a missing sandbox is still a 404.
 async fn not_yet(State(state): State<AppState>, Path(id): Path<String>, req: Request) -> Response {
     let what = req
