@@ -87,6 +87,44 @@ pub struct FileSummary {
     pub size: u64,
 }
 
+/// A change of a sandbox's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transition {
+    /// Freeze it, memory kept.
+    Pause,
+    /// Run it again.
+    Resume,
+    /// Put it on disk, memory not kept.
+    Hibernate,
+}
+
+impl Transition {
+    /// Its name in the `/v1` paths (`…/pause`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transition::Pause => "pause",
+            Transition::Resume => "resume",
+            Transition::Hibernate => "hibernate",
+        }
+    }
+}
+
+/// A sandbox's state as the tools report it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SandboxState {
+    /// Its id (`sbx_…`, or a session's `ses_…`).
+    pub sandbox_id: String,
+    /// Its name (a session's; a sandbox's is its id).
+    pub session: String,
+    /// `running`, `paused` or `hibernated`.
+    pub state: String,
+    /// `kept`, or `lost` once it was hibernated (variables and processes gone, files
+    /// intact).
+    pub session_state: String,
+    /// Whether its files are on disk (it can hibernate).
+    pub durable: bool,
+}
+
 /// The sandbox operations behind the MCP tools. Every call names its [`Caller`]; a session of
 /// another tenant is reported exactly like a missing one.
 #[async_trait]
@@ -127,6 +165,19 @@ pub trait SandboxApi: Send + Sync + 'static {
         path: &str,
         max: u64,
     ) -> Result<Vec<u8>, ApiFailure>;
+
+    /// Pauses, resumes or hibernates a sandbox, named by its id or its session's name.
+    async fn transition(
+        &self,
+        _caller: &Caller,
+        _sandbox: &str,
+        _to: Transition,
+    ) -> Result<SandboxState, ApiFailure> {
+        Err(ApiFailure::new(
+            "not_supported",
+            "this server cannot pause, resume or hibernate sandboxes",
+        ))
+    }
 }
 
 /// A path as a tool caller writes it (`/mnt/data/x.csv` or `x.csv`), relative to `/mnt/data`.

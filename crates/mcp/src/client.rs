@@ -11,7 +11,9 @@ use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::api::{Caller, Execute, Executed, FileSummary, SandboxApi, SessionSummary};
+use crate::api::{
+    Caller, Execute, Executed, FileSummary, SandboxApi, SandboxState, SessionSummary, Transition,
+};
 use crate::error::ApiFailure;
 
 /// Largest response body read (a download is capped by its caller below this).
@@ -44,6 +46,33 @@ struct SessionInfo {
 #[derive(Deserialize)]
 struct SessionList {
     sessions: Vec<SessionInfo>,
+}
+
+/// A sandbox as `/v1/sandboxes` answers it (the fields the tools report).
+#[derive(Deserialize)]
+struct SandboxInfo {
+    id: String,
+    identifier: String,
+    state: String,
+    session_state: String,
+    durable: bool,
+}
+
+impl From<SandboxInfo> for SandboxState {
+    fn from(s: SandboxInfo) -> Self {
+        Self {
+            sandbox_id: s.id,
+            session: s.identifier,
+            state: s.state,
+            session_state: s.session_state,
+            durable: s.durable,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct SandboxList {
+    sandboxes: Vec<SandboxInfo>,
 }
 
 #[derive(Deserialize)]
@@ -430,6 +459,33 @@ impl SandboxApi for HttpApi {
             return Err(too_big(path, bytes.len() as u64, max));
         }
         Ok(bytes.to_vec())
+    }
+
+    async fn transition(
+        &self,
+        _caller: &Caller,
+        sandbox: &str,
+        to: Transition,
+    ) -> Result<SandboxState, ApiFailure> {
+        // By id, else by a session's name (hibernated ones included).
+        let all = self
+            .get_json::<SandboxList>("/v1/sandboxes")
+            .await?
+            .sandboxes;
+        let id = all
+            .iter()
+            .find(|s| s.id == sandbox)
+            .or_else(|| all.iter().find(|s| s.identifier == sandbox))
+            .map(|s| s.id.clone())
+            .ok_or_else(|| no_session(sandbox))?;
+        let bytes = self
+            .call(
+                Method::POST,
+                &format!("/v1/sandboxes/{}/{}", encode_segment(&id), to.as_str()),
+                None,
+            )
+            .await?;
+        Ok(self.parse::<SandboxInfo>(&bytes)?.into())
     }
 }
 

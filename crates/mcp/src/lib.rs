@@ -1,7 +1,8 @@
 //! ampoule as an MCP server: a code-execution tool for any MCP client.
 //!
 //! [`AmpouleMcp`] serves the tools (`execute_code`, `upload_file`, `download_file`,
-//! `list_files`, `list_sessions`, `delete_session`) and the session files as resources, on top
+//! `list_files`, `list_sessions`, `delete_session`, `pause_sandbox`, `resume_sandbox`,
+//! `hibernate_sandbox`) and the session files as resources, on top
 //! of [`SandboxApi`]: this crate never touches sandboxes. Two transports:
 //! - streamable HTTP ([`http_service`]), which `ampoule serve` mounts at `/mcp` behind its
 //!   bearer-key auth (the auth layer puts the key's [`Caller`] in the request extensions);
@@ -28,7 +29,9 @@ use rmcp::transport::StreamableHttpService;
 use rmcp::transport::streamable_http_server::StreamableHttpServerConfig;
 use rmcp::transport::streamable_http_server::session::never::NeverSessionManager;
 
-pub use api::{Caller, Execute, Executed, FileSummary, SandboxApi, SessionSummary};
+pub use api::{
+    Caller, Execute, Executed, FileSummary, SandboxApi, SandboxState, SessionSummary, Transition,
+};
 pub use error::ApiFailure;
 pub use tools::AmpouleMcp;
 

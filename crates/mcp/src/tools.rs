@@ -1,5 +1,6 @@
 //! The MCP server itself: the tools (`execute_code`, `upload_file`, `download_file`,
-//! `list_files`, `list_sessions`, `delete_session`) and the files of every session as
+//! `list_files`, `list_sessions`, `delete_session`, `pause_sandbox`, `resume_sandbox`,
+//! `hibernate_sandbox`) and the files of every session as
 //! resources (`ampoule://sessions/{session}/files/{path}`).
 //!
 //! Invariants: every failure of a tool — a refused call, a missing session, bad arguments — is
@@ -25,7 +26,7 @@ use rmcp::service::RequestContext;
 use rmcp::{RoleServer, ServerHandler, tool, tool_router};
 use serde::Deserialize;
 
-use crate::api::{Caller, Execute, SandboxApi};
+use crate::api::{Caller, Execute, SandboxApi, Transition};
 use crate::error::ApiFailure;
 
 /// Largest file `download_file` and resource reads return (MCP messages are JSON; bigger files
@@ -91,6 +92,15 @@ pub struct DownloadFileArgs {
 pub struct SessionArgs {
     /// The session's name.
     pub session: String,
+}
+
+/// Arguments naming one sandbox.
+#[derive(Debug, Deserialize, rmcp::schemars::JsonSchema)]
+#[schemars(crate = "rmcp::schemars")]
+#[serde(deny_unknown_fields)]
+pub struct SandboxArgs {
+    /// The sandbox's id (`sbx_…`), or a session's name (the `session` of `execute_code`).
+    pub sandbox_id: String,
 }
 
 /// No arguments.
@@ -301,6 +311,28 @@ impl AmpouleMcp {
             .ok_or_else(|| tool_error("this request carries no API key (unauthorized)"))
     }
 
+    /// One of the state tools: the sandbox's state after it, as JSON.
+    async fn transition(
+        &self,
+        args: SandboxArgs,
+        to: Transition,
+        ctx: RequestContext<RoleServer>,
+    ) -> CallToolResult {
+        let caller = match self.caller(&ctx) {
+            Ok(c) => c,
+            Err(e) => return e,
+        };
+        if args.sandbox_id.is_empty() {
+            return tool_error("`sandbox_id` is empty: pass a sandbox id or a session's name");
+        }
+        match self.api.transition(&caller, &args.sandbox_id, to).await {
+            Ok(state) => CallToolResult::success(vec![json_text(
+                &serde_json::to_value(&state).unwrap_or_default(),
+            )]),
+            Err(e) => failure(&e),
+        }
+    }
+
     fn resource_caller(&self, ctx: &RequestContext<RoleServer>) -> Result<Caller, ErrorData> {
         self.caller(ctx).map_err(|_| {
             ErrorData::invalid_request("this request carries no API key (unauthorized)", None)
@@ -479,6 +511,53 @@ impl AmpouleMcp {
             )]),
             Err(e) => failure(&e),
         }
+    }
+
+    /// Pauses a sandbox.
+    #[tool(
+        name = "pause_sandbox",
+        description = "Pause a sandbox (or a session, by its name): its processes are frozen \
+                       where they are and its memory is kept, so it costs no CPU while you do \
+                       not need it. Any later call that names it (execute_code, files, \
+                       resume_sandbox) runs it again, with its variables intact. Refused while \
+                       code runs in it."
+    )]
+    async fn pause_sandbox(
+        &self,
+        Parameters(args): Parameters<SandboxArgs>,
+        ctx: RequestContext<RoleServer>,
+    ) -> CallToolResult {
+        self.transition(args, Transition::Pause, ctx).await
+    }
+
+    /// Resumes a sandbox.
+    #[tool(
+        name = "resume_sandbox",
+        description = "Run a paused or hibernated sandbox (or session) again. A hibernated one \
+                       comes back with its files but not its memory: the reply then says \
+                       `session_state: \"lost\"` (variables and imports must be set again)."
+    )]
+    async fn resume_sandbox(
+        &self,
+        Parameters(args): Parameters<SandboxArgs>,
+        ctx: RequestContext<RoleServer>,
+    ) -> CallToolResult {
+        self.transition(args, Transition::Resume, ctx).await
+    }
+
+    /// Hibernates a sandbox.
+    #[tool(
+        name = "hibernate_sandbox",
+        description = "Hibernate a durable sandbox (or session): nothing of it runs any more and \
+                       its files stay on the server's disk; its memory is not kept (variables \
+                       are lost, files are not). Any later call that names it runs it again."
+    )]
+    async fn hibernate_sandbox(
+        &self,
+        Parameters(args): Parameters<SandboxArgs>,
+        ctx: RequestContext<RoleServer>,
+    ) -> CallToolResult {
+        self.transition(args, Transition::Hibernate, ctx).await
     }
 
     /// Destroys a session.

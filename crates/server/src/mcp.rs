@@ -11,7 +11,10 @@
 use std::sync::Arc;
 
 use ampoule_core::{Caller as CoreCaller, ExecuteCommand, Manager, PutFile, Target};
-use ampoule_mcp::{ApiFailure, Caller, Execute, Executed, FileSummary, SandboxApi, SessionSummary};
+use ampoule_mcp::{
+    ApiFailure, Caller, Execute, Executed, FileSummary, SandboxApi, SandboxState, SessionSummary,
+    Transition,
+};
 use async_trait::async_trait;
 use axum::Router;
 use axum::extract::{Request, State};
@@ -196,6 +199,38 @@ impl SandboxApi for ManagerApi {
             )))),
             Err(e) => Err(failure(ampoule_core::Error::internal(e))),
         }
+    }
+
+    async fn transition(
+        &self,
+        caller: &Caller,
+        sandbox: &str,
+        to: Transition,
+    ) -> Result<SandboxState, ApiFailure> {
+        let caller = self::caller(caller);
+        // By id, else by a session's name (hibernated ones included).
+        let all = self
+            .manager
+            .list_sandboxes(&caller, &Default::default(), None);
+        let id = all
+            .iter()
+            .find(|s| s.id == sandbox)
+            .or_else(|| all.iter().find(|s| s.identifier == sandbox))
+            .map(|s| s.id.clone())
+            .ok_or_else(|| failure(ampoule_core::Error::session_not_found()))?;
+        let s = match to {
+            Transition::Pause => self.manager.pause_sandbox(&caller, &id).await,
+            Transition::Resume => self.manager.resume_sandbox(&caller, &id, None).await,
+            Transition::Hibernate => self.manager.hibernate_sandbox(&caller, &id).await,
+        }
+        .map_err(failure)?;
+        Ok(SandboxState {
+            sandbox_id: s.id,
+            session: s.identifier,
+            state: s.state.to_owned(),
+            session_state: s.session_state.to_owned(),
+            durable: s.durable,
+        })
     }
 }
 

@@ -320,6 +320,9 @@ pub struct Sandbox {
     /// when idle rather than at a fixed time).
     #[schema(example = "sandbox")]
     pub kind: String,
+    /// The caller's name for it: a session's identifier (ACA, `/v1/sessions`, MCP); a
+    /// sandbox's is its id.
+    pub identifier: String,
     /// When it was created (RFC 3339).
     pub created_at: String,
     /// When it will be destroyed as things stand (RFC 3339; a session's moves with use).
@@ -378,6 +381,7 @@ impl From<&SandboxInfo> for Sandbox {
             pool: s.pool.clone(),
             language: s.language.as_str().to_owned(),
             kind: if s.is_sandbox { "sandbox" } else { "session" }.into(),
+            identifier: s.identifier.clone(),
             created_at: files::rfc3339(s.created_at),
             end_at: files::rfc3339(s.end_at),
             metadata: s.metadata.clone(),
