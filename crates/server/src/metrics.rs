@@ -1,8 +1,10 @@
 //! `GET /metrics`: the server's figures in the Prometheus (OpenMetrics) text format.
 //!
 //! The manager counts as things happen (executions by status, latency histograms, session
-//! starts and ends, refusals, egress decisions, warm-start failures); the per-pool session
-//! gauges are read from the manager when the page is rendered, so they are never stale.
+//! starts and ends, refusals, egress decisions, warm-start failures, sandbox pauses,
+//! hibernations and resumptions); the per-pool session gauges and the sandboxes by state
+//! (with what durable sandboxes' disks take) are read from the manager when the page is
+//! rendered, so they are never stale.
 //!
 //! Access: on the main listener `/metrics` needs an API key (any tenant's), like `/v1/pools`,
 //! which shows the same pool figures. `[metrics] listen` adds a listener that serves only
@@ -71,6 +73,12 @@ struct DecisionLabels {
     decision: &'static str,
 }
 
+/// `state` (a sandbox's: running, paused, hibernated).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SandboxStateLabel {
+    state: &'static str,
+}
+
 /// `reason`.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
@@ -126,6 +134,9 @@ pub struct Metrics {
     warm_start_failures: Family<PoolLabel, Counter>,
     egress: Family<DecisionLabels, Counter>,
     refused: Family<ReasonLabel, Counter>,
+    sandboxes: Family<SandboxStateLabel, Gauge>,
+    sandbox_disk_bytes: Gauge,
+    sandbox_transition_seconds: Histograms<EventLabels>,
     zygote: ZygoteMetrics,
 }
 
@@ -201,6 +212,25 @@ impl Metrics {
             "Requests refused by a quota or policy, by the error code",
             refused.clone(),
         );
+        let sandboxes = Family::<SandboxStateLabel, Gauge>::default();
+        r.register(
+            "sandboxes",
+            "Sandboxes and sessions by state (running; paused: frozen, memory kept; hibernated: on disk, nothing running)",
+            sandboxes.clone(),
+        );
+        let sandbox_disk_bytes = Gauge::default();
+        r.register(
+            "sandbox_disk_bytes",
+            "Bytes the disks of durable sandboxes take on the host (allocated blocks)",
+            sandbox_disk_bytes.clone(),
+        );
+        let sandbox_transition_seconds: Histograms<EventLabels> =
+            Family::new_with_constructor(start_buckets);
+        r.register(
+            "sandbox_transition_seconds",
+            "Time a sandbox took to change state, by event (pause, resume, hibernate; restore: started again from hibernation)",
+            sandbox_transition_seconds.clone(),
+        );
         let zygote = ZygoteMetrics {
             up: Family::default(),
             forks: Family::default(),
@@ -263,6 +293,9 @@ impl Metrics {
             warm_start_failures,
             egress,
             refused,
+            sandboxes,
+            sandbox_disk_bytes,
+            sandbox_transition_seconds,
             zygote,
         }
     }
@@ -346,8 +379,30 @@ impl Metrics {
             .inc();
     }
 
-    /// The page: the pool gauges read from `manager` now, then every family.
+    /// A sandbox was paused, resumed, hibernated or started again from hibernation.
+    pub fn sandbox_transition(&self, pool: &str, event: &'static str, seconds: f64) {
+        self.sandbox_transition_seconds
+            .get_or_create(&EventLabels {
+                pool: pool.to_owned(),
+                event,
+            })
+            .observe(seconds);
+    }
+
+    /// The page: the pool and sandbox gauges read from `manager` now, then every family.
     pub fn render(&self, manager: &Manager) -> String {
+        let counts = manager.sandbox_counts();
+        for (state, n) in [
+            ("running", counts.running),
+            ("paused", counts.paused),
+            ("hibernated", counts.hibernated),
+        ] {
+            self.sandboxes
+                .get_or_create(&SandboxStateLabel { state })
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        self.sandbox_disk_bytes
+            .set(i64::try_from(counts.disk_bytes).unwrap_or(i64::MAX));
         for p in manager.pools() {
             let gauge = |state| {
                 self.sessions.get_or_create(&StateLabels {
@@ -436,5 +491,8 @@ impl Observer for Metrics {
     }
     fn refused(&self, code: ErrorCode) {
         Metrics::refused(self, code);
+    }
+    fn sandbox_transition(&self, pool: &str, event: &'static str, seconds: f64) {
+        Metrics::sandbox_transition(self, pool, event, seconds);
     }
 }
