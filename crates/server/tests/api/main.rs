@@ -3,7 +3,8 @@
 //! the harness below): the ACA door ([`aca`]), the native `/v1` API ([`native`]), file attacks
 //! and limits ([`files`]: traversal, symlinks and hard links planted in a session), keys and
 //! tenants ([`tenants`]: isolation, limits), session lifecycle ([`lifecycle`]), sandboxes
-//! ([`sandboxes`]: contexts, processes, files and ports under `/v1/sandboxes`) and the E2B door
+//! ([`sandboxes`]: contexts, processes, files and ports under `/v1/sandboxes`), durable sandboxes
+//! ([`durable`]: pause, hibernate, resume and idle policies through every door) and the E2B door
 //! ([`e2b`]: control plane, tokens, Connect framing, NDJSON).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -23,6 +24,7 @@ use serde_json::{Value, json};
 use tower::ServiceExt;
 
 mod aca;
+mod durable;
 mod e2b;
 mod files;
 mod lifecycle;
