@@ -99,7 +99,70 @@ pub struct CreateSandbox {
     #[schema(schema_with = envs_schema)]
     pub envs: Option<BTreeMap<String, String>>,
     /// Its lifecycle policy, field by field over its pool's (`[pools.NAME.lifecycle]`).
+    #[schema(schema_with = lifecycle_request_schema)]
     pub lifecycle: Option<Lifecycle>,
+}
+
+/// The lifecycle a create request may ask for: [`Lifecycle`]'s fields, in two alternatives
+/// so that the document states the one rule across fields (a sandbox that is not durable
+/// cannot hibernate): `durable` true or left to the policy, or `durable: false` with no
+/// hibernation in the policy.
+fn lifecycle_request_schema() -> utoipa::openapi::schema::Schema {
+    use serde_json::Value;
+    use utoipa::PartialSchema;
+    use utoipa::openapi::RefOr;
+    use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Schema, SchemaType, Type};
+    let null = || ObjectBuilder::new().schema_type(Type::Null).build();
+    let RefOr::T(Schema::Object(base)) = <Lifecycle as PartialSchema>::schema() else {
+        return OneOfBuilder::new().item(null()).build().into();
+    };
+    let choice = |ty: Type, values: Vec<Value>| {
+        ObjectBuilder::new()
+            .schema_type(SchemaType::from_iter([ty, Type::Null]))
+            .enum_values(Some(values))
+            .build()
+    };
+    let mut durable = base.clone();
+    durable.properties.insert(
+        "durable".into(),
+        choice(Type::Boolean, vec![Value::Bool(true), Value::Null]).into(),
+    );
+    let mut not_durable = base;
+    not_durable.properties.insert(
+        "durable".into(),
+        ObjectBuilder::new()
+            .schema_type(Type::Boolean)
+            .enum_values(Some([false]))
+            .build()
+            .into(),
+    );
+    not_durable.required.push("durable".into());
+    not_durable.properties.insert(
+        "on_idle".into(),
+        choice(
+            Type::String,
+            vec!["pause".into(), "delete".into(), Value::Null],
+        )
+        .into(),
+    );
+    not_durable.properties.insert(
+        "on_timeout".into(),
+        choice(Type::String, vec!["delete".into(), Value::Null]).into(),
+    );
+    not_durable
+        .properties
+        .insert("hibernate_after_s".into(), null().into());
+    OneOfBuilder::new()
+        .item(null())
+        .item(durable)
+        .item(not_durable)
+        .description(Some(
+            "Its lifecycle policy, field by field over its pool's (`[pools.NAME.lifecycle]`). \
+             A sandbox with `durable: false` cannot hibernate (no `on_idle: hibernate`, \
+             `on_timeout: hibernate` or `hibernate_after_s`).",
+        ))
+        .build()
+        .into()
 }
 
 /// What idleness does to a sandbox.
