@@ -5,7 +5,8 @@
 //! - `smoke.py` (`e2b-code-interpreter` from PyPI) and `smoke.mjs` (`@e2b/code-interpreter`
 //!   from npm): create, `run_code` with pandas and a chart, `commands.run("pip list | head")`, a
 //!   background `python -m http.server` reached through `get_host`, files written and read,
-//!   bytes uploaded and downloaded, `Sandbox.list` with metadata, `set_timeout`, `kill`;
+//!   bytes uploaded and downloaded, `Sandbox.list` with metadata, `pause` (twice: the second
+//!   answers `False`) then `connect` with a variable and the files kept, `set_timeout`, `kill`;
 //! - `sandbox.py`: a JavaScript and a Python context sharing files, a background process alive
 //!   between `run_code` calls, stdin, process kill, exit codes, errors, callbacks, `!`/`%`
 //!   lines, environment variables; a port refused without its traffic token; and tenant B

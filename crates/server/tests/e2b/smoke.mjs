@@ -144,6 +144,21 @@ await check('Sandbox.list shows it with its metadata', async () => {
   expect(found.metadata?.suite === 'smoke-js' && found.metadata?.run === RUN, `metadata ${JSON.stringify(found.metadata)}`)
 })
 
+await check('pause, connect, state and files kept', async () => {
+  await sbx.runCode('kept = 6 * 7')
+  expect((await sbx.pause()) === true, 'pause() did not answer true')
+  expect((await sbx.pause()) === false, 'a second pause() did not answer false (already paused)')
+  const paused = (await sbx.getInfo()).state
+  expect(paused === 'paused', `state ${paused} while paused`)
+  sbx = await Sandbox.connect(sbx.sandboxId)
+  const r = await sbx.runCode('kept')
+  expect(r.text === '42', `the variable did not survive the pause: ${r.text}`)
+  const body = await sbx.files.read('/mnt/data/hello.txt')
+  expect(body === 'hello from e2b\n', `hello.txt after the pause: ${JSON.stringify(body)}`)
+  const running = (await sbx.getInfo()).state
+  expect(running === 'running', `state ${running} after connect`)
+})
+
 await check('setTimeout', async () => {
   const before = (await sbx.getInfo()).endAt
   await sbx.setTimeout(900_000)

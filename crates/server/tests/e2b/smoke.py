@@ -148,6 +148,22 @@ def listed():
     )
 
 
+def pause_connect():
+    global sbx
+    sbx.run_code("kept = 6 * 7")
+    expect(sbx.pause() is True, "pause() did not answer True")
+    expect(sbx.pause() is False, "a second pause() did not answer False (already paused)")
+    state = sbx.get_info().state
+    expect(state == "paused", f"state {state!r} while paused")
+    sbx = Sandbox.connect(sbx.sandbox_id)
+    r = sbx.run_code("kept")
+    expect(r.text == "42", f"the variable did not survive the pause: {r.text!r}")
+    body = sbx.files.read("/mnt/data/hello.txt")
+    expect(body == "hello from e2b\n", f"hello.txt after the pause: {body!r}")
+    state = sbx.get_info().state
+    expect(state == "running", f"state {state!r} after connect")
+
+
 def set_timeout():
     before = sbx.get_info().end_at
     sbx.set_timeout(900)
@@ -178,6 +194,7 @@ check("files.write then files.read", write_read)
 check("upload and download bytes", upload_download)
 check("background http.server through get_host", http_server)
 check("Sandbox.list shows it with its metadata", listed)
+check("pause, connect, state and files kept", pause_connect)
 check("set_timeout", set_timeout)
 check("kill, then it is gone", kill)
 print("smoke.py: all checks passed", flush=True)
