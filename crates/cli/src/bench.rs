@@ -1071,7 +1071,7 @@ async fn durable_phase(plan: &Plan, exe: &Path, work: &WorkDir) -> Result<Value>
     c.call(
         Method::POST,
         format!("/v1/sandboxes/{id}/processes"),
-        Some(json!({"cmd": "while :; do sleep 0.1; done"})),
+        Some(json!({"cmd": "while :; do sleep 0.1; done", "background": true})),
     )
     .await?;
     let pb = progress(

@@ -168,6 +168,16 @@ fn sandbox_cgroups(pids: &[u32]) -> BTreeMap<PathBuf, u64> {
     out
 }
 
+/// The jail, killed (with everything in it) when the test ends, even by a panic.
+struct Jail(std::process::Child);
+
+impl Drop for Jail {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn a_killed_server_leaves_nothing_and_its_sandboxes_come_back() {
     let dir = tempfile::tempdir().unwrap();
     let t = dir.path().to_path_buf();
@@ -184,7 +194,7 @@ fn a_killed_server_leaves_nothing_and_its_sandboxes_come_back() {
         ),
     )
     .unwrap();
-    let mut jail = jail::command(&format!("{}{SCRIPT}", jail::PRELUDE))
+    let jail = jail::command(&format!("{}{SCRIPT}", jail::PRELUDE))
         .arg(ampoule_testkit::paths::binary())
         .arg(&config)
         .env("JAIL_T", &t)
@@ -192,10 +202,23 @@ fn a_killed_server_leaves_nothing_and_its_sandboxes_come_back() {
         .env("AMPOULE_LOG", "info")
         .spawn()
         .unwrap();
-    let netns = std::fs::File::open(format!("/proc/{}/ns/net", jail.id())).unwrap();
+    let mut jail = Jail(jail);
+    // `unshare` makes its namespaces right after it starts: wait until it has.
+    let ours = std::fs::read_link("/proc/self/ns/net").unwrap();
+    let t0 = Instant::now();
+    while std::fs::read_link(format!("/proc/{}/ns/net", jail.0.id())).ok() == Some(ours.clone()) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the jail has no network namespace"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let netns = std::fs::File::open(format!("/proc/{}/ns/net", jail.0.id())).unwrap();
     nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
     let c = Client::new(PORT, KEY);
+    eprintln!("durable: in the jail's network; waiting for the server");
     wait_listening(&c, &t, "serve1.log");
+    eprintln!("durable: creating {SANDBOXES} sandboxes");
 
     let mut ids = Vec::new();
     let mut digests = BTreeMap::new();
@@ -220,7 +243,7 @@ fn a_killed_server_leaves_nothing_and_its_sandboxes_come_back() {
             &c,
             "POST",
             &format!("/v1/sandboxes/{id}/processes"),
-            Some(json!({ "cmd": "sleep 1000" })),
+            Some(json!({ "cmd": "sleep 1000", "background": true })),
         );
         digests.insert(id.clone(), digest);
         ids.push(id);
@@ -237,7 +260,7 @@ fn a_killed_server_leaves_nothing_and_its_sandboxes_come_back() {
     // What the server and its sandboxes are on the host, before the kill.
     // Everything below the jail's shell (which lives on): the server, its undertaker, the
     // sandboxes and their processes.
-    let jail_sh = children(jail.id())[0];
+    let jail_sh = children(jail.0.id())[0];
     let before: Vec<u32> = children(jail_sh)
         .into_iter()
         .flat_map(|p| std::iter::once(p).chain(descendants(p)))
@@ -248,6 +271,7 @@ fn a_killed_server_leaves_nothing_and_its_sandboxes_come_back() {
         cgroups.len() >= 15,
         "sandbox cgroups not found: {cgroups:?}"
     );
+    eprintln!("durable: killing the server");
     std::fs::write(t.join("kill"), "").unwrap();
     wait_file(&t, "killed", Duration::from_secs(30));
 
@@ -292,6 +316,7 @@ fn a_killed_server_leaves_nothing_and_its_sandboxes_come_back() {
         assert_eq!(mode(&dir.join("sandbox.json")), 0o600);
     }
 
+    eprintln!("durable: nothing left; starting the server again");
     std::fs::write(t.join("restart"), "").unwrap();
     wait_listening(&c, &t, "serve2.log");
     let listed = ok(&c, "GET", "/v1/sandboxes", None);
@@ -313,11 +338,11 @@ fn a_killed_server_leaves_nothing_and_its_sandboxes_come_back() {
     }
     std::fs::write(t.join("stop"), "").unwrap();
     let t0 = Instant::now();
-    while jail.try_wait().unwrap().is_none() {
-        if t0.elapsed() > Duration::from_secs(60) {
-            let _ = jail.kill();
-            panic!("the jail did not end");
-        }
+    while jail.0.try_wait().unwrap().is_none() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the jail did not end"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
