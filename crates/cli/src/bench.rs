@@ -65,6 +65,9 @@ pub(crate) struct BenchArgs {
     /// Do not drop the page cache (`/proc/sys/vm/drop_caches`) before memory readings.
     #[arg(long)]
     no_drop_caches: bool,
+    /// Only the durable-sandbox figures (pause, resume, hibernate).
+    #[arg(long)]
+    durable_only: bool,
 }
 
 /// Sample counts and durations of one run.
@@ -299,9 +302,17 @@ pub(crate) async fn run(args: BenchArgs) -> Result<ExitCode> {
         if args.quick { ", --quick" } else { "" },
     ));
 
+    let durable = durable_phase(&plan, &exe, &work).await?;
+    if args.durable_only {
+        let report =
+            json!({"version": 1, "date": utc_now(), "build": build_kind(), "durable": durable});
+        let mut out = std::io::stdout().lock();
+        serde_json::to_writer_pretty(&mut out, &report)?;
+        writeln!(out)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let baselines = baselines(&plan, &exe, &venv.python())?;
     let (new_session, bursts, round_trip, throughput) = server_phase(&plan, &exe, &work).await?;
-    let durable = durable_phase(&plan, &exe, &work).await?;
     let mut density = Vec::new();
     for &n in &plan.density {
         density.push(density_phase(n, &plan, &exe, &work).await?);
