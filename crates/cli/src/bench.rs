@@ -1112,25 +1112,26 @@ async fn durable_phase(plan: &Plan, exe: &Path, work: &WorkDir) -> Result<Value>
         .call(Method::POST, "/v1/sandboxes".to_owned(), Some(create))
         .await?;
     let id = sandbox(&v).context("no sandbox id")?;
-    let fill = "import os
-with open('/mnt/data/big', 'wb') as f:
-                    for _ in range(100):
-        f.write(os.urandom(1 << 20))
-                os.path.getsize('/mnt/data/big')";
+    let fill = "import os\nwith open('/mnt/data/big', 'wb') as f:\n    for _ in range(100):\n        f.write(os.urandom(1 << 20))\nos.path.getsize('/mnt/data/big')";
     c.call(
         Method::POST,
         format!("/v1/sandboxes/{id}/executions"),
         Some(json!({"code": fill})),
     )
-    .await?;
+    .await
+    .and_then(|(v, _)| {
+        if v["result"]["text/plain"] != "104857600" {
+            bail!("writing 100 MiB failed: {v}");
+        }
+        Ok(())
+    })?;
     let pb = progress(
         plan.hibernations,
         "hibernate / resume (100 MiB in /mnt/data)",
     );
     let (mut hib, mut wake, mut first) =
         (Samples::default(), Samples::default(), Samples::default());
-    let check = "import os
-os.path.getsize('/mnt/data/big')";
+    let check = "import os\nos.path.getsize('/mnt/data/big')";
     for _ in 0..plan.hibernations {
         let h = c
             .call(Method::POST, format!("/v1/sandboxes/{id}/hibernate"), None)
