@@ -226,3 +226,29 @@ async fn durable_disks_are_bounded_per_tenant_and_only_durable_ones_hibernate() 
         ErrorCode::InvalidRequest
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_session_commands_see_and_delete_hibernated_sessions() {
+    let (m, _, dir) = manager(Policy::default());
+    m.set_store(Store::open(dir.path().join("sandboxes")).unwrap());
+    let a = Caller::new("a");
+    let id = durable(&m, &a, Lifecycle::default()).await;
+    m.hibernate_sandbox(&a, &id).await.unwrap();
+    let target = Target::Id(id.clone());
+    assert_eq!(m.get_session(&a, &target).unwrap().id, id);
+    assert!(
+        m.list_sessions(&a, None)
+            .unwrap()
+            .iter()
+            .any(|s| s.id == id)
+    );
+    assert_eq!(
+        m.get_sandbox(&a, &id).unwrap().state,
+        "hibernated",
+        "reading it does not resume it"
+    );
+    assert!(m.delete_session(&Caller::new("b"), &target).await.is_err());
+    m.delete_session(&a, &target).await.unwrap();
+    assert!(m.get_session(&a, &target).is_err());
+    assert!(!dir.path().join("sandboxes").join(&id).exists());
+}

@@ -546,7 +546,32 @@ impl Manager {
     pub fn get_session(&self, caller: &Caller, target: &Target) -> Result<SessionInfo, Error> {
         match self.resolve(caller, target)? {
             Resolved::Existing(s) => Ok(self.info(&s)),
-            Resolved::New { .. } => Err(Error::session_not_found()),
+            // A hibernated session is still there (reading it does not resume it).
+            Resolved::New { pool, identifier } => self
+                .dormant_for_key(&(caller.tenant.clone(), pool, identifier))
+                .map(|r| self.dormant_session_info(&r))
+                .ok_or_else(Error::session_not_found),
+        }
+    }
+
+    /// A hibernated session as the session commands report it.
+    fn dormant_session_info(&self, r: &crate::lifecycle::Record) -> SessionInfo {
+        let pool = self.pool(&r.pool).ok();
+        let created = SystemTime::UNIX_EPOCH
+            + std::time::Duration::from_millis(r.created_at_ms.max(0) as u64);
+        let last = r.hibernated_at_ms.map_or(created, |ms| {
+            SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64)
+        });
+        SessionInfo {
+            id: r.id.clone(),
+            pool: r.pool.clone(),
+            identifier: r.identifier.clone(),
+            language: pool.map_or(Language::Python, |p| p.spec.language),
+            created_at: created,
+            last_used_at: last,
+            expires_at: last + pool.map(|p| p.idle_timeout).unwrap_or_default(),
+            executions: 0,
+            busy: false,
         }
     }
 
@@ -560,11 +585,26 @@ impl Manager {
         if let Some(p) = pool {
             self.pool(p)?;
         }
+        let dormant: Vec<crate::lifecycle::Record> = self.inner.dormant.lock().map_or_else(
+            |_| Vec::new(),
+            |d| {
+                d.values()
+                    .map(|x| x.record.clone())
+                    .filter(|r| r.tenant == caller.tenant)
+                    .collect()
+            },
+        );
         Ok(self
             .list(&caller.tenant)
             .iter()
             .filter(|s| pool.is_none_or(|p| s.pool == p))
             .map(|s| self.info(s))
+            .chain(
+                dormant
+                    .iter()
+                    .filter(|r| pool.is_none_or(|p| r.pool == p))
+                    .map(|r| self.dormant_session_info(r)),
+            )
             .collect())
     }
 
@@ -575,7 +615,25 @@ impl Manager {
                 self.delete(caller, &s).await;
                 Ok(())
             }
-            Resolved::New { .. } => Err(Error::session_not_found()),
+            // A hibernated one: its record and files go.
+            Resolved::New { pool, identifier } => {
+                let key = (caller.tenant.clone(), pool, identifier);
+                match self.dormant_for_key(&key) {
+                    Some(r)
+                        if self
+                            .delete_dormant(
+                                &caller.tenant,
+                                &r.id,
+                                None,
+                                caller.request_id.as_deref(),
+                            )
+                            .await =>
+                    {
+                        Ok(())
+                    }
+                    _ => Err(Error::session_not_found()),
+                }
+            }
         }
     }
 
