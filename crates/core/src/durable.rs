@@ -55,6 +55,10 @@ pub struct SandboxCounts {
     pub disk_bytes: u64,
 }
 
+/// CPU time between two looks of the reaper (every 500 ms) above which a sandbox is busy: 4 %
+/// of a core. An idle interpreter uses next to none.
+const BUSY_CPU_NS: u64 = 20_000_000;
+
 fn ms_of(t: SystemTime) -> i64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
@@ -563,6 +567,14 @@ impl Manager {
                 Some(OnTimeout::Hibernate) if durable => Due::Hibernate("timeout"),
                 _ => Due::Delete("timeout"),
             });
+        }
+        // Busy in a way the API does not see (code that started a process itself, a thread
+        // still computing): its idle time starts again.
+        if let Some(cpu) = s.live.cpu_ns()
+            && s.sandbox.used_cpu(cpu, BUSY_CPU_NS)
+        {
+            s.touch();
+            return None;
         }
         let idle_after = Lifecycle::secs(life.idle_timeout_s).unwrap_or(pool.idle_timeout);
         // Idle: no execution, no process of its own, no connection to its ports.

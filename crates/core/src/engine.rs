@@ -323,6 +323,13 @@ pub trait LiveSession: Send + Sync + 'static {
         ]
     }
 
+    /// CPU time everything in the sandbox has used so far, in nanoseconds, when the engine
+    /// can tell: work the API does not see (a process started by the code itself) keeps the
+    /// sandbox from being idle.
+    fn cpu_ns(&self) -> Option<u64> {
+        None
+    }
+
     /// Freezes every process of the sandbox (memory kept, no CPU); returns once they are.
     fn pause(&self) -> Result<(), EngineError> {
         Err(EngineError::Unsupported(

@@ -305,6 +305,8 @@ pub(crate) struct Life {
     pub(crate) ports_open: usize,
     /// Resumed from hibernation without its memory: its contexts started afresh.
     pub(crate) memory_lost: bool,
+    /// CPU time of the sandbox when the reaper last looked (see [`Extras::used_cpu`]).
+    pub(crate) last_cpu_ns: Option<u64>,
 }
 
 /// Held while a connection to a sandbox's port is open: the sandbox is not idle meanwhile.
@@ -392,6 +394,17 @@ impl Extras {
             .lock()
             .map(|l| l.paused_total + l.paused.map(|p| p.elapsed()).unwrap_or_default())
             .unwrap_or_default()
+    }
+
+    /// Whether the sandbox used at least `min_ns` of CPU since the last call (the first call
+    /// only takes the reading): work the API does not see, such as a process the code
+    /// started itself.
+    pub(crate) fn used_cpu(&self, now_ns: u64, min_ns: u64) -> bool {
+        let Ok(mut l) = self.life.lock() else {
+            return false;
+        };
+        let before = l.last_cpu_ns.replace(now_ns);
+        before.is_some_and(|b| now_ns.saturating_sub(b) >= min_ns)
     }
 
     /// Whether its memory was lost (resumed from hibernation).

@@ -737,6 +737,10 @@ impl LiveSession for LiveInterpreter {
         ampoule_session::command_env(&[])
     }
 
+    fn cpu_ns(&self) -> Option<u64> {
+        self.freezer.as_ref().and_then(|f| f.stats().cpu_ns)
+    }
+
     fn pause(&self) -> Result<(), EngineError> {
         let f = self.freezer.as_ref().ok_or_else(|| {
             EngineError::Unsupported("this server cannot pause a sandbox (no cgroups)".into())

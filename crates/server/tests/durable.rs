@@ -302,11 +302,26 @@ fn idle_policies(api: &Api) {
     let sleepy = api.create(json!({"on_idle": "hibernate", "idle_timeout_s": 1}));
     api.put(&sleepy, "kept.txt", b"still here");
     let doomed = api.create(json!({"on_idle": "delete", "idle_timeout_s": 1}));
+    // A job the code started itself, which the API does not know of: its CPU use keeps the
+    // sandbox busy.
+    let working = api.create(json!({"on_idle": "pause", "idle_timeout_s": 1}));
+    let r = api.python(
+        &working,
+        "import subprocess\n\
+         p = subprocess.Popen(['sh', '-c', 'while :; do :; done'])\n\
+         p.pid > 0",
+    );
+    assert_eq!(r["status"], "succeeded", "{r}");
     std::thread::sleep(Duration::from_secs(4));
     assert_eq!(
         api.state(&busy)["state"],
         "running",
         "a running process is not idle"
+    );
+    assert_eq!(
+        api.state(&working)["state"],
+        "running",
+        "a sandbox whose own job uses the CPU is not idle"
     );
     assert_eq!(api.state(&idle)["state"], "paused");
     assert_eq!(api.state(&sleepy)["state"], "hibernated");
@@ -316,7 +331,7 @@ fn idle_policies(api: &Api) {
         .unwrap();
     assert_eq!(status, 404, "an idle sandbox with on_idle = delete is gone");
     assert_eq!(api.digest(&sleepy, "kept.txt"), sha256(b"still here"));
-    for id in [busy, idle, sleepy] {
+    for id in [busy, idle, sleepy, working] {
         api.ok("DELETE", &format!("/v1/sandboxes/{id}"), None);
     }
 }
