@@ -7,6 +7,7 @@
 mod as_command;
 mod audit;
 mod bench;
+mod image;
 mod printer;
 mod setup;
 
@@ -59,6 +60,9 @@ enum Command {
     /// Benchmarks on this machine (root): new-session latency through the HTTP API with and
     /// without a zygote or warm pool, round trips, throughput, density, baselines.
     Bench(bench::BenchArgs),
+    /// Images for pools (`[pools.X] image = "NAME:TAG"`): import an OCI layout or a
+    /// `docker save` archive, pull from a registry, list, remove.
+    Image(image::ImageArgs),
     /// Check which isolation layers and language runtimes work on this host.
     Doctor {
         /// Print the report as JSON.
@@ -190,6 +194,7 @@ fn main() -> ExitCode {
             Command::Doctor { json } => doctor(json).await,
             Command::Audit(args) => audit::run(args).await,
             Command::Bench(args) => bench::run(args).await,
+            Command::Image(args) => image::run(args).await,
         }
     });
     match result {
