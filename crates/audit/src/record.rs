@@ -113,6 +113,13 @@ pub struct Record {
     /// The id of the request that caused the record (its `X-Request-Id`), when one did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
+    /// The non-secret id of the API key that made the request (the first 12 hex digits of
+    /// its SHA-256), when a key did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
+    /// The client's address, for refusals made at the door (failed authentications).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client: Option<String>,
 }
 
 impl Record {
@@ -139,6 +146,8 @@ impl Record {
             decided_by: None,
             identifier: None,
             request_id: None,
+            key_id: None,
+            client: None,
         }
     }
 

@@ -258,7 +258,7 @@ impl Manager {
         r: &Record,
         kind: Kind,
         decided_by: Option<&str>,
-        request_id: Option<&str>,
+        by: Option<&Caller>,
     ) {
         let event = match kind {
             Kind::SessionExpired => "expired",
@@ -277,7 +277,8 @@ impl Manager {
         a.duration_ms = Some(0.0);
         a.decided_by = decided_by.map(str::to_owned);
         a.identifier = Some(r.identifier.clone());
-        a.request_id = request_id.map(str::to_owned);
+        a.request_id = by.and_then(|c| c.request_id.clone());
+        a.key_id = by.and_then(|c| c.key_id.clone());
         self.write_audit_record(a).await;
     }
 
@@ -288,7 +289,7 @@ impl Manager {
         tenant: &str,
         id: &str,
         why: Option<&str>,
-        request_id: Option<&str>,
+        by: Option<&Caller>,
     ) -> bool {
         let _waking = self.inner.waking.lock().await;
         let gone = self.inner.dormant.lock().ok().and_then(|mut d| {
@@ -308,8 +309,7 @@ impl Manager {
             Kind::SessionDeleted
         };
         tracing::info!(sandbox = %id, reason = why.unwrap_or("deleted"), "hibernated sandbox deleted");
-        self.audit_dormant(&gone.record, kind, why, request_id)
-            .await;
+        self.audit_dormant(&gone.record, kind, why, by).await;
         true
     }
 
@@ -318,7 +318,7 @@ impl Manager {
     pub(crate) async fn awake(&self, caller: &Caller, id: &str) -> Result<Arc<Session>, Error> {
         match self.get(&caller.tenant, id) {
             Ok(s) => {
-                self.wake(&s, caller.request_id.as_deref()).await?;
+                self.wake(&s, Some(caller)).await?;
                 Ok(s)
             }
             Err(e) => match self.dormant_record(id) {
@@ -329,7 +329,7 @@ impl Manager {
     }
 
     /// Thaws a paused session (nothing when it runs): its timeout resumes where it stopped.
-    pub(crate) async fn wake(&self, s: &Session, request_id: Option<&str>) -> Result<(), Error> {
+    pub(crate) async fn wake(&self, s: &Session, by: Option<&Caller>) -> Result<(), Error> {
         if s.sandbox.paused_since().is_none() {
             return Ok(());
         }
@@ -352,7 +352,7 @@ impl Manager {
             .observer
             .sandbox_transition(&s.pool, "resume", seconds);
         tracing::info!(sandbox = %s.id, ms = seconds * 1000.0, "sandbox resumed");
-        self.audit_session(s, Kind::SandboxResumed, Some("memory_kept"), request_id)
+        self.audit_session(s, Kind::SandboxResumed, Some("memory_kept"), by)
             .await;
         Ok(())
     }
@@ -391,13 +391,8 @@ impl Manager {
             .observer
             .sandbox_transition(&r.pool, "restore", seconds);
         tracing::info!(sandbox = %r.id, ms = seconds * 1000.0, "hibernated sandbox started again");
-        self.audit_session(
-            &s,
-            Kind::SandboxResumed,
-            Some("memory_lost"),
-            caller.request_id.as_deref(),
-        )
-        .await;
+        self.audit_session(&s, Kind::SandboxResumed, Some("memory_lost"), Some(caller))
+            .await;
         Ok(s)
     }
 
@@ -408,17 +403,11 @@ impl Manager {
             Ok(s) => s,
             Err(e) => return self.dormant_info(&caller.tenant, id).ok_or(e),
         };
-        self.pause_now(&s, "api", caller.request_id.as_deref())
-            .await?;
+        self.pause_now(&s, "api", Some(caller)).await?;
         Ok(self.sandbox_info(&s))
     }
 
-    async fn pause_now(
-        &self,
-        s: &Session,
-        why: &str,
-        request_id: Option<&str>,
-    ) -> Result<(), Error> {
+    async fn pause_now(&self, s: &Session, why: &str, by: Option<&Caller>) -> Result<(), Error> {
         let Ok(_x) = s.exec_lock.try_lock() else {
             return Err(Error::Conflict(
                 "an execution is running in this sandbox; pause it once it ends".into(),
@@ -437,7 +426,7 @@ impl Manager {
             .observer
             .sandbox_transition(&s.pool, "pause", seconds);
         tracing::info!(sandbox = %s.id, ms = seconds * 1000.0, reason = why, "sandbox paused");
-        self.audit_session(s, Kind::SandboxPaused, Some(why), request_id)
+        self.audit_session(s, Kind::SandboxPaused, Some(why), by)
             .await;
         Ok(())
     }
@@ -473,8 +462,7 @@ impl Manager {
             ));
         }
         let slot = self.slot_of(&s.id).ok_or_else(Error::session_not_found)?;
-        self.hibernate(&slot, "api", caller.request_id.as_deref())
-            .await?;
+        self.hibernate(&slot, "api", Some(caller)).await?;
         self.dormant_info(&caller.tenant, id)
             .ok_or_else(Error::session_not_found)
     }
@@ -488,7 +476,7 @@ impl Manager {
         &self,
         slot: &Arc<Slot>,
         why: &str,
-        request_id: Option<&str>,
+        by: Option<&Caller>,
     ) -> Result<(), Error> {
         let Some(s) = slot.cell.get() else {
             return Ok(());
@@ -509,7 +497,7 @@ impl Manager {
             .map_err(|e| Error::internal(format!("hibernating {}: {e}", s.id)))?;
         let since = s.sandbox.paused_since().unwrap_or_else(Instant::now);
         // Its running time ends here (the record carries it to the usage figures).
-        self.audit_session(s, Kind::SandboxHibernated, Some(why), request_id)
+        self.audit_session(s, Kind::SandboxHibernated, Some(why), by)
             .await;
         if let Ok(mut d) = self.inner.dormant.lock() {
             d.insert(s.id.clone(), Dormant { record, since });

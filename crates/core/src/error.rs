@@ -71,6 +71,16 @@ pub enum ErrorCode {
     DiskQuotaExceeded,
     /// The server is shutting down.
     ShuttingDown,
+    /// The API key's expiry has passed (a rotated key's grace period included).
+    KeyExpired,
+    /// The API key was revoked.
+    KeyRevoked,
+    /// Too many failed authentications from the client's address (or with the key's
+    /// prefix) in the last minute: nothing is checked until `Retry-After` has passed.
+    AuthThrottled,
+    /// The listener holds as many connections as it allows (in total or from the client's
+    /// address).
+    TooManyConnections,
     /// Something broke inside the server (logged; the message says no more).
     Internal,
 }
@@ -107,6 +117,10 @@ impl ErrorCode {
             ErrorCode::Conflict => "conflict",
             ErrorCode::DiskQuotaExceeded => "disk_quota_exceeded",
             ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::KeyExpired => "key_expired",
+            ErrorCode::KeyRevoked => "key_revoked",
+            ErrorCode::AuthThrottled => "auth_throttled",
+            ErrorCode::TooManyConnections => "too_many_connections",
             ErrorCode::Internal => "internal",
         }
     }

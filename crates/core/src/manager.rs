@@ -332,9 +332,38 @@ impl Manager {
             r.decided_by = Some(code.as_str().to_owned());
             r.identifier = identifier.map(str::to_owned);
             r.request_id = caller.request_id.clone();
+            r.key_id = caller.key_id.clone();
             self.write_audit_record(r).await;
         }
         e
+    }
+
+    /// A refusal at a front door before any tenant is known (failed authentications that
+    /// reached a throttle): counted, logged and written down (kind `refused`, no tenant, pool
+    /// or session; `decided_by` = the code, `status` = what was throttled (`address`,
+    /// `key_prefix`), `client` = the address when known).
+    pub async fn refused_at_door(
+        &self,
+        code: crate::error::ErrorCode,
+        by: &str,
+        client: Option<String>,
+        request_id: Option<String>,
+    ) {
+        self.inner.observer.refused(code);
+        tracing::warn!(
+            code = code.as_str(),
+            by,
+            client = client.as_deref().unwrap_or("-"),
+            "refused at the door"
+        );
+        if self.inner.audit.get().is_some() {
+            let mut r = Record::new(Kind::Refused, now_ms(), "", "", "");
+            r.decided_by = Some(code.as_str().to_owned());
+            r.status = Some(by.to_owned());
+            r.client = client;
+            r.request_id = request_id;
+            self.write_audit_record(r).await;
+        }
     }
 
     /// Queues a record; never fails the caller (a stopped writer is logged).
@@ -351,13 +380,13 @@ impl Manager {
         }
     }
 
-    /// A session event's record; `request_id` is the request that caused it, if one did.
+    /// A session event's record; `by` is the caller whose request caused it, if one did.
     pub(crate) async fn audit_session(
         &self,
         s: &Session,
         kind: Kind,
         decided_by: Option<&str>,
-        request_id: Option<&str>,
+        by: Option<&Caller>,
     ) {
         let event = match kind {
             Kind::SessionCreated => Some("created"),
@@ -385,7 +414,8 @@ impl Manager {
         }
         r.decided_by = decided_by.map(str::to_owned);
         r.identifier = Some(s.identifier.clone());
-        r.request_id = request_id.map(str::to_owned);
+        r.request_id = by.and_then(|c| c.request_id.clone());
+        r.key_id = by.and_then(|c| c.key_id.clone());
         self.write_audit_record(r).await;
     }
 
@@ -813,7 +843,7 @@ impl Manager {
                 }
                 if !reserved {
                     // Named by a call: a paused session runs again.
-                    self.wake(&session, caller.request_id.as_deref()).await?;
+                    self.wake(&session, Some(caller)).await?;
                 }
                 session.touch();
                 tracing::Span::current().record("session", session.id.as_str());
@@ -821,13 +851,8 @@ impl Manager {
                     if session.sandbox.disk.is_some() {
                         self.save_record(&session);
                     }
-                    self.audit_session(
-                        &session,
-                        Kind::SessionCreated,
-                        None,
-                        caller.request_id.as_deref(),
-                    )
-                    .await;
+                    self.audit_session(&session, Kind::SessionCreated, None, Some(caller))
+                        .await;
                 }
                 Ok((session, reserved))
             }
@@ -913,7 +938,7 @@ impl Manager {
             return;
         };
         if let Some(s) = slot.cell.get() {
-            self.audit_session(s, Kind::SessionDeleted, None, caller.request_id.as_deref())
+            self.audit_session(s, Kind::SessionDeleted, None, Some(caller))
                 .await;
         }
         self.remove_and_close(&slot).await;
@@ -958,7 +983,7 @@ impl Manager {
     ) -> tokio::task::JoinHandle<Result<ExecutionResult, Error>> {
         let me = self.clone();
         let session = session.clone();
-        let request_id = caller.request_id.clone();
+        let by = caller.clone();
         // At `warn`, like the request span (see the server's `logging`).
         let span = tracing::warn_span!(
             "execution",
@@ -967,7 +992,7 @@ impl Manager {
         );
         tokio::spawn(
             async move {
-                me.execute_here(&session, ctx, req, events, execution, request_id)
+                me.execute_here(&session, ctx, req, events, execution, by)
                     .await
             }
             .instrument(span),
@@ -981,7 +1006,7 @@ impl Manager {
         req: ExecRequest,
         events: Option<EventSender>,
         execution: String,
-        request_id: Option<String>,
+        by: Caller,
     ) -> Result<ExecutionResult, Error> {
         session.in_flight.fetch_add(1, Ordering::SeqCst);
         session.touch();
@@ -1039,7 +1064,8 @@ impl Manager {
                 started,
                 code,
                 execution,
-                request_id: request_id.clone(),
+                request_id: by.request_id.clone(),
+                key_id: by.key_id.clone(),
                 files,
                 language,
             };
@@ -1051,7 +1077,7 @@ impl Manager {
                 session,
                 Kind::SessionKilled,
                 Some(limit.map_or("sandbox_died", |l| l.as_str())),
-                request_id.as_deref(),
+                Some(&by),
             )
             .await;
             // The sandbox is gone (a limit killed it): the next call with this identifier
@@ -1084,6 +1110,7 @@ impl Manager {
         rec.execution = Some(x.execution);
         rec.identifier = Some(session.identifier.clone());
         rec.request_id = x.request_id;
+        rec.key_id = x.key_id;
         rec.language = x.language;
         rec.code_sha256 = Some(ampoule_audit::sha256_hex(x.code.as_bytes()));
         rec.code = keep_code.then_some(x.code);
@@ -1192,6 +1219,7 @@ struct ExecutionRecord {
     code: String,
     execution: String,
     request_id: Option<String>,
+    key_id: Option<String>,
     files: Vec<String>,
     language: Option<String>,
 }

@@ -688,7 +688,7 @@ impl Manager {
             }
             Err(e) => {
                 if self
-                    .delete_dormant(&caller.tenant, id, None, caller.request_id.as_deref())
+                    .delete_dormant(&caller.tenant, id, None, Some(caller))
                     .await
                 {
                     Ok(())
@@ -1079,7 +1079,7 @@ impl Manager {
             Command::Shell(line) => line.clone(),
             Command::Argv(a) => a.join(" "),
         };
-        let request_id = caller.request_id.clone();
+        let by = caller.clone();
         tokio::spawn(async move {
             let end = pump(
                 &proc,
@@ -1098,8 +1098,7 @@ impl Manager {
             }
             session.in_flight_sub();
             session.touch();
-            me.audit_process(&session, started, code, request_id, end)
-                .await;
+            me.audit_process(&session, started, code, by, end).await;
         });
         Ok(ProcessStream { info, events })
     }
@@ -1223,7 +1222,7 @@ impl Manager {
         s: &Session,
         started: i64,
         code: String,
-        request_id: Option<String>,
+        by: Caller,
         end: ProcessEnd,
     ) {
         let Some(a) = self.audit() else {
@@ -1238,7 +1237,8 @@ impl Manager {
             &s.id,
         );
         rec.identifier = Some(s.identifier.clone());
-        rec.request_id = request_id;
+        rec.request_id = by.request_id;
+        rec.key_id = by.key_id;
         rec.language = Some("shell".into());
         rec.code_sha256 = Some(ampoule_audit::sha256_hex(code.as_bytes()));
         rec.code = keep_code.then_some(code);

@@ -421,7 +421,7 @@ impl Manager {
         match r {
             Resolved::Existing(s) => {
                 // Named by a call: a paused session runs again.
-                self.wake(&s, caller.request_id.as_deref()).await?;
+                self.wake(&s, Some(caller)).await?;
                 s.touch();
                 Ok(s)
             }
@@ -621,12 +621,7 @@ impl Manager {
                 match self.dormant_for_key(&key) {
                     Some(r)
                         if self
-                            .delete_dormant(
-                                &caller.tenant,
-                                &r.id,
-                                None,
-                                caller.request_id.as_deref(),
-                            )
+                            .delete_dormant(&caller.tenant, &r.id, None, Some(caller))
                             .await =>
                     {
                         Ok(())

@@ -23,6 +23,8 @@ pub struct Caller {
     /// The id of the HTTP request carrying the call (`X-Request-Id`), when there is one; the
     /// server writes it into the audit records the call causes.
     pub request_id: Option<String>,
+    /// The non-secret id of the API key the call came with, for the audit records.
+    pub key_id: Option<String>,
 }
 
 impl Caller {
@@ -31,6 +33,7 @@ impl Caller {
         Self {
             tenant: tenant.into(),
             request_id: None,
+            key_id: None,
         }
     }
 }

@@ -189,7 +189,7 @@ async fn handle(state: AppState, req: Request) -> Result<Response, ApiError> {
     let Some((pool, op)) = route(parts.uri.path(), family_b)? else {
         return Err(ApiError::new(ErrorCode::NotFound, "no such operation"));
     };
-    let key = state.keys.identify(&parts.headers)?;
+    let key = state.keys.identify(&parts.headers, &parts.extensions)?;
     let caller = crate::auth::caller(key, &parts.extensions);
     // An unknown pool is the command's to refuse (`pool_not_found`), like any other.
     let pool = pool.unwrap_or_else(|| state.manager.default_pool().to_owned());

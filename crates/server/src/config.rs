@@ -99,6 +99,21 @@ pub struct ServerConfig {
     /// Most live sessions one tenant may hold across pools (default: no limit beyond the
     /// pools' own).
     pub max_sessions_per_tenant: Option<usize>,
+    /// Seconds a client has to send a whole request head, from the connection's opening
+    /// (TLS handshake included) or from the first byte of a later request (default 10);
+    /// then the connection is closed.
+    pub header_timeout_s: Option<f64>,
+    /// Longest pause, in seconds, while a request body is being read (default 30); then the
+    /// request fails and the connection is closed. Responses are never cut: a streaming
+    /// execution runs as long as its own timeout allows.
+    pub body_timeout_s: Option<f64>,
+    /// Seconds an idle keep-alive connection is kept between requests (default 60).
+    pub keepalive_timeout_s: Option<f64>,
+    /// Most connections open at once on a listener (default 10000, and at most three
+    /// quarters of the process's open-file limit); past it new ones are refused at once.
+    pub max_connections: Option<usize>,
+    /// Most connections open at once from one client address (IPv6: one /64) (default 512).
+    pub max_connections_per_address: Option<usize>,
 }
 
 /// `[auth]`.
@@ -108,6 +123,13 @@ pub struct AuthConfig {
     /// `[[auth.keys]]`.
     #[serde(default)]
     pub keys: Vec<KeyConfig>,
+    /// The keys file `ampoule keys` manages and the server reads again when it changes
+    /// (default: `keys.toml` in the data directory).
+    pub keys_file: Option<PathBuf>,
+    /// Failed authentications per minute from one address, or with one key prefix, before
+    /// further requests are answered 429 `auth_throttled` for the rest of the minute
+    /// (default 20; 0: no throttle).
+    pub max_failures_per_minute: Option<u32>,
 }
 
 /// One API key and its tenant.
@@ -544,6 +566,65 @@ impl Config {
             .saturating_mul(1024 * 1024)
     }
 
+    /// The keys file (`[auth] keys_file`, else `keys.toml` in the data directory).
+    pub fn keys_file(&self) -> PathBuf {
+        self.auth
+            .keys_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir().join(KEYS_FILE))
+    }
+
+    /// Failed authentications a minute before throttling (0: never).
+    pub fn max_auth_failures(&self) -> u32 {
+        self.auth
+            .max_failures_per_minute
+            .unwrap_or(DEFAULT_MAX_AUTH_FAILURES)
+    }
+
+    /// The listeners' timeouts and connection caps (`[server]`), checked.
+    pub fn door_limits(&self) -> Result<crate::listener::Limits, Error> {
+        let secs = |v: Option<f64>, default: f64, name: &str| {
+            let v = v.unwrap_or(default);
+            if v.is_finite() && v > 0.0 && v <= 86_400.0 {
+                Ok(std::time::Duration::from_secs_f64(v))
+            } else {
+                Err(Error::Config(format!(
+                    "server.{name} must be a number of seconds above 0 and at most 86400"
+                )))
+            }
+        };
+        let s = &self.server;
+        let d = crate::listener::Limits::default();
+        let limits = crate::listener::Limits {
+            header_timeout: secs(
+                s.header_timeout_s,
+                d.header_timeout.as_secs_f64(),
+                "header_timeout_s",
+            )?,
+            body_timeout: secs(
+                s.body_timeout_s,
+                d.body_timeout.as_secs_f64(),
+                "body_timeout_s",
+            )?,
+            keepalive_timeout: secs(
+                s.keepalive_timeout_s,
+                d.keepalive_timeout.as_secs_f64(),
+                "keepalive_timeout_s",
+            )?,
+            max_connections: s.max_connections.unwrap_or(d.max_connections),
+            max_connections_per_address: s
+                .max_connections_per_address
+                .unwrap_or(d.max_connections_per_address),
+        };
+        if limits.max_connections == 0 || limits.max_connections_per_address == 0 {
+            return Err(Error::Config(
+                "server.max_connections and server.max_connections_per_address must be at least 1"
+                    .into(),
+            ));
+        }
+        Ok(limits)
+    }
+
     /// The data directory: configured, else the one sessions use (`$AMPOULE_DATA_DIR`,
     /// `/var/lib/ampoule` for root, `~/.local/share/ampoule` otherwise).
     pub fn data_dir(&self) -> PathBuf {
@@ -628,6 +709,12 @@ pub fn sha256_hex(key: &str) -> String {
 
 /// The tenant of the key generated on first start.
 pub const GENERATED_TENANT: &str = "default";
+
+/// Failed authentications a minute before an address or key prefix is throttled.
+pub const DEFAULT_MAX_AUTH_FAILURES: u32 = 20;
+
+/// The keys file's name in the data directory.
+pub const KEYS_FILE: &str = "keys.toml";
 
 /// Name of the file in the data directory holding the generated key's digest.
 pub const GENERATED_KEY_FILE: &str = "api-key.sha256";

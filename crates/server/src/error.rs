@@ -52,7 +52,11 @@ pub use ampoule_core::ErrorCode;
 /// The HTTP status of a code on the native API.
 pub fn status(code: ErrorCode) -> StatusCode {
     match code {
-        ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
+        ErrorCode::Unauthorized | ErrorCode::KeyExpired | ErrorCode::KeyRevoked => {
+            StatusCode::UNAUTHORIZED
+        }
+        ErrorCode::AuthThrottled => StatusCode::TOO_MANY_REQUESTS,
+        ErrorCode::TooManyConnections => StatusCode::SERVICE_UNAVAILABLE,
         ErrorCode::NotFound
         | ErrorCode::SessionNotFound
         | ErrorCode::PoolNotFound
@@ -87,7 +91,9 @@ pub fn status(code: ErrorCode) -> StatusCode {
 /// ACA-compatible routes), named like the codes the real service uses.
 pub fn aca_name(code: ErrorCode) -> &'static str {
     match code {
-        ErrorCode::Unauthorized => "Unauthorized",
+        ErrorCode::Unauthorized | ErrorCode::KeyExpired | ErrorCode::KeyRevoked => "Unauthorized",
+        ErrorCode::AuthThrottled => "TooManyRequests",
+        ErrorCode::TooManyConnections => "ServiceUnavailable",
         ErrorCode::NotFound => "NotFound",
         ErrorCode::SessionNotFound => "SessionWithIdentifierNotFound",
         ErrorCode::PoolNotFound => "SessionPoolNotFound",

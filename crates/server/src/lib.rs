@@ -24,6 +24,7 @@ pub mod e2b;
 pub mod error;
 pub mod files;
 mod inside;
+pub mod listener;
 pub mod logging;
 pub mod mcp;
 pub mod metrics;

@@ -38,6 +38,7 @@ fn failure(e: ampoule_core::Error) -> ApiFailure {
 fn caller(c: &Caller) -> CoreCaller {
     let mut out = CoreCaller::new(c.tenant.clone());
     out.request_id = c.request_id.clone();
+    out.key_id = c.key_id.clone();
     out
 }
 
@@ -237,9 +238,10 @@ impl SandboxApi for ManagerApi {
 /// Authenticates an `/mcp` request like every other API call and hands the key's tenant (and
 /// the request's id) to the MCP service as its [`Caller`].
 async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
-    match state.keys.tenant(req.headers()) {
-        Ok(tenant) => {
+    match state.keys.identify(req.headers(), req.extensions()) {
+        Ok((tenant, key_id)) => {
             let mut caller = Caller::new(tenant);
+            caller.key_id = Some(key_id);
             caller.request_id = req
                 .extensions()
                 .get::<crate::auth::RequestId>()

@@ -85,6 +85,82 @@ struct ReasonLabel {
     reason: &'static str,
 }
 
+/// `listener`, `reason`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerReasonLabels {
+    listener: &'static str,
+    reason: &'static str,
+}
+
+/// `listener`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabel {
+    listener: &'static str,
+}
+
+/// The front door's families: connections and authentications (see [`crate::listener`] and
+/// [`crate::auth`]).
+#[derive(Debug, Clone, Default)]
+pub struct DoorMetrics {
+    open: Family<ListenerLabel, Gauge>,
+    refused: Family<ListenerReasonLabels, Counter>,
+    closed: Family<ListenerReasonLabels, Counter>,
+    auth_failures: Family<ReasonLabel, Counter>,
+    auth_throttled: Family<ReasonLabel, Counter>,
+}
+
+/// One open connection, counted until dropped.
+pub struct OpenConnection {
+    gauge: Gauge,
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
+impl DoorMetrics {
+    /// A connection opened on `listener`.
+    pub fn open(&self, listener: &'static str) -> OpenConnection {
+        let gauge = self.open.get_or_create(&ListenerLabel { listener }).clone();
+        gauge.inc();
+        OpenConnection { gauge }
+    }
+
+    /// A connection refused (`total`, `per_address`).
+    pub fn refused(&self, listener: &'static str, reason: &'static str) {
+        self.refused
+            .get_or_create(&ListenerReasonLabels { listener, reason })
+            .inc();
+    }
+
+    /// A connection closed by a timeout (`header_timeout`, `idle_timeout`).
+    pub fn closed(&self, listener: &'static str, reason: &'static str) {
+        self.closed
+            .get_or_create(&ListenerReasonLabels { listener, reason })
+            .inc();
+    }
+
+    /// What the keys said ([`crate::auth::AuthEvent`]).
+    pub fn auth(&self, e: &crate::auth::AuthEvent) {
+        match e {
+            crate::auth::AuthEvent::Failed(code) => {
+                self.auth_failures
+                    .get_or_create(&ReasonLabel {
+                        reason: code.as_str(),
+                    })
+                    .inc();
+            }
+            crate::auth::AuthEvent::Throttled { by, .. } => {
+                self.auth_throttled
+                    .get_or_create(&ReasonLabel { reason: by })
+                    .inc();
+            }
+        }
+    }
+}
+
 type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn execution_buckets() -> Histogram {
@@ -138,6 +214,7 @@ pub struct Metrics {
     sandbox_disk_bytes: Gauge,
     sandbox_transition_seconds: Histograms<EventLabels>,
     zygote: ZygoteMetrics,
+    door: DoorMetrics,
 }
 
 impl Default for Metrics {
@@ -281,6 +358,32 @@ impl Metrics {
             "Time from a fork request to a ready session",
             zygote.fork_seconds.clone(),
         );
+        let door = DoorMetrics::default();
+        r.register(
+            "connections",
+            "Connections open, by listener (api, metrics)",
+            door.open.clone(),
+        );
+        r.register(
+            "connections_refused",
+            "Connections refused at accept by a cap (total: max_connections; per_address: max_connections_per_address)",
+            door.refused.clone(),
+        );
+        r.register(
+            "connections_closed",
+            "Connections closed by the door (header_timeout: no whole request head in time; idle_timeout: idle between requests)",
+            door.closed.clone(),
+        );
+        r.register(
+            "auth_failures",
+            "Failed authentications, by code (unauthorized, key_expired, key_revoked)",
+            door.auth_failures.clone(),
+        );
+        r.register(
+            "auth_throttled",
+            "Requests answered 429 auth_throttled, by what was throttled (address, key_prefix)",
+            door.auth_throttled.clone(),
+        );
         Self {
             registry: std::sync::Arc::new(r),
             executions,
@@ -297,7 +400,13 @@ impl Metrics {
             sandbox_disk_bytes,
             sandbox_transition_seconds,
             zygote,
+            door,
         }
+    }
+
+    /// The front door's families.
+    pub fn door(&self) -> &DoorMetrics {
+        &self.door
     }
 
     /// The zygote families (see [`ZygoteMetrics`]).

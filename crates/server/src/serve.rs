@@ -15,9 +15,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::auth::Keys;
+use crate::auth::keyfile::{self, KeyFile};
 use crate::config::{self, Config};
 use crate::engine::Engine;
 use crate::error::Error;
+use crate::listener::Door;
 use crate::{AppState, app};
 use ampoule_core::{Manager, TenantLimits};
 
@@ -75,7 +77,8 @@ pub fn keys(cfg: &Config) -> Result<Keys, Error> {
     keys_noting(cfg, &|_| {})
 }
 
-/// Resolves the API keys: the configured ones, else the generated one, announced to `notify`.
+/// Resolves the API keys: the configured ones, else the generated one, announced to `notify`;
+/// and the keys file's.
 pub fn keys_noting(cfg: &Config, notify: &dyn Fn(Notice)) -> Result<Keys, Error> {
     let mut pairs = cfg.key_digests()?;
     if pairs.is_empty() {
@@ -92,7 +95,37 @@ pub fn keys_noting(cfg: &Config, notify: &dyn Fn(Notice)) -> Result<Keys, Error>
         });
         pairs.push((digest, config::GENERATED_TENANT.to_owned()));
     }
-    Ok(Keys::new(pairs))
+    let keys = Keys::with_throttle(pairs, cfg.max_auth_failures());
+    keys.reload(KeyFile::load(&cfg.keys_file())?.entries());
+    Ok(keys)
+}
+
+/// Reads the keys file again whenever it changes (checked every second), so that keys added,
+/// rotated or revoked by `ampoule keys` apply without a restart. A file that cannot be read
+/// keeps the keys in use (and says why in the log).
+pub fn watch_keys(path: PathBuf, keys: Arc<Keys>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut seen = keyfile::stamp(&path);
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let now = keyfile::stamp(&path);
+            if now == seen {
+                continue;
+            }
+            seen = now;
+            match KeyFile::load(&path) {
+                Ok(file) => {
+                    keys.reload(file.entries());
+                    tracing::info!(keys = keys.len(), file = %path.display(), "keys file read again");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "the keys file was not read; the keys in use stay")
+                }
+            }
+        }
+    })
 }
 
 /// Builds the manager and state for a config and an engine.
@@ -112,14 +145,43 @@ pub fn state(cfg: &Config, engine: Arc<dyn Engine>, keys: Keys) -> Result<AppSta
             .collect(),
     };
     let metrics = crate::metrics::Metrics::new();
+    let manager = Manager::new(
+        engine,
+        pools,
+        default_pool,
+        tenants,
+        Arc::new(metrics.clone()),
+    );
+    {
+        let door = metrics.door().clone();
+        let manager = manager.clone();
+        keys.on_event(move |e| {
+            door.auth(&e);
+            if let crate::auth::AuthEvent::Throttled {
+                by,
+                client,
+                first: true,
+                request_id,
+                ..
+            } = e
+                && let Ok(rt) = tokio::runtime::Handle::try_current()
+            {
+                let manager = manager.clone();
+                rt.spawn(async move {
+                    manager
+                        .refused_at_door(
+                            ampoule_core::ErrorCode::AuthThrottled,
+                            by,
+                            client.map(|c| c.to_string()),
+                            request_id,
+                        )
+                        .await;
+                });
+            }
+        });
+    }
     Ok(AppState {
-        manager: Manager::new(
-            engine,
-            pools,
-            default_pool,
-            tenants,
-            Arc::new(metrics.clone()),
-        ),
+        manager,
         metrics,
         keys: Arc::new(keys),
         max_upload: cfg.max_upload_bytes(),
@@ -323,6 +385,7 @@ pub async fn serve_noting(
         .map(str::to_owned)
         .or_else(|| cfg.server.listen.clone())
         .unwrap_or_else(|| config::DEFAULT_LISTEN.to_owned());
+    crate::listener::raise_open_files();
     let tcp = tokio::net::TcpListener::bind(&addr)
         .await
         .map_err(|e| Error::io(format!("listening on {addr}"), e))?;
@@ -343,11 +406,15 @@ pub async fn serve_noting(
             "hibernated sandboxes of an earlier run read back"
         );
     }
+    let limits = cfg.door_limits()?.within_open_files();
+    let door_metrics = state.metrics.door().clone();
+    let keys_watcher = watch_keys(cfg.keys_file(), state.keys.clone());
     let metrics_listener = match &cfg.metrics.listen {
         Some(addr) => {
             let tcp = tokio::net::TcpListener::bind(addr)
                 .await
                 .map_err(|e| Error::io(format!("listening on {addr} ([metrics] listen)"), e))?;
+            let door = Door::new("metrics", limits.clone(), door_metrics.clone());
             let m = manager.clone();
             let metrics = state.metrics.clone();
             let router = axum::Router::new().route(
@@ -359,11 +426,12 @@ pub async fn serve_noting(
                 }),
             );
             notify(Notice::Metrics { addr: addr.clone() });
-            Some(tokio::spawn(async move {
-                if let Err(e) = axum::serve(tcp, router).await {
-                    tracing::warn!(error = %e, "the metrics listener stopped");
-                }
-            }))
+            Some(tokio::spawn(door.serve(
+                tcp,
+                None,
+                router,
+                std::future::pending(),
+            )))
         }
         None => None,
     };
@@ -404,24 +472,12 @@ pub async fn serve_noting(
         pools,
         default_pool: manager.default_pool().to_owned(),
     });
-    let served = match tls {
-        Some(tls) => {
-            let listener = crate::tls::TlsListener::new(tcp, tls)
-                .map_err(|e| Error::io("starting the TLS listener", e))?;
-            let server = axum::serve(listener, router).with_graceful_shutdown(shutdown);
-            tokio::select! {
-                r = server => r,
-                () = grace => Ok(()),
-            }
-        }
-        None => {
-            let server = axum::serve(tcp, router).with_graceful_shutdown(shutdown);
-            tokio::select! {
-                r = server => r,
-                () = grace => Ok(()),
-            }
-        }
-    };
+    let door = Door::new("api", limits, door_metrics);
+    tokio::select! {
+        () = door.serve(tcp, tls, router, shutdown) => {}
+        () = grace => {}
+    }
+    keys_watcher.abort();
     // Sessions started while the last responses were written are closed too.
     manager.shutdown().await;
     if let Some(task) = metrics_listener {
@@ -435,5 +491,5 @@ pub async fn serve_noting(
     {
         tracing::warn!("the audit writer did not finish in time");
     }
-    served.map_err(|e| Error::io("serving", e))
+    Ok(())
 }

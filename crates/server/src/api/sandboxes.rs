@@ -1820,7 +1820,7 @@ fn port_caller(
     id: &str,
     req: &Request,
 ) -> Result<ampoule_core::Caller, ApiError> {
-    let by_key = state.keys.identify(req.headers());
+    let by_key = state.keys.identify(req.headers(), req.extensions());
     let token = req
         .headers()
         .get("x-access-token")

@@ -115,7 +115,9 @@ impl RpcError {
 /// The Connect code of each of the core's codes.
 pub fn code_of(code: ErrorCode) -> Code {
     match code {
-        ErrorCode::Unauthorized => Code::Unauthenticated,
+        ErrorCode::Unauthorized | ErrorCode::KeyExpired | ErrorCode::KeyRevoked => {
+            Code::Unauthenticated
+        }
         ErrorCode::NotFound
         | ErrorCode::SessionNotFound
         | ErrorCode::PoolNotFound
@@ -125,6 +127,7 @@ pub fn code_of(code: ErrorCode) -> Code {
         ErrorCode::PoolFull
         | ErrorCode::TenantFull
         | ErrorCode::RateLimited
+        | ErrorCode::AuthThrottled
         | ErrorCode::PayloadTooLarge
         | ErrorCode::NoSpace
         | ErrorCode::DiskQuotaExceeded => Code::ResourceExhausted,
@@ -140,9 +143,10 @@ pub fn code_of(code: ErrorCode) -> Code {
         | ErrorCode::UnsupportedMediaType
         | ErrorCode::MethodNotAllowed => Code::InvalidArgument,
         ErrorCode::NotSupported => Code::Unimplemented,
-        ErrorCode::PortUnreachable | ErrorCode::SandboxUnavailable | ErrorCode::ShuttingDown => {
-            Code::Unavailable
-        }
+        ErrorCode::PortUnreachable
+        | ErrorCode::SandboxUnavailable
+        | ErrorCode::ShuttingDown
+        | ErrorCode::TooManyConnections => Code::Unavailable,
         ErrorCode::Internal => Code::Internal,
     }
 }

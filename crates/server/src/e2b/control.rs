@@ -68,10 +68,12 @@ fn caller(
             "missing `X-API-KEY: <ampoule api key>` header (E2B_API_KEY)",
         ));
     }
-    let key = state
-        .keys
-        .identify(&headers)
-        .map_err(|e| E2bError::unauthorized(e.message.replace("bearer token", "API key")))?;
+    let key = state.keys.identify(&headers, ext).map_err(|e| {
+        E2bError::new(
+            super::status_of(e.code),
+            e.message.replace("bearer token", "API key"),
+        )
+    })?;
     Ok(crate::auth::caller(key, ext))
 }
 
