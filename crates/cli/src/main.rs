@@ -8,6 +8,7 @@ mod as_command;
 mod audit;
 mod bench;
 mod image;
+mod keys;
 mod printer;
 mod setup;
 
@@ -63,6 +64,9 @@ enum Command {
     /// Images for pools (`[pools.X] image = "NAME:TAG"`): import an OCI layout or a
     /// `docker save` archive, pull from a registry, list, remove.
     Image(image::ImageArgs),
+    /// API keys without a restart: add (with an expiry), list, revoke, rotate (the old key
+    /// works for a grace period).
+    Keys(keys::KeysArgs),
     /// Check which isolation layers and language runtimes work on this host.
     Doctor {
         /// Print the report as JSON.
@@ -195,6 +199,7 @@ fn main() -> ExitCode {
             Command::Audit(args) => audit::run(args).await,
             Command::Bench(args) => bench::run(args).await,
             Command::Image(args) => image::run(args).await,
+            Command::Keys(args) => keys::run(args),
         }
     });
     match result {
