@@ -340,6 +340,8 @@ async fn one_execution_id_in_every_door_and_its_audit_record() {
     assert_eq!(rec.len(), 1, "{rec:?}");
     assert_eq!(rec[0]["identifier"], "conv-1");
     assert_eq!(rec[0]["request_id"], "req-aca");
+    // Which key made the call, by its id (never the key).
+    assert_eq!(rec[0]["key_id"], &sha256_hex(B)[..12]);
     // Tenant-scoped: another tenant finds nothing under that id.
     assert!(audit(&d, A, &format!("execution={exe}")).await.is_empty());
 
@@ -350,6 +352,7 @@ async fn one_execution_id_in_every_door_and_its_audit_record() {
         .map(|r| r["kind"].as_str().unwrap())
         .collect();
     assert_eq!(kinds, ["session_created", "execution"], "{by_name:?}");
+    assert_eq!(by_name[0]["key_id"], &sha256_hex(B)[..12]);
     assert!(audit(&d, A, "identifier=conv-1").await.is_empty());
 
     // MCP: the tool result's execution id is the record's, under the MCP session's name.
@@ -359,4 +362,5 @@ async fn one_execution_id_in_every_door_and_its_audit_record() {
     assert_eq!(rec.len(), 1, "{rec:?}");
     assert_eq!(rec[0]["execution"], exe.as_str());
     assert_eq!(rec[0]["request_id"], "req-mcp");
+    assert_eq!(rec[0]["key_id"], &sha256_hex(B)[..12]);
 }
