@@ -10,6 +10,9 @@ have() { command -v "$1" >/dev/null 2>&1; }
 [ -x /usr/bin/node ] || need+=(nodejs)
 # `npm ci` of the E2B JavaScript SDK for crates/server/tests/e2b.rs (scripts/test.sh)
 have npm || need+=(npm)
+# the console's browser test (crates/server/tests/console.rs): Debian's Chromium, driven by
+# playwright-core from npm
+[ -x /usr/bin/chromium ] || need+=(chromium)
 have unshare || need+=(util-linux)
 have ip || need+=(iproute2)
 # the egress firewall of sandboxes with allowed hosts (`nft -f`, root only)

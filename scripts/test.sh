@@ -53,6 +53,11 @@ venv target/e2b-venv crates/server/tests/e2b/requirements.txt
 export AMPOULE_E2B_VENV="$PWD/target/e2b-venv"
 node_packages target/e2b-node crates/server/tests/e2b
 export AMPOULE_E2B_NODE="$PWD/target/e2b-node"
+echo "== playwright-core (npm package for the console's browser test)" >&2
+# crates/server/tests/console.rs drives Debian's chromium with it; screenshots of every page
+# land in target/console-screenshots/.
+node_packages target/console-node crates/server/tests/console
+export AMPOULE_CONSOLE_NODE="$PWD/target/console-node"
 echo "== postgres (the audit store's tests run on it and on SQLite)" >&2
 AMPOULE_TEST_POSTGRES_URL=$(bash scripts/postgres.sh)
 export AMPOULE_TEST_POSTGRES_URL

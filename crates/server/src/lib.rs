@@ -20,6 +20,7 @@ pub mod aca;
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod console;
 pub mod e2b;
 pub mod error;
 pub mod files;
@@ -89,6 +90,7 @@ pub fn app(state: AppState) -> Router {
             }),
         )
         .merge(e2b::control::routes())
+        .merge(console::routes())
         .method_not_allowed_fallback(api::method_not_allowed)
         .fallback(aca::dispatch)
         // E2B's data plane is routed by headers or host name, whatever the path: before

@@ -176,3 +176,58 @@ async fn every_execution_is_answerable_and_tenants_see_only_their_own() {
     drop(state);
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), writer).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_chain_is_verified_through_the_api_and_a_tampered_record_is_found() {
+    let root = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[server]\ndata_dir = \"{}\"\n\
+         [[auth.keys]]\ntenant = \"a\"\nkey_sha256 = \"{}\"\n[pools.python]\nwarm = 0\n",
+        root.path().join("data").display(),
+        sha256_hex(A),
+    );
+    let cfg = Config::parse(&text).unwrap();
+    let engine = FakeEngine::new(root.path());
+    let keys = ampoule_server::serve::keys(&cfg).unwrap();
+    let state = ampoule_server::serve::state(&cfg, Arc::new(engine), keys).unwrap();
+    let writer = ampoule_server::serve::audit(&cfg, &state.manager)
+        .await
+        .unwrap();
+    let app = app(state.clone());
+    let (_, s) = call(&app, "POST", "/v1/sessions", A, Some(json!({}))).await;
+    let sid = s["id"].as_str().unwrap().to_owned();
+    let (st, _) = call(
+        &app,
+        "POST",
+        &format!("/v1/sessions/{sid}/executions"),
+        A,
+        Some(json!({"code": "print('x')"})),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK);
+    state.manager.audit().unwrap().writer.flush().await.unwrap();
+
+    let (st, _) = call(&app, "GET", "/v1/audit/verify", "not-a-key", None).await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED);
+    let (st, v) = call(&app, "GET", "/v1/audit/verify", A, None).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(v["checked"], 2, "{v}");
+    assert_eq!(v["broken"], Value::Null);
+
+    // Someone with the database edits the execution's status behind the server's back.
+    let store = ampoule_audit::SqlStore::open(&ampoule_server::serve::audit_url(&cfg))
+        .await
+        .unwrap();
+    store
+        .raw_execute("UPDATE audit_records SET status = 'failed' WHERE seq = 2")
+        .await
+        .unwrap();
+    let (st, v) = call(&app, "GET", "/v1/audit/verify", A, None).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(v["ok"], false, "{v}");
+    assert!(v["broken"].as_str().is_some_and(|b| !b.is_empty()), "{v}");
+    drop(app);
+    drop(state);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), writer).await;
+}
