@@ -430,6 +430,286 @@ fn import_push_pull_same_digest() {
     assert_eq!(blobs(&b), 0);
 }
 
+/// The host's CPython as the base layer of an image: the interpreter, its standard library
+/// (without tests), and every shared library they load, at their paths on a merged-`/usr`
+/// Debian. Uncompressed (unpacking is then the only cost).
+fn python_base_layer() -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    b.mode(tar::HeaderMode::Complete);
+    let sym = |b: &mut tar::Builder<Vec<u8>>, path: &str, target: &str| {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_mode(0o777);
+        h.set_size(0);
+        b.append_link(&mut h, path, target).unwrap();
+    };
+    for (link, target) in [
+        ("bin", "usr/bin"),
+        ("lib", "usr/lib"),
+        ("lib64", "usr/lib64"),
+        ("sbin", "usr/sbin"),
+    ] {
+        sym(&mut b, link, target);
+    }
+    b.append_path_with_name(PYTHON, "usr/bin/python3.11")
+        .unwrap();
+    sym(&mut b, "usr/bin/python3", "python3.11");
+    let stdlib = Path::new("/usr/lib/python3.11");
+    let mut libs: std::collections::BTreeSet<PathBuf> = std::collections::BTreeSet::new();
+    let mut stack = vec![stdlib.to_path_buf()];
+    let skip = [
+        "test",
+        "idlelib",
+        "tkinter",
+        "ensurepip",
+        "lib2to3",
+        "turtledemo",
+        "dist-packages",
+        "config-3.11-x86_64-linux-gnu",
+    ];
+    let mut files = Vec::new();
+    while let Some(dir) = stack.pop() {
+        for e in fs::read_dir(&dir).unwrap().flatten() {
+            let p = e.path();
+            let ft = e.file_type().unwrap();
+            if ft.is_dir() {
+                if !(dir == stdlib && skip.contains(&e.file_name().to_str().unwrap_or(""))) {
+                    stack.push(p);
+                }
+            } else if ft.is_file() {
+                if p.extension().is_some_and(|x| x == "so") {
+                    libs.insert(p.clone());
+                }
+                files.push(p);
+            }
+        }
+    }
+    files.sort();
+    for p in &files {
+        b.append_path_with_name(p, p.strip_prefix("/").unwrap())
+            .unwrap();
+    }
+    // The shared libraries of the interpreter and of its extension modules (ldd's answer,
+    // stored under their names as the loader asks for them).
+    let mut needed = std::collections::BTreeSet::new();
+    for obj in std::iter::once(PathBuf::from(PYTHON)).chain(libs) {
+        let out = Command::new("ldd").arg(&obj).output().unwrap();
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let path = line
+                .split("=>")
+                .nth(1)
+                .unwrap_or(line)
+                .split_whitespace()
+                .next()
+                .unwrap_or("");
+            if path.starts_with('/') {
+                needed.insert(path.to_owned());
+            }
+        }
+    }
+    for lib in needed {
+        // /lib/... and /lib64/... are /usr/lib... on this layout.
+        let inside = match lib.strip_prefix("/usr/") {
+            Some(rest) => format!("usr/{rest}"),
+            None => format!("usr{lib}"),
+        };
+        b.append_path_with_name(&lib, inside).unwrap();
+    }
+    let mut tar = b.into_inner().unwrap();
+    tar.extend(std::iter::repeat_n(0u8, 1024));
+    tar
+}
+
+const PYTHON: &str = "/usr/bin/python3.11";
+const KEY: &str = "image-test-key-0123456789";
+const ACA: &str = "api-version=2024-02-02-preview";
+
+/// A package the host's environment lacks, as the top layer of an image.
+fn probe_layer(value: &str) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let code = format!("VALUE = {value:?}\n");
+    let mut h = tar::Header::new_gnu();
+    h.set_size(code.len() as u64);
+    h.set_mode(0o644);
+    h.set_mtime(1_700_000_000);
+    b.append_data(
+        &mut h,
+        "usr/local/lib/python3.11/dist-packages/ampoule_image_probe/__init__.py",
+        code.as_bytes(),
+    )
+    .unwrap();
+    b.into_inner().unwrap()
+}
+
+fn python_config() -> ImageConfig {
+    ImageConfig {
+        architecture: ampoule_image::oci::host_arch().into(),
+        os: "linux".into(),
+        created: None,
+        config: RunConfig {
+            env: vec![
+                "PATH=/usr/local/bin:/usr/bin:/bin".into(),
+                "IMAGE_GREETING=from the image".into(),
+                "HOME=/root".into(),
+            ],
+            working_dir: "/srv".into(),
+            user: "root".into(),
+        },
+    }
+}
+
+/// Two images sharing the Python base layer, imported; pools from each and from the host
+/// behind one `ampoule serve`: the image's own package through ACA and /v1, the image's Env,
+/// never root, the base layer stored once.
+fn python_image_pools_serve() {
+    let tmp = tempfile::Builder::new()
+        .prefix("ampoule-img-serve-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let t = tmp.path();
+    let base = python_base_layer();
+    let a = t.join("a");
+    let b = t.join("b");
+    write_layout(
+        &a,
+        &[base.clone(), probe_layer("image a")],
+        &python_config(),
+        "1.0",
+    )
+    .unwrap();
+    write_layout(
+        &b,
+        &[base.clone(), probe_layer("image b")],
+        &python_config(),
+        "1.0",
+    )
+    .unwrap();
+    let data = t.join("data");
+    let d = data.to_str().unwrap();
+    run(&[
+        "image",
+        "--data-dir",
+        d,
+        "import",
+        a.to_str().unwrap(),
+        "--name",
+        "my-python:1.0",
+    ]);
+    run(&[
+        "image",
+        "--data-dir",
+        d,
+        "import",
+        b.to_str().unwrap(),
+        "--name",
+        "other-python:1.0",
+    ]);
+    // Six blobs: two manifests, two top layers, and the config and the base layer they share,
+    // once each.
+    let blobs = data.join("images/blobs/sha256");
+    assert_eq!(fs::read_dir(&blobs).unwrap().count(), 6);
+    let base_digest = ampoule_image::Digest::of(&base);
+    assert!(blobs.join(base_digest.hex()).is_file());
+
+    let config = t.join("ampoule.toml");
+    fs::write(
+        &config,
+        format!(
+            "[server]\ndata_dir = \"{d}\"\n\
+             [[auth.keys]]\ntenant = \"a\"\nkey_sha256 = \"{}\"\n\
+             [pools.python]\nwarm = 0\nzygote = false\n\
+             [pools.img]\nimage = \"my-python:1.0\"\nwarm = 0\n\
+             [pools.other]\nimage = \"other-python:1.0\"\nwarm = 0\n",
+            ampoule_server::config::sha256_hex(KEY)
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new(ampoule());
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&config);
+    cmd.env("AMPOULE_LOG", "info");
+    let server = ampoule_testkit::serve::Serve::spawn(cmd, false).unwrap();
+    let log = server.log.text();
+    assert!(
+        log.contains("pool from an image") && log.contains("/usr/bin/python3"),
+        "{log}"
+    );
+    let client = ampoule_testkit::http::Client::new(server.port, KEY);
+    let aca = |pool: &str, id: &str, code: &str| {
+        let body = serde_json::json!({"properties": {"codeInputType": "inline", "executionType": "synchronous", "code": code}});
+        client
+            .ok(
+                "POST",
+                &format!("/pools/{pool}/code/execute?identifier={id}&{ACA}"),
+                Some(body),
+            )
+            .unwrap()["properties"]
+            .clone()
+    };
+    // ACA: the image's package, its interpreter, its Env; not root; / read-only.
+    let p = aca(
+        "img",
+        "s1",
+        "import ampoule_image_probe, sys, os\nprint(sys.executable, os.environ['IMAGE_GREETING'], os.environ['HOME'], os.getuid())\nampoule_image_probe.VALUE",
+    );
+    assert_eq!(p["status"], "Success", "{p}");
+    assert_eq!(p["result"], "image a", "{p}");
+    assert_eq!(
+        p["stdout"], "/usr/bin/python3 from the image /mnt/data 1000\n",
+        "{p}"
+    );
+    let p = aca(
+        "img",
+        "s1",
+        "import os\ntry:\n    open('/usr/x', 'w')\nexcept OSError as e:\n    print(type(e).__name__)\nos.path.exists('/etc/ampoule-image-probe') or os.path.exists('/root/.pyenv')",
+    );
+    assert_eq!(p["result"], false, "{p}");
+    let p = aca(
+        "other",
+        "s2",
+        "import ampoule_image_probe\nampoule_image_probe.VALUE",
+    );
+    assert_eq!(p["result"], "image b", "{p}");
+    // The host's pool does not have the package.
+    let p = aca(
+        "python",
+        "s3",
+        "import importlib.util\nimportlib.util.find_spec('ampoule_image_probe') is None",
+    );
+    assert_eq!(p["result"], true, "{p}");
+    // /v1: a session of the image pool, its files, an execution.
+    let s = client
+        .ok(
+            "POST",
+            "/v1/sessions",
+            Some(serde_json::json!({"pool": "img"})),
+        )
+        .unwrap();
+    let id = s["id"].as_str().unwrap().to_owned();
+    let r = client
+        .ok("POST", &format!("/v1/sessions/{id}/executions"), Some(serde_json::json!({"code": "import ampoule_image_probe\nopen('out.txt','w').write(ampoule_image_probe.VALUE)\nampoule_image_probe.VALUE"})))
+        .unwrap();
+    assert_eq!(r["status"], "succeeded", "{r}");
+    assert_eq!(r["result"]["text/plain"], "'image a'", "{r}");
+    let files = client
+        .ok("GET", &format!("/v1/sessions/{id}/files"), None)
+        .unwrap();
+    assert!(files.to_string().contains("out.txt"), "{files}");
+    client
+        .ok("DELETE", &format!("/v1/sessions/{id}"), None)
+        .unwrap();
+    // The image's root was not written by its sandboxes.
+    let root = data.join("images/rootfs");
+    for e in fs::read_dir(&root).unwrap().flatten() {
+        assert!(
+            !e.path().join("mnt/data").exists(),
+            "a sandbox wrote into the shared root"
+        );
+    }
+    let st = server.stop().unwrap();
+    assert!(st.success(), "{st:?}");
+}
+
 fn main() {
     let args = Arguments::from_args();
     let jail_skip = missing(&[
@@ -440,6 +720,11 @@ fn main() {
         Need::OnPath("docker-registry", "docker-registry"),
         Need::OnPath("skopeo", "skopeo"),
     ]);
+    let serve_skip = missing(&[
+        Need::Root("sandboxes from an image: an overlay mounted by real root"),
+        Need::Tool(PYTHON, "python3.11"),
+        Need::OnPath("ldd", "libc-bin"),
+    ]);
     libtest_mimic::run(
         &args,
         vec![
@@ -447,6 +732,11 @@ fn main() {
                 "hostile_layers_in_a_jail",
                 hostile_layers_in_a_jail,
                 jail_skip.as_deref(),
+            ),
+            trial(
+                "python_image_pools_serve",
+                python_image_pools_serve,
+                serve_skip.as_deref(),
             ),
             trial(
                 "import_push_pull_same_digest",

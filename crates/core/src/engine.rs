@@ -44,6 +44,22 @@ pub struct PoolSpec {
     pub tenants: Vec<String>,
     /// Most live sessions of the pool (the budget of its zygotes' cgroups).
     pub max_sessions: usize,
+    /// The OCI image its sandboxes start from; `None`: the host's runtimes.
+    pub image: Option<PoolImage>,
+}
+
+/// The OCI image a pool's sandboxes start from (`[pools.X] image = "NAME:TAG"`), resolved
+/// against the image store when the config is loaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolImage {
+    /// `name:tag`.
+    pub name: String,
+    /// The manifest's digest.
+    pub digest: String,
+    /// The unpacked root on the host, shared read-only by the pool's sandboxes.
+    pub root: std::path::PathBuf,
+    /// The image config's `Env` (`KEY=VALUE`).
+    pub env: Vec<String>,
 }
 
 impl PoolSpec {

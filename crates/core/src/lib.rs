@@ -38,7 +38,7 @@ pub use ampoule_runtime::scratch::FileInfo;
 pub use caller::Caller;
 pub use durable::SandboxCounts;
 pub use engine::{
-    Engine, LiveContext, LiveProcess, LiveSession, PoolNetwork, PoolSpec, ProcessExit,
+    Engine, LiveContext, LiveProcess, LiveSession, PoolImage, PoolNetwork, PoolSpec, ProcessExit,
     ProcessRequest, ZygoteHealth,
 };
 pub use error::{Error, ErrorCode};

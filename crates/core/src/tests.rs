@@ -27,6 +27,7 @@ fn pool(name: &str, language: Language) -> PoolSettings {
             zygote: None,
             tenants: Vec::new(),
             max_sessions: 10,
+            image: None,
         },
         warm: 0,
         max_sessions: 10,

@@ -75,6 +75,10 @@ pub(crate) struct InitSpec {
     /// A disk image to mount as the scratch instead of a tmpfs (see `crate::disk`).
     #[serde(default)]
     pub(crate) scratch_image: Option<PathBuf>,
+    /// An OCI image's unpacked root: the sandbox's `/` is an overlay of it (see
+    /// `init::image_root`) instead of the host's runtimes.
+    #[serde(default)]
+    pub(crate) image_root: Option<PathBuf>,
 }
 
 /// Supervisor → init.

@@ -27,7 +27,7 @@
 use std::ffi::CString;
 use std::fs;
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
@@ -517,10 +517,21 @@ fn under(stage: &Path, abs: &Path) -> PathBuf {
     stage.join(abs.strip_prefix("/").unwrap_or(abs))
 }
 
-/// Builds the new root on a tmpfs at `stage_dir`: read-only binds of the runtimes, a generated
-/// `/etc`, a minimal `/dev`, and the scratch parts; then makes the root itself read-only.
+/// Builds the new root at `stage_dir` — on a tmpfs, read-only binds of the host's runtimes and
+/// a generated `/etc` ([`host_root`]), or an image's root ([`image_root`]) — then a minimal
+/// `/dev` and the scratch parts; then makes the root itself read-only.
 fn build_root(spec: &InitSpec) -> Stage<()> {
     let stage = spec.stage_dir.as_path();
+    match &spec.image_root {
+        Some(image) => image_root(spec, stage, image)?,
+        None => host_root(spec, stage)?,
+    }
+    devices_and_scratch(spec, stage)
+}
+
+/// The host's runtimes: a tmpfs with read-only binds of `/usr` (and the merged-`/usr`
+/// symlinks), the spec's extra binds, a generated `/etc` with a few public host files.
+fn host_root(spec: &InitSpec, stage: &Path) -> Stage<()> {
     tmpfs(
         stage,
         "size=8m,nr_inodes=4096,mode=0755",
@@ -600,7 +611,107 @@ fn build_root(spec: &InitSpec) -> Stage<()> {
     if let Some(ca) = &spec.trusted_ca_pem {
         trust_ca(stage, ca)?;
     }
+    Ok(())
+}
 
+/// An OCI image's root (root mode): an overlay whose lower layer is the image's unpacked root
+/// (shared by every sandbox of the image, never written: overlayfs writes only its upper
+/// layer) and whose upper layer is `.root/` in this sandbox's scratch, so what it adds counts
+/// against the disk limit and vanishes with the scratch.
+///
+/// The image is untrusted: any of its paths may be a symlink (`/mnt -> /etc`, `/etc ->
+/// /host`). Before anything is mounted on or written into it, every component of the path is
+/// checked with `lstat` and whatever is not a real directory is replaced by one in the upper
+/// layer ([`real_dir`]); the generated `/etc` files replace the image's entries instead of
+/// writing through them. Only this process exists in the sandbox yet, so nothing changes the
+/// tree between the check and the mount.
+fn image_root(spec: &InitSpec, stage: &Path, image: &Path) -> Stage<()> {
+    if !spec.privileged {
+        return Err(fail("image", "a sandbox from an image needs root"));
+    }
+    let layer = spec.scratch_dir.join(".root");
+    let (upper, work) = (layer.join("upper"), layer.join("work"));
+    for d in [&layer, &upper, &work] {
+        fs::DirBuilder::new()
+            .mode(0o755)
+            .create(d)
+            .map_err(|e| fail("image", format!("mkdir {}: {e}", d.display())))?;
+    }
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        image.display(),
+        upper.display(),
+        work.display()
+    );
+    mount(
+        Some("overlay"),
+        stage,
+        Some("overlay"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some(opts.as_str()),
+    )
+    .map_err(|e| fail("image", format!("overlay of {}: {e}", image.display())))?;
+    for d in [
+        "etc",
+        "proc",
+        "dev",
+        "tmp",
+        "mnt/data",
+        "run/ampoule",
+        "var/tmp",
+    ] {
+        real_dir(stage, d)?;
+    }
+    let etc = stage.join("etc");
+    for (name, contents) in &spec.etc_files {
+        let p = etc.join(name);
+        match fs::symlink_metadata(&p) {
+            Ok(m) if m.is_dir() => fs::remove_dir_all(&p),
+            Ok(_) => fs::remove_file(&p),
+            Err(_) => Ok(()),
+        }
+        .map_err(|e| fail("image", format!("replace /etc/{name}: {e}")))?;
+        // O_CREAT | O_EXCL: never through a link the image planted.
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(&p)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, contents.as_bytes()))
+            .map_err(|e| fail("image", format!("write /etc/{name}: {e}")))?;
+    }
+    if spec.trusted_ca_pem.is_some() {
+        return Err(fail(
+            "image",
+            "credential injection is not supported in image sandboxes",
+        ));
+    }
+    Ok(())
+}
+
+/// Makes `rel` under `stage` a real directory, component by component, replacing a symlink
+/// or file of the image by a directory (in the overlay's upper layer).
+fn real_dir(stage: &Path, rel: &str) -> Stage<PathBuf> {
+    let mut p = stage.to_path_buf();
+    for comp in rel.split('/').filter(|c| !c.is_empty()) {
+        p.push(comp);
+        match fs::symlink_metadata(&p) {
+            Ok(m) if m.is_dir() => continue,
+            Ok(_) => fs::remove_file(&p)
+                .map_err(|e| fail("image", format!("replace {}: {e}", p.display())))?,
+            Err(_) => {}
+        }
+        fs::DirBuilder::new()
+            .mode(0o755)
+            .create(&p)
+            .map_err(|e| fail("image", format!("mkdir {}: {e}", p.display())))?;
+    }
+    Ok(p)
+}
+
+/// `/dev`, the scratch parts and the read-only remounts, over either kind of root.
+fn devices_and_scratch(spec: &InitSpec, stage: &Path) -> Stage<()> {
+    let ro = MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     // /dev: a small tmpfs with bind-mounted character devices (mknod is impossible in a user
     // namespace, and unnecessary).
     let dev = stage.join("dev");

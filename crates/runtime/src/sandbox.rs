@@ -69,6 +69,11 @@ pub struct SandboxConfig {
     /// A disk image (see [`crate::disk`]) holding the scratch instead of a tmpfs: the
     /// sandbox's files outlive it. Root only; never for a zygote.
     pub disk: Option<PathBuf>,
+    /// An OCI image's unpacked root (`ampoule_image`), shared read-only by every sandbox of
+    /// the image: the sandbox's `/` is an overlay of it whose upper layer lives in the scratch
+    /// (so it counts against the disk limit and vanishes with the sandbox), instead of the
+    /// host's `/usr` and generated `/etc`. Root only.
+    pub image_root: Option<PathBuf>,
 }
 
 impl SandboxConfig {
@@ -83,6 +88,7 @@ impl SandboxConfig {
             stdin: false,
             network: Network::None,
             disk: None,
+            image_root: None,
         }
     }
 }
@@ -255,6 +261,29 @@ impl Sandbox {
                 tokio::time::sleep(std::time::Duration::from_millis(2)).await;
             }
         }
+        if let Some(root) = &cfg.image_root {
+            if !host.privileged {
+                return Err(Error::Invalid(
+                    "a sandbox from an image needs ampoule to run as root (its root is an \
+                     overlay mounted by real root)"
+                        .into(),
+                ));
+            }
+            if allowlist.is_some_and(Option::is_some) {
+                return Err(Error::Invalid(
+                    "credential injection into a sandbox from an image is not supported yet".into(),
+                ));
+            }
+            let usable = root.is_absolute()
+                && root.is_dir()
+                && !root.to_string_lossy().contains([',', ':', '\\']);
+            if !usable {
+                return Err(Error::Invalid(format!(
+                    "the image root {} is not a directory usable as an overlay layer",
+                    root.display()
+                )));
+            }
+        }
         let slot = host.acquire_slot()?;
         let addrs = allowlist.map(|_| GatewayAddrs::for_slot(slot.index()));
         let trusted_ca_pem = allowlist.cloned().flatten();
@@ -357,6 +386,7 @@ impl Sandbox {
             trusted_ca_pem,
             zygote: is_zygote,
             scratch_image: cfg.disk.clone(),
+            image_root: cfg.image_root.clone(),
         };
 
         let (ours, theirs) = channel::pair()?;

@@ -215,6 +215,10 @@ pub struct PoolConfig {
     /// `[pools.NAME.lifecycle]`: what idleness and time do to its sessions and sandboxes.
     #[serde(default)]
     pub lifecycle: ampoule_core::lifecycle::Lifecycle,
+    /// An image from `ampoule image import|pull` (`NAME[:TAG]`): the pool's sandboxes start
+    /// from its root instead of the host's runtimes (root only).
+    #[serde(default)]
+    pub image: Option<String>,
 }
 
 /// `[pools.NAME.audit]`: each field overrides the `[audit]` one of the same name.
@@ -262,6 +266,7 @@ impl Default for PoolConfig {
             zygote: None,
             lifecycle: Default::default(),
             preload: None,
+            image: None,
         }
     }
 }
@@ -475,7 +480,17 @@ impl Config {
                      remove `zygote = true` or the network rules"
                 ));
             }
-            let zygote = p.zygote.unwrap_or(is_python && network.is_none());
+            let image = match &p.image {
+                Some(reference) => Some(self.pool_image(&name, reference, language)?),
+                None => None,
+            };
+            if image.is_some() && p.zygote == Some(true) {
+                return Err(format!(
+                    "pools.{name}.zygote: pools from an image start their sessions cold (for now); \
+                     remove `zygote = true`"
+                ));
+            }
+            let zygote = p.zygote.unwrap_or(is_python && network.is_none()) && image.is_none();
             let preload = p.preload.clone().unwrap_or_else(|| {
                 ampoule_session::zygote::DEFAULT_PRELOAD
                     .iter()
@@ -494,6 +509,7 @@ impl Config {
                         zygote: zygote.then_some(preload),
                         tenants,
                         max_sessions: p.max_sessions,
+                        image,
                     },
                     warm: p.warm,
                     max_sessions: p.max_sessions,
@@ -505,6 +521,71 @@ impl Config {
             );
         }
         Ok(out)
+    }
+
+    /// Resolves a pool's `image` against the store under the data directory: the image must
+    /// be there and hold the pool language's interpreter. Logs what the image offers.
+    fn pool_image(
+        &self,
+        pool: &str,
+        reference: &str,
+        language: Language,
+    ) -> Result<ampoule_core::PoolImage, String> {
+        use ampoule_session::language::image::ImageRoot;
+        let store = ampoule_image::Store::open(&self.data_dir())
+            .map_err(|e| format!("pools.{pool}.image: {}", crate::session_engine::chain(&e)))?;
+        let image = store.get(reference).map_err(|e| {
+            format!(
+                "pools.{pool}.image: {}\nhint: `ampoule image import PATH --name {reference}` or \
+                 `ampoule image pull REF --name {reference}` (with the same data directory)",
+                crate::session_engine::chain(&e)
+            )
+        })?;
+        let root = ImageRoot {
+            name: image.name.clone(),
+            root: store.rootfs(&image),
+            env: image.run.env.clone(),
+        };
+        let found = root.languages();
+        let have: Vec<String> = found
+            .iter()
+            .filter_map(|(l, path)| path.as_ref().map(|p| format!("{} ({p})", l.as_str())))
+            .collect();
+        tracing::info!(
+            pool,
+            image = %image.name,
+            digest = %image.manifest,
+            languages = %if have.is_empty() { "none".to_owned() } else { have.join(", ") },
+            "pool from an image"
+        );
+        if !found
+            .iter()
+            .any(|(l, path)| *l == language && path.is_some())
+        {
+            return Err(format!(
+                "pools.{pool}.image: {} has no {} interpreter on its PATH (languages found: {})",
+                image.name,
+                language.as_str(),
+                if have.is_empty() {
+                    "none".to_owned()
+                } else {
+                    have.join(", ")
+                }
+            ));
+        }
+        if !image.run.user.is_empty() {
+            tracing::info!(
+                pool,
+                user = %image.run.user,
+                "the image's User is not used: sandboxes run as the unprivileged sandbox user"
+            );
+        }
+        Ok(ampoule_core::PoolImage {
+            name: image.name.clone(),
+            digest: image.manifest.to_string(),
+            root: root.root,
+            env: root.env,
+        })
     }
 
     /// The egress gateway's settings: `[egress.hosts]` (checked) and the upstream CAs named

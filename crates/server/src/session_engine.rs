@@ -485,9 +485,7 @@ impl Engine for SessionEngine {
             .map_err(|e| EngineError::Start(e.to_string()))?
             .map_err(|e| EngineError::Start(chain(&e)))?;
         // Always cold: a zygote's children cannot mount a disk of their own.
-        let kernel = ampoule_session::language::find(spec.language.as_str())
-            .and_then(|k| k.locate(&spec.limits))
-            .map_err(|e| EngineError::Start(chain(&e)))?;
+        let kernel = kernel(spec)?;
         let options = match &spec.network {
             Some(network) => {
                 let egress = self.egress.clone().ok_or_else(|| {
@@ -522,7 +520,7 @@ impl Engine for SessionEngine {
         let (session, outdated) = match (forked, &spec.network) {
             (Some((session, outdated)), _) => (session, Some(outdated)),
             (None, None) => (
-                Session::start_language(&self.host, spec.language.as_str(), spec.limits.clone())
+                Session::start(&self.host, kernel(spec)?, spec.limits.clone())
                     .await
                     .map_err(|e| EngineError::Start(chain(&e)))?,
                 None,
@@ -534,9 +532,7 @@ impl Engine for SessionEngine {
                         spec.name
                     ))
                 })?;
-                let kernel = ampoule_session::language::find(spec.language.as_str())
-                    .and_then(|k| k.locate(&spec.limits))
-                    .map_err(|e| EngineError::Start(chain(&e)))?;
+                let kernel = kernel(spec)?;
                 let options = SessionOptions::with_network(egress, network.policy.clone());
                 let session = Session::start_with(&self.host, kernel, spec.limits.clone(), options)
                     .await
@@ -547,6 +543,25 @@ impl Engine for SessionEngine {
         tracing::debug!(pool = %spec.name, runtime = session.runtime(), "session started");
         live(session, spec, outdated)
     }
+}
+
+/// How to start the kernel of `spec`'s sessions: the host's runtime, or the interpreter in the
+/// pool's image.
+fn kernel(spec: &PoolSpec) -> Result<ampoule_session::LanguageSpec, EngineError> {
+    match &spec.image {
+        Some(image) => ampoule_session::language::image::locate(
+            spec.language,
+            &ampoule_session::language::image::ImageRoot {
+                name: image.name.clone(),
+                root: image.root.clone(),
+                env: image.env.clone(),
+            },
+            &spec.limits,
+        ),
+        None => ampoule_session::language::find(spec.language.as_str())
+            .and_then(|k| k.locate(&spec.limits)),
+    }
+    .map_err(|e| EngineError::Start(chain(&e)))
 }
 
 /// The live session of a started interpreter session.

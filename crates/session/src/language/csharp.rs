@@ -63,6 +63,7 @@ impl Kernel for CSharp {
             ],
             ro_binds,
             files: vec![DRIVER, KERNELIO, EVALUATOR],
+            image_root: None,
             note: Some(format!(
                 "{} with Mono's C# evaluator (driven by {})",
                 mono.display(),

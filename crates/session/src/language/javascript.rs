@@ -49,6 +49,7 @@ impl Kernel for JavaScript {
             env: Vec::new(),
             ro_binds: binds_for(&node),
             files: vec![LAUNCH, KERNEL],
+            image_root: None,
             note: Some(format!("{} (V8 inspector REPL mode)", node.display())),
         })
     }

@@ -15,6 +15,7 @@
 //! [`kernel`], and one directory in `kernels/`.
 
 mod csharp;
+pub mod image;
 mod javascript;
 mod powershell;
 mod python;
@@ -30,6 +31,7 @@ use crate::error::{Error, Result};
 pub use csharp::CSharp;
 pub use javascript::JavaScript;
 pub use powershell::PowerShell;
+pub(crate) use python::KERNEL as KERNEL_PYTHON;
 pub use python::Python;
 pub use shell::Shell;
 
@@ -63,6 +65,9 @@ pub struct LanguageSpec {
     pub files: Vec<KernelFile>,
     /// What runs, for `doctor` (the runtime in use, what is degraded).
     pub note: Option<String>,
+    /// The unpacked root of the OCI image the sandbox starts from (see [`image`]); `None`:
+    /// the host's runtimes.
+    pub image_root: Option<PathBuf>,
 }
 
 /// A language plug-in.

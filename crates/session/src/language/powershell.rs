@@ -56,6 +56,7 @@ impl Kernel for PowerShell {
             ],
             ro_binds,
             files: vec![DRIVER, KERNELIO, LOOP],
+            image_root: None,
             note: Some(format!(
                 "{} (driven by {})",
                 pwsh.display(),

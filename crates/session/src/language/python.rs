@@ -8,7 +8,7 @@ use super::{
 use crate::error::Result;
 use crate::setup::PythonEnv;
 
-const KERNEL: KernelFile = KernelFile {
+pub(crate) const KERNEL: KernelFile = KernelFile {
     name: "kernel.py",
     contents: include_str!("../../../../kernels/python/kernel.py"),
 };
@@ -60,6 +60,7 @@ impl Kernel for Python {
             ],
             ro_binds: binds_for(&python),
             files: vec![KERNEL, KERNELIO],
+            image_root: None,
             note: Some(note),
         })
     }

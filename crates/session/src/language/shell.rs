@@ -37,6 +37,7 @@ impl Kernel for Shell {
             env: vec![("AMPOULE_BASH".into(), string(&bash))],
             ro_binds,
             files: vec![KERNEL, KERNELIO],
+            image_root: None,
             note: Some(format!(
                 "{} (driven by {})",
                 bash.display(),
