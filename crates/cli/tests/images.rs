@@ -584,8 +584,56 @@ fn python_image_pools_serve() {
         "1.0",
     )
     .unwrap();
+    // Images whose paths lead out: symlinks where the sandbox mounts and writes. Their
+    // targets are canaries on the host, which must stay empty and unchanged.
+    let canary = t.join("canary");
+    fs::create_dir(&canary).unwrap();
+    for d in ["mnt", "tmp", "run", "proc", "dev", "vartmp", "etc"] {
+        fs::create_dir(canary.join(d)).unwrap();
+    }
+    fs::write(canary.join("file"), "canary").unwrap();
+    let c = |p: &str| canary.join(p).to_str().unwrap().to_owned();
+    let symlinks = |links: &[(&str, String)]| {
+        let mut b = tar::Builder::new(Vec::new());
+        for (path, target) in links {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(tar::EntryType::Symlink);
+            h.set_mode(0o777);
+            h.set_size(0);
+            b.append_link(&mut h, path, target).unwrap();
+        }
+        b.into_inner().unwrap()
+    };
+    let hostile_a = symlinks(&[
+        ("mnt", c("mnt")),
+        ("tmp", c("tmp")),
+        ("run", c("run")),
+        ("proc", c("proc")),
+        ("dev", c("dev")),
+        ("var/tmp", c("vartmp")),
+        ("etc/hostname", c("file")),
+        ("etc/passwd", c("file")),
+        ("etc/resolv.conf", c("file")),
+        ("etc/hosts", format!("../../../../../../../..{}", c("file"))),
+    ]);
+    let hostile_b = symlinks(&[("etc", c("etc"))]);
+    let ha = t.join("ha");
+    let hb = t.join("hb");
+    write_layout(&ha, &[base.clone(), hostile_a], &python_config(), "1").unwrap();
+    write_layout(&hb, &[base.clone(), hostile_b], &python_config(), "1").unwrap();
     let data = t.join("data");
     let d = data.to_str().unwrap();
+    for (dir, name) in [(&ha, "hostile-a"), (&hb, "hostile-b")] {
+        run(&[
+            "image",
+            "--data-dir",
+            d,
+            "import",
+            dir.to_str().unwrap(),
+            "--name",
+            name,
+        ]);
+    }
     run(&[
         "image",
         "--data-dir",
@@ -604,10 +652,10 @@ fn python_image_pools_serve() {
         "--name",
         "other-python:1.0",
     ]);
-    // Six blobs: two manifests, two top layers, and the config and the base layer they share,
-    // once each.
+    // Ten blobs: four manifests, four top layers, and the config and the base layer they
+    // share, once each.
     let blobs = data.join("images/blobs/sha256");
-    assert_eq!(fs::read_dir(&blobs).unwrap().count(), 6);
+    assert_eq!(fs::read_dir(&blobs).unwrap().count(), 10);
     let base_digest = ampoule_image::Digest::of(&base);
     assert!(blobs.join(base_digest.hex()).is_file());
 
@@ -619,7 +667,9 @@ fn python_image_pools_serve() {
              [[auth.keys]]\ntenant = \"a\"\nkey_sha256 = \"{}\"\n\
              [pools.python]\nwarm = 0\nzygote = false\n\
              [pools.img]\nimage = \"my-python:1.0\"\nwarm = 0\n\
-             [pools.other]\nimage = \"other-python:1.0\"\nwarm = 0\n",
+             [pools.other]\nimage = \"other-python:1.0\"\nwarm = 0\n\
+             [pools.ha]\nimage = \"hostile-a\"\nwarm = 0\n\
+             [pools.hb]\nimage = \"hostile-b\"\nwarm = 0\n",
             ampoule_server::config::sha256_hex(KEY)
         ),
     )
@@ -670,6 +720,28 @@ fn python_image_pools_serve() {
         "import ampoule_image_probe\nampoule_image_probe.VALUE",
     );
     assert_eq!(p["result"], "image b", "{p}");
+    // The hostile images' links were replaced, not followed: the sandbox has its own
+    // /mnt/data, /tmp, /proc and generated /etc files; the canaries saw nothing.
+    let check = "import os\nopen('/mnt/data/x', 'w').write('1')\nopen('/tmp/y', 'w').write('2')\n\
+                 [open('/etc/hostname').read(), os.path.islink('/mnt'), len(os.listdir('/proc')) > 3, \
+                 open('/etc/hosts').read().split()[0]]";
+    for pool in ["ha", "hb"] {
+        let p = aca(pool, &format!("h-{pool}"), check);
+        assert_eq!(p["status"], "Success", "{pool}: {p}");
+        assert_eq!(
+            p["result"],
+            serde_json::json!(["sandbox\n", false, true, "127.0.0.1"]),
+            "{pool}: {p}"
+        );
+    }
+    for d in ["mnt", "tmp", "run", "proc", "dev", "vartmp", "etc"] {
+        assert_eq!(
+            fs::read_dir(canary.join(d)).unwrap().count(),
+            0,
+            "canary/{d} was written"
+        );
+    }
+    assert_eq!(fs::read_to_string(canary.join("file")).unwrap(), "canary");
     // The host's pool does not have the package.
     let p = aca(
         "python",
