@@ -11,8 +11,9 @@
 //! Failed authentications (an unknown, expired or revoked key) are counted per client address
 //! (IPv6 by /64) and per key prefix (the first [`PREFIX_CHARS`] characters of the presented
 //! key) in a fixed one-minute window: past `[auth] max_failures_per_minute`, every request from
-//! that address, and every key with that prefix, is answered 429 `auth_throttled` with
-//! `Retry-After` until the window ends, without looking at the key. The first refusal of each
+//! that address that carries a key, and every key with that prefix, is answered 429
+//! `auth_throttled` with `Retry-After` until the window ends, without looking the key up (a
+//! request with no key at all stays a plain 401: it guesses nothing). The first refusal of each
 //! window is reported ([`AuthEvent::Throttled`]) and written to the audit log.
 //!
 //! Invariants: keys exist here only as SHA-256 digests; a request's key is hashed and looked
@@ -213,13 +214,14 @@ impl Keys {
         headers: &HeaderMap,
         ext: &Extensions,
     ) -> Result<(String, String), ApiError> {
+        // A request without a key is a plain 401, throttled or not: it guesses nothing.
+        let token = bearer(headers)?;
         let client = ext.get::<ClientAddr>().map(|c| c.0.ip());
         if let Some(ip) = client
             && let Some(refusal) = self.check(Scope::address(ip), client, None, ext)
         {
             return Err(refusal);
         }
-        let token = bearer(headers)?;
         let prefix: String = token.chars().take(PREFIX_CHARS).collect();
         if let Some(refusal) = self.check(Scope::Prefix(prefix.clone()), client, Some(&prefix), ext)
         {

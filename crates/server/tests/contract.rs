@@ -74,8 +74,12 @@ fn venv() -> Option<PathBuf> {
 fn write_config(dir: &Path) -> PathBuf {
     let path = dir.join("ampoule.toml");
     // Small limits so that schemathesis meets them: a full pool (429), a 1 MiB upload (413).
+    // No failed-auth throttle: schemathesis tries wrong and missing keys on every operation
+    // from one address, and expects each to answer 401 (the throttle has tests of its own,
+    // tests/door.rs).
     let text = format!(
         "[server]\ndata_dir = \"{}\"\nmax_upload_mib = 1\n\
+         [auth]\nmax_failures_per_minute = 0\n\
          [[auth.keys]]\ntenant = \"a\"\nkey_env = \"AMPOULE_CONTRACT_KEY\"\n\
          [pools.python]\nwarm = 1\nmax_sessions = 8\n",
         dir.join("data").display()
