@@ -120,6 +120,17 @@ pub struct Record {
     /// The client's address, for refusals made at the door (failed authentications).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client: Option<String>,
+    /// What the caller said about why it called (a small JSON object: `prompt`, `run_id`,
+    /// `agent`, `step`, …), when it said something.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<serde_json::Value>,
+    /// The context's `run_id`, as a column to search by.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<String>,
+    /// For an execution with a `run_id`: which attempt at this code in this run it is (1 for
+    /// the first; 2 and more are retries).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
 }
 
 impl Record {
@@ -148,6 +159,9 @@ impl Record {
             request_id: None,
             key_id: None,
             client: None,
+            context: None,
+            run_id: None,
+            attempt: None,
         }
     }
 
@@ -225,6 +239,8 @@ pub struct Filter {
     pub after: Option<i64>,
     /// Most records per page (capped at 1000; default 100).
     pub limit: Option<u32>,
+    /// Only records of this run (the caller context's `run_id`).
+    pub run_id: Option<String>,
 }
 
 /// One page of records.

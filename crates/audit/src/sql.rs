@@ -67,13 +67,14 @@ enum Bind {
 }
 
 const COLUMNS: &str = "seq, time_ms, tenant, kind, pool, session, status, language, duration_ms, \
-                       cpu_time_ms, peak_memory_bytes, execution, identifier, request_id, body, \
-                       prev_hash, hash";
+                       cpu_time_ms, peak_memory_bytes, execution, identifier, request_id, run_id, \
+                       body, prev_hash, hash";
 
 const INSERT: &str = "INSERT INTO audit_records (seq, time_ms, tenant, kind, pool, session, status, \
                       language, duration_ms, cpu_time_ms, peak_memory_bytes, execution, identifier, \
-                      request_id, body, prev_hash, hash) \
-                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)";
+                      request_id, run_id, body, prev_hash, hash) \
+                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
+                      $18)";
 
 /// The columns of one row, as read back.
 struct Row_ {
@@ -91,6 +92,7 @@ struct Row_ {
     execution: Option<String>,
     identifier: Option<String>,
     request_id: Option<String>,
+    run_id: Option<String>,
     body: String,
     prev_hash: String,
     hash: String,
@@ -113,6 +115,7 @@ macro_rules! read_row {
             execution: $r.try_get("execution")?,
             identifier: $r.try_get("identifier")?,
             request_id: $r.try_get("request_id")?,
+            run_id: $r.try_get("run_id")?,
             body: $r.try_get("body")?,
             prev_hash: $r.try_get("prev_hash")?,
             hash: $r.try_get("hash")?,
@@ -150,6 +153,7 @@ impl Row_ {
             && self.execution == r.execution
             && self.identifier == r.identifier
             && self.request_id == r.request_id
+            && self.run_id == r.run_id
     }
 
     fn stored(self) -> Result<StoredRecord, Error> {
@@ -248,6 +252,7 @@ impl AuditStore for SqlStore {
                     .bind(&r.execution)
                     .bind(&r.identifier)
                     .bind(&r.request_id)
+                    .bind(&r.run_id)
                     .bind(&body)
                     .bind(&prev)
                     .bind(&hash)
@@ -281,6 +286,9 @@ impl AuditStore for SqlStore {
         }
         if let Some(s) = &f.execution {
             add("execution =", Bind::S(s.clone()), &mut binds);
+        }
+        if let Some(s) = &f.run_id {
+            add("run_id =", Bind::S(s.clone()), &mut binds);
         }
         if let Some(t) = f.since_ms {
             add("time_ms >=", Bind::I(t), &mut binds);

@@ -38,6 +38,12 @@ fn execution(tenant: &str, session: &str, i: i64, status: &str, limit: Option<&s
         },
     }];
     r.decided_by = limit.map(str::to_owned);
+    if tenant == "a" && (i == 1 || i == 2) {
+        // Two attempts of one agent run (the caller's context).
+        r.context = Some(serde_json::json!({"run_id": "run-7", "prompt": "sum it", "step": i}));
+        r.run_id = Some("run-7".into());
+        r.attempt = Some(u32::try_from(i).unwrap());
+    }
     r
 }
 
@@ -153,6 +159,19 @@ async fn answers_every_question(store: Arc<SqlStore>) {
         ..filter("b")
     };
     assert_eq!(store.query(&f).await.unwrap().records.len(), 1);
+    let f = Filter {
+        run_id: Some("run-7".into()),
+        ..filter("a")
+    };
+    let run: Vec<_> = store.query(&f).await.unwrap().records;
+    assert_eq!(run.len(), 2);
+    assert_eq!(run[1].record.attempt, Some(2));
+    assert_eq!(run[0].record.context.as_ref().unwrap()["prompt"], "sum it");
+    let f = Filter {
+        run_id: Some("run-7".into()),
+        ..filter("b")
+    };
+    assert!(store.query(&f).await.unwrap().records.is_empty());
 
     // Pagination.
     let mut f = Filter {
