@@ -277,8 +277,9 @@ impl Manager {
         a.duration_ms = Some(0.0);
         a.decided_by = decided_by.map(str::to_owned);
         a.identifier = Some(r.identifier.clone());
-        a.request_id = by.and_then(|c| c.request_id.clone());
-        a.key_id = by.and_then(|c| c.key_id.clone());
+        if let Some(c) = by {
+            c.stamp(&mut a);
+        }
         self.write_audit_record(a).await;
     }
 

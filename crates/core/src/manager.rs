@@ -150,6 +150,8 @@ pub(crate) struct Inner {
     /// Held while a hibernated sandbox is brought back, so that two calls naming it do not
     /// both start it.
     pub(crate) waking: tokio::sync::Mutex<()>,
+    /// Executions seen per (tenant, run id, code hash): the attempt number of the next.
+    attempts: Mutex<HashMap<(String, String, String), u32>>,
 }
 
 /// Most files listed in one execution record's `files`; a record that lists this many
@@ -283,6 +285,7 @@ impl Manager {
                 store: std::sync::OnceLock::new(),
                 dormant: Mutex::new(BTreeMap::new()),
                 waking: tokio::sync::Mutex::new(()),
+                attempts: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -331,8 +334,7 @@ impl Manager {
                 .map(|p| p.settings.spec.language.as_str().to_owned());
             r.decided_by = Some(code.as_str().to_owned());
             r.identifier = identifier.map(str::to_owned);
-            r.request_id = caller.request_id.clone();
-            r.key_id = caller.key_id.clone();
+            caller.stamp(&mut r);
             self.write_audit_record(r).await;
         }
         e
@@ -414,8 +416,9 @@ impl Manager {
         }
         r.decided_by = decided_by.map(str::to_owned);
         r.identifier = Some(s.identifier.clone());
-        r.request_id = by.and_then(|c| c.request_id.clone());
-        r.key_id = by.and_then(|c| c.key_id.clone());
+        if let Some(c) = by {
+            c.stamp(&mut r);
+        }
         self.write_audit_record(r).await;
     }
 
@@ -1064,8 +1067,7 @@ impl Manager {
                 started,
                 code,
                 execution,
-                request_id: by.request_id.clone(),
-                key_id: by.key_id.clone(),
+                by: by.clone(),
                 files,
                 language,
             };
@@ -1109,10 +1111,17 @@ impl Manager {
         );
         rec.execution = Some(x.execution);
         rec.identifier = Some(session.identifier.clone());
-        rec.request_id = x.request_id;
-        rec.key_id = x.key_id;
+        x.by.stamp(&mut rec);
         rec.language = x.language;
-        rec.code_sha256 = Some(ampoule_audit::sha256_hex(x.code.as_bytes()));
+        let code_sha256 = ampoule_audit::sha256_hex(x.code.as_bytes());
+        if let Some(run) = rec.run_id.clone() {
+            let n = self.attempt(&session.tenant, &run, &code_sha256);
+            if n > 1 {
+                self.inner.observer.retried(&session.pool);
+            }
+            rec.attempt = Some(n);
+        }
+        rec.code_sha256 = Some(code_sha256);
         rec.code = keep_code.then_some(x.code);
         rec.status = Some(r.status.as_str().to_owned());
         rec.duration_ms = Some(r.duration_ms);
@@ -1126,6 +1135,24 @@ impl Manager {
         rec.egress = r.egress.iter().map(egress_decision).collect();
         rec.decided_by = r.limit.map(|l| l.as_str().to_owned());
         self.write_audit_record(rec).await;
+    }
+
+    /// The attempt number of this code in this run of the tenant's (1 the first time; more
+    /// when an agent retries it). Remembers the last [`MAX_RUNS_REMEMBERED`] runs' code.
+    fn attempt(&self, tenant: &str, run: &str, code_sha256: &str) -> u32 {
+        let Ok(mut seen) = self.inner.attempts.lock() else {
+            return 1;
+        };
+        if seen.len() >= MAX_RUNS_REMEMBERED {
+            // Forget everything rather than track ages: a retry after this many other
+            // executions with a run id is counted as a first attempt.
+            seen.clear();
+        }
+        let n = seen
+            .entry((tenant.to_owned(), run.to_owned(), code_sha256.to_owned()))
+            .or_insert(0);
+        *n += 1;
+        *n
     }
 
     /// Marks the start and end of a file call, so the reaper leaves a session alone while it
@@ -1213,13 +1240,15 @@ impl Manager {
     }
 }
 
+/// Most (tenant, run, code) triples remembered to number attempts.
+const MAX_RUNS_REMEMBERED: usize = 100_000;
+
 /// What an execution's audit record needs besides the session and the result.
 struct ExecutionRecord {
     started: i64,
     code: String,
     execution: String,
-    request_id: Option<String>,
-    key_id: Option<String>,
+    by: Caller,
     files: Vec<String>,
     language: Option<String>,
 }

@@ -26,6 +26,9 @@ pub trait Observer: Send + Sync + 'static {
     fn egress(&self, _pool: &str, _allowed: bool) {}
     /// A request refused by a quota or policy, by its error code.
     fn refused(&self, _code: ErrorCode) {}
+    /// An execution that repeats code already run in the same run (the caller context's
+    /// `run_id`): a retry.
+    fn retried(&self, _pool: &str) {}
     /// A sandbox was paused, resumed, hibernated or started again from hibernation
     /// (`pause`, `resume`, `hibernate`, `restore`), in `seconds`.
     fn sandbox_transition(&self, _pool: &str, _event: &'static str, _seconds: f64) {}

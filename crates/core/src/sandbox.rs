@@ -1237,8 +1237,7 @@ impl Manager {
             &s.id,
         );
         rec.identifier = Some(s.identifier.clone());
-        rec.request_id = by.request_id;
-        rec.key_id = by.key_id;
+        by.stamp(&mut rec);
         rec.language = Some("shell".into());
         rec.code_sha256 = Some(ampoule_audit::sha256_hex(code.as_bytes()));
         rec.code = keep_code.then_some(code);

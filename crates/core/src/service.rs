@@ -228,6 +228,8 @@ pub struct AuditQuery {
     pub after: Option<i64>,
     /// Records per page.
     pub limit: Option<u32>,
+    /// Only records of this run (the caller context's `run_id`).
+    pub run_id: Option<String>,
 }
 
 /// Checks an identifier: 1-256 characters, no control characters (ACA documents 4-128 from
@@ -830,6 +832,7 @@ impl Manager {
             kind,
             after: q.after,
             limit: q.limit,
+            run_id: q.run_id,
         };
         store.query(&filter).await.map_err(Error::internal)
     }

@@ -973,6 +973,9 @@ pub struct AuditQuery {
     /// Records per page (default 100).
     #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
+    /// Only records of this run: the `run_id` of the context the caller sent with its calls
+    /// (`context` body field, `X-Ampoule-Context` header, MCP `context` argument).
+    pub run_id: Option<String>,
 }
 
 /// What an audit record is about (the `kind` filter).
@@ -1058,6 +1061,7 @@ async fn list_audit(
         kind: q.kind.map(|k| k.as_str().to_owned()),
         after: q.after,
         limit: q.limit,
+        run_id: q.run_id,
     };
     let page = state.manager.query_audit(&caller, query).await?;
     Ok(axum::Json(AuditList {

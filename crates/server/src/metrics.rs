@@ -210,6 +210,7 @@ pub struct Metrics {
     warm_start_failures: Family<PoolLabel, Counter>,
     egress: Family<DecisionLabels, Counter>,
     refused: Family<ReasonLabel, Counter>,
+    retries: Family<PoolLabel, Counter>,
     sandboxes: Family<SandboxStateLabel, Gauge>,
     sandbox_disk_bytes: Gauge,
     sandbox_transition_seconds: Histograms<EventLabels>,
@@ -288,6 +289,12 @@ impl Metrics {
             "refused_requests",
             "Requests refused by a quota or policy, by the error code",
             refused.clone(),
+        );
+        let retries = Family::<PoolLabel, Counter>::default();
+        r.register(
+            "execution_retries",
+            "Executions repeating code already run in the same run (the caller context's run_id)",
+            retries.clone(),
         );
         let sandboxes = Family::<SandboxStateLabel, Gauge>::default();
         r.register(
@@ -396,6 +403,7 @@ impl Metrics {
             warm_start_failures,
             egress,
             refused,
+            retries,
             sandboxes,
             sandbox_disk_bytes,
             sandbox_transition_seconds,
@@ -580,6 +588,13 @@ pub fn response(metrics: &Metrics, manager: &Manager) -> axum::response::Respons
 }
 
 impl Observer for Metrics {
+    fn retried(&self, pool: &str) {
+        self.retries
+            .get_or_create(&PoolLabel {
+                pool: pool.to_owned(),
+            })
+            .inc();
+    }
     fn execution(&self, pool: &str, status: &str, seconds: f64) {
         Metrics::execution(self, pool, status, seconds);
     }
