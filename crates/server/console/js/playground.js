@@ -115,9 +115,9 @@ async function run() {
   let displays = 0;
   try {
     status("Starting a session…");
-    const s = await session();
+    let s = await session();
     status("Running…");
-    await api.executeStream(s.id, editor.text, (ev) => {
+    const onEvent = (ev) => {
       executionId = ev.execution_id || executionId;
       switch (ev.type) {
         case "stdout":
@@ -136,7 +136,16 @@ async function run() {
         default:
           break;
       }
-    });
+    };
+    try {
+      await api.executeStream(s.id, editor.text, onEvent);
+    } catch (err) {
+      // The session was deleted (the sessions page, another client) or expired: a new one.
+      if (!(err instanceof api.ApiError && err.code === "session_not_found")) throw err;
+      forget();
+      s = await session();
+      await api.executeStream(s.id, editor.text, onEvent);
+    }
     if (result) {
       if (displays === 0) for (const o of result.outputs || []) out.append(render.bundle(o));
       if (result.result) out.append(render.bundle(result.result));
@@ -147,7 +156,6 @@ async function run() {
     await refreshFiles();
   } catch (err) {
     status("Failed");
-    if (err instanceof api.ApiError && err.code === "session_not_found") sessionOf.delete(pool());
     ctx.alertError(err);
   } finally {
     running = false;
@@ -192,8 +200,16 @@ async function refreshFiles() {
     replace(list, ...files.map((f) => fileItem(s.id, f, ctx.alertError)));
     if (!files.length) list.append(h("li", { text: "no files" }));
   } catch (err) {
-    ctx.alertError(err);
+    if (err instanceof api.ApiError && err.code === "session_not_found") forget();
+    else ctx.alertError(err);
   }
+}
+
+/** Forgets the pool's session (gone: deleted elsewhere, or expired). */
+function forget() {
+  sessionOf.delete(pool());
+  showSession();
+  $("pg-files").replaceChildren();
 }
 
 export function fileItem(sessionId, f, onError) {

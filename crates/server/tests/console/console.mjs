@@ -249,6 +249,13 @@ try {
   assert(gone.status === 404, `the session after delete: ${gone.status}`);
   const bStill = await api("GET", `/v1/sessions/${bSession.body.id}`, KEY_B);
   assert(bStill.status === 200, "tenant b's session is untouched");
+  // The playground notices its session is gone and runs in a new one.
+  await page.getByRole("link", { name: "Playground" }).click();
+  await runCode("print('in a new session')");
+  await page.getByRole("log", { name: "Output" }).getByText("in a new session").waitFor();
+  const newSession = (await page.locator("#pg-session").textContent()).trim();
+  assert(/^ses_/.test(newSession) && newSession !== sessionId, `a new session: ${newSession}`);
+  assert(!(await page.locator("#alert").isVisible()), "no error for the deleted session");
 
   // -- usage and health -------------------------------------------------------------------
   log("usage");
@@ -257,7 +264,7 @@ try {
   await page.locator("#use-pools tbody tr", { hasText: "python" }).waitFor();
   await page.locator("#use-exec-chart svg polyline").first().waitFor({ state: "attached" });
   const legend = await page.locator("#use-exec-chart .legend").textContent();
-  assert(/python: [3-9]/.test(legend), `executions per pool: ${legend}`);
+  assert(/python: [4-9]/.test(legend), `executions per pool: ${legend}`);
   const totals = await page.locator("#use-totals").textContent();
   assert(/Tenanta/.test(totals.replace(/\s+/g, "")), `usage totals: ${totals}`);
   await shot(page, "08-usage");
@@ -281,6 +288,7 @@ try {
   for (const [hash, name] of [["#playground", "09-narrow-playground"], ["#audit", "10-narrow-audit"]]) {
     await page.goto(`${URL_}/console${hash}`);
     await page.locator(`#page-${hash.slice(1)}`).waitFor({ state: "visible" });
+    assert(!(await page.locator("#alert").isVisible()), `an error on ${hash}: ${await page.locator("#alert").textContent()}`);
     const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
     assert(overflow <= 1, `${hash} is ${overflow} px wider than a 375 px window`);
     await shot(page, name);
