@@ -25,6 +25,9 @@ pub struct Caller {
     pub request_id: Option<String>,
     /// The non-secret id of the API key the call came with, for the audit records.
     pub key_id: Option<String>,
+    /// The context the request carried (`X-Ampoule-Context`), checked by the server; a
+    /// tool's `context` argument takes its place.
+    pub context: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 impl Caller {
@@ -34,6 +37,7 @@ impl Caller {
             tenant: tenant.into(),
             request_id: None,
             key_id: None,
+            context: None,
         }
     }
 }
@@ -50,6 +54,9 @@ pub struct Execute {
     pub code: String,
     /// Wall-clock limit in seconds (default and maximum: the pool's).
     pub timeout_s: Option<f64>,
+    /// Why the agent runs it (`prompt`, `run_id`, `agent`, `step`, …): kept in the
+    /// execution's audit record.
+    pub context: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 /// What an execution returned, and in which session it ran.

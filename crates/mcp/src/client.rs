@@ -340,7 +340,8 @@ impl SandboxApi for HttpApi {
         let s = self
             .session(req.session.as_deref(), req.language.as_deref())
             .await?;
-        let body = json!({"code": req.code, "timeout_s": req.timeout_s}).to_string();
+        let body = json!({"code": req.code, "timeout_s": req.timeout_s, "context": req.context})
+            .to_string();
         let bytes = self
             .call(
                 Method::POST,

@@ -55,6 +55,13 @@ pub struct ExecuteCodeArgs {
     /// Wall-clock limit in seconds (default and maximum: the server's).
     #[serde(default)]
     pub timeout_s: Option<f64>,
+    /// Why you run this code, for the audit log: a small JSON object such as
+    /// `{"prompt": "...", "run_id": "...", "agent": "...", "step": 3}` (at most 4 KiB).
+    /// Executions with the same `run_id` are found together; repeating code in a run counts
+    /// as a retry.
+    #[serde(default)]
+    #[schemars(with = "Option<std::collections::BTreeMap<String, serde_json::Value>>")]
+    pub context: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 /// `upload_file` arguments.
@@ -369,6 +376,7 @@ impl AmpouleMcp {
             language: args.language,
             code: args.code,
             timeout_s: args.timeout_s,
+            context: args.context,
         };
         match self.api.execute(&caller, req).await {
             Ok(done) => CallToolResult::success(execution_content(

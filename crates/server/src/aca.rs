@@ -190,7 +190,7 @@ async fn handle(state: AppState, req: Request) -> Result<Response, ApiError> {
         return Err(ApiError::new(ErrorCode::NotFound, "no such operation"));
     };
     let key = state.keys.identify(&parts.headers, &parts.extensions)?;
-    let caller = crate::auth::caller(key, &parts.extensions);
+    let caller = crate::auth::caller(key, &parts.extensions, &parts.headers)?;
     // An unknown pool is the command's to refuse (`pool_not_found`), like any other.
     let pool = pool.unwrap_or_else(|| state.manager.default_pool().to_owned());
     let call = Call {

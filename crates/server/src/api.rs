@@ -347,6 +347,12 @@ pub struct CreateSession {
         pattern = r"^[^\x00-\x1f\x7f-\x9f]*$"
     )]
     pub identifier: Option<String>,
+    /// Why the caller runs this (`prompt`, `run_id`, `agent`, `step`, …): a JSON object of
+    /// at most 4 KiB kept in the audit records it causes (it replaces an
+    /// `X-Ampoule-Context` header). Records of one `run_id` are found with
+    /// `GET /v1/audit?run_id=`; the same code again in a run counts as a retry.
+    #[schema(value_type = Option<Object>)]
+    pub context: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 /// A session.
@@ -408,6 +414,7 @@ async fn create_session(
     Caller(caller): Caller,
     JsonBody(req): JsonBody<CreateSession>,
 ) -> Result<Response, ApiError> {
+    let caller = caller.with_context(req.context)?;
     let cmd = CoreCreate {
         pool: req.pool,
         identifier: req.identifier,
@@ -491,6 +498,12 @@ pub struct ExecuteRequest {
     /// A JSON object available to the code as `inputs`.
     #[schema(value_type = Option<Object>)]
     pub inputs: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Why the caller runs this (`prompt`, `run_id`, `agent`, `step`, …): a JSON object of
+    /// at most 4 KiB kept in the audit records it causes (it replaces an
+    /// `X-Ampoule-Context` header). Records of one `run_id` are found with
+    /// `GET /v1/audit?run_id=`; the same code again in a run counts as a retry.
+    #[schema(value_type = Option<Object>)]
+    pub context: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 impl ExecuteRequest {
@@ -542,8 +555,9 @@ async fn execute(
     State(state): State<AppState>,
     Caller(caller): Caller,
     PathParams(id): PathParams<String>,
-    JsonBody(req): JsonBody<ExecuteRequest>,
+    JsonBody(mut req): JsonBody<ExecuteRequest>,
 ) -> Result<axum::Json<Execution>, ApiError> {
+    let caller = caller.with_context(req.context.take())?;
     let done = state.manager.execute(&caller, req.command(id)).await?;
     Ok(axum::Json(Execution {
         execution_id: done.execution_id,
@@ -617,12 +631,12 @@ async fn execute_stream(
     Caller(caller): Caller,
     headers: HeaderMap,
     PathParams(id): PathParams<String>,
-    JsonBody(req): JsonBody<ExecuteRequest>,
+    JsonBody(mut req): JsonBody<ExecuteRequest>,
 ) -> Result<Response, ApiError> {
     // Refusals (the rate limit) are answered as errors, before the stream starts.
     let run = state
         .manager
-        .execute_streaming(&caller, req.command(id))
+        .execute_streaming(&caller.with_context(req.context.take())?, req.command(id))
         .await?;
     Ok(stream_execution(run, wants_sse(&headers)))
 }

@@ -431,13 +431,40 @@ impl Throttle {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestId(pub String);
 
-/// The core's caller of a request: the key's tenant and id, and the request's id when it has
-/// one.
-pub fn caller((tenant, key_id): (String, String), extensions: &Extensions) -> ampoule_core::Caller {
+/// The header an agent's context comes in when the door's body has no room for it (ACA,
+/// MCP, E2B): a JSON object.
+pub const CONTEXT_HEADER: &str = "x-ampoule-context";
+
+/// The request's `X-Ampoule-Context`, checked (a JSON object of at most 4 KiB).
+pub fn header_context(
+    headers: &HeaderMap,
+) -> Result<Option<serde_json::Map<String, serde_json::Value>>, ApiError> {
+    let Some(v) = headers.get(CONTEXT_HEADER) else {
+        return Ok(None);
+    };
+    let text = v
+        .to_str()
+        .map_err(|_| ApiError::invalid("the X-Ampoule-Context header is not text"))?;
+    let c = ampoule_core::caller::CallerContext::parse(text)
+        .map_err(|e| ApiError::invalid(format!("X-Ampoule-Context: {e}")))?;
+    match c.value() {
+        serde_json::Value::Object(m) => Ok(Some(m)),
+        _ => Ok(None),
+    }
+}
+
+/// The core's caller of a request: the key's tenant and id, the request's id when it has
+/// one, and the context of its `X-Ampoule-Context` header (a body's context replaces it).
+pub fn caller(
+    (tenant, key_id): (String, String),
+    extensions: &Extensions,
+    headers: &HeaderMap,
+) -> Result<ampoule_core::Caller, ApiError> {
     let mut c = ampoule_core::Caller::new(tenant);
     c.key_id = Some(key_id);
     c.request_id = extensions.get::<RequestId>().map(|r| r.0.clone());
-    c
+    c.with_context(header_context(headers)?)
+        .map_err(ApiError::from)
 }
 
 /// The core's caller of a native API request, from its API key (ACA handlers call
@@ -453,7 +480,7 @@ impl FromRequestParts<AppState> for Caller {
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
         let key = state.keys.identify(&parts.headers, &parts.extensions)?;
-        Ok(Caller(caller(key, &parts.extensions)))
+        Ok(Caller(caller(key, &parts.extensions, &parts.headers)?))
     }
 }
 

@@ -34,11 +34,18 @@ fn failure(e: ampoule_core::Error) -> ApiFailure {
     ApiFailure::new(e.code().as_str(), e.to_string())
 }
 
-/// The core's caller of an MCP call.
+/// The core's caller of an MCP call (with the request's context, checked at the door).
 fn caller(c: &Caller) -> CoreCaller {
     let mut out = CoreCaller::new(c.tenant.clone());
     out.request_id = c.request_id.clone();
     out.key_id = c.key_id.clone();
+    if let Some(m) = &c.context {
+        // Checked when the request came in (`authenticate`).
+        out.context =
+            ampoule_core::caller::CallerContext::new(serde_json::Value::Object(m.clone()))
+                .ok()
+                .map(std::sync::Arc::new);
+    }
     out
 }
 
@@ -67,11 +74,10 @@ impl SandboxApi for ManagerApi {
             inputs: None,
             context: None,
         };
-        let done = self
-            .manager
-            .execute(&self::caller(caller), cmd)
-            .await
+        let by = self::caller(caller)
+            .with_context(req.context)
             .map_err(failure)?;
+        let done = self.manager.execute(&by, cmd).await.map_err(failure)?;
         Ok(Executed {
             session: done.session.identifier,
             execution_id: Some(done.execution_id),
@@ -242,6 +248,10 @@ async fn authenticate(State(state): State<AppState>, mut req: Request, next: Nex
         Ok((tenant, key_id)) => {
             let mut caller = Caller::new(tenant);
             caller.key_id = Some(key_id);
+            match crate::auth::header_context(req.headers()) {
+                Ok(c) => caller.context = c,
+                Err(e) => return e.into_response(),
+            }
             caller.request_id = req
                 .extensions()
                 .get::<crate::auth::RequestId>()

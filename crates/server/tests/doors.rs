@@ -104,6 +104,18 @@ async fn send(
     request_id: Option<&str>,
     body: Option<Value>,
 ) -> Reply {
+    send_h(d, method, uri, key, request_id, &[], body).await
+}
+
+async fn send_h(
+    d: &Door,
+    method: &str,
+    uri: &str,
+    key: &str,
+    request_id: Option<&str>,
+    headers: &[(&str, &str)],
+    body: Option<Value>,
+) -> Reply {
     let mut req = Request::builder()
         .method(method)
         .uri(uri)
@@ -116,6 +128,9 @@ async fn send(
     }
     if let Some(id) = request_id {
         req = req.header("x-request-id", id);
+    }
+    for (n, v) in headers {
+        req = req.header(*n, *v);
     }
     let body = body.map_or_else(Body::empty, |b| Body::from(b.to_string()));
     let resp = d
@@ -363,4 +378,121 @@ async fn one_execution_id_in_every_door_and_its_audit_record() {
     assert_eq!(rec[0]["execution"], exe.as_str());
     assert_eq!(rec[0]["request_id"], "req-mcp");
     assert_eq!(rec[0]["key_id"], &sha256_hex(B)[..12]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_callers_context_is_written_down_by_every_door_and_finds_its_run() {
+    let d = door().await;
+    let ctx =
+        json!({"run_id": "run-42", "prompt": "sum the column", "agent": "planner", "step": 1});
+    // `/v1`: in the body, at creation and with each execution.
+    let r = send(
+        &d,
+        "POST",
+        "/v1/sessions",
+        B,
+        None,
+        Some(json!({"context": ctx})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let sid = r.json()["id"].as_str().unwrap().to_owned();
+    let uri = format!("/v1/sessions/{sid}/executions");
+    for _ in 0..2 {
+        let r = send(
+            &d,
+            "POST",
+            &uri,
+            B,
+            None,
+            Some(json!({"code": "6 * 7", "context": ctx})),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    }
+    // ACA: in the header (its body has no room for it).
+    let aca_ctx = r#"{"run_id": "run-42", "agent": "langchain"}"#;
+    let r = send_h(
+        &d,
+        "POST",
+        &format!("/pools/python/executions?identifier=ctx-1&{VB}"),
+        B,
+        None,
+        &[("x-ampoule-context", aca_ctx)],
+        Some(json!({"code": "6 * 7"})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    // MCP: as the tool's argument.
+    let text = mcp_execute(
+        &d,
+        B,
+        "req-ctx",
+        json!({"code": "1", "session": "chat-ctx", "context": {"run_id": "run-42", "step": 3}}),
+    )
+    .await;
+    assert!(text.contains(r#""isError":false"#), "{text}");
+
+    let run = audit(&d, B, "run_id=run-42").await;
+    let execs: Vec<&Value> = run.iter().filter(|r| r["kind"] == "execution").collect();
+    assert_eq!(execs.len(), 4, "{run:?}");
+    assert!(
+        run.iter()
+            .any(|r| r["kind"] == "session_created" && r["context"]["prompt"] == "sum the column")
+    );
+    assert_eq!(execs[0]["context"]["agent"], "planner");
+    assert_eq!(execs[2]["context"]["agent"], "langchain");
+    assert_eq!(execs[3]["context"]["step"], 3);
+    // The same code in the same run: attempts 1, 2, 3 (whichever door); other code: 1.
+    let attempts: Vec<&Value> = execs.iter().map(|r| &r["attempt"]).collect();
+    assert_eq!(attempts, [&json!(1), &json!(2), &json!(3), &json!(1)]);
+    // Another tenant finds nothing of it.
+    assert!(audit(&d, A, "run_id=run-42").await.is_empty());
+    let m = send(&d, "GET", "/metrics", B, None, None).await;
+    assert!(
+        m.text
+            .contains(r#"ampoule_execution_retries_total{pool="python"} 2"#),
+        "{}",
+        m.text
+    );
+
+    // Contexts that are not small JSON objects are refused, at every door, before anything runs.
+    let big = json!({"prompt": "x".repeat(5000)});
+    for bad in [json!(["a"]), big, json!({"run_id": 7})] {
+        let r = send(
+            &d,
+            "POST",
+            &uri,
+            B,
+            None,
+            Some(json!({"code": "1", "context": bad})),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text);
+    }
+    let r = send_h(
+        &d,
+        "POST",
+        &format!("/pools/python/executions?identifier=ctx-2&{VB}"),
+        B,
+        None,
+        &[("x-ampoule-context", "not json")],
+        Some(json!({"code": "1"})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text);
+    assert!(r.text.contains("X-Ampoule-Context"), "{}", r.text);
+    let r = send_h(
+        &d,
+        "POST",
+        "/mcp",
+        B,
+        None,
+        &[("x-ampoule-context", "[1]")],
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text);
+    let execs_after = audit(&d, B, "kind=execution").await.len();
+    assert_eq!(execs_after, 4);
 }

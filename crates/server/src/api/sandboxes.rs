@@ -101,6 +101,11 @@ pub struct CreateSandbox {
     /// Its lifecycle policy, field by field over its pool's (`[pools.NAME.lifecycle]`).
     #[schema(schema_with = lifecycle_request_schema)]
     pub lifecycle: Option<Lifecycle>,
+    /// Why the caller does this (`prompt`, `run_id`, `agent`, `step`, …): a JSON object of
+    /// at most 4 KiB kept in the audit records it causes, as `context` on `/v1/sessions`
+    /// (named so here because `context` names the language context to run in).
+    #[schema(value_type = Option<Object>)]
+    pub caller_context: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 /// The lifecycle a create request may ask for: [`Lifecycle`]'s fields, in two alternatives
@@ -584,6 +589,11 @@ pub struct SandboxExecute {
     /// A JSON object available to the code as `inputs`.
     #[schema(value_type = Option<Object>)]
     pub inputs: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Why the caller does this (`prompt`, `run_id`, `agent`, `step`, …): a JSON object of
+    /// at most 4 KiB kept in the audit records it causes, as `context` on `/v1/sessions`
+    /// (named so here because `context` names the language context to run in).
+    #[schema(value_type = Option<Object>)]
+    pub caller_context: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 impl SandboxExecute {
@@ -1020,6 +1030,7 @@ async fn create_sandbox(
     Caller(caller): Caller,
     JsonBody(req): JsonBody<CreateSandbox>,
 ) -> Result<(StatusCode, axum::Json<CreatedSandbox>), ApiError> {
+    let caller = caller.with_context(req.caller_context.clone())?;
     let metadata = req.metadata.unwrap_or_default();
     let envs = req.envs.unwrap_or_default();
     check_metadata(&metadata)?;
@@ -1394,8 +1405,9 @@ async fn execute(
     State(state): State<AppState>,
     Caller(caller): Caller,
     PathParams(id): PathParams<String>,
-    JsonBody(req): JsonBody<SandboxExecute>,
+    JsonBody(mut req): JsonBody<SandboxExecute>,
 ) -> Result<axum::Json<Execution>, ApiError> {
+    let caller = caller.with_context(req.caller_context.take())?;
     let done = state.manager.execute(&caller, req.command(id)).await?;
     Ok(axum::Json(Execution {
         execution_id: done.execution_id,
@@ -1433,8 +1445,9 @@ async fn execute_stream(
     Caller(caller): Caller,
     headers: HeaderMap,
     PathParams(id): PathParams<String>,
-    JsonBody(req): JsonBody<SandboxExecute>,
+    JsonBody(mut req): JsonBody<SandboxExecute>,
 ) -> Result<Response, ApiError> {
+    let caller = caller.with_context(req.caller_context.take())?;
     let run = state
         .manager
         .execute_streaming(&caller, req.command(id))
@@ -1826,7 +1839,7 @@ fn port_caller(
         .get("x-access-token")
         .and_then(|v| v.to_str().ok());
     match (by_key, token) {
-        (Ok(key), _) => Ok(crate::auth::caller(key, req.extensions())),
+        (Ok(key), _) => crate::auth::caller(key, req.extensions(), req.headers()),
         (Err(e), None) => Err(e),
         (Err(_), Some(token)) => {
             let request_id = req

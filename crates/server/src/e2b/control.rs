@@ -74,7 +74,7 @@ fn caller(
             e.message.replace("bearer token", "API key"),
         )
     })?;
-    Ok(crate::auth::caller(key, ext))
+    crate::auth::caller(key, ext, req_headers).map_err(|e| E2bError::invalid(e.message))
 }
 
 fn request_caller(state: &AppState, req: &Request) -> Result<Caller, E2bError> {
