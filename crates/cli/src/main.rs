@@ -608,7 +608,8 @@ fn egress_setup(args: &RunArgs) -> Result<(Egress, Policy)> {
             Some(InjectRule {
                 host: host.to_owned(),
                 header: header.to_owned(),
-                value_from_env: env.to_owned(),
+                value_from_env: Some(env.to_owned()),
+                oauth2: None,
             })
         });
         let Some(rule) = parsed else {

@@ -31,7 +31,7 @@ use tokio::net::TcpStream;
 
 use crate::Shared;
 use crate::events::{Decision, EventLog};
-use crate::policy::{Injection, Target, split_host_port};
+use crate::policy::{Credential, Injection, Target, split_host_port};
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -45,6 +45,8 @@ pub(crate) struct Conversation {
     pub(crate) rule: String,
     /// The header to set, for hosts with a credential rule.
     pub(crate) injection: Option<Injection>,
+    /// How the sandbox's side of the connection arrived (`Http` or `Tls`).
+    pub(crate) protocol: EgressProtocol,
 }
 
 fn text(status: StatusCode, msg: String) -> Response<Body> {
@@ -80,7 +82,15 @@ impl Conversation {
         C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let (reason, injected) = match &self.injection {
-            Some(i) => (format!("{}; {} injected", self.rule, i.header()), true),
+            Some(i) => (
+                format!(
+                    "{}; {} injected from {}",
+                    self.rule,
+                    i.header(),
+                    i.describe()
+                ),
+                true,
+            ),
             None => (self.rule.clone(), false),
         };
         self.record(EgressProtocol::Http, true, injected, reason);
@@ -134,7 +144,12 @@ impl Conversation {
             }
         };
         let reason = match &self.injection {
-            Some(i) => format!("{}; TLS terminated, {} injected", self.rule, i.header()),
+            Some(i) => format!(
+                "{}; TLS terminated, {} injected from {}",
+                self.rule,
+                i.header(),
+                i.describe()
+            ),
             None => format!("{}; TLS terminated", self.rule),
         };
         self.record(tls, true, self.injection.is_some(), reason);
@@ -201,8 +216,30 @@ impl Conversation {
             return text(StatusCode::MISDIRECTED_REQUEST, reason);
         }
         if let Some(i) = &self.injection {
-            req.headers_mut()
-                .insert(i.header().clone(), i.value().clone());
+            let value = match i.credential() {
+                Credential::Static { value, .. } => value.clone(),
+                Credential::Minted(source) => match source.header_value(&self.shared).await {
+                    Ok(v) => v,
+                    Err(e) => {
+                        let reason = format!("{}: could not be minted: {e}", i.describe());
+                        self.log.record(Decision::blocked(
+                            self.target.as_string(),
+                            self.port,
+                            self.protocol,
+                            &reason,
+                        ));
+                        return text(StatusCode::BAD_GATEWAY, reason);
+                    }
+                },
+            };
+            req.headers_mut().insert(i.header().clone(), value);
+            // One event per request that carried a credential: the record names which one.
+            self.record(
+                self.protocol,
+                true,
+                true,
+                format!("a request carried {} in {}", i.describe(), i.header()),
+            );
         }
         let mut sender = sender.lock().await;
         if sender.ready().await.is_err() {

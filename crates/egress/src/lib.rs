@@ -37,9 +37,11 @@ mod ca;
 mod dns;
 mod error;
 mod events;
+mod fetch;
 mod gateway;
 mod inject;
 mod io;
+mod mint;
 pub mod policy;
 mod proxy;
 pub mod resolve;
@@ -53,7 +55,10 @@ use std::sync::Arc;
 
 pub use error::{Error, Result};
 pub use gateway::Gateway;
-pub use policy::{InjectRule, Policy, PolicyConfig, Rule, Target, Verdict};
+pub use mint::TokenSource;
+pub use policy::{
+    ClientAuth, Credential, InjectRule, OAuth2Rule, Policy, PolicyConfig, Rule, Target, Verdict,
+};
 
 /// Process-wide settings of the gateway (`[egress]` in the server's config).
 #[derive(Debug, Clone, Default)]

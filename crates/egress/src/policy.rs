@@ -23,10 +23,14 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 
+use std::sync::Arc;
+
 use http::{HeaderName, HeaderValue};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+use crate::mint::TokenSource;
+pub use crate::mint::{ClientAuth, OAuth2Rule};
 
 /// What a sandbox asked to reach: a DNS name or an IP literal.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -215,8 +219,14 @@ pub struct InjectRule {
     pub host: String,
     /// The header, e.g. `Authorization`; an existing header of that name is replaced.
     pub header: String,
-    /// The environment variable of the ampoule process that holds the value.
-    pub value_from_env: String,
+    /// The environment variable of the ampoule process that holds the value. Exactly one of
+    /// this and `oauth2`.
+    #[serde(default)]
+    pub value_from_env: Option<String>,
+    /// Mint the value instead: `Bearer <token>` from an OAuth 2.0 client-credentials grant,
+    /// cached until shortly before it expires (see `mint.rs`).
+    #[serde(default)]
+    pub oauth2: Option<OAuth2Rule>,
 }
 
 /// A pool's network policy as configured (`[pools.NAME.network]`), before it is compiled.
@@ -231,12 +241,27 @@ pub struct PolicyConfig {
     pub inject: Vec<InjectRule>,
 }
 
+/// Where an injected header's value comes from.
+#[derive(Clone)]
+pub enum Credential {
+    /// A value read from the environment when the policy was compiled (marked sensitive, so
+    /// hyper never logs it), and the variable's name.
+    Static {
+        /// The value.
+        value: HeaderValue,
+        /// `env:<variable>`, what records name.
+        name: String,
+    },
+    /// A token minted by the gateway, shared by every sandbox of the pool that compiled it.
+    Minted(Arc<TokenSource>),
+}
+
 /// A compiled injection rule. Its `Debug` never shows the value.
 #[derive(Clone)]
 pub struct Injection {
     host: HostPattern,
     header: HeaderName,
-    value: HeaderValue,
+    credential: Credential,
     text: String,
 }
 
@@ -246,17 +271,41 @@ impl Injection {
         &self.header
     }
 
-    /// The secret value (marked sensitive, so hyper never logs it).
-    pub fn value(&self) -> &HeaderValue {
-        &self.value
+    /// Where the value comes from.
+    pub fn credential(&self) -> &Credential {
+        &self.credential
+    }
+
+    /// The static value, when the rule has one (a minted one exists only when a request
+    /// needs it).
+    pub fn value(&self) -> Option<&HeaderValue> {
+        match &self.credential {
+            Credential::Static { value, .. } => Some(value),
+            Credential::Minted(_) => None,
+        }
+    }
+
+    /// What records say about the credential, never its value: the rule's host and
+    /// `env:<variable>` or `oauth2:<client_id_env>`.
+    pub fn describe(&self) -> String {
+        let name = match &self.credential {
+            Credential::Static { name, .. } => name.as_str(),
+            Credential::Minted(src) => src.name(),
+        };
+        format!("credential {name} (rule {})", self.text)
     }
 }
 
 impl fmt::Debug for Injection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let source = match &self.credential {
+            Credential::Static { name, .. } => name.clone(),
+            Credential::Minted(src) => src.name().to_owned(),
+        };
         f.debug_struct("Injection")
             .field("rule", &self.text)
             .field("header", &self.header)
+            .field("source", &source)
             .field("value", &"<redacted>")
             .finish()
     }
@@ -411,23 +460,42 @@ impl Policy {
             if is_hop_by_hop(&header) || header == http::header::HOST {
                 return Err(bad(format!("{header} cannot be injected")));
             }
-            let raw = env(&rule.value_from_env).ok_or_else(|| {
-                bad(format!(
-                    "the environment variable {} is not set",
-                    rule.value_from_env
-                ))
-            })?;
-            let mut value = HeaderValue::from_str(&raw).map_err(|_| {
-                bad(format!(
-                    "{} holds characters a header value cannot carry",
-                    rule.value_from_env
-                ))
-            })?;
-            value.set_sensitive(true);
+            let credential = match (&rule.value_from_env, &rule.oauth2) {
+                (Some(var), None) => {
+                    let raw = env(var)
+                        .ok_or_else(|| bad(format!("the environment variable {var} is not set")))?;
+                    let mut value = HeaderValue::from_str(&raw).map_err(|_| {
+                        bad(format!(
+                            "{var} holds characters a header value cannot carry"
+                        ))
+                    })?;
+                    value.set_sensitive(true);
+                    Credential::Static {
+                        value,
+                        name: format!("env:{var}"),
+                    }
+                }
+                (None, Some(oauth2)) => {
+                    if header != http::header::AUTHORIZATION {
+                        return Err(bad(format!(
+                            "an oauth2 token is a bearer token: the header must be \
+                             Authorization, not {header}"
+                        )));
+                    }
+                    Credential::Minted(Arc::new(
+                        TokenSource::new(oauth2, &env).map_err(|e| bad(format!("oauth2: {e}")))?,
+                    ))
+                }
+                _ => {
+                    return Err(bad(
+                        "give exactly one of `value_from_env` and `oauth2`".into()
+                    ));
+                }
+            };
             inject.push(Injection {
                 host,
                 header,
-                value,
+                credential,
                 text: rule.host.to_ascii_lowercase(),
             });
         }
@@ -767,7 +835,8 @@ mod tests {
             inject: vec![InjectRule {
                 host: "api.example.com".into(),
                 header: "Authorization".into(),
-                value_from_env: "EXAMPLE_TOKEN".into(),
+                value_from_env: Some("EXAMPLE_TOKEN".into()),
+                oauth2: None,
             }],
             ..PolicyConfig::default()
         };
@@ -778,8 +847,12 @@ mod tests {
         assert!(p.injects());
         let i = p.injection(&name("api.example.com")).unwrap();
         assert_eq!(i.header(), "authorization");
-        assert_eq!(i.value(), "Bearer s3cr3t");
-        assert!(i.value().is_sensitive());
+        assert_eq!(i.value().unwrap(), "Bearer s3cr3t");
+        assert!(i.value().unwrap().is_sensitive());
+        assert_eq!(
+            i.describe(),
+            "credential env:EXAMPLE_TOKEN (rule api.example.com)"
+        );
         assert!(!format!("{p:?}").contains("s3cr3t"));
         assert!(p.injection(&name("other.example.com")).is_none());
 
@@ -788,9 +861,52 @@ mod tests {
         let mut hop = cfg.clone();
         hop.inject[0].header = "Connection".into();
         assert!(Policy::compile(&hop, |_| Some("x".into())).is_err());
-        let mut by_ip = cfg;
+        let mut by_ip = cfg.clone();
         by_ip.inject[0].host = "10.0.0.1".into();
         assert!(Policy::compile(&by_ip, |_| Some("x".into())).is_err());
+
+        // A minted credential instead of a static one.
+        let oauth2 = OAuth2Rule {
+            token_url: "https://auth.example.com/token".into(),
+            client_id_env: "CLIENT_ID".into(),
+            client_secret_env: "CLIENT_SECRET".into(),
+            scope: None,
+            client_auth: ClientAuth::Basic,
+        };
+        let mut minted = cfg.clone();
+        minted.inject[0].value_from_env = None;
+        minted.inject[0].oauth2 = Some(oauth2.clone());
+        let p = Policy::compile(&minted, |k| Some(format!("{k}-s3cr3t"))).unwrap();
+        let i = p.injection(&name("api.example.com")).unwrap();
+        assert!(i.value().is_none());
+        assert_eq!(
+            i.describe(),
+            "credential oauth2:CLIENT_ID (rule api.example.com)"
+        );
+        assert!(!format!("{p:?}").contains("s3cr3t"));
+        let err = Policy::compile(&minted, |k| (k == "CLIENT_ID").then(|| "me".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("CLIENT_SECRET"), "{err}");
+        // Exactly one source, and a bearer token goes in Authorization.
+        let mut both = minted.clone();
+        both.inject[0].value_from_env = Some("EXAMPLE_TOKEN".into());
+        assert!(Policy::compile(&both, |_| Some("x".into())).is_err());
+        let mut neither = minted.clone();
+        neither.inject[0].oauth2 = None;
+        assert!(Policy::compile(&neither, |_| Some("x".into())).is_err());
+        let mut other_header = minted;
+        other_header.inject[0].header = "X-Api-Key".into();
+        assert!(Policy::compile(&other_header, |_| Some("x".into())).is_err());
+        // From TOML, as the server's config spells it.
+        let toml_rule: InjectRule = serde_json::from_value(serde_json::json!({
+            "host": "api.example.com",
+            "header": "Authorization",
+            "oauth2": {"token_url": "https://auth.example.com/token", "client_id_env": "CLIENT_ID",
+                       "client_secret_env": "CLIENT_SECRET", "scope": "read", "client_auth": "body"}
+        }))
+        .unwrap();
+        assert_eq!(toml_rule.oauth2.unwrap().client_auth, ClientAuth::Body);
     }
 
     #[test]

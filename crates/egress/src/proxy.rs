@@ -203,6 +203,7 @@ pub(crate) async fn serve(
             addr,
             rule,
             injection,
+            protocol,
         };
         let client = Prefixed::new(buf, client);
         match protocol {

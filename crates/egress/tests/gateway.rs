@@ -133,7 +133,8 @@ fn policy(allow: &[&str], inject: bool) -> Policy {
                 vec![InjectRule {
                     host: "up.test".into(),
                     header: "Authorization".into(),
-                    value_from_env: "TEST_TOKEN".into(),
+                    value_from_env: Some("TEST_TOKEN".into()),
+                    oauth2: None,
                 }]
             } else {
                 vec![]
@@ -469,4 +470,173 @@ async fn proxy_overhead() {
         );
     }
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A token endpoint on loopback: answers `tok-<n>` (a new one per request) living
+/// `expires_in` seconds, after checking the grant and the client's Basic credentials; keeps
+/// each request's head and body.
+async fn token_endpoint(expires_in: f64) -> (u16, Seen) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let seen = Seen::default();
+    let s = seen.clone();
+    tokio::spawn(async move {
+        let mut n = 0;
+        loop {
+            let (mut c, _) = l.accept().await.unwrap();
+            let head = read_head(&mut c).await;
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse().unwrap())
+                })
+                .unwrap_or(0);
+            let mut body = vec![0u8; len];
+            c.read_exact(&mut body).await.unwrap();
+            let body = String::from_utf8(body).unwrap();
+            // base64("the-client:the secret") (the secret form-encoded first: a space is `+`).
+            let good = head.contains("authorization: Basic dGhlLWNsaWVudDp0aGUrc2VjcmV0")
+                || head.contains("Authorization: Basic dGhlLWNsaWVudDp0aGUrc2VjcmV0");
+            s.lock().unwrap().push(format!("{head}{body}"));
+            let reply = if good && body.contains("grant_type=client_credentials") {
+                n += 1;
+                format!(
+                    r#"{{"access_token":"tok-{n}","token_type":"Bearer","expires_in":{expires_in}}}"#
+                )
+            } else {
+                r#"{"error":"invalid_client"}"#.to_owned()
+            };
+            let status = if reply.contains("error") {
+                "401 Unauthorized"
+            } else {
+                "200 OK"
+            };
+            let _ = c
+                .write_all(
+                    format!(
+                        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{reply}",
+                        reply.len()
+                    )
+                    .as_bytes(),
+                )
+                .await;
+        }
+    });
+    (port, seen)
+}
+
+fn oauth_policy(token_port: u16, secret: &str) -> Policy {
+    let secret = secret.to_owned();
+    Policy::compile(
+        &PolicyConfig {
+            allow: vec!["up.test".into(), "127.0.0.1".into()],
+            deny: vec![],
+            inject: vec![InjectRule {
+                host: "up.test".into(),
+                header: "Authorization".into(),
+                value_from_env: None,
+                oauth2: Some(ampoule_egress::OAuth2Rule {
+                    token_url: format!("http://127.0.0.1:{token_port}/token"),
+                    client_id_env: "TEST_CLIENT_ID".into(),
+                    client_secret_env: "TEST_CLIENT_SECRET".into(),
+                    scope: Some("api:read".into()),
+                    client_auth: ampoule_egress::ClientAuth::Basic,
+                }),
+            }],
+        },
+        move |k| match k {
+            "TEST_CLIENT_ID" => Some("the-client".into()),
+            "TEST_CLIENT_SECRET" => Some(secret.clone()),
+            _ => None,
+        },
+    )
+    .unwrap()
+}
+
+/// The authorization header of each request the upstream saw.
+fn bearer_tokens(seen: &Seen) -> Vec<String> {
+    seen.lock()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            h.lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .starts_with("authorization:")
+                        .then(|| l[14..].trim().to_owned())
+                })
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn oauth_tokens_are_minted_cached_and_refreshed() {
+    let (port, seen) = http_upstream().await;
+    let (token_port, token_requests) = token_endpoint(1.0).await;
+    let egress = Egress::new(&EgressSettings {
+        hosts: pins(),
+        ..EgressSettings::default()
+    })
+    .unwrap();
+    let gw = gateway(&egress, oauth_policy(token_port, "the secret"));
+    let host = format!("up.test:{port}");
+    let first = http_get(&gw, &host, "Authorization: Bearer forged\r\n").await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    // Within its life (1 s, used for 0.75 s) the token is reused.
+    http_get(&gw, &host, "").await;
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    http_get(&gw, &host, "").await;
+    assert_eq!(
+        bearer_tokens(&seen),
+        ["Bearer tok-1", "Bearer tok-1", "Bearer tok-2"]
+    );
+    let asked = token_requests.lock().unwrap().clone();
+    assert_eq!(asked.len(), 2, "{asked:?}");
+    assert!(asked[0].starts_with("POST /token HTTP/1.1"), "{}", asked[0]);
+    assert!(
+        asked[0].ends_with("grant_type=client_credentials&scope=api%3Aread"),
+        "{}",
+        asked[0]
+    );
+    // Every request that carried the token is an event naming the credential, never its value.
+    let events = gw.events();
+    let carried: Vec<_> = events
+        .iter()
+        .filter(|e| {
+            e.reason
+                .contains("a request carried credential oauth2:TEST_CLIENT_ID (rule up.test)")
+        })
+        .collect();
+    assert_eq!(carried.len(), 3, "{events:?}");
+    assert!(
+        carried
+            .iter()
+            .all(|e| e.injected && e.allowed && e.host == "up.test")
+    );
+    assert!(!format!("{events:?}").contains("tok-"), "{events:?}");
+}
+
+#[tokio::test]
+async fn a_refused_token_request_fails_the_request_not_the_policy() {
+    let (port, seen) = http_upstream().await;
+    let (token_port, _) = token_endpoint(60.0).await;
+    let egress = Egress::new(&EgressSettings {
+        hosts: pins(),
+        ..EgressSettings::default()
+    })
+    .unwrap();
+    let gw = gateway(&egress, oauth_policy(token_port, "wrong"));
+    let out = http_get(&gw, &format!("up.test:{port}"), "Connection: close\r\n").await;
+    assert!(out.starts_with("HTTP/1.1 502"), "{out}");
+    assert!(out.contains("oauth2:TEST_CLIENT_ID"), "{out}");
+    assert!(out.contains("invalid_client"), "{out}");
+    assert!(seen.lock().unwrap().is_empty(), "nothing reached the API");
+    assert!(
+        gw.events()
+            .iter()
+            .any(|e| !e.allowed && e.reason.contains("could not be minted"))
+    );
 }
