@@ -65,8 +65,15 @@ echo "== tests" >&2
 # nextest runs each test as a process, with the groups of .config/nextest.toml: the containment
 # suite, the privileged end-to-end tests and the measurements each one test at a time; a test
 # that cannot run here is reported as skipped with its reason.
+status=0
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --workspace --locked --no-fail-fast
+  cargo nextest run --workspace --locked --no-fail-fast || status=$?
 else
-  cargo test --workspace --locked --no-fail-fast
+  cargo test --workspace --locked --no-fail-fast || status=$?
 fi
+# The console's browser test photographs every page (kept by CI as artifacts), pass or fail.
+if compgen -G "target/console-screenshots/*.png" >/dev/null; then
+  echo "== console screenshots" >&2
+  ls -1 "$PWD"/target/console-screenshots/*.png >&2
+fi
+exit "$status"
