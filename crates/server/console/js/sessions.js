@@ -19,6 +19,8 @@ export async function show(args = []) {
   ]);
   const byId = new Map(sessions.map((s) => [s.id, s]));
   const now = Date.now();
+  // Grouped by pool, oldest first within a pool.
+  sandboxes.sort((a, b) => a.pool.localeCompare(b.pool) || a.created_at.localeCompare(b.created_at));
   const rows = sandboxes.map((sb) => {
     const s = byId.get(sb.id);
     const lastUsed = s ? Date.parse(s.last_used_at) : NaN;
@@ -62,7 +64,10 @@ async function detail(sb) {
   replace($("ses-execs"), ...recent.map((r) =>
     h("li", {},
       h("a", { href: `#audit/${encodeURIComponent(r.execution || "")}`, class: "mono", text: r.execution || `#${r.seq}` }),
-      ` ${when(r.time_ms)} · ${r.status || ""} · ${Math.round(r.duration_ms || 0)} ms · `,
+      ` ${when(r.time_ms)} · ${r.status || ""} · ${Math.round(r.duration_ms || 0)} ms`,
+      r.cpu_time_ms != null ? ` · CPU ${Math.round(r.cpu_time_ms)} ms` : "",
+      r.peak_memory_bytes != null ? ` · peak ${bytes(r.peak_memory_bytes)}` : "",
+      " · ",
       h("code", { text: firstLine(r.code) }))));
   if (!recent.length) $("ses-execs").append(h("li", { text: "no executions" }));
   box.hidden = false;
