@@ -31,6 +31,12 @@ pub enum Kind {
     /// A sandbox runs again; `status` is `memory_kept` (from a pause) or `memory_lost`
     /// (from hibernation: its contexts started afresh, its files intact).
     SandboxResumed,
+    /// An execution waits for an approver (`identifier` holds the approval id, `execution`
+    /// the execution's, `code` what would run).
+    ApprovalRequested,
+    /// An approval was decided: `status` is `approved`, `denied` or `timed_out`; `key_id` is
+    /// the approver's key (none when it timed out), `decided_by` the reason given.
+    ApprovalDecided,
 }
 
 impl Kind {
@@ -47,6 +53,8 @@ impl Kind {
             Kind::SandboxPaused => "sandbox_paused",
             Kind::SandboxHibernated => "sandbox_hibernated",
             Kind::SandboxResumed => "sandbox_resumed",
+            Kind::ApprovalRequested => "approval_requested",
+            Kind::ApprovalDecided => "approval_decided",
         }
     }
 }

@@ -36,6 +36,10 @@ enum Action {
         /// Expire after this long (`90s`, `15m`, `24h`, `30d`); default: never.
         #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
         expires_in: Option<u64>,
+        /// `approver`: the key decides approvals of its tenant (`/v1/approvals`) and submits
+        /// no work.
+        #[arg(long, value_parser = ["approver"])]
+        role: Option<String>,
     },
     /// List the keys (ids, tenants, states; never the keys).
     List,
@@ -95,17 +99,23 @@ pub(crate) fn run(args: KeysArgs) -> Result<ExitCode> {
             tenant,
             name,
             expires_in,
+            role,
         } => {
             if tenant.trim().is_empty() {
                 bail!("--tenant is empty");
             }
             let minted = edit(&|f| {
-                f.add(
+                let mut m = f.add(
                     &tenant,
                     name.clone(),
                     expires_in.map(|s| now.saturating_add(s)),
                     now,
-                )
+                )?;
+                m.stored.role = role.clone();
+                if let Some(k) = f.keys.iter_mut().find(|k| k.id == m.stored.id) {
+                    k.role = role.clone();
+                }
+                Ok(m)
             })?;
             print_minted(&minted, args.json, &path, None);
         }
@@ -172,6 +182,7 @@ fn key_json(k: &StoredKey, now: u64) -> serde_json::Value {
         "revoked_at": k.revoked_at,
         "replaces": k.replaces,
         "replaced_by": k.replaced_by,
+        "role": k.role,
     })
 }
 

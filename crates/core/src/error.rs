@@ -81,6 +81,18 @@ pub enum ErrorCode {
     /// The listener holds as many connections as it allows (in total or from the client's
     /// address).
     TooManyConnections,
+    /// An approver denied the execution (its code never ran).
+    Denied,
+    /// No approver decided in the pool's `approval.timeout_s` (the code never ran).
+    ApprovalTimedOut,
+    /// No such pending approval for the caller's tenant.
+    ApprovalNotFound,
+    /// The key may not decide approvals (it lacks `role = "approver"`).
+    NotAnApprover,
+    /// An approver key submitted work: approver keys only decide.
+    ApproverCannotSubmit,
+    /// The tenant has spent its CPU-time or memory-time budget for the hour.
+    QuotaExhausted,
     /// Something broke inside the server (logged; the message says no more).
     Internal,
 }
@@ -121,6 +133,12 @@ impl ErrorCode {
             ErrorCode::KeyRevoked => "key_revoked",
             ErrorCode::AuthThrottled => "auth_throttled",
             ErrorCode::TooManyConnections => "too_many_connections",
+            ErrorCode::Denied => "denied",
+            ErrorCode::ApprovalTimedOut => "approval_timed_out",
+            ErrorCode::ApprovalNotFound => "approval_not_found",
+            ErrorCode::NotAnApprover => "not_an_approver",
+            ErrorCode::ApproverCannotSubmit => "approver_cannot_submit",
+            ErrorCode::QuotaExhausted => "quota_exhausted",
             ErrorCode::Internal => "internal",
         }
     }
@@ -243,6 +261,35 @@ pub enum Error {
     /// The server keeps no audit log, so there is nothing to query.
     #[error("this server keeps no audit log")]
     NoAuditLog,
+    /// An approver denied the execution.
+    #[error("an approver denied this execution{0}; its code did not run")]
+    Denied(String),
+    /// Nobody decided in time.
+    #[error("no approver decided within {0} s; the code did not run")]
+    ApprovalTimedOut(f64),
+    /// No such pending approval.
+    #[error("no pending approval {0:?}")]
+    ApprovalNotFound(String),
+    /// The caller may not decide approvals.
+    #[error("this key may not decide approvals (it needs role = \"approver\")")]
+    NotAnApprover,
+    /// The caller is an approver and submitted work.
+    #[error("approver keys decide approvals and submit no work; use another key")]
+    ApproverCannotSubmit,
+    /// A cost budget is spent.
+    #[error(
+        "this tenant has spent its {what} budget for the hour ({used:.1} of {max:.1}); try again in {retry_after_s} s"
+    )]
+    QuotaExhausted {
+        /// `cpu_seconds_per_hour` or `memory_gib_seconds_per_hour`.
+        what: &'static str,
+        /// Spent in the last hour.
+        used: f64,
+        /// The budget.
+        max: f64,
+        /// When enough of the window has passed.
+        retry_after_s: u64,
+    },
     /// A bug or a broken host; the detail was logged when the error was made.
     #[error("internal error (see the server log)")]
     Internal,
@@ -277,6 +324,12 @@ impl Error {
             Error::DiskQuota { .. } => ErrorCode::DiskQuotaExceeded,
             Error::ShuttingDown => ErrorCode::ShuttingDown,
             Error::NoAuditLog => ErrorCode::NotFound,
+            Error::Denied(_) => ErrorCode::Denied,
+            Error::ApprovalTimedOut(_) => ErrorCode::ApprovalTimedOut,
+            Error::ApprovalNotFound(_) => ErrorCode::ApprovalNotFound,
+            Error::NotAnApprover => ErrorCode::NotAnApprover,
+            Error::ApproverCannotSubmit => ErrorCode::ApproverCannotSubmit,
+            Error::QuotaExhausted { .. } => ErrorCode::QuotaExhausted,
             Error::Internal => ErrorCode::Internal,
         }
     }
@@ -284,7 +337,8 @@ impl Error {
     /// Seconds after which the command may succeed, when the refusal says.
     pub fn retry_after_s(&self) -> Option<u64> {
         match self {
-            Error::RateLimited { retry_after_s, .. } => Some(*retry_after_s),
+            Error::RateLimited { retry_after_s, .. }
+            | Error::QuotaExhausted { retry_after_s, .. } => Some(*retry_after_s),
             _ => None,
         }
     }
@@ -301,6 +355,7 @@ impl Error {
                 | Error::LanguageNotAllowed(_)
                 | Error::TimeoutNotAllowed { .. }
                 | Error::DiskQuota { .. }
+                | Error::QuotaExhausted { .. }
         )
     }
 

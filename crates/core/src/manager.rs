@@ -152,6 +152,10 @@ pub(crate) struct Inner {
     pub(crate) waking: tokio::sync::Mutex<()>,
     /// Executions seen per (tenant, run id, code hash): the attempt number of the next.
     attempts: Mutex<HashMap<(String, String, String), u32>>,
+    /// Executions waiting for an approver.
+    pub(crate) approvals: crate::approval::PendingTable,
+    /// Told of approval requests (webhooks).
+    pub(crate) approval_hook: std::sync::OnceLock<crate::approval::ApprovalHook>,
 }
 
 /// Most files listed in one execution record's `files`; a record that lists this many
@@ -286,6 +290,8 @@ impl Manager {
                 dormant: Mutex::new(BTreeMap::new()),
                 waking: tokio::sync::Mutex::new(()),
                 attempts: Mutex::new(HashMap::new()),
+                approvals: Mutex::new(HashMap::new()),
+                approval_hook: std::sync::OnceLock::new(),
             }),
         }
     }

@@ -439,6 +439,7 @@ impl Manager {
         &self,
         caller: &Caller,
         cmd: ExecuteCommand,
+        execution_id: &str,
     ) -> Result<(Arc<Session>, ExecRequest, Option<Arc<Ctx>>), Error> {
         let r = self.resolve(caller, &cmd.target)?;
         // In a sandbox (or naming a context) the language picks a context instead of
@@ -459,6 +460,18 @@ impl Manager {
         if let Err(e) = self.quotas().admit_execution(&caller.tenant) {
             return Err(self.refused(caller, &r, e).await);
         }
+        // An approval checkpoint holds it here: admitted, nothing started yet.
+        self.await_approval(
+            caller,
+            crate::approval::Ask {
+                pool: r.pool(),
+                identifier: r.identifier(),
+                session: r.session_id(),
+                code: &cmd.code,
+                execution_id,
+            },
+        )
+        .await?;
         let session = self.materialize(caller, r).await?;
         let ctx = if routed {
             self.route_execution(
@@ -484,8 +497,8 @@ impl Manager {
 
     /// Runs code and answers its result. The one call every door's execute path makes.
     pub async fn execute(&self, caller: &Caller, cmd: ExecuteCommand) -> Result<Executed, Error> {
-        let (session, req, ctx) = self.admit_execution(caller, cmd).await?;
         let execution_id = format!("exe_{}", random_hex(12));
+        let (session, req, ctx) = self.admit_execution(caller, cmd, &execution_id).await?;
         let info = self.info(&session);
         let result = self
             .spawn_execution(caller, &session, ctx, req, None, execution_id.clone())
@@ -505,8 +518,8 @@ impl Manager {
         caller: &Caller,
         cmd: ExecuteCommand,
     ) -> Result<Streaming, Error> {
-        let (session, req, ctx) = self.admit_execution(caller, cmd).await?;
         let execution_id = format!("exe_{}", random_hex(12));
+        let (session, req, ctx) = self.admit_execution(caller, cmd, &execution_id).await?;
         let info = self.info(&session);
         let (tx, events) = tokio::sync::mpsc::unbounded_channel();
         let run = self.spawn_execution(caller, &session, ctx, req, Some(tx), execution_id.clone());

@@ -25,6 +25,8 @@ pub struct PoolSettings {
     pub max_timeout_s: f64,
     /// What idleness and time do to its sessions and sandboxes (`[pools.X.lifecycle]`).
     pub lifecycle: crate::lifecycle::Lifecycle,
+    /// Whether its executions wait for an approver (`[pools.X.approval]`).
+    pub approval: crate::approval::ApprovalPolicy,
 }
 
 /// What the audit log keeps of one pool's records, `[audit]` and `[pools.NAME.audit]`

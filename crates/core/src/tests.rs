@@ -35,6 +35,7 @@ fn pool(name: &str, language: Language) -> PoolSettings {
         max_lifetime: Duration::from_secs(3600),
         max_timeout_s: 600.0,
         lifecycle: Default::default(),
+        approval: Default::default(),
     }
 }
 

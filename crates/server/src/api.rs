@@ -27,6 +27,7 @@ use crate::auth::Caller;
 use crate::error::{ApiError, ErrorBody, ErrorCode};
 use crate::files;
 
+pub mod approvals;
 pub mod sandboxes;
 
 /// A JSON body whose rejections are [`ApiError`]s.
@@ -262,6 +263,7 @@ fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(verify_audit))
         .routes(routes!(get_usage))
         .merge(sandboxes::router())
+        .merge(approvals::router())
 }
 
 /// `GET /healthz`.
@@ -1016,6 +1018,10 @@ pub enum AuditKind {
     SandboxHibernated,
     /// A sandbox runs again after a pause or hibernation.
     SandboxResumed,
+    /// An execution waits for an approver.
+    ApprovalRequested,
+    /// An approval was decided (approved, denied, timed out).
+    ApprovalDecided,
 }
 
 impl AuditKind {
@@ -1031,6 +1037,8 @@ impl AuditKind {
             AuditKind::SandboxPaused => "sandbox_paused",
             AuditKind::SandboxHibernated => "sandbox_hibernated",
             AuditKind::SandboxResumed => "sandbox_resumed",
+            AuditKind::ApprovalRequested => "approval_requested",
+            AuditKind::ApprovalDecided => "approval_decided",
         }
     }
 }

@@ -65,6 +65,8 @@ pub struct KeyEntry {
     pub revoked_at: Option<u64>,
     /// The key that replaced it, when it was rotated.
     pub replaced_by: Option<String>,
+    /// Whether it decides approvals (and submits no work).
+    pub approver: bool,
 }
 
 impl KeyEntry {
@@ -76,6 +78,7 @@ impl KeyEntry {
             expires_at: None,
             revoked_at: None,
             replaced_by: None,
+            approver: false,
         }
     }
 }
@@ -165,6 +168,17 @@ impl Keys {
         }
     }
 
+    /// Gives the config's keys of these digests the approver role.
+    pub fn set_approvers(&mut self, digests: &[String]) {
+        for (d, e) in &mut self.fixed {
+            e.approver = digests.iter().any(|a| a.eq_ignore_ascii_case(d));
+        }
+        let table = self.fixed.iter().cloned().collect();
+        if let Ok(mut t) = self.table.write() {
+            *t = Arc::new(table);
+        }
+    }
+
     /// Sends every [`AuthEvent`] to `hook` from now on (once).
     pub fn on_event(&self, hook: impl Fn(AuthEvent) + Send + Sync + 'static) {
         let _ = self.hook.set(Arc::new(hook));
@@ -208,12 +222,42 @@ impl Keys {
 
     /// The tenant of the request's key and the key's id: the first 12 hex digits of its
     /// SHA-256, as the config names keys (`key_sha256`), never the key itself. `ext` gives the
-    /// client's address ([`ClientAddr`]) to the throttle.
+    /// client's address ([`ClientAddr`]) to the throttle. An approver key is refused here
+    /// (403 `approver_cannot_submit`): it only decides approvals ([`Keys::approver`]).
     pub fn identify(
         &self,
         headers: &HeaderMap,
         ext: &Extensions,
     ) -> Result<(String, String), ApiError> {
+        let e = self.lookup(headers, ext)?;
+        if e.approver {
+            return Err(ApiError::new(
+                ErrorCode::ApproverCannotSubmit,
+                ampoule_core::Error::ApproverCannotSubmit.to_string(),
+            ));
+        }
+        Ok((e.tenant, e.id))
+    }
+
+    /// The tenant and id of an approver's key; any other key is refused (403
+    /// `not_an_approver`).
+    pub fn approver(
+        &self,
+        headers: &HeaderMap,
+        ext: &Extensions,
+    ) -> Result<(String, String), ApiError> {
+        let e = self.lookup(headers, ext)?;
+        if !e.approver {
+            return Err(ApiError::new(
+                ErrorCode::NotAnApprover,
+                ampoule_core::Error::NotAnApprover.to_string(),
+            ));
+        }
+        Ok((e.tenant, e.id))
+    }
+
+    /// The request's key, checked (throttle, expiry, revocation).
+    fn lookup(&self, headers: &HeaderMap, ext: &Extensions) -> Result<KeyEntry, ApiError> {
         // A request without a key is a plain 401, throttled or not: it guesses nothing.
         let token = bearer(headers)?;
         let client = ext.get::<ClientAddr>().map(|c| c.0.ip());
@@ -246,7 +290,7 @@ impl Keys {
                 };
                 ApiError::new(ErrorCode::KeyExpired, why)
             }
-            Some(e) => return Ok((e.tenant, e.id)),
+            Some(e) => return Ok(e),
         };
         self.emit(AuthEvent::Failed(refusal.code));
         let mut scopes = vec![Scope::Prefix(prefix)];

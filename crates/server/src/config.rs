@@ -142,6 +142,9 @@ pub struct KeyConfig {
     pub key_sha256: Option<String>,
     /// Name of an environment variable holding the key itself.
     pub key_env: Option<String>,
+    /// `approver`: the key decides approvals of its tenant (`/v1/approvals`) and submits no
+    /// work; absent: an ordinary key.
+    pub role: Option<String>,
 }
 
 /// `[metrics]`.
@@ -215,6 +218,9 @@ pub struct PoolConfig {
     /// `[pools.NAME.lifecycle]`: what idleness and time do to its sessions and sandboxes.
     #[serde(default)]
     pub lifecycle: ampoule_core::lifecycle::Lifecycle,
+    /// `[pools.NAME.approval]`: whether its executions wait for an approver.
+    #[serde(default)]
+    pub approval: ampoule_core::approval::ApprovalPolicy,
     /// An image from `ampoule image import|pull` (`NAME[:TAG]`): the pool's sandboxes start
     /// from its root instead of the host's runtimes (root only).
     #[serde(default)]
@@ -265,6 +271,7 @@ impl Default for PoolConfig {
             audit: PoolAuditConfig::default(),
             zygote: None,
             lifecycle: Default::default(),
+            approval: Default::default(),
             preload: None,
             image: None,
         }
@@ -497,6 +504,17 @@ impl Config {
                     .map(|s| (*s).to_owned())
                     .collect()
             });
+            p.approval
+                .timeout()
+                .map_err(|e| format!("pools.{name}.{e}"))?;
+            if let Some(url) = &p.approval.webhook_url
+                && !url.starts_with("http://")
+            {
+                return Err(format!(
+                    "pools.{name}.approval.webhook_url: an http:// URL (a hook on the operator's \
+                     network; https is not supported yet)"
+                ));
+            }
             let tenants = self.pool_tenants(&name);
             out.insert(
                 name.clone(),
@@ -517,6 +535,7 @@ impl Config {
                     max_lifetime: std::time::Duration::from_secs(p.max_lifetime_s.max(1)),
                     max_timeout_s,
                     lifecycle: p.lifecycle.clone(),
+                    approval: p.approval.clone(),
                 },
             );
         }
@@ -713,6 +732,24 @@ impl Config {
             .data_dir
             .clone()
             .unwrap_or_else(ampoule_session::paths::data_dir)
+    }
+
+    /// The digests of the `[[auth.keys]]` with `role = "approver"`.
+    pub fn approver_digests(&self) -> Result<Vec<String>, Error> {
+        let digests = self.key_digests()?;
+        let mut out = Vec::new();
+        for (k, (digest, _)) in self.auth.keys.iter().zip(digests) {
+            match k.role.as_deref() {
+                None => {}
+                Some("approver") => out.push(digest),
+                Some(other) => {
+                    return Err(Error::Config(format!(
+                        "auth.keys: role {other:?} is not a role (the one role is \"approver\")"
+                    )));
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// The key digests and their tenants from `[[auth.keys]]` (environment variables read

@@ -55,7 +55,12 @@ pub fn status(code: ErrorCode) -> StatusCode {
         ErrorCode::Unauthorized | ErrorCode::KeyExpired | ErrorCode::KeyRevoked => {
             StatusCode::UNAUTHORIZED
         }
-        ErrorCode::AuthThrottled => StatusCode::TOO_MANY_REQUESTS,
+        ErrorCode::AuthThrottled | ErrorCode::QuotaExhausted => StatusCode::TOO_MANY_REQUESTS,
+        ErrorCode::Denied | ErrorCode::NotAnApprover | ErrorCode::ApproverCannotSubmit => {
+            StatusCode::FORBIDDEN
+        }
+        ErrorCode::ApprovalTimedOut => StatusCode::REQUEST_TIMEOUT,
+        ErrorCode::ApprovalNotFound => StatusCode::NOT_FOUND,
         ErrorCode::TooManyConnections => StatusCode::SERVICE_UNAVAILABLE,
         ErrorCode::NotFound
         | ErrorCode::SessionNotFound
@@ -92,7 +97,12 @@ pub fn status(code: ErrorCode) -> StatusCode {
 pub fn aca_name(code: ErrorCode) -> &'static str {
     match code {
         ErrorCode::Unauthorized | ErrorCode::KeyExpired | ErrorCode::KeyRevoked => "Unauthorized",
-        ErrorCode::AuthThrottled => "TooManyRequests",
+        ErrorCode::AuthThrottled | ErrorCode::QuotaExhausted => "TooManyRequests",
+        ErrorCode::Denied | ErrorCode::NotAnApprover | ErrorCode::ApproverCannotSubmit => {
+            "Forbidden"
+        }
+        ErrorCode::ApprovalTimedOut => "RequestTimeout",
+        ErrorCode::ApprovalNotFound => "NotFound",
         ErrorCode::TooManyConnections => "ServiceUnavailable",
         ErrorCode::NotFound => "NotFound",
         ErrorCode::SessionNotFound => "SessionWithIdentifierNotFound",

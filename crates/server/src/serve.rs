@@ -95,7 +95,8 @@ pub fn keys_noting(cfg: &Config, notify: &dyn Fn(Notice)) -> Result<Keys, Error>
         });
         pairs.push((digest, config::GENERATED_TENANT.to_owned()));
     }
-    let keys = Keys::with_throttle(pairs, cfg.max_auth_failures());
+    let mut keys = Keys::with_throttle(pairs, cfg.max_auth_failures());
+    keys.set_approvers(&cfg.approver_digests()?);
     keys.reload(KeyFile::load(&cfg.keys_file())?.entries());
     Ok(keys)
 }
@@ -180,6 +181,16 @@ pub fn state(cfg: &Config, engine: Arc<dyn Engine>, keys: Keys) -> Result<AppSta
             }
         });
     }
+    manager.set_approval_hook(Arc::new(|url: &str, body: serde_json::Value| {
+        let url = url.to_owned();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Err(e) = post_json(&url, &body).await {
+                    tracing::warn!(url = %url, error = %e, "the approval webhook was not told");
+                }
+            });
+        }
+    }));
     Ok(AppState {
         manager,
         metrics,
@@ -492,4 +503,42 @@ pub async fn serve_noting(
         tracing::warn!("the audit writer did not finish in time");
     }
     Ok(())
+}
+
+/// POSTs `body` as JSON to an `http://` URL (approval webhooks), within ten seconds.
+/// Hand-written over hyper's connection API: one request, no pool, no TLS, and no client
+/// crate to pull in for it.
+pub async fn post_json(url: &str, body: &serde_json::Value) -> Result<u16, String> {
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or("only http:// URLs are supported")?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let addr = if authority.contains(':') {
+        authority.to_owned()
+    } else {
+        format!("{authority}:80")
+    };
+    let work = async {
+        let tcp = tokio::net::TcpStream::connect(&addr)
+            .await
+            .map_err(|e| format!("connecting to {addr}: {e}"))?;
+        let (mut send, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+                .await
+                .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        let req = axum::http::Request::post(path)
+            .header(axum::http::header::HOST, authority)
+            .header(axum::http::header::CONTENT_TYPE, "application/json")
+            .body(axum::body::Body::from(body.to_string()))
+            .map_err(|e| e.to_string())?;
+        let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
+        Ok(resp.status().as_u16())
+    };
+    tokio::time::timeout(Duration::from_secs(10), work)
+        .await
+        .map_err(|_| "timed out".to_owned())?
 }

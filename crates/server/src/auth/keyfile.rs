@@ -57,6 +57,9 @@ pub struct StoredKey {
     /// The key that replaced it (rotation).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replaced_by: Option<String>,
+    /// `approver`: it decides approvals and submits no work.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
 }
 
 impl StoredKey {
@@ -132,6 +135,9 @@ impl KeyFile {
             if k.tenant.trim().is_empty() {
                 return Err(format!("key {}: tenant is empty", k.id));
             }
+            if k.role.as_deref().is_some_and(|r| r != "approver") {
+                return Err(format!("key {}: role is \"approver\" or absent", k.id));
+            }
             if !ids.insert(k.id.clone()) {
                 return Err(format!("key {} is listed twice", k.id));
             }
@@ -149,6 +155,7 @@ impl KeyFile {
                 e.expires_at = k.expires_at;
                 e.revoked_at = k.revoked_at;
                 e.replaced_by = k.replaced_by.clone();
+                e.approver = k.role.as_deref() == Some("approver");
                 (d, e)
             })
             .collect()
@@ -232,6 +239,7 @@ impl KeyFile {
             revoked_at: None,
             replaces: None,
             replaced_by: None,
+            role: None,
         };
         if self.keys.iter().any(|k| k.id == stored.id) {
             // 48 random bits of id colliding: mint again rather than shadow a key.
@@ -279,10 +287,12 @@ impl KeyFile {
         }
         let mut minted = self.add(&old.tenant, old.name.clone(), expires_at, now)?;
         minted.stored.replaces = Some(old.id.clone());
+        minted.stored.role = old.role.clone();
         let new_id = minted.stored.id.clone();
         for k in &mut self.keys {
             if k.id == new_id {
                 k.replaces = Some(old.id.clone());
+                k.role = old.role.clone();
             }
             if k.id == old.id {
                 let end = now.saturating_add(grace_s);

@@ -128,13 +128,19 @@ pub fn code_of(code: ErrorCode) -> Code {
         | ErrorCode::TenantFull
         | ErrorCode::RateLimited
         | ErrorCode::AuthThrottled
+        | ErrorCode::QuotaExhausted
         | ErrorCode::PayloadTooLarge
         | ErrorCode::NoSpace
         | ErrorCode::DiskQuotaExceeded => Code::ResourceExhausted,
         ErrorCode::Conflict => Code::FailedPrecondition,
         ErrorCode::PoolNotAllowed
         | ErrorCode::LanguageNotAllowed
-        | ErrorCode::TimeoutNotAllowed => Code::PermissionDenied,
+        | ErrorCode::TimeoutNotAllowed
+        | ErrorCode::Denied
+        | ErrorCode::NotAnApprover
+        | ErrorCode::ApproverCannotSubmit => Code::PermissionDenied,
+        ErrorCode::ApprovalTimedOut => Code::DeadlineExceeded,
+        ErrorCode::ApprovalNotFound => Code::NotFound,
         ErrorCode::LanguageMismatch
         | ErrorCode::InvalidRequest
         | ErrorCode::InvalidPath
