@@ -775,13 +775,23 @@ def fork_spare(cfg, programs, own_pid_ns):
     check("unshare", libc.unshare(CLONE_NEWPID), "pid namespace")
     try:
         exe = f"/proc/self/fd/{cfg['reaper_fd']}"
+        argv = [exe, *cfg["reaper"]]
+        actions = [
+            (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDWR, 0),
+            (os.POSIX_SPAWN_DUP2, 0, 1),
+            (os.POSIX_SPAWN_DUP2, 0, 2),
+        ]
+        loader = cfg.get("reaper_loader")
+        if loader:
+            # In an image's root: the host's loader runs ampoule's binary (its descriptor
+            # as fd 3, without close-on-exec) with the host's libraries, never the image's.
+            actions.append((os.POSIX_SPAWN_DUP2, cfg["reaper_fd"], 3))
+            argv = [loader, "--library-path", cfg["reaper_libs"], "/proc/self/fd/3",
+                    *cfg["reaper_loader_args"]]
+            exe = loader
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            reaper = os.posix_spawn(exe, [exe, *cfg["reaper"]], {}, file_actions=[
-                (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDWR, 0),
-                (os.POSIX_SPAWN_DUP2, 0, 1),
-                (os.POSIX_SPAWN_DUP2, 0, 2),
-            ])
+            reaper = os.posix_spawn(exe, argv, {}, file_actions=actions)
         except OSError:
             ours.close()
             theirs.close()

@@ -677,7 +677,8 @@ fn python_image_pools_serve() {
     let mut cmd = Command::new(ampoule());
     cmd.args(["serve", "--listen", "127.0.0.1:0", "--config"])
         .arg(&config);
-    cmd.env("AMPOULE_LOG", "info");
+    cmd.env("AMPOULE_LOG", "info")
+        .env("AMPOULE_LOG_FORMAT", "json");
     let server = ampoule_testkit::serve::Serve::spawn(cmd, false).unwrap();
     let log = server.log.text();
     assert!(
@@ -778,6 +779,16 @@ fn python_image_pools_serve() {
             "a sandbox wrote into the shared root"
         );
     }
+    // Each image pool forked its sessions from a zygote of the image's own interpreter.
+    let log = server.log.text();
+    for pool in ["img", "other"] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains("zygote ready") && l.contains(&format!("\"pool\":\"{pool}\""))),
+            "no zygote for {pool}:\n{log}"
+        );
+    }
+    assert!(!log.contains("fork failed"), "{log}");
     let st = server.stop().unwrap();
     assert!(st.success(), "{st:?}");
 }

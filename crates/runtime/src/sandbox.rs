@@ -387,6 +387,11 @@ impl Sandbox {
             zygote: is_zygote,
             scratch_image: cfg.disk.clone(),
             image_root: cfg.image_root.clone(),
+            host_libs: if is_zygote && cfg.image_root.is_some() {
+                crate::zygote::host_libs()
+            } else {
+                Vec::new()
+            },
         };
 
         let (ours, theirs) = channel::pair()?;

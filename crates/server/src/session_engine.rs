@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 
 use ampoule_egress::Egress;
 use ampoule_runtime::{Host, Scratch, Zygote};
+use ampoule_session::language::image::ImageRoot;
 use ampoule_session::setup::EnvFingerprint;
 use ampoule_session::{ExecuteRequest, Session, SessionOptions};
 use ampoule_types::{ExecutionEvent, ExecutionResult, SessionState};
@@ -95,11 +96,18 @@ async fn launch(
     key: &ZygoteKey,
     preload: &[String],
     max_children: usize,
+    image: Option<ImageRoot>,
 ) -> (ampoule_session::Result<Zygote>, Option<EnvFingerprint>) {
     let pool = key.pool.as_str();
     let env = env_fingerprint(pool);
     let begun = Instant::now();
-    let started = ampoule_session::zygote::start_python(host, preload, max_children as u64).await;
+    let started = ampoule_session::zygote::start_python_in(
+        host,
+        preload,
+        max_children as u64,
+        image.as_ref(),
+    )
+    .await;
     if let Ok(z) = &started {
         let info = z.info();
         tracing::info!(
@@ -309,11 +317,12 @@ impl SessionEngine {
                     let (entry, host, preload) =
                         (entry.clone(), self.host.clone(), preload.to_vec());
                     let (key, budget) = (key.clone(), spec.max_sessions);
+                    let image = image_root(spec);
                     let pool = key.pool.clone();
                     let replaced = z.clone();
                     // A worker thread, which outlives the zygote (see ampoule_runtime::sandbox).
                     tokio::spawn(async move {
-                        let (fresh, env) = launch(&host, &key, &preload, budget).await;
+                        let (fresh, env) = launch(&host, &key, &preload, budget, image).await;
                         let mut g = entry.lock().await;
                         g.replacing = false;
                         match fresh {
@@ -358,16 +367,24 @@ impl SessionEngine {
             g.replacing = true;
             let (entry, host, preload) = (entry.clone(), self.host.clone(), preload.to_vec());
             let (key, budget) = (key.clone(), spec.max_sessions);
+            let image = image_root(spec);
             // A worker thread, which outlives the zygote (see ampoule_runtime::sandbox).
             tokio::spawn(async move {
-                let (started, env) = launch(&host, &key, &preload, budget).await;
+                let (started, env) = launch(&host, &key, &preload, budget, image).await;
                 let mut g = entry.lock().await;
                 g.replacing = false;
                 g.install(started, env, &key);
             });
             return Err(NoZygote::Starting);
         }
-        let (started, env) = launch(&self.host, key, preload, spec.max_sessions).await;
+        let (started, env) = launch(
+            &self.host,
+            key,
+            preload,
+            spec.max_sessions,
+            image_root(spec),
+        )
+        .await;
         let installed = g.install(started, env, key);
         drop(g);
         installed
@@ -402,7 +419,10 @@ impl SessionEngine {
                 return None;
             }
         };
-        let outcome = Session::start_forked(&self.host, &zygote, spec.limits.clone()).await;
+        let image = image_root(spec);
+        let outcome =
+            Session::start_forked_in(&self.host, &zygote, spec.limits.clone(), image.as_ref())
+                .await;
         let mut g = entry.lock().await;
         match outcome {
             Ok(session) => {
@@ -548,20 +568,23 @@ impl Engine for SessionEngine {
 /// How to start the kernel of `spec`'s sessions: the host's runtime, or the interpreter in the
 /// pool's image.
 fn kernel(spec: &PoolSpec) -> Result<ampoule_session::LanguageSpec, EngineError> {
-    match &spec.image {
-        Some(image) => ampoule_session::language::image::locate(
-            spec.language,
-            &ampoule_session::language::image::ImageRoot {
-                name: image.name.clone(),
-                root: image.root.clone(),
-                env: image.env.clone(),
-            },
-            &spec.limits,
-        ),
+    match image_root(spec) {
+        Some(image) => {
+            ampoule_session::language::image::locate(spec.language, &image, &spec.limits)
+        }
         None => ampoule_session::language::find(spec.language.as_str())
             .and_then(|k| k.locate(&spec.limits)),
     }
     .map_err(|e| EngineError::Start(chain(&e)))
+}
+
+/// The image root of a pool from an image.
+fn image_root(spec: &PoolSpec) -> Option<ImageRoot> {
+    spec.image.as_ref().map(|image| ImageRoot {
+        name: image.name.clone(),
+        root: image.root.clone(),
+        env: image.env.clone(),
+    })
 }
 
 /// The live session of a started interpreter session.

@@ -10,9 +10,10 @@
 //! [`python_env_fingerprint`] before [`start_python`] and replaces the zygote when it differs.
 
 use ampoule_runtime::{Host, SandboxConfig, Zygote, ZygoteConfig};
-use ampoule_types::Limits;
+use ampoule_types::{Language, Limits};
 
 use crate::error::Result;
+use crate::language::image::ImageRoot;
 use crate::language::{Kernel, KernelFile, Python, in_sandbox};
 use crate::session::{Session, sandbox_config};
 use crate::setup::{EnvFingerprint, PythonEnv};
@@ -37,9 +38,16 @@ const SINGLE_THREADED: &[(&str, &str)] = &[
     ("JE_ARROW_MALLOC_CONF", "background_thread:false"),
 ];
 
-/// The sandbox of a Python session (and of the zygote): the plug-in's, single-threaded.
-fn python_config(limits: &Limits) -> Result<(crate::LanguageSpec, SandboxConfig)> {
-    let spec = Python.locate(limits)?;
+/// The sandbox of a Python session (and of the zygote): the plug-in's (the host's Python, or
+/// the interpreter of `image`), single-threaded.
+fn python_config(
+    limits: &Limits,
+    image: Option<&ImageRoot>,
+) -> Result<(crate::LanguageSpec, SandboxConfig)> {
+    let spec = match image {
+        Some(image) => crate::language::image::locate(Language::Python, image, limits)?,
+        None => Python.locate(limits)?,
+    };
     let mut cfg = sandbox_config(&spec, limits);
     set_env(&mut cfg, SINGLE_THREADED);
     Ok((spec, cfg))
@@ -97,13 +105,27 @@ pub fn zygote_budget(max_children: u64) -> (u64, u64) {
 /// `max_children` live sessions (its cgroup's budget, [`zygote_budget`]); modules that fail to
 /// import are listed in [`Zygote::info`], not an error. Root only.
 pub async fn start_python(host: &Host, preload: &[String], max_children: u64) -> Result<Zygote> {
+    start_python_in(host, preload, max_children, None).await
+}
+
+/// [`start_python`] with the interpreter of `image` (a pool from an image: the zygote's root
+/// is the image's, and so is every child's); `None`: the host's.
+pub async fn start_python_in(
+    host: &Host,
+    preload: &[String],
+    max_children: u64,
+    image: Option<&ImageRoot>,
+) -> Result<Zygote> {
     let (memory_mib, pids) = zygote_budget(max_children);
-    let (spec, mut cfg) = python_config(&Limits {
-        memory_mib,
-        pids,
-        disk_mib: 64,
-        ..Limits::default()
-    })?;
+    let (spec, mut cfg) = python_config(
+        &Limits {
+            memory_mib,
+            pids,
+            disk_mib: 64,
+            ..Limits::default()
+        },
+        image,
+    )?;
     // The zygote's objects in one heap of 2 MiB pages (see `collapse_heap` in zygote.py): a
     // fork then copies a few dozen page-table entries instead of ~20,000. The children's own
     // environment is the session's (set by the child), without these.
@@ -140,7 +162,18 @@ impl Session {
     /// A Python session forked from `zygote` (see [`start_python`]), with `limits`
     /// (`limits.timeout_s` is the default per-execution timeout).
     pub async fn start_forked(host: &Host, zygote: &Zygote, limits: Limits) -> Result<Self> {
-        let (_, cfg) = python_config(&limits)?;
+        Self::start_forked_in(host, zygote, limits, None).await
+    }
+
+    /// [`Session::start_forked`] from a zygote of `image` (see [`start_python_in`]): the
+    /// child's environment is the image's.
+    pub async fn start_forked_in(
+        host: &Host,
+        zygote: &Zygote,
+        limits: Limits,
+        image: Option<&ImageRoot>,
+    ) -> Result<Self> {
+        let (_, cfg) = python_config(&limits, image)?;
         let sandbox = zygote.spawn(host, &cfg, |_| Ok(())).await?;
         Self::handshake(sandbox, "python", limits).await
     }
