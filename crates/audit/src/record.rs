@@ -229,6 +229,8 @@ pub struct Filter {
     pub tenant: String,
     /// Only this session.
     pub session: Option<String>,
+    /// Only this pool.
+    pub pool: Option<String>,
     /// Only this identifier (the caller's name for its session).
     pub identifier: Option<String>,
     /// Only this execution.

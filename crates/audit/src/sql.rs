@@ -281,6 +281,9 @@ impl AuditStore for SqlStore {
         if let Some(s) = &f.session {
             add("session =", Bind::S(s.clone()), &mut binds);
         }
+        if let Some(s) = &f.pool {
+            add("pool =", Bind::S(s.clone()), &mut binds);
+        }
         if let Some(s) = &f.identifier {
             add("identifier =", Bind::S(s.clone()), &mut binds);
         }

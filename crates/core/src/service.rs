@@ -210,6 +210,8 @@ impl std::fmt::Debug for Download {
 pub struct AuditQuery {
     /// Only this session id.
     pub session: Option<String>,
+    /// Only this pool.
+    pub pool: Option<String>,
     /// Only this identifier (the caller's session name).
     pub identifier: Option<String>,
     /// Only this execution id.
@@ -836,6 +838,7 @@ impl Manager {
         let filter = ampoule_audit::Filter {
             tenant: caller.tenant.clone(),
             session: q.session,
+            pool: q.pool,
             identifier: q.identifier,
             execution: q.execution,
             since_ms: q.since,

@@ -969,6 +969,8 @@ async fn delete_file(
 pub struct AuditQuery {
     /// Only this session id.
     pub session: Option<String>,
+    /// Only this pool.
+    pub pool: Option<String>,
     /// Only this identifier (the caller's name for a session: the ACA `identifier`, the MCP
     /// `session`).
     pub identifier: Option<String>,
@@ -1074,6 +1076,7 @@ async fn list_audit(
     }
     let query = CoreAuditQuery {
         session: q.session,
+        pool: q.pool,
         identifier: q.identifier,
         execution: q.execution,
         since: q.since,

@@ -178,7 +178,7 @@ async fn every_execution_is_answerable_and_tenants_see_only_their_own() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_chain_is_verified_through_the_api_and_a_tampered_record_is_found() {
+async fn records_filter_by_pool_and_the_chain_is_verified_through_the_api() {
     let root = tempfile::tempdir().unwrap();
     let text = format!(
         "[server]\ndata_dir = \"{}\"\n\
@@ -206,6 +206,13 @@ async fn the_chain_is_verified_through_the_api_and_a_tampered_record_is_found() 
     .await;
     assert_eq!(st, StatusCode::OK);
     state.manager.audit().unwrap().writer.flush().await.unwrap();
+
+    // The pool filter: this pool's records, and none of a pool the tenant did not use.
+    let (st, p) = call(&app, "GET", "/v1/audit?pool=python", A, None).await;
+    assert_eq!(st, StatusCode::OK, "{p}");
+    assert_eq!(p["records"].as_array().unwrap().len(), 2, "{p}");
+    let (_, p) = call(&app, "GET", "/v1/audit?pool=javascript", A, None).await;
+    assert!(p["records"].as_array().unwrap().is_empty(), "{p}");
 
     let (st, _) = call(&app, "GET", "/v1/audit/verify", "not-a-key", None).await;
     assert_eq!(st, StatusCode::UNAUTHORIZED);
