@@ -68,6 +68,14 @@ pub(crate) struct BenchArgs {
     /// Only the durable-sandbox figures (pause, resume, hibernate).
     #[arg(long)]
     durable_only: bool,
+    /// Also compare new-session-to-first-result (`1+1`) of a pool from this image (an OCI
+    /// layout or `docker save` archive holding a Python, imported into the bench's own data
+    /// directory) with the host-runtime pool's, both forked from zygotes.
+    #[arg(long, value_name = "PATH")]
+    image: Option<PathBuf>,
+    /// With --image: only that comparison.
+    #[arg(long, requires = "image")]
+    image_only: bool,
 }
 
 /// Sample counts and durations of one run.
@@ -302,6 +310,18 @@ pub(crate) async fn run(args: BenchArgs) -> Result<ExitCode> {
         if args.quick { ", --quick" } else { "" },
     ));
 
+    let image = match &args.image {
+        Some(path) => image_phase(&plan, &exe, &work, path).await?,
+        None => Value::Null,
+    };
+    if args.image_only {
+        let report =
+            json!({"version": 1, "date": utc_now(), "build": build_kind(), "image": image});
+        let mut out = std::io::stdout().lock();
+        serde_json::to_writer_pretty(&mut out, &report)?;
+        writeln!(out)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let durable = durable_phase(&plan, &exe, &work).await?;
     if args.durable_only {
         let report =
@@ -336,6 +356,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<ExitCode> {
         "warm_round_trip": round_trip,
         "throughput": throughput,
         "durable": durable,
+        "image": image,
         "density": density,
         "baselines": baselines,
     });
@@ -909,6 +930,79 @@ fn pool_toml(zygote: bool, warm: usize, max_sessions: usize) -> String {
         "language = \"python\"\nzygote = {zygote}\nwarm = {warm}\nmax_sessions = {max_sessions}\n\
          idle_timeout_s = 3600\n"
     )
+}
+
+/// New identifier → first result (`1+1`) in a pool from the image at `path` and in the
+/// host-runtime pool, both forked from a zygote without preloads (the image need not have
+/// pandas), samples interleaved so load hits both alike.
+async fn image_phase(plan: &Plan, exe: &Path, work: &WorkDir, path: &Path) -> Result<Value> {
+    const HOST: &str = "bench-host";
+    const IMAGE: &str = "bench-image";
+    let data = work.0.join("image-data");
+    std::fs::create_dir_all(&data)?;
+    let store = ampoule_image::Store::open(&data)?;
+    let name = ampoule_image::ImageName::parse("bench-image:1")?;
+    let imported = {
+        let lock = store.lock()?;
+        ampoule_image::import::import(&store, &lock, path, &name)
+            .with_context(|| format!("importing {}", path.display()))?
+    };
+    note(&format!(
+        "image {} imported ({} layers)",
+        imported.image.manifest.short(),
+        imported.image.layers.len()
+    ));
+    let body = |image: bool| {
+        format!(
+            "{}preload = []\n{}",
+            pool_toml(true, 0, 64),
+            if image {
+                "image = \"bench-image:1\"\n"
+            } else {
+                ""
+            }
+        )
+    };
+    let server = Server::start(
+        exe,
+        work,
+        "image",
+        &[(HOST, body(false)), (IMAGE, body(true))],
+    )?;
+    let mut c = server.client();
+    for pool in [HOST, IMAGE] {
+        c.execute(pool, "warm-up", "1+1", Some("2"))
+            .await
+            .with_context(|| format!("the first session of pool {pool}\n{}", server.log_tail()))?;
+        c.delete(pool, "warm-up").await?;
+    }
+    let n = plan.new_zygote;
+    let pb = progress(2 * n, "new session → first result (host, image)");
+    let (mut host, mut image) = (Samples::default(), Samples::default());
+    for i in 0..n {
+        for (pool, s) in [(HOST, &mut host), (IMAGE, &mut image)] {
+            let id = format!("img-{pool}-{i}");
+            s.record(c.execute(pool, &id, "1+1", Some("2")).await);
+            if let Err(e) = c.delete(pool, &id).await {
+                s.first_error.get_or_insert(format!("{e:#}"));
+            }
+            pb.inc(1);
+        }
+    }
+    pb.finish_and_clear();
+    server.stop(Duration::from_secs(30));
+    let (host, image) = (host.stat(), image.stat());
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(round2(a / b)),
+        _ => None,
+    };
+    Ok(json!({
+        "digest": imported.image.manifest.to_string(),
+        "ratio_p50": ratio(image.p50_ms, host.p50_ms),
+        "ratio_p99": ratio(image.p99_ms, host.p99_ms),
+        "host_zygote": host,
+        "image_zygote": image,
+    }))
 }
 
 async fn server_phase(
