@@ -507,6 +507,15 @@ pub async fn pull(
     let blobs: Vec<&Descriptor> = std::iter::once(&manifest.config)
         .chain(manifest.layers.iter())
         .collect();
+    // A manifest may declare any size: what it declares is downloaded, so it is bounded like
+    // what it would unpack to.
+    let declared: u64 = blobs.iter().map(|d| d.size).fold(0, u64::saturating_add);
+    let budget = store.limits().max_bytes;
+    if declared > budget {
+        return Err(client.err(format!(
+            "the image's blobs declare {declared} bytes, over the limit of {budget} bytes"
+        )));
+    }
     progress(Event::Manifest {
         digest: digest.clone(),
         total: blobs.iter().map(|d| d.size).sum(),
@@ -558,6 +567,35 @@ mod tests {
         );
         assert_eq!(p.len(), 3);
         assert_eq!(p[2], ("scope".into(), "repository:a/b:pull".into()));
+    }
+
+    #[test]
+    fn credentials_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        std::fs::write(
+            &path,
+            r#"{"auths": {"https://reg.example:5000": {"auth": "dXNlcjpwYTpzcw=="},
+                          "other.example": {"username": "u", "password": "p"}}}"#,
+        )
+        .unwrap();
+        let c = credentials_from_file(&path, "reg.example:5000")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (c.username.as_str(), c.password.as_str()),
+            ("user", "pa:ss")
+        );
+        assert!(!format!("{c:?}").contains("pa:ss"));
+        let c = credentials_from_file(&path, "other.example")
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.username, "u");
+        assert!(
+            credentials_from_file(&path, "missing.example")
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[test]

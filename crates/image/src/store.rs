@@ -106,6 +106,11 @@ impl Store {
         self
     }
 
+    /// The unpacking bounds (a pull refuses blobs larger than their byte budget too).
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
     /// `<data_dir>/images`.
     pub fn path(&self) -> &Path {
         &self.root
