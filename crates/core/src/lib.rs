@@ -51,7 +51,7 @@ pub use sandbox::{
     ProcessSelector, ProcessStream, SandboxInfo, SandboxTokens, StartProcess,
 };
 pub use service::{
-    AuditQuery, CreateSession, Download, ExecuteCommand, Executed, Outcome, PutFile, SessionInfo,
-    Streaming, Target, check_identifier,
+    AuditQuery, Budget, CreateSession, Download, ExecuteCommand, Executed, Outcome, PutFile,
+    SessionInfo, Streaming, Target, check_identifier,
 };
 pub use settings::{Audit, AuditPolicy, PoolSettings, TenantLimits};

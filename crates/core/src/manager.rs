@@ -975,7 +975,13 @@ impl Manager {
         let t = self
             .quotas()
             .timeout(tenant, requested, p.spec.limits.timeout_s)?;
-        Ok(t.min(p.max_timeout_s))
+        let t = t.min(p.max_timeout_s);
+        // `stop_at_budget`: no longer than the CPU seconds left (exact for one busy thread;
+        // code with several threads may overrun by their number).
+        Ok(match self.quotas().cpu_left(tenant) {
+            Some(left) => t.min(left.max(0.1)),
+            None => t,
+        })
     }
 
     /// Runs an admitted execution in its own task, so that a caller that goes away (a client
@@ -1063,6 +1069,16 @@ impl Manager {
         self.inner
             .observer
             .execution(&session.pool, status, begun.elapsed().as_secs_f64());
+        if let Ok(r) = &result {
+            // What it cost, from its sandbox's cgroup: CPU time, and peak memory × duration.
+            let spent = crate::quota::Spent {
+                cpu_seconds: r.cpu_time_ms.unwrap_or(0.0) / 1000.0,
+                memory_gib_seconds: r.peak_memory_bytes.unwrap_or(0) as f64 / f64::from(1u32 << 30)
+                    * (r.duration_ms / 1000.0),
+            };
+            self.quotas().charge(&session.tenant, spent);
+            self.inner.observer.spent(&session.pool, spent);
+        }
         tracing::info!(
             status,
             ms = begun.elapsed().as_millis() as u64,

@@ -29,6 +29,8 @@ pub trait Observer: Send + Sync + 'static {
     /// An execution that repeats code already run in the same run (the caller context's
     /// `run_id`): a retry.
     fn retried(&self, _pool: &str) {}
+    /// What one execution cost (CPU seconds, memory GiB-seconds).
+    fn spent(&self, _pool: &str, _spent: crate::quota::Spent) {}
     /// A sandbox was paused, resumed, hibernated or started again from hibernation
     /// (`pause`, `resume`, `hibernate`, `restore`), in `seconds`.
     fn sandbox_transition(&self, _pool: &str, _event: &'static str, _seconds: f64) {}

@@ -204,6 +204,17 @@ impl std::fmt::Debug for Download {
     }
 }
 
+/// A tenant's cost budgets (`None`: none) and what it spent in the last hour.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Budget {
+    /// Spent in the last hour (tracked only when the tenant has a budget).
+    pub spent: crate::quota::Spent,
+    /// CPU seconds per hour.
+    pub cpu_seconds_per_hour: Option<f64>,
+    /// Memory GiB-seconds per hour.
+    pub memory_gib_seconds_per_hour: Option<f64>,
+}
+
 /// `query_audit`: which records of the caller's tenant; times in milliseconds since the
 /// Unix epoch.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -851,6 +862,16 @@ impl Manager {
             run_id: q.run_id,
         };
         store.query(&filter).await.map_err(Error::internal)
+    }
+
+    /// The caller's tenant's cost budgets and what it spent of them in the last hour.
+    pub fn budget(&self, caller: &Caller) -> Budget {
+        let p = self.quotas().policy(&caller.tenant);
+        Budget {
+            spent: self.quotas().spent(&caller.tenant),
+            cpu_seconds_per_hour: p.cpu_seconds_per_hour,
+            memory_gib_seconds_per_hour: p.memory_gib_seconds_per_hour,
+        }
     }
 
     /// The caller's metered usage over a period (milliseconds since the Unix epoch).

@@ -1159,6 +1159,22 @@ pub struct UsageBody {
     pub peak_memory_bytes: i64,
     /// Sessions created.
     pub sessions_created: i64,
+    /// The tenant's cost budgets (`[quotas]`, `[tenants.NAME]`) and what it spent of them
+    /// in the last hour, whatever the period asked.
+    pub budget: BudgetBody,
+}
+
+/// The tenant's cost budgets; over one: 429 `quota_exhausted`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BudgetBody {
+    /// CPU seconds its executions used in the last hour (0 without a budget: not tracked).
+    pub cpu_seconds_last_hour: f64,
+    /// Its budget (`cpu_seconds_per_hour`), when it has one.
+    pub cpu_seconds_per_hour: Option<f64>,
+    /// Peak GiB × seconds of its executions in the last hour.
+    pub memory_gib_seconds_last_hour: f64,
+    /// Its budget (`memory_gib_seconds_per_hour`), when it has one.
+    pub memory_gib_seconds_per_hour: Option<f64>,
 }
 
 /// The calling tenant's metered usage over a period.
@@ -1177,7 +1193,14 @@ async fn get_usage(
         .manager
         .usage(&caller, q.since.unwrap_or(0), q.until.unwrap_or(i64::MAX))
         .await?;
+    let b = state.manager.budget(&caller);
     Ok(axum::Json(UsageBody {
+        budget: BudgetBody {
+            cpu_seconds_last_hour: b.spent.cpu_seconds,
+            cpu_seconds_per_hour: b.cpu_seconds_per_hour,
+            memory_gib_seconds_last_hour: b.spent.memory_gib_seconds,
+            memory_gib_seconds_per_hour: b.memory_gib_seconds_per_hour,
+        },
         tenant: caller.tenant,
         executions: u.executions,
         execution_seconds: u.execution_seconds,

@@ -157,6 +157,16 @@ pub struct MetricsConfig {
     pub listen: Option<String>,
 }
 
+/// What a spent CPU budget does to a running execution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BudgetAction {
+    /// It runs to its end.
+    Finish,
+    /// Its timeout is cut to the CPU seconds left.
+    Stop,
+}
+
 /// `[tenants.NAME]` and `[quotas]`: one tenant's quotas and policy (absent: no limit).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -176,6 +186,14 @@ pub struct TenantConfig {
     /// Most MiB the disks of the tenant's durable sandboxes may take together, each counted
     /// at its pool's disk limit (default 32768); beyond it: 507 `disk_quota_exceeded`.
     pub durable_disk_mib: Option<u64>,
+    /// CPU seconds the tenant's executions may use in any hour (from the sandboxes'
+    /// cgroups); spent: 429 `quota_exhausted` with `Retry-After`.
+    pub cpu_seconds_per_hour: Option<f64>,
+    /// Memory-time the tenant's executions may use in any hour: peak GiB × seconds, summed.
+    pub memory_gib_seconds_per_hour: Option<f64>,
+    /// `finish` (default): an execution that starts within budget runs to its end; `stop`:
+    /// its timeout is cut to the CPU seconds left.
+    pub budget_action: Option<BudgetAction>,
 }
 
 /// `[pools.NAME]`.
@@ -400,6 +418,12 @@ impl Config {
                 .map(|ls| ls.iter().filter_map(|l| Language::parse(l)).collect()),
             max_timeout_s: t.max_timeout_s.or(self.quotas.max_timeout_s),
             durable_disk_mib: t.durable_disk_mib.or(self.quotas.durable_disk_mib),
+            cpu_seconds_per_hour: t.cpu_seconds_per_hour.or(self.quotas.cpu_seconds_per_hour),
+            memory_gib_seconds_per_hour: t
+                .memory_gib_seconds_per_hour
+                .or(self.quotas.memory_gib_seconds_per_hour),
+            stop_at_budget: t.budget_action.or(self.quotas.budget_action)
+                == Some(BudgetAction::Stop),
         };
         crate::quota::Quotas::new(
             resolve(&TenantConfig::default()),

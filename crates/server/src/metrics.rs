@@ -211,6 +211,8 @@ pub struct Metrics {
     egress: Family<DecisionLabels, Counter>,
     refused: Family<ReasonLabel, Counter>,
     retries: Family<PoolLabel, Counter>,
+    cpu_seconds: Family<PoolLabel, Counter<f64, std::sync::atomic::AtomicU64>>,
+    memory_gib_seconds: Family<PoolLabel, Counter<f64, std::sync::atomic::AtomicU64>>,
     sandboxes: Family<SandboxStateLabel, Gauge>,
     sandbox_disk_bytes: Gauge,
     sandbox_transition_seconds: Histograms<EventLabels>,
@@ -295,6 +297,20 @@ impl Metrics {
             "execution_retries",
             "Executions repeating code already run in the same run (the caller context's run_id)",
             retries.clone(),
+        );
+        let cpu_seconds =
+            Family::<PoolLabel, Counter<f64, std::sync::atomic::AtomicU64>>::default();
+        r.register(
+            "execution_cpu_seconds",
+            "CPU time of executions, from their sandboxes' cgroups (what cpu_seconds_per_hour budgets count)",
+            cpu_seconds.clone(),
+        );
+        let memory_gib_seconds =
+            Family::<PoolLabel, Counter<f64, std::sync::atomic::AtomicU64>>::default();
+        r.register(
+            "execution_memory_gib_seconds",
+            "Peak memory (GiB) times duration (s) of executions (what memory_gib_seconds_per_hour budgets count)",
+            memory_gib_seconds.clone(),
         );
         let sandboxes = Family::<SandboxStateLabel, Gauge>::default();
         r.register(
@@ -404,6 +420,8 @@ impl Metrics {
             egress,
             refused,
             retries,
+            cpu_seconds,
+            memory_gib_seconds,
             sandboxes,
             sandbox_disk_bytes,
             sandbox_transition_seconds,
@@ -588,6 +606,17 @@ pub fn response(metrics: &Metrics, manager: &Manager) -> axum::response::Respons
 }
 
 impl Observer for Metrics {
+    fn spent(&self, pool: &str, spent: ampoule_core::quota::Spent) {
+        let label = PoolLabel {
+            pool: pool.to_owned(),
+        };
+        self.cpu_seconds
+            .get_or_create(&label)
+            .inc_by(spent.cpu_seconds.max(0.0));
+        self.memory_gib_seconds
+            .get_or_create(&label)
+            .inc_by(spent.memory_gib_seconds.max(0.0));
+    }
     fn retried(&self, pool: &str) {
         self.retries
             .get_or_create(&PoolLabel {

@@ -34,6 +34,7 @@ use serde_json::{Value, json};
 
 const KEY_A: &str = "tenants-e2e-key-a";
 const KEY_B: &str = "tenants-e2e-key-b";
+const KEY_C: &str = "tenants-e2e-key-c";
 
 fn config(t: &Path) -> String {
     format!(
@@ -46,6 +47,11 @@ key_env = "TENANTS_KEY_A"
 [[auth.keys]]
 tenant = "b"
 key_env = "TENANTS_KEY_B"
+[[auth.keys]]
+tenant = "c"
+key_env = "TENANTS_KEY_C"
+[tenants.c]
+cpu_seconds_per_hour = 2
 
 [pools.python]
 warm = 0
@@ -66,7 +72,11 @@ fn start() -> Result<Jail, String> {
         dir,
         "",
         &cfg,
-        [("TENANTS_KEY_A", KEY_A), ("TENANTS_KEY_B", KEY_B)],
+        [
+            ("TENANTS_KEY_A", KEY_A),
+            ("TENANTS_KEY_B", KEY_B),
+            ("TENANTS_KEY_C", KEY_C),
+        ],
     )
 }
 
@@ -349,6 +359,51 @@ print(json.dumps(out))
     Ok(())
 }
 
+/// Tenant `c` has 2 CPU seconds an hour: a CPU-bound loop spends them (measured by its
+/// sandbox's cgroup), its next execution is refused with `quota_exhausted` and a wait,
+/// `/v1/usage` shows the spending; tenant `b`, without a budget, is unaffected.
+fn cost_budget(jail: &Jail) -> Result<(), Failed> {
+    let port = jail.port;
+    let c = Client::new(port, KEY_C).ok("POST", "/v1/sessions", Some(json!({})))?;
+    let sess = Sess {
+        port,
+        key: KEY_C,
+        id: c["id"].as_str().ok_or("no session id")?.to_owned(),
+    };
+    let spent = sess.run(
+        "import json, time\nt = time.process_time()\nwhile time.process_time() - t < 2.5:\n    pass\nprint(json.dumps(time.process_time() - t))",
+    )?;
+    if spent.as_f64().is_none_or(|s| s < 2.5) {
+        return Err(format!("the loop did not spend its CPU: {spent}").into());
+    }
+    let body = json!({"code": "print(1)"}).to_string();
+    let (status, r) = Client::new(port, KEY_C).call(
+        "POST",
+        &format!("/v1/sessions/{}/executions", sess.id),
+        Some(body.as_bytes()),
+    )?;
+    if status != 429 || r["error"]["code"] != "quota_exhausted" {
+        return Err(format!("after the budget: {status} {r}").into());
+    }
+    let usage = Client::new(port, KEY_C).ok("GET", "/v1/usage", None)?;
+    let b = &usage["budget"];
+    if b["cpu_seconds_per_hour"] != json!(2.0) || b["cpu_seconds_last_hour"].as_f64() < Some(2.5) {
+        return Err(format!("usage does not show the budget: {usage}").into());
+    }
+    // Another tenant runs as ever.
+    let other = Client::new(port, KEY_B).ok("POST", "/v1/sessions", Some(json!({})))?;
+    let v = Sess {
+        port,
+        key: KEY_B,
+        id: other["id"].as_str().ok_or("no session id")?.to_owned(),
+    }
+    .run("print(6 * 7)")?;
+    if v != json!(42) {
+        return Err(format!("tenant b got {v}").into());
+    }
+    Ok(())
+}
+
 fn unavailable() -> Option<String> {
     missing(&[
         Need::Root("it starts sandboxes in a jail"),
@@ -375,9 +430,10 @@ fn trial(body: Body) -> Result<(), Failed> {
 fn main() {
     let args = Arguments::from_args();
     let why = unavailable();
-    let cases: [(&str, Body); 2] = [
+    let cases: [(&str, Body); 3] = [
         ("per_user_quotas", per_user_quotas),
         ("no_shared_randomness", no_shared_randomness),
+        ("cost_budget", cost_budget),
     ];
     let trials: Vec<Trial> = cases
         .into_iter()
