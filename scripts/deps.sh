@@ -23,6 +23,10 @@ have gcc || need+=(gcc)
 have pkg-config || need+=(pkg-config)
 have openssl || need+=(openssl)
 [ -x /usr/bin/csharp ] || need+=(mono-complete)
+# `ampoule image pull` against a real registry on loopback (crates/cli/tests/images.rs):
+# Debian's registry, and skopeo to push the test's image into it
+[ -x /usr/bin/docker-registry ] || need+=(docker-registry)
+have skopeo || need+=(skopeo)
 # the audit store's PostgreSQL tests (scripts/postgres.sh starts a throw-away cluster)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 
