@@ -35,6 +35,12 @@ pub(crate) async fn serve(
     policy: Arc<Policy>,
     log: Arc<EventLog>,
 ) {
+    // The package index's name is answered with the gateway's own address (every TCP
+    // connection of the sandbox reaches the gateway anyway).
+    let here = match socket.local_addr().map(|a| a.ip()) {
+        Ok(IpAddr::V4(v4)) if !v4.is_unspecified() => v4,
+        _ => std::net::Ipv4Addr::LOCALHOST,
+    };
     let socket = Arc::new(socket);
     let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let mut tasks = JoinSet::new();
@@ -58,7 +64,7 @@ pub(crate) async fn serve(
         let (socket, shared, policy, log) =
             (socket.clone(), shared.clone(), policy.clone(), log.clone());
         tasks.spawn(async move {
-            if let Some(reply) = answer(&query, &shared, &policy, &log).await {
+            if let Some(reply) = answer(&query, &shared, &policy, &log, here).await {
                 let _ = socket.send_to(&reply, from).await;
             }
             drop(permit);
@@ -72,6 +78,7 @@ pub(crate) async fn answer(
     shared: &Shared,
     policy: &Policy,
     log: &EventLog,
+    here: std::net::Ipv4Addr,
 ) -> Option<Vec<u8>> {
     let Ok(msg) = Message::from_vec(query) else {
         log.record(Decision::blocked(
@@ -107,6 +114,12 @@ pub(crate) async fn answer(
         }
     };
     let shown = target.as_string();
+    if policy.packages().is_some() && shown == crate::packages::INDEX_HOST {
+        if q.query_type() == RecordType::A {
+            resp.add_answer(Record::from_rdata(q.name().clone(), TTL, RData::A(A(here))));
+        }
+        return reply(resp, ResponseCode::NoError);
+    }
     let rule = match policy.check_name(&target) {
         Verdict::Allow(r) => r,
         Verdict::Deny(reason) => {
@@ -198,9 +211,15 @@ mod tests {
 
     async fn reply(name: &str, kind: RecordType, log: &EventLog) -> Message {
         let policy = Policy::allowing(&["api.test:443", "meta.test"]).unwrap();
-        let out = answer(&ask(name, kind), &shared(), &policy, log)
-            .await
-            .unwrap();
+        let out = answer(
+            &ask(name, kind),
+            &shared(),
+            &policy,
+            log,
+            std::net::Ipv4Addr::LOCALHOST,
+        )
+        .await
+        .unwrap();
         Message::from_vec(&out).unwrap()
     }
 
@@ -248,9 +267,15 @@ mod tests {
         let log = EventLog::new("test");
         let policy = Policy::default();
         assert!(
-            answer(b"\x01\x02", &shared(), &policy, &log)
-                .await
-                .is_none()
+            answer(
+                b"\x01\x02",
+                &shared(),
+                &policy,
+                &log,
+                std::net::Ipv4Addr::LOCALHOST
+            )
+            .await
+            .is_none()
         );
         assert_eq!(log.snapshot().len(), 1);
     }

@@ -25,6 +25,12 @@ pub enum Error {
         /// What is wrong with it.
         why: String,
     },
+    /// The package policy (`[pools.NAME.packages]`) is not valid.
+    #[error("package index: {why}")]
+    Packages {
+        /// What is wrong with it.
+        why: String,
+    },
     /// A static host pin (`[egress.hosts]`, `--resolve`) is not valid.
     #[error("host pin {name:?}: {why}")]
     Pin {

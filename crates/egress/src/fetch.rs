@@ -95,7 +95,6 @@ impl Endpoint {
 
     /// `path` (absolute, or relative to this URL's path) on the same scheme and host, or an
     /// absolute URL.
-    #[allow(dead_code, reason = "the package index uses it next")]
     pub(crate) fn join(&self, reference: &str) -> Result<Self, String> {
         if reference.starts_with("http://") || reference.starts_with("https://") {
             return Self::parse(reference);

@@ -42,6 +42,7 @@ mod gateway;
 mod inject;
 mod io;
 mod mint;
+pub mod packages;
 pub mod policy;
 mod proxy;
 pub mod resolve;
@@ -56,6 +57,7 @@ use std::sync::Arc;
 pub use error::{Error, Result};
 pub use gateway::Gateway;
 pub use mint::TokenSource;
+pub use packages::{PackageIndex, PackagesConfig};
 pub use policy::{
     ClientAuth, Credential, InjectRule, OAuth2Rule, Policy, PolicyConfig, Rule, Target, Verdict,
 };

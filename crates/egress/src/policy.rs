@@ -31,6 +31,7 @@ use serde::Deserialize;
 use crate::error::{Error, Result};
 use crate::mint::TokenSource;
 pub use crate::mint::{ClientAuth, OAuth2Rule};
+use crate::packages::{PackageIndex, PackagesConfig};
 
 /// What a sandbox asked to reach: a DNS name or an IP literal.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -428,6 +429,8 @@ pub struct Policy {
     allow: Vec<Rule>,
     deny: Vec<Rule>,
     inject: Vec<Injection>,
+    /// The filtered package index the gateway serves, when the pool has one.
+    packages: Option<Arc<PackageIndex>>,
 }
 
 impl Policy {
@@ -503,7 +506,31 @@ impl Policy {
             allow,
             deny,
             inject,
+            packages: None,
         })
+    }
+
+    /// This policy with a filtered package index (`[pools.NAME.packages]`), served to the
+    /// sandbox at [`crate::packages::INDEX_URL`] whatever the allow list says.
+    pub fn with_packages(mut self, cfg: &PackagesConfig) -> Result<Self> {
+        let index = PackageIndex::compile(cfg).map_err(|why| Error::Packages { why })?;
+        self.packages = Some(Arc::new(index));
+        Ok(self)
+    }
+
+    /// The package index, when the policy has one.
+    pub fn packages(&self) -> Option<&Arc<PackageIndex>> {
+        self.packages.as_ref()
+    }
+
+    /// Environment variables the sandbox needs for this policy: with a package index,
+    /// `PIP_INDEX_URL` and `PIP_TRUSTED_HOST` (the index is plain HTTP inside the sandbox).
+    pub fn sandbox_env(&self) -> Vec<(String, String)> {
+        if self.packages.is_some() {
+            PackageIndex::sandbox_env()
+        } else {
+            Vec::new()
+        }
     }
 
     /// A policy from allow rules alone.

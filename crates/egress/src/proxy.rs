@@ -168,6 +168,25 @@ pub(crate) async fn serve(
         return refuse(&mut client, protocol, &reason).await;
     };
     let shown = target.as_string();
+    if let Some(index) = policy.packages()
+        && shown == crate::packages::INDEX_HOST
+    {
+        // The filtered package index is the gateway itself: nothing is connected to here.
+        if protocol != EgressProtocol::Http {
+            let reason = format!(
+                "the package index is plain HTTP inside the sandbox: {}",
+                crate::packages::INDEX_URL
+            );
+            log.record(Decision::blocked(&shown, port, protocol, &reason));
+            return refuse(&mut client, protocol, &reason).await;
+        }
+        let conversation = crate::packages::Conversation {
+            shared,
+            index: index.clone(),
+            log,
+        };
+        return conversation.serve(Prefixed::new(buf, client)).await;
+    }
     let rule = match policy.check(&target, port) {
         Verdict::Allow(r) => r,
         Verdict::Deny(reason) => {

@@ -640,3 +640,161 @@ async fn a_refused_token_request_fails_the_request_not_the_policy() {
             .any(|e| !e.allowed && e.reason.contains("could not be minted"))
     );
 }
+
+/// A static package index on loopback: `/simple/tinyok/` links two versions of `tinyok` and
+/// `/simple/tinybad/` one file; the files themselves hold their names.
+async fn index_upstream() -> (u16, Seen) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let seen = Seen::default();
+    let s = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut c, _) = l.accept().await.unwrap();
+            let s = s.clone();
+            tokio::spawn(async move {
+                let head = read_head(&mut c).await;
+                let path = head.split_whitespace().nth(1).unwrap_or("").to_owned();
+                s.lock().unwrap().push(head);
+                let (status, body) = match path.as_str() {
+                    "/simple/tinyok/" => ("200 OK", "<html><body>\
+                        <a href=\"../../packages/tinyok-1.0-py3-none-any.whl#sha256=aa\">tinyok-1.0-py3-none-any.whl</a>\
+                        <a href=\"/packages/tinyok-0.9-py3-none-any.whl#sha256=bb\">tinyok-0.9-py3-none-any.whl</a>\
+                        </body></html>".to_owned()),
+                    "/simple/tinybad/" => ("200 OK", "<a href=\"/packages/tinybad-1.0-py3-none-any.whl\">tinybad-1.0-py3-none-any.whl</a>".to_owned()),
+                    p if p.starts_with("/packages/") => ("200 OK", format!("file {}", &p[10..])),
+                    _ => ("404 Not Found", "no".to_owned()),
+                };
+                let _ = c
+                    .write_all(
+                        format!("HTTP/1.1 {status}\r\nContent-Type: text/html\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())
+                            .as_bytes(),
+                    )
+                    .await;
+            });
+        }
+    });
+    (port, seen)
+}
+
+async fn index_get(gw: &Gateway, path: &str, accept: &str) -> String {
+    let mut c = TcpStream::connect(gw.proxy_addr()).await.unwrap();
+    c.write_all(
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: packages.ampoule.internal\r\nAccept: {accept}\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    let _ = c.read_to_string(&mut out).await;
+    out
+}
+
+#[tokio::test]
+async fn the_package_index_is_filtered_by_the_pools_policy() {
+    let (port, seen) = index_upstream().await;
+    let egress = Egress::new(&EgressSettings::default()).unwrap();
+    // The sandbox's own allow list names nothing the index needs.
+    let policy = policy(&["other.test"], false)
+        .with_packages(&ampoule_egress::PackagesConfig {
+            index_url: format!("http://127.0.0.1:{port}/simple"),
+            allow: vec!["TinyOK>=1.0".into()],
+            deny: vec![],
+        })
+        .unwrap();
+    assert_eq!(
+        policy.sandbox_env(),
+        [
+            (
+                "PIP_INDEX_URL".to_owned(),
+                "http://packages.ampoule.internal/simple/".to_owned()
+            ),
+            (
+                "PIP_TRUSTED_HOST".to_owned(),
+                "packages.ampoule.internal".to_owned()
+            )
+        ]
+    );
+    let gw = gateway(&egress, policy);
+
+    let html = index_get(&gw, "/simple/tinyok/", "text/html").await;
+    assert!(html.starts_with("HTTP/1.1 200"), "{html}");
+    assert!(
+        html.contains("<a href=\"/files/tinyok/tinyok-1.0-py3-none-any.whl#sha256=aa\">"),
+        "{html}"
+    );
+    assert!(!html.contains("tinyok-0.9"), "the version filter: {html}");
+    // pip asks for PEP 691 JSON first.
+    let json = index_get(
+        &gw,
+        "/simple/tinyok/",
+        "application/vnd.pypi.simple.v1+json, text/html;q=0.01",
+    )
+    .await;
+    assert!(
+        json.contains("application/vnd.pypi.simple.v1+json"),
+        "{json}"
+    );
+    let body: serde_json::Value =
+        serde_json::from_str(json.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert_eq!(body["files"].as_array().unwrap().len(), 1, "{body}");
+    assert_eq!(
+        body["files"][0]["url"],
+        "/files/tinyok/tinyok-1.0-py3-none-any.whl"
+    );
+
+    let file = index_get(&gw, "/files/tinyok/tinyok-1.0-py3-none-any.whl", "*/*").await;
+    assert!(file.starts_with("HTTP/1.1 200"), "{file}");
+    assert!(file.ends_with("file tinyok-1.0-py3-none-any.whl"), "{file}");
+    // Only what a page linked: not the filtered version, not another project.
+    let unlinked = index_get(&gw, "/files/tinyok/tinyok-0.9-py3-none-any.whl", "*/*").await;
+    assert!(unlinked.starts_with("HTTP/1.1 404"), "{unlinked}");
+    let denied = index_get(&gw, "/simple/tinybad/", "text/html").await;
+    assert!(denied.starts_with("HTTP/1.1 404"), "{denied}");
+    assert!(
+        denied.contains("package tinybad not allowed (this pool allows: TinyOK>=1.0)"),
+        "{denied}"
+    );
+    let root = index_get(&gw, "/simple/", "text/html").await;
+    assert!(root.contains("/simple/tinyok/"), "{root}");
+
+    // The upstream saw the allowed page twice and the allowed file once: nothing else.
+    let paths: Vec<String> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|h| h.split_whitespace().nth(1).unwrap_or("").to_owned())
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            "/simple/tinyok/",
+            "/simple/tinyok/",
+            "/packages/tinyok-1.0-py3-none-any.whl"
+        ]
+    );
+    let reasons: Vec<(bool, String)> = gw
+        .events()
+        .into_iter()
+        .map(|e| (e.allowed, e.reason))
+        .collect();
+    assert!(
+        reasons.contains(&(
+            true,
+            "package tinyok 1.0 allowed (tinyok-1.0-py3-none-any.whl)".into()
+        )),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.contains(&(
+            false,
+            "package tinybad not allowed (this pool allows: TinyOK>=1.0)".into()
+        )),
+        "{reasons:?}"
+    );
+    // TLS to the index name is refused, and any other name still follows the allow list.
+    let other = http_get(&gw, "tinybad.test", "Connection: close\r\n").await;
+    assert!(other.starts_with("HTTP/1.1 403"), "{other}");
+}

@@ -221,6 +221,11 @@ pub struct PoolConfig {
     /// `[pools.NAME.network]`.
     #[serde(default)]
     pub network: NetworkConfig,
+    /// `[pools.NAME.packages]`: the filtered package index the sandbox's `pip` uses
+    /// (`index_url`, `allow`, `deny`; see `ampoule_egress::packages`). Gives the pool a
+    /// network even when `[pools.NAME.network]` allows nothing.
+    #[serde(default)]
+    pub packages: Option<ampoule_egress::PackagesConfig>,
     /// `[pools.NAME.audit]`: overrides `[audit]` for this pool's records.
     #[serde(default)]
     pub audit: PoolAuditConfig,
@@ -286,6 +291,7 @@ impl Default for PoolConfig {
             max_lifetime_s: default_lifetime(),
             limits: LimitsConfig::default(),
             network: NetworkConfig::default(),
+            packages: None,
             audit: PoolAuditConfig::default(),
             zygote: None,
             lifecycle: Default::default(),
@@ -321,8 +327,10 @@ pub struct LimitsConfig {
 }
 
 /// `[pools.NAME.network]`: `allow` and `deny` rules (`host`, `host:port`, `*.domain`, IP
-/// literals) and `[[pools.NAME.network.inject]]` credential rules (`host`, `header`,
-/// `value_from_env`); see `ampoule_egress::policy`. An empty `allow` means no network.
+/// literals) and `[[pools.NAME.network.inject]]` credential rules (`host`, `header`, and
+/// `value_from_env` or `oauth2 = { token_url, client_id_env, client_secret_env, scope }`); see
+/// `ampoule_egress::policy`. An empty `allow` means no network (unless the pool has
+/// `[pools.NAME.packages]`, whose index alone is then reachable).
 pub type NetworkConfig = ampoule_egress::PolicyConfig;
 
 /// `[egress]`.
@@ -473,7 +481,7 @@ impl Config {
                     Language::names()
                 )
             })?;
-            let network = pool_network(&name, &p.network)?;
+            let network = pool_network(&name, &p.network, p.packages.as_ref())?;
             let d = Limits::default();
             let l = &p.limits;
             let limits = Limits {
@@ -813,9 +821,14 @@ impl Config {
     }
 }
 
-/// A pool's network policy, compiled (injection values read from the environment now), or
-/// `None` when `allow` is empty: no network.
-fn pool_network(name: &str, cfg: &NetworkConfig) -> Result<Option<PoolNetwork>, String> {
+/// A pool's network policy, compiled (injection values and OAuth client credentials read from
+/// the environment now), or `None` when `allow` is empty and there is no package index: no
+/// network.
+fn pool_network(
+    name: &str,
+    cfg: &NetworkConfig,
+    packages: Option<&ampoule_egress::PackagesConfig>,
+) -> Result<Option<PoolNetwork>, String> {
     if cfg.allow.is_empty() {
         if !cfg.deny.is_empty() || !cfg.inject.is_empty() {
             return Err(format!(
@@ -823,10 +836,17 @@ fn pool_network(name: &str, cfg: &NetworkConfig) -> Result<Option<PoolNetwork>, 
                  `allow` means no network at all)"
             ));
         }
-        return Ok(None);
+        if packages.is_none() {
+            return Ok(None);
+        }
     }
-    let policy = ampoule_egress::Policy::compile(cfg, |var| std::env::var(var).ok())
+    let mut policy = ampoule_egress::Policy::compile(cfg, |var| std::env::var(var).ok())
         .map_err(|e| format!("pools.{name}.network: {e}"))?;
+    if let Some(packages) = packages {
+        policy = policy
+            .with_packages(packages)
+            .map_err(|e| format!("pools.{name}.packages: {e}"))?;
+    }
     Ok(Some(PoolNetwork {
         config: cfg.clone(),
         policy: std::sync::Arc::new(policy),
@@ -1055,6 +1075,54 @@ value_from_env = "PATH"
             "{err}"
         );
         assert!(Config::default().egress().unwrap().is_none());
+    }
+
+    #[test]
+    fn package_indexes_and_minted_credentials_are_checked_at_load() {
+        let cfg = Config::parse(
+            r#"
+[pools.pkgs.packages]
+index_url = "https://pypi.org/simple"
+allow = ["pandas", "requests>=2.31"]
+[pools.minted.network]
+allow = ["api.example.com"]
+[[pools.minted.network.inject]]
+host = "api.example.com"
+header = "Authorization"
+oauth2 = { token_url = "https://auth.example.com/token", client_id_env = "PATH", client_secret_env = "PATH", scope = "read" }
+"#,
+        )
+        .unwrap();
+        let pools = cfg.pool_settings().unwrap();
+        // A package index alone gives the pool a network, with nothing else allowed.
+        let pkgs = pools["pkgs"].spec.network.as_ref().unwrap();
+        assert!(pkgs.policy.packages().is_some());
+        assert!(
+            pkgs.policy
+                .sandbox_env()
+                .iter()
+                .any(|(k, _)| k == "PIP_INDEX_URL")
+        );
+        let name = |n: &str| ampoule_egress::policy::Target::Name(n.into());
+        assert!(!pkgs.policy.check(&name("pypi.org"), 443).allowed());
+        let minted = pools["minted"].spec.network.as_ref().unwrap();
+        assert!(minted.policy.injects());
+        for bad in [
+            "[pools.p.packages]\nindex_url = \"https://pypi.org/simple\"",
+            "[pools.p.packages]\nindex_url = \"https://pypi.org/simple\"\nallow = [\"pandas[excel]\"]",
+            "[pools.p.packages]\nindex_url = \"ftp://x/simple\"\nallow = [\"pandas\"]",
+        ] {
+            let err = Config::parse(bad).unwrap_err();
+            assert!(err.contains("pools.p.packages"), "{err}");
+        }
+        let err = Config::parse(
+            "[pools.n.network]\nallow = [\"a.test\"]\n[[pools.n.network.inject]]\n\
+             host = \"a.test\"\nheader = \"Authorization\"\noauth2 = { token_url = \
+             \"https://a.test/t\", client_id_env = \"PATH\", client_secret_env = \
+             \"AMPOULE_SURELY_UNSET_VAR\" }",
+        )
+        .unwrap_err();
+        assert!(err.contains("AMPOULE_SURELY_UNSET_VAR"), "{err}");
     }
 
     #[test]

@@ -189,7 +189,25 @@ host = "inject.test"
 header = "Authorization"
 value_from_env = "EGRESS_E2E_SECRET"
 
+[pools.oauth]
+warm = 0
+[pools.oauth.network]
+allow = ["oauth.test"]
+[[pools.oauth.network.inject]]
+host = "oauth.test"
+header = "Authorization"
+oauth2 = {{ token_url = "http://token.test/token", client_id_env = "EGRESS_E2E_CLIENT_ID", client_secret_env = "EGRESS_E2E_CLIENT_SECRET", scope = "api" }}
+
+[pools.pkgs]
+warm = 0
+[pools.pkgs.packages]
+index_url = "http://index.test/simple"
+allow = ["tinyok"]
+
 [egress.hosts]
+"oauth.test" = "10.77.0.2"
+"token.test" = "10.77.0.2"
+"index.test" = "10.77.0.2"
 "allowed.test" = "10.77.0.2"
 "denied.test" = "10.77.0.2"
 "inject.test" = "10.77.0.2"
@@ -222,6 +240,17 @@ impl Jail {
         )?;
         let cfg = t.join("ampoule.toml");
         write("ampoule.toml", &config(t))?;
+        // The `pkgs` pool's upstream index: two tiny wheels, one of them allowed.
+        write("build_index.py", upstream::BUILD_INDEX)?;
+        let built = Command::new("/usr/bin/python3")
+            .arg(t.join("build_index.py"))
+            .arg(t)
+            .args(["tinyok==1.0", "tinybad==1.0"])
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !built.status.success() {
+            return Err(format!("building the index: {}", lossy(&built.stderr)));
+        }
         let secret = format!("Bearer {SECRET_MARK}{}", std::process::id());
         // The gateway trusts the test upstream when it terminates TLS to inject.
         let ca = t.join("upstream-ca.pem");
@@ -232,6 +261,11 @@ impl Jail {
             [
                 ("EGRESS_E2E_KEY", KEY.as_ref()),
                 ("EGRESS_E2E_SECRET", secret.as_ref()),
+                ("EGRESS_E2E_CLIENT_ID", upstream::TOKEN_CLIENT.0.as_ref()),
+                (
+                    "EGRESS_E2E_CLIENT_SECRET",
+                    upstream::TOKEN_CLIENT.1.as_ref(),
+                ),
                 ("SSL_CERT_FILE", ca.as_os_str()),
             ],
         )?;
@@ -614,6 +648,201 @@ fn injection(jail: &Jail) -> Result<(), Failed> {
     finish(errors, || format!("result: {result}"))
 }
 
+/// What the `oauth` pool's execution tries: the API twice, the second time after the first
+/// token expired (the endpoint's tokens live 2 s), and the token endpoint itself.
+const OAUTH_PROBE: &str = r#"
+import time
+check("first", lambda: get("https://oauth.test/first"))
+check("cached", lambda: get("https://oauth.test/cached"))
+time.sleep(3)
+check("refreshed", lambda: get("https://oauth.test/refreshed"))
+check("token_endpoint", lambda: raw_http("10.77.0.2", 80, "token.test"))
+"#;
+
+/// The `oauth` pool: a token minted by the gateway reaches the API, is reused while fresh and
+/// replaced once expired; the sandbox cannot reach the token endpoint and never sees a token;
+/// the audit record names the credential for each request that carried it.
+fn oauth(jail: &Jail) -> Result<(), Failed> {
+    let port = jail.port;
+    let sid = new_session(port, "oauth")?;
+    let result = execute(
+        port,
+        &sid,
+        &format!("{PRELUDE}{OAUTH_PROBE}{}", upstream::SECRET_SCAN),
+    )?;
+    let p = probes(&result)?;
+    let mut errors = Vec::new();
+    let e = &mut errors;
+    for k in ["first", "cached", "refreshed"] {
+        expect(&p, k, |s| s == "ok: 200 upstream-https auth=yes", e);
+    }
+    expect(&p, "token_endpoint", |s| s.contains("403"), e);
+    if p.get("secret_hits") != Some(&json!([])) {
+        errors.push(format!(
+            "a token is in the sandbox: {:?}",
+            p.get("secret_hits")
+        ));
+    }
+    if p.get("files_scanned")
+        .and_then(Value::as_u64)
+        .is_none_or(|n| n < 10)
+    {
+        errors.push("the secret search read almost nothing".into());
+    }
+    let log = jail.upstream();
+    let issued: Vec<String> = log
+        .iter()
+        .filter(|l| l["kind"] == "token" && l["good"] == true)
+        .filter_map(|l| l["token"].as_str().map(|t| format!("Bearer {t}")))
+        .collect();
+    let seen = |path: &str| {
+        log.iter()
+            .find(|l| l["kind"] == "https" && l["path"] == path)
+            .and_then(|l| l["authorization"].as_str().map(str::to_owned))
+    };
+    let (first, cached, refreshed) = (seen("/first"), seen("/cached"), seen("/refreshed"));
+    if issued.len() != 2
+        || first.as_deref() != Some(issued[0].as_str())
+        || cached != first
+        || refreshed.as_deref() != Some(issued[1].as_str())
+    {
+        errors.push(format!(
+            "tokens issued {issued:?}; the API saw {first:?}, {cached:?}, {refreshed:?}"
+        ));
+    }
+    if !log
+        .iter()
+        .any(|l| l["kind"] == "token" && l["form"] == "grant_type=client_credentials&scope=api")
+    {
+        errors.push(format!("the token requests: {log:?}"));
+    }
+    if jail.log().contains(SECRET_MARK) || result.to_string().contains(SECRET_MARK) {
+        errors.push("a token appears in the server's log or the result".into());
+    }
+    let records = audit_executions(port, &sid, 1)?;
+    let record = records[0].to_string();
+    if record.contains(SECRET_MARK) {
+        errors.push("a token appears in the audit record".into());
+    }
+    let carried = records[0]["egress"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|e| {
+                    e["host"] == "oauth.test"
+                        && e["reason"].as_str().is_some_and(|r| {
+                            r.contains(
+                                "carried credential oauth2:EGRESS_E2E_CLIENT_ID (rule oauth.test)",
+                            )
+                        })
+                })
+                .count()
+        })
+        .unwrap_or_default();
+    if carried != 3 {
+        errors.push(format!(
+            "the audit record names the credential {carried} times, not 3: {}",
+            records[0]["egress"]
+        ));
+    }
+    finish(errors, || format!("result: {result}"))
+}
+
+/// What the `pkgs` pool's execution tries: `pip install` of the allowed and of another
+/// project, with nothing but the environment the sandbox was given.
+const PIP_PROBE: &str = r#"
+import sys
+def pip(name):
+    p = subprocess.run([sys.executable, "-m", "pip", "install", "--no-cache-dir",
+                        "--disable-pip-version-check", "--target", "/mnt/data/site", name],
+                       capture_output=True, text=True, timeout=120)
+    return "rc=%d %s" % (p.returncode, " | ".join((p.stdout + p.stderr).splitlines())[-600:])
+check("index_env", lambda: (os.environ.get("PIP_INDEX_URL"), os.environ.get("PIP_TRUSTED_HOST")))
+check("allowed", lambda: pip("tinyok"))
+check("import", lambda: subprocess.run([sys.executable, "-c", "import tinyok; print(tinyok.VALUE)"],
+      env=dict(os.environ, PYTHONPATH="/mnt/data/site"), capture_output=True, text=True).stdout.strip())
+check("other", lambda: pip("tinybad"))
+check("direct_index", lambda: raw_http("10.77.0.2", 80, "index.test"))
+check("unlinked_file", lambda: get("http://packages.ampoule.internal/files/tinybad/tinybad-1.0-py3-none-any.whl"))
+print(json.dumps(res))
+"#;
+
+/// The `pkgs` pool: `pip install` of the listed project works through the gateway's filtered
+/// index, of another fails; the sandbox cannot reach the upstream index itself; the audit
+/// record lists both decisions.
+fn packages(jail: &Jail) -> Result<(), Failed> {
+    let port = jail.port;
+    let sid = new_session(port, "pkgs")?;
+    let result = execute(port, &sid, &format!("{PRELUDE}{PIP_PROBE}"))?;
+    let p = probes(&result)?;
+    let mut errors = Vec::new();
+    let e = &mut errors;
+    expect(
+        &p,
+        "index_env",
+        |s| s == "ok: ('http://packages.ampoule.internal/simple/', 'packages.ampoule.internal')",
+        e,
+    );
+    expect(
+        &p,
+        "allowed",
+        |s| s.starts_with("ok: rc=0") && s.contains("Successfully installed tinyok-1.0"),
+        e,
+    );
+    expect(&p, "import", |s| s == "ok: tinyok 1.0", e);
+    expect(
+        &p,
+        "other",
+        |s| s.starts_with("ok: rc=1") && s.contains("No matching distribution found for tinybad"),
+        e,
+    );
+    expect(&p, "direct_index", |s| s.contains("403"), e);
+    expect(&p, "unlinked_file", |s| s.contains("404"), e);
+    // The upstream never served anything of the other project.
+    let served: Vec<String> = jail
+        .upstream()
+        .iter()
+        .filter(|l| l["kind"] == "index")
+        .filter_map(|l| l["path"].as_str().map(str::to_owned))
+        .collect();
+    if served.iter().any(|p| p.contains("tinybad"))
+        || !served.contains(&"/packages/tinyok-1.0-py3-none-any.whl".to_owned())
+    {
+        errors.push(format!("the upstream index served {served:?}"));
+    }
+    let records = audit_executions(port, &sid, 1)?;
+    let reasons: Vec<(bool, String)> = records[0]["egress"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|e| {
+                    (
+                        e["allowed"] == true,
+                        e["reason"].as_str().unwrap_or("").to_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if !reasons
+        .iter()
+        .any(|(ok, r)| *ok && r == "package tinyok 1.0 allowed (tinyok-1.0-py3-none-any.whl)")
+        || !reasons
+            .iter()
+            .any(|(ok, r)| !*ok && r.starts_with("package tinybad not allowed"))
+    {
+        errors.push(format!("the audit record's egress: {reasons:?}"));
+    }
+    finish(errors, || {
+        format!(
+            "result: {result}
+server log:
+{}",
+            jail.log()
+        )
+    })
+}
+
 /// The `python` pool has no `[network]`: loopback only, no egress list.
 fn no_network(jail: &Jail) -> Result<(), Failed> {
     let port = jail.port;
@@ -769,9 +998,11 @@ fn main() {
     let args = Arguments::from_args();
     let why = unavailable();
     // (name, body, is a measurement: ignored unless asked for)
-    let cases: [(&str, Body, bool); 4] = [
+    let cases: [(&str, Body, bool); 6] = [
         ("allowlist", allowlist, false),
         ("injection", injection, false),
+        ("oauth", oauth, false),
+        ("packages", packages, false),
         ("no_network", no_network, false),
         ("latency", latency, true),
     ];

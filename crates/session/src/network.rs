@@ -80,6 +80,13 @@ impl Session {
         cfg.network = Network::Allowlist {
             trusted_ca_pem: net.egress.trusted_ca_pem(&net.policy),
         };
+        // A pool with a package index points `pip` at it (`PIP_INDEX_URL`).
+        for (key, value) in net.policy.sandbox_env() {
+            match cfg.env.iter_mut().find(|(k, _)| *k == key) {
+                Some(slot) => slot.1 = value,
+                None => cfg.env.push((key, value)),
+            }
+        }
         let files = spec.files.clone();
         let mut gateway = None;
         let sandbox = Sandbox::spawn_with(host, &cfg, |p| {

@@ -19,8 +19,12 @@ pub const ADDR: &str = "10.77.0.2";
 /// and datagram is logged as a JSON line to `$T/<mode>.log` (`upstream.log`, `jail.log`);
 /// `$T/<mode>.ready` appears once they listen.
 pub const SERVERS: &str = r#"
-import http.server, json, os, socket, ssl, sys, threading
+import base64, http.server, json, os, socket, ssl, sys, threading
 T = sys.argv[1]
+# The token endpoint's client (id:secret) and how long its tokens live.
+TOKEN_CLIENT = "ampoule-e2e-client:client-s3cret"
+TOKEN_LIFETIME = 2
+issued = 0
 mode = sys.argv[2] if len(sys.argv) > 2 else "upstream"
 lock = threading.Lock()
 LOG = open(os.path.join(T, mode + ".log"), "a", buffering=1)
@@ -33,12 +37,55 @@ class H(http.server.BaseHTTPRequestHandler):
     # Headers and body go out in two writes: without this, Nagle's algorithm and the client's
     # delayed ACK add 40 ms to every kept-alive response and swamp what is measured.
     disable_nagle_algorithm = True
+    def do_POST(self):
+        # An OAuth 2.0 token endpoint (client credentials, HTTP Basic): a new token per
+        # request, living TOKEN_LIFETIME seconds. Its value carries the secret marker (built
+        # here, so this file does not hold it) so that a sandbox's secret search finds it.
+        global issued
+        length = int(self.headers.get("Content-Length") or 0)
+        form = self.rfile.read(length).decode()
+        auth = self.headers.get("Authorization") or ""
+        good = self.path == "/token" and auth == "Basic " + base64.b64encode(TOKEN_CLIENT.encode()).decode() \
+            and "grant_type=client_credentials" in form.split("&")
+        with lock:
+            issued += 1
+            token = "AMPOULE" + "-SECRET-tok-%d-%d" % (issued, os.getpid())
+        log("token", path=self.path, form=form, good=good, token=token if good else None)
+        if good:
+            body = json.dumps({"access_token": token, "token_type": "Bearer", "expires_in": TOKEN_LIFETIME}).encode()
+            self.send_response(200)
+        else:
+            body = b'{"error": "invalid_client"}'
+            self.send_response(401)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
     def do_GET(self):
+        if (self.headers.get("Host") or "").split(":")[0] == "index.test":
+            return self.index()
         auth = self.headers.get("Authorization")
         log(self.server.kind, path=self.path, host=self.headers.get("Host"), authorization=auth)
         # Never echo the header: the sandbox must not learn the secret from a response.
         body = ("upstream-%s auth=%s\n" % (self.server.kind, "yes" if auth else "no")).encode()
         self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def index(self):
+        # A static package index: files under $T/index, a directory's index.html.
+        path = os.path.normpath(self.path.split("?")[0]).lstrip("/")
+        full = os.path.join(T, "index", path)
+        if os.path.isdir(full):
+            full = os.path.join(full, "index.html")
+        log("index", path=self.path)
+        try:
+            body = open(full, "rb").read()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html" if full.endswith(".html") else "application/octet-stream")
+        except OSError:
+            body = b"not found"
+            self.send_response(404)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -138,6 +185,47 @@ res["files_scanned"] = scanned
 print(json.dumps(res))
 "#;
 
+/// The client id and secret the upstream's token endpoint (`POST /token`) accepts.
+pub const TOKEN_CLIENT: (&str, &str) = ("ampoule-e2e-client", "client-s3cret");
+
+/// Python that builds a static package index under `$1/index` (the upstream serves it for
+/// `Host: index.test`): a pure-Python wheel for each project named in the other arguments
+/// (`name==version`), `index/simple/<name>/index.html` (PEP 503, with `#sha256=`) and
+/// `index/simple/index.html`. Each package's `__init__.py` says `VALUE = "<name> <version>"`.
+pub const BUILD_INDEX: &str = r#"
+import base64, hashlib, os, sys, zipfile
+NL = chr(10)
+root = os.path.join(sys.argv[1], "index")
+os.makedirs(os.path.join(root, "packages"), exist_ok=True)
+names = []
+for spec in sys.argv[2:]:
+    name, version = spec.split("==")
+    names.append(name)
+    dist = "%s-%s.dist-info" % (name, version)
+    files = {
+        "%s/__init__.py" % name: 'VALUE = "%s %s"' % (name, version) + NL,
+        dist + "/METADATA": NL.join(["Metadata-Version: 2.1", "Name: " + name, "Version: " + version, ""]),
+        dist + "/WHEEL": NL.join(["Wheel-Version: 1.0", "Generator: ampoule-test", "Root-Is-Purelib: true", "Tag: py3-none-any", ""]),
+    }
+    record = ""
+    for p, text in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
+        record += "%s,sha256=%s,%d" % (p, digest, len(text.encode())) + NL
+    files[dist + "/RECORD"] = record + dist + "/RECORD,," + NL
+    wheel = "%s-%s-py3-none-any.whl" % (name, version)
+    path = os.path.join(root, "packages", wheel)
+    with zipfile.ZipFile(path, "w") as z:
+        for p, text in files.items():
+            z.writestr(p, text)
+    sha = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    page = os.path.join(root, "simple", name)
+    os.makedirs(page, exist_ok=True)
+    with open(os.path.join(page, "index.html"), "w") as f:
+        f.write('<!DOCTYPE html><html><body><a href="../../packages/%s#sha256=%s">%s</a></body></html>' % (wheel, sha, wheel))
+with open(os.path.join(root, "simple", "index.html"), "w") as f:
+    f.write("".join('<a href="%s/">%s</a>' % (n, n) for n in names))
+"#;
+
 /// Writes [`SERVERS`] as `dir/upstream.py`, and a test CA (`upstream-ca.pem`) and a server
 /// certificate (`server.pem`, `server.key`) for every name the egress cases use and for
 /// [`ADDR`] (so an IP-literal HTTPS request fails on policy, not on the certificate).
@@ -160,6 +248,7 @@ pub fn prepare(dir: &Path) -> Result<(), String> {
         "private.test",
         "metadata.test",
         "inject.test",
+        "oauth.test",
         ADDR,
     ];
     let leaf = CertificateParams::new(names.map(String::from).to_vec())
