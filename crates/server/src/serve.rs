@@ -206,8 +206,9 @@ pub fn state(cfg: &Config, engine: Arc<dyn Engine>, keys: Keys) -> Result<AppSta
 /// them; worker threads live as long as the runtime).
 pub async fn serve(cfg: Config, listen: Option<String>, notify: Notify) -> Result<(), Error> {
     let pools = cfg.pool_settings().map_err(Error::Config)?;
-    // A pool whose runtime is missing would fail every session: say so now.
-    for (name, p) in &pools {
+    // A pool whose runtime is missing would fail every session: say so now. (An image
+    // pool's interpreter is the image's, checked when the config resolved the image.)
+    for (name, p) in pools.iter().filter(|(_, p)| p.spec.image.is_none()) {
         ampoule_session::language::find(p.spec.language.as_str())
             .and_then(|k| k.locate(&p.spec.limits))
             .map_err(|e| Error::Config(format!("pool {name}: {e}")))?;
