@@ -20,6 +20,11 @@
 //!    the sandbox. Plain HTTP is always served request by request, so a kept-alive connection
 //!    cannot carry a request for another host.
 //!
+//! Two services the gateway renders itself, fetching from the host (`fetch.rs`), never through
+//! the sandbox's link: credentials minted per request from an OAuth 2.0 token endpoint
+//! (`mint.rs`, cached per pool's rule), and a package index filtered by the pool's package
+//! policy ([`packages`], at `packages.ampoule.internal`).
+//!
 //! Every decision becomes an [`EgressEvent`](ampoule_types::EgressEvent): logged with
 //! `tracing` (target `ampoule::egress`) and kept on the [`Gateway`] for the execution's
 //! result.

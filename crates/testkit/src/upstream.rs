@@ -13,7 +13,9 @@ use serde_json::Value;
 /// The upstream host's address (the jail's end of the link is `10.77.0.1`).
 pub const ADDR: &str = "10.77.0.2";
 
-/// The upstream servers, in Python: HTTP on 80, HTTPS on 443 (`$T/server.pem`), a
+/// The upstream servers, in Python: HTTP on 80 (also an OAuth token endpoint, `POST /token`,
+/// and, for `Host: index.test`, the static package index [`BUILD_INDEX`] writes), HTTPS on 443
+/// (`$T/server.pem`), a
 /// server-first TCP banner on 2222, UDP on 5353 and 53, all on [`ADDR`]; with `jail` as
 /// second argument, the jail's own HTTP service on `0.0.0.0:8080`. Every request, connection
 /// and datagram is logged as a JSON line to `$T/<mode>.log` (`upstream.log`, `jail.log`);
