@@ -4,6 +4,12 @@
 //! it (then it runs) or denies it (403 `denied`), or `timeout_s` passes (408
 //! `approval_timed_out`). The code of a denied or expired execution never runs.
 //!
+//! With `mode = "on_egress"` executions run at once, and the first connection of a sandbox to
+//! a host of `hosts` waits in the egress gateway until an approver decides
+//! ([`Manager::approve_egress`]); approved, the sandbox reaches that host from then on, denied
+//! or expired, that connection is refused (the execution sees a refused connection and the
+//! decision is in its egress record). The execution's own timeout keeps running meanwhile.
+//!
 //! Invariants: a pending approval belongs to its tenant (another tenant's approver sees and
 //! decides nothing of it); it is decided once (the decision removes it); a waiter that goes
 //! away (its client disconnected) takes its approval with it; every request and decision is
@@ -31,6 +37,10 @@ pub struct ApprovalPolicy {
     pub timeout_s: Option<f64>,
     /// `http://` URL told of each request (a JSON POST), e.g. a chat bot's hook.
     pub webhook_url: Option<String>,
+    /// With `on_egress`: the hosts (`name`, `name:port`, `*.domain`) whose first connection
+    /// from a sandbox waits for an approver.
+    #[serde(default)]
+    pub hosts: Vec<String>,
 }
 
 /// When executions wait for an approver.
@@ -42,6 +52,8 @@ pub enum ApprovalMode {
     Never,
     /// Every execution.
     Always,
+    /// The first connection of a sandbox to one of `hosts`.
+    OnEgress,
 }
 
 impl ApprovalPolicy {
@@ -77,6 +89,8 @@ pub struct ApprovalInfo {
     pub requested_at_ms: i64,
     /// When it expires unanswered.
     pub expires_at_ms: i64,
+    /// For a connection waiting in the egress gateway (`on_egress`): `host:port`.
+    pub egress: Option<String>,
 }
 
 /// What an approver said.
@@ -127,9 +141,62 @@ impl Manager {
     /// in time. A no-op for pools without approval.
     pub(crate) async fn await_approval(&self, caller: &Caller, ask: Ask<'_>) -> Result<(), Error> {
         let policy = self.pool(ask.pool)?.approval.clone();
-        if policy.mode == ApprovalMode::Never {
+        if policy.mode != ApprovalMode::Always {
             return Ok(());
         }
+        self.hold(caller, ask, &policy, None).await
+    }
+
+    /// A connection of session `session` (running `execution`) to `host:port`, which its
+    /// pool's `on_egress` approval names: waits for an approver. `Err` says why it may not.
+    pub async fn approve_egress(
+        &self,
+        session: &str,
+        execution: &str,
+        host: &str,
+        port: u16,
+    ) -> Result<(), String> {
+        let Some(s) = self.get_any_tenant(session) else {
+            return Err("the connection belongs to no live session".into());
+        };
+        let policy = self
+            .pool(&s.pool)
+            .map_err(|e| e.to_string())?
+            .approval
+            .clone();
+        if policy.mode != ApprovalMode::OnEgress {
+            return Ok(());
+        }
+        let code = format!("connect to {host}:{port}");
+        let ask = Ask {
+            pool: &s.pool,
+            identifier: &s.identifier,
+            session: &s.id,
+            code: &code,
+            execution_id: execution,
+        };
+        self.hold(
+            &Caller::new(s.tenant.clone()),
+            ask,
+            &policy,
+            Some(format!("{host}:{port}")),
+        )
+        .await
+        .map_err(|e| match e {
+            Error::Denied(why) => format!("an approver denied this connection{why}"),
+            Error::ApprovalTimedOut(t) => format!("no approver decided within {t} s"),
+            other => other.to_string(),
+        })
+    }
+
+    /// Registers an approval and waits for its decision.
+    async fn hold(
+        &self,
+        caller: &Caller,
+        ask: Ask<'_>,
+        policy: &ApprovalPolicy,
+        egress: Option<String>,
+    ) -> Result<(), Error> {
         let timeout = policy.timeout().map_err(Error::invalid)?;
         let id = format!("apr_{}", random_hex(12));
         let now = now_ms();
@@ -143,6 +210,7 @@ impl Manager {
             requested_by: caller.key_id.clone(),
             requested_at_ms: now,
             expires_at_ms: now + i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX),
+            egress,
         };
         let (tx, rx) = tokio::sync::oneshot::channel();
         let table = &self.inner.approvals;

@@ -199,6 +199,7 @@ mod tests {
             .unwrap(),
             authority: crate::ca::Authority::generate().unwrap(),
             upstream: crate::tls::Upstream::new(Vec::new()),
+            approver: std::sync::OnceLock::new(),
         }
     }
 

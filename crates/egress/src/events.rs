@@ -17,6 +17,8 @@ pub(crate) struct EventLog {
     label: Mutex<String>,
     /// The session and execution the next decisions belong to (empty when not known).
     context: Mutex<(String, String)>,
+    /// `host:port`s an approver let this sandbox reach (approval is asked once per sandbox).
+    approved: Mutex<std::collections::HashSet<String>>,
     kept: Mutex<Vec<EgressEvent>>,
     dropped: AtomicU64,
 }
@@ -56,6 +58,7 @@ impl EventLog {
         Self {
             label: Mutex::new(label.to_owned()),
             context: Mutex::new((String::new(), String::new())),
+            approved: Mutex::new(std::collections::HashSet::new()),
             kept: Mutex::new(Vec::new()),
             dropped: AtomicU64::new(0),
         }
@@ -70,6 +73,23 @@ impl EventLog {
     pub(crate) fn set_context(&self, session: &str, execution: &str) {
         if let Ok(mut c) = self.context.lock() {
             *c = (session.to_owned(), execution.to_owned());
+        }
+    }
+
+    /// The session and execution the decisions belong to now.
+    pub(crate) fn context(&self) -> (String, String) {
+        self.context.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+
+    /// Whether an approver let this sandbox reach `key` (`host:port`).
+    pub(crate) fn is_approved(&self, key: &str) -> bool {
+        self.approved.lock().is_ok_and(|a| a.contains(key))
+    }
+
+    /// Remembers that an approver let this sandbox reach `key`.
+    pub(crate) fn mark_approved(&self, key: String) {
+        if let Ok(mut a) = self.approved.lock() {
+            a.insert(key);
         }
     }
 

@@ -122,6 +122,21 @@ pub(crate) struct Shared {
     pub(crate) resolver: resolve::Resolver,
     pub(crate) authority: ca::Authority,
     pub(crate) upstream: tls::Upstream,
+    /// Who decides the connections a policy's approval rules hold.
+    pub(crate) approver: std::sync::OnceLock<Arc<dyn EgressApprover>>,
+}
+
+/// Decides the connections that wait for an approver ([`Policy::with_approval`]): the
+/// sandbox's session and execution, and the host and port it connects to. `Err` is why not.
+pub trait EgressApprover: Send + Sync {
+    /// Waits for the decision.
+    fn approve(
+        &self,
+        session: String,
+        execution: String,
+        host: String,
+        port: u16,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = std::result::Result<(), String>> + Send>>;
 }
 
 impl Egress {
@@ -133,8 +148,15 @@ impl Egress {
                 resolver: resolve::Resolver::new(&settings.hosts)?,
                 authority: ca::Authority::generate()?,
                 upstream: tls::Upstream::new(settings.extra_roots.clone()),
+                approver: std::sync::OnceLock::new(),
             }),
         })
+    }
+
+    /// Who decides connections held for approval, for every gateway (once). Without one,
+    /// such connections are refused.
+    pub fn set_approver(&self, approver: Arc<dyn EgressApprover>) {
+        let _ = self.shared.approver.set(approver);
     }
 
     /// The CA certificate (PEM) a sandbox must trust when its policy injects credentials into

@@ -431,6 +431,8 @@ pub struct Policy {
     inject: Vec<Injection>,
     /// The filtered package index the gateway serves, when the pool has one.
     packages: Option<Arc<PackageIndex>>,
+    /// Hosts whose first connection from a sandbox waits for an approver.
+    approve: Vec<Rule>,
 }
 
 impl Policy {
@@ -507,7 +509,23 @@ impl Policy {
             deny,
             inject,
             packages: None,
+            approve: Vec::new(),
         })
+    }
+
+    /// This policy with approval checkpoints: the first connection of a sandbox to a host of
+    /// `rules` (the allow list's syntax) waits for the server's [`crate::EgressApprover`].
+    pub fn with_approval<S: AsRef<str>>(mut self, rules: &[S]) -> Result<Self> {
+        self.approve = rules
+            .iter()
+            .map(|r| r.as_ref().parse())
+            .collect::<Result<Vec<Rule>>>()?;
+        Ok(self)
+    }
+
+    /// Whether a connection to `target` on `port` waits for an approver first.
+    pub fn needs_approval(&self, target: &Target, port: u16) -> bool {
+        self.approve.iter().any(|r| r.matches(target, Some(port)))
     }
 
     /// This policy with a filtered package index (`[pools.NAME.packages]`), served to the

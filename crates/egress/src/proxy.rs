@@ -194,6 +194,29 @@ pub(crate) async fn serve(
             return refuse(&mut client, protocol, &reason).await;
         }
     };
+    let key = format!("{shown}:{port}");
+    let rule = if policy.needs_approval(&target, port) && !log.is_approved(&key) {
+        let verdict = match shared.approver.get() {
+            None => Err("this connection needs an approver and none decides here".to_owned()),
+            Some(a) => {
+                let (session, execution) = log.context();
+                a.approve(session, execution, shown.clone(), port).await
+            }
+        };
+        match verdict {
+            Ok(()) => {
+                log.mark_approved(key);
+                format!("{rule}, approved by an approver")
+            }
+            Err(reason) => {
+                let reason = format!("held for approval: {reason}");
+                log.record(Decision::blocked(&shown, port, protocol, &reason));
+                return refuse(&mut client, protocol, &reason).await;
+            }
+        }
+    } else {
+        rule
+    };
     let addrs = match checked_addresses(&shared, &policy, &target, port).await {
         Ok(a) => a,
         Err(reason) => {

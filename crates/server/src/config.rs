@@ -481,7 +481,35 @@ impl Config {
                     Language::names()
                 )
             })?;
-            let network = pool_network(&name, &p.network, p.packages.as_ref())?;
+            let on_egress = p.approval.mode == ampoule_core::approval::ApprovalMode::OnEgress;
+            if on_egress && (p.approval.hosts.is_empty() || p.network.allow.is_empty()) {
+                return Err(format!(
+                    "pools.{name}.approval: on_egress needs `hosts` and a network \
+                     (`[pools.{name}.network] allow`) that allows them"
+                ));
+            }
+            if !on_egress && !p.approval.hosts.is_empty() {
+                return Err(format!(
+                    "pools.{name}.approval.hosts: only with mode = \"on_egress\""
+                ));
+            }
+            let network = pool_network(&name, &p.network, p.packages.as_ref())?
+                .map(|mut n| {
+                    if on_egress {
+                        let policy = ampoule_egress::Policy::compile(&n.config, |var| {
+                            std::env::var(var).ok()
+                        })
+                        .and_then(|pol| match p.packages.as_ref() {
+                            Some(pk) => pol.with_packages(pk),
+                            None => Ok(pol),
+                        })
+                        .and_then(|pol| pol.with_approval(&p.approval.hosts))
+                        .map_err(|e| format!("pools.{name}.approval.hosts: {e}"))?;
+                        n.policy = std::sync::Arc::new(policy);
+                    }
+                    Ok::<_, String>(n)
+                })
+                .transpose()?;
             let d = Limits::default();
             let l = &p.limits;
             let limits = Limits {
@@ -983,6 +1011,24 @@ retention_days = 90
         assert!(Config::parse("[quotas]\nexecutions_per_minute = 0").is_err());
         assert!(Config::parse("[tenants.a]\nmax_timeout_s = -1").is_err());
         assert!(Config::parse("[pools.python.audit]\nkeep = true").is_err());
+        // Approvals: a known mode, a sane timeout, an http hook, egress hosts only with
+        // on_egress and a network that has them; a role that exists.
+        for bad in [
+            "[pools.py.approval]\nmode = \"sometimes\"",
+            "[pools.py.approval]\nmode = \"always\"\ntimeout_s = 0",
+            "[pools.py.approval]\nmode = \"always\"\nwebhook_url = \"https://h/x\"",
+            "[pools.py.approval]\nmode = \"on_egress\"\nhosts = [\"a.test\"]",
+            "[pools.py.network]\nallow = [\"a.test\"]\n[pools.py.approval]\nmode = \"on_egress\"",
+            "[pools.py.approval]\nmode = \"always\"\nhosts = [\"a.test\"]",
+            "[quotas]\nbudget_action = \"panic\"",
+        ] {
+            assert!(
+                Config::parse(bad).is_err() || Config::parse(bad).unwrap().pool_settings().is_err(),
+                "{bad}"
+            );
+        }
+        let cfg = Config::parse("[[auth.keys]]\ntenant = \"a\"\nkey_sha256 = \"0000000000000000000000000000000000000000000000000000000000000000\"\nrole = \"admin\"").unwrap();
+        assert!(cfg.approver_digests().is_err());
         let cfg = Config::parse("[[auth.keys]]\ntenant = \"a\"\nkey_sha256 = \"xyz\"").unwrap();
         assert!(cfg.key_digests().is_err());
     }

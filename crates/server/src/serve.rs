@@ -228,10 +228,16 @@ pub async fn serve(cfg: Config, listen: Option<String>, notify: Notify) -> Resul
              sandboxes have loopback only); run as root, or remove `allow`"
         )));
     }
+    let egress = cfg.egress()?;
     let engine = Arc::new(
-        crate::session_engine::SessionEngine::new(Arc::new(host)).with_egress(cfg.egress()?),
+        crate::session_engine::SessionEngine::new(Arc::new(host)).with_egress(egress.clone()),
     );
     let state = state(&cfg, engine, keys)?;
+    if let Some(egress) = &egress {
+        // Connections held by `on_egress` approval rules wait for the manager's approvers.
+        // (The gateway and the manager then hold each other for the life of the process.)
+        egress.set_approver(Arc::new(EgressApprovals(state.manager.clone())));
+    }
     serve_noting(&cfg, listen.as_deref(), state, signal(), notify).await
 }
 
@@ -542,4 +548,24 @@ pub async fn post_json(url: &str, body: &serde_json::Value) -> Result<u16, Strin
     tokio::time::timeout(Duration::from_secs(10), work)
         .await
         .map_err(|_| "timed out".to_owned())?
+}
+
+/// The manager as the egress gateways' approver (`[pools.X.approval] mode = "on_egress"`).
+struct EgressApprovals(Manager);
+
+impl ampoule_egress::EgressApprover for EgressApprovals {
+    fn approve(
+        &self,
+        session: String,
+        execution: String,
+        host: String,
+        port: u16,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<(), String>> + Send>> {
+        let manager = self.0.clone();
+        Box::pin(async move {
+            manager
+                .approve_egress(&session, &execution, &host, port)
+                .await
+        })
+    }
 }

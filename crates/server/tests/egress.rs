@@ -36,6 +36,7 @@ use libtest_mimic::{Arguments, Failed, Trial};
 use serde_json::{Map, Value, json};
 
 const KEY: &str = "egress-e2e-key";
+const APPROVER: &str = "egress-e2e-approver-key";
 /// Built at run time in the probes, so no file of the sandbox holds it by accident.
 const SECRET_MARK: &str = "AMPOULE-SECRET-";
 
@@ -170,6 +171,10 @@ data_dir = "{data}"
 [[auth.keys]]
 tenant = "a"
 key_env = "EGRESS_E2E_KEY"
+[[auth.keys]]
+tenant = "a"
+key_env = "EGRESS_E2E_APPROVER"
+role = "approver"
 
 [pools.python]
 warm = 0
@@ -197,6 +202,15 @@ allow = ["oauth.test"]
 host = "oauth.test"
 header = "Authorization"
 oauth2 = {{ token_url = "http://token.test/token", client_id_env = "EGRESS_E2E_CLIENT_ID", client_secret_env = "EGRESS_E2E_CLIENT_SECRET", scope = "api" }}
+
+[pools.held]
+warm = 0
+[pools.held.network]
+allow = ["allowed.test"]
+[pools.held.approval]
+mode = "on_egress"
+hosts = ["allowed.test"]
+timeout_s = 60
 
 [pools.pkgs]
 warm = 0
@@ -260,6 +274,7 @@ impl Jail {
             &cfg,
             [
                 ("EGRESS_E2E_KEY", KEY.as_ref()),
+                ("EGRESS_E2E_APPROVER", APPROVER.as_ref()),
                 ("EGRESS_E2E_SECRET", secret.as_ref()),
                 ("EGRESS_E2E_CLIENT_ID", upstream::TOKEN_CLIENT.0.as_ref()),
                 (
@@ -843,6 +858,85 @@ server log:
     })
 }
 
+/// What the `held` pool's executions try: the same host twice.
+const HELD_PROBE: &str = r#"
+check("first", lambda: get("http://allowed.test/held-1"))
+check("second", lambda: get("http://allowed.test/held-2"))
+print(json.dumps(res))
+"#;
+
+const HELD_ONCE_PROBE: &str = r#"
+check("first", lambda: get("http://allowed.test/held-3"))
+print(json.dumps(res))
+"#;
+
+/// The approval waiting in the gateway for `session`'s connection, once there is one.
+fn held_approval(port: u16) -> Result<Value, Failed> {
+    let t0 = Instant::now();
+    loop {
+        let list = Client::new(port, APPROVER).ok("GET", "/v1/approvals", None)?;
+        if let Some(a) = list["approvals"].as_array().and_then(|l| l.first()) {
+            return Ok(a.clone());
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
+            return Err("no connection waited for an approver".into());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `[pools.held.approval] mode = "on_egress"`: the sandbox's first connection to
+/// `allowed.test` waits in the gateway (nothing reaches the upstream meanwhile) until an
+/// approver decides; approved, that sandbox reaches the host from then on without asking
+/// again; denied, the connection is refused and the upstream never sees it.
+fn egress_approval(jail: &Jail) -> Result<(), Failed> {
+    let port = jail.port;
+    let mut errors = Vec::new();
+    for (approve, tag) in [(true, "approved"), (false, "denied")] {
+        let sid = new_session(port, "held")?;
+        let run = {
+            let sid = sid.clone();
+            // Denied, one attempt (a denial is not remembered: a second would ask again).
+            let probe = if approve { HELD_PROBE } else { HELD_ONCE_PROBE };
+            std::thread::spawn(move || execute(port, &sid, &format!("{PRELUDE}{probe}")))
+        };
+        let a = held_approval(port)?;
+        if a["egress"] != "allowed.test:80" || a["code"] != "connect to allowed.test:80" {
+            errors.push(format!("{tag}: the approval says {a}"));
+        }
+        let reached = |path: &str| jail.upstream().iter().any(|l| l["path"] == path);
+        let first = if approve { "/held-1" } else { "/held-3" };
+        if reached(first) {
+            errors.push(format!(
+                "{tag}: the upstream was reached before the decision"
+            ));
+        }
+        let id = a["id"].as_str().ok_or("no approval id")?;
+        let verb = if approve { "approve" } else { "deny" };
+        Client::new(port, APPROVER).ok("POST", &format!("/v1/approvals/{id}/{verb}"), None)?;
+        let result = run.join().map_err(|_| "the execution thread panicked")??;
+        let p = probes(&result)?;
+        if approve {
+            expect(&p, "first", |s| s.starts_with("ok: 200"), &mut errors);
+            expect(&p, "second", |s| s.starts_with("ok: 200"), &mut errors);
+            // One approval for the sandbox's host: the second connection asked nobody.
+            let left = Client::new(port, APPROVER).ok("GET", "/v1/approvals", None)?;
+            if left["approvals"] != json!([]) {
+                errors.push(format!("a second approval was asked: {left}"));
+            }
+            if !reached("/held-1") || !reached("/held-2") {
+                errors.push("approved, but the upstream saw nothing".into());
+            }
+        } else {
+            expect(&p, "first", |s| s.contains("403"), &mut errors);
+            if reached("/held-3") {
+                errors.push("denied, yet the upstream was reached".into());
+            }
+        }
+    }
+    finish(errors, || format!("server log:\n{}", jail.log()))
+}
+
 /// The `python` pool has no `[network]`: loopback only, no egress list.
 fn no_network(jail: &Jail) -> Result<(), Failed> {
     let port = jail.port;
@@ -998,8 +1092,9 @@ fn main() {
     let args = Arguments::from_args();
     let why = unavailable();
     // (name, body, is a measurement: ignored unless asked for)
-    let cases: [(&str, Body, bool); 6] = [
+    let cases: [(&str, Body, bool); 7] = [
         ("allowlist", allowlist, false),
+        ("egress_approval", egress_approval, false),
         ("injection", injection, false),
         ("oauth", oauth, false),
         ("packages", packages, false),

@@ -64,6 +64,9 @@ pub struct Approval {
     pub requested_at_ms: i64,
     /// When it is refused unanswered (`approval_timed_out`).
     pub expires_at_ms: i64,
+    /// For a connection waiting in the egress gateway (`mode = "on_egress"`): `host:port`
+    /// (`code` then says what it is; the execution already runs).
+    pub egress: Option<String>,
 }
 
 impl From<ampoule_core::approval::ApprovalInfo> for Approval {
@@ -78,6 +81,7 @@ impl From<ampoule_core::approval::ApprovalInfo> for Approval {
             requested_by: a.requested_by,
             requested_at_ms: a.requested_at_ms,
             expires_at_ms: a.expires_at_ms,
+            egress: a.egress,
         }
     }
 }
