@@ -697,6 +697,7 @@ impl StartProcessRequest {
                 let bad = cmd.is_empty()
                     || cmd.chars().count() > 32768
                     || cmd.contains('\0')
+                    || argv.is_empty()
                     || argv.len() > 256
                     || argv
                         .iter()
@@ -1558,13 +1559,14 @@ async fn wait_process(mut p: ProcessStream) -> ProcessResult {
 /// the process at once (201); with `wait`, its whole run once it has ended.
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/processes", tag = "processes",
     params(("id" = String, Path, description = "sandbox id")),
-    request_body = StartProcessRequest,
+    request_body(content = Option<StartProcessRequest>, description = "none: a login shell \
+        with no stdin, as `{}`"),
     responses(
         (status = 200, description = "the stream (ProcessStreamEvent lines), or with `wait` \
             its whole run", content((ProcessStreamEvent = "application/x-ndjson"),
             (String = "text/event-stream"), (ProcessResult = "application/json"))),
         (status = 201, description = "`background`: started", body = Process),
-        (status = 400, description = "neither or both of `cmd` and `argv`, a bad working \
+        (status = 400, description = "a bad `cmd` or `argv`, a bad working \
             directory, variable, tag or timeout, both `background` and `wait`, 64 processes \
             running already, a body that is not JSON (`invalid_request`)", body = ErrorBody),
         (status = 404, description = "no such sandbox (`session_not_found`)", body = ErrorBody),

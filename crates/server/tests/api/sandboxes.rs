@@ -765,6 +765,7 @@ async fn processes_stream_wait_run_in_the_background_and_take_stdin_and_signals(
     for bad in [
         json!({"cmd": ""}),
         json!({"argv": []}),
+        json!({"cmd": "echo hello", "argv": []}),
         json!({"argv": ["a\u{0}b"]}),
         json!({"argv": vec!["x"; 257]}),
         json!({"argv": ["x".repeat(4097)]}),
