@@ -131,6 +131,9 @@ struct Pool {
     warm: Mutex<VecDeque<Arc<dyn LiveSession>>>,
     starting: AtomicUsize,
     refill: Notify,
+    /// Set once the pool's warm stock was first filled (at once for a pool that keeps none):
+    /// readiness ([`Manager::readiness`]) waits for it.
+    warmed: AtomicBool,
 }
 
 pub(crate) struct Inner {
@@ -140,6 +143,8 @@ pub(crate) struct Inner {
     tenants: TenantLimits,
     pub(crate) table: Mutex<Table>,
     shutting_down: AtomicBool,
+    /// Set by [`Manager::drain`]: no new session or sandbox starts.
+    draining: AtomicBool,
     shutdown: Notify,
     audit: std::sync::OnceLock<Audit>,
     pub(crate) observer: Arc<dyn Observer>,
@@ -216,6 +221,18 @@ pub struct PoolStatus {
     pub warm: usize,
 }
 
+/// Whether a server should receive new sessions ([`Manager::readiness`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Readiness {
+    /// Every pool's warm stock was filled; not draining.
+    Ready,
+    /// These pools' warm stock was never filled yet (their zygote or first warm sessions
+    /// are starting).
+    Warming(Vec<String>),
+    /// Stopping: no new session starts here.
+    Draining,
+}
+
 /// The core service (cheap to clone): the session manager, whose commands are in
 /// `service.rs`.
 #[derive(Clone)]
@@ -271,6 +288,7 @@ impl Manager {
                         warm: Mutex::new(VecDeque::new()),
                         starting: AtomicUsize::new(0),
                         refill: Notify::new(),
+                        warmed: AtomicBool::new(false),
                     },
                 )
             })
@@ -283,6 +301,7 @@ impl Manager {
                 tenants,
                 table: Mutex::new(Table::default()),
                 shutting_down: AtomicBool::new(false),
+                draining: AtomicBool::new(false),
                 shutdown: Notify::new(),
                 audit: std::sync::OnceLock::new(),
                 observer,
@@ -493,6 +512,10 @@ impl Manager {
                 return;
             }
             let have = pool.warm.lock().map(|w| w.len()).unwrap_or(target);
+            if have >= target {
+                // Filled (or keeps none, its zygote prepared): ready for its first sessions.
+                pool.warmed.store(true, Ordering::SeqCst);
+            }
             if have < target {
                 // Sandboxes die with the thread that started them: this task runs on a worker
                 // thread, which lives as long as the runtime.
@@ -770,6 +793,10 @@ impl Manager {
             return Err(Error::ShuttingDown);
         }
         let tenant = caller.tenant.as_str();
+        // Draining: the sessions held are served, none is started (nor brought back).
+        if self.is_draining() && self.find(tenant, pool, identifier).is_none() {
+            return Err(Error::ShuttingDown);
+        }
         let key: Key = (tenant.to_owned(), pool.to_owned(), identifier.to_owned());
         // A durable session's disk, made here for a session that may not be ours to start.
         let mut made_disk = None;
@@ -1223,6 +1250,65 @@ impl Manager {
     /// Whether [`Manager::shutdown`] has begun.
     pub fn is_shutting_down(&self) -> bool {
         self.inner.shutting_down.load(Ordering::SeqCst)
+    }
+
+    /// Begins a graceful stop: from now on no session or sandbox is started or brought back
+    /// (`shutting_down`, 503), while the sessions held keep being served. [`Manager::readiness`]
+    /// answers [`Readiness::Draining`] at once. [`Manager::wait_idle`] then waits for running
+    /// executions, and [`Manager::shutdown`] closes (or hibernates) what is left.
+    pub fn drain(&self) {
+        self.inner.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether [`Manager::drain`] (or [`Manager::shutdown`]) has begun.
+    pub fn is_draining(&self) -> bool {
+        self.inner.draining.load(Ordering::SeqCst) || self.is_shutting_down()
+    }
+
+    /// Sessions running an execution or a file call now.
+    pub fn busy_sessions(&self) -> usize {
+        self.inner.table.lock().map_or(0, |t| {
+            t.by_id
+                .values()
+                .filter_map(|slot| slot.cell.get())
+                .filter(|s| s.busy())
+                .count()
+        })
+    }
+
+    /// Waits until no session runs an execution or file call, for at most `limit`. True when
+    /// idle; false when `limit` passed first (the executions left end at shutdown).
+    pub async fn wait_idle(&self, limit: Duration) -> bool {
+        let until = Instant::now() + limit;
+        loop {
+            if self.busy_sessions() == 0 {
+                return true;
+            }
+            if Instant::now() >= until {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Whether this server should receive new sessions (`GET /readyz`): not while draining,
+    /// nor before every pool's warm stock was first filled.
+    pub fn readiness(&self) -> Readiness {
+        if self.is_draining() {
+            return Readiness::Draining;
+        }
+        let warming: Vec<String> = self
+            .inner
+            .pools
+            .iter()
+            .filter(|(_, p)| !p.warmed.load(Ordering::SeqCst))
+            .map(|(name, _)| name.clone())
+            .collect();
+        if warming.is_empty() {
+            Readiness::Ready
+        } else {
+            Readiness::Warming(warming)
+        }
     }
 
     /// Stops the background tasks and closes every session and warm sandbox. New sessions are

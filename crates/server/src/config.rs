@@ -18,6 +18,8 @@ use crate::error::Error;
 
 /// The address the server listens on when neither the config nor `--listen` says.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// Seconds running executions get to finish at shutdown unless `[server] drain_timeout_s` says.
+pub const DEFAULT_DRAIN_TIMEOUT_S: f64 = 30.0;
 
 /// The hosts `/mcp` accepts by default (DNS-rebinding protection): loopback only.
 pub const DEFAULT_ALLOWED_HOSTS: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
@@ -114,6 +116,11 @@ pub struct ServerConfig {
     pub max_connections: Option<usize>,
     /// Most connections open at once from one client address (IPv6: one /64) (default 512).
     pub max_connections_per_address: Option<usize>,
+    /// Seconds running executions get to finish once SIGTERM or SIGINT has arrived (default
+    /// 30): meanwhile `/readyz` answers 503, no session starts (503 `shutting_down`) and the
+    /// sessions held are served; then every session is closed (durable ones hibernated).
+    /// Keep it below Kubernetes' `terminationGracePeriodSeconds`.
+    pub drain_timeout_s: Option<f64>,
 }
 
 /// `[auth]`.
@@ -777,6 +784,21 @@ impl Config {
             ));
         }
         Ok(limits)
+    }
+
+    /// `[server] drain_timeout_s` (default 30 s; 0 closes every session at once).
+    pub fn drain_timeout(&self) -> Result<std::time::Duration, Error> {
+        let v = self
+            .server
+            .drain_timeout_s
+            .unwrap_or(DEFAULT_DRAIN_TIMEOUT_S);
+        if v.is_finite() && (0.0..=86_400.0).contains(&v) {
+            Ok(std::time::Duration::from_secs_f64(v))
+        } else {
+            Err(Error::Config(
+                "server.drain_timeout_s must be a number of seconds from 0 to 86400".into(),
+            ))
+        }
     }
 
     /// The data directory: configured, else the one sessions use (`$AMPOULE_DATA_DIR`,
