@@ -357,6 +357,9 @@ pub struct EgressConfig {
 pub struct AuditConfig {
     /// Database URL.
     pub url: Option<String>,
+    /// Name of an environment variable holding the database URL (a PostgreSQL password kept
+    /// out of the config file, e.g. in a Kubernetes Secret); not with `url`.
+    pub url_env: Option<String>,
     /// Keep the code of each execution.
     pub keep_code: Option<bool>,
     /// Output bytes kept per record.
@@ -375,7 +378,16 @@ impl Config {
 
     /// Parses a config text.
     pub fn parse(text: &str) -> Result<Self, String> {
-        let cfg: Config = toml::from_str(text).map_err(|e| e.to_string())?;
+        let mut cfg: Config = toml::from_str(text).map_err(|e| e.to_string())?;
+        if let Some(var) = &cfg.audit.url_env {
+            if cfg.audit.url.is_some() {
+                return Err("audit.url and audit.url_env: set one of them".into());
+            }
+            match std::env::var(var) {
+                Ok(url) if !url.is_empty() => cfg.audit.url = Some(url),
+                _ => return Err(format!("audit.url_env: the variable {var} is not set")),
+            }
+        }
         let pools = cfg.pool_settings()?;
         cfg.egress_settings()?;
         let tenants = std::iter::once(("quotas".to_owned(), &cfg.quotas))
@@ -1212,5 +1224,17 @@ oauth2 = { token_url = "https://auth.example.com/token", client_id_env = "PATH",
         let (again, none) = generated_key(dir.path()).unwrap();
         assert_eq!(again, digest);
         assert!(none.is_none());
+    }
+
+    #[test]
+    fn the_audit_url_comes_from_the_variable_url_env_names() {
+        let missing = "AMPOULE_TEST_AUDIT_URL_NEVER_SET";
+        let err = Config::parse(&format!("[audit]\nurl_env = \"{missing}\"\n")).unwrap_err();
+        assert!(err.contains(missing), "{err}");
+        // (Setting a variable needs `unsafe` in this edition: one that is always set.)
+        let cfg = Config::parse("[audit]\nurl_env = \"PATH\"\n").unwrap();
+        assert_eq!(cfg.audit.url, std::env::var("PATH").ok());
+        let both = "[audit]\nurl = \"sqlite://x\"\nurl_env = \"PATH\"\n";
+        assert!(Config::parse(both).unwrap_err().contains("set one"));
     }
 }
