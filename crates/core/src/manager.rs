@@ -325,6 +325,39 @@ impl Manager {
         self.inner.audit.get()
     }
 
+    /// Counts one execution of the tenant against its `executions_per_minute` (and checks
+    /// its cost budgets, [`Quotas::admit_execution`]). With an audit store that keeps shared
+    /// windows (PostgreSQL), the window is the one every server on that database shares, so
+    /// a tenant's rate holds across replicas; a store error falls back to this server's own
+    /// window (logged).
+    pub(crate) async fn admit_execution_rate(&self, tenant: &str) -> Result<(), Error> {
+        let quotas = self.quotas();
+        if let (Some(max), Some(audit)) =
+            (quotas.policy(tenant).executions_per_minute, self.audit())
+        {
+            quotas.check_budget(tenant)?;
+            let key = format!("executions:{tenant}");
+            match audit.store.admit_rate(&key, max, 60_000, now_ms()).await {
+                Ok(ampoule_audit::RateAdmission::Admitted) => return Ok(()),
+                Ok(ampoule_audit::RateAdmission::Refused { retry_after_ms }) => {
+                    let secs = u64::try_from(retry_after_ms.max(1))
+                        .unwrap_or(1)
+                        .div_ceil(1000);
+                    return Err(Error::RateLimited {
+                        max,
+                        retry_after_s: secs.max(1),
+                    });
+                }
+                Ok(ampoule_audit::RateAdmission::NotShared) => {}
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "the shared rate window did not answer; this server's own counts"
+                ),
+            }
+        }
+        quotas.admit_execution(tenant)
+    }
+
     /// The tenants' quotas and policy.
     pub(crate) fn quotas(&self) -> &Quotas {
         &self.inner.tenants.quotas

@@ -1037,7 +1037,7 @@ impl Manager {
                 "a sandbox runs at most 64 processes at once",
             ));
         }
-        if let Err(e) = self.quotas().admit_execution(&caller.tenant) {
+        if let Err(e) = self.admit_execution_rate(&caller.tenant).await {
             return Err(self
                 .refuse(caller, &s.pool, &s.id, Some(&s.identifier), e)
                 .await);
