@@ -145,6 +145,9 @@ pub(crate) struct Inner {
     shutting_down: AtomicBool,
     /// Set by [`Manager::drain`]: no new session or sandbox starts.
     draining: AtomicBool,
+    /// `_<replica>` appended to every new session and sandbox id in a cluster
+    /// ([`Manager::set_replica`]); empty on a single box.
+    pub(crate) id_suffix: std::sync::OnceLock<String>,
     shutdown: Notify,
     audit: std::sync::OnceLock<Audit>,
     pub(crate) observer: Arc<dyn Observer>,
@@ -302,6 +305,7 @@ impl Manager {
                 table: Mutex::new(Table::default()),
                 shutting_down: AtomicBool::new(false),
                 draining: AtomicBool::new(false),
+                id_suffix: std::sync::OnceLock::new(),
                 shutdown: Notify::new(),
                 audit: std::sync::OnceLock::new(),
                 observer,
@@ -671,7 +675,7 @@ impl Manager {
         }
         let slot = Arc::new(Slot {
             key: key.clone(),
-            id: id.map_or_else(|| format!("ses_{}", random_hex(12)), str::to_owned),
+            id: id.map_or_else(|| self.new_id("ses"), str::to_owned),
             cell: OnceCell::new(),
         });
         table.by_key.insert(key.clone(), slot.clone());
@@ -1283,6 +1287,36 @@ impl Manager {
     /// Whether [`Manager::shutdown`] has begun.
     pub fn is_shutting_down(&self) -> bool {
         self.inner.shutting_down.load(Ordering::SeqCst)
+    }
+
+    /// Names this server's replica in a cluster (once): every session and sandbox id made
+    /// from now on ends in `_<replica>`, so any replica can tell which one holds it.
+    /// `replica` must be ASCII letters and digits (ids stay valid E2B sandbox ids and
+    /// directory names).
+    pub fn set_replica(&self, replica: &str) -> Result<(), Error> {
+        if replica.is_empty()
+            || replica.len() > 32
+            || !replica.bytes().all(|b| b.is_ascii_alphanumeric())
+        {
+            return Err(Error::invalid(
+                "a replica's id token is 1 to 32 ASCII letters and digits",
+            ));
+        }
+        let _ = self.inner.id_suffix.set(format!("_{replica}"));
+        Ok(())
+    }
+
+    /// A new id: `<kind>_<24 hex>`, and `_<replica>` in a cluster.
+    pub(crate) fn new_id(&self, kind: &str) -> String {
+        let suffix = self.inner.id_suffix.get().map_or("", String::as_str);
+        format!("{kind}_{}{suffix}", random_hex(12))
+    }
+
+    /// The replica an id names (`<kind>_<hex>_<replica>`), if any.
+    pub fn replica_of(id: &str) -> Option<&str> {
+        let mut parts = id.splitn(3, '_');
+        let (_kind, _hex) = (parts.next()?, parts.next()?);
+        parts.next().filter(|r| !r.is_empty())
     }
 
     /// Begins a graceful stop: from now on no session or sandbox is started or brought back

@@ -596,7 +596,7 @@ impl Manager {
         let life = self.life(&pool, cmd.timeout_s)?;
         let lifecycle = p.lifecycle.merged(&cmd.lifecycle);
         lifecycle.check().map_err(Error::Invalid)?;
-        let id = format!("sbx_{}", random_hex(12));
+        let id = self.new_id("sbx");
         let envs = cmd.envs.clone();
         let mut extras = Extras::new(true, cmd.metadata, cmd.envs, Some(life));
         if lifecycle.is_durable() {

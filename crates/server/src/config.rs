@@ -59,6 +59,9 @@ pub struct Config {
     /// `[e2b]`: the E2B-compatible door.
     #[serde(default)]
     pub e2b: E2bConfig,
+    /// `[cluster]`: replicas that route to each other (none: a single box).
+    #[serde(default)]
+    pub cluster: ClusterConfig,
 }
 
 /// `[e2b]`.
@@ -79,6 +82,29 @@ pub struct McpConfig {
     /// `Host` header values `/mcp` accepts, as `host` or `host:port` (DNS-rebinding
     /// protection). Default: loopback only; `["*"]` accepts any host.
     pub allowed_hosts: Option<Vec<String>>,
+}
+
+/// `[cluster]` (see [`crate::cluster`]).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// This replica's name (`AMPOULE_REPLICA` overrides it). Unset and no `AMPOULE_REPLICA`:
+    /// no cluster.
+    pub replica: Option<String>,
+    /// Every replica's base URL by name (`ampoule-0 = "http://10.0.0.1:8080"`).
+    #[serde(default)]
+    pub peers: BTreeMap<String, String>,
+    /// With `peer_dns`: the StatefulSet's replica count; peers are `<stem><i>` for `i` below
+    /// it, `<stem>` being this replica's name without its ordinal.
+    pub replicas: Option<u32>,
+    /// The headless Service's DNS name (`ampoule-headless.ampoule.svc.cluster.local`):
+    /// replica `<name>` is at `http://<name>.<peer_dns>:<peer_port>`.
+    pub peer_dns: Option<String>,
+    /// The peers' API port (default 8080).
+    pub peer_port: Option<u16>,
+    /// The environment variable holding the cluster secret (default
+    /// `AMPOULE_CLUSTER_SECRET`).
+    pub secret_env: Option<String>,
 }
 
 /// `[server]`.
@@ -796,6 +822,49 @@ impl Config {
             ));
         }
         Ok(limits)
+    }
+
+    /// The cluster `[cluster]` and `AMPOULE_REPLICA` describe, if any.
+    pub fn cluster(&self) -> Result<Option<crate::cluster::Cluster>, Error> {
+        let c = &self.cluster;
+        let replica = std::env::var("AMPOULE_REPLICA")
+            .ok()
+            .filter(|r| !r.is_empty())
+            .or_else(|| c.replica.clone());
+        let Some(replica) = replica else {
+            if !c.peers.is_empty() || c.peer_dns.is_some() {
+                return Err(Error::Config(
+                    "cluster: peers without cluster.replica (or AMPOULE_REPLICA)".into(),
+                ));
+            }
+            return Ok(None);
+        };
+        let mut peers = c.peers.clone();
+        if let Some(dns) = &c.peer_dns {
+            let n = c
+                .replicas
+                .ok_or_else(|| Error::Config("cluster.peer_dns needs cluster.replicas".into()))?;
+            let stem = replica.trim_end_matches(|ch: char| ch.is_ascii_digit());
+            if stem.len() == replica.len() {
+                return Err(Error::Config(format!(
+                    "cluster.peer_dns: the replica name {replica:?} ends in no ordinal"
+                )));
+            }
+            let port = c.peer_port.unwrap_or(8080);
+            for i in 0..n {
+                peers.insert(
+                    format!("{stem}{i}"),
+                    format!("http://{stem}{i}.{dns}:{port}"),
+                );
+            }
+        }
+        let var = c
+            .secret_env
+            .clone()
+            .unwrap_or_else(|| "AMPOULE_CLUSTER_SECRET".to_owned());
+        let secret = std::env::var(&var)
+            .map_err(|_| Error::Config(format!("cluster: the secret variable {var} is not set")))?;
+        crate::cluster::Cluster::new(&replica, &peers, &secret).map(Some)
     }
 
     /// `[server] drain_timeout_s` (default 30 s; 0 closes every session at once).

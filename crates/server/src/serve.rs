@@ -428,6 +428,14 @@ pub async fn serve_noting(
     }
     let limits = cfg.door_limits()?.within_open_files();
     let drain_timeout = cfg.drain_timeout()?;
+    let cluster = cfg.cluster()?.map(Arc::new);
+    if let Some(c) = &cluster {
+        state
+            .manager
+            .set_replica(&c.token)
+            .map_err(|e| Error::Config(format!("cluster.replica: {e}")))?;
+        tracing::info!(replica = %c.replica, "a replica of a cluster");
+    }
     let door_metrics = state.metrics.door().clone();
     let keys_watcher = watch_keys(cfg.keys_file(), state.keys.clone());
     let metrics_listener = match &cfg.metrics.listen {
@@ -458,7 +466,13 @@ pub async fn serve_noting(
     };
     manager.start_background();
     let pools: Vec<String> = manager.pools().into_iter().map(|p| p.name).collect();
-    let router = app(state);
+    let router = match cluster {
+        Some(c) => app(state).layer(axum::middleware::from_fn_with_state(
+            c,
+            crate::cluster::route,
+        )),
+        None => app(state),
+    };
     let signalled = Arc::new(tokio::sync::Notify::new());
     let shutdown = {
         let manager = manager.clone();
