@@ -11,8 +11,11 @@
 //! (SSE, NDJSON, chunked downloads are never buffered). A request carrying [`FORWARDED`] is
 //! served where it lands, never forwarded again, and refused (401) unless it carries the
 //! secret. A replica that does not answer makes its sessions answer 503
-//! `replica_unavailable`. Requests naming no id (new sessions, ACA's `identifier`, `/mcp`)
-//! are served by the replica they reach.
+//! `replica_unavailable`. ACA's session identifiers are the client's: the replica that holds
+//! one is chosen by rendezvous hashing of the identifier over the replicas
+//! ([`Cluster::owner_of_identifier`]), so every replica forwards ACA calls (`?identifier=`)
+//! to the same one. Requests naming neither (new `/v1` sessions and sandboxes, lists,
+//! `/mcp`) are served by the replica they reach.
 //!
 //! Peers: `[cluster] peers` (`name = "http://host:port"`), or, as a StatefulSet names its
 //! pods, `[cluster] replicas`, `peer_dns` and `peer_port`: `<stem><i>` for every ordinal
@@ -233,6 +236,52 @@ fn named_id(req: &Request) -> Option<String> {
     Some(id.to_owned())
 }
 
+/// The ACA `identifier` of a request on ACA's paths (the query parameter, percent-decoded;
+/// the key matched without regard to case, as the ACA door does).
+fn aca_identifier(req: &Request) -> Option<String> {
+    let path = req.uri().path();
+    let other_door = ["/v1", "/v2", "/sandboxes", "/mcp", "/console"]
+        .iter()
+        .any(|p| path == *p || path.starts_with(&format!("{p}/")))
+        || ["/healthz", "/readyz", "/metrics", "/openapi.json"].contains(&path);
+    if other_door {
+        return None;
+    }
+    req.uri().query()?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        k.eq_ignore_ascii_case("identifier").then(|| {
+            percent_encoding::percent_decode_str(v)
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+    })
+}
+
+impl Cluster {
+    /// The replica (token) that holds an ACA `identifier`: chosen by rendezvous hashing over
+    /// every replica, so each one finds the same owner without asking, and a replica that
+    /// joins or leaves moves only its own share of identifiers.
+    pub fn owner_of_identifier(&self, identifier: &str) -> &str {
+        use sha2::{Digest, Sha256};
+        let score = |t: &str| {
+            let d = Sha256::new()
+                .chain_update(t.as_bytes())
+                .chain_update([0u8])
+                .chain_update(identifier.as_bytes())
+                .finalize();
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&d[..8]);
+            u64::from_be_bytes(b)
+        };
+        self.peers
+            .keys()
+            .map(String::as_str)
+            .chain(std::iter::once(self.token.as_str()))
+            .max_by_key(|t| (score(t), *t))
+            .unwrap_or(self.token.as_str())
+    }
+}
+
 /// The routing layer (see the module docs).
 pub async fn route(State(cluster): State<Arc<Cluster>>, req: Request, next: Next) -> Response {
     if let Some(v) = req.headers().get(FORWARDED) {
@@ -246,11 +295,11 @@ pub async fn route(State(cluster): State<Arc<Cluster>>, req: Request, next: Next
         // Served here, never forwarded again.
         return next.run(req).await;
     }
-    let owner = named_id(&req).and_then(|id| {
-        Manager::replica_of(&id)
-            .and_then(|t| cluster.peer(t))
-            .cloned()
-    });
+    let token = match named_id(&req) {
+        Some(id) => Manager::replica_of(&id).map(str::to_owned),
+        None => aca_identifier(&req).map(|i| cluster.owner_of_identifier(&i).to_owned()),
+    };
+    let owner = token.and_then(|t| cluster.peer(&t).cloned());
     match owner {
         Some(peer) => cluster.forward(&peer, req).await,
         None => next.run(req).await,

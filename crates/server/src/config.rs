@@ -1306,4 +1306,39 @@ oauth2 = { token_url = "https://auth.example.com/token", client_id_env = "PATH",
         let both = "[audit]\nurl = \"sqlite://x\"\nurl_env = \"PATH\"\n";
         assert!(Config::parse(both).unwrap_err().contains("set one"));
     }
+
+    #[test]
+    fn a_statefulset_cluster_names_its_peers_by_ordinal() {
+        if std::env::var_os("AMPOULE_REPLICA").is_some() {
+            return; // the variable would override the config's replica
+        }
+        // (The secret from a variable that is always set: setting one needs `unsafe`.)
+        let cfg = Config::parse(
+            "[cluster]\nreplica = \"ampoule-1\"\nreplicas = 3\n\
+             peer_dns = \"ampoule-headless.ns.svc\"\nsecret_env = \"PATH\"\n",
+        )
+        .unwrap();
+        let c = cfg.cluster().unwrap().unwrap();
+        assert_eq!(
+            (c.replica.as_str(), c.token.as_str()),
+            ("ampoule-1", "ampoule1")
+        );
+        assert_eq!(c.peer("ampoule1"), None, "itself");
+        let p = c.peer("ampoule2").unwrap();
+        assert_eq!(p.authority, "ampoule-2.ampoule-headless.ns.svc:8080");
+        assert!(c.peer("ampoule3").is_none());
+        // A single box: no cluster; peers without a replica are an error.
+        assert!(Config::parse("").unwrap().cluster().unwrap().is_none());
+        let bad = Config::parse("[cluster]\npeers = { a = \"http://x:1\" }\n").unwrap();
+        assert!(bad.cluster().is_err());
+        let bad =
+            Config::parse("[cluster]\nreplica = \"r\"\nsecret_env = \"AMPOULE_NEVER_SET_X\"\n")
+                .unwrap();
+        assert!(
+            bad.cluster()
+                .unwrap_err()
+                .to_string()
+                .contains("AMPOULE_NEVER_SET_X")
+        );
+    }
 }

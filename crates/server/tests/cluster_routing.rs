@@ -140,7 +140,11 @@ async fn replicas_serve_each_others_sessions_and_a_stopped_one_answers_replica_u
     assert!(s0.ends_with("_ampoule0"), "{s0}");
     assert_eq!(exec(b, &s0, "x = 41").await.0, 200);
     let (st, out) = exec(c, &s0, "x + 1").await;
-    assert_eq!((st, out["result"]["text/plain"].clone()), (200, Value::from("42")), "{out}");
+    assert_eq!(
+        (st, out["result"]["text/plain"].clone()),
+        (200, Value::from("42")),
+        "{out}"
+    );
     assert_eq!(exec(c, &s0, "write note.txt hello").await.0, 200);
     let (st, out) = exec(b, &s0, "read note.txt").await;
     assert_eq!(st, 200, "{out}");
@@ -190,6 +194,42 @@ async fn replicas_serve_each_others_sessions_and_a_stopped_one_answers_replica_u
     )
     .await;
     assert_eq!(st, 404, "never forwarded again: {out}");
+
+    // ACA identifiers are the client's: every replica sends one to the same owner, so a
+    // conversation keeps its state whichever replica each call reaches.
+    for n in 0..6 {
+        let ident = format!("conversation-{n}");
+        let mut last = Value::Null;
+        for (i, via) in [a, b, c].into_iter().enumerate() {
+            let code = if i == 0 {
+                "x = 5".to_owned()
+            } else {
+                format!("x = x * 2\nx + {i}")
+            };
+            let body = serde_json::json!({"properties": {"codeInputType": "inline",
+                "executionType": "synchronous", "code": code}});
+            let (st, out) = http(
+                via,
+                "POST",
+                &format!("/code/execute?identifier={ident}&api-version=2024-02-02-preview"),
+                &body.to_string(),
+            )
+            .await;
+            assert_eq!(st, 200, "{out}");
+            last = out["properties"]["result"].clone();
+        }
+        // 5 → 10 (+1) → 20 (+2): one session, whichever replica each call reached.
+        assert_eq!(last, 22, "{ident}");
+    }
+    // Each conversation is held once, and they are spread over the replicas.
+    let mut held = Vec::new();
+    for via in [a, b, c] {
+        let (st, list) = http(via, "GET", "/v1/sessions", "").await;
+        assert_eq!(st, 200, "{list}");
+        held.push(list.to_string().matches("conversation-").count());
+    }
+    assert_eq!(held.iter().sum::<usize>(), 6, "{held:?}");
+    assert!(held.iter().filter(|n| **n > 0).count() >= 2, "{held:?}");
 
     // Replica 0 stops: its sessions answer 503 replica_unavailable through the others, and
     // the others' sessions keep working, every call.
