@@ -69,6 +69,22 @@ fn the_configmap_is_a_config_the_server_accepts_and_the_statefulset_matches_it()
     assert!(!text.contains("key_sha256"));
     assert!(sts.contains("name: AMPOULE_KEY_DEFAULT") && sts.contains("name: AMPOULE_AUDIT_URL"));
 
+    // The cluster: as many replicas as the StatefulSet runs, named by the pod, found through
+    // the headless Service.
+    assert_eq!(
+        cfg.cluster.replicas.map(u64::from),
+        Some(number_after(&sts, "  replicas"))
+    );
+    let headless = read("service-headless.yaml");
+    assert!(headless.contains("name: ampoule-headless") && headless.contains("clusterIP: None"));
+    assert!(sts.contains("serviceName: ampoule-headless"));
+    assert_eq!(
+        cfg.cluster.peer_dns.as_deref(),
+        Some("ampoule-headless.ampoule.svc.cluster.local")
+    );
+    assert!(sts.contains("- name: AMPOULE_REPLICA\n              valueFrom:\n                fieldRef:\n                  fieldPath: metadata.name"));
+    assert!(sts.contains("- name: AMPOULE_CLUSTER_SECRET") && sts.contains("key: cluster-secret"));
+
     // SIGTERM: the drain, the shutdown grace (10 s) and the audit flush fit before SIGKILL.
     let drain = cfg.drain_timeout().unwrap().as_secs();
     let grace = number_after(&sts, "terminationGracePeriodSeconds");
