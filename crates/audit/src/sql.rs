@@ -415,11 +415,20 @@ impl AuditStore for SqlStore {
         };
         loop {
             let rows: Vec<Row_> = on!(self, p, pg => {
+                // Up to the head read above: records appended meanwhile (by this server's
+                // writer, or another server's on a shared database) are the next walk's.
                 let text = sql(pg, &format!(
-                    "SELECT {COLUMNS} FROM audit_records WHERE seq > $1 ORDER BY seq LIMIT $2"
+                    "SELECT {COLUMNS} FROM audit_records WHERE seq > $1 AND seq <= $3 \
+                     ORDER BY seq LIMIT $2"
                 ));
                 let mut out = Vec::new();
-                for r in sqlx::query(&text).bind(seq).bind(PAGE).fetch_all(p).await? {
+                for r in sqlx::query(&text)
+                    .bind(seq)
+                    .bind(PAGE)
+                    .bind(head_seq)
+                    .fetch_all(p)
+                    .await?
+                {
                     out.push(read_row!(r));
                 }
                 out
