@@ -61,6 +61,9 @@ export AMPOULE_CONSOLE_NODE="$PWD/target/console-node"
 echo "== postgres (the audit store's tests run on it and on SQLite)" >&2
 AMPOULE_TEST_POSTGRES_URL=$(bash scripts/postgres.sh)
 export AMPOULE_TEST_POSTGRES_URL
+echo "== deploy (Kubernetes manifests and Helm chart against the Kubernetes schemas)" >&2
+# kubernetes-validate in target/deploy-venv; the chart rendered and compared with deploy/kubernetes.
+bash scripts/deploy-check.sh
 echo "== tests" >&2
 # nextest runs each test as a process, with the groups of .config/nextest.toml: the containment
 # suite, the privileged end-to-end tests and the measurements each one test at a time; a test

@@ -29,6 +29,20 @@ pub use record::{
 pub use sql::SqlStore;
 pub use writer::Writer;
 
+/// What a rate window shared by several servers said ([`AuditStore::admit_rate`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateAdmission {
+    /// This store keeps no shared window (SQLite: one server): count locally.
+    NotShared,
+    /// Counted: the event is in the window.
+    Admitted,
+    /// The window is full; the oldest event leaves it in this many milliseconds.
+    Refused {
+        /// Milliseconds until a place frees.
+        retry_after_ms: i64,
+    },
+}
+
 /// The audit store: SQLite or PostgreSQL behind the same queries.
 #[async_trait::async_trait]
 pub trait AuditStore: Send + Sync + 'static {
@@ -54,4 +68,16 @@ pub trait AuditStore: Send + Sync + 'static {
     ) -> Result<u64, Error>;
     /// A tenant's usage between two times (milliseconds since the epoch).
     async fn usage(&self, tenant: &str, since_ms: i64, until_ms: i64) -> Result<Usage, Error>;
+    /// A sliding window shared by every server on this store: counts one event of `key` at
+    /// `now_ms` unless `max` of them happened in the `window_ms` before (a refused event is
+    /// not counted). Default: [`RateAdmission::NotShared`].
+    async fn admit_rate(
+        &self,
+        _key: &str,
+        _max: u32,
+        _window_ms: i64,
+        _now_ms: i64,
+    ) -> Result<RateAdmission, Error> {
+        Ok(RateAdmission::NotShared)
+    }
 }

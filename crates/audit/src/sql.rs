@@ -218,6 +218,51 @@ impl SqlStore {
 
 #[async_trait::async_trait]
 impl AuditStore for SqlStore {
+    async fn admit_rate(
+        &self,
+        key: &str,
+        max: u32,
+        window_ms: i64,
+        now_ms: i64,
+    ) -> Result<crate::RateAdmission, Error> {
+        let Backend::Postgres(pool) = &self.backend else {
+            return Ok(crate::RateAdmission::NotShared);
+        };
+        let mut tx = pool.begin().await?;
+        // One key's events are counted by one transaction at a time, on every server.
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+            .bind(key)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM rate_events WHERE key = $1 AND at_ms <= $2")
+            .bind(key)
+            .bind(now_ms - window_ms)
+            .execute(&mut *tx)
+            .await?;
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS n, MIN(at_ms) AS oldest FROM rate_events WHERE key = $1",
+        )
+        .bind(key)
+        .fetch_one(&mut *tx)
+        .await?;
+        let n: i64 = row.try_get("n")?;
+        let oldest: Option<i64> = row.try_get("oldest")?;
+        let answer = if n >= i64::from(max) {
+            crate::RateAdmission::Refused {
+                retry_after_ms: oldest.map_or(window_ms, |o| (o + window_ms - now_ms).max(1)),
+            }
+        } else {
+            sqlx::query("INSERT INTO rate_events (key, at_ms) VALUES ($1, $2)")
+                .bind(key)
+                .bind(now_ms)
+                .execute(&mut *tx)
+                .await?;
+            crate::RateAdmission::Admitted
+        };
+        tx.commit().await?;
+        Ok(answer)
+    }
+
     async fn append(&self, records: &[Record]) -> Result<(), Error> {
         if records.is_empty() {
             return Ok(());
@@ -370,11 +415,20 @@ impl AuditStore for SqlStore {
         };
         loop {
             let rows: Vec<Row_> = on!(self, p, pg => {
+                // Up to the head read above: records appended meanwhile (by this server's
+                // writer, or another server's on a shared database) are the next walk's.
                 let text = sql(pg, &format!(
-                    "SELECT {COLUMNS} FROM audit_records WHERE seq > $1 ORDER BY seq LIMIT $2"
+                    "SELECT {COLUMNS} FROM audit_records WHERE seq > $1 AND seq <= $3 \
+                     ORDER BY seq LIMIT $2"
                 ));
                 let mut out = Vec::new();
-                for r in sqlx::query(&text).bind(seq).bind(PAGE).fetch_all(p).await? {
+                for r in sqlx::query(&text)
+                    .bind(seq)
+                    .bind(PAGE)
+                    .bind(head_seq)
+                    .fetch_all(p)
+                    .await?
+                {
                     out.push(read_row!(r));
                 }
                 out

@@ -372,6 +372,10 @@ impl Manager {
         else {
             return Err(Error::session_not_found());
         };
+        if self.is_draining() {
+            // Stopping: brought back by the next server (or replica) instead.
+            return Err(Error::ShuttingDown);
+        }
         let Some(store) = self.store() else {
             return Err(Error::internal("a hibernated sandbox without a store"));
         };

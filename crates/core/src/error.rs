@@ -71,6 +71,9 @@ pub enum ErrorCode {
     DiskQuotaExceeded,
     /// The server is shutting down.
     ShuttingDown,
+    /// The replica that holds the session or sandbox does not answer (a cluster of
+    /// replicas: ids name their replica).
+    ReplicaUnavailable,
     /// The API key's expiry has passed (a rotated key's grace period included).
     KeyExpired,
     /// The API key was revoked.
@@ -129,6 +132,7 @@ impl ErrorCode {
             ErrorCode::Conflict => "conflict",
             ErrorCode::DiskQuotaExceeded => "disk_quota_exceeded",
             ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::ReplicaUnavailable => "replica_unavailable",
             ErrorCode::KeyExpired => "key_expired",
             ErrorCode::KeyRevoked => "key_revoked",
             ErrorCode::AuthThrottled => "auth_throttled",

@@ -44,7 +44,7 @@ pub use engine::{
 };
 pub use error::{Error, ErrorCode};
 pub use files::ByteStream;
-pub use manager::{Manager, PoolStatus};
+pub use manager::{Manager, PoolStatus, Readiness};
 pub use observer::{NoObserver, Observer};
 pub use sandbox::{
     Command, ContextInfo, CreateContext, CreateSandbox, ProcessEnd, ProcessEvent, ProcessInfo,

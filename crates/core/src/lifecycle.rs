@@ -191,8 +191,16 @@ pub(crate) const RECORD_VERSION: u32 = 1;
 
 /// Whether `id` may name a directory: a sandbox's or session's id as the manager makes them.
 pub(crate) fn valid_id(id: &str) -> bool {
-    let hex = id.strip_prefix("sbx_").or_else(|| id.strip_prefix("ses_"));
-    hex.is_some_and(|h| !h.is_empty() && h.len() <= 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+    let rest = id.strip_prefix("sbx_").or_else(|| id.strip_prefix("ses_"));
+    // `<hex>`, or `<hex>_<replica>` in a cluster (the replica: letters and digits).
+    rest.is_some_and(|r| {
+        let (hex, replica) = r.split_once('_').unwrap_or((r, "x"));
+        !hex.is_empty()
+            && r.len() <= 64
+            && hex.bytes().all(|b| b.is_ascii_hexdigit())
+            && !replica.is_empty()
+            && replica.bytes().all(|b| b.is_ascii_alphanumeric())
+    })
 }
 
 /// The durable sandboxes' directory, `<data_dir>/sandboxes`.
@@ -384,8 +392,19 @@ mod tests {
     #[test]
     fn only_the_managers_ids_name_directories() {
         assert!(valid_id("sbx_0123abcd"));
+        assert!(valid_id("sbx_0123abcd_ampoule0"));
         assert!(valid_id("ses_ff"));
-        for bad in ["sbx_", "../etc", "sbx_../x", "sbx_zz", "other", "sbx_ab/cd"] {
+        for bad in [
+            "sbx_",
+            "../etc",
+            "sbx_../x",
+            "sbx_zz",
+            "other",
+            "sbx_ab/cd",
+            "sbx_ab_",
+            "sbx_ab_../x",
+            "sbx_ab_c_d",
+        ] {
             assert!(!valid_id(bad), "{bad}");
         }
     }

@@ -131,6 +131,9 @@ struct Pool {
     warm: Mutex<VecDeque<Arc<dyn LiveSession>>>,
     starting: AtomicUsize,
     refill: Notify,
+    /// Set once the pool's warm stock was first filled (at once for a pool that keeps none):
+    /// readiness ([`Manager::readiness`]) waits for it.
+    warmed: AtomicBool,
 }
 
 pub(crate) struct Inner {
@@ -140,6 +143,11 @@ pub(crate) struct Inner {
     tenants: TenantLimits,
     pub(crate) table: Mutex<Table>,
     shutting_down: AtomicBool,
+    /// Set by [`Manager::drain`]: no new session or sandbox starts.
+    draining: AtomicBool,
+    /// `_<replica>` appended to every new session and sandbox id in a cluster
+    /// ([`Manager::set_replica`]); empty on a single box.
+    pub(crate) id_suffix: std::sync::OnceLock<String>,
     shutdown: Notify,
     audit: std::sync::OnceLock<Audit>,
     pub(crate) observer: Arc<dyn Observer>,
@@ -216,6 +224,18 @@ pub struct PoolStatus {
     pub warm: usize,
 }
 
+/// Whether a server should receive new sessions ([`Manager::readiness`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Readiness {
+    /// Every pool's warm stock was filled; not draining.
+    Ready,
+    /// These pools' warm stock was never filled yet (their zygote or first warm sessions
+    /// are starting).
+    Warming(Vec<String>),
+    /// Stopping: no new session starts here.
+    Draining,
+}
+
 /// The core service (cheap to clone): the session manager, whose commands are in
 /// `service.rs`.
 #[derive(Clone)]
@@ -271,6 +291,7 @@ impl Manager {
                         warm: Mutex::new(VecDeque::new()),
                         starting: AtomicUsize::new(0),
                         refill: Notify::new(),
+                        warmed: AtomicBool::new(false),
                     },
                 )
             })
@@ -283,6 +304,8 @@ impl Manager {
                 tenants,
                 table: Mutex::new(Table::default()),
                 shutting_down: AtomicBool::new(false),
+                draining: AtomicBool::new(false),
+                id_suffix: std::sync::OnceLock::new(),
                 shutdown: Notify::new(),
                 audit: std::sync::OnceLock::new(),
                 observer,
@@ -304,6 +327,39 @@ impl Manager {
     /// The audit log, when there is one.
     pub fn audit(&self) -> Option<&Audit> {
         self.inner.audit.get()
+    }
+
+    /// Counts one execution of the tenant against its `executions_per_minute` (and checks
+    /// its cost budgets, [`Quotas::admit_execution`]). With an audit store that keeps shared
+    /// windows (PostgreSQL), the window is the one every server on that database shares, so
+    /// a tenant's rate holds across replicas; a store error falls back to this server's own
+    /// window (logged).
+    pub(crate) async fn admit_execution_rate(&self, tenant: &str) -> Result<(), Error> {
+        let quotas = self.quotas();
+        if let (Some(max), Some(audit)) =
+            (quotas.policy(tenant).executions_per_minute, self.audit())
+        {
+            quotas.check_budget(tenant)?;
+            let key = format!("executions:{tenant}");
+            match audit.store.admit_rate(&key, max, 60_000, now_ms()).await {
+                Ok(ampoule_audit::RateAdmission::Admitted) => return Ok(()),
+                Ok(ampoule_audit::RateAdmission::Refused { retry_after_ms }) => {
+                    let secs = u64::try_from(retry_after_ms.max(1))
+                        .unwrap_or(1)
+                        .div_ceil(1000);
+                    return Err(Error::RateLimited {
+                        max,
+                        retry_after_s: secs.max(1),
+                    });
+                }
+                Ok(ampoule_audit::RateAdmission::NotShared) => {}
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "the shared rate window did not answer; this server's own counts"
+                ),
+            }
+        }
+        quotas.admit_execution(tenant)
     }
 
     /// The tenants' quotas and policy.
@@ -493,6 +549,10 @@ impl Manager {
                 return;
             }
             let have = pool.warm.lock().map(|w| w.len()).unwrap_or(target);
+            if have >= target {
+                // Filled (or keeps none, its zygote prepared): ready for its first sessions.
+                pool.warmed.store(true, Ordering::SeqCst);
+            }
             if have < target {
                 // Sandboxes die with the thread that started them: this task runs on a worker
                 // thread, which lives as long as the runtime.
@@ -615,7 +675,7 @@ impl Manager {
         }
         let slot = Arc::new(Slot {
             key: key.clone(),
-            id: id.map_or_else(|| format!("ses_{}", random_hex(12)), str::to_owned),
+            id: id.map_or_else(|| self.new_id("ses"), str::to_owned),
             cell: OnceCell::new(),
         });
         table.by_key.insert(key.clone(), slot.clone());
@@ -770,6 +830,10 @@ impl Manager {
             return Err(Error::ShuttingDown);
         }
         let tenant = caller.tenant.as_str();
+        // Draining: the sessions held are served, none is started (nor brought back).
+        if self.is_draining() && self.find(tenant, pool, identifier).is_none() {
+            return Err(Error::ShuttingDown);
+        }
         let key: Key = (tenant.to_owned(), pool.to_owned(), identifier.to_owned());
         // A durable session's disk, made here for a session that may not be ours to start.
         let mut made_disk = None;
@@ -1223,6 +1287,95 @@ impl Manager {
     /// Whether [`Manager::shutdown`] has begun.
     pub fn is_shutting_down(&self) -> bool {
         self.inner.shutting_down.load(Ordering::SeqCst)
+    }
+
+    /// Names this server's replica in a cluster (once): every session and sandbox id made
+    /// from now on ends in `_<replica>`, so any replica can tell which one holds it.
+    /// `replica` must be ASCII letters and digits (ids stay valid E2B sandbox ids and
+    /// directory names).
+    pub fn set_replica(&self, replica: &str) -> Result<(), Error> {
+        if replica.is_empty()
+            || replica.len() > 32
+            || !replica.bytes().all(|b| b.is_ascii_alphanumeric())
+        {
+            return Err(Error::invalid(
+                "a replica's id token is 1 to 32 ASCII letters and digits",
+            ));
+        }
+        let _ = self.inner.id_suffix.set(format!("_{replica}"));
+        Ok(())
+    }
+
+    /// A new id: `<kind>_<24 hex>`, and `_<replica>` in a cluster.
+    pub(crate) fn new_id(&self, kind: &str) -> String {
+        let suffix = self.inner.id_suffix.get().map_or("", String::as_str);
+        format!("{kind}_{}{suffix}", random_hex(12))
+    }
+
+    /// The replica an id names (`<kind>_<hex>_<replica>`), if any.
+    pub fn replica_of(id: &str) -> Option<&str> {
+        let mut parts = id.splitn(3, '_');
+        let (_kind, _hex) = (parts.next()?, parts.next()?);
+        parts.next().filter(|r| !r.is_empty())
+    }
+
+    /// Begins a graceful stop: from now on no session or sandbox is started or brought back
+    /// (`shutting_down`, 503), while the sessions held keep being served. [`Manager::readiness`]
+    /// answers [`Readiness::Draining`] at once. [`Manager::wait_idle`] then waits for running
+    /// executions, and [`Manager::shutdown`] closes (or hibernates) what is left.
+    pub fn drain(&self) {
+        self.inner.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether [`Manager::drain`] (or [`Manager::shutdown`]) has begun.
+    pub fn is_draining(&self) -> bool {
+        self.inner.draining.load(Ordering::SeqCst) || self.is_shutting_down()
+    }
+
+    /// Sessions running an execution or a file call now.
+    pub fn busy_sessions(&self) -> usize {
+        self.inner.table.lock().map_or(0, |t| {
+            t.by_id
+                .values()
+                .filter_map(|slot| slot.cell.get())
+                .filter(|s| s.busy())
+                .count()
+        })
+    }
+
+    /// Waits until no session runs an execution or file call, for at most `limit`. True when
+    /// idle; false when `limit` passed first (the executions left end at shutdown).
+    pub async fn wait_idle(&self, limit: Duration) -> bool {
+        let until = Instant::now() + limit;
+        loop {
+            if self.busy_sessions() == 0 {
+                return true;
+            }
+            if Instant::now() >= until {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Whether this server should receive new sessions (`GET /readyz`): not while draining,
+    /// nor before every pool's warm stock was first filled.
+    pub fn readiness(&self) -> Readiness {
+        if self.is_draining() {
+            return Readiness::Draining;
+        }
+        let warming: Vec<String> = self
+            .inner
+            .pools
+            .iter()
+            .filter(|(_, p)| !p.warmed.load(Ordering::SeqCst))
+            .map(|(name, _)| name.clone())
+            .collect();
+        if warming.is_empty() {
+            Readiness::Ready
+        } else {
+            Readiness::Warming(warming)
+        }
     }
 
     /// Stops the background tasks and closes every session and warm sandbox. New sessions are

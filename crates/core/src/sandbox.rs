@@ -596,7 +596,7 @@ impl Manager {
         let life = self.life(&pool, cmd.timeout_s)?;
         let lifecycle = p.lifecycle.merged(&cmd.lifecycle);
         lifecycle.check().map_err(Error::Invalid)?;
-        let id = format!("sbx_{}", random_hex(12));
+        let id = self.new_id("sbx");
         let envs = cmd.envs.clone();
         let mut extras = Extras::new(true, cmd.metadata, cmd.envs, Some(life));
         if lifecycle.is_durable() {
@@ -1037,7 +1037,7 @@ impl Manager {
                 "a sandbox runs at most 64 processes at once",
             ));
         }
-        if let Err(e) = self.quotas().admit_execution(&caller.tenant) {
+        if let Err(e) = self.admit_execution_rate(&caller.tenant).await {
             return Err(self
                 .refuse(caller, &s.pool, &s.id, Some(&s.identifier), e)
                 .await);

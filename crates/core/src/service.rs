@@ -470,7 +470,7 @@ impl Manager {
             Err(e) if e.is_policy() => return Err(self.refused(caller, &r, e).await),
             Err(e) => return Err(e),
         };
-        if let Err(e) = self.quotas().admit_execution(&caller.tenant) {
+        if let Err(e) = self.admit_execution_rate(&caller.tenant).await {
             return Err(self.refused(caller, &r, e).await);
         }
         // An approval checkpoint holds it here: admitted, nothing started yet.

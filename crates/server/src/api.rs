@@ -252,6 +252,7 @@ pub fn routes() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
 fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(healthz))
+        .routes(routes!(readyz))
         .routes(routes!(list_pools))
         .routes(routes!(create_session, list_sessions))
         .routes(routes!(get_session, delete_session))
@@ -280,6 +281,57 @@ async fn healthz() -> axum::Json<Health> {
     axum::Json(Health {
         status: "ok".into(),
     })
+}
+
+/// `GET /readyz`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Readiness {
+    /// `ready`, `warming` (a pool's warm stock was never filled yet) or `draining` (stopping:
+    /// no new session starts here).
+    pub status: String,
+    /// The pools still warming (with `warming`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warming: Vec<String>,
+    /// Warm sessions waiting now, by pool.
+    pub ready: std::collections::BTreeMap<String, usize>,
+}
+
+/// Readiness, for a load balancer or Kubernetes' readiness probe (no key needed): 200 once
+/// every pool's warm stock was filled, 503 before and from the moment a graceful stop
+/// (SIGTERM) begins. A 503 is not an error of the server: liveness is `/healthz`.
+#[utoipa::path(get, path = "/readyz", tag = "server", security(()),
+    responses((status = 200, description = "Ready for new sessions", body = Readiness),
+        (status = 503, description = "Warming up or draining", body = Readiness)))]
+async fn readyz(
+    axum::extract::State(state): axum::extract::State<AppState>,
+) -> (axum::http::StatusCode, axum::Json<Readiness>) {
+    let ready = state
+        .manager
+        .pools()
+        .into_iter()
+        .map(|p| (p.name, p.ready))
+        .collect();
+    let (code, status, warming) = match state.manager.readiness() {
+        ampoule_core::Readiness::Ready => (axum::http::StatusCode::OK, "ready", Vec::new()),
+        ampoule_core::Readiness::Warming(pools) => (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "warming",
+            pools,
+        ),
+        ampoule_core::Readiness::Draining => (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "draining",
+            Vec::new(),
+        ),
+    };
+    (
+        code,
+        axum::Json(Readiness {
+            status: status.into(),
+            warming,
+            ready,
+        }),
+    )
 }
 
 /// What `GET /v1/pools` reports about a pool.

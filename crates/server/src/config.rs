@@ -18,6 +18,8 @@ use crate::error::Error;
 
 /// The address the server listens on when neither the config nor `--listen` says.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// Seconds running executions get to finish at shutdown unless `[server] drain_timeout_s` says.
+pub const DEFAULT_DRAIN_TIMEOUT_S: f64 = 30.0;
 
 /// The hosts `/mcp` accepts by default (DNS-rebinding protection): loopback only.
 pub const DEFAULT_ALLOWED_HOSTS: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
@@ -57,6 +59,9 @@ pub struct Config {
     /// `[e2b]`: the E2B-compatible door.
     #[serde(default)]
     pub e2b: E2bConfig,
+    /// `[cluster]`: replicas that route to each other (none: a single box).
+    #[serde(default)]
+    pub cluster: ClusterConfig,
 }
 
 /// `[e2b]`.
@@ -77,6 +82,29 @@ pub struct McpConfig {
     /// `Host` header values `/mcp` accepts, as `host` or `host:port` (DNS-rebinding
     /// protection). Default: loopback only; `["*"]` accepts any host.
     pub allowed_hosts: Option<Vec<String>>,
+}
+
+/// `[cluster]` (see [`crate::cluster`]).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// This replica's name (`AMPOULE_REPLICA` overrides it). Unset and no `AMPOULE_REPLICA`:
+    /// no cluster.
+    pub replica: Option<String>,
+    /// Every replica's base URL by name (`ampoule-0 = "http://10.0.0.1:8080"`).
+    #[serde(default)]
+    pub peers: BTreeMap<String, String>,
+    /// With `peer_dns`: the StatefulSet's replica count; peers are `<stem><i>` for `i` below
+    /// it, `<stem>` being this replica's name without its ordinal.
+    pub replicas: Option<u32>,
+    /// The headless Service's DNS name (`ampoule-headless.ampoule.svc.cluster.local`):
+    /// replica `<name>` is at `http://<name>.<peer_dns>:<peer_port>`.
+    pub peer_dns: Option<String>,
+    /// The peers' API port (default 8080).
+    pub peer_port: Option<u16>,
+    /// The environment variable holding the cluster secret (default
+    /// `AMPOULE_CLUSTER_SECRET`).
+    pub secret_env: Option<String>,
 }
 
 /// `[server]`.
@@ -114,6 +142,11 @@ pub struct ServerConfig {
     pub max_connections: Option<usize>,
     /// Most connections open at once from one client address (IPv6: one /64) (default 512).
     pub max_connections_per_address: Option<usize>,
+    /// Seconds running executions get to finish once SIGTERM or SIGINT has arrived (default
+    /// 30): meanwhile `/readyz` answers 503, no session starts (503 `shutting_down`) and the
+    /// sessions held are served; then every session is closed (durable ones hibernated).
+    /// Keep it below Kubernetes' `terminationGracePeriodSeconds`.
+    pub drain_timeout_s: Option<f64>,
 }
 
 /// `[auth]`.
@@ -350,6 +383,9 @@ pub struct EgressConfig {
 pub struct AuditConfig {
     /// Database URL.
     pub url: Option<String>,
+    /// Name of an environment variable holding the database URL (a PostgreSQL password kept
+    /// out of the config file, e.g. in a Kubernetes Secret); not with `url`.
+    pub url_env: Option<String>,
     /// Keep the code of each execution.
     pub keep_code: Option<bool>,
     /// Output bytes kept per record.
@@ -368,7 +404,16 @@ impl Config {
 
     /// Parses a config text.
     pub fn parse(text: &str) -> Result<Self, String> {
-        let cfg: Config = toml::from_str(text).map_err(|e| e.to_string())?;
+        let mut cfg: Config = toml::from_str(text).map_err(|e| e.to_string())?;
+        if let Some(var) = &cfg.audit.url_env {
+            if cfg.audit.url.is_some() {
+                return Err("audit.url and audit.url_env: set one of them".into());
+            }
+            match std::env::var(var) {
+                Ok(url) if !url.is_empty() => cfg.audit.url = Some(url),
+                _ => return Err(format!("audit.url_env: the variable {var} is not set")),
+            }
+        }
         let pools = cfg.pool_settings()?;
         cfg.egress_settings()?;
         let tenants = std::iter::once(("quotas".to_owned(), &cfg.quotas))
@@ -777,6 +822,64 @@ impl Config {
             ));
         }
         Ok(limits)
+    }
+
+    /// The cluster `[cluster]` and `AMPOULE_REPLICA` describe, if any.
+    pub fn cluster(&self) -> Result<Option<crate::cluster::Cluster>, Error> {
+        let c = &self.cluster;
+        let replica = std::env::var("AMPOULE_REPLICA")
+            .ok()
+            .filter(|r| !r.is_empty())
+            .or_else(|| c.replica.clone());
+        let Some(replica) = replica else {
+            if !c.peers.is_empty() || c.peer_dns.is_some() {
+                return Err(Error::Config(
+                    "cluster: peers without cluster.replica (or AMPOULE_REPLICA)".into(),
+                ));
+            }
+            return Ok(None);
+        };
+        let mut peers = c.peers.clone();
+        if let Some(dns) = &c.peer_dns {
+            let n = c
+                .replicas
+                .ok_or_else(|| Error::Config("cluster.peer_dns needs cluster.replicas".into()))?;
+            let stem = replica.trim_end_matches(|ch: char| ch.is_ascii_digit());
+            if stem.len() == replica.len() {
+                return Err(Error::Config(format!(
+                    "cluster.peer_dns: the replica name {replica:?} ends in no ordinal"
+                )));
+            }
+            let port = c.peer_port.unwrap_or(8080);
+            for i in 0..n {
+                peers.insert(
+                    format!("{stem}{i}"),
+                    format!("http://{stem}{i}.{dns}:{port}"),
+                );
+            }
+        }
+        let var = c
+            .secret_env
+            .clone()
+            .unwrap_or_else(|| "AMPOULE_CLUSTER_SECRET".to_owned());
+        let secret = std::env::var(&var)
+            .map_err(|_| Error::Config(format!("cluster: the secret variable {var} is not set")))?;
+        crate::cluster::Cluster::new(&replica, &peers, &secret).map(Some)
+    }
+
+    /// `[server] drain_timeout_s` (default 30 s; 0 closes every session at once).
+    pub fn drain_timeout(&self) -> Result<std::time::Duration, Error> {
+        let v = self
+            .server
+            .drain_timeout_s
+            .unwrap_or(DEFAULT_DRAIN_TIMEOUT_S);
+        if v.is_finite() && (0.0..=86_400.0).contains(&v) {
+            Ok(std::time::Duration::from_secs_f64(v))
+        } else {
+            Err(Error::Config(
+                "server.drain_timeout_s must be a number of seconds from 0 to 86400".into(),
+            ))
+        }
     }
 
     /// The data directory: configured, else the one sessions use (`$AMPOULE_DATA_DIR`,
@@ -1190,5 +1293,52 @@ oauth2 = { token_url = "https://auth.example.com/token", client_id_env = "PATH",
         let (again, none) = generated_key(dir.path()).unwrap();
         assert_eq!(again, digest);
         assert!(none.is_none());
+    }
+
+    #[test]
+    fn the_audit_url_comes_from_the_variable_url_env_names() {
+        let missing = "AMPOULE_TEST_AUDIT_URL_NEVER_SET";
+        let err = Config::parse(&format!("[audit]\nurl_env = \"{missing}\"\n")).unwrap_err();
+        assert!(err.contains(missing), "{err}");
+        // (Setting a variable needs `unsafe` in this edition: one that is always set.)
+        let cfg = Config::parse("[audit]\nurl_env = \"PATH\"\n").unwrap();
+        assert_eq!(cfg.audit.url, std::env::var("PATH").ok());
+        let both = "[audit]\nurl = \"sqlite://x\"\nurl_env = \"PATH\"\n";
+        assert!(Config::parse(both).unwrap_err().contains("set one"));
+    }
+
+    #[test]
+    fn a_statefulset_cluster_names_its_peers_by_ordinal() {
+        if std::env::var_os("AMPOULE_REPLICA").is_some() {
+            return; // the variable would override the config's replica
+        }
+        // (The secret from a variable that is always set: setting one needs `unsafe`.)
+        let cfg = Config::parse(
+            "[cluster]\nreplica = \"ampoule-1\"\nreplicas = 3\n\
+             peer_dns = \"ampoule-headless.ns.svc\"\nsecret_env = \"PATH\"\n",
+        )
+        .unwrap();
+        let c = cfg.cluster().unwrap().unwrap();
+        assert_eq!(
+            (c.replica.as_str(), c.token.as_str()),
+            ("ampoule-1", "ampoule1")
+        );
+        assert_eq!(c.peer("ampoule1"), None, "itself");
+        let p = c.peer("ampoule2").unwrap();
+        assert_eq!(p.authority, "ampoule-2.ampoule-headless.ns.svc:8080");
+        assert!(c.peer("ampoule3").is_none());
+        // A single box: no cluster; peers without a replica are an error.
+        assert!(Config::parse("").unwrap().cluster().unwrap().is_none());
+        let bad = Config::parse("[cluster]\npeers = { a = \"http://x:1\" }\n").unwrap();
+        assert!(bad.cluster().is_err());
+        let bad =
+            Config::parse("[cluster]\nreplica = \"r\"\nsecret_env = \"AMPOULE_NEVER_SET_X\"\n")
+                .unwrap();
+        assert!(
+            bad.cluster()
+                .unwrap_err()
+                .to_string()
+                .contains("AMPOULE_NEVER_SET_X")
+        );
     }
 }

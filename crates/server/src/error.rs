@@ -87,7 +87,9 @@ pub fn status(code: ErrorCode) -> StatusCode {
         ErrorCode::NoSpace | ErrorCode::DiskQuotaExceeded => StatusCode::INSUFFICIENT_STORAGE,
         ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-        ErrorCode::SandboxUnavailable | ErrorCode::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::SandboxUnavailable | ErrorCode::ShuttingDown | ErrorCode::ReplicaUnavailable => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
         ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
@@ -127,7 +129,7 @@ pub fn aca_name(code: ErrorCode) -> &'static str {
         ErrorCode::PortUnreachable => "BadGateway",
         ErrorCode::NotSupported => "NotImplemented",
         ErrorCode::SandboxUnavailable => "SessionUnavailable",
-        ErrorCode::ShuttingDown => "ServiceUnavailable",
+        ErrorCode::ShuttingDown | ErrorCode::ReplicaUnavailable => "ServiceUnavailable",
         ErrorCode::Internal => "InternalServerError",
     }
 }

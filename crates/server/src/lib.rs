@@ -19,6 +19,7 @@
 pub mod aca;
 pub mod api;
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod console;
 pub mod e2b;

@@ -5,9 +5,11 @@
 //! no key is configured a key is generated on first start and shown once. What the operator
 //! must see (that key, the address, the shutdown) goes out as a [`Notice`]: this library
 //! prints nothing, the CLI's printer does. Stop (SIGTERM or
-//! SIGINT): new connections are refused, every session is closed (which ends running
-//! executions), in-flight responses get a short grace period, and nothing of any session is
-//! left on the host.
+//! SIGINT): a drain first (`/readyz` answers 503 at once, no session or sandbox starts — 503
+//! `shutting_down` — while the sessions held are served and their running executions get up
+//! to `[server] drain_timeout_s` to finish), then new connections are refused, every session
+//! is closed (durable sandboxes hibernated; running executions end), in-flight responses get
+//! a short grace period, and nothing of any session is left on the host.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -59,7 +61,7 @@ pub enum Notice {
         /// The pool used when a request names none.
         default_pool: String,
     },
-    /// SIGTERM or SIGINT arrived: every session is being closed.
+    /// SIGTERM or SIGINT arrived: draining (no new session), then every session is closed.
     ShuttingDown,
 }
 
@@ -425,6 +427,15 @@ pub async fn serve_noting(
         );
     }
     let limits = cfg.door_limits()?.within_open_files();
+    let drain_timeout = cfg.drain_timeout()?;
+    let cluster = cfg.cluster()?.map(Arc::new);
+    if let Some(c) = &cluster {
+        state
+            .manager
+            .set_replica(&c.token)
+            .map_err(|e| Error::Config(format!("cluster.replica: {e}")))?;
+        tracing::info!(replica = %c.replica, "a replica of a cluster");
+    }
     let door_metrics = state.metrics.door().clone();
     let keys_watcher = watch_keys(cfg.keys_file(), state.keys.clone());
     let metrics_listener = match &cfg.metrics.listen {
@@ -455,7 +466,13 @@ pub async fn serve_noting(
     };
     manager.start_background();
     let pools: Vec<String> = manager.pools().into_iter().map(|p| p.name).collect();
-    let router = app(state);
+    let router = match cluster {
+        Some(c) => app(state).layer(axum::middleware::from_fn_with_state(
+            c,
+            crate::cluster::route,
+        )),
+        None => app(state),
+    };
     let signalled = Arc::new(tokio::sync::Notify::new());
     let shutdown = {
         let manager = manager.clone();
@@ -464,6 +481,19 @@ pub async fn serve_noting(
         async move {
             stop.await;
             notify(Notice::ShuttingDown);
+            // Drain: readiness false at once, no session starts, the held ones are served
+            // (connections stay open) while their running executions finish.
+            manager.drain();
+            let busy = manager.busy_sessions();
+            if busy > 0 {
+                tracing::info!(busy, timeout_s = drain_timeout.as_secs_f64(), "draining");
+                if !manager.wait_idle(drain_timeout).await {
+                    tracing::warn!(
+                        busy = manager.busy_sessions(),
+                        "executions still running at the drain timeout are ended"
+                    );
+                }
+            }
             signalled.notify_one();
             manager.shutdown().await;
         }

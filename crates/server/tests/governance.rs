@@ -737,3 +737,66 @@ async fn serve_with_audits_on_its_own_and_serves_metrics_on_their_own_listener()
     );
     assert!(store.verify().await.unwrap().ok());
 }
+
+/// Three servers on one PostgreSQL audit database (as replicas are): a tenant's
+/// `executions_per_minute` holds across them together — 4 per minute in all, however the
+/// executions are spread — with 429 `rate_limited` and `Retry-After` on the others; another
+/// tenant's window is its own. On SQLite (one server) each counts alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn executions_per_minute_holds_across_servers_sharing_a_postgresql_database() {
+    let Some(Some(url)) = backends().await.pop() else {
+        return;
+    };
+    let extra = "[pools.python]\nwarm = 0\n[tenants.a]\nexecutions_per_minute = 4\n\
+                 [tenants.b]\nexecutions_per_minute = 2\n";
+    let mut servers = Vec::new();
+    for _ in 0..3 {
+        servers.push(server(extra, Some(&url)).await);
+    }
+    let mut sessions = Vec::new();
+    for s in &servers {
+        sessions.push(session(&s.app, A, None).await);
+    }
+    let (mut ok, mut limited) = (0, 0);
+    for round in 0..3 {
+        for (s, sid) in servers.iter().zip(&sessions) {
+            let (st, h, body, text) = call_h(
+                &s.app,
+                "POST",
+                &format!("/v1/sessions/{sid}/executions"),
+                Some(A),
+                Some(json!({ "code": format!("{round} + 1") })),
+            )
+            .await;
+            match st {
+                StatusCode::OK => ok += 1,
+                StatusCode::TOO_MANY_REQUESTS => {
+                    limited += 1;
+                    assert_eq!(body["error"]["code"], "rate_limited", "{text}");
+                    let wait: u64 = h["retry-after"].to_str().unwrap().parse().unwrap();
+                    assert!((1..=60).contains(&wait), "{wait}");
+                }
+                other => panic!("{other}: {text}"),
+            }
+        }
+    }
+    assert_eq!(
+        (ok, limited),
+        (4, 5),
+        "9 executions over 3 servers, 4 per minute"
+    );
+    // Tenant b's window is its own: 2 admitted across the servers, then refused.
+    let mut b = Vec::new();
+    for s in &servers {
+        let sid = session(&s.app, B, None).await;
+        b.push(exec(&s.app, B, &sid, "1").await.0);
+    }
+    assert_eq!(
+        b,
+        [
+            StatusCode::OK,
+            StatusCode::OK,
+            StatusCode::TOO_MANY_REQUESTS
+        ]
+    );
+}

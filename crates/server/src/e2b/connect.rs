@@ -152,6 +152,7 @@ pub fn code_of(code: ErrorCode) -> Code {
         ErrorCode::PortUnreachable
         | ErrorCode::SandboxUnavailable
         | ErrorCode::ShuttingDown
+        | ErrorCode::ReplicaUnavailable
         | ErrorCode::TooManyConnections => Code::Unavailable,
         ErrorCode::Internal => Code::Internal,
     }
