@@ -15,7 +15,7 @@
 //!   and the host's `/usr` (and its `/bin`, `/lib`… shape), public `/etc` files and runtimes
 //!   outside `/usr` are read-only binds, exactly as in the default tier's root.
 //! * `bundle/config.json`: the OCI spec (args, env, cwd, uid 1000, rlimits, no capabilities,
-//!   `noNewPrivileges`, masked `/dev/fuse`).
+//!   `noNewPrivileges`, `/dev/fuse` and `/dev/net/tun` masked, an empty `/sys`).
 //! * `state/`: runsc's `--root` (its container state), removed with the sandbox.
 //!
 //! Cgroups: runsc runs with `--ignore-cgroups` and is moved into the sandbox's own cgroup
@@ -494,6 +494,26 @@ fn build_root(
     rw_bind(&scratch.join("data"), "/mnt/data", &mut mounts);
     rw_bind(&scratch.join("tmp"), "/tmp", &mut mounts);
     rw_bind(&scratch.join("tmp"), "/var/tmp", &mut mounts);
+    // /dev/shm counts against the disk limit, as in the default tier.
+    rw_bind(&scratch.join("shm"), "/dev/shm", &mut mounts);
+    // gVisor's own sysfs (virtual, but a map of the sandbox's "hardware"): an empty one.
+    mounts.push(json!({
+        "destination": "/sys",
+        "type": "tmpfs",
+        "source": "tmpfs",
+        "options": ["ro", "nosuid", "nodev", "noexec", "size=4k"],
+    }));
+    // The sentry's FUSE server and TUN device: this runsc ignores `maskedPaths` for device
+    // files, so a read-only bind of the host's /dev/null (served by the gofer as an empty
+    // file, device 0:0) hides them.
+    for dev in ["/dev/fuse", "/dev/net/tun"] {
+        mounts.push(json!({
+            "destination": dev,
+            "type": "bind",
+            "source": "/dev/null",
+            "options": ["rbind", "ro", "nosuid", "nodev", "noexec"],
+        }));
+    }
     mounts.push(json!({
         "destination": "/run/ampoule",
         "type": "bind",
@@ -538,8 +558,7 @@ fn spec(cfg: &SandboxConfig, mounts: Vec<Value>) -> Value {
                 {"type": "pid"}, {"type": "network"}, {"type": "ipc"},
                 {"type": "uts"}, {"type": "mount"}
             ],
-            // gVisor exposes /dev/fuse (its own FUSE server) unless masked.
-            "maskedPaths": ["/dev/fuse", "/proc/kcore", "/proc/keys", "/proc/timer_list"],
+            "maskedPaths": ["/proc/kcore", "/proc/keys", "/proc/timer_list"],
             "readonlyPaths": ["/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus"],
         },
     })
