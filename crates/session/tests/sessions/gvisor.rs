@@ -22,6 +22,7 @@ async fn state_files_and_kernel(host: Host) -> Result<(), Failed> {
         .and_then(|k| k.locate(&Limits::default()))
         .map_err(|e| Failed::from(chain(&e)))?;
     kernel.isolation = Isolation::Gvisor;
+    let t0 = std::time::Instant::now();
     let mut s = Session::start(&host, kernel, Limits::default())
         .await
         .map_err(|e| Failed::from(format!("starting on gvisor: {}", chain(&e))))?;
@@ -32,8 +33,21 @@ async fn state_files_and_kernel(host: Host) -> Result<(), Failed> {
     .await?;
     check!(r.status == ExecutionStatus::Succeeded, r);
     check!(text_plain(&r).as_deref() == Some("'4.4.0'"), r);
+    let first = t0.elapsed();
     let r = run(&mut s, "x + 1").await?;
     check!(text_plain(&r).as_deref() == Some("42"), r);
+    // The figures of docs/BENCHMARKS.md's gVisor section.
+    let mut trips = Vec::new();
+    for _ in 0..20 {
+        let t = std::time::Instant::now();
+        run(&mut s, "x").await?;
+        trips.push(t.elapsed());
+    }
+    trips.sort();
+    eprintln!(
+        "gvisor: new session to first result {first:?}, round trip median {:?}",
+        trips[10]
+    );
     let data = s
         .scratch()
         .read(ampoule_runtime::scratch::DATA, "kept.txt", 1024)
