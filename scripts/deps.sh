@@ -27,6 +27,8 @@ have openssl || need+=(openssl)
 # Debian's registry, and skopeo to push the test's image into it
 [ -x /usr/bin/docker-registry ] || need+=(docker-registry)
 have skopeo || need+=(skopeo)
+# the gVisor isolation tier (`isolation = "gvisor"`) and its containment trials
+have runsc || [ -x /usr/sbin/runsc ] || need+=(runsc)
 # the audit store's PostgreSQL tests (scripts/postgres.sh starts a throw-away cluster)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 

@@ -158,8 +158,16 @@ struct RunArgs {
     /// root only). For testing containment.
     #[arg(long, hide_short_help = true)]
     as_command: bool,
+    /// The isolation tier: `namespaces` (the default: namespaces, seccomp, Landlock and
+    /// cgroups on the host kernel) or `gvisor` (gVisor's user-space kernel, `runsc`; root).
+    #[arg(long, default_value = "namespaces", value_parser = parse_isolation)]
+    isolation: ampoule_runtime::Isolation,
     /// File with the code, or `-` for standard input.
     code: String,
+}
+
+fn parse_isolation(s: &str) -> Result<ampoule_runtime::Isolation, String> {
+    s.parse()
 }
 
 fn main() -> ExitCode {
@@ -348,6 +356,13 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
         inputs.push((name, data));
     }
 
+    if args.isolation != ampoule_runtime::Isolation::Namespaces && (args.as_command || args.zygote)
+    {
+        bail!(
+            "--isolation {} runs a fresh sandbox: drop --as-command and --zygote",
+            args.isolation
+        );
+    }
     if args.as_command {
         if !matches!(language, Language::Python | Language::Shell)
             || (args.zygote && language != Language::Python)
@@ -384,6 +399,7 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
     cfg.env.extend(interpreter.env.iter().cloned());
     cfg.ro_binds = interpreter.binds.clone();
     cfg.limits = run_limits(&args);
+    cfg.isolation = args.isolation;
 
     let egress = if args.allow_host.is_empty() {
         None

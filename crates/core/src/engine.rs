@@ -46,6 +46,8 @@ pub struct PoolSpec {
     pub max_sessions: usize,
     /// The OCI image its sandboxes start from; `None`: the host's runtimes.
     pub image: Option<PoolImage>,
+    /// The isolation tier of its sandboxes (`[pools.X] isolation`).
+    pub isolation: ampoule_runtime::Isolation,
 }
 
 /// The OCI image a pool's sandboxes start from (`[pools.X] image = "NAME:TAG"`), resolved

@@ -28,6 +28,7 @@ fn pool(name: &str, language: Language) -> PoolSettings {
             tenants: Vec::new(),
             max_sessions: 10,
             image: None,
+            isolation: Default::default(),
         },
         warm: 0,
         max_sessions: 10,

@@ -197,6 +197,7 @@ pub async fn run() -> Vec<Check> {
     out.push(per_user_limits(root));
     out.push(durable(root, host.as_ref().ok()));
     out.push(criu());
+    out.push(gvisor(host.as_ref().ok()));
 
     // Language runtimes.
     for lang in Language::ONE_SHOT {
@@ -405,6 +406,51 @@ pub fn criu_version() -> Option<(String, (u32, u32))> {
     let major = parts.next().unwrap_or(0);
     let minor = parts.next().unwrap_or(0);
     Some((v, (major, minor)))
+}
+
+/// The gVisor tier: runsc, its version and the platform that passed its trial.
+fn gvisor(host: Option<&Host>) -> Check {
+    let name = "isolation gvisor";
+    let Some(path) = crate::gvisor::find() else {
+        return check(
+            name,
+            Level::Warn,
+            "runsc not found: pools with isolation = \"gvisor\" cannot start",
+            Some(
+                "apt-get install runsc (Debian, Ubuntu; scripts/deps.sh does it), or gVisor's release binary",
+            ),
+        );
+    };
+    let Some(host) = host else {
+        return check(
+            name,
+            Level::Warn,
+            format!(
+                "{} found, but the host could not be prepared",
+                path.display()
+            ),
+            None,
+        );
+    };
+    match crate::gvisor::runsc(host) {
+        Ok(r) => check(
+            name,
+            Level::Ok,
+            format!(
+                "{} ({}), platform {} (chosen by trial: systrap > kvm > ptrace)",
+                r.path.display(),
+                r.version,
+                r.platform
+            ),
+            None,
+        ),
+        Err(e) => check(
+            name,
+            Level::Warn,
+            format!("{}: {e}", path.display()),
+            Some("run ampoule as root with cgroups; see the detail for the failing platforms"),
+        ),
+    }
 }
 
 /// Memory across hibernation: CRIU, detected, never assumed.

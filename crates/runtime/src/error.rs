@@ -46,6 +46,9 @@ pub enum Error {
     /// The sandbox's network (veth pair, firewall table) could not be set up.
     #[error("network: {0}")]
     Network(String),
+    /// The gVisor tier is unavailable or `runsc` failed (see [`crate::gvisor`]).
+    #[error("gvisor: {0}")]
+    Gvisor(String),
     /// Every host uid slot is taken.
     #[error("no free sandbox slot: {0} sandboxes are live")]
     NoSlot(usize),

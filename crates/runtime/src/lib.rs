@@ -20,6 +20,7 @@ pub mod disk;
 pub mod doctor;
 pub mod enter;
 pub mod error;
+pub mod gvisor;
 pub mod host;
 pub mod init;
 pub mod language;
@@ -36,6 +37,7 @@ pub mod zygote;
 
 pub use enter::{EnterSpec, Entered, Entrance, Signaller};
 pub use error::{Error, Result};
+pub use gvisor::Isolation;
 pub use host::Host;
 pub use language::Interpreter;
 pub use network::{GatewayAddrs, Network};

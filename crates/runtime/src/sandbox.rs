@@ -74,6 +74,8 @@ pub struct SandboxConfig {
     /// (so it counts against the disk limit and vanishes with the sandbox), instead of the
     /// host's `/usr` and generated `/etc`. Root only.
     pub image_root: Option<PathBuf>,
+    /// Which tier runs the sandbox (see [`crate::gvisor`]).
+    pub isolation: crate::gvisor::Isolation,
 }
 
 impl SandboxConfig {
@@ -89,6 +91,7 @@ impl SandboxConfig {
             network: Network::None,
             disk: None,
             image_root: None,
+            isolation: crate::gvisor::Isolation::Namespaces,
         }
     }
 }
@@ -176,7 +179,10 @@ pub struct Sandbox {
     // Field order matters for drop: the init is killed before the cgroup is emptied and removed.
     child: Proc,
     cgroup: Option<OwnedCgroup>,
-    chan: HostChannel,
+    /// The gVisor tier's state, mounts and directory: removed once the cgroup is gone.
+    gvisor: Option<Box<crate::gvisor::RunDir>>,
+    /// The channel to the init (default tier); `None` on the gVisor tier.
+    chan: Option<HostChannel>,
     scratch: Scratch,
     _slot: Slot,
     network: Option<GatewayAddrs>,
@@ -223,6 +229,14 @@ impl Sandbox {
         prepare: impl FnOnce(Prepare<'_>) -> Result<()>,
     ) -> Result<Self> {
         let is_zygote = zygote.is_some();
+        if cfg.isolation == crate::gvisor::Isolation::Gvisor {
+            if is_zygote {
+                return Err(Error::Invalid(
+                    "zygotes run on the namespaces tier only".into(),
+                ));
+            }
+            return crate::gvisor::spawn(host, cfg, etc_files(), ETC_BINDS, prepare).await;
+        }
         if cfg.argv.is_empty() {
             return Err(Error::Invalid("nothing to run".into()));
         }
@@ -500,7 +514,8 @@ impl Sandbox {
         Ok(Self {
             child: Proc::Init(child),
             cgroup,
-            chan,
+            gvisor: None,
+            chan: Some(chan),
             scratch,
             _slot: slot,
             network: addrs,
@@ -538,7 +553,7 @@ impl Sandbox {
     /// The host pid of the outer init (for diagnostics).
     pub fn pid(&self) -> Option<u32> {
         match &self.child {
-            Proc::Init(child) => child.id(),
+            Proc::Init(child) | Proc::Runsc(child) => child.id(),
             Proc::Forked(f) => Some(f.pid),
         }
     }
@@ -553,8 +568,20 @@ impl Sandbox {
             self.exit = Some(exit);
             return Ok(exit);
         }
+        if let Proc::Runsc(child) = &mut self.child {
+            let status = child
+                .wait()
+                .await
+                .map_err(|e| Error::io("waiting for runsc", e))?;
+            let exit = crate::gvisor::program_exit(status);
+            self.exit = Some(exit);
+            return Ok(exit);
+        }
+        let Some(chan) = &self.chan else {
+            return Ok(ProgramExit::Killed);
+        };
         loop {
-            let exit = match self.chan.recv().await? {
+            let exit = match chan.recv().await? {
                 Some((FromInit::Exited { code }, _)) => ProgramExit::Exited(code),
                 Some((FromInit::Signaled { signal }, _)) => ProgramExit::Signaled(signal),
                 Some((FromInit::InitKilled { .. }, _)) | None => ProgramExit::Killed,
@@ -592,7 +619,7 @@ impl Sandbox {
             cg.0.kill();
         }
         match &mut self.child {
-            Proc::Init(child) => {
+            Proc::Init(child) | Proc::Runsc(child) => {
                 let _ = child.start_kill();
             }
             Proc::Forked(f) => f.kill(),
@@ -615,7 +642,7 @@ impl Sandbox {
         }
         // The outer init exits right after pid 1; make sure, then reap it.
         match &mut self.child {
-            Proc::Init(child) => {
+            Proc::Init(child) | Proc::Runsc(child) => {
                 if tokio::time::timeout(std::time::Duration::from_secs(2), child.wait())
                     .await
                     .is_err()
@@ -655,6 +682,8 @@ pub(crate) fn nproc_backstop(host: &Host, limits: &Limits) -> u64 {
 #[derive(Debug)]
 enum Proc {
     Init(Child),
+    /// `runsc run` (gVisor tier): it lives as long as the sandbox and exits with its program.
+    Runsc(Child),
     Forked(crate::zygote::Forked),
 }
 
@@ -675,7 +704,8 @@ impl Sandbox {
         Self {
             child: Proc::Forked(forked),
             cgroup: cgroup.map(OwnedCgroup),
-            chan,
+            gvisor: None,
+            chan: Some(chan),
             scratch,
             _slot: slot,
             network: None,
@@ -690,9 +720,48 @@ impl Sandbox {
     }
 }
 
+impl Sandbox {
+    /// A sandbox run by `runsc` (see [`crate::gvisor::spawn`]).
+    pub(crate) fn from_runsc(
+        child: Child,
+        cgroup: OwnedCgroup,
+        run: crate::gvisor::RunDir,
+        scratch: Scratch,
+        slot: Slot,
+        started: Instant,
+        stdio: (Option<ChildStdin>, Option<ChildStdout>, Option<ChildStderr>),
+    ) -> Self {
+        Self {
+            child: Proc::Runsc(child),
+            cgroup: Some(cgroup),
+            gvisor: Some(Box::new(run)),
+            chan: None,
+            scratch,
+            _slot: slot,
+            network: None,
+            entry: None,
+            landlock: "gvisor".into(),
+            started,
+            exit: None,
+            stdin: stdio.0,
+            stdout: stdio.1,
+            stderr: stdio.2,
+        }
+    }
+
+    /// The isolation tier running this sandbox.
+    pub fn isolation(&self) -> crate::gvisor::Isolation {
+        if self.gvisor.is_some() {
+            crate::gvisor::Isolation::Gvisor
+        } else {
+            crate::gvisor::Isolation::Namespaces
+        }
+    }
+}
+
 /// A sandbox cgroup that kills its processes and removes itself when dropped.
 #[derive(Debug)]
-struct OwnedCgroup(Cgroup);
+pub(crate) struct OwnedCgroup(pub(crate) Cgroup);
 
 impl Drop for OwnedCgroup {
     fn drop(&mut self) {

@@ -292,3 +292,44 @@ pub(crate) fn loop_configure(dev: RawFd, backing: RawFd) -> io::Result<()> {
         Ok(())
     }
 }
+
+/// The pre-exec step of [`join_cgroup_before_exec`]: writes `0` (the writer itself) to each
+/// open `cgroup.procs` file. Only write(2): async-signal-safe, no allocation, no lock.
+fn join_cgroups(procs: &[std::os::fd::OwnedFd]) -> io::Result<()> {
+    for fd in procs {
+        // SAFETY: `fd` is an open descriptor owned by the caller; the buffer is a static
+        // one-byte string.
+        let rc = unsafe { libc::write(fd.as_raw_fd(), b"0".as_ptr().cast(), 1) };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Registers a closure that runs in the forked child before `exec` and moves the child into a
+/// cgroup by writing `0` to each of `procs` (open `cgroup.procs` files). Everything the
+/// program then forks (runsc's sentry and gofer) starts inside that cgroup.
+pub(crate) fn join_cgroup_before_exec(
+    cmd: &mut tokio::process::Command,
+    procs: Vec<std::os::fd::OwnedFd>,
+) {
+    // SAFETY: the closure only calls write(2) (async-signal-safe) on descriptors opened before
+    // the fork, allocates nothing and takes no lock, as pre_exec requires in a multi-threaded
+    // parent. `procs` moves into the closure, so the descriptors live as long as `cmd`.
+    unsafe {
+        cmd.pre_exec(move || join_cgroups(&procs));
+    }
+}
+
+/// [`join_cgroup_before_exec`] for a blocking [`std::process::Command`].
+pub(crate) fn join_cgroup_before_exec_std(
+    cmd: &mut std::process::Command,
+    procs: Vec<std::os::fd::OwnedFd>,
+) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: as in `join_cgroup_before_exec`.
+    unsafe {
+        cmd.pre_exec(move || join_cgroups(&procs));
+    }
+}

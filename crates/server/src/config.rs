@@ -267,6 +267,10 @@ pub struct PoolConfig {
     /// a zygote (not root).
     #[serde(default)]
     pub zygote: Option<bool>,
+    /// The isolation tier: `namespaces` (default) or `gvisor` (gVisor's `runsc`; root, no
+    /// network rules, no image, no zygote).
+    #[serde(default)]
+    pub isolation: ampoule_runtime::Isolation,
     /// Modules the zygote imports once for all its sessions (default: numpy, pandas,
     /// matplotlib, matplotlib.pyplot).
     #[serde(default)]
@@ -327,6 +331,7 @@ impl Default for PoolConfig {
             packages: None,
             audit: PoolAuditConfig::default(),
             zygote: None,
+            isolation: Default::default(),
             lifecycle: Default::default(),
             approval: Default::default(),
             preload: None,
@@ -592,11 +597,26 @@ impl Config {
                      remove `zygote = true` or the network rules"
                 ));
             }
+            let gvisor = p.isolation == ampoule_runtime::Isolation::Gvisor;
+            if gvisor && p.zygote == Some(true) {
+                return Err(format!(
+                    "pools.{name}.zygote: gvisor pools start their sessions cold (warm pools \
+                     keep them ready); remove `zygote = true`"
+                ));
+            }
+            if gvisor && (network.is_some() || p.image.is_some()) {
+                return Err(format!(
+                    "pools.{name}.isolation: gvisor pools have no network rules and no image \
+                     yet; remove them or use isolation = \"namespaces\""
+                ));
+            }
             let image = match &p.image {
                 Some(reference) => Some(self.pool_image(&name, reference, language)?),
                 None => None,
             };
-            let zygote = p.zygote.unwrap_or(is_python && network.is_none());
+            let zygote = p
+                .zygote
+                .unwrap_or(is_python && network.is_none() && !gvisor);
             let preload = p.preload.clone().unwrap_or_else(|| {
                 ampoule_session::zygote::DEFAULT_PRELOAD
                     .iter()
@@ -627,6 +647,7 @@ impl Config {
                         tenants,
                         max_sessions: p.max_sessions,
                         image,
+                        isolation: p.isolation,
                     },
                     warm: p.warm,
                     max_sessions: p.max_sessions,

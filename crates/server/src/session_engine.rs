@@ -575,6 +575,11 @@ fn kernel(spec: &PoolSpec) -> Result<ampoule_session::LanguageSpec, EngineError>
         None => ampoule_session::language::find(spec.language.as_str())
             .and_then(|k| k.locate(&spec.limits)),
     }
+    .map(|mut kernel| {
+        // The tier is the runtime's business: the session only passes it on.
+        kernel.isolation = spec.isolation;
+        kernel
+    })
     .map_err(|e| EngineError::Start(chain(&e)))
 }
 

@@ -925,6 +925,66 @@ fn csharp_pools_answer_through_aca_and_v1() {
     server.stop().unwrap();
 }
 
+/// A `gvisor` pool (warm) serves the ACA API and `/v1`: state kept across executions, the
+/// code on gVisor's kernel (4.4.0), uploads readable inside.
+fn gvisor_pools_answer_through_aca_and_v1() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("ampoule.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\ndata_dir = \"{}\"\n\
+             [[auth.keys]]\ntenant = \"a\"\nkey_env = \"AMPOULE_E2E_KEY_A\"\n\
+             [pools.sealed]\nisolation = \"gvisor\"\nwarm = 1\nmax_sessions = 4\n",
+            tmp.path().join("data").display()
+        ),
+    )
+    .unwrap();
+    let server = serve(&config);
+    let port = server.port;
+    let a = bearer(KEY_A);
+
+    let p = exec(
+        port,
+        "",
+        "gv-0001",
+        KEY_A,
+        "import os\nz = 20\nos.uname().release",
+    );
+    assert_eq!(p["status"], "Success", "{p}");
+    assert_eq!(p["result"], "4.4.0", "{p}");
+    let p = exec(port, "", "gv-0001", KEY_A, "z + 1");
+    assert_eq!(p["result"], 21, "{p}");
+
+    let post = |path: &str, body: &str| {
+        http(
+            port,
+            "POST",
+            path,
+            &[("Authorization", &a), ("Content-Type", "application/json")],
+            Payload::Fixed(body.as_bytes()),
+        )
+    };
+    let s = post("/v1/sessions", &json!({"pool": "sealed"}).to_string());
+    assert_eq!(s.status, 201, "{}", String::from_utf8_lossy(&s.body));
+    let s = s.json();
+    let path = format!("/v1/sessions/{}/executions", s["id"].as_str().unwrap());
+    let r = post(
+        &path,
+        &json!({"code": "open('/mnt/data/n.txt', 'w').write('7')\nopen('/proc/version').read()[:17]"}).to_string(),
+    )
+    .json();
+    assert_eq!(r["status"], "succeeded", "{r}");
+    assert_eq!(r["result"]["text/plain"], "'Linux version 4.4'", "{r}");
+    let r = post(
+        &path,
+        &json!({"code": "int(open('/mnt/data/n.txt').read()) * 6"}).to_string(),
+    )
+    .json();
+    assert_eq!(r["result"]["text/plain"], "42", "{r}");
+    server.stop().unwrap();
+}
+
 /// A PowerShell pool on a host without `pwsh` stops `ampoule serve` at start, naming the
 /// missing runtime and what to install (it never answers a request with a 500 later).
 fn a_powershell_pool_without_pwsh_is_refused_at_start() {
@@ -1039,6 +1099,13 @@ fn main() {
         .iter()
         .any(|p| Path::new(p).exists())
         .then_some("pwsh is installed here");
+    let runsc = if ampoule_runtime::gvisor::find().is_some() {
+        None
+    } else if std::env::var_os("CI").is_some() {
+        panic!("runsc is missing in CI (scripts/deps.sh installs it)");
+    } else {
+        Some("runsc is not installed (apt-get install runsc)")
+    };
     let trials = vec![
         trial("ampoule_serve_end_to_end", ampoule_serve_end_to_end, root),
         trial("ampoule_serve_over_https", ampoule_serve_over_https, root),
@@ -1061,6 +1128,11 @@ fn main() {
             "csharp_pools_answer_through_aca_and_v1",
             csharp_pools_answer_through_aca_and_v1,
             root.or(mono),
+        ),
+        trial(
+            "gvisor_pools_answer_through_aca_and_v1",
+            gvisor_pools_answer_through_aca_and_v1,
+            root.or(runsc),
         ),
         trial(
             "a_powershell_pool_without_pwsh_is_refused_at_start",

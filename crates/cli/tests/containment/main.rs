@@ -71,6 +71,7 @@ def refused(what, fn, *args, want=None):
 }
 
 mod files;
+mod gvisor;
 mod jail;
 mod kernel;
 mod network;
@@ -150,6 +151,11 @@ impl Probe {
     pub(crate) fn command_check(mut self, check: Check) -> Self {
         self.command = AsCommand::Check(check);
         self
+    }
+
+    /// [`Probe::variant`] for the variant modules.
+    pub(crate) fn variant_named(&self, prefix: &str, extra: &[&str], check: Check) -> Probe {
+        self.variant(prefix, extra, check)
     }
 
     /// This probe under `prefix/`, with more `ampoule run` arguments and `check`.
@@ -280,6 +286,20 @@ fn host_unchanged(o: &Outcome) -> Result<(), String> {
     Ok(())
 }
 
+/// Why the `gvisor/` trials cannot run here (no `runsc`), or `None`. In CI (`CI` set) a
+/// missing runsc is a failure: `scripts/deps.sh` installs it.
+fn gvisor_unavailable() -> Option<String> {
+    if ampoule_runtime::gvisor::find().is_some() {
+        return None;
+    }
+    let why = "runsc is not installed (scripts/deps.sh installs it)".to_owned();
+    if std::env::var_os("CI").is_some() {
+        eprintln!("containment: {why}, and CI is set: failing");
+        std::process::exit(1);
+    }
+    Some(why)
+}
+
 fn all_probes() -> Vec<Probe> {
     let mut v = Vec::new();
     v.extend(files::probes());
@@ -352,12 +372,35 @@ fn main() {
             p.variant("command", extra, check)
         })
         .collect();
+    // Every Python and shell probe again on the gVisor tier (`ampoule run --isolation
+    // gvisor`, see gvisor.rs for the check): the same attacks, with the code on gVisor's
+    // kernel instead of the host's. Probes with network access are left out (the tier has
+    // loopback only).
+    let gvisor_skip = gvisor_unavailable();
+    if let Some(why) = &gvisor_skip {
+        eprintln!("gvisor trials ignored: {why}");
+    }
+    let gvisor: Vec<Probe> = probes
+        .iter()
+        .filter(|p| {
+            !p.setup
+                .args
+                .iter()
+                .any(|a| a == "--zygote" || a == "--allow-host" || a == "--as-command")
+        })
+        .filter_map(gvisor::variant)
+        .chain(gvisor::probes())
+        .collect();
+    let gvisor_names: std::collections::HashSet<&'static str> =
+        gvisor.iter().map(|p| p.name).collect();
     let trials = probes
         .into_iter()
         .chain(forked)
         .chain(commands)
+        .chain(gvisor)
         .map(|p| {
-            let ignored = skip.is_some();
+            let ignored =
+                skip.is_some() || (gvisor_skip.is_some() && gvisor_names.contains(p.name));
             Trial::test(p.name, move || {
                 let o = jail::run(p.code, &p.setup).map_err(Failed::from)?;
                 if verbose {
@@ -374,7 +417,10 @@ fn main() {
                     );
                 }
                 host_unchanged(&o).map_err(Failed::from)?;
-                (p.check)(&o).map_err(Failed::from)
+                match p.name.strip_prefix("gvisor/") {
+                    Some(name) => gvisor::check(name, p.check, &o).map_err(Failed::from),
+                    None => (p.check)(&o).map_err(Failed::from),
+                }
             })
             .with_ignored_flag(ignored)
         })

@@ -64,6 +64,7 @@ impl Kernel for CSharp {
             ro_binds,
             files: vec![DRIVER, KERNELIO, EVALUATOR],
             image_root: None,
+            isolation: ampoule_runtime::Isolation::Namespaces,
             note: Some(format!(
                 "{} with Mono's C# evaluator (driven by {})",
                 mono.display(),

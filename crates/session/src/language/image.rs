@@ -154,5 +154,6 @@ pub fn locate(language: Language, image: &ImageRoot, _limits: &Limits) -> Result
         files: vec![KERNEL_PYTHON, KERNELIO],
         note: Some(format!("{python} of the image {}", image.name)),
         image_root: Some(image.root.clone()),
+        isolation: ampoule_runtime::Isolation::Namespaces,
     })
 }

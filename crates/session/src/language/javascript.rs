@@ -50,6 +50,7 @@ impl Kernel for JavaScript {
             ro_binds: binds_for(&node),
             files: vec![LAUNCH, KERNEL],
             image_root: None,
+            isolation: ampoule_runtime::Isolation::Namespaces,
             note: Some(format!("{} (V8 inspector REPL mode)", node.display())),
         })
     }

@@ -68,6 +68,8 @@ pub struct LanguageSpec {
     /// The unpacked root of the OCI image the sandbox starts from (see [`image`]); `None`:
     /// the host's runtimes.
     pub image_root: Option<PathBuf>,
+    /// The isolation tier of the kernel's sandbox (the pool's `isolation`).
+    pub isolation: ampoule_runtime::Isolation,
 }
 
 /// A language plug-in.

@@ -57,6 +57,7 @@ impl Kernel for PowerShell {
             ro_binds,
             files: vec![DRIVER, KERNELIO, LOOP],
             image_root: None,
+            isolation: ampoule_runtime::Isolation::Namespaces,
             note: Some(format!(
                 "{} (driven by {})",
                 pwsh.display(),

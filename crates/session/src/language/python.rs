@@ -61,6 +61,7 @@ impl Kernel for Python {
             ro_binds: binds_for(&python),
             files: vec![KERNEL, KERNELIO],
             image_root: None,
+            isolation: ampoule_runtime::Isolation::Namespaces,
             note: Some(note),
         })
     }

@@ -38,6 +38,7 @@ impl Kernel for Shell {
             ro_binds,
             files: vec![KERNEL, KERNELIO],
             image_root: None,
+            isolation: ampoule_runtime::Isolation::Namespaces,
             note: Some(format!(
                 "{} (driven by {})",
                 bash.display(),

@@ -13,6 +13,7 @@
 mod cases;
 mod durable;
 mod entrance;
+mod gvisor;
 mod zygote;
 
 use std::future::Future;
@@ -112,6 +113,7 @@ fn main() {
     cases.extend(zygote::cases());
     cases.extend(entrance::cases());
     cases.extend(durable::cases());
+    cases.extend(gvisor::cases());
     let mut skipped_languages = Vec::new();
     for lang in Language::EVERY.map(Language::as_str) {
         if let Err(e) =

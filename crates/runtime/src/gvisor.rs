@@ -1,0 +1,772 @@
+//! The gVisor isolation tier: the program runs under `runsc`, gVisor's OCI runtime, whose
+//! sentry is a user-space kernel: the code's system calls never reach the host kernel.
+//!
+//! The tier is chosen per sandbox by [`SandboxConfig::isolation`] and is invisible above this
+//! crate: [`crate::Sandbox::spawn_with`] returns the same [`crate::Sandbox`] (stdio pipes for
+//! the kernel protocol, a [`Scratch`] for the file API, a cgroup for limits, figures, freeze
+//! and kill) whichever tier runs it.
+//!
+//! Layout of one gVisor sandbox, all under `<runtime_dir>/gvisor/sbx-<slot>/` (mode 0700):
+//! * `scratch/`: a tmpfs (or the durable sandbox's disk image) mounted *on the host*, sized by
+//!   the disk limit, holding `data` (`/mnt/data`), `tmp` (`/tmp`, `/var/tmp`) and `.ampoule`
+//!   (`/run/ampoule`, read-only inside): the same scratch the default tier has, so the file
+//!   API is unchanged. runsc's gofer serves these binds to the sentry.
+//! * `bundle/rootfs/`: the mount points and the generated `/etc` files; the root is read-only
+//!   and the host's `/usr` (and its `/bin`, `/lib`… shape), public `/etc` files and runtimes
+//!   outside `/usr` are read-only binds, exactly as in the default tier's root.
+//! * `bundle/config.json`: the OCI spec (args, env, cwd, uid 1000, rlimits, no capabilities,
+//!   `noNewPrivileges`, `/dev/fuse` and `/dev/net/tun` masked, an empty `/sys`).
+//! * `state/`: runsc's `--root` (its container state), removed with the sandbox.
+//!
+//! Cgroups: runsc runs with `--ignore-cgroups` and is moved into the sandbox's own cgroup
+//! *before* it executes (`cgroup.procs` written between fork and exec), so its sentry and
+//! gofer, and everything the code does, are charged to and killed with that cgroup. Letting
+//! runsc create cgroups itself (`cgroupsPath`) makes it create a directory in every v1
+//! hierarchy, including ones ampoule does not manage, and a failed or killed runsc leaves
+//! them behind; without `cgroupsPath` it creates `runsc-*` at the root of each hierarchy. The
+//! cgroup's `pids.max` must leave room for the sentry's own threads (a tight one crashed the
+//! sentry), so it gets [`SENTRY_PIDS`] more; the code's own process limit is `RLIMIT_NPROC`,
+//! which the sentry enforces inside. Its memory limit gets [`SENTRY_MEMORY_MIB`] more for the
+//! sentry and gofer.
+//!
+//! Not (yet) on this tier: allowlist networking (the sandbox runs `--network=none`, loopback
+//! only), sandboxes from OCI images, entering a running sandbox, zygotes. `--oci-seccomp` is
+//! not used: the sentry implements every system call itself and runs under gVisor's own
+//! host seccomp filter, so a filter inside would only narrow the sentry's emulated surface.
+
+use std::fmt;
+use std::fs;
+use std::io::Write;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::str::FromStr;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use ampoule_types::Limits;
+use nix::fcntl::{OFlag, open};
+use nix::mount::{MntFlags, MsFlags};
+use nix::sys::stat::Mode;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::error::{Error, IoContext, Result};
+use crate::host::Host;
+use crate::sandbox::{Prepare, SANDBOX_UID, Sandbox, SandboxConfig};
+use crate::scratch::Scratch;
+
+/// Extra pids the sandbox cgroup allows for the sentry's and gofer's own threads.
+pub const SENTRY_PIDS: u64 = 512;
+/// Extra memory the sandbox cgroup allows for the sentry and gofer.
+pub const SENTRY_MEMORY_MIB: u64 = 64;
+/// How long one platform trial may take before the platform counts as unusable.
+const TRIAL_TIMEOUT: Duration = Duration::from_secs(4);
+
+/// Which isolation tier runs a sandbox.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Isolation {
+    /// Linux namespaces, seccomp, Landlock and cgroups on the host kernel (the default).
+    #[default]
+    Namespaces,
+    /// gVisor's user-space kernel (`runsc`), inside the same cgroup and scratch.
+    Gvisor,
+}
+
+impl Isolation {
+    /// The config spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Namespaces => "namespaces",
+            Self::Gvisor => "gvisor",
+        }
+    }
+}
+
+impl fmt::Display for Isolation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Isolation {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "namespaces" => Ok(Self::Namespaces),
+            "gvisor" => Ok(Self::Gvisor),
+            other => Err(format!(
+                "unknown isolation {other:?}: expected \"namespaces\" or \"gvisor\""
+            )),
+        }
+    }
+}
+
+/// The `runsc` found on this host and the platform chosen for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Runsc {
+    /// The executable.
+    pub path: PathBuf,
+    /// Its version line (`runsc version …`).
+    pub version: String,
+    /// The platform that passed its trial: `systrap`, `kvm` or `ptrace`.
+    pub platform: String,
+}
+
+/// Platforms in order of preference.
+pub const PLATFORMS: [&str; 3] = ["systrap", "kvm", "ptrace"];
+
+/// Finds `runsc` (`AMPOULE_RUNSC`, else `PATH`).
+pub fn find() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("AMPOULE_RUNSC") {
+        let p = PathBuf::from(p);
+        return p.is_file().then_some(p);
+    }
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into());
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/bin")])
+        .map(|d| d.join("runsc"))
+        .find(|p| p.is_file())
+}
+
+/// `runsc` and its platform, detected once per process (see [`detect`]).
+pub fn runsc(host: &Host) -> Result<Runsc> {
+    static CACHE: OnceLock<std::result::Result<Runsc, String>> = OnceLock::new();
+    CACHE
+        .get_or_init(|| detect(host))
+        .clone()
+        .map_err(Error::Gvisor)
+}
+
+/// Finds `runsc`, reads its version and picks the best platform by a bounded trial run of
+/// each (`systrap` > `kvm` > `ptrace`): the presence of `/dev/kvm` proves nothing (on a PVM
+/// host runsc's kvm platform spins forever). `AMPOULE_RUNSC_PLATFORM` skips the trial. The
+/// choice is remembered in `<runtime_dir>/runsc-platform` for this runsc version, so only the
+/// first process on a host pays for the trials.
+pub fn detect(host: &Host) -> std::result::Result<Runsc, String> {
+    if !host.privileged {
+        return Err(
+            "the gvisor tier needs ampoule to run as root (runsc's sandbox and gofer \
+                    set up namespaces and mounts as real root)"
+                .into(),
+        );
+    }
+    let path = find().ok_or_else(|| {
+        "runsc is not installed\nhint: `apt-get install runsc` (Debian, Ubuntu), or install \
+         gVisor's release binary (https://gvisor.dev/docs/user_guide/install/)"
+            .to_owned()
+    })?;
+    let out = std::process::Command::new(&path)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("running {} --version: {e}", path.display()))?;
+    let version = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .unwrap_or("runsc (unknown version)")
+        .trim()
+        .to_owned();
+    if let Some(p) = std::env::var("AMPOULE_RUNSC_PLATFORM")
+        .ok()
+        .filter(|p| !p.is_empty())
+    {
+        return Ok(Runsc {
+            path,
+            version,
+            platform: p,
+        });
+    }
+    let cache = host.runtime_dir.join("runsc-platform");
+    if let Ok(text) = fs::read_to_string(&cache)
+        && let Some((v, p)) = text.trim_end().split_once('\t')
+        && v == version
+        && PLATFORMS.contains(&p)
+    {
+        return Ok(Runsc {
+            path,
+            version,
+            platform: p.to_owned(),
+        });
+    }
+    let mut failures = Vec::new();
+    for platform in PLATFORMS {
+        match trial(host, &path, platform) {
+            Ok(()) => {
+                let _ = fs::write(&cache, format!("{version}\t{platform}\n"));
+                return Ok(Runsc {
+                    path,
+                    version,
+                    platform: platform.to_owned(),
+                });
+            }
+            Err(e) => failures.push(format!("{platform}: {e}")),
+        }
+    }
+    Err(format!(
+        "no runsc platform works here ({})",
+        failures.join("; ")
+    ))
+}
+
+/// Runs `/bin/true` under `platform` in a throw-away cgroup and state directory, killed after
+/// [`TRIAL_TIMEOUT`]; leaves nothing behind either way.
+fn trial(host: &Host, runsc: &Path, platform: &str) -> std::result::Result<(), String> {
+    let dir = host
+        .runtime_dir
+        .join("gvisor")
+        .join(format!("trial-{}-{platform}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let cgroup = host.cgroups.as_ref().and_then(|root| {
+        let limits = Limits {
+            memory_mib: 512,
+            pids: SENTRY_PIDS,
+            cpus: 1.0,
+            ..Limits::default()
+        };
+        root.create(&format!("gvisor-trial-{}", std::process::id()), &limits)
+            .ok()
+    });
+    let mut cmd = std::process::Command::new(runsc);
+    cmd.arg("--root")
+        .arg(&dir)
+        .arg(format!("--platform={platform}"))
+        .args(["--network=none", "--ignore-cgroups", "do", "/bin/true"])
+        .current_dir(&dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    {
+        use std::os::unix::process::CommandExt;
+        cmd.process_group(0);
+    }
+    let procs = cgroup.as_ref().map(open_procs).transpose();
+    let result = match procs {
+        Err(e) => Err(e.to_string()),
+        Ok(procs) => {
+            let mut tokio_like = cmd;
+            if let Some(fds) = procs {
+                crate::sys::join_cgroup_before_exec_std(&mut tokio_like, fds);
+            }
+            run_bounded(tokio_like, TRIAL_TIMEOUT)
+        }
+    };
+    if let Some(cg) = &cgroup {
+        cg.kill_and_remove();
+    }
+    let _ = fs::remove_dir_all(&dir);
+    result
+}
+
+/// Runs `cmd` to its end or kills its process group after `timeout`.
+fn run_bounded(
+    mut cmd: std::process::Command,
+    timeout: Duration,
+) -> std::result::Result<(), String> {
+    let mut child = cmd.spawn().map_err(|e| format!("starting runsc: {e}"))?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) if status.success() => return Ok(()),
+            Ok(Some(status)) => {
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    use std::io::Read;
+                    let _ = e.read_to_string(&mut err);
+                }
+                let last = err.lines().last().unwrap_or("").trim().to_owned();
+                return Err(format!("{status}: {last}"));
+            }
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            Ok(None) | Err(_) => {
+                if let Ok(pid) = i32::try_from(child.id()) {
+                    let _ = nix::sys::signal::killpg(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("no result within {}s", timeout.as_secs()));
+            }
+        }
+    }
+}
+
+fn open_procs(cg: &crate::cgroup::Cgroup) -> Result<Vec<OwnedFd>> {
+    cg.procs_files()
+        .iter()
+        .map(|f| {
+            fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_CLOEXEC)
+                .open(f)
+                .map(OwnedFd::from)
+                .ctx(|| format!("opening {}", f.display()))
+        })
+        .collect()
+}
+
+/// What a gVisor sandbox leaves on the host, removed when dropped: runsc's state (after
+/// `runsc delete --force`, which also kills a sandbox still running), the scratch mount and
+/// the directory.
+#[derive(Debug)]
+pub(crate) struct RunDir {
+    dir: PathBuf,
+    runsc: PathBuf,
+    id: String,
+}
+
+impl RunDir {
+    fn state(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
+    pub(crate) fn scratch(&self) -> PathBuf {
+        self.dir.join("scratch")
+    }
+
+    /// runsc with this sandbox's `--root`.
+    pub(crate) fn runsc(&self) -> std::process::Command {
+        let mut cmd = std::process::Command::new(&self.runsc);
+        cmd.arg("--root").arg(self.state());
+        cmd.stdin(Stdio::null());
+        cmd
+    }
+
+    /// The container's id.
+    pub(crate) fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        if self.state().join(&self.id).exists()
+            || fs::read_dir(self.state()).is_ok_and(|mut d| d.next().is_some())
+        {
+            let _ = self
+                .runsc()
+                .args(["delete", "--force", &self.id])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+        clean_dir(&self.dir);
+    }
+}
+
+/// Unmounts what a sandbox directory may hold and removes it.
+fn clean_dir(dir: &Path) {
+    let scratch = dir.join("scratch");
+    let _ = nix::mount::umount2(&scratch, MntFlags::MNT_DETACH);
+    if let Err(e) = fs::remove_dir_all(dir)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(dir = %dir.display(), error = %e, "could not remove a gvisor sandbox directory");
+    }
+}
+
+fn mkdir(p: &Path, mode: u32) -> Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(p)
+        .ctx(|| format!("creating {}", p.display()))
+}
+
+fn touch(p: &Path) -> Result<()> {
+    if let Some(parent) = p.parent() {
+        mkdir(parent, 0o755)?;
+    }
+    fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(p)
+        .map(drop)
+        .ctx(|| format!("creating {}", p.display()))
+}
+
+/// `abs` (an absolute host path) under `root`.
+fn under(root: &Path, abs: &Path) -> PathBuf {
+    root.join(abs.strip_prefix("/").unwrap_or(abs))
+}
+
+/// A read-only bind of `src` at `dst` in the spec, with its mount point made in `rootfs`.
+fn ro_bind(rootfs: &Path, src: &Path, dst: &Path, mounts: &mut Vec<Value>) -> Result<()> {
+    let point = under(rootfs, dst);
+    if src.is_dir() {
+        mkdir(&point, 0o755)?;
+    } else {
+        touch(&point)?;
+    }
+    mounts.push(json!({
+        "destination": dst,
+        "type": "bind",
+        "source": src,
+        "options": ["rbind", "ro", "nosuid", "nodev"],
+    }));
+    Ok(())
+}
+
+fn rw_bind(src: &Path, dst: &str, mounts: &mut Vec<Value>) {
+    mounts.push(json!({
+        "destination": dst,
+        "type": "bind",
+        "source": src,
+        "options": ["rbind", "rw", "nosuid", "nodev"],
+    }));
+}
+
+/// Builds the root file system view (mount points, generated `/etc`) and returns the spec's
+/// mounts: the same view as the default tier's `host_root` and `devices_and_scratch`.
+fn build_root(
+    rootfs: &Path,
+    scratch: &Path,
+    cfg: &SandboxConfig,
+    etc_files: &[(String, String)],
+    etc_binds: &[&str],
+) -> Result<Vec<Value>> {
+    for d in [
+        "etc",
+        "proc",
+        "dev",
+        "tmp",
+        "mnt/data",
+        "usr",
+        "run/ampoule",
+        "var/tmp",
+        "sys",
+    ] {
+        mkdir(&rootfs.join(d), 0o755)?;
+    }
+    let mut mounts = vec![json!({"destination": "/proc", "type": "proc", "source": "proc"})];
+    let mut binds: Vec<PathBuf> = vec![PathBuf::from("/usr")];
+    for top in ["bin", "sbin", "lib", "lib32", "lib64", "libx32"] {
+        let host = Path::new("/").join(top);
+        match fs::symlink_metadata(&host) {
+            Ok(m) if m.file_type().is_symlink() => {
+                let target = fs::read_link(&host).ctx(|| format!("reading {}", host.display()))?;
+                std::os::unix::fs::symlink(&target, rootfs.join(top))
+                    .ctx(|| format!("linking /{top}"))?;
+            }
+            Ok(m) if m.is_dir() => binds.push(host),
+            _ => {}
+        }
+    }
+    binds.extend(cfg.ro_binds.iter().cloned());
+    for src in &binds {
+        if !src.is_absolute() {
+            return Err(Error::Invalid(format!(
+                "a read-only bind must be an absolute path: {}",
+                src.display()
+            )));
+        }
+        ro_bind(rootfs, src, src, &mut mounts)?;
+    }
+    let etc = rootfs.join("etc");
+    for (name, contents) in etc_files {
+        fs::write(etc.join(name), contents).ctx(|| format!("writing /etc/{name}"))?;
+    }
+    for name in etc_binds {
+        let src = Path::new("/etc").join(name);
+        match fs::symlink_metadata(&src) {
+            Ok(m) if m.file_type().is_symlink() => {
+                let target = fs::read_link(&src).ctx(|| format!("reading {}", src.display()))?;
+                let dst = etc.join(name);
+                if let Some(parent) = dst.parent() {
+                    mkdir(parent, 0o755)?;
+                }
+                std::os::unix::fs::symlink(&target, &dst).ctx(|| format!("linking /etc/{name}"))?;
+            }
+            Ok(_) => ro_bind(rootfs, &src, &src, &mut mounts)?,
+            Err(_) => {}
+        }
+    }
+    rw_bind(&scratch.join("data"), "/mnt/data", &mut mounts);
+    rw_bind(&scratch.join("tmp"), "/tmp", &mut mounts);
+    rw_bind(&scratch.join("tmp"), "/var/tmp", &mut mounts);
+    // /dev/shm counts against the disk limit, as in the default tier.
+    rw_bind(&scratch.join("shm"), "/dev/shm", &mut mounts);
+    // gVisor's own sysfs (virtual, but a map of the sandbox's "hardware"): an empty one.
+    mounts.push(json!({
+        "destination": "/sys",
+        "type": "tmpfs",
+        "source": "tmpfs",
+        "options": ["ro", "nosuid", "nodev", "noexec", "size=4k"],
+    }));
+    // The sentry's FUSE server and TUN device: this runsc ignores `maskedPaths` for device
+    // files, so a read-only bind of the host's /dev/null (served by the gofer as an empty
+    // file, device 0:0) hides them.
+    for dev in ["/dev/fuse", "/dev/net/tun"] {
+        mounts.push(json!({
+            "destination": dev,
+            "type": "bind",
+            "source": "/dev/null",
+            "options": ["rbind", "ro", "nosuid", "nodev", "noexec"],
+        }));
+    }
+    mounts.push(json!({
+        "destination": "/run/ampoule",
+        "type": "bind",
+        "source": scratch.join(".ampoule"),
+        "options": ["rbind", "ro", "nosuid", "nodev"],
+    }));
+    Ok(mounts)
+}
+
+/// The OCI spec of the sandbox.
+fn spec(cfg: &SandboxConfig, mounts: Vec<Value>) -> Value {
+    let l = &cfg.limits;
+    let disk_bytes = l.disk_mib.saturating_mul(1024 * 1024).max(1);
+    let rlimit = |kind: &str, v: u64| json!({"type": kind, "soft": v, "hard": v});
+    let env: Vec<String> = cfg.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    json!({
+        "ociVersion": "1.0.0",
+        "process": {
+            "terminal": false,
+            "user": {"uid": SANDBOX_UID, "gid": SANDBOX_UID},
+            "args": cfg.argv,
+            "env": env,
+            "cwd": cfg.cwd,
+            "capabilities": {
+                "bounding": [], "effective": [], "inheritable": [], "permitted": [], "ambient": []
+            },
+            "rlimits": [
+                rlimit("RLIMIT_NOFILE", l.open_files.max(16)),
+                // Enforced by the sentry: the code's own process limit.
+                rlimit("RLIMIT_NPROC", l.pids.max(1)),
+                rlimit("RLIMIT_FSIZE", disk_bytes),
+                rlimit("RLIMIT_CPU", crate::sandbox::cpu_backstop_s(l)),
+                rlimit("RLIMIT_CORE", 0),
+            ],
+            "noNewPrivileges": true,
+        },
+        "root": {"path": "rootfs", "readonly": true},
+        "hostname": crate::sandbox::HOSTNAME,
+        "mounts": mounts,
+        "linux": {
+            "namespaces": [
+                {"type": "pid"}, {"type": "network"}, {"type": "ipc"},
+                {"type": "uts"}, {"type": "mount"}
+            ],
+            "maskedPaths": ["/proc/kcore", "/proc/keys", "/proc/timer_list"],
+            "readonlyPaths": ["/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus"],
+        },
+    })
+}
+
+/// Starts `cfg` under runsc (see the module documentation). `prepare` runs once the scratch
+/// exists, before the program starts.
+pub(crate) async fn spawn(
+    host: &Host,
+    cfg: &SandboxConfig,
+    etc_files: Vec<(String, String)>,
+    etc_binds: &[&str],
+    prepare: impl FnOnce(Prepare<'_>) -> Result<()>,
+) -> Result<Sandbox> {
+    if cfg.argv.is_empty() {
+        return Err(Error::Invalid("nothing to run".into()));
+    }
+    if !matches!(cfg.network, crate::network::Network::None) {
+        return Err(Error::Invalid(
+            "network allowlists are not supported on the gvisor tier yet: its sandboxes have \
+             loopback only\nhint: use isolation = \"namespaces\" for pools with a network"
+                .into(),
+        ));
+    }
+    if cfg.image_root.is_some() {
+        return Err(Error::Invalid(
+            "sandboxes from OCI images are not supported on the gvisor tier yet".into(),
+        ));
+    }
+    let Some(cgroups) = &host.cgroups else {
+        return Err(Error::Gvisor(
+            "the gvisor tier needs usable cgroups (its sentry is limited and killed through \
+             the sandbox's cgroup)"
+                .into(),
+        ));
+    };
+    let runsc = runsc(host)?;
+    let slot = host.acquire_slot()?;
+    let dir = host.runtime_dir.join("gvisor").join(slot.cgroup_name());
+    // A leftover of a crashed run with the same slot.
+    if dir.exists() {
+        let stale = RunDir {
+            dir: dir.clone(),
+            runsc: runsc.path.clone(),
+            id: format!("ampoule-{}", slot.cgroup_name()),
+        };
+        drop(stale);
+    }
+    mkdir(&host.runtime_dir.join("gvisor"), 0o700)?;
+    fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .ctx(|| format!("creating {}", dir.display()))?;
+    let run = RunDir {
+        dir: dir.clone(),
+        runsc: runsc.path.clone(),
+        id: format!("ampoule-{}", slot.cgroup_name()),
+    };
+    let started = Instant::now();
+
+    // The scratch, mounted on the host (the gofer serves it).
+    let scratch_dir = run.scratch();
+    mkdir(&scratch_dir, 0o755)?;
+    let limits = &cfg.limits;
+    let disk_bytes = limits.disk_mib.saturating_mul(1024 * 1024);
+    match &cfg.disk {
+        Some(image) => crate::disk::mount(image, &scratch_dir)?,
+        None => nix::mount::mount(
+            Some("tmpfs"),
+            &scratch_dir,
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some(
+                format!(
+                    "size={},nr_inodes={},mode=0755",
+                    disk_bytes.max(4096),
+                    limits.disk_inodes.max(64)
+                )
+                .as_str(),
+            ),
+        )
+        .ctx(|| format!("mounting the scratch tmpfs on {}", scratch_dir.display()))?,
+    }
+    for (name, mode) in [
+        ("data", 0o755),
+        (".ampoule", 0o755),
+        ("tmp", 0o1777),
+        ("shm", 0o1777),
+    ] {
+        let p = scratch_dir.join(name);
+        match fs::DirBuilder::new().mode(mode).create(&p) {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            r => r.ctx(|| format!("creating {}", p.display()))?,
+        }
+        {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(&p, fs::Permissions::from_mode(mode))
+                .ctx(|| format!("chmod {}", p.display()))?;
+        }
+        if name != ".ampoule" {
+            if cfg.disk.is_some() {
+                crate::disk::reown(&p, SANDBOX_UID, SANDBOX_UID)?;
+            }
+            std::os::unix::fs::chown(&p, Some(SANDBOX_UID), Some(SANDBOX_UID))
+                .ctx(|| format!("chown {}", p.display()))?;
+        }
+    }
+
+    let bundle = dir.join("bundle");
+    let rootfs = bundle.join("rootfs");
+    mkdir(&rootfs, 0o755)?;
+    let mounts = build_root(&rootfs, &scratch_dir, cfg, &etc_files, etc_binds)?;
+
+    // The sentry and gofer live in the sandbox's cgroup: room for their threads and memory.
+    let cg_limits = Limits {
+        memory_mib: limits.memory_mib.saturating_add(SENTRY_MEMORY_MIB),
+        pids: limits.pids.saturating_add(SENTRY_PIDS),
+        ..limits.clone()
+    };
+    let cgroup = cgroups.create(&slot.cgroup_name(), &cg_limits)?;
+    let cgroup = crate::sandbox::OwnedCgroup(cgroup);
+
+    let root_fd = open(
+        &scratch_dir,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .ctx(|| format!("opening {}", scratch_dir.display()))?;
+    let scratch = Scratch::new(root_fd, Some((SANDBOX_UID, SANDBOX_UID)));
+    prepare(Prepare {
+        scratch: &scratch,
+        network: None,
+    })?;
+
+    let mut f =
+        fs::File::create(bundle.join("config.json")).ctx(|| "writing config.json".into())?;
+    f.write_all(spec(cfg, mounts).to_string().as_bytes())
+        .ctx(|| "writing config.json".into())?;
+    drop(f);
+    mkdir(&run.state(), 0o700)?;
+
+    let mut cmd = tokio::process::Command::new(&runsc.path);
+    cmd.arg("--root")
+        .arg(run.state())
+        .arg(format!("--platform={}", runsc.platform))
+        // No network beyond the sentry's own loopback.
+        .args(["--network=none", "--ignore-cgroups", "run", "--bundle"])
+        .arg(&bundle)
+        .arg(run.id())
+        .current_dir(&bundle)
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .stdin(if cfg.stdin {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let procs = open_procs(&cgroup.0)?;
+    crate::sys::join_cgroup_before_exec(&mut cmd, procs);
+    let mut child = cmd
+        .spawn()
+        .ctx(|| format!("starting {}", runsc.path.display()))?;
+    let stdio = (child.stdin.take(), child.stdout.take(), child.stderr.take());
+    tracing::debug!(elapsed = ?started.elapsed(), platform = %runsc.platform, "gvisor sandbox starting");
+    Ok(Sandbox::from_runsc(
+        child, cgroup, run, scratch, slot, started, stdio,
+    ))
+}
+
+/// Maps `runsc run`'s exit status to the program's: runsc exits with the container's code,
+/// or 128 + the signal that ended it.
+pub(crate) fn program_exit(status: std::process::ExitStatus) -> crate::sandbox::ProgramExit {
+    use crate::sandbox::ProgramExit;
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(c), _) if (129..=159).contains(&c) => ProgramExit::Signaled(c - 128),
+        (Some(c), _) => ProgramExit::Exited(c),
+        (None, Some(_)) => ProgramExit::Killed,
+        (None, None) => ProgramExit::Killed,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn isolation_parses_and_prints() {
+        assert_eq!("gvisor".parse::<Isolation>(), Ok(Isolation::Gvisor));
+        assert_eq!("namespaces".parse::<Isolation>(), Ok(Isolation::Namespaces));
+        assert!("kvm".parse::<Isolation>().is_err());
+        assert_eq!(Isolation::default().to_string(), "namespaces");
+    }
+
+    #[test]
+    fn exit_statuses_map_to_program_exits() {
+        use crate::sandbox::ProgramExit;
+        use std::os::unix::process::ExitStatusExt;
+        let st = |code: i32| std::process::ExitStatus::from_raw(code << 8);
+        assert_eq!(program_exit(st(0)), ProgramExit::Exited(0));
+        assert_eq!(program_exit(st(3)), ProgramExit::Exited(3));
+        assert_eq!(program_exit(st(137)), ProgramExit::Signaled(9));
+        assert_eq!(
+            program_exit(std::process::ExitStatus::from_raw(9)),
+            ProgramExit::Killed
+        );
+    }
+}
