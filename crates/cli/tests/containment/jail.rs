@@ -7,7 +7,7 @@
 //! file system, reach the real network, or see or signal the machine's processes.
 //!
 //! The jail also measures what the run left behind: processes in the jail's pid namespace,
-//! mounts in its mount namespace, and sandbox cgroups in its own cgroup subtree.
+//! mounts added to or removed from its mount namespace, and sandbox cgroups in its own cgroup subtree.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -43,8 +43,11 @@ pub(crate) struct Outcome {
     pub(crate) ampoule_stderr: String,
     /// Processes left in the jail's pid namespace after the run (pid, name).
     pub(crate) leftover_procs: Vec<String>,
-    /// Mount count in the jail before and after the run.
-    pub(crate) mounts: (usize, usize),
+    /// Mounts (id and mount point) the run added to the jail's mount namespace.
+    pub(crate) mounts_added: Vec<String>,
+    /// Mounts the run removed from the jail's mount namespace (those whose mount point a
+    /// concurrent test deleted on the host excepted).
+    pub(crate) mounts_removed: Vec<String>,
     /// Sandbox cgroups left in the jail's cgroup subtree.
     pub(crate) leftover_cgroups: Vec<String>,
     /// Whether the canary files in the jail are unchanged.
@@ -73,14 +76,23 @@ mkdir -p /tmp/canary
 echo "$JAIL_CANARY" > /tmp/canary/secret.txt
 echo "$JAIL_CANARY" > /root/secret.txt
 eval "$JAIL_BEFORE"
-before=$(wc -l < /proc/self/mountinfo)
+mounts() { cut -d' ' -f1,5 /proc/self/mountinfo | sort; }
+mounts > /tmp/.mounts.before
 set +e
 "$@" > /tmp/.result.json 2> /tmp/.ampoule.err
 rc=$?
 eval "$JAIL_AFTER"
-after=$(wc -l < /proc/self/mountinfo)
+mounts > /tmp/.mounts.after
 echo "RC=$rc"
-echo "MOUNTS=$before $after"
+comm -13 /tmp/.mounts.before /tmp/.mounts.after | while read -r id mp; do
+  echo "MOUNT_ADDED=$id $mp"
+done
+# A mount copied from the host vanishes from the jail when a concurrent test on the host deletes
+# its mount point (the kernel detaches mounts on a removed directory in every namespace): that
+# is not the sandbox's doing, and the directory is then gone here too.
+comm -23 /tmp/.mounts.before /tmp/.mounts.after | while read -r id mp; do
+  [ -e "$mp" ] && echo "MOUNT_REMOVED=$id $mp"
+done
 intact=yes
 read line < /tmp/canary/secret.txt || intact=no
 [ "$line" = "$JAIL_CANARY" ] || intact=no
@@ -174,13 +186,16 @@ fn parse(stdout: &str, leftover_cgroups: Vec<String>) -> Result<Outcome, String>
         .split_once("---AMPOULE-STDERR---\n")
         .ok_or("the jail printed no stderr section")?;
     let mut vars = BTreeMap::new();
-    let mut procs = Vec::new();
+    let (mut procs, mut mounts_added, mut mounts_removed) = (Vec::new(), Vec::new(), Vec::new());
     for line in head.lines() {
         if let Some((k, v)) = line.split_once('=') {
-            if k == "PROC" {
-                procs.push(v.to_owned());
-            } else {
-                vars.insert(k.to_owned(), v.to_owned());
+            match k {
+                "PROC" => procs.push(v.to_owned()),
+                "MOUNT_ADDED" => mounts_added.push(v.to_owned()),
+                "MOUNT_REMOVED" => mounts_removed.push(v.to_owned()),
+                _ => {
+                    vars.insert(k.to_owned(), v.to_owned());
+                }
             }
         }
     }
@@ -188,13 +203,6 @@ fn parse(stdout: &str, leftover_cgroups: Vec<String>) -> Result<Outcome, String>
         .get("RC")
         .and_then(|v| v.parse().ok())
         .ok_or("no RC line")?;
-    let mounts = vars
-        .get("MOUNTS")
-        .and_then(|v| {
-            let (a, b) = v.split_once(' ')?;
-            Some((a.parse().ok()?, b.parse().ok()?))
-        })
-        .ok_or("no MOUNTS line")?;
     let result: RunResult = serde_json::from_str(result)
         .map_err(|e| format!("ampoule printed no result object ({e}); stderr: {ampoule_stderr}"))?;
     Ok(Outcome {
@@ -202,7 +210,8 @@ fn parse(stdout: &str, leftover_cgroups: Vec<String>) -> Result<Outcome, String>
         rc,
         ampoule_stderr: ampoule_stderr.to_owned(),
         leftover_procs: procs,
-        mounts,
+        mounts_added,
+        mounts_removed,
         leftover_cgroups,
         canaries_intact: vars.get("CANARIES").map(String::as_str) == Some("yes"),
         vars,

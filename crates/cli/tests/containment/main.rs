@@ -268,10 +268,10 @@ fn host_unchanged(o: &Outcome) -> Result<(), String> {
     if !o.leftover_procs.is_empty() {
         return Err(format!("processes left behind: {:?}", o.leftover_procs));
     }
-    if o.mounts.0 != o.mounts.1 {
+    if !o.mounts_added.is_empty() || !o.mounts_removed.is_empty() {
         return Err(format!(
-            "mount count changed: {} → {}",
-            o.mounts.0, o.mounts.1
+            "the jail's mounts changed: added {:?}, removed {:?}",
+            o.mounts_added, o.mounts_removed
         ));
     }
     if !o.leftover_cgroups.is_empty() {
