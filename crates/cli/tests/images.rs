@@ -489,10 +489,18 @@ fn python_base_layer() -> Vec<u8> {
         b.append_path_with_name(p, p.strip_prefix("/").unwrap())
             .unwrap();
     }
-    // The shared libraries of the interpreter and of its extension modules (ldd's answer,
-    // stored under their names as the loader asks for them).
+    // The shared libraries of the interpreter and of its extension modules.
+    append_libs(&mut b, std::iter::once(PathBuf::from(PYTHON)).chain(libs));
+    let mut tar = b.into_inner().unwrap();
+    tar.extend(std::iter::repeat_n(0u8, 1024));
+    tar
+}
+
+/// Appends the shared libraries `objs` need (ldd's answer), stored under the names the loader
+/// asks for (/lib/... and /lib64/... are /usr/lib... on this layout).
+fn append_libs(b: &mut tar::Builder<Vec<u8>>, objs: impl IntoIterator<Item = PathBuf>) {
     let mut needed = std::collections::BTreeSet::new();
-    for obj in std::iter::once(PathBuf::from(PYTHON)).chain(libs) {
+    for obj in objs {
         let out = Command::new("ldd").arg(&obj).output().unwrap();
         for line in String::from_utf8_lossy(&out.stdout).lines() {
             let path = line
@@ -508,18 +516,31 @@ fn python_base_layer() -> Vec<u8> {
         }
     }
     for lib in needed {
-        // /lib/... and /lib64/... are /usr/lib... on this layout.
         let inside = match lib.strip_prefix("/usr/") {
             Some(rest) => format!("usr/{rest}"),
             None => format!("usr{lib}"),
         };
         b.append_path_with_name(&lib, inside).unwrap();
     }
-    let mut tar = b.into_inner().unwrap();
-    tar.extend(std::iter::repeat_n(0u8, 1024));
-    tar
 }
 
+/// bash, Node.js and the two programs the JavaScript launcher uses, with their libraries, as
+/// a zstd-compressed layer: with it, the image has shell and JavaScript kernels of its own.
+fn tools_layer() -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    b.mode(tar::HeaderMode::Complete);
+    for tool in TOOLS {
+        b.append_path_with_name(tool, tool.trim_start_matches('/'))
+            .unwrap();
+    }
+    append_libs(&mut b, TOOLS.iter().map(PathBuf::from));
+    let tar = b.into_inner().unwrap();
+    zstd::encode_all(&tar[..], 1).unwrap()
+}
+
+const TOOLS: [&str; 4] = [BASH, NODE, "/usr/bin/mktemp", "/usr/bin/mkfifo"];
+const BASH: &str = "/usr/bin/bash";
+const NODE: &str = "/usr/bin/node";
 const PYTHON: &str = "/usr/bin/python3.11";
 const KEY: &str = "image-test-key-0123456789";
 const ACA: &str = "api-version=2024-02-02-preview";
@@ -570,9 +591,10 @@ fn python_image_pools_serve() {
     let base = python_base_layer();
     let a = t.join("a");
     let b = t.join("b");
+    let tools = tools_layer();
     write_layout(
         &a,
-        &[base.clone(), probe_layer("image a")],
+        &[base.clone(), probe_layer("image a"), tools],
         &python_config(),
         "1.0",
     )
@@ -652,10 +674,10 @@ fn python_image_pools_serve() {
         "--name",
         "other-python:1.0",
     ]);
-    // Ten blobs: four manifests, four top layers, and the config and the base layer they
-    // share, once each.
+    // Eleven blobs: four manifests, four top layers, the tools layer, and the config and the
+    // base layer they share, once each.
     let blobs = data.join("images/blobs/sha256");
-    assert_eq!(fs::read_dir(&blobs).unwrap().count(), 10);
+    assert_eq!(fs::read_dir(&blobs).unwrap().count(), 11);
     let base_digest = ampoule_image::Digest::of(&base);
     assert!(blobs.join(base_digest.hex()).is_file());
 
@@ -667,6 +689,8 @@ fn python_image_pools_serve() {
              [[auth.keys]]\ntenant = \"a\"\nkey_sha256 = \"{}\"\n\
              [pools.python]\nwarm = 0\nzygote = false\n\
              [pools.img]\nimage = \"my-python:1.0\"\nwarm = 0\n\
+             [pools.img-js]\nimage = \"my-python:1.0\"\nlanguage = \"javascript\"\nwarm = 0\n\
+             [pools.img-shell]\nimage = \"my-python:1.0\"\nlanguage = \"shell\"\nwarm = 0\n\
              [pools.other]\nimage = \"other-python:1.0\"\nwarm = 0\n\
              [pools.ha]\nimage = \"hostile-a\"\nwarm = 0\n\
              [pools.hb]\nimage = \"hostile-b\"\nwarm = 0\n",
@@ -771,6 +795,83 @@ fn python_image_pools_serve() {
     client
         .ok("DELETE", &format!("/v1/sessions/{id}"), None)
         .unwrap();
+    // Shell and JavaScript kernels of the image's own bash and Node (zstd layer), as pools
+    // and as contexts in a Python sandbox of the image; the host's pool has no such layer.
+    let run_v1 = |pool: &str, code: &str| {
+        let s = client
+            .ok(
+                "POST",
+                "/v1/sessions",
+                Some(serde_json::json!({"pool": pool})),
+            )
+            .unwrap();
+        let id = s["id"].as_str().unwrap().to_owned();
+        let r = client
+            .ok(
+                "POST",
+                &format!("/v1/sessions/{id}/executions"),
+                Some(serde_json::json!({"code": code})),
+            )
+            .unwrap();
+        client
+            .ok("DELETE", &format!("/v1/sessions/{id}"), None)
+            .unwrap();
+        r
+    };
+    let r = run_v1(
+        "img-shell",
+        "echo \"$BASH $IMAGE_GREETING $EUID\"; test -e /root/.pyenv || echo no-host",
+    );
+    assert_eq!(r["status"], "succeeded", "{r}");
+    assert_eq!(
+        r["stdout"], "/usr/bin/bash from the image 1000\nno-host\n",
+        "{r}"
+    );
+    let r = run_v1(
+        "img-js",
+        "process.execPath + ' ' + process.env.IMAGE_GREETING",
+    );
+    assert_eq!(r["status"], "succeeded", "{r}");
+    assert_eq!(
+        r["result"]["text/plain"], "'/usr/bin/node from the image'",
+        "{r}"
+    );
+    let sb = client
+        .ok(
+            "POST",
+            "/v1/sandboxes",
+            Some(serde_json::json!({"pool": "img"})),
+        )
+        .unwrap();
+    let sid = sb["id"].as_str().unwrap().to_owned();
+    let exec = |body: serde_json::Value| {
+        client
+            .ok(
+                "POST",
+                &format!("/v1/sandboxes/{sid}/executions"),
+                Some(body),
+            )
+            .unwrap()
+    };
+    let r = exec(serde_json::json!({"code": "open('/mnt/data/n.txt','w').write('41')\n1"}));
+    assert_eq!(r["status"], "succeeded", "{r}");
+    let r = exec(serde_json::json!({"language": "javascript",
+        "code": "Number(require('fs').readFileSync('/mnt/data/n.txt', 'utf8')) + 1"}));
+    assert_eq!(r["status"], "succeeded", "{r}");
+    assert_eq!(r["result"]["text/plain"], "42", "{r}");
+    let r = exec(
+        serde_json::json!({"language": "shell", "code": "echo \"$(< /mnt/data/n.txt) $BASH\""}),
+    );
+    assert_eq!(r["stdout"], "41 /usr/bin/bash\n", "{r}");
+    client
+        .ok("DELETE", &format!("/v1/sandboxes/{sid}"), None)
+        .unwrap();
+    let log = server.log.text();
+    assert!(
+        log.contains("javascript (/usr/bin/node)") && log.contains("shell (/usr/bin/bash)"),
+        "the image's languages were not reported:\n{log}"
+    );
+
     // The image's root was not written by its sandboxes.
     let root = data.join("images/rootfs");
     for e in fs::read_dir(&root).unwrap().flatten() {
@@ -806,6 +907,8 @@ fn main() {
     let serve_skip = missing(&[
         Need::Root("sandboxes from an image: an overlay mounted by real root"),
         Need::Tool(PYTHON, "python3.11"),
+        Need::Tool(NODE, "nodejs"),
+        Need::Tool(BASH, "bash"),
         Need::OnPath("ldd", "libc-bin"),
     ]);
     libtest_mimic::run(

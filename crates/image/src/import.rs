@@ -16,8 +16,8 @@ use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::name::ImageName;
 use crate::oci::{
-    Descriptor, Document, Index, MEDIA_OCI_CONFIG, MEDIA_OCI_LAYER, MEDIA_OCI_LAYER_GZIP,
-    MEDIA_OCI_MANIFEST, Manifest, pick_manifest,
+    Compression, Descriptor, Document, Index, MEDIA_OCI_CONFIG, MEDIA_OCI_LAYER,
+    MEDIA_OCI_LAYER_GZIP, MEDIA_OCI_LAYER_ZSTD, MEDIA_OCI_MANIFEST, Manifest, pick_manifest,
 };
 use crate::store::{Image, Lock, Store};
 use crate::unpack::Report;
@@ -270,10 +270,10 @@ fn from_archive(store: &Store, f: File) -> Result<Digest> {
         let (digest, size) = blob(l)?;
         let mut head = [0u8; 4];
         let n = store.open_blob(&digest)?.read(&mut head).unwrap_or(0);
-        let media = if head[..n].starts_with(&[0x1f, 0x8b]) {
-            MEDIA_OCI_LAYER_GZIP
-        } else {
-            MEDIA_OCI_LAYER
+        let media = match Compression::detect("", &head[..n])? {
+            Compression::Gzip => MEDIA_OCI_LAYER_GZIP,
+            Compression::Zstd => MEDIA_OCI_LAYER_ZSTD,
+            Compression::None => MEDIA_OCI_LAYER,
         };
         layers.push(Descriptor {
             media_type: media.into(),

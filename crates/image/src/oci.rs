@@ -13,6 +13,7 @@ pub const MEDIA_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json
 pub const MEDIA_OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 pub const MEDIA_OCI_LAYER: &str = "application/vnd.oci.image.layer.v1.tar";
 pub const MEDIA_OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+pub const MEDIA_OCI_LAYER_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
 pub const MEDIA_DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 pub const MEDIA_DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 
@@ -167,17 +168,18 @@ pub fn pick_manifest(index: &Index) -> Result<&Descriptor> {
 pub enum Compression {
     None,
     Gzip,
+    Zstd,
 }
+
+/// zstd's frame magic number (RFC 8878 §3.1.1), little-endian.
+const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
 
 impl Compression {
     /// From the layer's media type, or else its first bytes.
     pub fn detect(media_type: &str, head: &[u8]) -> Result<Self> {
-        if media_type.ends_with("+zstd") || head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-            return Err(Error::format(
-                "zstd-compressed layers are not supported yet (re-export the image with gzip)",
-            ));
-        }
-        if head.starts_with(&[0x1f, 0x8b]) {
+        if media_type.ends_with("+zstd") || head.starts_with(&ZSTD_MAGIC) {
+            Ok(Self::Zstd)
+        } else if head.starts_with(&[0x1f, 0x8b]) {
             Ok(Self::Gzip)
         } else {
             Ok(Self::None)
@@ -186,7 +188,7 @@ impl Compression {
 }
 
 /// Writes an OCI image layout at `dir` holding one image: `layers` (each a tar stream, gzip
-/// compressed when it starts with the gzip magic) under `config`, with the tag `ref_name`.
+/// compressed when it starts with the gzip magic, zstd when with zstd's) under `config`, with the tag `ref_name`.
 /// Returns the manifest's digest. Tests build their images with it.
 pub fn write_layout(
     dir: &std::path::Path,
@@ -214,6 +216,8 @@ pub fn write_layout(
         let mut d = put(l)?;
         d.media_type = if l.starts_with(&[0x1f, 0x8b]) {
             MEDIA_OCI_LAYER_GZIP
+        } else if l.starts_with(&ZSTD_MAGIC) {
+            MEDIA_OCI_LAYER_ZSTD
         } else {
             MEDIA_OCI_LAYER
         }

@@ -32,6 +32,9 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path};
 
 use nix::errno::Errno;
+
+/// The largest zstd window a layer may ask for: 2^27 bytes (128 MiB).
+const ZSTD_WINDOW_LOG_MAX: u32 = 27;
 use nix::fcntl::{AtFlags, OFlag, OpenHow, ResolveFlag, openat, openat2};
 use nix::sys::stat::{FileStat, Mode, SFlag, fchmod, fstatat, futimens, mkdirat};
 use nix::sys::time::TimeSpec;
@@ -133,6 +136,15 @@ impl Unpacker {
         };
         match Compression::detect(media_type, &head)? {
             Compression::Gzip => self.apply(layer, flate2::read::MultiGzDecoder::new(reader)),
+            Compression::Zstd => {
+                let mut z = zstd::stream::read::Decoder::with_buffer(reader)
+                    .map_err(|e| Error::io(format!("reading layer {layer}"), e))?;
+                // A frame may ask for a window of up to 2 GiB of decoder memory; 128 MiB (the
+                // zstd CLI's own default limit) is what every real encoder stays within.
+                z.window_log_max(ZSTD_WINDOW_LOG_MAX)
+                    .map_err(|e| Error::io(format!("reading layer {layer}"), e))?;
+                self.apply(layer, z)
+            }
             Compression::None => self.apply(layer, reader),
         }
     }

@@ -355,6 +355,35 @@ fn bombs_are_refused() {
     let r = u.apply_blob(&Digest::of(&gz), "", fs::File::open(&tmp).unwrap());
     assert!(matches!(r, Err(Error::TooLarge { .. })), "{r:?}");
 
+    // The same bomb compressed with zstd (~10 KiB): refused the same way.
+    let zst = zstd::encode_all(&tar[..], 3).unwrap();
+    assert!(zst.len() < 1 << 20);
+    let mut u = Unpacker::new(&c.root, limits).unwrap();
+    let tmp = c.root.parent().unwrap().join("layer.tar.zst");
+    fs::write(&tmp, &zst).unwrap();
+    let r = u.apply_blob(&Digest::of(&zst), "", fs::File::open(&tmp).unwrap());
+    assert!(matches!(r, Err(Error::TooLarge { .. })), "{r:?}");
+
+    // A zstd frame asking for a 1 GiB decoding window (memory, before any output): refused.
+    let mut enc = zstd::stream::write::Encoder::new(Vec::new(), 1).unwrap();
+    enc.include_contentsize(false).unwrap();
+    enc.window_log(30).unwrap();
+    enc.long_distance_matching(true).unwrap();
+    enc.write_all(&Layer::default().file("small", "x").done())
+        .unwrap();
+    let zst = enc.finish().unwrap();
+    let mut u = Unpacker::new(&c.root, Limits::default()).unwrap();
+    fs::write(&tmp, &zst).unwrap();
+    let r = u.apply_blob(
+        &Digest::of(&zst),
+        "application/vnd.oci.image.layer.v1.tar+zstd",
+        fs::File::open(&tmp).unwrap(),
+    );
+    let e = r.expect_err("a 1 GiB window was accepted");
+    let msg = format!("{e}: {:?}", std::error::Error::source(&e));
+    assert!(msg.contains("memory") || msg.contains("window"), "{msg}");
+    assert!(!c.root.join("small").exists());
+
     // Too many entries.
     let mut l = Layer::default();
     for i in 0..200 {

@@ -119,6 +119,44 @@ fn layouts_share_layers_and_rm_collects() {
 }
 
 #[test]
+fn zstd_layers_unpack_like_gzip_ones() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::open(&tmp.path().join("data")).unwrap();
+    let base = layer(&[("etc/os-release", "base\n")]);
+    let mut top = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_path("app/z").unwrap();
+    h.set_size(4);
+    h.set_mode(0o644);
+    h.set_cksum();
+    top.append(&h, &b"zstd"[..]).unwrap();
+    let top = zstd::encode_all(&top.into_inner().unwrap()[..], 3).unwrap();
+    let dir = tmp.path().join("z");
+    write_layout(&dir, &[base, top.clone()], &config("Z=1"), "z").unwrap();
+    let manifest: serde_json::Value = {
+        let index: serde_json::Value =
+            serde_json::from_slice(&fs::read(dir.join("index.json")).unwrap()).unwrap();
+        let m = index["manifests"][0]["digest"].as_str().unwrap();
+        let hex = m.strip_prefix("sha256:").unwrap();
+        serde_json::from_slice(&fs::read(dir.join("blobs/sha256").join(hex)).unwrap()).unwrap()
+    };
+    assert_eq!(
+        manifest["layers"][1]["mediaType"],
+        "application/vnd.oci.image.layer.v1.tar+zstd"
+    );
+
+    let lock = store.lock().unwrap();
+    let z = import::import(&store, &lock, &dir, &name("zstd:1")).unwrap();
+    assert_eq!(z.image.layers[1], Digest::of(&top));
+    let root = store.rootfs(&z.image);
+    assert_eq!(fs::read_to_string(root.join("app/z")).unwrap(), "zstd");
+    assert_eq!(
+        fs::read_to_string(root.join("etc/os-release")).unwrap(),
+        "base\n"
+    );
+}
+
+#[test]
 fn a_lying_layout_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let store = Store::open(&tmp.path().join("data")).unwrap();

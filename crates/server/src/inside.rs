@@ -97,19 +97,20 @@ pub(crate) async fn open_context(
     entrance: &Entrance,
     language: Language,
     limits: Limits,
+    image: Option<&ampoule_session::language::image::ImageRoot>,
     cwd: Option<String>,
     env: Vec<(String, String)>,
 ) -> Result<Box<dyn LiveContext>, EngineError> {
-    // A language whose runtime this host lacks is the request's problem, not the sandbox's.
-    if let Err(e) =
-        ampoule_session::language::find(language.as_str()).and_then(|k| k.locate(&limits))
-    {
-        return Err(EngineError::NoRuntime(format!(
-            "this sandbox cannot run {language}: {}",
-            chain(&e)
-        )));
+    // The interpreter is the image's in a sandbox from an image, else the host's. A language
+    // without one is the request's problem, not the sandbox's.
+    let spec = match image {
+        Some(image) => ampoule_session::language::image::locate(language, image, &limits),
+        None => ampoule_session::language::find(language.as_str()).and_then(|k| k.locate(&limits)),
     }
-    let ctx = Context::start(entrance, language.as_str(), limits, cwd.as_deref(), &env)
+    .map_err(|e| {
+        EngineError::NoRuntime(format!("this sandbox cannot run {language}: {}", chain(&e)))
+    })?;
+    let ctx = Context::start_spec(entrance, spec, limits, cwd.as_deref(), &env)
         .await
         .map_err(|e| match e {
             ampoule_session::Error::Sandbox(e) => refused(e),

@@ -606,6 +606,7 @@ fn live(
     Ok(Box::new(LiveInterpreter {
         entrance: std::sync::Mutex::new(entrance),
         limits: spec.limits.clone(),
+        image: image_root(spec),
         freezer: session.freezer(),
         session: Mutex::new(Some(session)),
         scratch: std::sync::Mutex::new(Some(Arc::new(scratch))),
@@ -661,6 +662,8 @@ struct LiveInterpreter {
     entrance: std::sync::Mutex<Option<ampoule_runtime::Entrance>>,
     /// The pool's limits (a context's execution timeout default).
     limits: ampoule_types::Limits,
+    /// The pool's image, whose interpreters the sandbox's contexts run (`None`: the host's).
+    image: Option<ImageRoot>,
     /// Its sandbox's cgroup, to pause and resume it (`None` without cgroups).
     freezer: Option<ampoule_runtime::cgroup::Cgroup>,
     session: Mutex<Option<Session>>,
@@ -768,8 +771,15 @@ impl LiveSession for LiveInterpreter {
         cwd: Option<String>,
         env: Vec<(String, String)>,
     ) -> Result<Box<dyn ampoule_core::LiveContext>, EngineError> {
-        crate::inside::open_context(&self.entrance()?, language, self.limits.clone(), cwd, env)
-            .await
+        crate::inside::open_context(
+            &self.entrance()?,
+            language,
+            self.limits.clone(),
+            self.image.as_ref(),
+            cwd,
+            env,
+        )
+        .await
     }
 
     async fn connect(&self, port: u16) -> Result<tokio::net::TcpStream, EngineError> {

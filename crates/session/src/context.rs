@@ -49,8 +49,20 @@ impl Context {
         cwd: Option<&str>,
         env: &[(String, String)],
     ) -> Result<Context> {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
         let spec = language::find(language)?.locate(&limits)?;
+        Self::start_spec(entrance, spec, limits, cwd, env).await
+    }
+
+    /// Starts the kernel `spec` describes (a host runtime's or an image's, see
+    /// [`language::image::locate`]) in the sandbox behind `entrance`.
+    pub async fn start_spec(
+        entrance: &Entrance,
+        spec: language::LanguageSpec,
+        limits: Limits,
+        cwd: Option<&str>,
+        env: &[(String, String)],
+    ) -> Result<Context> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
         let scratch = entrance.scratch()?;
         let name = format!(
             "{}-{}-{}",

@@ -1,6 +1,7 @@
 //! Kernels in sandboxes started from an OCI image (`[pools.X] image = "NAME:TAG"`): the
-//! interpreter is the image's own, found inside its unpacked root; ampoule's kernel files are
-//! still written read-only to `/run/ampoule`.
+//! interpreter is the image's own (Python; bash driven by the image's Python for shell; Node
+//! started by the image's bash for JavaScript), found inside its unpacked root; ampoule's
+//! kernel files are still written read-only to `/run/ampoule`.
 //!
 //! The image is untrusted, so its root is searched without following anything out of it:
 //! every lookup is `openat2(RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)` from the root's
@@ -79,17 +80,48 @@ impl ImageRoot {
     pub fn languages(&self) -> Vec<(Language, Option<String>)> {
         Language::EVERY
             .iter()
-            .map(|l| (*l, interpreter_names(*l).and_then(|n| self.find(n))))
+            .map(|l| {
+                (
+                    *l,
+                    self.programs(*l).ok().and_then(|p| p.into_iter().next()),
+                )
+            })
             .collect()
     }
 }
 
-fn interpreter_names(language: Language) -> Option<&'static [&'static str]> {
+/// The programs a language's kernel needs from the image, by the names tried for each; the
+/// first is the interpreter reported for the language.
+fn needs(language: Language) -> Option<&'static [&'static [&'static str]]> {
+    const PYTHON: &[&str] = &["python3", "python"];
+    const BASH: &[&str] = &["bash"];
+    const NODE: &[&str] = &["node", "nodejs"];
     match language {
-        Language::Python => Some(&["python3", "python"]),
-        // Kernels of other languages in images are not wired yet (their drivers assume the
-        // host's runtimes); they are reported as absent.
-        _ => None,
+        Language::Python => Some(&[PYTHON]),
+        // The shell kernel is bash driven by a small Python program.
+        Language::Shell => Some(&[BASH, PYTHON]),
+        // Node started by a bash launcher.
+        Language::Javascript => Some(&[NODE, BASH]),
+        // PowerShell and C# kernels assume the host's runtimes; reported as absent.
+        Language::Powershell | Language::Csharp => None,
+    }
+}
+
+impl ImageRoot {
+    /// Every program `language` needs, found in the image (in the order of [`needs`]), or
+    /// what is missing.
+    fn programs(&self, language: Language) -> std::result::Result<Vec<String>, String> {
+        let Some(needs) = needs(language) else {
+            return Err(format!("{} kernels in images", language.as_str()));
+        };
+        needs
+            .iter()
+            .map(|names| {
+                self.find(names).ok_or_else(|| {
+                    format!("{} on the image's PATH ({})", names.join(", "), self.path())
+                })
+            })
+            .collect()
     }
 }
 
@@ -107,52 +139,90 @@ fn executable_in(root: &OwnedFd, abs: &str) -> bool {
 }
 
 /// How to start `language`'s kernel in a sandbox of `image`.
-pub fn locate(language: Language, image: &ImageRoot, _limits: &Limits) -> Result<LanguageSpec> {
-    let missing = |looked_for: String| Error::RuntimeMissing {
-        language: language.as_str(),
-        looked_for,
-        hint: format!(
-            "the image {} has no {} interpreter ampoule can drive; install it in the image, or \
-             use a pool without `image`",
-            image.name,
-            language.as_str()
-        ),
-    };
-    let Some(names) = interpreter_names(language) else {
-        return Err(missing(format!("{} kernels in images", language.as_str())));
-    };
-    let python = image.find(names).ok_or_else(|| {
-        missing(format!(
-            "{} on the image's PATH ({})",
-            names.join(", "),
-            image.path()
-        ))
-    })?;
+pub fn locate(language: Language, image: &ImageRoot, limits: &Limits) -> Result<LanguageSpec> {
+    let programs = image
+        .programs(language)
+        .map_err(|looked_for| Error::RuntimeMissing {
+            language: language.as_str(),
+            looked_for,
+            hint: format!(
+                "the image {} has no {} interpreter ampoule can drive; install it in the image, \
+                 or use a pool without `image`",
+                image.name,
+                language.as_str()
+            ),
+        })?;
     let mut env: Vec<(String, String)> = image
         .vars()
         .filter(|(k, _)| !RESERVED.contains(k) && !k.is_empty())
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect();
-    for (k, v) in [
-        ("PYTHONUNBUFFERED", "1"),
-        ("PYTHONDONTWRITEBYTECODE", "1"),
-        ("MPLBACKEND", "Agg"),
-        ("MPLCONFIGDIR", "/tmp/.config/matplotlib"),
-        ("XDG_CACHE_HOME", "/tmp/.cache"),
-    ] {
+    let mut set = |k: &str, v: &str| {
         env.retain(|(name, _)| name != k);
         env.push((k.to_owned(), v.to_owned()));
-    }
+    };
+    let (name, argv, files, note) = match (language, programs.as_slice()) {
+        (Language::Python, [python]) => {
+            for (k, v) in [
+                ("PYTHONUNBUFFERED", "1"),
+                ("PYTHONDONTWRITEBYTECODE", "1"),
+                ("MPLBACKEND", "Agg"),
+                ("MPLCONFIGDIR", "/tmp/.config/matplotlib"),
+                ("XDG_CACHE_HOME", "/tmp/.cache"),
+            ] {
+                set(k, v);
+            }
+            (
+                "python",
+                vec![python.clone(), in_sandbox(KERNEL_PYTHON.name)],
+                vec![KERNEL_PYTHON, KERNELIO],
+                python.clone(),
+            )
+        }
+        (Language::Shell, [bash, python]) => {
+            set("PYTHONUNBUFFERED", "1");
+            set("PYTHONDONTWRITEBYTECODE", "1");
+            set("AMPOULE_BASH", bash);
+            (
+                "shell",
+                vec![python.clone(), in_sandbox(super::shell::KERNEL.name)],
+                vec![super::shell::KERNEL, KERNELIO],
+                format!("{bash} (driven by {python})"),
+            )
+        }
+        (Language::Javascript, [node, bash]) => (
+            "javascript",
+            vec![
+                bash.clone(),
+                in_sandbox(super::javascript::LAUNCH.name),
+                node.clone(),
+                in_sandbox(super::javascript::KERNEL.name),
+                format!(
+                    "--max-old-space-size={}",
+                    super::javascript::heap_mib(limits)
+                ),
+            ],
+            vec![super::javascript::LAUNCH, super::javascript::KERNEL],
+            node.clone(),
+        ),
+        _ => {
+            return Err(Error::RuntimeMissing {
+                language: language.as_str(),
+                looked_for: format!("{} kernels in images", language.as_str()),
+                hint: "this language cannot be driven in an image yet".into(),
+            });
+        }
+    };
     if !env.iter().any(|(k, _)| k == "PATH") {
         env.push(("PATH".into(), DEFAULT_PATH.into()));
     }
     Ok(LanguageSpec {
-        language: "python",
-        argv: vec![python.clone(), in_sandbox(KERNEL_PYTHON.name)],
+        language: name,
+        argv,
         env,
         ro_binds: Vec::new(),
-        files: vec![KERNEL_PYTHON, KERNELIO],
-        note: Some(format!("{python} of the image {}", image.name)),
+        files,
+        note: Some(format!("{note} of the image {}", image.name)),
         image_root: Some(image.root.clone()),
         isolation: ampoule_runtime::Isolation::Namespaces,
     })

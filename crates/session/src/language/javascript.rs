@@ -5,14 +5,20 @@ use ampoule_types::{Language, Limits};
 use super::{Kernel, KernelFile, LanguageSpec, binds_for, find_executable, in_sandbox, string};
 use crate::error::Result;
 
-const LAUNCH: KernelFile = KernelFile {
+pub(super) const LAUNCH: KernelFile = KernelFile {
     name: "launch.sh",
     contents: include_str!("../../../../kernels/javascript/launch.sh"),
 };
-const KERNEL: KernelFile = KernelFile {
+pub(super) const KERNEL: KernelFile = KernelFile {
     name: "kernel.js",
     contents: include_str!("../../../../kernels/javascript/kernel.js"),
 };
+
+/// V8 sizes its heap from the host's memory; keep it inside the sandbox's limit so a big
+/// allocation is a JavaScript error, not the cgroup's OOM killer.
+pub(super) fn heap_mib(limits: &Limits) -> u64 {
+    (limits.memory_mib * 3 / 4).max(64)
+}
 
 /// The JavaScript plug-in (`kernels/javascript/`).
 #[derive(Debug, Clone, Copy)]
@@ -34,9 +40,7 @@ impl Kernel for JavaScript {
             &["/usr/bin/bash", "/bin/bash"],
             "apt-get install bash",
         )?;
-        // V8 sizes its heap from the host's memory; keep it inside the sandbox's limit so a
-        // big allocation is a JavaScript error, not the cgroup's OOM killer.
-        let heap_mib = (limits.memory_mib * 3 / 4).max(64);
+        let heap_mib = heap_mib(limits);
         Ok(LanguageSpec {
             language: "javascript",
             argv: vec![

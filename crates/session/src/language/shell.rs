@@ -8,7 +8,7 @@ use super::{
 };
 use crate::error::Result;
 
-const KERNEL: KernelFile = KernelFile {
+pub(super) const KERNEL: KernelFile = KernelFile {
     name: "kernel.py",
     contents: include_str!("../../../../kernels/shell/kernel.py"),
 };
