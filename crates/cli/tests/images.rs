@@ -691,6 +691,8 @@ fn python_image_pools_serve() {
              [pools.img]\nimage = \"my-python:1.0\"\nwarm = 0\n\
              [pools.img-js]\nimage = \"my-python:1.0\"\nlanguage = \"javascript\"\nwarm = 0\n\
              [pools.img-shell]\nimage = \"my-python:1.0\"\nlanguage = \"shell\"\nwarm = 0\n\
+             [pools.img-rw]\nimage = \"my-python:1.0\"\nwritable_root = true\nwarm = 0\n\
+             [pools.img-rw.limits]\ndisk_mib = 16\n\
              [pools.other]\nimage = \"other-python:1.0\"\nwarm = 0\n\
              [pools.ha]\nimage = \"hostile-a\"\nwarm = 0\n\
              [pools.hb]\nimage = \"hostile-b\"\nwarm = 0\n",
@@ -872,6 +874,63 @@ fn python_image_pools_serve() {
         "the image's languages were not reported:\n{log}"
     );
 
+    // A writable root: the sandbox user changes the image's files and adds its own, in its
+    // own layer (counted against its 16 MiB disk limit); another session and the image on
+    // the host see none of it; /proc and /dev stay closed.
+    let site = "/usr/local/lib/python3.11/dist-packages";
+    let p = aca(
+        "img-rw",
+        "rw1",
+        &format!(
+            "import os, importlib, ampoule_image_probe\n\
+             open('{site}/ampoule_image_probe/__init__.py', 'w').write('VALUE = \"changed\"')\n\
+             open('{site}/rw_added.py', 'w').write('VALUE = 7')\n\
+             os.makedirs('/usr/local/tool', exist_ok=True)\n\
+             open('/etc/ampoule-rw', 'w').write('x')\n\
+             importlib.reload(ampoule_image_probe)\n\
+             import rw_added\n\
+             blocked = []\n\
+             for path in ['/proc/sys/kernel/hostname', '/dev/ampoule-x', '/run/ampoule/x']:\n\
+             \x20   try:\n\
+             \x20       open(path, 'w').write('x')\n\
+             \x20   except OSError:\n\
+             \x20       blocked.append(path)\n\
+             [ampoule_image_probe.VALUE, rw_added.VALUE, os.stat('{site}').st_uid, os.getuid(), len(blocked)]"
+        ),
+    );
+    assert_eq!(p["status"], "Success", "{p}");
+    assert_eq!(
+        p["result"],
+        serde_json::json!(["changed", 7, 1000, 1000, 3]),
+        "{p}"
+    );
+    let p = aca(
+        "img-rw",
+        "rw1",
+        "try:\n    open('/usr/local/big', 'wb').write(b'x' * (32 << 20))\n    r = 'written'\nexcept OSError as e:\n    r = e.errno\nimport os\nos.path.exists('/usr/local/big') and os.remove('/usr/local/big')\nr",
+    );
+    assert_eq!(p["result"], 28, "no ENOSPC past the disk limit: {p}");
+    let p = aca(
+        "img-rw",
+        "rw2",
+        "import os, ampoule_image_probe, importlib.util\n\
+         [ampoule_image_probe.VALUE, importlib.util.find_spec('rw_added') is None, os.path.exists('/etc/ampoule-rw'), os.path.exists('/usr/local/tool')]",
+    );
+    assert_eq!(
+        p["result"],
+        serde_json::json!(["image a", true, false, false]),
+        "another session saw the first one's root: {p}"
+    );
+    // The default image pool's root stays read-only.
+    let p = aca(
+        "img",
+        "s1",
+        &format!(
+            "import os\ntry:\n    open('{site}/x.py', 'w')\n    r = 0\nexcept OSError as e:\n    r = e.errno\nr"
+        ),
+    );
+    assert_eq!(p["result"], 30, "EROFS expected: {p}");
+
     // The image's root was not written by its sandboxes.
     let root = data.join("images/rootfs");
     for e in fs::read_dir(&root).unwrap().flatten() {
@@ -879,6 +938,18 @@ fn python_image_pools_serve() {
             !e.path().join("mnt/data").exists(),
             "a sandbox wrote into the shared root"
         );
+        assert!(!e.path().join("etc/ampoule-rw").exists());
+        assert!(
+            !e.path()
+                .join("usr/local/lib/python3.11/dist-packages/rw_added.py")
+                .exists()
+        );
+        let probe = e
+            .path()
+            .join("usr/local/lib/python3.11/dist-packages/ampoule_image_probe/__init__.py");
+        if let Ok(text) = fs::read_to_string(&probe) {
+            assert!(!text.contains("changed"), "the image's file was written");
+        }
     }
     // Each image pool forked its sessions from a zygote of the image's own interpreter.
     let log = server.log.text();

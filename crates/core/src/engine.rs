@@ -62,6 +62,9 @@ pub struct PoolImage {
     pub root: std::path::PathBuf,
     /// The image config's `Env` (`KEY=VALUE`).
     pub env: Vec<String>,
+    /// Its sandboxes may write `/` (`[pools.X] writable_root`): each change lands in the
+    /// sandbox's own layer.
+    pub writable_root: bool,
 }
 
 impl PoolSpec {

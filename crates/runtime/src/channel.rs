@@ -79,6 +79,9 @@ pub(crate) struct InitSpec {
     /// `init::image_root`) instead of the host's runtimes.
     #[serde(default)]
     pub(crate) image_root: Option<PathBuf>,
+    /// The image root is writable (`SandboxConfig::writable_root`).
+    #[serde(default)]
+    pub(crate) writable_root: bool,
     /// Host shared libraries bound read-only into an image's root at
     /// `zygote::HOST_LIBS_DIR`, for a zygote to run ampoule's own binary (its children's
     /// reaper) with the host's loader instead of the image's libraries.

@@ -657,9 +657,30 @@ fn image_root(spec: &InitSpec, stage: &Path, image: &Path) -> Stage<()> {
             .create(d)
             .map_err(|e| fail("image", format!("mkdir {}: {e}", d.display())))?;
     }
+    // A writable root: the image's files (owned by root on disk: the unpacker ignores owners)
+    // are seen through an idmapped copy as the sandbox user's, so the user may change them;
+    // overlayfs copies each changed file up into this sandbox's own upper layer, with that
+    // owner. The image on disk is never written.
+    let lower = if spec.writable_root {
+        let lower = layer.join("lower");
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&lower)
+            .map_err(|e| fail("image", format!("mkdir {}: {e}", lower.display())))?;
+        let userns = owner_userns(spec.host_uid, spec.host_gid)?;
+        sys::idmapped_bind(image, &lower, userns.as_raw_fd()).map_err(|e| {
+            fail(
+                "image",
+                format!("idmapped copy of {}: {e}", image.display()),
+            )
+        })?;
+        lower
+    } else {
+        image.to_path_buf()
+    };
     let opts = format!(
         "lowerdir={},upperdir={},workdir={}",
-        image.display(),
+        lower.display(),
         upper.display(),
         work.display()
     );
@@ -700,6 +721,16 @@ fn image_root(spec: &InitSpec, stage: &Path, image: &Path) -> Stage<()> {
             .and_then(|mut f| std::io::Write::write_all(&mut f, contents.as_bytes()))
             .map_err(|e| fail("image", format!("write /etc/{name}: {e}")))?;
     }
+    if spec.writable_root {
+        // `/etc` is the user's as the rest of the image is (made here when the image had
+        // none); the generated files in it stay root's.
+        nix::unistd::chown(
+            &etc,
+            Some(Uid::from_raw(spec.host_uid)),
+            Some(Gid::from_raw(spec.host_gid)),
+        )
+        .map_err(|e| fail("image", format!("chown /etc: {e}")))?;
+    }
     if spec.trusted_ca_pem.is_some() {
         return Err(fail(
             "image",
@@ -723,6 +754,41 @@ fn image_root(spec: &InitSpec, stage: &Path, image: &Path) -> Stage<()> {
         }
     }
     Ok(())
+}
+
+/// A user namespace mapping id 0 to `uid` and `gid` (the sandbox user's host ids), for an
+/// idmapped mount: a child unshares it and waits while we, real root, write its maps and open
+/// it; the namespace lives on through the descriptor after the child exits.
+fn owner_userns(uid: u32, gid: u32) -> Stage<std::os::fd::OwnedFd> {
+    let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).stage("image")?;
+    let (go_r, go_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).stage("image")?;
+    match sys::fork().stage("image")? {
+        Fork::Child => {
+            drop((ready_r, go_w));
+            let ok = unshare(CloneFlags::CLONE_NEWUSER).is_ok()
+                && nix::unistd::write(&ready_w, b"x").is_ok();
+            // Hold the namespace until the parent has opened it (it closes `go`).
+            let mut byte = [0u8; 1];
+            let _ = nix::unistd::read(&go_r, &mut byte);
+            std::process::exit(if ok { 0 } else { 1 })
+        }
+        Fork::Parent(child) => {
+            drop((ready_w, go_r));
+            let opened = (|| -> std::io::Result<std::os::fd::OwnedFd> {
+                let mut byte = [0u8; 1];
+                if nix::unistd::read(&ready_r, &mut byte)? != 1 {
+                    return Err(std::io::Error::other("the helper could not unshare"));
+                }
+                let proc = PathBuf::from(format!("/proc/{child}"));
+                fs::write(proc.join("uid_map"), format!("0 {uid} 1\n"))?;
+                fs::write(proc.join("gid_map"), format!("0 {gid} 1\n"))?;
+                Ok(fs::File::open(proc.join("ns/user"))?.into())
+            })();
+            drop(go_w);
+            let _ = waitpid(child, None);
+            opened.map_err(|e| fail("image", format!("owner user namespace: {e}")))
+        }
+    }
 }
 
 /// Makes `rel` under `stage` a real directory, component by component, replacing a symlink
@@ -796,14 +862,17 @@ fn devices_and_scratch(spec: &InitSpec, stage: &Path) -> Stage<()> {
         None::<&str>,
     )
     .map_err(|e| fail("mount", format!("remount /dev read-only: {e}")))?;
-    mount(
-        None::<&str>,
-        stage,
-        None::<&str>,
-        MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        None::<&str>,
-    )
-    .map_err(|e| fail("mount", format!("remount / read-only: {e}")))?;
+    // A writable image root stays writable (its writes land in the sandbox's own layer).
+    if !spec.writable_root {
+        mount(
+            None::<&str>,
+            stage,
+            None::<&str>,
+            MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            None::<&str>,
+        )
+        .map_err(|e| fail("mount", format!("remount / read-only: {e}")))?;
+    }
     Ok(())
 }
 
@@ -931,6 +1000,31 @@ pub(crate) const LANDLOCK_RW_DEVS: &[&str] = &[
     "/dev/urandom",
 ];
 
+/// The top-level directories of a writable root (a sandbox from an image with
+/// `writable_root`: the only kind whose `/` is not mounted read-only), which Landlock lets the
+/// code write; never `/proc`, `/dev`, `/sys`, `/run` or `/mnt`, and nothing for a read-only
+/// root. Read from the mount itself, so entered processes find the same set.
+fn writable_root_dirs() -> Vec<String> {
+    let read_only = nix::sys::statvfs::statvfs("/")
+        .map(|s| s.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY))
+        .unwrap_or(true);
+    if read_only {
+        return Vec::new();
+    }
+    let Ok(entries) = fs::read_dir("/") else {
+        return Vec::new();
+    };
+    let mut dirs: Vec<String> = entries
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+        .filter(|n| !["proc", "dev", "sys", "run", "mnt"].contains(&n.as_str()))
+        .map(|n| format!("/{n}"))
+        .collect();
+    dirs.sort();
+    dirs
+}
+
 pub(crate) fn landlock() -> Stage<String> {
     use landlock::{
         ABI, Access, AccessFs, CompatLevel, Compatible, PathBeneath, PathFd, Ruleset, RulesetAttr,
@@ -938,6 +1032,7 @@ pub(crate) fn landlock() -> Stage<String> {
     };
     let abi = ABI::V6;
     let (rw_dirs, rw_devs) = (LANDLOCK_RW_DIRS, LANDLOCK_RW_DEVS);
+    let root_dirs = writable_root_dirs();
     let status = (|| -> std::result::Result<RulesetStatus, String> {
         let fd = |p: &str| PathFd::new(p).map_err(|e| format!("{p}: {e}"));
         let e = |e: landlock::RulesetError| e.to_string();
@@ -952,6 +1047,11 @@ pub(crate) fn landlock() -> Stage<String> {
             .add_rule(PathBeneath::new(fd("/")?, AccessFs::from_read(abi)))
             .map_err(e)?;
         for d in rw_dirs.iter().copied() {
+            ruleset = ruleset
+                .add_rule(PathBeneath::new(fd(d)?, AccessFs::from_all(abi)))
+                .map_err(e)?;
+        }
+        for d in &root_dirs {
             ruleset = ruleset
                 .add_rule(PathBeneath::new(fd(d)?, AccessFs::from_all(abi)))
                 .map_err(e)?;

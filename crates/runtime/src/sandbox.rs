@@ -74,6 +74,10 @@ pub struct SandboxConfig {
     /// (so it counts against the disk limit and vanishes with the sandbox), instead of the
     /// host's `/usr` and generated `/etc`. Root only.
     pub image_root: Option<PathBuf>,
+    /// With `image_root`: `/` is writable, the image's files seen as the sandbox user's
+    /// (through an idmapped lower layer), every change copied up into the sandbox's own layer.
+    /// Not for a zygote (its children would share one layer).
+    pub writable_root: bool,
     /// Which tier runs the sandbox (see [`crate::gvisor`]).
     pub isolation: crate::gvisor::Isolation,
 }
@@ -91,6 +95,7 @@ impl SandboxConfig {
             network: Network::None,
             disk: None,
             image_root: None,
+            writable_root: false,
             isolation: crate::gvisor::Isolation::Namespaces,
         }
     }
@@ -401,6 +406,7 @@ impl Sandbox {
             zygote: is_zygote,
             scratch_image: cfg.disk.clone(),
             image_root: cfg.image_root.clone(),
+            writable_root: cfg.writable_root && cfg.image_root.is_some() && !is_zygote,
             host_libs: if is_zygote && cfg.image_root.is_some() {
                 crate::zygote::host_libs()
             } else {

@@ -285,6 +285,12 @@ pub struct PoolConfig {
     /// from its root instead of the host's runtimes (root only).
     #[serde(default)]
     pub image: Option<String>,
+    /// With `image`: the sandboxes may write `/` (`pip install` into the image's Python, files
+    /// in `/etc` or `/usr/local`), each change in its own layer that counts against the disk
+    /// limit and vanishes with it. Such a pool starts its sessions cold (warm stock keeps them
+    /// ready): a zygote's children would share one layer.
+    #[serde(default)]
+    pub writable_root: bool,
 }
 
 /// `[pools.NAME.audit]`: each field overrides the `[audit]` one of the same name.
@@ -336,6 +342,7 @@ impl Default for PoolConfig {
             approval: Default::default(),
             preload: None,
             image: None,
+            writable_root: false,
         }
     }
 }
@@ -610,13 +617,29 @@ impl Config {
                      yet; remove them or use isolation = \"namespaces\""
                 ));
             }
+            if p.writable_root && p.image.is_none() {
+                return Err(format!(
+                    "pools.{name}.writable_root: only a pool from an image has a writable root \
+                     (set `image`, or remove `writable_root`)"
+                ));
+            }
+            if p.writable_root && p.zygote == Some(true) {
+                return Err(format!(
+                    "pools.{name}.zygote: a pool with a writable root starts its sessions cold \
+                     (a zygote's children would share one root layer); remove `zygote = true` \
+                     or `writable_root`"
+                ));
+            }
             let image = match &p.image {
-                Some(reference) => Some(self.pool_image(&name, reference, language)?),
+                Some(reference) => Some(ampoule_core::PoolImage {
+                    writable_root: p.writable_root,
+                    ..self.pool_image(&name, reference, language)?
+                }),
                 None => None,
             };
             let zygote = p
                 .zygote
-                .unwrap_or(is_python && network.is_none() && !gvisor);
+                .unwrap_or(is_python && network.is_none() && !gvisor && !p.writable_root);
             let preload = p.preload.clone().unwrap_or_else(|| {
                 ampoule_session::zygote::DEFAULT_PRELOAD
                     .iter()
@@ -724,6 +747,7 @@ impl Config {
             digest: image.manifest.to_string(),
             root: root.root,
             env: root.env,
+            writable_root: false,
         })
     }
 

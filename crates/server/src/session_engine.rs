@@ -576,8 +576,9 @@ fn kernel(spec: &PoolSpec) -> Result<ampoule_session::LanguageSpec, EngineError>
             .and_then(|k| k.locate(&spec.limits)),
     }
     .map(|mut kernel| {
-        // The tier is the runtime's business: the session only passes it on.
+        // The tier and the root are the runtime's business: the session only passes them on.
         kernel.isolation = spec.isolation;
+        kernel.writable_root = spec.image.as_ref().is_some_and(|i| i.writable_root);
         kernel
     })
     .map_err(|e| EngineError::Start(chain(&e)))

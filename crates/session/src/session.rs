@@ -687,6 +687,7 @@ pub(crate) fn sandbox_config(spec: &LanguageSpec, limits: &Limits) -> SandboxCon
     }
     cfg.ro_binds.clone_from(&spec.ro_binds);
     cfg.image_root.clone_from(&spec.image_root);
+    cfg.writable_root = spec.writable_root;
     cfg.isolation = spec.isolation;
     cfg.stdin = true;
     cfg.limits = Limits {

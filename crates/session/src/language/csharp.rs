@@ -65,6 +65,7 @@ impl Kernel for CSharp {
             files: vec![DRIVER, KERNELIO, EVALUATOR],
             image_root: None,
             isolation: ampoule_runtime::Isolation::Namespaces,
+            writable_root: false,
             note: Some(format!(
                 "{} with Mono's C# evaluator (driven by {})",
                 mono.display(),

@@ -225,5 +225,6 @@ pub fn locate(language: Language, image: &ImageRoot, limits: &Limits) -> Result<
         note: Some(format!("{note} of the image {}", image.name)),
         image_root: Some(image.root.clone()),
         isolation: ampoule_runtime::Isolation::Namespaces,
+        writable_root: false,
     })
 }

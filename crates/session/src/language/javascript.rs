@@ -55,6 +55,7 @@ impl Kernel for JavaScript {
             files: vec![LAUNCH, KERNEL],
             image_root: None,
             isolation: ampoule_runtime::Isolation::Namespaces,
+            writable_root: false,
             note: Some(format!("{} (V8 inspector REPL mode)", node.display())),
         })
     }

@@ -70,6 +70,9 @@ pub struct LanguageSpec {
     pub image_root: Option<PathBuf>,
     /// The isolation tier of the kernel's sandbox (the pool's `isolation`).
     pub isolation: ampoule_runtime::Isolation,
+    /// With `image_root`: the sandbox's `/` is writable (the pool's `writable_root`; see
+    /// `ampoule_runtime::SandboxConfig::writable_root`).
+    pub writable_root: bool,
 }
 
 /// A language plug-in.

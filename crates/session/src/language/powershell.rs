@@ -58,6 +58,7 @@ impl Kernel for PowerShell {
             files: vec![DRIVER, KERNELIO, LOOP],
             image_root: None,
             isolation: ampoule_runtime::Isolation::Namespaces,
+            writable_root: false,
             note: Some(format!(
                 "{} (driven by {})",
                 pwsh.display(),

@@ -62,6 +62,7 @@ impl Kernel for Python {
             files: vec![KERNEL, KERNELIO],
             image_root: None,
             isolation: ampoule_runtime::Isolation::Namespaces,
+            writable_root: false,
             note: Some(note),
         })
     }

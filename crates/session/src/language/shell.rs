@@ -39,6 +39,7 @@ impl Kernel for Shell {
             files: vec![KERNEL, KERNELIO],
             image_root: None,
             isolation: ampoule_runtime::Isolation::Namespaces,
+            writable_root: false,
             note: Some(format!(
                 "{} (driven by {})",
                 bash.display(),
