@@ -668,6 +668,37 @@ def copy_hot_pages(runs):
         libc.madvise(addr, length, MADV_POPULATE_WRITE)  # ENOMEM for what is gone: fine
 
 
+def fill_heap_holes():
+    """Fills the free chunks malloc keeps inside the zygote's heap with blocks that are never
+    freed. A child's first allocations would otherwise land in those holes, scattered over
+    pages it shares with the zygote, and each 4 KiB page it writes a small object into is
+    copied whole; with the holes taken, its allocations are packed at the top of the heap, in
+    pages of its own. The blocks cost the zygote's memory once, shared by every child.
+    Returns the KiB taken. Only with PYTHONMALLOC=malloc (one heap; pymalloc's arenas are
+    not malloc's free lists)."""
+    if os.environ.get("PYTHONMALLOC") != "malloc":
+        return 0
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    libc.sbrk.restype = ctypes.c_void_p
+    libc.sbrk.argtypes = [ctypes.c_ssize_t]
+    top = libc.sbrk(0) or 0
+    taken = 0
+    # Large sizes first (a big hole goes in a few calls), then every small-bin size.
+    sizes = [1 << 16, 1 << 14, 1 << 12, 1 << 10] + list(range(1016, 0, -16))
+    for size in sizes:
+        for _ in range(1 << 20):
+            p = libc.malloc(size)
+            if not p:
+                break
+            if p >= top:  # past the heap's old end: no hole of this size is left
+                libc.free(p)
+                break
+            taken += size
+    return taken // 1024
+
+
 def collapse_heap():
     """Maps the interpreter's private memory with 2 MiB pages where it can (MADV_COLLAPSE, Linux
     6.1+; best effort). fork() copies one page-table entry per mapped page of the parent and
@@ -875,9 +906,18 @@ def main():
         rehearse()
     except Exception:
         pass
+    # The pool's warm-up: a first real cell in miniature, so what it initialises lazily is
+    # shared by every session (crates/session/src/zygote.rs DEFAULT_WARMUP). Its namespace
+    # goes before the freeze; a failure is reported, never fatal.
+    if cfg.get("warmup"):
+        try:
+            exec(compile(cfg["warmup"], "<warmup>", "exec"), {"__name__": "__warmup__"})
+        except BaseException as e:  # noqa: BLE001 (SystemExit included: keep serving)
+            failed.append(f"warmup: {type(e).__name__}: {e}")
     # Nothing the GC would touch after this point: children share these pages untouched.
     gc.collect()
     gc.freeze()
+    holes_kib = fill_heap_holes()
     huge_mib = collapse_heap()
     global HOT
     HOT = learn_hot_pages(done)
@@ -890,6 +930,7 @@ def main():
         "ms": round((time.monotonic() - started) * 1000, 1),
         "huge_mib": huge_mib,
         "hot_kib": sum(length for _, length in HOT) // 1024,
+        "holes_kib": holes_kib,
         "threads": len(os.listdir("/proc/self/task")),
     }})
     # SIGCHLD wakes the loop (through the wakeup pipe) to reap and report at once.

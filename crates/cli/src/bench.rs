@@ -68,6 +68,9 @@ pub(crate) struct BenchArgs {
     /// Only the durable-sandbox figures (pause, resume, hibernate).
     #[arg(long)]
     durable_only: bool,
+    /// Only the density figures (with and without the zygote's warm-up, same run).
+    #[arg(long)]
+    density_only: bool,
     /// Also compare new-session-to-first-result (`1+1`) of a pool from this image (an OCI
     /// layout or `docker save` archive holding a Python, imported into the bench's own data
     /// directory) with the host-runtime pool's, both forked from zygotes.
@@ -249,7 +252,12 @@ struct Throughput {
 struct Density {
     /// Sessions asked for.
     sessions: usize,
-    /// Sessions whose `import pandas` succeeded.
+    /// Whether the pool's zygote ran its warm-up (`[pools.X] warmup`, the default) before
+    /// freezing its heap; the baseline runs without (`warmup = ""`).
+    warmup: bool,
+    /// The cell each session ran first ([`DENSITY_CELL`]).
+    first_cell: &'static str,
+    /// Sessions whose first cell succeeded.
     created: usize,
     /// Seconds to create them all (8 clients).
     create_seconds: f64,
@@ -331,11 +339,28 @@ pub(crate) async fn run(args: BenchArgs) -> Result<ExitCode> {
         writeln!(out)?;
         return Ok(ExitCode::SUCCESS);
     }
+    let mut density = Vec::new();
+    if args.density_only {
+        for &n in &plan.density {
+            density.push(density_phase(n, false, &plan, &exe, &work).await?);
+            density.push(density_phase(n, true, &plan, &exe, &work).await?);
+        }
+        let report = json!({"version": 1, "date": utc_now(), "build": build_kind(),
+            "density": density});
+        let mut out = std::io::stdout().lock();
+        if args.json {
+            serde_json::to_writer_pretty(&mut out, &report)?;
+            writeln!(out)?;
+        } else {
+            print_tables(&mut out, &report)?;
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let baselines = baselines(&plan, &exe, &venv.python())?;
     let (new_session, bursts, round_trip, throughput) = server_phase(&plan, &exe, &work).await?;
-    let mut density = Vec::new();
     for &n in &plan.density {
-        density.push(density_phase(n, &plan, &exe, &work).await?);
+        density.push(density_phase(n, false, &plan, &exe, &work).await?);
+        density.push(density_phase(n, true, &plan, &exe, &work).await?);
     }
 
     let report = json!({
@@ -1343,10 +1368,31 @@ const DENSITY_POOL: &str = "bench-density";
 /// Clients creating and querying the density sessions.
 const DENSITY_CLIENTS: usize = 8;
 
-async fn density_phase(n: usize, plan: &Plan, exe: &Path, work: &WorkDir) -> Result<Density> {
-    note(&format!("density: starting a server for {n} sessions"));
-    let pools = [(DENSITY_POOL, pool_toml(true, 0, n + DENSITY_CLIENTS))];
-    let server = Server::start(exe, work, &format!("density-{n}"), &pools)?;
+/// Each density session's first cell: a small DataFrame, as a real first cell would.
+const DENSITY_CELL: &str = "import pandas as pd\nint(pd.DataFrame({'a': range(100)}).a.sum())";
+
+async fn density_phase(
+    n: usize,
+    warmup: bool,
+    plan: &Plan,
+    exe: &Path,
+    work: &WorkDir,
+) -> Result<Density> {
+    let label = if warmup { "warm-up" } else { "no warm-up" };
+    note(&format!(
+        "density: starting a server for {n} sessions ({label})"
+    ));
+    let mut toml = pool_toml(true, 0, n + DENSITY_CLIENTS);
+    if !warmup {
+        toml.push_str("warmup = \"\"\n");
+    }
+    let pools = [(DENSITY_POOL, toml)];
+    let server = Server::start(
+        exe,
+        work,
+        &format!("density-{n}-{}", if warmup { "w" } else { "nw" }),
+        &pools,
+    )?;
     let mut c = server.client();
     c.execute(DENSITY_POOL, "warm-up", FIRST_CODE, Some("2"))
         .await
@@ -1355,7 +1401,10 @@ async fn density_phase(n: usize, plan: &Plan, exe: &Path, work: &WorkDir) -> Res
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     let before = memory_reading(server.pid(), plan.drop_caches)?;
-    let pb = progress(n, &format!("density: {n} sessions import pandas"));
+    let pb = progress(
+        n,
+        &format!("density: {n} sessions run a DataFrame cell ({label})"),
+    );
     let next = AtomicUsize::new(0);
     let created = AtomicUsize::new(0);
     let start = Instant::now();
@@ -1370,7 +1419,7 @@ async fn density_phase(n: usize, plan: &Plan, exe: &Path, work: &WorkDir) -> Res
                     break;
                 }
                 match cl
-                    .execute(DENSITY_POOL, &format!("d-{i}"), "import pandas", None)
+                    .execute(DENSITY_POOL, &format!("d-{i}"), DENSITY_CELL, Some("4950"))
                     .await
                 {
                     Ok(_) => {
@@ -1434,6 +1483,8 @@ async fn density_phase(n: usize, plan: &Plan, exe: &Path, work: &WorkDir) -> Res
     let answer_latency = answered.stat();
     Ok(Density {
         sessions: n,
+        warmup,
+        first_cell: DENSITY_CELL,
         created: created.load(Ordering::Relaxed),
         create_seconds: round2(create_seconds),
         alive,
@@ -1720,9 +1771,14 @@ fn print_tables(out: &mut impl Write, r: &Value) -> Result<()> {
     for d in r["density"].as_array().into_iter().flatten() {
         writeln!(
             out,
-            "density, {} idle pandas sessions: {} created in {} s, {} alive, {} answering 1+1 \
-             ({:.1} %, p50 {} ms); {} processes",
+            "density, {} pandas sessions after a DataFrame cell, zygote {}: {} created in {} s, \
+             {} alive, {} answering 1+1 ({:.1} %, p50 {} ms); {} processes",
             d["sessions"],
+            if d["warmup"] == true {
+                "warmed up"
+            } else {
+                "without warm-up"
+            },
             d["created"],
             d["create_seconds"],
             d["alive"],

@@ -37,6 +37,9 @@ pub struct PoolSpec {
     /// Fork sessions from a zygote that imported these modules (Python pools); `None`: start
     /// every session from scratch.
     pub zygote: Option<Vec<String>>,
+    /// Python code its zygotes run after the imports, before they freeze their heap
+    /// (`[pools.X] warmup`; empty: none).
+    pub warmup: String,
     /// The tenants whose keys may use the pool, as configured (a tenant may still come that
     /// is not listed, e.g. the MCP stdio door's). Each tenant's sessions fork from a zygote of
     /// its own, started with the pool for these; warm stock is forked only when there is one

@@ -25,6 +25,7 @@ fn pool(name: &str, language: Language) -> PoolSettings {
             limits: Limits::default(),
             network: None,
             zygote: None,
+            warmup: String::new(),
             tenants: Vec::new(),
             max_sessions: 10,
             image: None,

@@ -98,6 +98,8 @@ pub struct ZygoteConfig {
     pub files: Vec<(String, Vec<u8>)>,
     /// Modules to import before forking (`numpy`, `pandas`, `matplotlib.pyplot`).
     pub preload: Vec<String>,
+    /// Python code run after the imports, before the heap is frozen (empty: none).
+    pub warmup: String,
     /// The most children it may have alive at once: the host's per-user limits are raised to
     /// hold that many at their own (see [`crate::ucounts::ensure_host_room`]).
     pub max_children: u64,
@@ -118,6 +120,9 @@ pub struct ZygoteInfo {
     pub huge_mib: u64,
     /// KiB of its pages every child copies ahead of its request (see `learn_hot_pages`).
     pub hot_kib: u64,
+    /// KiB of free heap chunks it filled before forking, so its children allocate in pages
+    /// of their own (`fill_heap_holes` in zygote.py).
+    pub holes_kib: u64,
     /// Its threads when it got ready (1: a fork copies only the calling thread, so any other
     /// would be missing in the children, with whatever lock it held).
     pub threads: u64,
@@ -273,6 +278,7 @@ impl Zygote {
             Arc::new(crate::sys::register_async(ours).map_err(|e| Error::io("zygote socket", e))?);
         let config = json!({"config": {
             "preload": cfg.preload,
+            "warmup": cfg.warmup,
             "seccomp": policy.raw_programs(),
             "proc_masked_files": crate::init::PROC_MASKED_FILES,
             "proc_masked_dirs": crate::init::PROC_MASKED_DIRS,
@@ -310,6 +316,7 @@ impl Zygote {
                     ready_ms: r["ms"].as_f64().unwrap_or_default(),
                     huge_mib: r["huge_mib"].as_u64().unwrap_or_default(),
                     hot_kib: r["hot_kib"].as_u64().unwrap_or_default(),
+                    holes_kib: r["holes_kib"].as_u64().unwrap_or_default(),
                     threads: r["threads"].as_u64().unwrap_or_default(),
                 }
             }

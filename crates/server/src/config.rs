@@ -291,6 +291,11 @@ pub struct PoolConfig {
     /// ready): a zygote's children would share one layer.
     #[serde(default)]
     pub writable_root: bool,
+    /// Python code the pool's zygotes run after `preload`, before they freeze their heap, so
+    /// what a session's first cell initialises is shared by all (default: a small DataFrame,
+    /// array and chart; `""`: none).
+    #[serde(default)]
+    pub warmup: Option<String>,
 }
 
 /// `[pools.NAME.audit]`: each field overrides the `[audit]` one of the same name.
@@ -343,6 +348,7 @@ impl Default for PoolConfig {
             preload: None,
             image: None,
             writable_root: false,
+            warmup: None,
         }
     }
 }
@@ -667,6 +673,10 @@ impl Config {
                         limits,
                         network,
                         zygote: zygote.then_some(preload),
+                        warmup: p
+                            .warmup
+                            .clone()
+                            .unwrap_or_else(|| ampoule_session::zygote::DEFAULT_WARMUP.to_owned()),
                         tenants,
                         max_sessions: p.max_sessions,
                         image,

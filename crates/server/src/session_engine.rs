@@ -95,6 +95,7 @@ async fn launch(
     host: &Host,
     key: &ZygoteKey,
     preload: &[String],
+    warmup: &str,
     max_children: usize,
     image: Option<ImageRoot>,
 ) -> (ampoule_session::Result<Zygote>, Option<EnvFingerprint>) {
@@ -104,6 +105,7 @@ async fn launch(
     let started = ampoule_session::zygote::start_python_in(
         host,
         preload,
+        warmup,
         max_children as u64,
         image.as_ref(),
     )
@@ -119,6 +121,7 @@ async fn launch(
             ms = begun.elapsed().as_millis() as u64,
             huge_mib = info.huge_mib,
             hot_kib = info.hot_kib,
+            holes_kib = info.holes_kib,
             "zygote ready"
         );
         if info.threads != 1 {
@@ -317,12 +320,13 @@ impl SessionEngine {
                     let (entry, host, preload) =
                         (entry.clone(), self.host.clone(), preload.to_vec());
                     let (key, budget) = (key.clone(), spec.max_sessions);
-                    let image = image_root(spec);
+                    let (image, warmup) = (image_root(spec), spec.warmup.clone());
                     let pool = key.pool.clone();
                     let replaced = z.clone();
                     // A worker thread, which outlives the zygote (see ampoule_runtime::sandbox).
                     tokio::spawn(async move {
-                        let (fresh, env) = launch(&host, &key, &preload, budget, image).await;
+                        let (fresh, env) =
+                            launch(&host, &key, &preload, &warmup, budget, image).await;
                         let mut g = entry.lock().await;
                         g.replacing = false;
                         match fresh {
@@ -367,10 +371,10 @@ impl SessionEngine {
             g.replacing = true;
             let (entry, host, preload) = (entry.clone(), self.host.clone(), preload.to_vec());
             let (key, budget) = (key.clone(), spec.max_sessions);
-            let image = image_root(spec);
+            let (image, warmup) = (image_root(spec), spec.warmup.clone());
             // A worker thread, which outlives the zygote (see ampoule_runtime::sandbox).
             tokio::spawn(async move {
-                let (started, env) = launch(&host, &key, &preload, budget, image).await;
+                let (started, env) = launch(&host, &key, &preload, &warmup, budget, image).await;
                 let mut g = entry.lock().await;
                 g.replacing = false;
                 g.install(started, env, &key);
@@ -381,6 +385,7 @@ impl SessionEngine {
             &self.host,
             key,
             preload,
+            &spec.warmup,
             spec.max_sessions,
             image_root(spec),
         )

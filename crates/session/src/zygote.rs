@@ -26,6 +26,38 @@ const ZYGOTE: KernelFile = KernelFile {
 /// What a Python zygote imports unless told otherwise.
 pub const DEFAULT_PRELOAD: &[&str] = &["numpy", "pandas", "matplotlib", "matplotlib.pyplot"];
 
+/// What a Python zygote runs after its imports, before it freezes its heap, unless the pool
+/// says otherwise (`[pools.X] warmup`): a first DataFrame, array and chart, in miniature, so
+/// the lazy imports, caches and allocations of a session's first real cell are made once and
+/// shared copy-on-write by every session instead of copied by each. Every step is optional (a
+/// library that is absent is skipped), single-threaded (no BLAS call) and leaves no state: its
+/// namespace is dropped before the freeze.
+pub const DEFAULT_WARMUP: &str = r#"
+try:
+    import pandas as pd
+    df = pd.DataFrame({"a": range(100), "b": [i / 2 for i in range(100)], "c": ["x", "y"] * 50})
+    df.a.sum(); df.b.mean(); df.describe(); repr(df); df._repr_html_(); df.head().to_csv()
+    df.groupby("c").a.sum(); df[df.a > 50].shape; df.sort_values("b").iloc[0]
+    pd.Series([1.5, 2.5]).astype(int).tolist()
+except Exception:
+    pass
+try:
+    import numpy as np
+    a = np.arange(100, dtype=float).reshape(10, 10)
+    a.sum(); a.mean(axis=0); repr(a); np.random.default_rng(0).random(3); np.linspace(0, 1, 5)
+except Exception:
+    pass
+try:
+    import io
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots()
+    ax.plot([1, 2, 3], [1, 4, 9]); ax.set_title("warm-up"); ax.legend(["x"])
+    fig.savefig(io.BytesIO(), format="png")
+    plt.close("all")
+except Exception:
+    pass
+"#;
+
 /// Thread pools of numeric libraries must not exist when a process forks (a child would
 /// inherit locks held by threads it does not have): one thread each, in the zygote and its
 /// children.
@@ -71,7 +103,7 @@ pub fn python_env_fingerprint() -> Result<EnvFingerprint> {
 /// Whether a child's first write to a huge page it shares with the zygote copies 4 KiB, not
 /// 2 MiB: Linux 5.8 and later split the huge page instead of copying it whole. Before that a
 /// huge-page heap would cost every session megabytes at its first writes.
-fn huge_pages_split_on_write() -> bool {
+pub fn huge_pages_split_on_write() -> bool {
     let Ok(uts) = nix::sys::utsname::uname() else {
         return false;
     };
@@ -105,14 +137,16 @@ pub fn zygote_budget(max_children: u64) -> (u64, u64) {
 /// `max_children` live sessions (its cgroup's budget, [`zygote_budget`]); modules that fail to
 /// import are listed in [`Zygote::info`], not an error. Root only.
 pub async fn start_python(host: &Host, preload: &[String], max_children: u64) -> Result<Zygote> {
-    start_python_in(host, preload, max_children, None).await
+    start_python_in(host, preload, DEFAULT_WARMUP, max_children, None).await
 }
 
 /// [`start_python`] with the interpreter of `image` (a pool from an image: the zygote's root
-/// is the image's, and so is every child's); `None`: the host's.
+/// is the image's, and so is every child's); `None`: the host's. `warmup` is Python code run
+/// after the imports, before the heap is frozen ([`DEFAULT_WARMUP`]; empty: none).
 pub async fn start_python_in(
     host: &Host,
     preload: &[String],
+    warmup: &str,
     max_children: u64,
     image: Option<&ImageRoot>,
 ) -> Result<Zygote> {
@@ -152,6 +186,7 @@ pub async fn start_python_in(
             sandbox: cfg,
             files,
             preload: preload.to_vec(),
+            warmup: warmup.to_owned(),
             max_children,
         },
     )

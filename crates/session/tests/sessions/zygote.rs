@@ -28,6 +28,44 @@ fn stdout_of(out: &ampoule_session::ExecutionResult) -> String {
     out.stdout.trim().to_owned()
 }
 
+/// The pool's warm-up runs in the zygote before it forks: what it imports and initialises is
+/// there in every session, its variables are not, and a failing warm-up is reported, not fatal.
+/// The zygote filled its heap's holes when it runs on one malloc heap.
+async fn warmup_runs_before_the_fork(host: Host) -> Result<(), Failed> {
+    let warmup = "import colorsys, sys\nWARM = 41\nsys.ampoule_warm_marker = True\nraise ValueError('half-way')";
+    let z = ampoule_session::zygote::start_python_in(&host, &[], warmup, 4, None)
+        .await
+        .map_err(|e| Failed::from(format!("starting the zygote: {}", chain(&e))))?;
+    check!(
+        z.info()
+            .failed
+            .iter()
+            .any(|f| f == "warmup: ValueError: half-way"),
+        z.info()
+    );
+    let mut s = fork(&host, &z, Limits::default()).await?;
+    let out = run(
+        &mut s,
+        "import sys\nprint('colorsys' in sys.modules, getattr(sys, 'ampoule_warm_marker', False), 'WARM' in globals())",
+    )
+    .await?;
+    check!(stdout_of(&out) == "True True False", out);
+    // The default warm-up (a DataFrame, an array, a chart) on the default preloads: nothing
+    // fails, and the heap's holes were taken where the zygote runs on malloc's heap.
+    let z = zygote(&host).await?;
+    check!(z.info().failed.is_empty(), z.info());
+    let malloc = ampoule_session::zygote::huge_pages_split_on_write();
+    check!(!malloc || z.info().holes_kib > 0, z.info());
+    let mut s = fork(&host, &z, Limits::default()).await?;
+    let out = run(
+        &mut s,
+        "import pandas as pd\nint(pd.DataFrame({'a': range(100)}).a.sum())",
+    )
+    .await?;
+    check!(out.status == ExecutionStatus::Succeeded, out);
+    Ok(())
+}
+
 /// Packages are already imported, state persists, and the session is sealed like any other.
 async fn preloaded_and_sealed(host: Host) -> Result<(), Failed> {
     let z = zygote(&host).await?;
@@ -227,5 +265,11 @@ pub(crate) fn cases() -> Vec<Case> {
         )
         .needs_packages(),
         Case::new("python", "zygote_limits_hold", limits_hold).needs_packages(),
+        Case::new(
+            "python",
+            "zygote_warmup_runs_before_the_fork",
+            warmup_runs_before_the_fork,
+        )
+        .needs_packages(),
     ]
 }
