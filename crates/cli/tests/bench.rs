@@ -81,14 +81,21 @@ fn quick_bench_reports_every_section() {
     }
 
     let density = r["density"].as_array().unwrap();
-    assert_eq!(density.len(), 1, "{density:?}");
-    let d = &density[0];
-    assert_eq!(d["sessions"], 20);
-    assert!(d["success_rate"].as_f64().unwrap() > 0.0, "{d}");
-    assert!(d["alive"].as_u64().unwrap() > 0, "{d}");
-    assert!(d["answering"].as_u64().unwrap() > 0, "{d}");
-    assert!(d["pss_per_session_mib"].as_f64().unwrap() > 0.0, "{d}");
-    assert!(d["processes"].as_u64().unwrap() > 0, "{d}");
+    // The same sessions without and with the zygote's warm-up, in that order.
+    assert_eq!(density.len(), 2, "{density:?}");
+    for (d, warmup) in density.iter().zip([false, true]) {
+        assert_eq!(d["sessions"], 20);
+        assert_eq!(d["warmup"], warmup, "{d}");
+        assert!(
+            d["first_cell"].as_str().unwrap().contains("DataFrame"),
+            "{d}"
+        );
+        assert!(d["success_rate"].as_f64().unwrap() > 0.0, "{d}");
+        assert!(d["alive"].as_u64().unwrap() > 0, "{d}");
+        assert!(d["answering"].as_u64().unwrap() > 0, "{d}");
+        assert!(d["pss_per_session_mib"].as_f64().unwrap() > 0.0, "{d}");
+        assert!(d["processes"].as_u64().unwrap() > 0, "{d}");
+    }
 
     let b = &r["baselines"];
     check_stat("python3_pass", &b["python3_pass"]);
