@@ -14,7 +14,7 @@
 //! `replica_unavailable`.
 //!
 //! Session names (ACA's `?identifier=`, a `/v1` session's `identifier`, an MCP tool's
-//! `session` or `sandbox_id`) are the client's: the replica that holds one is the one the
+//! `session` or `sandbox_id`, the session of an MCP file resource's URI) are the client's: the replica that holds one is the one the
 //! name ends in (`…_<token>`: the names a replica generates, and ids), else the one chosen by
 //! rendezvous hashing of the name over the replicas ([`Cluster::owner_of_name`]), so every
 //! replica sends a name to the same one. MCP's HTTP transport is stateless (each POST stands
@@ -569,10 +569,19 @@ impl Creation {
             Creation::Sandbox => Placement::Load(str_of(body, "pool")),
             Creation::E2b => Placement::Load(str_of(body, "templateID")),
             Creation::Mcp => {
-                if body.get("method").and_then(Value::as_str) != Some("tools/call") {
-                    return Placement::Here;
-                }
                 let params = body.get("params").unwrap_or(&Value::Null);
+                match body.get("method").and_then(Value::as_str) {
+                    Some("tools/call") => {}
+                    // A session's file, by its resource URI.
+                    Some("resources/read") => {
+                        return params
+                            .get("uri")
+                            .and_then(Value::as_str)
+                            .and_then(ampoule_mcp::tools::parse_file_uri)
+                            .map_or(Placement::Here, |(session, _)| Placement::Named(session));
+                    }
+                    _ => return Placement::Here,
+                }
                 let args = params.get("arguments").unwrap_or(&Value::Null);
                 if let Some(name) = str_of(args, "session").or_else(|| str_of(args, "sandbox_id")) {
                     return Placement::Named(name);
@@ -694,5 +703,77 @@ pub async fn route(State(cluster): State<Arc<Cluster>>, req: Request, next: Next
     match creation(&req) {
         Some(kind) => create(cluster, kind, req, next).await,
         None => next.run(req).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use serde_json::json;
+
+    fn cluster() -> Cluster {
+        let peers: BTreeMap<String, String> = (0..3)
+            .map(|i| (format!("ampoule-{i}"), format!("http://10.0.0.{i}:8080")))
+            .collect();
+        Cluster::new("ampoule-0", &peers, "a-secret-of-16-chars").unwrap()
+    }
+
+    #[test]
+    fn a_name_ending_in_a_replica_token_is_that_replicas_else_hashed() {
+        let c = cluster();
+        assert_eq!(c.owner_of_name("0123abcd_ampoule2"), "ampoule2");
+        assert_eq!(c.owner_of_name("ses_0123_ampoule1"), "ampoule1");
+        for name in ["conversation-1", "x_notareplica", "plain"] {
+            assert_eq!(c.owner_of_name(name), c.owner_of_identifier(name), "{name}");
+        }
+        // Rendezvous spreads names over every replica.
+        let owners: std::collections::BTreeSet<String> = (0..64)
+            .map(|i| c.owner_of_name(&format!("n{i}")).to_owned())
+            .collect();
+        assert_eq!(owners.len(), 3, "{owners:?}");
+        // Without a manager nothing is placed elsewhere by load.
+        assert!(c.place(None).is_none());
+    }
+
+    #[test]
+    fn what_a_new_session_request_names_decides_its_placement() {
+        let load = |p: Option<&str>| Placement::Load(p.map(str::to_owned));
+        let named = |n: &str| Placement::Named(n.to_owned());
+        assert_eq!(Creation::Session.placement(&json!({})), load(None));
+        assert_eq!(
+            Creation::Session.placement(&json!({"pool": "py", "identifier": "c"})),
+            named("c")
+        );
+        assert_eq!(
+            Creation::Sandbox.placement(&json!({"pool": "py"})),
+            load(Some("py"))
+        );
+        assert_eq!(
+            Creation::E2b.placement(&json!({"templateID": "base:1"})),
+            load(Some("base:1"))
+        );
+        let call = |name: &str, args: Value| {
+            Creation::Mcp.placement(&json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                "params": {"name": name, "arguments": args}}))
+        };
+        assert_eq!(
+            call("execute_code", json!({"code": "1", "session": "s"})),
+            named("s")
+        );
+        assert_eq!(call("execute_code", json!({"code": "1"})), load(None));
+        assert_eq!(call("upload_file", json!({"path": "a"})), load(None));
+        assert_eq!(
+            call("pause_sandbox", json!({"sandbox_id": "sbx_1_ampoule1"})),
+            named("sbx_1_ampoule1")
+        );
+        assert_eq!(call("list_sessions", json!({})), Placement::Here);
+        let read = json!({"jsonrpc": "2.0", "id": 2, "method": "resources/read",
+            "params": {"uri": ampoule_mcp::tools::file_uri("s2", "out/a.txt")}});
+        assert_eq!(Creation::Mcp.placement(&read), named("s2"));
+        let init = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {}});
+        assert_eq!(Creation::Mcp.placement(&init), Placement::Here);
+        assert_eq!(Creation::Mcp.placement(&Value::Null), Placement::Here);
     }
 }
