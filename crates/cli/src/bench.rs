@@ -13,7 +13,10 @@
 //!    `MemAvailable`, per session;
 //! 5. baselines in the same run: bare `python3 -c pass`, the venv's cold
 //!    `import numpy, pandas, matplotlib`, `bwrap --unshare-all python3 -c pass` (when installed)
-//!    and `ampoule run` of `print(1)`.
+//!    and `ampoule run` of `print(1)`;
+//! 6. with `--cluster-only`: 1 then 3 replicas of a `[cluster]`, each with the same
+//!    `max_sessions`, filled through one replica (placement by load spreads them), then every
+//!    held session's `1+1` round trip, through its holder and through replica `i mod n`.
 //!
 //! The servers are this binary (`ampoule serve`) started as child processes on 127.0.0.1 with
 //! a throw-away config, data directory and API key; the client speaks HTTP/1.1 over kept-alive
@@ -79,6 +82,13 @@ pub(crate) struct BenchArgs {
     /// With --image: only that comparison.
     #[arg(long, requires = "image")]
     image_only: bool,
+    /// Only the replicas comparison: 1 then 3 `ampoule serve` replicas of a cluster, filled
+    /// through one of them to their `max_sessions`, then every held session's `1+1` round trip.
+    #[arg(long)]
+    cluster_only: bool,
+    /// With --cluster-only: each replica's `max_sessions` (default 100; 20 with --quick).
+    #[arg(long, value_name = "N", requires = "cluster_only")]
+    cluster_sessions: Option<usize>,
 }
 
 /// Sample counts and durations of one run.
@@ -330,6 +340,28 @@ pub(crate) async fn run(args: BenchArgs) -> Result<ExitCode> {
         writeln!(out)?;
         return Ok(ExitCode::SUCCESS);
     }
+    if args.cluster_only {
+        let per_replica = args
+            .cluster_sessions
+            .unwrap_or(if args.quick { 20 } else { 100 });
+        let rounds = if args.quick { 2 } else { 5 };
+        let cluster = cluster_phase(&exe, &work, per_replica, rounds).await?;
+        let report = json!({
+            "version": 1,
+            "date": utc_now(),
+            "build": build_kind(),
+            "host": {
+                "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+                "load_average_start": load_before,
+                "load_average_end": load_average(),
+            },
+            "cluster": cluster,
+        });
+        let mut out = std::io::stdout().lock();
+        serde_json::to_writer_pretty(&mut out, &report)?;
+        writeln!(out)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let durable = durable_phase(&plan, &exe, &work).await?;
     if args.durable_only {
         let report =
@@ -560,6 +592,21 @@ fn time_process(mut cmd: Command, stdin: Option<&[u8]>, expect: &str) -> Result<
 // The servers
 
 /// An `ampoule serve` child process with a throw-away config.
+/// A fresh API key for the bench's servers.
+fn bench_key() -> String {
+    format!(
+        "bench-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default()
+    )
+}
+
+/// The variable `[cluster]` reads its secret from (the servers get the bench's key).
+const CLUSTER_SECRET_ENV: &str = "AMPOULE_CLUSTER_SECRET";
+
 struct Server {
     child: Child,
     addr: SocketAddr,
@@ -575,6 +622,20 @@ impl Server {
     /// Starts `ampoule serve` with `pools` (TOML tables without their `[pools.NAME]` header
     /// lines inside: `(name, body)`).
     fn start(exe: &Path, work: &WorkDir, name: &str, pools: &[(&str, String)]) -> Result<Server> {
+        Self::start_with(exe, work, name, pools, "127.0.0.1:0", "", &bench_key())
+    }
+
+    /// [`Server::start`] listening on `listen`, with `extra` appended to its config (TOML
+    /// tables) and `key` as the bench's API key.
+    fn start_with(
+        exe: &Path,
+        work: &WorkDir,
+        name: &str,
+        pools: &[(&str, String)],
+        listen: &str,
+        extra: &str,
+        key: &str,
+    ) -> Result<Server> {
         let data = work.0.join(format!("{name}-data"));
         std::fs::create_dir_all(&data)?;
         let mut config = format!(
@@ -584,20 +645,15 @@ impl Server {
         for (pool, body) in pools {
             config.push_str(&format!("\n[pools.{pool}]\n{body}"));
         }
+        config.push_str(extra);
         let path = work.0.join(format!("{name}.toml"));
         std::fs::write(&path, &config).with_context(|| format!("writing {}", path.display()))?;
-        let key = format!(
-            "bench-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or_default()
-        );
+        let key = key.to_owned();
         let mut child = Command::new(exe)
-            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+            .args(["serve", "--listen", listen, "--config"])
             .arg(&path)
             .env(KEY_ENV, &key)
+            .env(CLUSTER_SECRET_ENV, &key)
             .env_remove("AMPOULE_CONFIG")
             .env(
                 "AMPOULE_LOG",
@@ -1161,6 +1217,169 @@ async fn server_phase(
         rt.stat(),
         throughput,
     ))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Replicas: 1 then 3, each holding `max_sessions`
+
+const CLUSTER_POOL: &str = "bench-cluster";
+
+/// For 1 then 3 replicas (the 3 a `[cluster]` on 127.0.0.1, each its own port): every
+/// replica's pool holds `per_replica` sessions (forked from a zygote). New sessions are asked
+/// of replica 0 only — as clients behind one address would — until the cluster refuses one
+/// (`pool_full`): placement by load spreads them. Then every held session answers `1+1`
+/// `rounds` times, one request at a time (so the figure is a session's round trip, not
+/// the machine's contention), through the replica holding it and through replica `i mod n`
+/// (a Service spreading connections: two in three forwarded once).
+async fn cluster_phase(
+    exe: &Path,
+    work: &WorkDir,
+    per_replica: usize,
+    rounds: usize,
+) -> Result<Value> {
+    let mut runs = Vec::new();
+    for n in [1usize, 3] {
+        let key = bench_key();
+        let ports: Vec<u16> = (0..n)
+            .map(|_| {
+                std::net::TcpListener::bind("127.0.0.1:0")
+                    .and_then(|l| l.local_addr())
+                    .map(|a| a.port())
+            })
+            .collect::<std::io::Result<_>>()
+            .context("choosing ports")?;
+        let peers: Vec<String> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("b{i} = \"http://127.0.0.1:{p}\""))
+            .collect();
+        let pools = [(CLUSTER_POOL, pool_toml(true, 0, per_replica))];
+        note(&format!(
+            "starting {n} replica(s), max_sessions = {per_replica} each"
+        ));
+        let mut servers = Vec::new();
+        for (i, port) in ports.iter().enumerate() {
+            let extra = if n > 1 {
+                format!(
+                    "\n[cluster]\nreplica = \"b{i}\"\npeers = {{ {} }}\n",
+                    peers.join(", ")
+                )
+            } else {
+                String::new()
+            };
+            servers.push(Server::start_with(
+                exe,
+                work,
+                &format!("cluster{n}-{i}"),
+                &pools,
+                &format!("127.0.0.1:{port}"),
+                &extra,
+                &key,
+            )?);
+        }
+        let mut clients: Vec<Client> = servers.iter().map(Server::client).collect();
+        // Each zygote's one-off start, then the peers' first capacity reports.
+        for (i, c) in clients.iter_mut().enumerate() {
+            let (v, _) = c
+                .call(
+                    Method::POST,
+                    "/v1/sessions".into(),
+                    Some(json!({"pool": CLUSTER_POOL, "identifier": format!("warm-up_b{i}")})),
+                )
+                .await
+                .with_context(|| format!("the first session\n{}", servers[i].log_tail()))?;
+            let id = v["id"].as_str().context("no session id")?.to_owned();
+            c.call(Method::DELETE, format!("/v1/sessions/{id}"), None)
+                .await?;
+        }
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+
+        let want = n * per_replica;
+        let pb = progress(
+            want,
+            &format!("{n} replica(s): new sessions through replica 0"),
+        );
+        let mut ids = Vec::new();
+        let mut create = Samples::default();
+        let refused = loop {
+            let body = json!({"pool": CLUSTER_POOL}).to_string().into_bytes();
+            let (status, bytes, ms) = clients[0]
+                .request(Method::POST, "/v1/sessions", Some(body))
+                .await?;
+            if status == StatusCode::TOO_MANY_REQUESTS {
+                break String::from_utf8_lossy(&bytes).into_owned();
+            }
+            if status != StatusCode::CREATED {
+                bail!(
+                    "POST /v1/sessions: HTTP {status}: {}",
+                    String::from_utf8_lossy(&bytes)
+                );
+            }
+            let v: Value = serde_json::from_slice(&bytes)?;
+            ids.push(v["id"].as_str().context("no session id")?.to_owned());
+            create.record(Ok(ms));
+            pb.inc(1);
+            if ids.len() > want {
+                bail!("{} sessions held, more than {n} × {per_replica}", ids.len());
+            }
+        };
+        pb.finish_and_clear();
+        let holder = |id: &str| -> usize {
+            id.rsplit_once("_b")
+                .and_then(|(_, i)| i.parse().ok())
+                .unwrap_or(0)
+        };
+        let mut held = vec![0usize; n];
+        for id in &ids {
+            if let Some(h) = held.get_mut(holder(id)) {
+                *h += 1;
+            }
+        }
+
+        let pb = progress(
+            ids.len() * rounds * 2,
+            &format!("{n} replica(s): 1+1 round trips"),
+        );
+        let (mut direct, mut spread) = (Samples::default(), Samples::default());
+        for _ in 0..rounds {
+            for (i, id) in ids.iter().enumerate() {
+                for (via, samples) in [(holder(id), &mut direct), (i % n, &mut spread)] {
+                    let c = &mut clients[via.min(n - 1)];
+                    let r = c
+                        .call(
+                            Method::POST,
+                            format!("/v1/sessions/{id}/executions"),
+                            Some(json!({"code": "1+1"})),
+                        )
+                        .await
+                        .and_then(|(v, ms)| {
+                            if v["status"] == "succeeded" && v["result"]["text/plain"] == "2" {
+                                Ok(ms)
+                            } else {
+                                bail!("unexpected answer {v}")
+                            }
+                        });
+                    samples.record(r);
+                    pb.inc(1);
+                }
+            }
+        }
+        pb.finish_and_clear();
+        for s in servers {
+            s.stop(Duration::from_secs(60));
+        }
+        runs.push(json!({
+            "replicas": n,
+            "max_sessions_each": per_replica,
+            "sessions_held": ids.len(),
+            "held_by_replica": held,
+            "refused_then": refused.chars().take(200).collect::<String>(),
+            "new_session": create.stat(),
+            "round_trip_via_holder": direct.stat(),
+            "round_trip_via_replica_i_mod_n": spread.stat(),
+        }));
+    }
+    Ok(Value::Array(runs))
 }
 
 /// Durable sandboxes (always started cold, on their own disk image): pause and resume of one

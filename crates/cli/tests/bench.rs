@@ -110,6 +110,38 @@ fn quick_bench_reports_every_section() {
     }
 }
 
+/// `--cluster-only`: 3 replicas hold 3 × one replica's `max_sessions`, all asked of one
+/// replica (placement by load spread them, each replica full), and every held session
+/// answered through its holder and through another replica.
+fn quick_cluster_bench_holds_three_times_the_sessions() {
+    let out = Command::new(env!("CARGO_BIN_EXE_ampoule"))
+        .args([
+            "bench",
+            "--quick",
+            "--cluster-only",
+            "--cluster-sessions",
+            "6",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "ampoule bench failed: {stderr}");
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let runs = r["cluster"].as_array().unwrap();
+    let held: Vec<Value> = runs.iter().map(|c| c["held_by_replica"].clone()).collect();
+    assert_eq!(held, [serde_json::json!([6]), serde_json::json!([6, 6, 6])]);
+    for c in runs {
+        assert!(
+            c["refused_then"].as_str().unwrap().contains("pool_full"),
+            "{c}"
+        );
+        for k in ["round_trip_via_holder", "round_trip_via_replica_i_mod_n"] {
+            check_stat(k, &c[k]);
+            assert_eq!(c[k]["success_rate"], 1.0, "{k}: {c}");
+        }
+    }
+}
+
 fn bench_refuses_without_root() {
     let out = Command::new(env!("CARGO_BIN_EXE_ampoule"))
         .args(["bench", "--quick"])
@@ -130,6 +162,11 @@ fn main() {
         (
             "quick_bench_reports_every_section",
             quick_bench_reports_every_section as fn(),
+            (!root).then_some("ampoule bench needs root"),
+        ),
+        (
+            "quick_cluster_bench_holds_three_times_the_sessions",
+            quick_cluster_bench_holds_three_times_the_sessions,
             (!root).then_some("ampoule bench needs root"),
         ),
         (

@@ -1312,6 +1312,13 @@ impl Manager {
         format!("{kind}_{}{suffix}", random_hex(12))
     }
 
+    /// A generated session name (an MCP session started without one): 32 hex digits, and
+    /// `_<replica>` in a cluster, so that every replica routes it to the one holding it.
+    pub(crate) fn new_name(&self) -> String {
+        let suffix = self.inner.id_suffix.get().map_or("", String::as_str);
+        format!("{}{suffix}", random_hex(16))
+    }
+
     /// The replica an id names (`<kind>_<hex>_<replica>`), if any.
     pub fn replica_of(id: &str) -> Option<&str> {
         let mut parts = id.splitn(3, '_');

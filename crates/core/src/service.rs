@@ -385,7 +385,7 @@ impl Manager {
                         }
                         Resolved::New {
                             pool: self.pool_for(language.as_deref())?,
-                            identifier: identifier.clone().unwrap_or_else(|| random_hex(16)),
+                            identifier: identifier.clone().unwrap_or_else(|| self.new_name()),
                         }
                     }
                 }
@@ -553,7 +553,7 @@ impl Manager {
     ) -> Result<(SessionInfo, bool), Error> {
         let identifier = match cmd.identifier {
             Some(id) => id,
-            None => random_hex(16),
+            None => self.new_name(),
         };
         let target = Target::Named {
             pool: cmd.pool,

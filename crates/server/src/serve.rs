@@ -428,13 +428,19 @@ pub async fn serve_noting(
     }
     let limits = cfg.door_limits()?.within_open_files();
     let drain_timeout = cfg.drain_timeout()?;
-    let cluster = cfg.cluster()?.map(Arc::new);
+    // Base64 makes an MCP upload a third larger; JSON-RPC adds a little.
+    let mcp_body =
+        usize::try_from(state.max_upload.saturating_mul(4) / 3 + 64 * 1024).unwrap_or(usize::MAX);
+    let cluster = cfg
+        .cluster()?
+        .map(|c| Arc::new(c.with_manager(state.manager.clone(), mcp_body)));
     if let Some(c) = &cluster {
         state
             .manager
             .set_replica(&c.token)
             .map_err(|e| Error::Config(format!("cluster.replica: {e}")))?;
         tracing::info!(replica = %c.replica, "a replica of a cluster");
+        tokio::spawn(c.clone().poll_loads());
     }
     let door_metrics = state.metrics.door().clone();
     let keys_watcher = watch_keys(cfg.keys_file(), state.keys.clone());

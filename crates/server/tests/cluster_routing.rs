@@ -22,11 +22,15 @@ const SECRET: &str = "a-cluster-secret-for-tests";
 
 struct Replica {
     addr: String,
+    cluster: Arc<Cluster>,
     task: tokio::task::JoinHandle<()>,
     _dir: tempfile::TempDir,
 }
 
-async fn replicas(n: usize) -> Vec<Replica> {
+/// `n` replicas whose pool holds `max_sessions` each. Their peers' capacity is asked only
+/// when a test says ([`Cluster::refresh_loads`]): until then every new session stays where
+/// it was asked for.
+async fn replicas(n: usize, max_sessions: usize) -> Vec<Replica> {
     let listeners: Vec<tokio::net::TcpListener> = {
         let mut v = Vec::new();
         for _ in 0..n {
@@ -49,7 +53,7 @@ async fn replicas(n: usize) -> Vec<Replica> {
         let dir = tempfile::tempdir().unwrap();
         let cfg = Config::parse(&format!(
             "[server]\ndata_dir = \"{}\"\n[[auth.keys]]\ntenant = \"a\"\nkey_sha256 = \"{}\"\n\
-             [pools.python]\nwarm = 0\n",
+             [pools.python]\nwarm = 0\nmax_sessions = {max_sessions}\n",
             dir.path().join("data").display(),
             sha256_hex(A),
         ))
@@ -57,10 +61,14 @@ async fn replicas(n: usize) -> Vec<Replica> {
         let keys = ampoule_server::serve::keys(&cfg).unwrap();
         let state = ampoule_server::serve::state(&cfg, Arc::new(FakeEngine::new(dir.path())), keys)
             .unwrap();
-        let cluster = Arc::new(Cluster::new(&format!("ampoule-{i}"), &peers, SECRET).unwrap());
+        let cluster = Arc::new(
+            Cluster::new(&format!("ampoule-{i}"), &peers, SECRET)
+                .unwrap()
+                .with_manager(state.manager.clone(), 1 << 20),
+        );
         state.manager.set_replica(&cluster.token).unwrap();
         let app = ampoule_server::app(state).layer(axum::middleware::from_fn_with_state(
-            cluster,
+            cluster.clone(),
             ampoule_server::cluster::route,
         ));
         let addr = listener.local_addr().unwrap().to_string();
@@ -69,6 +77,7 @@ async fn replicas(n: usize) -> Vec<Replica> {
         });
         out.push(Replica {
             addr,
+            cluster,
             task,
             _dir: dir,
         });
@@ -132,7 +141,7 @@ async fn exec(addr: &str, id: &str, code: &str) -> (u16, Value) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_serve_each_others_sessions_and_a_stopped_one_answers_replica_unavailable() {
-    let r = replicas(3).await;
+    let r = replicas(3, 100).await;
     let (a, b, c) = (&r[0].addr, &r[1].addr, &r[2].addr);
 
     // A session made on replica 0 names it, and is one session through every replica.
@@ -251,4 +260,116 @@ async fn replicas_serve_each_others_sessions_and_a_stopped_one_answers_replica_u
         }
     }
     assert_eq!(ok, 80);
+}
+
+/// Calls an MCP tool on `addr`: the tool result's JSON (its first text content, parsed)
+/// and whether it is an error.
+async fn mcp_tool(addr: &str, tool: &str, args: Value) -> (Value, bool) {
+    let body = serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+        "params": {"name": tool, "arguments": args}});
+    let (st, out, _) = raw(
+        addr,
+        "POST",
+        "/mcp",
+        "Accept: application/json, text/event-stream\r\n",
+        &body.to_string(),
+    )
+    .await;
+    assert_eq!(st, 200, "{out}");
+    let json = &out[out.find("\r\n\r\n").unwrap() + 4..];
+    let json = &json[json.find('{').unwrap()..=json.rfind('}').unwrap()];
+    let reply: Value = serde_json::from_str(json).unwrap();
+    let result = &reply["result"];
+    let text = result["content"][0]["text"].as_str().unwrap_or_default();
+    (
+        serde_json::from_str(text).unwrap_or_else(|_| Value::from(text)),
+        result["isError"] == true,
+    )
+}
+
+/// The replica token an id or generated name ends in.
+fn holder(id: &str) -> &str {
+    id.rsplit_once('_').unwrap().1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_sessions_go_to_the_replica_with_the_most_room() {
+    let r = replicas(3, 4).await;
+    let (a, b) = (&r[0].addr, &r[1].addr);
+    let refresh = || async {
+        for x in &r {
+            x.cluster.refresh_loads().await;
+        }
+    };
+
+    // Each replica reports its capacity to its peers only.
+    let (st, out, _) = raw(a, "GET", "/cluster/v1/capacity", "", "").await;
+    assert_eq!(st, 401, "{out}");
+    let (st, out, _) = raw(
+        a,
+        "GET",
+        "/cluster/v1/capacity",
+        &format!("{FORWARDED}: {SECRET}\r\n"),
+        "",
+    )
+    .await;
+    assert_eq!(st, 200, "{out}");
+    assert!(out.contains(r#""free":{"python":4}"#), "{out}");
+
+    // No report from the peers yet: a new session stays where it was asked for. Replica 0
+    // fills up so.
+    for _ in 0..4 {
+        assert_eq!(holder(&new_session(a).await), "ampoule0");
+    }
+    // As much room as the most elsewhere: it stays too.
+    refresh().await;
+    assert_eq!(holder(&new_session(b).await), "ampoule1");
+
+    // Replica 0 is full: what is asked of it starts where there is most room (each
+    // placement counted against the chosen one's last report, so they spread), through
+    // every door that starts one: /v1 sessions, /v1 sandboxes, E2B's create, an MCP tool
+    // without a session.
+    refresh().await;
+    let mut placed = vec![new_session(a).await, new_session(a).await];
+    refresh().await;
+    let (st, sbx) = http(a, "POST", "/v1/sandboxes", "{}").await;
+    assert_eq!(st, 201, "{sbx}");
+    placed.push(sbx["id"].as_str().unwrap().to_owned());
+    refresh().await;
+    let (st, e2b) = http(a, "POST", "/sandboxes", r#"{"templateID": "python"}"#).await;
+    assert_eq!(st, 201, "{e2b}");
+    placed.push(e2b["sandboxID"].as_str().unwrap().to_owned());
+    // An MCP tool without a session starts one on the replica with room; its generated
+    // name names that replica, so the next call through replica 0 finds the same session.
+    refresh().await;
+    let (out, err) = mcp_tool(a, "execute_code", serde_json::json!({"code": "x = 41"})).await;
+    assert!(!err, "{out}");
+    let session = out["session"].as_str().unwrap().to_owned();
+    placed.push(session.clone());
+    let (out, err) = mcp_tool(
+        a,
+        "execute_code",
+        serde_json::json!({"code": "x + 1", "session": session}),
+    )
+    .await;
+    assert!(!err, "{out}");
+    assert_eq!(out["result"], "42", "{out}");
+    // 4 + 1 slots were free on 1 and 2 (replica 1 held one): 1 + 2 + 2 taken, 1 left each.
+    let on = |t: &str| placed.iter().filter(|id| holder(id) == t).count();
+    assert_eq!(
+        (on("ampoule0"), on("ampoule1"), on("ampoule2")),
+        (0, 2, 3),
+        "{placed:?}"
+    );
+
+    // Replica 1 stops before its peers notice: replica 0 asks it first (as much room as
+    // replica 2, and named first), gets no answer, and starts the session on replica 2.
+    refresh().await;
+    r[1].task.abort();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(holder(&new_session(a).await), "ampoule2");
+    // No room left anywhere that answers: here, which is full.
+    let (st, out) = http(a, "POST", "/v1/sessions", "{}").await;
+    assert_eq!(st, 429, "{out}");
+    assert_eq!(out["error"]["code"], "pool_full", "{out}");
 }
