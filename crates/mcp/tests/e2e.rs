@@ -35,9 +35,15 @@ fn serve(config: &Path) -> Serve {
 }
 
 fn smoke(venv: &Path, args: &[&str]) {
+    smoke_with(venv, args, &[]);
+}
+
+/// [`smoke`] with extra environment for the client script (`MCP_SMOKE_KERNEL_RELEASE`).
+fn smoke_with(venv: &Path, args: &[&str], env: &[(&str, &str)]) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/mcp_smoke.py");
     let mut cmd = Command::new(venv.join("bin/python"));
     cmd.arg(&script).args(args);
+    cmd.envs(env.iter().copied());
     let out = cmd.output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -79,6 +85,38 @@ fn mcp_over_streamable_http_and_stdio() {
     // stdio, running its own sandboxes (the SDK starts it with a minimal environment: no
     // AMPOULE_URL reaches it).
     smoke(&venv, &["stdio", bin, "mcp"]);
+}
+
+/// The whole smoke against a `gvisor` pool (the only Python pool, so every tool call lands on
+/// gVisor): over streamable HTTP in `ampoule serve`, and over stdio in `ampoule mcp --config`
+/// running its own gVisor sandboxes. Besides everything the smoke checks (state across calls,
+/// charts, files), the code must see gVisor's kernel (release 4.4.0), not the host's.
+fn mcp_on_a_gvisor_pool() {
+    let venv = client_venv().expect("AMPOULE_CLIENT_VENV is set");
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("ampoule.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\ndata_dir = \"{}\"\n\
+             [[auth.keys]]\ntenant = \"a\"\nkey_env = \"AMPOULE_MCP_E2E_KEY\"\n\
+             [pools.python]\nisolation = \"gvisor\"\nwarm = 1\nmax_sessions = 8\n",
+            tmp.path().join("data").display()
+        ),
+    )
+    .unwrap();
+    let gvisor = [("MCP_SMOKE_KERNEL_RELEASE", "4.4.0")];
+    let server = serve(&config);
+    let url = format!("http://127.0.0.1:{}/mcp", server.port);
+    smoke_with(&venv, &["http", &url, KEY], &gvisor);
+    server.stop().unwrap();
+    let bin = binary();
+    let config = config.to_str().unwrap();
+    smoke_with(
+        &venv,
+        &["stdio", bin.to_str().unwrap(), "mcp", "--config", config],
+        &gvisor,
+    );
 }
 
 /// `execute_code` with `language: csharp` runs in the config's C# pool and keeps its state:
@@ -158,6 +196,13 @@ fn main() {
     } else {
         None
     };
+    let gvisor_skip = if ampoule_runtime::gvisor::find().is_some() {
+        None
+    } else if std::env::var_os("CI").is_some() {
+        panic!("runsc is missing in CI (scripts/deps.sh installs it)");
+    } else {
+        Some("runsc is not installed (apt-get install runsc)".to_owned())
+    };
     let trials = vec![
         trial(
             "mcp_over_streamable_http_and_stdio",
@@ -165,6 +210,11 @@ fn main() {
             skip,
         ),
         trial("csharp_over_stdio", csharp_over_stdio, csharp_skip),
+        trial(
+            "mcp_on_a_gvisor_pool",
+            mcp_on_a_gvisor_pool,
+            skip.or(gvisor_skip.as_deref()),
+        ),
     ];
     libtest_mimic::run(&args, trials).exit();
 }

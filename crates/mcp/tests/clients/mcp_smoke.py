@@ -5,13 +5,15 @@
 
 Checks: the tool list and its schemas, Python that prints and returns a value, a matplotlib
 chart as image content, state across two calls in one session, upload then download, files
-as resources, and that bad calls come back as tool errors. Prints `ok: ...` lines; exits
+as resources, and that bad calls come back as tool errors. With MCP_SMOKE_KERNEL_RELEASE set,
+also that the code sees that kernel release (a gVisor pool: 4.4.0). Prints `ok: ...` lines; exits
 non-zero on the first failure.
 """
 
 import asyncio
 import base64
 import json
+import os
 import sys
 from contextlib import asynccontextmanager
 
@@ -77,6 +79,13 @@ async def main(argv):
         r = await s.call_tool("execute_code", {"code": "x + 1", "session": "mcp-state"})
         out = summary(r)
         check(out["result"] == "42" and out["session"] == "mcp-state", "state across calls", out)
+
+        # On a pool of another isolation tier, the kernel the code sees (gVisor's: 4.4.0).
+        release = os.environ.get("MCP_SMOKE_KERNEL_RELEASE")
+        if release:
+            r = await s.call_tool("execute_code", {"code": "import platform\nplatform.release()", "session": "mcp-state"})
+            out = summary(r)
+            check(out["result"] == repr(release), f"the code runs on kernel {release}", out)
 
         r = await s.call_tool("execute_code", {"code": "1 / 0", "session": "mcp-state"})
         out = summary(r)
