@@ -29,8 +29,17 @@
 //! which the sentry enforces inside. Its memory limit gets [`SENTRY_MEMORY_MIB`] more for the
 //! sentry and gofer.
 //!
-//! Not (yet) on this tier: allowlist networking (the sandbox runs `--network=none`, loopback
-//! only), sandboxes from OCI images, entering a running sandbox, zygotes. `--oci-seccomp` is
+//! Network: without an allowlist the sandbox runs `--network=none` (the sentry's loopback
+//! only). With one, the supervisor makes the sandbox's network namespace itself, wired exactly
+//! as the default tier's (`lo`, `eth0` with its `/30` and a default route to the gateway,
+//! `amp<slot>` on the host; [`crate::network::pinned_namespace`]), pins it on `netns` in the
+//! sandbox's directory and names that path in the spec's `linux.namespaces`; runsc, with
+//! `--network=sandbox`, joins it and hands its interfaces and routes to gVisor's netstack, so
+//! the code's packets leave through the same veth, nftables table and gateway. runsc runs in a
+//! private mount namespace whose `/proc/sys` hides `net` (see
+//! [`crate::sys::hide_net_sysctls_before_exec`] for the runsc bug this works around).
+//!
+//! Not (yet) on this tier: sandboxes from OCI images, entering a running sandbox, zygotes. `--oci-seccomp` is
 //! not used: the sentry implements every system call itself and runs under gVisor's own
 //! host seccomp filter, so a filter inside would only narrow the sentry's emulated surface.
 
@@ -54,8 +63,15 @@ use serde_json::{Value, json};
 
 use crate::error::{Error, IoContext, Result};
 use crate::host::Host;
+use crate::network::{GatewayAddrs, Network};
 use crate::sandbox::{Prepare, SANDBOX_UID, Sandbox, SandboxConfig};
 use crate::scratch::Scratch;
+
+/// The file in a sandbox's directory on which its network namespace is bind-mounted.
+const NETNS_PIN: &str = "netns";
+/// The empty directory through which runsc's private `/proc/sys` is built (see
+/// [`crate::sys::hide_net_sysctls_before_exec`]).
+const SYSCTL_KEEP: &str = "sysctl";
 
 /// Extra pids the sandbox cgroup allows for the sentry's and gofer's own threads.
 pub const SENTRY_PIDS: u64 = 512;
@@ -322,6 +338,8 @@ pub(crate) struct RunDir {
     dir: PathBuf,
     runsc: PathBuf,
     id: String,
+    /// In allowlist mode: the link to the egress gateway, deleted with the sandbox.
+    network: Option<GatewayAddrs>,
 }
 
 impl RunDir {
@@ -345,6 +363,11 @@ impl RunDir {
     pub(crate) fn id(&self) -> &str {
         &self.id
     }
+
+    /// The link to the egress gateway (allowlist mode).
+    pub(crate) fn network(&self) -> Option<&GatewayAddrs> {
+        self.network.as_ref()
+    }
 }
 
 impl Drop for RunDir {
@@ -360,6 +383,14 @@ impl Drop for RunDir {
                 .status();
         }
         clean_dir(&self.dir);
+        // Synchronous, as for the default tier's one-shot runs: once the sandbox is dropped no
+        // `amp*` link of it is left (the namespace's last holders are gone, but the kernel
+        // would remove the pair only later).
+        if let Some(addrs) = &self.network
+            && let Err(e) = crate::network::remove_host_side(addrs)
+        {
+            tracing::warn!(interface = %addrs.interface, error = %e, "could not remove a gvisor sandbox's veth");
+        }
     }
 }
 
@@ -367,6 +398,9 @@ impl Drop for RunDir {
 fn clean_dir(dir: &Path) {
     let scratch = dir.join("scratch");
     let _ = nix::mount::umount2(&scratch, MntFlags::MNT_DETACH);
+    // The network namespace's pin (allowlist mode): unmounted, the namespace goes with its
+    // last process.
+    let _ = nix::mount::umount2(&dir.join(NETNS_PIN), MntFlags::MNT_DETACH);
     if let Err(e) = fs::remove_dir_all(dir)
         && e.kind() != std::io::ErrorKind::NotFound
     {
@@ -523,12 +557,67 @@ fn build_root(
     Ok(mounts)
 }
 
-/// The OCI spec of the sandbox.
-fn spec(cfg: &SandboxConfig, mounts: Vec<Value>) -> Value {
+/// Adds the egress gateway's CA to the sandbox's trust, as the default tier's init does: the
+/// host's bundle plus the CA at [`crate::network::CA_BUNDLE`], the CA alone at
+/// [`crate::network::EGRESS_CA`] (both in a read-only `/etc/ampoule`), and the combined bundle
+/// bound over the host bundle's path for tools that read only the system store.
+fn trust_ca(bundle: &Path, ca_pem: &str, mounts: &mut Vec<Value>) -> Result<()> {
+    use crate::network::{CA_BUNDLE, EGRESS_CA, SYSTEM_BUNDLE};
+    let system = Path::new(SYSTEM_BUNDLE);
+    let regular = fs::symlink_metadata(system).is_ok_and(|m| m.is_file());
+    let mut combined = if regular {
+        fs::read(system).ctx(|| format!("reading {SYSTEM_BUNDLE}"))?
+    } else {
+        Vec::new()
+    };
+    if !combined.is_empty() && !combined.ends_with(b"\n") {
+        combined.push(b'\n');
+    }
+    combined.extend_from_slice(ca_pem.as_bytes());
+    let dir = bundle.join("trust");
+    mkdir(&dir, 0o755)?;
+    let (bundle_file, ca_file) = (dir.join("ca-certificates.crt"), dir.join("egress-ca.crt"));
+    fs::write(&bundle_file, &combined).ctx(|| format!("writing {}", bundle_file.display()))?;
+    fs::write(&ca_file, ca_pem).ctx(|| format!("writing {}", ca_file.display()))?;
+    let etc_ampoule = Path::new(CA_BUNDLE)
+        .parent()
+        .unwrap_or(Path::new("/etc/ampoule"));
+    debug_assert_eq!(Path::new(EGRESS_CA).parent(), Some(etc_ampoule));
+    // The mount point, in the (read-only) root.
+    mkdir(&under(&bundle.join("rootfs"), etc_ampoule), 0o755)?;
+    mounts.push(json!({
+        "destination": etc_ampoule,
+        "type": "bind",
+        "source": dir,
+        "options": ["rbind", "ro", "nosuid", "nodev"],
+    }));
+    if regular {
+        mounts.push(json!({
+            "destination": SYSTEM_BUNDLE,
+            "type": "bind",
+            "source": bundle_file,
+            "options": ["rbind", "ro", "nosuid", "nodev"],
+        }));
+    }
+    Ok(())
+}
+
+/// The OCI spec of the sandbox. `netns`: the network namespace runsc's netstack takes its
+/// interfaces and routes from (allowlist mode); without it the sandbox has loopback only.
+fn spec(
+    cfg: &SandboxConfig,
+    env: &[(String, String)],
+    mounts: Vec<Value>,
+    netns: Option<&Path>,
+) -> Value {
     let l = &cfg.limits;
     let disk_bytes = l.disk_mib.saturating_mul(1024 * 1024).max(1);
     let rlimit = |kind: &str, v: u64| json!({"type": kind, "soft": v, "hard": v});
-    let env: Vec<String> = cfg.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let env: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let network = match netns {
+        Some(path) => json!({"type": "network", "path": path}),
+        None => json!({"type": "network"}),
+    };
     json!({
         "ociVersion": "1.0.0",
         "process": {
@@ -555,7 +644,7 @@ fn spec(cfg: &SandboxConfig, mounts: Vec<Value>) -> Value {
         "mounts": mounts,
         "linux": {
             "namespaces": [
-                {"type": "pid"}, {"type": "network"}, {"type": "ipc"},
+                {"type": "pid"}, network, {"type": "ipc"},
                 {"type": "uts"}, {"type": "mount"}
             ],
             "maskedPaths": ["/proc/kcore", "/proc/keys", "/proc/timer_list"],
@@ -576,13 +665,6 @@ pub(crate) async fn spawn(
     if cfg.argv.is_empty() {
         return Err(Error::Invalid("nothing to run".into()));
     }
-    if !matches!(cfg.network, crate::network::Network::None) {
-        return Err(Error::Invalid(
-            "network allowlists are not supported on the gvisor tier yet: its sandboxes have \
-             loopback only\nhint: use isolation = \"namespaces\" for pools with a network"
-                .into(),
-        ));
-    }
     if cfg.image_root.is_some() {
         return Err(Error::Invalid(
             "sandboxes from OCI images are not supported on the gvisor tier yet".into(),
@@ -596,7 +678,18 @@ pub(crate) async fn spawn(
         ));
     };
     let runsc = runsc(host)?;
+    // `Some(ca)` in allowlist mode.
+    let allowlist = match &cfg.network {
+        Network::None => None,
+        Network::Allowlist { trusted_ca_pem } => {
+            crate::network::ensure_table(host)?;
+            Some(trusted_ca_pem.clone())
+        }
+    };
     let slot = host.acquire_slot()?;
+    let addrs = allowlist
+        .as_ref()
+        .map(|_| GatewayAddrs::for_slot(slot.index()));
     let dir = host.runtime_dir.join("gvisor").join(slot.cgroup_name());
     // A leftover of a crashed run with the same slot.
     if dir.exists() {
@@ -604,6 +697,7 @@ pub(crate) async fn spawn(
             dir: dir.clone(),
             runsc: runsc.path.clone(),
             id: format!("ampoule-{}", slot.cgroup_name()),
+            network: None,
         };
         drop(stale);
     }
@@ -616,6 +710,7 @@ pub(crate) async fn spawn(
         dir: dir.clone(),
         runsc: runsc.path.clone(),
         id: format!("ampoule-{}", slot.cgroup_name()),
+        network: addrs.clone(),
     };
     let started = Instant::now();
 
@@ -670,7 +765,23 @@ pub(crate) async fn spawn(
     let bundle = dir.join("bundle");
     let rootfs = bundle.join("rootfs");
     mkdir(&rootfs, 0o755)?;
-    let mounts = build_root(&rootfs, &scratch_dir, cfg, &etc_files, etc_binds)?;
+    let mut etc_files = etc_files;
+    let mut env = cfg.env.clone();
+    if let Some(a) = &addrs {
+        for (name, contents) in &mut etc_files {
+            if name == "resolv.conf" {
+                *contents = crate::network::resolv_conf(a);
+            }
+        }
+    }
+    let mut mounts = build_root(&rootfs, &scratch_dir, cfg, &etc_files, etc_binds)?;
+    if let Some(Some(ca)) = &allowlist {
+        trust_ca(&bundle, ca, &mut mounts)?;
+        for (k, v) in crate::network::ca_env() {
+            env.retain(|(name, _)| name != k);
+            env.push((k.to_owned(), v.to_owned()));
+        }
+    }
 
     // The sentry and gofer live in the sandbox's cgroup: room for their threads and memory.
     let cg_limits = Limits {
@@ -688,15 +799,28 @@ pub(crate) async fn spawn(
     )
     .ctx(|| format!("opening {}", scratch_dir.display()))?;
     let scratch = Scratch::new(root_fd, Some((SANDBOX_UID, SANDBOX_UID)));
+    let netns = match &addrs {
+        Some(a) => {
+            let pin = dir.join(NETNS_PIN);
+            crate::network::pinned_namespace(a, &pin)?;
+            tracing::debug!(elapsed = ?started.elapsed(), interface = %a.interface, "network wired");
+            Some(pin)
+        }
+        None => None,
+    };
     prepare(Prepare {
         scratch: &scratch,
-        network: None,
+        network: addrs.as_ref(),
     })?;
 
     let mut f =
         fs::File::create(bundle.join("config.json")).ctx(|| "writing config.json".into())?;
-    f.write_all(spec(cfg, mounts).to_string().as_bytes())
-        .ctx(|| "writing config.json".into())?;
+    f.write_all(
+        spec(cfg, &env, mounts, netns.as_deref())
+            .to_string()
+            .as_bytes(),
+    )
+    .ctx(|| "writing config.json".into())?;
     drop(f);
     mkdir(&run.state(), 0o700)?;
 
@@ -704,8 +828,14 @@ pub(crate) async fn spawn(
     cmd.arg("--root")
         .arg(run.state())
         .arg(format!("--platform={}", runsc.platform))
-        // No network beyond the sentry's own loopback.
-        .args(["--network=none", "--ignore-cgroups", "run", "--bundle"])
+        // `sandbox`: gVisor's netstack takes over the interfaces and routes of the namespace
+        // in the spec (only the link to the gateway); `none`: the sentry's loopback only.
+        .arg(if netns.is_some() {
+            "--network=sandbox"
+        } else {
+            "--network=none"
+        })
+        .args(["--ignore-cgroups", "run", "--bundle"])
         .arg(&bundle)
         .arg(run.id())
         .current_dir(&bundle)
@@ -719,6 +849,12 @@ pub(crate) async fn spawn(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
+    if netns.is_some() {
+        let keep = dir.join(SYSCTL_KEEP);
+        mkdir(&keep, 0o700)?;
+        crate::sys::hide_net_sysctls_before_exec(&mut cmd, &keep)
+            .ctx(|| "preparing runsc's view of /proc/sys".into())?;
+    }
     let procs = open_procs(&cgroup.0)?;
     crate::sys::join_cgroup_before_exec(&mut cmd, procs);
     let mut child = cmd

@@ -33,6 +33,7 @@ const RTM_NEWROUTE: u16 = 24;
 const IFLA_IFNAME: u16 = 3;
 const IFLA_LINKINFO: u16 = 18;
 const IFLA_NET_NS_PID: u16 = 19;
+const IFLA_NET_NS_FD: u16 = 28;
 const IFLA_INFO_KIND: u16 = 1;
 const IFLA_INFO_DATA: u16 = 2;
 const VETH_INFO_PEER: u16 = 1;
@@ -126,6 +127,15 @@ impl Message {
     }
 }
 
+/// Where the peer of a new veth pair goes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum PeerNs {
+    /// The network namespace of this process.
+    Pid(u32),
+    /// The network namespace this descriptor (an open `ns/net` file) refers to.
+    Fd(std::os::fd::RawFd),
+}
+
 /// One netlink socket, used for a few requests and dropped.
 pub(crate) struct Netlink {
     fd: OwnedFd,
@@ -200,8 +210,12 @@ impl Netlink {
         }
     }
 
-    /// Creates a veth pair: `name` here, down, and `peer` in the network namespace of `pid`.
-    pub(crate) fn add_veth(&mut self, name: &str, peer: &str, pid: u32) -> io::Result<()> {
+    /// Creates a veth pair: `name` here, down, and `peer` in the network namespace `ns`.
+    pub(crate) fn add_veth(&mut self, name: &str, peer: &str, ns: PeerNs) -> io::Result<()> {
+        let (kind, value) = match ns {
+            PeerNs::Pid(pid) => (IFLA_NET_NS_PID, pid.to_ne_bytes()),
+            PeerNs::Fd(fd) => (IFLA_NET_NS_FD, fd.to_ne_bytes()),
+        };
         let mut m = Message::new(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL);
         m.ifinfo(0, 0, 0)
             .attr_str(IFLA_IFNAME, name)
@@ -211,7 +225,7 @@ impl Netlink {
                         m.nested(VETH_INFO_PEER, |m| {
                             m.ifinfo(0, 0, 0)
                                 .attr_str(IFLA_IFNAME, peer)
-                                .attr(IFLA_NET_NS_PID, &pid.to_ne_bytes());
+                                .attr(kind, &value);
                         });
                     });
             });

@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, IoContext, Result};
 use crate::host::Host;
-use crate::netlink::Netlink;
+use crate::netlink::{Netlink, PeerNs};
 
 /// TCP port of the egress proxy on the host side of every sandbox's veth pair.
 pub const PROXY_PORT: u16 = 15001;
@@ -225,11 +225,16 @@ fn write_sysctl(path: &str, value: &str) -> io::Result<()> {
 /// Creates the veth pair of a sandbox whose outer init (`pid`) has already unshared its network
 /// namespace, and configures the host side: no IPv6, no forwarding, the gateway address, up.
 pub(crate) fn wire_host_side(addrs: &GatewayAddrs, pid: u32) -> Result<()> {
+    wire_host_side_to(addrs, PeerNs::Pid(pid))
+}
+
+/// [`wire_host_side`] with the sandbox's namespace named by `peer`.
+fn wire_host_side_to(addrs: &GatewayAddrs, peer: PeerNs) -> Result<()> {
     let name = addrs.interface.as_str();
     let mut nl = Netlink::route().ctx(|| "opening a netlink socket".into())?;
     let mut tries = 0;
     loop {
-        match nl.add_veth(name, SANDBOX_INTERFACE, pid) {
+        match nl.add_veth(name, SANDBOX_INTERFACE, peer) {
             Ok(()) => break,
             // The pair of this slot's previous sandbox, whose namespace the kernel is still
             // tearing down: the slot is ours, so it is stale.
@@ -280,11 +285,71 @@ pub(crate) fn disable_ipv6_here() -> io::Result<()> {
 /// Configures the sandbox side of the link (address, up, default route). Runs in the outer
 /// init, inside the sandbox's network namespace, after the supervisor made the pair.
 pub(crate) fn configure_inside(net: &InitNetwork) -> io::Result<()> {
-    let mut nl = Netlink::route()?;
+    configure_link(&mut Netlink::route()?, net)
+}
+
+/// [`configure_inside`] through a routing socket of the sandbox's namespace.
+fn configure_link(nl: &mut Netlink, net: &InitNetwork) -> io::Result<()> {
     let index = nl.index_of(SANDBOX_INTERFACE)?;
     nl.add_address(index, net.address, net.prefix)?;
     nl.link_up(index)?;
     nl.add_default_route(index, net.gateway)
+}
+
+/// Makes a network namespace for a sandbox that is not started by ampoule's own init (the
+/// gVisor tier), wired like the default tier's: `lo` up, `eth0` (born without IPv6) with the
+/// sandbox's address and a default route through the gateway, whose host side is configured
+/// as [`wire_host_side`] does. The namespace is kept alive by a bind mount of it on
+/// `pin` (an empty file, created here), which runsc joins by that path; unmount `pin` to let
+/// it go. Runs the namespace's own set-up on a short-lived thread of its own (`unshare` acts
+/// on the calling thread only), so no other thread of the process ever changes namespace.
+pub(crate) fn pinned_namespace(addrs: &GatewayAddrs, pin: &std::path::Path) -> Result<()> {
+    std::fs::File::create(pin).ctx(|| format!("creating {}", pin.display()))?;
+    let made = std::thread::scope(|s| {
+        s.spawn(|| -> io::Result<(std::os::fd::OwnedFd, Netlink)> {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)?;
+            disable_ipv6_here()?;
+            let ns = nix::fcntl::open(
+                "/proc/thread-self/ns/net",
+                nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_CLOEXEC,
+                nix::sys::stat::Mode::empty(),
+            )?;
+            nix::mount::mount(
+                Some("/proc/thread-self/ns/net"),
+                pin,
+                None::<&str>,
+                nix::mount::MsFlags::MS_BIND,
+                None::<&str>,
+            )?;
+            // Bound to this namespace for its whole life, whichever thread uses it.
+            let mut nl = Netlink::route()?;
+            let lo = nl.index_of("lo")?;
+            nl.link_up(lo)?;
+            Ok((ns, nl))
+        })
+        .join()
+    });
+    let (ns, mut inside) = match made {
+        Ok(r) => r.ctx(|| "making the sandbox's network namespace".into())?,
+        Err(_) => {
+            return Err(Error::Network(
+                "the thread making the sandbox's network namespace panicked".into(),
+            ));
+        }
+    };
+    {
+        use std::os::fd::AsRawFd;
+        wire_host_side_to(addrs, PeerNs::Fd(ns.as_raw_fd()))?;
+    }
+    configure_link(
+        &mut inside,
+        &InitNetwork {
+            address: addrs.sandbox,
+            gateway: addrs.gateway,
+            prefix: LINK_PREFIX,
+        },
+    )
+    .ctx(|| format!("configuring {SANDBOX_INTERFACE} of the sandbox"))
 }
 
 /// The sandbox's `/etc/resolv.conf`.

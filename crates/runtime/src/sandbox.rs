@@ -740,11 +740,11 @@ impl Sandbox {
         Self {
             child: Proc::Runsc(child),
             cgroup: Some(cgroup),
+            network: run.network().cloned(),
             gvisor: Some(Box::new(run)),
             chan: None,
             scratch,
             _slot: slot,
-            network: None,
             entry: None,
             landlock: "gvisor".into(),
             started,

@@ -416,3 +416,109 @@ pub(crate) fn idmapped_bind(
     }
     Ok(())
 }
+
+/// Paths the pre-exec step of [`hide_net_sysctls_before_exec`] uses, made before the fork (no
+/// allocation may happen after it).
+struct SysctlShim {
+    keep: std::ffi::CString,
+    sys: std::ffi::CString,
+    tmpfs: std::ffi::CString,
+    options: std::ffi::CString,
+    /// `(/proc/sys/X, <keep>/X)` for each subtree that stays visible.
+    subtrees: Vec<(std::ffi::CString, std::ffi::CString)>,
+}
+
+/// The `/proc/sys` subtrees runsc reads (`vm/mmap_min_addr` at start, `kernel` for its
+/// platform, `fs`); `net` is the one hidden.
+const SYSCTL_SUBTREES: [&str; 3] = ["vm", "kernel", "fs"];
+
+/// Registers a closure that runs in the forked child before `exec` and gives the program a
+/// private mount namespace in which `/proc/sys` has no `net` directory (an empty tmpfs with
+/// `vm`, `kernel` and `fs` bound back from the real one, through `keep`, an empty directory).
+///
+/// Why: runsc before 2023 refuses `--network=sandbox` when `/proc/sys/net/core/rmem_default`
+/// exists after it joined the sandbox's network namespace ("cannot run with network enabled in
+/// root network namespace"), a test for "this is the host's namespace" that every namespace
+/// passes on kernels ≥ 6.x, where that file is per namespace. Only runsc's own view changes:
+/// the sandbox (sentry) mounts a fresh procfs in its chroot.
+pub(crate) fn hide_net_sysctls_before_exec(
+    cmd: &mut tokio::process::Command,
+    keep: &std::path::Path,
+) -> io::Result<()> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let c = |b: &[u8]| CString::new(b).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e));
+    let shim = SysctlShim {
+        keep: c(keep.as_os_str().as_bytes())?,
+        sys: c(b"/proc/sys")?,
+        tmpfs: c(b"tmpfs")?,
+        options: c(b"size=4k,mode=0555")?,
+        subtrees: SYSCTL_SUBTREES
+            .iter()
+            .map(|d| {
+                Ok((
+                    c(format!("/proc/sys/{d}").as_bytes())?,
+                    c(keep.join(d).as_os_str().as_bytes())?,
+                ))
+            })
+            .collect::<io::Result<_>>()?,
+    };
+    // SAFETY: the closure only makes system calls (unshare, mount, mkdir, umount2: all
+    // async-signal-safe) on C strings built before the fork, allocates nothing and takes no
+    // lock, as pre_exec requires in a multi-threaded parent. `shim` moves into the closure.
+    unsafe {
+        cmd.pre_exec(move || shim_sysctls(&shim));
+    }
+    Ok(())
+}
+
+fn check(rc: libc::c_int) -> io::Result<()> {
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// The pre-exec step of [`hide_net_sysctls_before_exec`].
+fn shim_sysctls(s: &SysctlShim) -> io::Result<()> {
+    let null = std::ptr::null::<libc::c_char>();
+    // SAFETY: plain system calls on NUL-terminated strings owned by `s`, which outlives
+    // them, or null pointers where the kernel accepts them (mount's source, type and data).
+    unsafe {
+        check(libc::unshare(libc::CLONE_NEWNS))?;
+        check(libc::mount(
+            null,
+            c"/".as_ptr(),
+            null,
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ))?;
+        check(libc::mount(
+            s.sys.as_ptr(),
+            s.keep.as_ptr(),
+            null,
+            libc::MS_BIND | libc::MS_REC,
+            std::ptr::null(),
+        ))?;
+        check(libc::mount(
+            s.tmpfs.as_ptr(),
+            s.sys.as_ptr(),
+            s.tmpfs.as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            s.options.as_ptr().cast(),
+        ))?;
+        for (dst, src) in &s.subtrees {
+            check(libc::mkdir(dst.as_ptr(), 0o555))?;
+            check(libc::mount(
+                src.as_ptr(),
+                dst.as_ptr(),
+                null,
+                libc::MS_BIND | libc::MS_REC,
+                std::ptr::null(),
+            ))?;
+        }
+        check(libc::umount2(s.keep.as_ptr(), libc::MNT_DETACH))?;
+    }
+    Ok(())
+}

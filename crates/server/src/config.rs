@@ -268,7 +268,7 @@ pub struct PoolConfig {
     #[serde(default)]
     pub zygote: Option<bool>,
     /// The isolation tier: `namespaces` (default) or `gvisor` (gVisor's `runsc`; root, no
-    /// network rules, no image, no zygote).
+    /// image, no zygote; network rules go through the same egress gateway).
     #[serde(default)]
     pub isolation: ampoule_runtime::Isolation,
     /// Modules the zygote imports once for all its sessions (default: numpy, pandas,
@@ -617,10 +617,10 @@ impl Config {
                      keep them ready); remove `zygote = true`"
                 ));
             }
-            if gvisor && (network.is_some() || p.image.is_some()) {
+            if gvisor && p.image.is_some() {
                 return Err(format!(
-                    "pools.{name}.isolation: gvisor pools have no network rules and no image \
-                     yet; remove them or use isolation = \"namespaces\""
+                    "pools.{name}.isolation: gvisor pools have no image yet; remove it or use \
+                     isolation = \"namespaces\""
                 ));
             }
             if p.writable_root && p.image.is_none() {

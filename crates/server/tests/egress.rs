@@ -162,8 +162,35 @@ for _ in range(n):
 print(json.dumps({"new": new, "kept": kept}))
 "#;
 
-/// The server's config: three pools, the pins, the audit log in the case's directory.
+/// The `gvisor` twins of the `net` and `inject` pools: the same rules on the gVisor tier.
+const GVISOR_POOLS: &str = r#"
+[pools.netgv]
+isolation = "gvisor"
+warm = 0
+[pools.netgv.network]
+allow = ["allowed.test", "denied.test", "private.test", "metadata.test"]
+deny = ["denied.test"]
+
+[pools.injectgv]
+isolation = "gvisor"
+warm = 0
+[pools.injectgv.network]
+allow = ["inject.test"]
+[[pools.injectgv.network.inject]]
+host = "inject.test"
+header = "Authorization"
+value_from_env = "EGRESS_E2E_SECRET"
+"#;
+
+/// Whether `runsc` is here for the gVisor trials (in CI it must be: `scripts/deps.sh`).
+fn runsc_here() -> bool {
+    ampoule_runtime::gvisor::find().is_some()
+}
+
+/// The server's config: the pools (with their gVisor twins when runsc is here), the pins, the
+/// audit log in the case's directory.
 fn config(t: &Path) -> String {
+    let gvisor = if runsc_here() { GVISOR_POOLS } else { "" };
     format!(
         r#"
 [server]
@@ -225,7 +252,7 @@ allow = ["tinyok"]
 "allowed.test" = "10.77.0.2"
 "denied.test" = "10.77.0.2"
 "inject.test" = "10.77.0.2"
-"#,
+{gvisor}"#,
         data = t.join("data").display()
     )
 }
@@ -417,20 +444,34 @@ fn finish(errors: Vec<String>, context: impl FnOnce() -> String) -> Result<(), F
 /// resolve to private and metadata addresses, raw sockets and UDP fail; each execution's
 /// result, audit record and log lines list exactly its own attempts.
 fn allowlist(jail: &Jail) -> Result<(), Failed> {
+    allowlist_in(jail, "net")
+}
+
+/// [`allowlist`] on the `netgv` pool: the same rules and outcomes on the gVisor tier (its
+/// netstack sends through the same veth, table and gateway), from code that runs on gVisor's
+/// kernel; a cold session.
+fn allowlist_gvisor(jail: &Jail) -> Result<(), Failed> {
+    allowlist_in(jail, "netgv")
+}
+
+/// The checks of [`allowlist`] in `pool` (`net`: warm, namespaces; `netgv`: cold, gvisor).
+fn allowlist_in(jail: &Jail, pool: &str) -> Result<(), Failed> {
     let port = jail.port;
+    let gvisor = pool == "netgv";
     // The warm session is up: it was started with its gateway.
     let t0 = Instant::now();
-    while ok(port, "GET", "/v1/pools", None)?["pools"]
-        .as_array()
-        .and_then(|p| p.iter().find(|p| p["name"] == "net"))
-        .is_none_or(|p| p["ready"] != 1)
+    while !gvisor
+        && ok(port, "GET", "/v1/pools", None)?["pools"]
+            .as_array()
+            .and_then(|p| p.iter().find(|p| p["name"] == "net"))
+            .is_none_or(|p| p["ready"] != 1)
     {
         if t0.elapsed() > Duration::from_secs(90) {
             return Err(format!("no warm session in pool net:\n{}", jail.log()).into());
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    let sid = new_session(port, "net")?;
+    let sid = new_session(port, pool)?;
     let ca = std::fs::read(jail.t().join("upstream-ca.pem"))?;
     let (status, v) = call(
         port,
@@ -441,10 +482,16 @@ fn allowlist(jail: &Jail) -> Result<(), Failed> {
     if !(200..300).contains(&status) {
         return Err(format!("upload: {status} {v}").into());
     }
-    let first = execute(port, &sid, &format!("{PRELUDE}{ALLOWLIST_PROBE}"))?;
+    let first = execute(
+        port,
+        &sid,
+        &format!("{PRELUDE}check('kernel', lambda: os.uname().release)\n{ALLOWLIST_PROBE}"),
+    )?;
     let p = probes(&first)?;
     let mut errors = Vec::new();
     let e = &mut errors;
+    // The tier is the one asked for: gVisor's kernel says 4.4.0.
+    expect(&p, "kernel", |s| (s == "ok: 4.4.0") == gvisor, e);
     expect(&p, "dns_allowed", |s| s == "ok: 10.77.0.2", e);
     expect(
         &p,
@@ -603,8 +650,19 @@ fn allowlist(jail: &Jail) -> Result<(), Failed> {
 /// The `inject` pool: the upstream sees the header on HTTPS and HTTP, a forged header is
 /// replaced, and the secret is nowhere in the sandbox.
 fn injection(jail: &Jail) -> Result<(), Failed> {
+    injection_in(jail, "inject")
+}
+
+/// [`injection`] on the `injectgv` pool (gVisor): the gateway's CA reaches the sandbox's trust
+/// store through the OCI bundle, and the secret stays out of it.
+fn injection_gvisor(jail: &Jail) -> Result<(), Failed> {
+    injection_in(jail, "injectgv")
+}
+
+/// The checks of [`injection`] in `pool`.
+fn injection_in(jail: &Jail, pool: &str) -> Result<(), Failed> {
     let port = jail.port;
-    let sid = new_session(port, "inject")?;
+    let sid = new_session(port, pool)?;
     let result = execute(
         port,
         &sid,
@@ -1092,6 +1150,18 @@ fn main() {
     let args = Arguments::from_args();
     let why = unavailable();
     // (name, body, is a measurement: ignored unless asked for)
+    let gvisor_why = if runsc_here() {
+        None
+    } else if std::env::var_os("CI").is_some() {
+        panic!("runsc is missing in CI (scripts/deps.sh installs it)");
+    } else {
+        Some("runsc is not installed (apt-get install runsc)".to_owned())
+    };
+    // The same checks on pools of the gVisor tier.
+    let gvisor_cases: [(&str, Body); 2] = [
+        ("allowlist_gvisor", allowlist_gvisor),
+        ("injection_gvisor", injection_gvisor),
+    ];
     let cases: [(&str, Body, bool); 7] = [
         ("allowlist", allowlist, false),
         ("egress_approval", egress_approval, false),
@@ -1101,12 +1171,18 @@ fn main() {
         ("no_network", no_network, false),
         ("latency", latency, true),
     ];
-    let trials: Vec<Trial> = cases
+    let mut trials: Vec<Trial> = cases
         .into_iter()
         .map(|(name, f, bench)| {
             Trial::test(name, move || trial(f)).with_ignored_flag(bench || why.is_some())
         })
         .collect();
+    if let (None, Some(gv)) = (&why, &gvisor_why) {
+        eprintln!("server egress tests on gvisor ignored: {gv}");
+    }
+    trials.extend(gvisor_cases.into_iter().map(|(name, f)| {
+        Trial::test(name, move || trial(f)).with_ignored_flag(why.is_some() || gvisor_why.is_some())
+    }));
     if let Some(why) = &why {
         eprintln!("server egress tests ignored: {why}");
     }
