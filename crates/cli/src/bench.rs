@@ -71,7 +71,7 @@ pub(crate) struct BenchArgs {
     /// Only the durable-sandbox figures (pause, resume, hibernate).
     #[arg(long)]
     durable_only: bool,
-    /// Only the density figures (with and without the zygote's warm-up, same run).
+    /// Only the density figures (with and without the zygote's warm-up, same run), as JSON.
     #[arg(long)]
     density_only: bool,
     /// Also compare new-session-to-first-result (`1+1`) of a pool from this image (an OCI
@@ -362,6 +362,15 @@ pub(crate) async fn run(args: BenchArgs) -> Result<ExitCode> {
         writeln!(out)?;
         return Ok(ExitCode::SUCCESS);
     }
+    if args.density_only {
+        let density = densities(&plan, &exe, &work).await?;
+        let report =
+            json!({"version": 1, "date": utc_now(), "build": build_kind(), "density": density});
+        let mut out = std::io::stdout().lock();
+        serde_json::to_writer_pretty(&mut out, &report)?;
+        writeln!(out)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let durable = durable_phase(&plan, &exe, &work).await?;
     if args.durable_only {
         let report =
@@ -371,29 +380,9 @@ pub(crate) async fn run(args: BenchArgs) -> Result<ExitCode> {
         writeln!(out)?;
         return Ok(ExitCode::SUCCESS);
     }
-    let mut density = Vec::new();
-    if args.density_only {
-        for &n in &plan.density {
-            density.push(density_phase(n, false, &plan, &exe, &work).await?);
-            density.push(density_phase(n, true, &plan, &exe, &work).await?);
-        }
-        let report = json!({"version": 1, "date": utc_now(), "build": build_kind(),
-            "density": density});
-        let mut out = std::io::stdout().lock();
-        if args.json {
-            serde_json::to_writer_pretty(&mut out, &report)?;
-            writeln!(out)?;
-        } else {
-            print_tables(&mut out, &report)?;
-        }
-        return Ok(ExitCode::SUCCESS);
-    }
     let baselines = baselines(&plan, &exe, &venv.python())?;
     let (new_session, bursts, round_trip, throughput) = server_phase(&plan, &exe, &work).await?;
-    for &n in &plan.density {
-        density.push(density_phase(n, false, &plan, &exe, &work).await?);
-        density.push(density_phase(n, true, &plan, &exe, &work).await?);
-    }
+    let density = densities(&plan, &exe, &work).await?;
 
     let report = json!({
         "version": 1,
@@ -1586,6 +1575,17 @@ async fn throughput_run(server: &Server, clients: usize, duration: Duration) -> 
 const DENSITY_POOL: &str = "bench-density";
 /// Clients creating and querying the density sessions.
 const DENSITY_CLIENTS: usize = 8;
+
+/// Every density figure of the plan, each without and then with the zygote's warm-up.
+async fn densities(plan: &Plan, exe: &Path, work: &WorkDir) -> Result<Vec<Density>> {
+    let mut out = Vec::new();
+    for &n in &plan.density {
+        for warmup in [false, true] {
+            out.push(density_phase(n, warmup, plan, exe, work).await?);
+        }
+    }
+    Ok(out)
+}
 
 /// Each density session's first cell: a small DataFrame, as a real first cell would.
 const DENSITY_CELL: &str = "import pandas as pd\nint(pd.DataFrame({'a': range(100)}).a.sum())";
