@@ -5,7 +5,8 @@
 //! 1. a request with a new session identifier to its first result (`import pandas; 1+1`), one
 //!    ACA `code/execute` call, in three pools: forked from a zygote, taken from a warm pool of
 //!    fresh interpreters, and started on demand; and the same as a burst of simultaneous new
-//!    identifiers;
+//!    identifiers; and paced at 20 new identifiers/s in the zygote pool and in a zygote pool
+//!    that keeps sessions forked and sealed ahead;
 //! 2. a warm session's round trip for `1+1`;
 //! 3. throughput at 1, 10 and 50 concurrent clients, each with its own session;
 //! 4. density: N idle sessions that imported pandas, held at once, then all answering; Σ PSS
@@ -988,11 +989,16 @@ impl Client {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 1–3. New sessions, round trips, throughput: one server with three pools
+// 1–3. New sessions, round trips, throughput: one server with four pools
 
 const ZYGOTE_POOL: &str = "bench-zygote";
 const WARM_POOL: &str = "bench-warm";
 const COLD_POOL: &str = "bench-cold";
+/// A zygote pool that also keeps `ZYGOTE_WARM` sessions forked and sealed ahead.
+const ZYGOTE_WARM_POOL: &str = "bench-zygote-warm";
+const ZYGOTE_WARM: usize = 4;
+/// The arrival rate of the paced new-session figures (issue 19: "at 20 new sessions/s").
+const PACED_PER_S: f64 = 20.0;
 
 /// The `[pools.NAME]` body of a Python pool.
 fn pool_toml(zygote: bool, warm: usize, max_sessions: usize) -> String {
@@ -1094,12 +1100,18 @@ async fn server_phase(
             pool_toml(false, warm_stock, warm_stock + plan.burst + 8),
         ),
         (COLD_POOL, pool_toml(false, 0, plan.burst + 8)),
+        (
+            ZYGOTE_WARM_POOL,
+            pool_toml(true, ZYGOTE_WARM, max_clients + plan.burst + 16),
+        ),
     ];
-    note("starting ampoule serve with pools bench-zygote, bench-warm, bench-cold");
+    note(
+        "starting ampoule serve with pools bench-zygote, bench-warm, bench-cold, bench-zygote-warm",
+    );
     let server = Server::start(exe, work, "latency", &pools)?;
     let mut c = server.client();
     // The first session of each pool pays one-off costs (the zygote's imports, page cache).
-    for pool in [ZYGOTE_POOL, COLD_POOL, WARM_POOL] {
+    for pool in [ZYGOTE_POOL, COLD_POOL, WARM_POOL, ZYGOTE_WARM_POOL] {
         c.execute(pool, "warm-up", FIRST_CODE, Some("2"))
             .await
             .with_context(|| format!("the first session of pool {pool}\n{}", server.log_tail()))?;
@@ -1130,6 +1142,34 @@ async fn server_phase(
             c.wait_warm(WARM_POOL, Duration::from_secs(600)).await?;
         }
     }
+
+    // 1b. Paced: new identifiers arriving at PACED_PER_S, one after the other, in the zygote
+    // pool and in a zygote pool with a warm stock (the stock refills between arrivals).
+    c.wait_warm(ZYGOTE_WARM_POOL, Duration::from_secs(600))
+        .await?;
+    let period = Duration::from_secs_f64(1.0 / PACED_PER_S);
+    for (pool, label) in [
+        (ZYGOTE_POOL, "zygote_paced"),
+        (ZYGOTE_WARM_POOL, "zygote_warm_paced"),
+    ] {
+        let pb = progress(plan.new_zygote, &format!("new session → first result ({label})"));
+        let mut s = Samples::default();
+        let begun = tokio::time::Instant::now();
+        for i in 0..plan.new_zygote {
+            let due = begun + period.saturating_mul(u32::try_from(i).unwrap_or(u32::MAX));
+            tokio::time::sleep_until(due).await;
+            let id = format!("paced-{label}-{i}");
+            s.record(c.execute(pool, &id, FIRST_CODE, Some("2")).await);
+            if let Err(e) = c.delete(pool, &id).await {
+                s.first_error.get_or_insert(format!("{e:#}"));
+            }
+            pb.inc(1);
+        }
+        pb.finish_and_clear();
+        new_session.insert(label.to_owned(), serde_json::to_value(s.stat())?);
+    }
+    new_session.insert("paced_per_s".into(), json!(PACED_PER_S));
+    new_session.insert("zygote_warm".into(), json!(ZYGOTE_WARM));
 
     // 1a. The same through the sandbox API (two requests: create, then the first
     // execution), in the zygote pool.
@@ -1887,6 +1927,20 @@ fn print_tables(out: &mut impl Write, r: &Value) -> Result<()> {
         &ns["warm_pool"],
     )?;
     row(out, "new session → first result, cold", &ns["cold"])?;
+    let rate = ns["paced_per_s"].as_f64().unwrap_or(0.0);
+    row(
+        out,
+        &format!("new session → first result, zygote, {rate}/s"),
+        &ns["zygote_paced"],
+    )?;
+    row(
+        out,
+        &format!(
+            "new session → first result, zygote + {} warm, {rate}/s",
+            ns["zygote_warm"].as_u64().unwrap_or(0)
+        ),
+        &ns["zygote_warm_paced"],
+    )?;
     row(
         out,
         "new sandbox → first result, zygote (/v1/sandboxes)",

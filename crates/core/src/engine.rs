@@ -70,7 +70,17 @@ pub struct PoolImage {
     pub writable_root: bool,
 }
 
+/// At most this many sessions a manager keeps forked and sealed ahead for each tenant of a
+/// pool whose tenants fork from zygotes of their own (see [`Engine::keeps_warm_stock`]).
+pub const TENANT_WARM_MAX: usize = 2;
+
 impl PoolSpec {
+    /// How many live children a tenant's zygote of this pool may have: its sessions and the
+    /// tenant's ready stock.
+    pub fn zygote_children(&self) -> usize {
+        self.max_sessions.saturating_add(TENANT_WARM_MAX)
+    }
+
     /// The one tenant that may use the pool, if only one may.
     pub fn sole_tenant(&self) -> Option<&str> {
         match self.tenants.as_slice() {
@@ -250,7 +260,8 @@ pub trait Engine: Send + Sync + 'static {
     /// ([`Engine::start`] with `None`) must be as good as one started for its tenant. An
     /// engine that forks each tenant's sessions from a zygote of its own answers no for a
     /// pool several tenants share (warm stock would start cold: slower to a first result
-    /// than a fork).
+    /// than a fork); the manager then keeps a small stock per tenant instead, started with
+    /// the tenant named ([`TENANT_WARM_MAX`] at most each).
     fn keeps_warm_stock(&self, _spec: &PoolSpec) -> bool {
         true
     }

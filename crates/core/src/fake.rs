@@ -52,6 +52,8 @@ pub struct FakeStats {
     pub started: AtomicUsize,
     /// Sessions closed.
     pub closed: AtomicUsize,
+    /// The tenant each start was made for (`None`: warm stock anyone may get), in order.
+    pub tenants: Mutex<Vec<Option<String>>>,
 }
 
 /// Starts [`FakeSession`]s below a directory.
@@ -65,6 +67,9 @@ pub struct FakeEngine {
     pub start_delay: Duration,
     /// How many of the next starts fail (a host out of sandboxes).
     pub fail_starts: Arc<AtomicUsize>,
+    /// Answer as an engine whose tenants fork from zygotes of their own: no shared warm stock
+    /// ([`Engine::keeps_warm_stock`]).
+    pub per_tenant: bool,
 }
 
 impl FakeEngine {
@@ -76,6 +81,7 @@ impl FakeEngine {
             stats: Arc::default(),
             start_delay: Duration::ZERO,
             fail_starts: Arc::default(),
+            per_tenant: false,
         }
     }
 }
@@ -85,8 +91,11 @@ impl Engine for FakeEngine {
     async fn start(
         &self,
         _spec: &PoolSpec,
-        _tenant: Option<&str>,
+        tenant: Option<&str>,
     ) -> Result<Box<dyn LiveSession>, EngineError> {
+        if let Ok(mut t) = self.stats.tenants.lock() {
+            t.push(tenant.map(str::to_owned));
+        }
         if !self.start_delay.is_zero() {
             tokio::time::sleep(self.start_delay).await;
         }
@@ -99,6 +108,10 @@ impl Engine for FakeEngine {
         }
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         self.session_at(self.root.join(format!("session-{n}")), false)
+    }
+
+    fn keeps_warm_stock(&self, _spec: &PoolSpec) -> bool {
+        !self.per_tenant
     }
 
     /// A durable session: its files in a directory next to where the real engine keeps its

@@ -6,7 +6,9 @@
 //!   pinned to the tenant that created it: every lookup takes the tenant, and another
 //!   tenant's session is indistinguishable from a missing one;
 //! - per pool, a stock of `warm` pre-started sessions, refilled in the background, so that a
-//!   new identifier gets a live interpreter at once;
+//!   new identifier gets a live interpreter at once; in a pool whose tenants fork their
+//!   sessions from zygotes of their own, a stock per tenant instead (sessions forked and sealed
+//!   ahead from that tenant's zygote, handed to that tenant only, let go when it is idle);
 //! - the limits: `max_sessions` per pool and per tenant, counted when a session is reserved
 //!   (before its sandbox exists), so concurrent first calls can never overshoot;
 //! - expiry: a reaper destroys sessions idle for longer than their pool's `idle_timeout`
@@ -29,7 +31,7 @@ use ampoule_types::ExecutionResult;
 use tokio::sync::{Notify, OnceCell};
 
 use crate::caller::Caller;
-use crate::engine::{Engine, EventSender, ExecRequest, LiveSession};
+use crate::engine::{Engine, EventSender, ExecRequest, LiveSession, TENANT_WARM_MAX};
 use crate::error::Error;
 use crate::observer::Observer;
 use crate::quota::Quotas;
@@ -134,6 +136,18 @@ struct Pool {
     /// Set once the pool's warm stock was first filled (at once for a pool that keeps none):
     /// readiness ([`Manager::readiness`]) waits for it.
     warmed: AtomicBool,
+    /// For a pool whose tenants fork from zygotes of their own (no shared stock): each
+    /// tenant's sessions forked and sealed ahead, for that tenant alone.
+    tenant_warm: Mutex<HashMap<String, TenantStock>>,
+}
+
+/// One tenant's ready sessions in a pool (see [`Pool::tenant_warm`]).
+struct TenantStock {
+    ready: VecDeque<Arc<dyn LiveSession>>,
+    /// A filler task is running for it.
+    filling: bool,
+    /// When the tenant last took or asked for a session here: an idle tenant's stock is let go.
+    used: Instant,
 }
 
 pub(crate) struct Inner {
@@ -292,6 +306,7 @@ impl Manager {
                         starting: AtomicUsize::new(0),
                         refill: Notify::new(),
                         warmed: AtomicBool::new(false),
+                        tenant_warm: Mutex::new(HashMap::new()),
                     },
                 )
             })
@@ -532,6 +547,178 @@ impl Manager {
         }
     }
 
+    /// The sessions kept ready for each tenant of a pool that keeps no shared stock because
+    /// its tenants fork from zygotes of their own: its `warm`, at most [`TENANT_WARM_MAX`].
+    fn tenant_warm_target(&self, settings: &PoolSettings) -> usize {
+        if self.inner.engine.keeps_warm_stock(&settings.spec) {
+            0
+        } else {
+            settings.warm.min(TENANT_WARM_MAX)
+        }
+    }
+
+    /// A ready session of `tenant`'s own stock in the pool, if one is (the stock then refills).
+    fn take_tenant_warm(
+        &self,
+        pool_name: &str,
+        pool: &Pool,
+        tenant: &str,
+    ) -> Option<Arc<dyn LiveSession>> {
+        let mut unusable = Vec::new();
+        let taken = {
+            let mut stocks = pool.tenant_warm.lock().ok()?;
+            let stock = stocks.get_mut(tenant)?;
+            stock.used = Instant::now();
+            let mut taken = None;
+            while let Some(live) = stock.ready.pop_front() {
+                if live.alive() && !live.outdated() {
+                    taken = Some(live);
+                    break;
+                }
+                unusable.push(live);
+            }
+            taken
+        };
+        // Closed aside: the caller does not wait for discarded stock.
+        for live in unusable {
+            tokio::spawn(async move { live.close().await });
+        }
+        if taken.is_some() {
+            self.refill_tenant(pool_name, tenant);
+        }
+        taken
+    }
+
+    /// Starts filling `tenant`'s stock in the pool unless a filler already runs for it.
+    fn refill_tenant(&self, pool_name: &str, tenant: &str) {
+        let Some(pool) = self.inner.pools.get(pool_name) else {
+            return;
+        };
+        if self.tenant_warm_target(&pool.settings) == 0 || self.is_shutting_down() {
+            return;
+        }
+        {
+            let Ok(mut stocks) = pool.tenant_warm.lock() else {
+                return;
+            };
+            let stock = stocks
+                .entry(tenant.to_owned())
+                .or_insert_with(|| TenantStock {
+                    ready: VecDeque::new(),
+                    filling: false,
+                    used: Instant::now(),
+                });
+            stock.used = Instant::now();
+            if stock.filling {
+                return;
+            }
+            stock.filling = true;
+        }
+        let me = self.clone();
+        let (pool_name, tenant) = (pool_name.to_owned(), tenant.to_owned());
+        // A worker thread of the runtime, which lives as long as it: sandboxes die with the
+        // thread that started them.
+        tokio::spawn(async move { me.fill_tenant_warm(&pool_name, &tenant).await });
+    }
+
+    async fn fill_tenant_warm(&self, pool_name: &str, tenant: &str) {
+        let Some(pool) = self.inner.pools.get(pool_name) else {
+            return;
+        };
+        let target = self.tenant_warm_target(&pool.settings);
+        loop {
+            // Checked and cleared under the lock a taker takes: no refill request is lost.
+            {
+                let Ok(mut stocks) = pool.tenant_warm.lock() else {
+                    return;
+                };
+                let Some(stock) = stocks.get_mut(tenant) else {
+                    return;
+                };
+                if stock.ready.len() >= target || self.is_shutting_down() {
+                    stock.filling = false;
+                    return;
+                }
+            }
+            // Refills yield to requests: a session being started on demand goes first (a
+            // bounded wait, so a steady stream of them cannot starve the stock).
+            for _ in 0..100 {
+                if pool.starting.load(Ordering::SeqCst) == 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            let begun = Instant::now();
+            match self
+                .inner
+                .engine
+                .start(&pool.settings.spec, Some(tenant))
+                .await
+            {
+                Ok(live) => {
+                    if live.forked() {
+                        self.inner
+                            .observer
+                            .zygote_forked(pool_name, begun.elapsed().as_secs_f64());
+                    }
+                    let live: Arc<dyn LiveSession> = Arc::from(live);
+                    let kept = match pool.tenant_warm.lock() {
+                        Ok(mut stocks) => match stocks.get_mut(tenant) {
+                            Some(stock) if !self.is_shutting_down() => {
+                                stock.ready.push_back(live.clone());
+                                true
+                            }
+                            _ => false,
+                        },
+                        Err(_) => false,
+                    };
+                    if !kept {
+                        live.close().await;
+                        return;
+                    }
+                    tracing::debug!(pool = pool_name, %tenant, "tenant's warm session ready");
+                }
+                Err(e) => {
+                    self.inner.observer.warm_start_failed(pool_name);
+                    tracing::warn!(pool = pool_name, %tenant, error = %e, "could not start a warm session");
+                    if let Ok(mut stocks) = pool.tenant_warm.lock()
+                        && let Some(stock) = stocks.get_mut(tenant)
+                    {
+                        stock.filling = false;
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Lets go of the stock of tenants idle in a pool for longer than its idle timeout, and
+    /// of stock that died or whose zygote was replaced.
+    async fn reap_tenant_warm(&self) {
+        let mut gone: Vec<Arc<dyn LiveSession>> = Vec::new();
+        for pool in self.inner.pools.values() {
+            let Ok(mut stocks) = pool.tenant_warm.lock() else {
+                continue;
+            };
+            for stock in stocks.values_mut() {
+                if stock.used.elapsed() >= pool.settings.idle_timeout {
+                    gone.extend(stock.ready.drain(..));
+                } else {
+                    let (keep, drop): (VecDeque<_>, VecDeque<_>) = stock
+                        .ready
+                        .drain(..)
+                        .partition(|l| l.alive() && !l.outdated());
+                    stock.ready = keep;
+                    gone.extend(drop);
+                }
+            }
+            stocks.retain(|_, s| {
+                s.filling || !s.ready.is_empty() || s.used.elapsed() < pool.settings.idle_timeout
+            });
+        }
+        futures_util::future::join_all(gone.iter().map(|l| l.close())).await;
+    }
+
     async fn fill_warm(&self, name: &str) {
         let Some(pool) = self.inner.pools.get(name) else {
             return;
@@ -607,6 +794,7 @@ impl Manager {
                 return;
             }
             self.reap_once().await;
+            self.reap_tenant_warm().await;
         }
     }
 
@@ -752,6 +940,14 @@ impl Manager {
                 .session_started(pool_name, false, begun.elapsed().as_secs_f64());
             return Ok(Arc::from(started));
         }
+        if self.tenant_warm_target(&pool.settings) > 0
+            && let Some(live) = self.take_tenant_warm(pool_name, pool, tenant)
+        {
+            self.inner
+                .observer
+                .session_started(pool_name, true, begun.elapsed().as_secs_f64());
+            return Ok(live);
+        }
         loop {
             let warm = pool.warm.lock().ok().and_then(|mut w| w.pop_front());
             match warm {
@@ -780,6 +976,8 @@ impl Manager {
             .await;
         pool.starting.fetch_sub(1, Ordering::SeqCst);
         let started = started?;
+        // The tenant's next session is forked and sealed now, off its request's path.
+        self.refill_tenant(pool_name, tenant);
         let seconds = begun.elapsed().as_secs_f64();
         self.inner
             .observer
@@ -1270,7 +1468,11 @@ impl Manager {
             .map(|(name, p)| PoolStatus {
                 name: name.clone(),
                 language: p.settings.spec.language.as_str().to_owned(),
-                ready: p.warm.lock().map(|w| w.len()).unwrap_or(0),
+                ready: p.warm.lock().map(|w| w.len()).unwrap_or(0)
+                    + p.tenant_warm
+                        .lock()
+                        .map(|t| t.values().map(|s| s.ready.len()).sum::<usize>())
+                        .unwrap_or(0),
                 busy: busy.get(name).copied().unwrap_or(0),
                 sessions: sessions.get(name).copied().unwrap_or(0),
                 max_sessions: p.settings.max_sessions,
@@ -1406,6 +1608,9 @@ impl Manager {
         for pool in self.inner.pools.values() {
             if let Ok(mut w) = pool.warm.lock() {
                 lives.extend(w.drain(..));
+            }
+            if let Ok(mut t) = pool.tenant_warm.lock() {
+                lives.extend(t.values_mut().flat_map(|s| s.ready.drain(..)));
             }
         }
         let n = lives.len();

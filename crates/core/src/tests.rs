@@ -261,3 +261,77 @@ async fn a_language_no_pool_runs_is_pool_not_found() {
     assert_eq!(e.to_string(), "this server runs no shell sessions");
     assert_eq!(stats.started.load(Ordering::SeqCst), 0);
 }
+
+/// Waits (at most 5 s) until `done` holds.
+async fn eventually(mut done: impl FnMut() -> bool) -> bool {
+    for _ in 0..500 {
+        if done() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    done()
+}
+
+/// A pool whose tenants fork from zygotes of their own keeps no shared stock but a small one
+/// per tenant: started for that tenant, handed to it alone (a start refused meanwhile does
+/// not reach the request), capped, and let go when the tenant is idle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_tenant_of_a_zygote_pool_gets_a_warm_stock_of_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut engine = FakeEngine::new(dir.path());
+    engine.per_tenant = true;
+    let (stats, fail) = (engine.stats.clone(), engine.fail_starts.clone());
+    let mut p = pool("python", Language::Python);
+    p.warm = 4;
+    p.idle_timeout = Duration::from_millis(1500);
+    let m = Manager::new(
+        Arc::new(engine),
+        BTreeMap::from([("python".to_owned(), p)]),
+        "python".into(),
+        TenantLimits::default(),
+        Arc::new(NoObserver),
+    );
+    m.start_background();
+    let starts = |who: Option<&str>| {
+        stats
+            .tenants
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|t| t.as_deref() == who)
+            .count()
+    };
+    let ready = || m.pools()[0].ready;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(starts(None), 0, "no stock anyone may get");
+    assert_eq!(ready(), 0);
+
+    let (a, b) = (Caller::new("a"), Caller::new("b"));
+    m.get_or_create(&a, "python", "a1").await.unwrap();
+    assert!(eventually(|| ready() == 2).await, "a's stock: {}", ready());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(starts(Some("a")), 3, "one on demand, two ahead (capped below warm = 4)");
+
+    // The next start fails: a's second session must not need one.
+    fail.store(1, Ordering::SeqCst);
+    m.get_or_create(&a, "python", "a2")
+        .await
+        .expect("a's second session comes from its stock");
+    // Its refill took the failure.
+    assert!(eventually(|| fail.load(Ordering::SeqCst) == 0).await);
+
+    // b's first session is started for b, not taken from a's stock.
+    let a_stock = ready();
+    let before_b = starts(Some("b"));
+    m.get_or_create(&b, "python", "b1").await.unwrap();
+    assert_eq!(before_b, 0);
+    assert!(starts(Some("b")) >= 1, "b's session was started for b");
+    assert!(eventually(|| ready() == a_stock + 2).await, "b's stock of its own");
+
+    // Idle tenants' stock is let go (and the idle sessions with it).
+    let closed = stats.closed.load(Ordering::SeqCst);
+    assert!(eventually(|| ready() == 0).await, "stock still held: {}", ready());
+    assert!(stats.closed.load(Ordering::SeqCst) >= closed + a_stock + 2);
+    m.shutdown().await;
+}

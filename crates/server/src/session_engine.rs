@@ -303,7 +303,7 @@ impl SessionEngine {
             .ok_or(NoZygote::Full)?;
         let mut g = entry.lock().await;
         g.last_used = Some(Instant::now());
-        g.budget = ampoule_session::zygote::zygote_budget(spec.max_sessions as u64);
+        g.budget = ampoule_session::zygote::zygote_budget(spec.zygote_children() as u64);
         if let Some(z) = g.current.clone() {
             if z.is_alive() {
                 let reason = if g.replacing {
@@ -319,7 +319,7 @@ impl SessionEngine {
                     g.replacing = true;
                     let (entry, host, preload) =
                         (entry.clone(), self.host.clone(), preload.to_vec());
-                    let (key, budget) = (key.clone(), spec.max_sessions);
+                    let (key, budget) = (key.clone(), spec.zygote_children());
                     let (image, warmup) = (image_root(spec), spec.warmup.clone());
                     let pool = key.pool.clone();
                     let replaced = z.clone();
@@ -370,7 +370,7 @@ impl SessionEngine {
         if !wait {
             g.replacing = true;
             let (entry, host, preload) = (entry.clone(), self.host.clone(), preload.to_vec());
-            let (key, budget) = (key.clone(), spec.max_sessions);
+            let (key, budget) = (key.clone(), spec.zygote_children());
             let (image, warmup) = (image_root(spec), spec.warmup.clone());
             // A worker thread, which outlives the zygote (see ampoule_runtime::sandbox).
             tokio::spawn(async move {
@@ -386,7 +386,7 @@ impl SessionEngine {
             key,
             preload,
             &spec.warmup,
-            spec.max_sessions,
+            spec.zygote_children(),
             image_root(spec),
         )
         .await;
