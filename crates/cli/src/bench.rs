@@ -1658,6 +1658,7 @@ async fn density_phase(
         .with_context(|| format!("the first density session\n{}", server.log_tail()))?;
     c.delete(DENSITY_POOL, "warm-up").await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
+    settle_memory(plan.drop_caches).await;
 
     let before = memory_reading(server.pid(), plan.drop_caches)?;
     let pb = progress(
@@ -1773,6 +1774,28 @@ struct MemoryReading {
     mem_available_kib: u64,
     server_pss_kib: u64,
     server_open_files: usize,
+}
+
+/// Waits (at most 60 s) until `MemAvailable` stops rising: what an earlier phase's server
+/// and sandboxes held is still being freed for a while after they exit, and a "before" reading
+/// taken meanwhile would make the next phase's drop look smaller than it is.
+async fn settle_memory(drop_caches: bool) {
+    let read = || {
+        if drop_caches {
+            let _ = std::fs::write("/proc/sys/vm/drop_caches", "1");
+        }
+        meminfo("MemAvailable").unwrap_or(0)
+    };
+    let mut last = read();
+    for _ in 0..60 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = read();
+        // Less than 4 MiB freed in a second: settled.
+        if now < last + 4 * 1024 {
+            return;
+        }
+        last = now;
+    }
 }
 
 fn memory_reading(server: u32, drop_caches: bool) -> Result<MemoryReading> {
