@@ -103,6 +103,8 @@ struct Plan {
     new_cold: usize,
     /// Simultaneous new identifiers per pool in the burst.
     burst: usize,
+    /// Simultaneous new identifiers in the zygote pool's big burst (issue 19: 100 at once).
+    big_burst: usize,
     round_trips: usize,
     /// Pause/resume cycles of one sandbox.
     pauses: usize,
@@ -134,6 +136,7 @@ impl Plan {
                 new_warm: 6,
                 new_cold: 4,
                 burst: 4,
+                big_burst: 20,
                 round_trips: 100,
                 pauses: 30,
                 hibernations: 4,
@@ -150,6 +153,7 @@ impl Plan {
                 new_warm: 40,
                 new_cold: 30,
                 burst: 10,
+                big_burst: 100,
                 round_trips: 1000,
                 pauses: 300,
                 hibernations: 20,
@@ -1093,7 +1097,7 @@ async fn server_phase(
     let pools = [
         (
             ZYGOTE_POOL,
-            pool_toml(true, 0, max_clients + plan.burst + 16),
+            pool_toml(true, 0, max_clients + plan.burst.max(plan.big_burst) + 16),
         ),
         (
             WARM_POOL,
@@ -1187,12 +1191,15 @@ async fn server_phase(
     // 1b. A burst: `burst` new identifiers at the same instant, on connections opened before.
     let mut bursts = serde_json::Map::new();
     bursts.insert("simultaneous".into(), json!(plan.burst));
-    for (pool, label) in [
-        (ZYGOTE_POOL, "zygote"),
-        (WARM_POOL, "warm_pool"),
-        (COLD_POOL, "cold"),
+    bursts.insert("big".into(), json!(plan.big_burst));
+    for (pool, label, n) in [
+        (ZYGOTE_POOL, "zygote", plan.burst),
+        (WARM_POOL, "warm_pool", plan.burst),
+        (COLD_POOL, "cold", plan.burst),
+        // Its last answer is its max_ms: every request was sent at the same instant.
+        (ZYGOTE_POOL, "zygote_big", plan.big_burst),
     ] {
-        let mut clients: Vec<Client> = (0..plan.burst).map(|_| server.client()).collect();
+        let mut clients: Vec<Client> = (0..n).map(|_| server.client()).collect();
         for cl in &mut clients {
             cl.ready().await?;
         }
@@ -1989,6 +1996,17 @@ fn print_tables(out: &mut impl Write, r: &Value) -> Result<()> {
         &b["warm_pool"],
     )?;
     row(out, &format!("{k} new sessions at once, cold"), &b["cold"])?;
+    row(
+        out,
+        &format!(
+            "{} new sessions at once, zygote (the last: max)",
+            b["big"].as_u64().unwrap_or(0)
+        ),
+        &b["zygote_big"],
+    )?;
+    if let Some(last) = b["zygote_big"]["max_ms"].as_f64() {
+        writeln!(out, "    the last of them answered after {last:.2} ms")?;
+    }
     row(out, "warm session round trip (1+1)", &r["warm_round_trip"])?;
     let d = &r["durable"];
     row(
