@@ -1156,7 +1156,10 @@ async fn server_phase(
         (ZYGOTE_POOL, "zygote_paced"),
         (ZYGOTE_WARM_POOL, "zygote_warm_paced"),
     ] {
-        let pb = progress(plan.new_zygote, &format!("new session → first result ({label})"));
+        let pb = progress(
+            plan.new_zygote,
+            &format!("new session → first result ({label})"),
+        );
         let mut s = Samples::default();
         let begun = tokio::time::Instant::now();
         for i in 0..plan.new_zygote {

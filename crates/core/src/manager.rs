@@ -21,7 +21,6 @@
 //! the table is held across an `.await`.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::io::Read;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -268,10 +267,7 @@ impl std::fmt::Debug for Manager {
 /// `n` random bytes as hex (ids, generated identifiers).
 pub fn random_hex(n: usize) -> String {
     let mut raw = vec![0u8; n];
-    if std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut raw))
-        .is_err()
-    {
+    if getrandom::fill(&mut raw).is_err() {
         // Ids only need to be unique, not secret: fall back to time and a counter.
         static FALLBACK: AtomicU64 = AtomicU64::new(0);
         let t = SystemTime::now()

@@ -311,7 +311,11 @@ async fn each_tenant_of_a_zygote_pool_gets_a_warm_stock_of_its_own() {
     m.get_or_create(&a, "python", "a1").await.unwrap();
     assert!(eventually(|| ready() == 2).await, "a's stock: {}", ready());
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(starts(Some("a")), 3, "one on demand, two ahead (capped below warm = 4)");
+    assert_eq!(
+        starts(Some("a")),
+        3,
+        "one on demand, two ahead (capped below warm = 4)"
+    );
 
     // The next start fails: a's second session must not need one.
     fail.store(1, Ordering::SeqCst);
@@ -327,11 +331,18 @@ async fn each_tenant_of_a_zygote_pool_gets_a_warm_stock_of_its_own() {
     m.get_or_create(&b, "python", "b1").await.unwrap();
     assert_eq!(before_b, 0);
     assert!(starts(Some("b")) >= 1, "b's session was started for b");
-    assert!(eventually(|| ready() == a_stock + 2).await, "b's stock of its own");
+    assert!(
+        eventually(|| ready() == a_stock + 2).await,
+        "b's stock of its own"
+    );
 
     // Idle tenants' stock is let go (and the idle sessions with it).
     let closed = stats.closed.load(Ordering::SeqCst);
-    assert!(eventually(|| ready() == 0).await, "stock still held: {}", ready());
+    assert!(
+        eventually(|| ready() == 0).await,
+        "stock still held: {}",
+        ready()
+    );
     assert!(stats.closed.load(Ordering::SeqCst) >= closed + a_stock + 2);
     m.shutdown().await;
 }

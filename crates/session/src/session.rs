@@ -559,7 +559,13 @@ impl Session {
             acc.execution_count = self.execution_count + 1;
         }
         self.execution_count = acc.execution_count;
-        let stats = self.sandbox.stats();
+        // The reading after the end serves unless the sandbox died since (its last figures
+        // are read once it is gone).
+        let stats = if matches!(session_state, SessionState::Lost) {
+            self.sandbox.stats()
+        } else {
+            stats_after
+        };
         let cpu_time_ms = match (
             stats_before.and_then(|s| s.cpu_ns),
             stats.and_then(|s| s.cpu_ns),
