@@ -14,7 +14,9 @@
 
 use std::fs;
 use std::io::{self, ErrorKind};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ampoule_types::Limits;
@@ -305,6 +307,7 @@ impl CgroupRoot {
                     let stale = Cgroup {
                         version: self.version,
                         dirs: vec![(ctls.clone(), dir.clone())],
+                        counters: Arc::default(),
                     };
                     stale.kill_and_remove();
                     fs::create_dir(&dir).map_err(|e| cg_err(&dir, "create", &e))?;
@@ -316,6 +319,7 @@ impl CgroupRoot {
         let cg = Cgroup {
             version: self.version,
             dirs,
+            counters: Arc::default(),
         };
         if let Err(e) = cg.apply_limits(limits) {
             cg.kill_and_remove();
@@ -345,6 +349,7 @@ impl CgroupRoot {
     pub fn open(&self, name: &str) -> Cgroup {
         Cgroup {
             version: self.version,
+            counters: Arc::default(),
             dirs: self
                 .bases
                 .iter()
@@ -405,6 +410,9 @@ pub struct CgroupStats {
 pub struct Cgroup {
     version: CgroupVersion,
     dirs: Vec<(Vec<Controller>, PathBuf)>,
+    /// The counter files [`Cgroup::stats`] reads, kept open once read (shared by clones):
+    /// every execution reads them twice, and a reopen walks the long cgroup path each time.
+    counters: Arc<Mutex<Vec<(&'static str, fs::File)>>>,
 }
 
 impl Cgroup {
@@ -425,6 +433,31 @@ impl Cgroup {
 
     fn read(&self, ctl: Controller, file: &str) -> Option<String> {
         fs::read_to_string(self.dir(ctl)?.join(file)).ok()
+    }
+
+    /// A counter file's text, through a descriptor kept open: a read from offset 0 makes the
+    /// kernel render the file afresh.
+    fn read_counter(&self, ctl: Controller, file: &'static str) -> Option<String> {
+        let mut open = self.counters.lock().ok()?;
+        let at = match open.iter().position(|(f, _)| *f == file) {
+            Some(i) => i,
+            None => {
+                open.push((file, fs::File::open(self.dir(ctl)?.join(file)).ok()?));
+                open.len() - 1
+            }
+        };
+        let f = &open[at].1;
+        let mut buf = [0u8; 4096];
+        let mut len = 0;
+        while len < buf.len() {
+            match f.read_at(&mut buf[len..], len as u64) {
+                Ok(0) => break,
+                Ok(n) => len += n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => return None,
+            }
+        }
+        String::from_utf8(buf[..len].to_vec()).ok()
     }
 
     fn apply_limits(&self, limits: &Limits) -> Result<()> {
@@ -506,27 +539,32 @@ impl Cgroup {
         match self.version {
             CgroupVersion::V1 => CgroupStats {
                 cpu_ns: self
-                    .read(Controller::Cpuacct, "cpuacct.usage")
+                    .read_counter(Controller::Cpuacct, "cpuacct.usage")
                     .and_then(|s| s.trim().parse().ok()),
                 peak_memory: self
-                    .read(Controller::Memory, "memory.max_usage_in_bytes")
+                    .read_counter(Controller::Memory, "memory.max_usage_in_bytes")
                     .and_then(|s| s.trim().parse().ok()),
                 oom_kills: kv(
-                    self.read(Controller::Memory, "memory.oom_control"),
+                    self.read_counter(Controller::Memory, "memory.oom_control"),
                     "oom_kill",
                 )
                 .unwrap_or(0),
-                pids_max_hits: kv(self.read(Controller::Pids, "pids.events"), "max").unwrap_or(0),
+                pids_max_hits: kv(self.read_counter(Controller::Pids, "pids.events"), "max")
+                    .unwrap_or(0),
             },
             CgroupVersion::V2 => CgroupStats {
-                cpu_ns: kv(self.read(Controller::Cpu, "cpu.stat"), "usage_usec")
+                cpu_ns: kv(self.read_counter(Controller::Cpu, "cpu.stat"), "usage_usec")
                     .map(|us| us * 1000),
                 peak_memory: self
-                    .read(Controller::Memory, "memory.peak")
+                    .read_counter(Controller::Memory, "memory.peak")
                     .and_then(|s| s.trim().parse().ok()),
-                oom_kills: kv(self.read(Controller::Memory, "memory.events"), "oom_kill")
+                oom_kills: kv(
+                    self.read_counter(Controller::Memory, "memory.events"),
+                    "oom_kill",
+                )
+                .unwrap_or(0),
+                pids_max_hits: kv(self.read_counter(Controller::Pids, "pids.events"), "max")
                     .unwrap_or(0),
-                pids_max_hits: kv(self.read(Controller::Pids, "pids.events"), "max").unwrap_or(0),
             },
         }
     }
@@ -773,6 +811,32 @@ mod tests {
         assert_eq!(s.pids_max_hits, 3);
         assert_eq!(s.cpu_ns, Some(1_500_000));
         assert_eq!(s.peak_memory, Some(4096));
+        // Read again through the descriptors kept open: the new values, not the first ones
+        // (the files rewritten in place, as the kernel renders them afresh).
+        fs::write(
+            dir.join("pids.events"),
+            "max 12
+",
+        )
+        .unwrap();
+        fs::write(
+            dir.join("memory.events"),
+            "low 0
+oom 3
+oom_kill 2
+",
+        )
+        .unwrap();
+        let again = cg.clone().stats();
+        assert_eq!((again.pids_max_hits, again.oom_kills), (12, 2));
+        let kept: Vec<&str> = cg
+            .counters
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(f, _)| *f)
+            .collect();
+        assert_eq!(kept.len(), 4, "kept open once read: {kept:?}");
         assert_eq!(cg.procs_files(), vec![dir.join("cgroup.procs")]);
         assert_eq!(root.children(), vec!["sbx-7".to_owned()]);
     }
