@@ -452,6 +452,19 @@ impl Manager {
         decided_by: Option<&str>,
         by: Option<&Caller>,
     ) {
+        self.audit_session_status(s, kind, decided_by, by, None)
+            .await;
+    }
+
+    /// [`Manager::audit_session`] with the record's `status`.
+    pub(crate) async fn audit_session_status(
+        &self,
+        s: &Session,
+        kind: Kind,
+        decided_by: Option<&str>,
+        by: Option<&Caller>,
+        status: Option<&str>,
+    ) {
         let event = match kind {
             Kind::SessionCreated => Some("created"),
             Kind::SessionExpired => Some("expired"),
@@ -477,6 +490,7 @@ impl Manager {
             r.duration_ms = Some(running.as_secs_f64() * 1000.0);
         }
         r.decided_by = decided_by.map(str::to_owned);
+        r.status = status.map(str::to_owned);
         r.identifier = Some(s.identifier.clone());
         if let Some(c) = by {
             c.stamp(&mut r);
@@ -730,7 +744,8 @@ impl Manager {
         tenant: &str,
         pool_name: &str,
         disk: Option<&std::path::Path>,
-    ) -> Result<Arc<dyn LiveSession>, Error> {
+        restore_image: Option<&std::path::Path>,
+    ) -> Result<(Arc<dyn LiveSession>, bool), Error> {
         let pool = self
             .inner
             .pools
@@ -740,17 +755,30 @@ impl Manager {
         if let Some(disk) = disk {
             // A durable sandbox starts on its own disk: never from warm stock.
             pool.starting.fetch_add(1, Ordering::SeqCst);
-            let started = self
-                .inner
-                .engine
-                .start_durable(&pool.settings.spec, tenant, disk)
-                .await;
+            let engine = &self.inner.engine;
+            let spec = &pool.settings.spec;
+            // With its memory when it was checkpointed; with its files only when that fails.
+            let restored = match restore_image {
+                Some(image) => match engine.restore_durable(spec, tenant, disk, image).await {
+                    Ok(live) => Some(live),
+                    Err(e) => {
+                        tracing::warn!(pool = pool_name, error = %e, "restoring a checkpoint failed: starting with the files only");
+                        None
+                    }
+                },
+                None => None,
+            };
+            let kept = restored.is_some();
+            let started = match restored {
+                Some(live) => Ok(live),
+                None => engine.start_durable(spec, tenant, disk).await,
+            };
             pool.starting.fetch_sub(1, Ordering::SeqCst);
             let started = started?;
             self.inner
                 .observer
                 .session_started(pool_name, false, begun.elapsed().as_secs_f64());
-            return Ok(Arc::from(started));
+            return Ok((Arc::from(started), kept));
         }
         loop {
             let warm = pool.warm.lock().ok().and_then(|mut w| w.pop_front());
@@ -762,7 +790,7 @@ impl Manager {
                         true,
                         begun.elapsed().as_secs_f64(),
                     );
-                    return Ok(live);
+                    return Ok((live, false));
                 }
                 // Closed aside: the caller does not wait for discarded stock.
                 Some(unusable) => {
@@ -787,7 +815,7 @@ impl Manager {
         if started.forked() {
             self.inner.observer.zygote_forked(pool_name, seconds);
         }
-        Ok(Arc::from(started))
+        Ok((Arc::from(started), false))
     }
 
     /// The session of `identifier` in `pool` for the caller, started on first use (its
@@ -878,9 +906,17 @@ impl Manager {
             .cell
             .get_or_try_init(|| async {
                 let extras = extras.unwrap_or_else(crate::sandbox::Extras::session);
-                let live = self
-                    .start_live(tenant, pool, extras.disk.as_deref())
+                let (live, memory_kept) = self
+                    .start_live(
+                        tenant,
+                        pool,
+                        extras.disk.as_deref(),
+                        extras.restore_image.as_deref(),
+                    )
                     .await?;
+                if memory_kept && let Ok(mut l) = extras.life.lock() {
+                    l.memory_lost = false;
+                }
                 let now = (Instant::now(), SystemTime::now());
                 Ok::<_, Error>(Arc::new(Session {
                     id: slot.id.clone(),
