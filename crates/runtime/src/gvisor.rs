@@ -39,6 +39,10 @@
 //! private mount namespace whose `/proc/sys` hides `net` (see
 //! [`crate::sys::hide_net_sysctls_before_exec`] for the runsc bug this works around).
 //!
+//! Checkpoints: [`checkpoint`] writes a running sandbox (without network) to an image, and
+//! [`SandboxConfig::restore_image`] starts one from it (`runsc restore` instead of `runsc run`,
+//! same bundle, same disk): durable sandboxes hibernate with their memory this way.
+//!
 //! Not (yet) on this tier: sandboxes from OCI images, entering a running sandbox, zygotes. `--oci-seccomp` is
 //! not used: the sentry implements every system call itself and runs under gVisor's own
 //! host seccomp filter, so a filter inside would only narrow the sentry's emulated surface.
