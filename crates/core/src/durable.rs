@@ -55,6 +55,10 @@ pub struct SandboxCounts {
     pub disk_bytes: u64,
 }
 
+/// How long a checkpoint at shutdown may take before the sandbox is recorded with its files
+/// only.
+const SHUTDOWN_CHECKPOINT: Duration = Duration::from_secs(20);
+
 /// CPU time between two looks of the reaper (every 500 ms) above which a sandbox is busy: 4 %
 /// of a core. An idle interpreter uses next to none.
 const BUSY_CPU_NS: u64 = 20_000_000;
@@ -742,20 +746,64 @@ impl Manager {
         c
     }
 
+    /// At shutdown, before the sessions are closed: checkpoints a durable session whose
+    /// engine can (the gVisor tier) and that runs no execution; whether its memory is kept.
+    pub(crate) async fn checkpoint_at_shutdown(&self, s: &Session) -> bool {
+        let Some(store) = self.store() else {
+            return false;
+        };
+        let Ok(_x) = s.exec_lock.try_lock() else {
+            return false;
+        };
+        if s.sandbox.paused_since().is_some() {
+            let _ = s.live.resume();
+        }
+        let image = store.checkpoint(&s.id);
+        match tokio::time::timeout(SHUTDOWN_CHECKPOINT, s.live.checkpoint(&image)).await {
+            Ok(Ok(())) => true,
+            Ok(Err(crate::engine::EngineError::Unsupported(_))) => false,
+            Ok(Err(e)) => {
+                tracing::warn!(sandbox = %s.id, error = %e, "checkpoint at shutdown failed: files only");
+                store.remove_checkpoint(&s.id);
+                false
+            }
+            Err(_) => {
+                tracing::warn!(sandbox = %s.id, "checkpoint at shutdown timed out: files only");
+                store.remove_checkpoint(&s.id);
+                false
+            }
+        }
+    }
+
     /// At shutdown: a durable session is written down as hibernated (the server started
-    /// again lists it); whether it was durable.
-    pub(crate) async fn hibernate_at_shutdown(&self, s: &Session) -> bool {
+    /// again lists it), with its memory when [`Manager::checkpoint_at_shutdown`] kept it;
+    /// whether it was durable.
+    pub(crate) async fn hibernate_at_shutdown(&self, s: &Session, memory_kept: bool) -> bool {
         if s.sandbox.disk.is_none() {
             return false;
         }
         let Some(store) = self.store() else {
             return false;
         };
-        if let Err(e) = store.save(&self.record_of(s, Some(now_ms()))) {
+        let mut record = self.record_of(s, Some(now_ms()));
+        record.memory_kept = memory_kept;
+        if let Err(e) = store.save(&record) {
             tracing::warn!(sandbox = %s.id, error = %e, "recording a sandbox at shutdown");
+            store.remove_checkpoint(&s.id);
         }
-        self.audit_session(s, Kind::SandboxHibernated, Some("shutdown"), None)
-            .await;
+        let memory = if memory_kept {
+            "memory_kept"
+        } else {
+            "memory_lost"
+        };
+        self.audit_session_status(
+            s,
+            Kind::SandboxHibernated,
+            Some("shutdown"),
+            None,
+            Some(memory),
+        )
+        .await;
         true
     }
 }

@@ -317,9 +317,16 @@ async fn an_engine_that_checkpoints_keeps_the_memory_and_says_so_when_it_cannot(
     again.set_store(Store::open(&store).unwrap());
     assert_eq!(state(&again, &a, &id), ("hibernated", "kept"));
     assert_eq!(x_plus_one(&again, &a, &id).await, "42");
-    again.hibernate_sandbox(&a, &id).await.unwrap();
+    // Running when the manager shuts down: checkpointed then.
+    again.shutdown().await;
+    let (third, stats3, _dir3) = manager(Policy::default());
+    stats3.checkpoints.store(true, SeqCst);
+    third.set_store(Store::open(&store).unwrap());
+    assert_eq!(state(&third, &a, &id), ("hibernated", "kept"));
+    assert_eq!(x_plus_one(&third, &a, &id).await, "42");
+    third.hibernate_sandbox(&a, &id).await.unwrap();
     assert!(image.join("checkpoint.img").is_file());
-    again
+    third
         .delete_session(&a, &Target::Id(id.clone()))
         .await
         .unwrap();

@@ -1445,11 +1445,24 @@ impl Manager {
             }
         }
         let n = lives.len();
+        // Durable sandboxes whose engine can checkpoint them keep their memory across the
+        // restart (those running an execution do not: it is not waited for).
+        let kept: std::collections::HashSet<String> = futures_util::future::join_all(
+            slots
+                .iter()
+                .filter_map(|slot| slot.cell.get())
+                .filter(|s| s.sandbox.disk.is_some())
+                .map(|s| async move { (s.id.clone(), self.checkpoint_at_shutdown(s).await) }),
+        )
+        .await
+        .into_iter()
+        .filter_map(|(id, kept)| kept.then_some(id))
+        .collect();
         futures_util::future::join_all(lives.iter().map(|l| l.close())).await;
         // Every session's life ends in the audit log, so usage counts it.
         // A durable one is written down as hibernated: the server started again lists it.
         for s in slots.iter().filter_map(|slot| slot.cell.get()) {
-            if !self.hibernate_at_shutdown(s).await {
+            if !self.hibernate_at_shutdown(s, kept.contains(&s.id)).await {
                 self.audit_session(s, Kind::SessionExpired, Some("shutdown"), None)
                     .await;
             }
