@@ -514,6 +514,11 @@ impl Manager {
             return Ok(());
         };
         let _waking = self.inner.waking.lock().await;
+        // Hibernated (or deleted) meanwhile: the reaper may have seen the sandbox stopped by
+        // a checkpoint before it was removed, and must not touch its image.
+        if !self.is_listed(slot) {
+            return Ok(());
+        }
         let Ok(_x) = s.exec_lock.try_lock() else {
             return Err(Error::Conflict(
                 "an execution is running in this sandbox; hibernate it once it ends".into(),

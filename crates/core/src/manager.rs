@@ -710,7 +710,7 @@ impl Manager {
         }
     }
 
-    fn is_listed(&self, slot: &Arc<Slot>) -> bool {
+    pub(crate) fn is_listed(&self, slot: &Arc<Slot>) -> bool {
         self.inner.table.lock().is_ok_and(|t| {
             t.by_key
                 .get(&slot.key)
