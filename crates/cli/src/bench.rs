@@ -90,7 +90,13 @@ pub(crate) struct BenchArgs {
     /// With --cluster-only: each replica's `max_sessions` (default 100; 20 with --quick).
     #[arg(long, value_name = "N", requires = "cluster_only")]
     cluster_sessions: Option<usize>,
+    /// Only the gVisor tier beside the default tier and a bare interpreter (start, new
+    /// session → first result, round trip, hibernate/resume with memory), as JSON.
+    #[arg(long)]
+    gvisor_only: bool,
 }
+
+mod gvisor;
 
 /// Sample counts and durations of one run.
 struct Plan {
@@ -366,6 +372,9 @@ pub(crate) async fn run(args: BenchArgs) -> Result<ExitCode> {
         serde_json::to_writer_pretty(&mut out, &report)?;
         writeln!(out)?;
         return Ok(ExitCode::SUCCESS);
+    }
+    if args.gvisor_only {
+        return gvisor::run(args.quick, &exe, &work).await;
     }
     if args.density_only {
         let density = densities(&plan, &exe, &work).await?;

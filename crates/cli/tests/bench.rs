@@ -142,6 +142,48 @@ fn quick_cluster_bench_holds_three_times_the_sessions() {
     }
 }
 
+/// `--gvisor-only`: every figure of the three tiers and of hibernation with memory was taken
+/// and succeeded; every hibernation kept the sandbox's memory.
+fn quick_gvisor_bench_compares_the_tiers() {
+    let out = Command::new(env!("CARGO_BIN_EXE_ampoule"))
+        .args(["bench", "--quick", "--gvisor-only"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "ampoule bench failed: {stderr}");
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let g = &r["gvisor"];
+    for k in [
+        "python3_pass",
+        "python3_print_1_plus_1",
+        "ampoule_run_pass_namespaces",
+        "ampoule_run_pass_gvisor",
+    ] {
+        check_stat(&format!("start.{k}"), &g["start"][k]);
+    }
+    for tier in ["gvisor", "namespaces_cold", "namespaces_zygote"] {
+        check_stat(&format!("new_session.{tier}"), &g["new_session"][tier]);
+        check_stat(
+            &format!("warm_round_trip.{tier}"),
+            &g["warm_round_trip"][tier],
+        );
+    }
+    let h = &g["hibernation"];
+    for k in [
+        "hibernate_checkpoint",
+        "resume_restore",
+        "first_result_after_resume",
+    ] {
+        check_stat(&format!("hibernation.{k}"), &h[k]);
+        assert_eq!(h[k]["success_rate"], 1.0, "{k}: {h}");
+    }
+    assert_eq!(h["hibernated_with_memory"], 2, "{h}");
+    assert!(
+        h["checkpoint_image_bytes_median"].as_u64().unwrap() > 0,
+        "{h}"
+    );
+}
+
 fn bench_refuses_without_root() {
     let out = Command::new(env!("CARGO_BIN_EXE_ampoule"))
         .args(["bench", "--quick"])
@@ -168,6 +210,17 @@ fn main() {
             "quick_cluster_bench_holds_three_times_the_sessions",
             quick_cluster_bench_holds_three_times_the_sessions,
             (!root).then_some("ampoule bench needs root"),
+        ),
+        (
+            "quick_gvisor_bench_compares_the_tiers",
+            quick_gvisor_bench_compares_the_tiers,
+            if !root {
+                Some("ampoule bench needs root")
+            } else if ampoule_runtime::gvisor::find().is_none() {
+                Some("runsc is not installed (apt-get install runsc)")
+            } else {
+                None
+            },
         ),
         (
             "bench_refuses_without_root",

@@ -55,6 +55,10 @@ pub struct SandboxCounts {
     pub disk_bytes: u64,
 }
 
+/// How long a checkpoint at shutdown may take before the sandbox is recorded with its files
+/// only.
+const SHUTDOWN_CHECKPOINT: Duration = Duration::from_secs(20);
+
 /// CPU time between two looks of the reaper (every 500 ms) above which a sandbox is busy: 4 %
 /// of a core. An idle interpreter uses next to none.
 const BUSY_CPU_NS: u64 = 20_000_000;
@@ -199,7 +203,17 @@ impl Manager {
             life_left_ms: s.sandbox.life_left_ms(),
             lifecycle: s.sandbox.lifecycle.clone(),
             hibernated_at_ms,
+            memory_kept: false,
         }
+    }
+
+    /// Whether a hibernated sandbox's memory is kept: its record says so and its checkpoint
+    /// image is there.
+    pub(crate) fn checkpointed(&self, r: &Record) -> bool {
+        r.memory_kept
+            && self
+                .store()
+                .is_some_and(|s| s.checkpoint(&r.id).join("checkpoint.img").is_file())
     }
 
     /// Writes a durable session's record as it runs (a crash then leaves it hibernated).
@@ -359,7 +373,9 @@ impl Manager {
     }
 
     /// Starts a hibernated sandbox again on its disk: same id, identifier, tokens, metadata
-    /// and variables, fresh contexts (its memory was not kept).
+    /// and variables; restored from its checkpoint when it was hibernated with its memory
+    /// (its variables then too), else with fresh contexts. The checkpoint image is deleted
+    /// either way: the sandbox's memory lives on in it, or in the restored sandbox.
     pub(crate) async fn restore(&self, caller: &Caller, r: &Record) -> Result<Arc<Session>, Error> {
         let _waking = self.inner.waking.lock().await;
         // Another call may have brought it back meanwhile.
@@ -380,10 +396,14 @@ impl Manager {
             return Err(Error::internal("a hibernated sandbox without a store"));
         };
         let begun = Instant::now();
-        let extras = Extras::restored(&r, store.disk(&r.id));
+        let mut extras = Extras::restored(&r, store.disk(&r.id));
+        if self.checkpointed(&r) {
+            extras.restore_image = Some(store.checkpoint(&r.id));
+        }
         let s = self
             .create_with(caller, &r.pool, &r.identifier, Some(r.id.clone()), extras)
             .await?;
+        store.remove_checkpoint(&r.id);
         if let Ok(mut d) = self.inner.dormant.lock() {
             d.remove(&r.id);
         }
@@ -395,8 +415,13 @@ impl Manager {
         self.inner
             .observer
             .sandbox_transition(&r.pool, "restore", seconds);
-        tracing::info!(sandbox = %r.id, ms = seconds * 1000.0, "hibernated sandbox started again");
-        self.audit_session(&s, Kind::SandboxResumed, Some("memory_lost"), Some(caller))
+        let memory = if s.sandbox.memory_lost() {
+            "memory_lost"
+        } else {
+            "memory_kept"
+        };
+        tracing::info!(sandbox = %r.id, ms = seconds * 1000.0, memory, "hibernated sandbox started again");
+        self.audit_session(&s, Kind::SandboxResumed, Some(memory), Some(caller))
             .await;
         Ok(s)
     }
@@ -476,7 +501,9 @@ impl Manager {
         self.inner.table.lock().ok()?.by_id.get(id).cloned()
     }
 
-    /// Writes a durable session down and stops it.
+    /// Writes a durable session down and stops it: checkpointed with its memory where the
+    /// engine can (the gVisor tier), else with its files only; the record, the audit
+    /// (`status`: `memory_kept` or `memory_lost`) and the API say which.
     async fn hibernate(
         &self,
         slot: &Arc<Slot>,
@@ -487,6 +514,11 @@ impl Manager {
             return Ok(());
         };
         let _waking = self.inner.waking.lock().await;
+        // Hibernated (or deleted) meanwhile: the reaper may have seen the sandbox stopped by
+        // a checkpoint before it was removed, and must not touch its image.
+        if !self.is_listed(slot) {
+            return Ok(());
+        }
         let Ok(_x) = s.exec_lock.try_lock() else {
             return Err(Error::Conflict(
                 "an execution is running in this sandbox; hibernate it once it ends".into(),
@@ -496,13 +528,41 @@ impl Manager {
             return Err(Error::internal("a durable sandbox without a store"));
         };
         let begun = Instant::now();
-        let record = self.record_of(s, Some(now_ms()));
-        store
-            .save(&record)
-            .map_err(|e| Error::internal(format!("hibernating {}: {e}", s.id)))?;
         let since = s.sandbox.paused_since().unwrap_or_else(Instant::now);
+        let image = store.checkpoint(&s.id);
+        // A frozen sandbox cannot be checkpointed: thawed for it (it is stopped right after).
+        if s.sandbox.paused_since().is_some() {
+            let _ = s.live.resume();
+        }
+        let memory_kept = match s.live.checkpoint(&image).await {
+            Ok(()) => true,
+            Err(crate::engine::EngineError::Unsupported(_)) => false,
+            Err(e) => {
+                tracing::warn!(sandbox = %s.id, error = %e, "checkpoint failed: hibernating with the files only");
+                store.remove_checkpoint(&s.id);
+                false
+            }
+        };
+        let mut record = self.record_of(s, Some(now_ms()));
+        record.memory_kept = memory_kept;
+        if let Err(e) = store.save(&record) {
+            store.remove_checkpoint(&s.id);
+            if memory_kept {
+                // The sandbox is stopped already: it must become dormant all the same.
+                record.memory_kept = false;
+                let _ = store.save(&record);
+            }
+            if !memory_kept {
+                return Err(Error::internal(format!("hibernating {}: {e}", s.id)));
+            }
+        }
+        let memory = if record.memory_kept {
+            "memory_kept"
+        } else {
+            "memory_lost"
+        };
         // Its running time ends here (the record carries it to the usage figures).
-        self.audit_session(s, Kind::SandboxHibernated, Some(why), by)
+        self.audit_session_status(s, Kind::SandboxHibernated, Some(why), by, Some(memory))
             .await;
         if let Ok(mut d) = self.inner.dormant.lock() {
             d.insert(s.id.clone(), Dormant { record, since });
@@ -513,7 +573,7 @@ impl Manager {
         self.inner
             .observer
             .sandbox_transition(&s.pool, "hibernate", seconds);
-        tracing::info!(sandbox = %s.id, ms = seconds * 1000.0, reason = why, "sandbox hibernated");
+        tracing::info!(sandbox = %s.id, ms = seconds * 1000.0, reason = why, memory, "sandbox hibernated");
         Ok(())
     }
 
@@ -691,20 +751,64 @@ impl Manager {
         c
     }
 
+    /// At shutdown, before the sessions are closed: checkpoints a durable session whose
+    /// engine can (the gVisor tier) and that runs no execution; whether its memory is kept.
+    pub(crate) async fn checkpoint_at_shutdown(&self, s: &Session) -> bool {
+        let Some(store) = self.store() else {
+            return false;
+        };
+        let Ok(_x) = s.exec_lock.try_lock() else {
+            return false;
+        };
+        if s.sandbox.paused_since().is_some() {
+            let _ = s.live.resume();
+        }
+        let image = store.checkpoint(&s.id);
+        match tokio::time::timeout(SHUTDOWN_CHECKPOINT, s.live.checkpoint(&image)).await {
+            Ok(Ok(())) => true,
+            Ok(Err(crate::engine::EngineError::Unsupported(_))) => false,
+            Ok(Err(e)) => {
+                tracing::warn!(sandbox = %s.id, error = %e, "checkpoint at shutdown failed: files only");
+                store.remove_checkpoint(&s.id);
+                false
+            }
+            Err(_) => {
+                tracing::warn!(sandbox = %s.id, "checkpoint at shutdown timed out: files only");
+                store.remove_checkpoint(&s.id);
+                false
+            }
+        }
+    }
+
     /// At shutdown: a durable session is written down as hibernated (the server started
-    /// again lists it); whether it was durable.
-    pub(crate) async fn hibernate_at_shutdown(&self, s: &Session) -> bool {
+    /// again lists it), with its memory when [`Manager::checkpoint_at_shutdown`] kept it;
+    /// whether it was durable.
+    pub(crate) async fn hibernate_at_shutdown(&self, s: &Session, memory_kept: bool) -> bool {
         if s.sandbox.disk.is_none() {
             return false;
         }
         let Some(store) = self.store() else {
             return false;
         };
-        if let Err(e) = store.save(&self.record_of(s, Some(now_ms()))) {
+        let mut record = self.record_of(s, Some(now_ms()));
+        record.memory_kept = memory_kept;
+        if let Err(e) = store.save(&record) {
             tracing::warn!(sandbox = %s.id, error = %e, "recording a sandbox at shutdown");
+            store.remove_checkpoint(&s.id);
         }
-        self.audit_session(s, Kind::SandboxHibernated, Some("shutdown"), None)
-            .await;
+        let memory = if memory_kept {
+            "memory_kept"
+        } else {
+            "memory_lost"
+        };
+        self.audit_session_status(
+            s,
+            Kind::SandboxHibernated,
+            Some("shutdown"),
+            None,
+            Some(memory),
+        )
+        .await;
         true
     }
 }

@@ -252,3 +252,83 @@ async fn the_session_commands_see_and_delete_hibernated_sessions() {
     assert!(m.get_session(&a, &target).is_err());
     assert!(!dir.path().join("sandboxes").join(&id).exists());
 }
+
+/// `x + 1` in the sandbox: its text, or the error's name.
+async fn x_plus_one(m: &Manager, caller: &Caller, id: &str) -> String {
+    let r = m
+        .execute(
+            caller,
+            ExecuteCommand::new(Target::Id(id.to_owned()), "x + 1"),
+        )
+        .await
+        .unwrap()
+        .result;
+    match (&r.result, &r.error) {
+        (Some(data), _) => data["text/plain"].as_str().unwrap_or_default().to_owned(),
+        (None, Some(e)) => e.name.clone(),
+        (None, None) => String::new(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_that_checkpoints_keeps_the_memory_and_says_so_when_it_cannot() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let (m, stats, dir) = manager(Policy::default());
+    let store = dir.path().join("sandboxes");
+    m.set_store(Store::open(&store).unwrap());
+    stats.checkpoints.store(true, SeqCst);
+    let a = Caller::new("a");
+    let id = durable(&m, &a, Lifecycle::default()).await;
+    run(&m, &a, &id, "x = 41; write f hello").await;
+    let image = store.join(&id).join("checkpoint");
+
+    // Checkpointed: kept while hibernated and once back; the image goes once it runs.
+    let info = m.hibernate_sandbox(&a, &id).await.unwrap();
+    assert_eq!((info.state, info.session_state), ("hibernated", "kept"));
+    assert!(image.join("checkpoint.img").is_file());
+    assert_eq!(x_plus_one(&m, &a, &id).await, "42");
+    assert_eq!(state(&m, &a, &id), ("running", "kept"));
+    assert!(!image.exists(), "the image outlived the restore");
+
+    // A checkpoint that fails: files only, and the API says so.
+    stats.fail_checkpoints.store(1, SeqCst);
+    let info = m.hibernate_sandbox(&a, &id).await.unwrap();
+    assert_eq!((info.state, info.session_state), ("hibernated", "lost"));
+    assert!(!image.exists());
+    assert_eq!(x_plus_one(&m, &a, &id).await, "NameError");
+    assert_eq!(run(&m, &a, &id, "read f").await, "hello");
+    assert_eq!(state(&m, &a, &id), ("running", "lost"));
+
+    // A restore that fails: started with its files only, said, the image gone.
+    run(&m, &a, &id, "x = 41").await;
+    let info = m.hibernate_sandbox(&a, &id).await.unwrap();
+    assert_eq!(info.session_state, "kept");
+    stats.fail_restores.store(1, SeqCst);
+    assert_eq!(x_plus_one(&m, &a, &id).await, "NameError");
+    assert_eq!(state(&m, &a, &id), ("running", "lost"));
+    assert_eq!(run(&m, &a, &id, "read f").await, "hello");
+    assert!(!image.exists());
+
+    // Kept across a manager started again over the same store; deleted with the sandbox.
+    run(&m, &a, &id, "x = 41").await;
+    m.hibernate_sandbox(&a, &id).await.unwrap();
+    let (again, stats2, _dir2) = manager(Policy::default());
+    stats2.checkpoints.store(true, SeqCst);
+    again.set_store(Store::open(&store).unwrap());
+    assert_eq!(state(&again, &a, &id), ("hibernated", "kept"));
+    assert_eq!(x_plus_one(&again, &a, &id).await, "42");
+    // Running when the manager shuts down: checkpointed then.
+    again.shutdown().await;
+    let (third, stats3, _dir3) = manager(Policy::default());
+    stats3.checkpoints.store(true, SeqCst);
+    third.set_store(Store::open(&store).unwrap());
+    assert_eq!(state(&third, &a, &id), ("hibernated", "kept"));
+    assert_eq!(x_plus_one(&third, &a, &id).await, "42");
+    third.hibernate_sandbox(&a, &id).await.unwrap();
+    assert!(image.join("checkpoint.img").is_file());
+    third
+        .delete_session(&a, &Target::Id(id.clone()))
+        .await
+        .unwrap();
+    assert!(!store.join(&id).exists());
+}

@@ -281,6 +281,21 @@ pub trait Engine: Send + Sync + 'static {
             "this server cannot keep a sandbox's files on disk".into(),
         ))
     }
+
+    /// [`Engine::start_durable`] from the checkpoint image at `image` (made by
+    /// [`LiveSession::checkpoint`]): the sandbox comes back with its memory. An error leaves
+    /// nothing running; the caller then starts it with its files only.
+    async fn restore_durable(
+        &self,
+        _spec: &PoolSpec,
+        _tenant: &str,
+        _disk: &std::path::Path,
+        _image: &std::path::Path,
+    ) -> Result<Box<dyn LiveSession>, EngineError> {
+        Err(EngineError::Unsupported(
+            "this server cannot restore a sandbox's memory".into(),
+        ))
+    }
 }
 
 /// One live session: a sandbox with an interpreter and its files.
@@ -376,6 +391,16 @@ pub trait LiveSession: Send + Sync + 'static {
     fn resume(&self) -> Result<(), EngineError> {
         Err(EngineError::Unsupported(
             "this server cannot pause a sandbox (no cgroup freezer)".into(),
+        ))
+    }
+
+    /// Writes the sandbox's memory into a checkpoint image in the directory `image` and stops
+    /// it (hibernation that keeps memory; see [`Engine::restore_durable`]); the caller closes
+    /// the session afterwards. [`EngineError::Unsupported`] where the sandbox's memory cannot
+    /// be kept (the default tier): it is then hibernated with its files only.
+    async fn checkpoint(&self, _image: &std::path::Path) -> Result<(), EngineError> {
+        Err(EngineError::Unsupported(
+            "this sandbox's memory cannot be checkpointed".into(),
         ))
     }
 

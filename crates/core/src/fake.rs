@@ -54,6 +54,20 @@ pub struct FakeStats {
     pub closed: AtomicUsize,
     /// The tenant each start was made for (`None`: warm stock anyone may get), in order.
     pub tenants: Mutex<Vec<Option<String>>>,
+    /// Knob: durable sessions are checkpointed with their variables when they hibernate
+    /// (into `checkpoint.img`, JSON) and restored from there, as the gVisor tier does; off,
+    /// checkpoints are unsupported (the default tier).
+    pub checkpoints: AtomicBool,
+    /// Knob: how many of the next checkpoints fail.
+    pub fail_checkpoints: AtomicUsize,
+    /// Knob: how many of the next restores fail.
+    pub fail_restores: AtomicUsize,
+}
+
+/// Takes one from a countdown; whether there was one.
+fn take_one(n: &AtomicUsize) -> bool {
+    n.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
 }
 
 /// Starts [`FakeSession`]s below a directory.
@@ -126,17 +140,46 @@ impl Engine for FakeEngine {
         dir.push(".d");
         self.session_at(PathBuf::from(dir), true)
     }
+
+    /// A durable session whose variables are read back from the checkpoint `image`.
+    async fn restore_durable(
+        &self,
+        spec: &PoolSpec,
+        tenant: &str,
+        disk: &std::path::Path,
+        image: &std::path::Path,
+    ) -> Result<Box<dyn LiveSession>, EngineError> {
+        if take_one(&self.stats.fail_restores) {
+            return Err(EngineError::Start("the restore failed (fake)".into()));
+        }
+        let text = std::fs::read(image.join("checkpoint.img"))
+            .map_err(|e| EngineError::Start(e.to_string()))?;
+        let vars: HashMap<String, i64> =
+            serde_json::from_slice(&text).map_err(|e| EngineError::Start(e.to_string()))?;
+        let _ = (spec, tenant);
+        let mut dir = disk.as_os_str().to_owned();
+        dir.push(".d");
+        let s = self.fake_session_at(PathBuf::from(dir), true)?;
+        if let Ok(mut v) = s.toy.vars.lock() {
+            *v = vars;
+        }
+        Ok(Box::new(s))
+    }
 }
 
 impl FakeEngine {
     fn session_at(&self, dir: PathBuf, keep: bool) -> Result<Box<dyn LiveSession>, EngineError> {
+        Ok(Box::new(self.fake_session_at(dir, keep)?))
+    }
+
+    fn fake_session_at(&self, dir: PathBuf, keep: bool) -> Result<FakeSession, EngineError> {
         let data = dir.join(ampoule_runtime::scratch::DATA);
         std::fs::create_dir_all(&data).map_err(|e| EngineError::Start(e.to_string()))?;
         let fd: std::os::fd::OwnedFd = std::fs::File::open(&dir)
             .map_err(|e| EngineError::Start(e.to_string()))?
             .into();
         self.stats.started.fetch_add(1, Ordering::SeqCst);
-        Ok(Box::new(FakeSession {
+        Ok(FakeSession {
             toy: Toy::new(data),
             dir,
             scratch: Mutex::new(Some(Arc::new(Scratch::from_dir(fd)))),
@@ -146,7 +189,7 @@ impl FakeEngine {
             next_lost: AtomicU32::new(u32::MAX),
             keep,
             paused: AtomicBool::new(false),
-        }))
+        })
     }
 }
 
@@ -634,6 +677,20 @@ impl LiveSession for FakeSession {
         self.signal_children(nix::sys::signal::Signal::SIGCONT as i32);
         self.paused.store(false, Ordering::SeqCst);
         Ok(())
+    }
+
+    async fn checkpoint(&self, image: &std::path::Path) -> Result<(), EngineError> {
+        if !self.keep || !self.stats.checkpoints.load(Ordering::SeqCst) {
+            return Err(EngineError::Unsupported("no checkpoints (fake)".into()));
+        }
+        if take_one(&self.stats.fail_checkpoints) {
+            return Err(EngineError::Execute("the checkpoint failed (fake)".into()));
+        }
+        let vars = self.toy.vars.lock().map(|v| v.clone()).unwrap_or_default();
+        let text = serde_json::to_vec(&vars).map_err(|e| EngineError::Execute(e.to_string()))?;
+        std::fs::create_dir_all(image).map_err(|e| EngineError::Execute(e.to_string()))?;
+        std::fs::write(image.join("checkpoint.img"), text)
+            .map_err(|e| EngineError::Execute(e.to_string()))
     }
 
     async fn close(&self) {

@@ -4,8 +4,9 @@
 //!
 //! States: `running` → `paused` (its processes frozen by the engine, memory kept, no CPU) →
 //! `hibernated` (nothing of it runs: its files are on its disk image, its record in
-//! `sandbox.json`; no memory is kept on this host, which every door reports as
-//! `session_state: "lost"`) → running again when any call names it.
+//! `sandbox.json`; its memory is kept only when the engine can checkpoint it, the gVisor tier
+//! without network, into `checkpoint/` beside the disk; every door reports which as
+//! `session_state: "kept" | "lost"`) → running again when any call names it.
 //!
 //! Invariants: a durable sandbox's files live on a disk image under
 //! `<data_dir>/sandboxes/<id>/` from its creation, so a crash of the server loses no file;
@@ -185,6 +186,10 @@ pub(crate) struct Record {
     /// When it was hibernated (`None` while it runs: read back after a crash, it is
     /// hibernated from the moment the server starts again).
     pub(crate) hibernated_at_ms: Option<i64>,
+    /// Hibernated with its memory: the engine checkpointed it into [`Store::checkpoint`]
+    /// (gVisor tier), and it is restored from there. `false` for a running sandbox's record.
+    #[serde(default)]
+    pub(crate) memory_kept: bool,
 }
 
 pub(crate) const RECORD_VERSION: u32 = 1;
@@ -248,6 +253,26 @@ impl Store {
     /// The disk image of a sandbox (made by the engine on first start).
     pub fn disk(&self, id: &str) -> PathBuf {
         self.sandbox_dir(id).join("disk.img")
+    }
+
+    /// Where a sandbox hibernated with its memory keeps its checkpoint image (a directory,
+    /// mode 0700, beside its disk; removed with the sandbox's directory, and as soon as the
+    /// sandbox runs again).
+    pub fn checkpoint(&self, id: &str) -> PathBuf {
+        self.sandbox_dir(id).join("checkpoint")
+    }
+
+    /// Removes a sandbox's checkpoint image, if it has one.
+    pub(crate) fn remove_checkpoint(&self, id: &str) {
+        if !valid_id(id) {
+            return;
+        }
+        let dir = self.checkpoint(id);
+        if let Err(e) = std::fs::remove_dir_all(&dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %dir.display(), error = %e, "removing a checkpoint image");
+        }
     }
 
     /// Bytes a sandbox's disk really takes (its allocated blocks).
@@ -429,6 +454,7 @@ mod tests {
             life_left_ms: Some(1000),
             lifecycle: Lifecycle::default(),
             hibernated_at_ms: None,
+            memory_kept: false,
         };
         store.save(&r).unwrap();
         std::fs::create_dir(tmp.path().join("sandboxes/junk")).unwrap();

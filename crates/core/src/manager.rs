@@ -463,6 +463,19 @@ impl Manager {
         decided_by: Option<&str>,
         by: Option<&Caller>,
     ) {
+        self.audit_session_status(s, kind, decided_by, by, None)
+            .await;
+    }
+
+    /// [`Manager::audit_session`] with the record's `status`.
+    pub(crate) async fn audit_session_status(
+        &self,
+        s: &Session,
+        kind: Kind,
+        decided_by: Option<&str>,
+        by: Option<&Caller>,
+        status: Option<&str>,
+    ) {
         let event = match kind {
             Kind::SessionCreated => Some("created"),
             Kind::SessionExpired => Some("expired"),
@@ -488,6 +501,7 @@ impl Manager {
             r.duration_ms = Some(running.as_secs_f64() * 1000.0);
         }
         r.decided_by = decided_by.map(str::to_owned);
+        r.status = status.map(str::to_owned);
         r.identifier = Some(s.identifier.clone());
         if let Some(c) = by {
             c.stamp(&mut r);
@@ -880,7 +894,7 @@ impl Manager {
         }
     }
 
-    fn is_listed(&self, slot: &Arc<Slot>) -> bool {
+    pub(crate) fn is_listed(&self, slot: &Arc<Slot>) -> bool {
         self.inner.table.lock().is_ok_and(|t| {
             t.by_key
                 .get(&slot.key)
@@ -914,7 +928,8 @@ impl Manager {
         tenant: &str,
         pool_name: &str,
         disk: Option<&std::path::Path>,
-    ) -> Result<Arc<dyn LiveSession>, Error> {
+        restore_image: Option<&std::path::Path>,
+    ) -> Result<(Arc<dyn LiveSession>, bool), Error> {
         let pool = self
             .inner
             .pools
@@ -924,17 +939,30 @@ impl Manager {
         if let Some(disk) = disk {
             // A durable sandbox starts on its own disk: never from warm stock.
             pool.starting.fetch_add(1, Ordering::SeqCst);
-            let started = self
-                .inner
-                .engine
-                .start_durable(&pool.settings.spec, tenant, disk)
-                .await;
+            let engine = &self.inner.engine;
+            let spec = &pool.settings.spec;
+            // With its memory when it was checkpointed; with its files only when that fails.
+            let restored = match restore_image {
+                Some(image) => match engine.restore_durable(spec, tenant, disk, image).await {
+                    Ok(live) => Some(live),
+                    Err(e) => {
+                        tracing::warn!(pool = pool_name, error = %e, "restoring a checkpoint failed: starting with the files only");
+                        None
+                    }
+                },
+                None => None,
+            };
+            let kept = restored.is_some();
+            let started = match restored {
+                Some(live) => Ok(live),
+                None => engine.start_durable(spec, tenant, disk).await,
+            };
             pool.starting.fetch_sub(1, Ordering::SeqCst);
             let started = started?;
             self.inner
                 .observer
                 .session_started(pool_name, false, begun.elapsed().as_secs_f64());
-            return Ok(Arc::from(started));
+            return Ok((Arc::from(started), kept));
         }
         if self.tenant_warm_target(&pool.settings) > 0
             && let Some(live) = self.take_tenant_warm(pool_name, pool, tenant)
@@ -954,7 +982,7 @@ impl Manager {
                         true,
                         begun.elapsed().as_secs_f64(),
                     );
-                    return Ok(live);
+                    return Ok((live, false));
                 }
                 // Closed aside: the caller does not wait for discarded stock.
                 Some(unusable) => {
@@ -981,7 +1009,7 @@ impl Manager {
         if started.forked() {
             self.inner.observer.zygote_forked(pool_name, seconds);
         }
-        Ok(Arc::from(started))
+        Ok((Arc::from(started), false))
     }
 
     /// The session of `identifier` in `pool` for the caller, started on first use (its
@@ -1072,9 +1100,17 @@ impl Manager {
             .cell
             .get_or_try_init(|| async {
                 let extras = extras.unwrap_or_else(crate::sandbox::Extras::session);
-                let live = self
-                    .start_live(tenant, pool, extras.disk.as_deref())
+                let (live, memory_kept) = self
+                    .start_live(
+                        tenant,
+                        pool,
+                        extras.disk.as_deref(),
+                        extras.restore_image.as_deref(),
+                    )
                     .await?;
+                if memory_kept && let Ok(mut l) = extras.life.lock() {
+                    l.memory_lost = false;
+                }
                 let now = (Instant::now(), SystemTime::now());
                 Ok::<_, Error>(Arc::new(Session {
                     id: slot.id.clone(),
@@ -1610,11 +1646,24 @@ impl Manager {
             }
         }
         let n = lives.len();
+        // Durable sandboxes whose engine can checkpoint them keep their memory across the
+        // restart (those running an execution do not: it is not waited for).
+        let kept: std::collections::HashSet<String> = futures_util::future::join_all(
+            slots
+                .iter()
+                .filter_map(|slot| slot.cell.get())
+                .filter(|s| s.sandbox.disk.is_some())
+                .map(|s| async move { (s.id.clone(), self.checkpoint_at_shutdown(s).await) }),
+        )
+        .await
+        .into_iter()
+        .filter_map(|(id, kept)| kept.then_some(id))
+        .collect();
         futures_util::future::join_all(lives.iter().map(|l| l.close())).await;
         // Every session's life ends in the audit log, so usage counts it.
         // A durable one is written down as hibernated: the server started again lists it.
         for s in slots.iter().filter_map(|slot| slot.cell.get()) {
-            if !self.hibernate_at_shutdown(s).await {
+            if !self.hibernate_at_shutdown(s, kept.contains(&s.id)).await {
                 self.audit_session(s, Kind::SessionExpired, Some("shutdown"), None)
                     .await;
             }

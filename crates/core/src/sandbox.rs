@@ -86,8 +86,9 @@ pub struct SandboxInfo {
     pub cpus: f64,
     /// Whether its files live on disk (it can hibernate and outlives the server).
     pub durable: bool,
-    /// `kept`, or `lost` once it was hibernated: its contexts then start afresh (this host
-    /// keeps no memory across hibernation), its files are intact.
+    /// `kept`, or `lost` once it was hibernated without its memory: its contexts then start
+    /// afresh, its files are intact. Only the gVisor tier (without network) is hibernated with
+    /// its memory (a checkpoint), and says `kept` while hibernated and once resumed.
     pub session_state: &'static str,
     /// Its lifecycle policy.
     pub lifecycle: Lifecycle,
@@ -290,6 +291,9 @@ pub(crate) struct Extras {
     pub(crate) disk: Option<std::path::PathBuf>,
     /// When it was first created, for one resumed from hibernation.
     pub(crate) created_at: Option<SystemTime>,
+    /// The checkpoint image to restore it from (a durable sandbox hibernated with its
+    /// memory); used once, by its start.
+    pub(crate) restore_image: Option<std::path::PathBuf>,
     /// Pauses, open port connections, whether its memory was lost.
     pub(crate) life: Mutex<Life>,
 }
@@ -352,6 +356,7 @@ impl Extras {
             lifecycle: Lifecycle::default(),
             disk: None,
             created_at: None,
+            restore_image: None,
             life: Mutex::new(Life::default()),
         }
     }
@@ -551,7 +556,7 @@ impl Manager {
             memory_bytes: limits.memory_mib * 1024 * 1024,
             cpus: limits.cpus,
             durable: true,
-            session_state: "lost",
+            session_state: if self.checkpointed(r) { "kept" } else { "lost" },
             lifecycle: r.lifecycle.clone(),
         }
     }

@@ -39,6 +39,10 @@
 //! private mount namespace whose `/proc/sys` hides `net` (see
 //! [`crate::sys::hide_net_sysctls_before_exec`] for the runsc bug this works around).
 //!
+//! Checkpoints: [`checkpoint`] writes a running sandbox (without network) to an image, and
+//! [`SandboxConfig::restore_image`] starts one from it (`runsc restore` instead of `runsc run`,
+//! same bundle, same disk): durable sandboxes hibernate with their memory this way.
+//!
 //! Not (yet) on this tier: sandboxes from OCI images, entering a running sandbox, zygotes. `--oci-seccomp` is
 //! not used: the sentry implements every system call itself and runs under gVisor's own
 //! host seccomp filter, so a filter inside would only narrow the sentry's emulated surface.
@@ -670,6 +674,11 @@ pub(crate) async fn spawn(
             "sandboxes from OCI images are not supported on the gvisor tier yet".into(),
         ));
     }
+    if cfg.restore_image.is_some() && !matches!(cfg.network, Network::None) {
+        return Err(Error::Invalid(
+            "a sandbox with network cannot be restored from a checkpoint".into(),
+        ));
+    }
     let Some(cgroups) = &host.cgroups else {
         return Err(Error::Gvisor(
             "the gvisor tier needs usable cgroups (its sentry is limited and killed through \
@@ -835,7 +844,14 @@ pub(crate) async fn spawn(
         } else {
             "--network=none"
         })
-        .args(["--ignore-cgroups", "run", "--bundle"])
+        .arg("--ignore-cgroups");
+    // A restore runs the sandbox from its image instead of the spec's process; its stdio are
+    // still this command's (see `checkpoint`).
+    match &cfg.restore_image {
+        Some(image) => cmd.arg("restore").arg("--image-path").arg(image),
+        None => cmd.arg("run"),
+    };
+    cmd.arg("--bundle")
         .arg(&bundle)
         .arg(run.id())
         .current_dir(&bundle)
@@ -865,6 +881,56 @@ pub(crate) async fn spawn(
     Ok(Sandbox::from_runsc(
         child, cgroup, run, scratch, slot, started, stdio,
     ))
+}
+
+/// Checkpoints a running gVisor sandbox into the directory `image` (`runsc checkpoint`):
+/// the sentry writes the whole kernel state (every process's memory, open files, pipes) as
+/// one file, then the sandbox stops and `runsc run` exits.
+///
+/// What comes back on [`SandboxConfig::restore_image`] and what does not:
+/// * The kernel protocol survives: it is the program's stdio, host pipes the sentry imported
+///   as host files. runsc saves them by their number in the sentry's own file table, and
+///   `runsc restore` hands the new sandbox its own stdio under the same numbers, so the
+///   restored program reads and writes the pipes of the restoring command. Bytes the
+///   program had not read yet are saved with the image (gVisor drains readable pipes first).
+/// * The scratch is served by the new gofer from the new spec's binds, by path inside the
+///   sandbox: the same files when the scratch is on the same disk image.
+/// * Not with network: gVisor's netstack is saved with the link's addresses, and the
+///   supervisor gives a restored sandbox a new slot, hence a new link and gateway, and
+///   runsc strips the addresses of the namespace it restores into. Refused here, so the
+///   caller falls back to keeping files only.
+pub(crate) async fn checkpoint(run: &RunDir, image: &Path) -> Result<()> {
+    if run.network().is_some() {
+        return Err(Error::Gvisor(
+            "sandboxes with network cannot be checkpointed (their link and gateway change \
+             when they are restored)"
+                .into(),
+        ));
+    }
+    let _ = fs::remove_dir_all(image);
+    mkdir(image, 0o700)?;
+    let mut cmd = tokio::process::Command::from(run.runsc());
+    cmd.arg("checkpoint")
+        .arg("--image-path")
+        .arg(image)
+        .arg(run.id())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let out = cmd
+        .output()
+        .await
+        .ctx(|| "running runsc checkpoint".into())?;
+    if !out.status.success() {
+        let _ = fs::remove_dir_all(image);
+        let err = String::from_utf8_lossy(&out.stderr);
+        let last = err.lines().last().unwrap_or("").trim();
+        return Err(Error::Gvisor(format!(
+            "runsc checkpoint failed ({}): {last}",
+            out.status
+        )));
+    }
+    Ok(())
 }
 
 /// Maps `runsc run`'s exit status to the program's: runsc exits with the container's code,

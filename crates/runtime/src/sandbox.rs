@@ -16,7 +16,7 @@
 //! spawned from threads that live as long as the sandbox (tokio worker threads or the main
 //! thread; never from `spawn_blocking`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Instant;
 
@@ -80,6 +80,10 @@ pub struct SandboxConfig {
     pub writable_root: bool,
     /// Which tier runs the sandbox (see [`crate::gvisor`]).
     pub isolation: crate::gvisor::Isolation,
+    /// gVisor tier only: start the sandbox from this checkpoint image (made by
+    /// [`Sandbox::checkpoint`]) instead of running `argv`: its processes come back with their
+    /// memory, on this config's scratch and stdio pipes.
+    pub restore_image: Option<PathBuf>,
 }
 
 impl SandboxConfig {
@@ -97,6 +101,7 @@ impl SandboxConfig {
             image_root: None,
             writable_root: false,
             isolation: crate::gvisor::Isolation::Namespaces,
+            restore_image: None,
         }
     }
 }
@@ -241,6 +246,11 @@ impl Sandbox {
                 ));
             }
             return crate::gvisor::spawn(host, cfg, etc_files(), ETC_BINDS, prepare).await;
+        }
+        if cfg.restore_image.is_some() {
+            return Err(Error::Invalid(
+                "only sandboxes of the gvisor tier can be restored from a checkpoint".into(),
+            ));
         }
         if cfg.argv.is_empty() {
             return Err(Error::Invalid("nothing to run".into()));
@@ -753,6 +763,22 @@ impl Sandbox {
             stdout: stdio.1,
             stderr: stdio.2,
         }
+    }
+
+    /// Writes the sandbox's memory and processes to a checkpoint image in `image` (a
+    /// directory, made 0700 if missing) and stops it: gVisor tier only (see
+    /// [`crate::gvisor::checkpoint`]). Afterwards the program has exited; start it again with
+    /// [`SandboxConfig::restore_image`].
+    pub async fn checkpoint(&mut self, image: &Path) -> Result<()> {
+        let Some(run) = &self.gvisor else {
+            return Err(Error::Invalid(
+                "only sandboxes of the gvisor tier can be checkpointed".into(),
+            ));
+        };
+        if self.exit.is_some() {
+            return Err(Error::Gvisor("the sandbox is not running".into()));
+        }
+        crate::gvisor::checkpoint(run, image).await
     }
 
     /// The isolation tier running this sandbox.

@@ -496,8 +496,52 @@ impl Engine for SessionEngine {
     async fn start_durable(
         &self,
         spec: &PoolSpec,
+        tenant: &str,
+        disk: &std::path::Path,
+    ) -> Result<Box<dyn LiveSession>, EngineError> {
+        self.durable(spec, tenant, disk, None).await
+    }
+
+    async fn restore_durable(
+        &self,
+        spec: &PoolSpec,
+        tenant: &str,
+        disk: &std::path::Path,
+        image: &std::path::Path,
+    ) -> Result<Box<dyn LiveSession>, EngineError> {
+        if !checkpointable(spec) {
+            return Err(EngineError::Unsupported(
+                "only sandboxes of the gvisor tier without network are restored from a \
+                 checkpoint"
+                    .into(),
+            ));
+        }
+        self.durable(spec, tenant, disk, Some(image)).await
+    }
+
+    async fn start(
+        &self,
+        spec: &PoolSpec,
+        tenant: Option<&str>,
+    ) -> Result<Box<dyn LiveSession>, EngineError> {
+        self.start_fresh(spec, tenant).await
+    }
+}
+
+/// Whether the sessions of `spec` can be checkpointed with their memory: the gVisor tier's,
+/// without network (see `ampoule_runtime::gvisor::checkpoint`).
+fn checkpointable(spec: &PoolSpec) -> bool {
+    spec.isolation == ampoule_runtime::Isolation::Gvisor && spec.network.is_none()
+}
+
+impl SessionEngine {
+    /// A durable session on `disk`, restored from the checkpoint `image` when given.
+    async fn durable(
+        &self,
+        spec: &PoolSpec,
         _tenant: &str,
         disk: &std::path::Path,
+        image: Option<&std::path::Path>,
     ) -> Result<Box<dyn LiveSession>, EngineError> {
         ampoule_runtime::disk::check(self.host.privileged).map_err(EngineError::Unsupported)?;
         let (path, mib, inodes) = (
@@ -524,14 +568,18 @@ impl Engine for SessionEngine {
             None => SessionOptions::default(),
         }
         .with_disk(disk);
+        let options = match image {
+            Some(image) => options.with_restore(image),
+            None => options,
+        };
         let session = Session::start_with(&self.host, kernel, spec.limits.clone(), options)
             .await
             .map_err(|e| EngineError::Start(chain(&e)))?;
-        tracing::debug!(pool = %spec.name, disk = %disk.display(), "durable session started");
+        tracing::debug!(pool = %spec.name, disk = %disk.display(), restored = image.is_some(), "durable session started");
         live(session, spec, None)
     }
 
-    async fn start(
+    async fn start_fresh(
         &self,
         spec: &PoolSpec,
         tenant: Option<&str>,
@@ -614,6 +662,7 @@ fn live(
         limits: spec.limits.clone(),
         image: image_root(spec),
         freezer: session.freezer(),
+        checkpointable: checkpointable(spec),
         session: Mutex::new(Some(session)),
         scratch: std::sync::Mutex::new(Some(Arc::new(scratch))),
         alive: AtomicBool::new(true),
@@ -672,6 +721,8 @@ struct LiveInterpreter {
     image: Option<ImageRoot>,
     /// Its sandbox's cgroup, to pause and resume it (`None` without cgroups).
     freezer: Option<ampoule_runtime::cgroup::Cgroup>,
+    /// Whether its memory can be checkpointed (see [`checkpointable`]).
+    checkpointable: bool,
     session: Mutex<Option<Session>>,
     scratch: std::sync::Mutex<Option<Arc<Scratch>>>,
     alive: AtomicBool,
@@ -812,6 +863,32 @@ impl LiveSession for LiveInterpreter {
             EngineError::Unsupported("this server cannot pause a sandbox (no cgroups)".into())
         })?;
         f.thaw().map_err(|e| EngineError::Start(chain(&e)))
+    }
+
+    async fn checkpoint(&self, image: &std::path::Path) -> Result<(), EngineError> {
+        if !self.checkpointable {
+            return Err(EngineError::Unsupported(
+                "only sandboxes of the gvisor tier without network keep their memory when \
+                 they hibernate"
+                    .into(),
+            ));
+        }
+        let mut guard = self.session.lock().await;
+        let Some(session) = guard.as_mut() else {
+            return Err(EngineError::Closed);
+        };
+        let begun = Instant::now();
+        session
+            .checkpoint(image)
+            .await
+            .map_err(|e| EngineError::Execute(chain(&e)))?;
+        // Its sandbox stopped once its memory was written.
+        self.alive.store(false, Ordering::SeqCst);
+        tracing::debug!(
+            ms = begun.elapsed().as_secs_f64() * 1000.0,
+            "sandbox checkpointed"
+        );
+        Ok(())
     }
 
     async fn close(&self) {

@@ -8,6 +8,8 @@
 //! - hibernation and back, 20 times: listed as hibernated, back with `session_state: "lost"`,
 //!   the variable and the process gone, the files byte for byte the same, each transition
 //!   audited and counted;
+//! - on the gVisor tier, hibernation keeps the memory (a runsc checkpoint): a variable is
+//!   back after a resume and after a restart of the server, `session_state` says `kept`;
 //! - idle policies with one-second timers: a sandbox with a running process is not idle; an
 //!   idle one is paused, hibernated or deleted as its policy says.
 //!
@@ -372,6 +374,167 @@ fn durable_sandboxes_on_the_real_engine() {
     assert_eq!(stopped.unwrap().rc, 0, "the server did not stop cleanly");
 }
 
+/// The `sealed` (gVisor) pool's server, its data in `data` (kept across servers).
+fn serve_gvisor(data: &Path) -> Served {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("ampoule.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\ndata_dir = \"{}\"\n\
+             [[auth.keys]]\ntenant = \"a\"\nkey_env = \"AMPOULE_DURABLE_KEY\"\n\
+             [pools.python]\nwarm = 0\nmax_sessions = 2\n\
+             [pools.sealed]\nisolation = \"gvisor\"\nwarm = 0\nmax_sessions = 4\n",
+            data.display()
+        ),
+    )
+    .unwrap();
+    // The jail's root is read-only but for its own directory: the data directory, outside
+    // it so that it outlives the jail, is made writable in it.
+    std::fs::create_dir_all(data).unwrap();
+    let setup = format!(
+        "mount --bind '{d}' '{d}'\nmount -o remount,bind,rw '{d}'\n",
+        d = data.display()
+    );
+    let server = Served::start(
+        tmp,
+        &setup,
+        &config,
+        [("AMPOULE_DURABLE_KEY", KEY), ("AMPOULE_LOG", "info")],
+    )
+    .unwrap();
+    server.enter().unwrap();
+    server
+}
+
+/// Runs `f` against `server`; on a panic prints the server's log first.
+fn with_log(server: &Served, f: impl FnOnce()) {
+    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    if let Err(e) = ran {
+        let log = server.log();
+        let lines: Vec<&str> = log.lines().collect();
+        eprintln!(
+            "== the server log (last 80 lines):\n{}",
+            lines[lines.len().saturating_sub(80)..].join("\n")
+        );
+        std::panic::resume_unwind(e);
+    }
+}
+
+/// The audit records of `kind` for a sandbox: (decided_by, status).
+fn audited(api: &Api, id: &str, kind: &str) -> Vec<(String, String)> {
+    let r = api.ok("GET", &format!("/v1/audit?session={id}&limit=1000"), None);
+    r["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["kind"] == kind)
+        .map(|r| {
+            (
+                r["decided_by"].as_str().unwrap_or_default().to_owned(),
+                r["status"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// A durable sandbox on the gVisor tier hibernates with its memory (a runsc checkpoint in its
+/// directory under data_dir) and comes back with it: twice on one server, then once more
+/// across a restart of the server, which checkpointed it at shutdown; the image is gone once
+/// it runs again and with the sandbox.
+fn gvisor_sandboxes_hibernate_with_their_memory() {
+    let data_tmp = tempfile::tempdir().unwrap();
+    let data = data_tmp.path().join("data");
+    let mut server = serve_gvisor(&data);
+    let api = Api {
+        c: Client::new(server.port, KEY),
+    };
+    let image = |id: &str| data.join("sandboxes").join(id).join("checkpoint");
+    let mut id = String::new();
+    with_log(&server, || {
+        let s = api.ok(
+            "POST",
+            "/v1/sandboxes",
+            Some(json!({"pool": "sealed", "lifecycle": {"durable": true}, "timeout_s": 3600})),
+        );
+        id = s["id"].as_str().unwrap().to_owned();
+        let r = api.python(&id, "import os\nx = 41\nprint(os.uname().release)");
+        assert_eq!(r["stdout"], "4.4.0\n", "not on gVisor: {r}");
+        api.put(&id, "notes.txt", b"kept by the disk\n");
+        for cycle in 0..2 {
+            let s = api.verb(&id, "hibernate");
+            assert_eq!(s["state"], "hibernated", "cycle {cycle}: {s}");
+            assert_eq!(s["session_state"], "kept", "cycle {cycle}: {s}");
+            assert!(
+                image(&id).join("checkpoint.img").is_file(),
+                "cycle {cycle}: no checkpoint image under {}",
+                image(&id).display()
+            );
+            let s = api.verb(&id, "resume");
+            assert_eq!(s["state"], "running", "cycle {cycle}: {s}");
+            assert_eq!(s["session_state"], "kept", "cycle {cycle}: {s}");
+            assert!(
+                !image(&id).exists(),
+                "cycle {cycle}: the image outlived the resume"
+            );
+            let r = api.python(&id, "print(x + 1)");
+            assert_eq!(r["stdout"], "42\n", "cycle {cycle}: memory lost: {r}");
+            assert_eq!(api.digest(&id, "notes.txt"), sha256(b"kept by the disk\n"));
+            api.python(&id, "x = 41");
+        }
+        let hibernated = audited(&api, &id, "sandbox_hibernated");
+        assert!(
+            hibernated
+                .iter()
+                .filter(|(_, st)| st == "memory_kept")
+                .count()
+                >= 2,
+            "{hibernated:?}"
+        );
+        let resumed = audited(&api, &id, "sandbox_resumed");
+        assert!(
+            resumed.iter().filter(|(d, _)| d == "memory_kept").count() >= 2,
+            "{resumed:?}"
+        );
+        // Running when the server stops: checkpointed at shutdown.
+        assert_eq!(api.state(&id)["state"], "running");
+    });
+    assert_eq!(
+        server.stop().unwrap().rc,
+        0,
+        "the server did not stop cleanly"
+    );
+    drop(server);
+
+    let server = serve_gvisor(&data);
+    let api = Api {
+        c: Client::new(server.port, KEY),
+    };
+    with_log(&server, || {
+        let s = api.state(&id);
+        assert_eq!(s["state"], "hibernated", "{s}");
+        assert_eq!(s["session_state"], "kept", "{s}");
+        let r = api.python(&id, "print(x + 1)");
+        assert_eq!(r["stdout"], "42\n", "memory lost across the restart: {r}");
+        assert_eq!(api.digest(&id, "notes.txt"), sha256(b"kept by the disk\n"));
+        assert_eq!(api.state(&id)["session_state"], "kept");
+        // Deleted while hibernated with its memory: the image goes with it.
+        api.verb(&id, "hibernate");
+        assert!(image(&id).join("checkpoint.img").is_file());
+        api.ok("DELETE", &format!("/v1/sandboxes/{id}"), None);
+        assert!(
+            !data.join("sandboxes").join(&id).exists(),
+            "the sandbox's directory outlived it"
+        );
+    });
+    let mut server = server;
+    assert_eq!(
+        server.stop().unwrap().rc,
+        0,
+        "the server did not stop cleanly"
+    );
+}
+
 fn main() {
     let args = Arguments::from_args();
     let env = ampoule_session::paths::python_env_dir();
@@ -382,10 +545,25 @@ fn main() {
         Need::Tool("/usr/sbin/losetup", "util-linux"),
         Need::SessionEnv(&env),
     ]);
-    let trials = vec![trial(
-        "durable_sandboxes_pause_hibernate_and_resume_on_the_real_engine",
-        durable_sandboxes_on_the_real_engine,
-        skip.as_deref(),
-    )];
+    let runsc = match (&skip, ampoule_runtime::gvisor::find()) {
+        (Some(why), _) => Some(why.clone()),
+        (None, Some(_)) => None,
+        (None, None) if std::env::var_os("CI").is_some() => {
+            panic!("runsc is missing in CI (scripts/deps.sh installs it)")
+        }
+        (None, None) => Some("runsc is not installed (apt-get install runsc)".to_owned()),
+    };
+    let trials = vec![
+        trial(
+            "durable_sandboxes_pause_hibernate_and_resume_on_the_real_engine",
+            durable_sandboxes_on_the_real_engine,
+            skip.as_deref(),
+        ),
+        trial(
+            "gvisor_sandboxes_hibernate_with_their_memory",
+            gvisor_sandboxes_hibernate_with_their_memory,
+            runsc.as_deref(),
+        ),
+    ];
     libtest_mimic::run(&args, trials).exit();
 }

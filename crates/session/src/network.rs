@@ -32,6 +32,9 @@ pub struct SessionOptions {
     /// A disk image holding the session's files (`/mnt/data`, `/tmp`) instead of memory, so
     /// that they outlive it (see `ampoule_runtime::disk`); made by the caller. Root only.
     pub disk: Option<std::path::PathBuf>,
+    /// gVisor tier, no network: a checkpoint image (see [`Session::checkpoint`]) the sandbox
+    /// is restored from, its kernel's memory with it, instead of starting a fresh kernel.
+    pub restore: Option<std::path::PathBuf>,
 }
 
 impl SessionOptions {
@@ -40,7 +43,14 @@ impl SessionOptions {
         Self {
             network: Some(SessionNetwork { egress, policy }),
             disk: None,
+            restore: None,
         }
+    }
+
+    /// These options restoring the session from the checkpoint image at `path`.
+    pub fn with_restore(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.restore = Some(path.into());
+        self
     }
 
     /// These options with the session's files on the disk image at `path`.
@@ -73,8 +83,15 @@ impl Session {
         let Some(net) = options.network else {
             let mut cfg = sandbox_config(&spec, &limits);
             cfg.disk = options.disk;
+            cfg.restore_image = options.restore;
             return Self::start_config(host, spec, limits, cfg).await;
         };
+        if options.restore.is_some() {
+            return Err(ampoule_runtime::Error::Invalid(
+                "a session with network cannot be restored from a checkpoint".into(),
+            )
+            .into());
+        }
         let mut cfg = sandbox_config(&spec, &limits);
         cfg.disk = options.disk;
         cfg.network = Network::Allowlist {

@@ -162,6 +162,7 @@ impl Session {
         cfg: SandboxConfig,
     ) -> Result<Self> {
         let files = spec.files.clone();
+        let restoring = cfg.restore_image.is_some();
         let sandbox = Sandbox::spawn(host, &cfg, |scratch| {
             for f in &files {
                 scratch.write(CODE, f.name, f.contents.as_bytes(), 0o644)?;
@@ -169,7 +170,81 @@ impl Session {
             Ok(())
         })
         .await?;
+        if restoring {
+            return Self::adopt(sandbox, spec.language, limits).await;
+        }
         Self::handshake(sandbox, spec.language, limits).await
+    }
+
+    /// Takes over a sandbox restored from a checkpoint: its kernel said hello long ago and
+    /// waits for requests on what are now this sandbox's pipes. An empty execution proves it
+    /// answers before the session is handed out.
+    async fn adopt(mut sandbox: Sandbox, language: &'static str, limits: Limits) -> Result<Self> {
+        let fail = |detail: String| Error::KernelStart {
+            language: language.into(),
+            detail,
+        };
+        let (Some(requests), Some(stdout), Some(stderr)) = (
+            sandbox.stdin.take(),
+            sandbox.stdout.take(),
+            sandbox.stderr.take(),
+        ) else {
+            return Err(fail("the sandbox has no stdio pipes".into()));
+        };
+        let (tx, events) = mpsc::channel(256);
+        tokio::spawn(read_events(stdout, tx));
+        let log = Arc::new(Mutex::new(Vec::new()));
+        tokio::spawn(keep_tail(stderr, log.clone()));
+        let mut session = Self {
+            language,
+            runtime: format!("{language} (restored from a checkpoint)"),
+            sandbox: Body::Sandbox(sandbox),
+            requests,
+            events,
+            log,
+            limits,
+            grace: DEFAULT_GRACE,
+            seq: 0,
+            execution_count: 0,
+            lost: None,
+            gateway: None,
+        };
+        let probe = session
+            .execute(ExecuteRequest::new("").timeout(START_TIMEOUT.as_secs_f64()))
+            .await;
+        match probe {
+            Ok(r) if r.status == ExecutionStatus::Succeeded => Ok(session),
+            Ok(r) => {
+                let why = format!(
+                    "the restored kernel did not answer ({:?}): {}",
+                    r.status,
+                    session.kernel_log()
+                );
+                session.close().await;
+                Err(fail(why))
+            }
+            Err(e) => {
+                let why = format!("the restored kernel did not answer: {e}");
+                session.close().await;
+                Err(fail(why))
+            }
+        }
+    }
+
+    /// Checkpoints the session's sandbox into the directory `image` (gVisor tier; see
+    /// `ampoule_runtime::Sandbox::checkpoint`): the kernel's memory is kept there, and the
+    /// session is over (close it). Never while an execution runs (`&mut self`).
+    pub async fn checkpoint(&mut self, image: &std::path::Path) -> Result<()> {
+        if let Some(why) = &self.lost {
+            return Err(Error::Lost(why.clone()));
+        }
+        match &mut self.sandbox {
+            Body::Sandbox(s) => Ok(s.checkpoint(image).await?),
+            Body::Entered { .. } => Err(ampoule_runtime::Error::Invalid(
+                "a context cannot be checkpointed apart from its sandbox".into(),
+            )
+            .into()),
+        }
     }
 
     /// Takes over a freshly spawned sandbox whose program is a kernel: wires its stdio to the

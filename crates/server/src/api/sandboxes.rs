@@ -410,9 +410,10 @@ pub struct Sandbox {
     /// Whether its files live on disk: it can hibernate, and it outlives a restart of the
     /// server (which lists it as hibernated).
     pub durable: bool,
-    /// `kept`, or `lost` once it was hibernated: its contexts then started afresh (no
-    /// variable, no running process survives hibernation on this host); its files are
-    /// intact.
+    /// `kept`, or `lost` once it was hibernated without its memory: its contexts then
+    /// started afresh (no variable, no running process survived); its files are intact. A
+    /// sandbox of the gVisor tier without network is hibernated with its memory (a
+    /// checkpoint) and says `kept` while hibernated and after.
     #[schema(value_type = SessionState)]
     pub session_state: String,
     /// Its lifecycle policy (the pool's, with the sandbox's own fields over it).
@@ -1215,8 +1216,10 @@ async fn pause(
 }
 
 /// Runs a paused or hibernated sandbox again (a running one is answered as it is). A
-/// hibernated one comes back with its files and `session_state: "lost"`. With `timeout_s`,
-/// it is then destroyed that long from now.
+/// hibernated one comes back with its files; with its memory too (`session_state: "kept"`)
+/// when it was hibernated with it (the gVisor tier without network), else with
+/// `session_state: "lost"`, as also when restoring its memory failed. With `timeout_s`, it is
+/// then destroyed that long from now.
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/resume", tag = "sandboxes",
     params(("id" = String, Path, description = "sandbox id")),
     request_body = Option<Resume>,
@@ -1249,8 +1252,10 @@ async fn resume(
 }
 
 /// Hibernates a durable sandbox now: nothing of it runs any more, its files stay on its
-/// disk, its memory is not kept (it comes back with `session_state: "lost"`). A hibernated
-/// sandbox is answered as it is.
+/// disk. Its memory is kept (a checkpoint under the server's data directory) only on the
+/// gVisor tier without network: the answer's `session_state` says `kept`; elsewhere, or when
+/// the checkpoint failed, it says `lost` and the sandbox comes back with its files only. A
+/// hibernated sandbox is answered as it is.
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/hibernate", tag = "sandboxes",
     params(("id" = String, Path, description = "sandbox id")),
     responses((status = 200, description = "hibernated", body = Sandbox),

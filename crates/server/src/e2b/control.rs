@@ -95,7 +95,8 @@ struct NewSandbox {
     #[serde(default)]
     env_vars: Option<BTreeMap<String, String>>,
     /// Hibernated at the end of its timeout. (`autoPauseMemory` is ignored: an auto-pause
-    /// never keeps memory here, and the sandbox says `sessionState: "lost"` once back.)
+    /// keeps memory only on a gVisor pool without network, and the sandbox says
+    /// `sessionState: "lost"` or `"kept"` once back.)
     #[serde(default)]
     auto_pause: Option<bool>,
     #[serde(default)]
