@@ -89,6 +89,9 @@ pub(crate) struct BenchArgs {
     /// With --cluster-only: each replica's `max_sessions` (default 100; 20 with --quick).
     #[arg(long, value_name = "N", requires = "cluster_only")]
     cluster_sessions: Option<usize>,
+    /// Only bare python3, bwrap and `ampoule run print(1)`, interleaved (`bench_run.rs`).
+    #[arg(long)]
+    run_only: bool,
 }
 
 /// Sample counts and durations of one run.
@@ -312,6 +315,9 @@ pub(crate) async fn run(args: BenchArgs) -> Result<ExitCode> {
     }
     let plan = Plan::new(&args);
     let exe = std::env::current_exe().context("locating the ampoule binary")?;
+    if args.run_only {
+        return crate::bench_run::run(&exe, crate::bench_run::SAMPLES);
+    }
     let venv = ampoule_session::setup::PythonEnv::default_location();
     if !venv.exists() {
         bail!(
