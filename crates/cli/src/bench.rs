@@ -94,6 +94,9 @@ pub(crate) struct BenchArgs {
     /// session → first result, round trip, hibernate/resume with memory), as JSON.
     #[arg(long)]
     gvisor_only: bool,
+    /// Only bare python3, bwrap and `ampoule run print(1)`, interleaved (`bench_run.rs`).
+    #[arg(long)]
+    run_only: bool,
 }
 
 mod gvisor;
@@ -323,6 +326,9 @@ pub(crate) async fn run(args: BenchArgs) -> Result<ExitCode> {
     }
     let plan = Plan::new(&args);
     let exe = std::env::current_exe().context("locating the ampoule binary")?;
+    if args.run_only {
+        return crate::bench_run::run(&exe, crate::bench_run::SAMPLES);
+    }
     let venv = ampoule_session::setup::PythonEnv::default_location();
     if !venv.exists() {
         bail!(

@@ -7,6 +7,7 @@
 mod as_command;
 mod audit;
 mod bench;
+mod bench_run;
 mod image;
 mod keys;
 mod printer;

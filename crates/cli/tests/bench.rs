@@ -184,6 +184,26 @@ fn quick_gvisor_bench_compares_the_tiers() {
     );
 }
 
+/// `--run-only`: bare python3, bwrap (when installed) and `ampoule run print(1)`, every
+/// sample's output right, and each overhead taken against the same run's bare interpreter.
+fn run_only_compares_the_three_in_one_run() {
+    let out = Command::new(env!("CARGO_BIN_EXE_ampoule"))
+        .args(["bench", "--run-only"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "ampoule bench failed: {stderr}");
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["failures"], 0, "{r}");
+    let bare = r["python3_pass_p50_ms"].as_f64().unwrap();
+    let run = r["ampoule_run_print_p50_ms"].as_f64().unwrap();
+    let over = r["ampoule_run_overhead_ms"].as_f64().unwrap();
+    assert!((run - bare - over).abs() < 0.02, "{r}");
+    if std::path::Path::new("/usr/bin/bwrap").exists() {
+        assert!(r["bwrap_overhead_ms"].as_f64().is_some(), "{r}");
+    }
+}
+
 fn bench_refuses_without_root() {
     let out = Command::new(env!("CARGO_BIN_EXE_ampoule"))
         .args(["bench", "--quick"])
@@ -221,6 +241,11 @@ fn main() {
             } else {
                 None
             },
+        ),
+        (
+            "run_only_compares_the_three_in_one_run",
+            run_only_compares_the_three_in_one_run,
+            (!root).then_some("ampoule bench needs root"),
         ),
         (
             "bench_refuses_without_root",

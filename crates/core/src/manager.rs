@@ -970,7 +970,7 @@ impl Manager {
             self.inner
                 .observer
                 .session_started(pool_name, true, begun.elapsed().as_secs_f64());
-            return Ok(live);
+            return Ok((live, false));
         }
         loop {
             let warm = pool.warm.lock().ok().and_then(|mut w| w.pop_front());

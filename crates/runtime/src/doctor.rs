@@ -110,7 +110,7 @@ pub async fn run() -> Vec<Check> {
             "seccomp",
             Level::Ok,
             format!(
-                "default policy compiles to {} BPF instructions",
+                "default policy: {} BPF instructions, compiled at build time",
                 p.instructions()
             ),
             None,

@@ -1,4 +1,5 @@
-//! The seccomp policy: compiled from the reviewable JSON in `policies/seccomp/default.json`.
+//! The seccomp policy: compiled at build time (`build.rs`) from the reviewable JSON in
+//! `policies/seccomp/default.json`.
 //!
 //! Three programs are installed, in this order (the kernel evaluates the most recently
 //! installed filter first and, among equal actions, keeps its value):
@@ -17,6 +18,14 @@ use crate::error::{Error, Result};
 /// time.
 pub const DEFAULT_POLICY: &str = include_str!("../../../policies/seccomp/default.json");
 
+/// [`DEFAULT_POLICY`] compiled by `build.rs` for the target architecture: every sandbox start
+/// installs these instead of compiling the JSON again (`None` on an architecture seccompiler
+/// does not know, where [`SeccompPolicy::default_policy`] falls back to compiling, and fails).
+mod compiled {
+    use seccompiler::sock_filter;
+    include!(concat!(env!("OUT_DIR"), "/seccomp_default.rs"));
+}
+
 /// The compiled filters, ready to install.
 #[derive(Debug, Clone)]
 pub struct SeccompPolicy {
@@ -32,9 +41,20 @@ const BPF_JMP_JGE_K: u16 = 0x05 | 0x30;
 const BPF_RET_K: u16 = 0x06;
 
 impl SeccompPolicy {
-    /// Compiles the embedded default policy for this machine's architecture.
+    /// The default policy for this machine's architecture, as `build.rs` compiled it.
     pub fn default_policy() -> Result<Self> {
-        Self::compile(DEFAULT_POLICY)
+        let Some(main) = compiled::SANDBOX else {
+            return Self::compile(DEFAULT_POLICY);
+        };
+        let mut programs = Vec::with_capacity(3);
+        if cfg!(target_arch = "x86_64") {
+            programs.push(x32_guard());
+        }
+        programs.push(main.to_vec());
+        if let Some(enosys) = compiled::SANDBOX_ENOSYS {
+            programs.push(enosys.to_vec());
+        }
+        Ok(Self { programs })
     }
 
     /// Compiles a policy in seccompiler's JSON format; it must define `sandbox` and may define
@@ -115,6 +135,15 @@ fn x32_guard() -> BpfProgram {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The policy `build.rs` embedded is the JSON's, compiled now: never a stale copy.
+    #[test]
+    fn the_embedded_policy_is_the_json_compiled() {
+        let embedded = SeccompPolicy::default_policy().unwrap();
+        let fresh = SeccompPolicy::compile(DEFAULT_POLICY).unwrap();
+        assert_eq!(embedded.raw_programs(), fresh.raw_programs());
+        assert!(compiled::SANDBOX.is_some() && compiled::SANDBOX_ENOSYS.is_some());
+    }
 
     #[test]
     fn default_policy_compiles() {

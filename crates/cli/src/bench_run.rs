@@ -1,0 +1,164 @@
+//! `ampoule bench --run-only`: issue 19's comparison alone, in a few seconds — a bare
+//! `python3 -c pass`, the same under bubblewrap, and `ampoule run` of `print(1)`, interleaved
+//! sample by sample so the machine's noise hits all three alike. What counts is each one's
+//! overhead over the bare interpreter *in the same run* (the goal: `ampoule run`'s at most
+//! bubblewrap's + 1 ms). The full `ampoule bench` measures the same three among its baselines.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, ExitCode, Stdio};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use serde_json::json;
+
+const PYTHON: &str = "/usr/bin/python3";
+
+/// Samples of each of the three.
+pub(crate) const SAMPLES: usize = 40;
+
+/// Runs the comparison and prints one JSON object on stdout.
+pub(crate) fn run(exe: &Path, samples: usize) -> Result<ExitCode> {
+    let bwrap = ["/usr/bin/bwrap", "/bin/bwrap"]
+        .into_iter()
+        .find(|p| Path::new(p).exists());
+    let load_start = load_average();
+    // Warm the page cache once.
+    let _ = time(bare(), None, "");
+    if let Some(b) = bwrap {
+        let _ = time(bubblewrap(b), None, "");
+    }
+    let _ = time(ampoule_run(exe), Some(b"print(1)\n"), "1\n");
+    let (mut bare_ms, mut bwrap_ms, mut run_ms) = (Vec::new(), Vec::new(), Vec::new());
+    let mut errors = Vec::new();
+    for _ in 0..samples {
+        keep(time(bare(), None, ""), &mut bare_ms, &mut errors);
+        if let Some(b) = bwrap {
+            keep(time(bubblewrap(b), None, ""), &mut bwrap_ms, &mut errors);
+        }
+        keep(
+            time(ampoule_run(exe), Some(b"print(1)\n"), "1\n"),
+            &mut run_ms,
+            &mut errors,
+        );
+    }
+    let bare_p50 = median(&bare_ms);
+    let over = |v: &[f64]| match (median(v), bare_p50) {
+        (Some(m), Some(b)) => Some(round2(m - b)),
+        _ => None,
+    };
+    let report = json!({
+        "samples": samples,
+        "load_average_start": load_start,
+        "load_average_end": load_average(),
+        "python3_pass_p50_ms": bare_p50.map(round2),
+        "bwrap_python3_pass_p50_ms": median(&bwrap_ms).map(round2),
+        "ampoule_run_print_p50_ms": median(&run_ms).map(round2),
+        "bwrap_overhead_ms": over(&bwrap_ms),
+        "ampoule_run_overhead_ms": over(&run_ms),
+        "failures": errors.len(),
+        "first_error": errors.first(),
+    });
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, &report)?;
+    writeln!(out)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn bare() -> Command {
+    let mut c = Command::new(PYTHON);
+    c.args(["-c", "pass"]);
+    c
+}
+
+/// The same command as the full bench's bwrap baseline.
+fn bubblewrap(bin: &str) -> Command {
+    let mut c = Command::new(bin);
+    c.args([
+        "--ro-bind",
+        "/usr",
+        "/usr",
+        "--symlink",
+        "usr/lib",
+        "/lib",
+        "--symlink",
+        "usr/lib64",
+        "/lib64",
+        "--symlink",
+        "usr/bin",
+        "/bin",
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+        "--tmpfs",
+        "/tmp",
+        "--unshare-all",
+        "--die-with-parent",
+        "--new-session",
+        PYTHON,
+        "-c",
+        "pass",
+    ]);
+    c
+}
+
+fn ampoule_run(exe: &Path) -> Command {
+    let mut c = Command::new(exe);
+    c.args(["run", "-"]);
+    c
+}
+
+fn keep(r: Result<f64>, into: &mut Vec<f64>, errors: &mut Vec<String>) {
+    match r {
+        Ok(ms) => into.push(ms),
+        Err(e) => errors.push(format!("{e:#}")),
+    }
+}
+
+/// Wall time in ms from spawn to exit (and end of output) of a run that exits 0 with exactly
+/// `expect` on stdout.
+fn time(mut cmd: Command, stdin: Option<&[u8]>, expect: &str) -> Result<f64> {
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    });
+    let start = Instant::now();
+    let mut child = cmd.spawn().context("starting the process")?;
+    if let (Some(data), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(data).context("writing its stdin")?;
+    }
+    let out = child.wait_with_output().context("waiting for it")?;
+    let ms = start.elapsed().as_secs_f64() * 1000.0;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() || stdout != expect {
+        bail!(
+            "{}: stdout {stdout:?}, stderr {:?}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(ms)
+}
+
+fn median(v: &[f64]) -> Option<f64> {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    match s.len() {
+        0 => None,
+        n if n % 2 == 1 => Some(s[n / 2]),
+        n => Some((s[n / 2 - 1] + s[n / 2]) / 2.0),
+    }
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
