@@ -926,7 +926,8 @@ fn csharp_pools_answer_through_aca_and_v1() {
 }
 
 /// A `gvisor` pool (warm) serves the ACA API and `/v1`: state kept across executions, the
-/// code on gVisor's kernel (4.4.0), uploads readable inside.
+/// code on gVisor's kernel (4.4.0), uploads readable inside; the real ACA client libraries
+/// (LangChain, LlamaIndex, AutoGen) work against it.
 fn gvisor_pools_answer_through_aca_and_v1() {
     let tmp = tempfile::tempdir().unwrap();
     let config = tmp.path().join("ampoule.toml");
@@ -982,6 +983,12 @@ fn gvisor_pools_answer_through_aca_and_v1() {
     )
     .json();
     assert_eq!(r["result"]["text/plain"], "42", "{r}");
+    // The real ACA client libraries, on the gVisor pool (the server's only pool, so its
+    // default: the clients name none).
+    run_clients(
+        &format!("http://127.0.0.1:{port}"),
+        &["langchain", "llamaindex", "autogen"],
+    );
     server.stop().unwrap();
 }
 
