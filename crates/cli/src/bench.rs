@@ -45,6 +45,9 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 use serde_json::{Value, json};
 
+#[path = "bench_network.rs"]
+mod network;
+
 /// The ACA API version of every execute call (the 2024-02-02-preview dialect).
 const API_VERSION: &str = "2024-02-02-preview";
 /// The environment variable that hands the API key to the servers.
@@ -89,6 +92,10 @@ pub(crate) struct BenchArgs {
     /// With --cluster-only: each replica's `max_sessions` (default 100; 20 with --quick).
     #[arg(long, value_name = "N", requires = "cluster_only")]
     cluster_sessions: Option<usize>,
+    /// Only the network pools' figures (issue 19): new sessions at 20/s in a pool with an
+    /// allowed host, forked from a zygote and started cold, as JSON.
+    #[arg(long)]
+    network_only: bool,
 }
 
 /// Sample counts and durations of one run.
@@ -357,6 +364,13 @@ pub(crate) async fn run(args: BenchArgs) -> Result<ExitCode> {
             },
             "cluster": cluster,
         });
+        let mut out = std::io::stdout().lock();
+        serde_json::to_writer_pretty(&mut out, &report)?;
+        writeln!(out)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if args.network_only {
+        let report = network::report(args.quick, &exe, &work).await?;
         let mut out = std::io::stdout().lock();
         serde_json::to_writer_pretty(&mut out, &report)?;
         writeln!(out)?;

@@ -263,8 +263,9 @@ pub struct PoolConfig {
     #[serde(default)]
     pub audit: PoolAuditConfig,
     /// Fork sessions from a pre-initialised interpreter (Python pools only). Default: on for
-    /// Python pools without a network; the server falls back to cold starts when it cannot run
-    /// a zygote (not root).
+    /// Python pools without a network; a pool with a network forks too when it says
+    /// `zygote = true` (each child wired to its own gateway, the zygote itself without
+    /// network). The server falls back to cold starts when it cannot run a zygote (not root).
     #[serde(default)]
     pub zygote: Option<bool>,
     /// The isolation tier: `namespaces` (default) or `gvisor` (gVisor's `runsc`; root, no
@@ -604,12 +605,6 @@ impl Config {
                     "pools.{name}.zygote: only Python pools can fork from a zygote"
                 ));
             }
-            if p.zygote == Some(true) && network.is_some() {
-                return Err(format!(
-                    "pools.{name}.zygote: pools with a network start their sessions cold; \
-                     remove `zygote = true` or the network rules"
-                ));
-            }
             let gvisor = p.isolation == ampoule_runtime::Isolation::Gvisor;
             if gvisor && p.zygote == Some(true) {
                 return Err(format!(
@@ -643,6 +638,7 @@ impl Config {
                 }),
                 None => None,
             };
+            // Network pools fork only when asked (`zygote = true`): opt-in while it is new.
             let zygote = p
                 .zygote
                 .unwrap_or(is_python && network.is_none() && !gvisor && !p.writable_root);
