@@ -10,8 +10,9 @@
 //! answer, then a second call fetches the test host through the session's gateway (timed
 //! apart, and checked: `200`), then the session is deleted (untimed).
 //!
-//! The test host is an HTTP server of this process on [`UPSTREAM`], an address of a dummy link
-//! made for the run (`abench0`, deleted at the end): traffic to it never leaves the machine. A
+//! The test host is an HTTP server of this process on [`UPSTREAM`], an address of a link made
+//! for the run (`abench0`, one end of a veth pair whose both ends stay here, deleted at the
+//! end): traffic to it never leaves the machine. A
 //! private address is allowed only because the config pins the name to it; a pin never
 //! unlocks loopback, hence the link.
 
@@ -29,24 +30,29 @@ use super::{Samples, Server, WorkDir, load_average, note, progress, utc_now};
 const RATE: f64 = 20.0;
 const ZYGOTE_POOL: &str = "net-zygote";
 const COLD_POOL: &str = "net-cold";
-/// The dummy link that carries [`UPSTREAM`]; not `amp*` (the egress table's prefix).
+/// The link that carries [`UPSTREAM`] (one end of a veth pair, [`PEER`] the other); not
+/// `amp*` (the egress table's prefix).
 const LINK: &str = "abench0";
+const PEER: &str = "abench1";
 /// Where the test host listens, and what `allowed.test` is pinned to.
 const UPSTREAM: &str = "10.203.0.1";
 const UPSTREAM_PORT: u16 = 18080;
 const IP: &str = "/usr/sbin/ip";
 
-/// The test host's dummy link; deleted when dropped.
+/// The test host's link; deleted (with its peer) when dropped.
 struct TestLink;
 
 impl TestLink {
     fn create() -> Result<Self> {
         // A link left by an interrupted run.
         let _ = ip(&["link", "del", LINK]);
-        ip(&["link", "add", LINK, "type", "dummy"])?;
+        // A veth pair with both ends here (some kernels have no `dummy` links): the address
+        // on one end is local, so traffic to it never leaves this host.
+        ip(&["link", "add", LINK, "type", "veth", "peer", "name", PEER])?;
         let link = TestLink;
         ip(&["addr", "add", &format!("{UPSTREAM}/32"), "dev", LINK])?;
         ip(&["link", "set", LINK, "up"])?;
+        ip(&["link", "set", PEER, "up"])?;
         Ok(link)
     }
 }

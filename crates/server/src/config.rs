@@ -1234,6 +1234,20 @@ retention_days = 90
     }
 
     #[test]
+    fn network_pools_fork_from_a_zygote_when_asked() {
+        let cfg = Config::parse(
+            "[pools.cold.network]\nallow = [\"a.test\"]\n\
+             [pools.forked]\nzygote = true\n[pools.forked.network]\nallow = [\"a.test\"]\n",
+        )
+        .unwrap();
+        let pools = cfg.pool_settings().unwrap();
+        // Opt-in: a network pool without `zygote` keeps starting its sessions cold.
+        assert!(pools["cold"].spec.zygote.is_none());
+        let forked = &pools["forked"].spec;
+        assert!(forked.zygote.is_some() && forked.network.is_some());
+    }
+
+    #[test]
     fn pool_networks_are_compiled_at_load() {
         let cfg = Config::parse(
             r#"
