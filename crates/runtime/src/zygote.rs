@@ -601,9 +601,26 @@ impl Zygote {
             _ => None,
         };
         if let Some(a) = &addrs {
-            // Before the hook: the gateway listens on the host side's address.
-            crate::network::wire_forked(a, forked.pidfd.get_ref().as_fd())?;
-            tracing::debug!(elapsed = ?started.elapsed(), interface = %a.interface, "network wired");
+            // Before the hook: the gateway listens on the host side's address. Netlink
+            // requests block: on a thread of the blocking pool, not on the runtime's workers,
+            // alongside the cgroup move.
+            let (a, pidfd) = (
+                a.clone(),
+                forked
+                    .pidfd
+                    .get_ref()
+                    .try_clone()
+                    .map_err(|e| Error::io("duplicating the pidfd", e))?,
+            );
+            let wiring = std::time::Instant::now();
+            tokio::task::spawn_blocking(move || crate::network::wire_forked(&a, pidfd.as_fd()))
+                .await
+                .map_err(|e| Error::Channel(format!("network wiring task: {e}")))??;
+            tracing::debug!(
+                elapsed = ?started.elapsed(),
+                wiring = ?wiring.elapsed(),
+                "network wired"
+            );
         }
         let prepared = prepare(crate::Prepare {
             scratch: &scratch,
