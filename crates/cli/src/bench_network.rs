@@ -1,10 +1,11 @@
 //! `ampoule bench --network-only` (issue 19): new sessions of a pool with a network, arriving at
 //! a steady rate, from a zygote and started cold, in the same run.
 //!
-//! One `ampoule serve` with two Python pools under the same allowlist (`allowed.test`, pinned to
-//! a test host on this machine) and the same default warm stock: `net-zygote` forks its
-//! sessions (each child wired to its own gateway when it is handed out), `net-cold` starts
-//! them as every network pool did before (a cold interpreter each). For each pool in turn,
+//! One `ampoule serve` with three Python pools under the same allowlist (`allowed.test`, pinned
+//! to a test host on this machine): `net-zygote` forks its sessions (each child wired to its
+//! own gateway when it is handed out) with the default warm stock (forked too), `net-cold`
+//! starts them as every network pool did before (a cold interpreter each, same warm stock),
+//! and `net-zygote-nowarm` forks each session on its request's path (no warm stock). For each pool in turn,
 //! new identifiers arrive open-loop at [`RATE`] per second (a slow answer never delays the next
 //! arrival, as with real clients); each one's first ACA call (`1+1`) is timed from request to
 //! answer, then a second call fetches the test host through the session's gateway (timed
@@ -29,6 +30,8 @@ use super::{Samples, Server, WorkDir, load_average, note, progress, utc_now};
 /// New sessions per second.
 const RATE: f64 = 20.0;
 const ZYGOTE_POOL: &str = "net-zygote";
+/// The zygote pool without warm stock: every session forked on its request's path.
+const FORK_POOL: &str = "net-zygote-nowarm";
 const COLD_POOL: &str = "net-cold";
 /// The link that carries [`UPSTREAM`] (one end of a veth pair, [`PEER`] the other); not
 /// `amp*` (the egress table's prefix).
@@ -109,11 +112,13 @@ fn fetch_code() -> String {
     )
 }
 
-/// The pools' bodies: the same allowlist and defaults, with or without a zygote.
-fn pool_body(zygote: bool) -> String {
+/// The pools' bodies: the same allowlist and defaults, with or without a zygote, with the
+/// default warm stock or none.
+fn pool_body(pool: &str, zygote: bool, warm: bool) -> String {
     format!(
-        "language = \"python\"\nzygote = {zygote}\nidle_timeout_s = 3600\n\
-         [pools.POOL.network]\nallow = [\"allowed.test\"]\n"
+        "language = \"python\"\nzygote = {zygote}\nidle_timeout_s = 3600\n{}\
+         [pools.{pool}.network]\nallow = [\"allowed.test\"]\n",
+        if warm { "" } else { "warm = 0\n" }
     )
 }
 
@@ -186,8 +191,9 @@ pub(super) async fn network_phase(quick: bool, exe: &Path, work: &WorkDir) -> Re
         .with_context(|| format!("listening on {UPSTREAM}:{UPSTREAM_PORT}"))?;
     let upstream = tokio::spawn(serve_upstream(listener));
     let pools = [
-        (ZYGOTE_POOL, pool_body(true).replace("POOL", ZYGOTE_POOL)),
-        (COLD_POOL, pool_body(false).replace("POOL", COLD_POOL)),
+        (ZYGOTE_POOL, pool_body(ZYGOTE_POOL, true, true)),
+        (FORK_POOL, pool_body(FORK_POOL, true, false)),
+        (COLD_POOL, pool_body(COLD_POOL, false, true)),
     ];
     let extra = format!("\n[egress.hosts]\n\"allowed.test\" = \"{UPSTREAM}\"\n");
     let server = Server::start_with(
@@ -204,6 +210,7 @@ pub(super) async fn network_phase(quick: bool, exe: &Path, work: &WorkDir) -> Re
     ));
     let started = Instant::now();
     let zygote = arrivals(&server, ZYGOTE_POOL, n).await;
+    let forked = arrivals(&server, FORK_POOL, n).await;
     let cold = arrivals(&server, COLD_POOL, n).await;
     server.stop(Duration::from_secs(30));
     upstream.abort();
@@ -216,6 +223,7 @@ pub(super) async fn network_phase(quick: bool, exe: &Path, work: &WorkDir) -> Re
         "warm_stock": 4,
         "seconds": super::round2(started.elapsed().as_secs_f64()),
         "zygote": zygote?,
+        "zygote_no_warm": forked?,
         "cold": cold?,
     }))
 }

@@ -154,11 +154,12 @@ fn quick_network_bench_reports_both_pools() {
     assert!(out.status.success(), "ampoule bench failed: {stderr}");
     let r: Value = serde_json::from_slice(&out.stdout).unwrap();
     let net = &r["network"];
-    for pool in ["zygote", "cold"] {
+    for pool in ["zygote", "zygote_no_warm", "cold"] {
         check_stat(&format!("{pool}.first_result"), &net[pool]["first_result"]);
         check_stat(&format!("{pool}.then_fetch"), &net[pool]["then_fetch"]);
     }
     assert_eq!(net["zygote"]["zygote_cold_fallbacks"], 0, "{net}");
+    assert_eq!(net["zygote_no_warm"]["zygote_cold_fallbacks"], 0, "{net}");
 }
 
 fn bench_refuses_without_root() {
