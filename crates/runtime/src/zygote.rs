@@ -18,6 +18,10 @@
 //! `kernels/python/zygote.py`). What comes back is an ordinary [`Sandbox`]: same scratch API,
 //! cgroup, limits, kill and teardown.
 //!
+//! A child may have a network the zygote never has ([`Zygote::spawn_with`] in allowlist mode):
+//! the supervisor wires the namespace its spare made, when the spare is handed out (the
+//! addresses are the slot's, known only with the request).
+//!
 //! Differences from an init-born sandbox, by design:
 //! * Every child runs as its own slot's host uid, as a cold sandbox does, but its user namespace
 //!   lives below the zygote's, where the kernel charges some per-user counters to the zygote's

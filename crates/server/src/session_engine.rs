@@ -7,7 +7,9 @@
 //! sandbox.
 //!
 //! Pools with a network ([`PoolSpec::network`]) get sessions wired to their own egress gateway
-//! ([`Session::start_with`]); the engine holds the server's one [`Egress`] (pins, CA) for them.
+//! ([`Session::start_with`], or [`Session::start_forked_with`] in a pool with `zygote = true`,
+//! whose zygotes have no network themselves); the engine holds the server's one [`Egress`]
+//! (pins, CA) for them.
 //!
 //! Python pools fork their sessions from zygotes, one per pool and tenant: two tenants' sessions
 //! never share an interpreter's randomness (CPython's string-hash secret, the address-space
