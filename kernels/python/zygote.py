@@ -223,6 +223,59 @@ def loopback_up():
         s.close()
 
 
+def network_files(spec):
+    """A session with a network (the supervisor wires its interface from outside): its
+    /etc/resolv.conf names its gateway, and when the gateway terminates TLS it trusts the
+    gateway's CA through the same files as a cold sandbox's (init.rs `trust_ca`): the host's
+    bundle plus the CA, the CA alone, and the first bound over the host bundle's path. The files
+    are written (as the zygote's uid, out of the code's reach) to a small tmpfs staged on
+    /run/ampoule, bound read-only where they belong, and the stage is detached (a detached
+    mount cannot be the source of a bind, hence not the scratch). Runs after "Start": on
+    cgroup v2 the pages are then the session's."""
+    net = spec.get("network")
+    if not net:
+        return
+    ro = MS_RDONLY | MS_NOSUID | MS_NODEV
+    stage = "/run/ampoule"
+    files = {"resolv.conf": net["resolv_conf"].encode()}
+    ca = net.get("ca_pem")
+    system = net["system_bundle"]
+    regular = False
+    if ca:
+        regular = os.path.isfile(system) and not os.path.islink(system)
+        bundle = b""
+        if regular:
+            try:
+                with open(system, "rb") as f:
+                    bundle = f.read()
+            except OSError as e:
+                raise Stage("network", f"reading {system}: {e}")
+        if bundle and not bundle.endswith(b"\n"):
+            bundle += b"\n"
+        files["trust/" + os.path.basename(net["ca_bundle"])] = bundle + ca.encode()
+        files["trust/" + os.path.basename(net["egress_ca"])] = ca.encode()
+    size = sum(len(d) for d in files.values()) + 64 * 1024
+    mount("network", "tmpfs", stage, "tmpfs", MS_NOSUID | MS_NODEV, f"size={size},nr_inodes=16,mode=0755")
+    try:
+        if ca:
+            os.mkdir(f"{stage}/trust", 0o755)
+        for name, data in files.items():
+            fd = os.open(f"{stage}/{name}", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                write_all(fd, data)
+            finally:
+                os.close(fd)
+    except OSError as e:
+        raise Stage("network", f"writing the network files: {e}")
+    bind(f"{stage}/resolv.conf", "/etc/resolv.conf", ro)
+    if ca:
+        # An empty mount point in the zygote's root (ZygoteConfig::trust_gateway_ca).
+        bind(f"{stage}/trust", os.path.dirname(net["ca_bundle"]), ro)
+        if regular:
+            bind(f"{stage}/trust/{os.path.basename(net['ca_bundle'])}", system, ro)
+    check("network", libc.umount2(stage.encode(), MNT_DETACH), "detach the network stage")
+
+
 def take_slot_ids(ids):
     """Becomes the session's own host uid and gid (its slot's, as the zygote's namespace maps
     them), giving up the zygote's root: the kernel's per-user counters (pipe buffers, epoll
@@ -472,6 +525,7 @@ def session(cfg, programs, spec, fds, root, failed):
         msg, _ = recv(ctl)
         if msg != "Start":
             raise Stage("channel", f"expected Start, got {msg!r}")
+        network_files(spec)
         # Only now (the supervisor has moved us on cgroup v2) is our cgroup the right root.
         check("unshare", libc.unshare(CLONE_NEWCGROUP), "cgroup namespace")
         take_slot_ids(spec["ids"])

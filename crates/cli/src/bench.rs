@@ -46,6 +46,9 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 use serde_json::{Value, json};
 
+#[path = "bench_network.rs"]
+mod network;
+
 /// The ACA API version of every execute call (the 2024-02-02-preview dialect).
 const API_VERSION: &str = "2024-02-02-preview";
 /// The environment variable that hands the API key to the servers.
@@ -97,6 +100,10 @@ pub(crate) struct BenchArgs {
     /// Only bare python3, bwrap and `ampoule run print(1)`, interleaved (`bench_run.rs`).
     #[arg(long)]
     run_only: bool,
+    /// Only the network pools' figures (issue 19): new sessions at 20/s in a pool with an
+    /// allowed host, forked from a zygote and started cold, as JSON.
+    #[arg(long)]
+    network_only: bool,
 }
 
 mod gvisor;
@@ -381,6 +388,13 @@ pub(crate) async fn run(args: BenchArgs) -> Result<ExitCode> {
     }
     if args.gvisor_only {
         return gvisor::run(args.quick, &exe, &work).await;
+    }
+    if args.network_only {
+        let report = network::report(args.quick, &exe, &work).await?;
+        let mut out = std::io::stdout().lock();
+        serde_json::to_writer_pretty(&mut out, &report)?;
+        writeln!(out)?;
+        return Ok(ExitCode::SUCCESS);
     }
     if args.density_only {
         let density = densities(&plan, &exe, &work).await?;

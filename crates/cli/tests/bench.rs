@@ -204,6 +204,26 @@ fn run_only_compares_the_three_in_one_run() {
     }
 }
 
+/// `--network-only`: both network pools (forked from a zygote, started cold) answered their new
+/// sessions' first cell and reached the allowed test host through their gateways; the zygote
+/// pool's sessions were forks (no cold fallback).
+fn quick_network_bench_reports_both_pools() {
+    let out = Command::new(env!("CARGO_BIN_EXE_ampoule"))
+        .args(["bench", "--quick", "--network-only"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "ampoule bench failed: {stderr}");
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let net = &r["network"];
+    for pool in ["zygote", "zygote_no_warm", "cold"] {
+        check_stat(&format!("{pool}.first_result"), &net[pool]["first_result"]);
+        check_stat(&format!("{pool}.then_fetch"), &net[pool]["then_fetch"]);
+    }
+    assert_eq!(net["zygote"]["zygote_cold_fallbacks"], 0, "{net}");
+    assert_eq!(net["zygote_no_warm"]["zygote_cold_fallbacks"], 0, "{net}");
+}
+
 fn bench_refuses_without_root() {
     let out = Command::new(env!("CARGO_BIN_EXE_ampoule"))
         .args(["bench", "--quick"])
@@ -245,6 +265,11 @@ fn main() {
         (
             "run_only_compares_the_three_in_one_run",
             run_only_compares_the_three_in_one_run,
+            (!root).then_some("ampoule bench needs root"),
+        ),
+        (
+            "quick_network_bench_reports_both_pools",
+            quick_network_bench_reports_both_pools,
             (!root).then_some("ampoule bench needs root"),
         ),
         (

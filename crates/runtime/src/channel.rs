@@ -72,6 +72,10 @@ pub(crate) struct InitSpec {
     /// namespace and gets neither Landlock nor seccomp, which each of its children applies.
     #[serde(default)]
     pub(crate) zygote: bool,
+    /// A zygote whose children may trust the egress gateway's CA: its root has an empty
+    /// `/etc/ampoule` for each child to mount its trust files on (see `crate::zygote`).
+    #[serde(default)]
+    pub(crate) ca_mount_point: bool,
     /// A disk image to mount as the scratch instead of a tmpfs (see `crate::disk`).
     #[serde(default)]
     pub(crate) scratch_image: Option<PathBuf>,

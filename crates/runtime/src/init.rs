@@ -631,6 +631,14 @@ fn host_root(spec: &InitSpec, stage: &Path) -> Stage<()> {
     if let Some(ca) = &spec.trusted_ca_pem {
         trust_ca(stage, ca)?;
     }
+    if spec.ca_mount_point {
+        // Empty in the zygote: each child of a pool whose gateway terminates TLS mounts its
+        // own trust files here (kernels/python/zygote.py `network_files`).
+        let dir = under(stage, Path::new(crate::network::CA_BUNDLE));
+        if let Some(parent) = dir.parent() {
+            mkdir_p(parent)?;
+        }
+    }
     Ok(())
 }
 

@@ -305,38 +305,87 @@ fn configure_link(nl: &mut Netlink, net: &InitNetwork) -> io::Result<()> {
 /// on the calling thread only), so no other thread of the process ever changes namespace.
 pub(crate) fn pinned_namespace(addrs: &GatewayAddrs, pin: &std::path::Path) -> Result<()> {
     std::fs::File::create(pin).ctx(|| format!("creating {}", pin.display()))?;
+    let made = in_namespace(|| {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)?;
+        nix::mount::mount(
+            Some("/proc/thread-self/ns/net"),
+            pin,
+            None::<&str>,
+            nix::mount::MsFlags::MS_BIND,
+            None::<&str>,
+        )?;
+        Ok(true)
+    })?;
+    wire_namespace(addrs, made)
+}
+
+/// Wires the network namespace of a zygote's child (`pidfd`, a process that made its namespace
+/// itself, with `lo` up: see `crate::zygote`) as [`pinned_namespace`] wires one of its own:
+/// `eth0` born without IPv6, its address and default route, the host side as
+/// [`wire_host_side`] does. The namespace is owned by the zygote's user namespace; real root
+/// enters it all the same. Entered through the pidfd, not `/proc/<pid>`, so a recycled pid can
+/// never name another process's namespace.
+pub(crate) fn wire_forked(addrs: &GatewayAddrs, pidfd: std::os::fd::BorrowedFd<'_>) -> Result<()> {
+    let made = in_namespace(|| {
+        nix::sched::setns(pidfd, nix::sched::CloneFlags::CLONE_NEWNET)?;
+        Ok(false)
+    })?;
+    wire_namespace(addrs, made)
+}
+
+/// A network namespace being wired from the supervisor: a descriptor of it and a routing
+/// socket bound to it for good.
+struct Made {
+    ns: std::os::fd::OwnedFd,
+    inside: Netlink,
+    /// Whether `lo` must be brought up here (a namespace just made; a zygote's child did it).
+    lo_down: bool,
+}
+
+/// Runs `enter` (which moves the calling thread into the namespace to wire, returning whether
+/// that namespace is brand new) on a short-lived thread of its own, then, still there, makes
+/// interfaces created from now on start without IPv6 and opens a routing socket: no other
+/// thread of the process ever changes namespace.
+fn in_namespace(enter: impl FnOnce() -> nix::Result<bool> + Send) -> Result<Made> {
     let made = std::thread::scope(|s| {
-        s.spawn(|| -> io::Result<(std::os::fd::OwnedFd, Netlink)> {
-            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)?;
+        s.spawn(|| -> io::Result<Made> {
+            let lo_down = enter()?;
             disable_ipv6_here()?;
             let ns = nix::fcntl::open(
                 "/proc/thread-self/ns/net",
                 nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_CLOEXEC,
                 nix::sys::stat::Mode::empty(),
             )?;
-            nix::mount::mount(
-                Some("/proc/thread-self/ns/net"),
-                pin,
-                None::<&str>,
-                nix::mount::MsFlags::MS_BIND,
-                None::<&str>,
-            )?;
             // Bound to this namespace for its whole life, whichever thread uses it.
-            let mut nl = Netlink::route()?;
-            let lo = nl.index_of("lo")?;
-            nl.link_up(lo)?;
-            Ok((ns, nl))
+            let inside = Netlink::route()?;
+            Ok(Made {
+                ns,
+                inside,
+                lo_down,
+            })
         })
         .join()
     });
-    let (ns, mut inside) = match made {
-        Ok(r) => r.ctx(|| "making the sandbox's network namespace".into())?,
-        Err(_) => {
-            return Err(Error::Network(
-                "the thread making the sandbox's network namespace panicked".into(),
-            ));
-        }
-    };
+    match made {
+        Ok(r) => r.ctx(|| "entering the sandbox's network namespace".into()),
+        Err(_) => Err(Error::Network(
+            "the thread entering the sandbox's network namespace panicked".into(),
+        )),
+    }
+}
+
+/// The common part of [`pinned_namespace`] and [`wire_forked`]: `lo` up (if needed), the pair,
+/// the sandbox side's address and route.
+fn wire_namespace(addrs: &GatewayAddrs, made: Made) -> Result<()> {
+    let Made {
+        ns,
+        mut inside,
+        lo_down,
+    } = made;
+    if lo_down {
+        let lo = inside.index_of("lo").ctx(|| "looking up lo".into())?;
+        inside.link_up(lo).ctx(|| "bringing lo up".into())?;
+    }
     {
         use std::os::fd::AsRawFd;
         wire_host_side_to(addrs, PeerNs::Fd(ns.as_raw_fd()))?;

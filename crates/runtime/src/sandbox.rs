@@ -231,14 +231,16 @@ impl Sandbox {
     }
 
     /// The common path; `zygote` is the zygote's end of its control socket, which becomes the
-    /// program's stdin, and makes the program a zygote (see [`crate::zygote`]).
+    /// program's stdin, and makes the program a zygote (see [`crate::zygote`]), with whether its
+    /// children may trust the egress gateway's CA (`/etc/ampoule` made as their mount point).
     pub(crate) async fn spawn_inner(
         host: &Host,
         cfg: &SandboxConfig,
-        zygote: Option<std::os::fd::OwnedFd>,
+        zygote: Option<(std::os::fd::OwnedFd, bool)>,
         prepare: impl FnOnce(Prepare<'_>) -> Result<()>,
     ) -> Result<Self> {
         let is_zygote = zygote.is_some();
+        let ca_mount_point = zygote.as_ref().is_some_and(|(_, ca)| *ca);
         if cfg.isolation == crate::gvisor::Isolation::Gvisor {
             if is_zygote {
                 return Err(Error::Invalid(
@@ -414,6 +416,7 @@ impl Sandbox {
             }),
             trusted_ca_pem,
             zygote: is_zygote,
+            ca_mount_point,
             scratch_image: cfg.disk.clone(),
             image_root: cfg.image_root.clone(),
             writable_root: cfg.writable_root && cfg.image_root.is_some() && !is_zygote,
@@ -429,7 +432,7 @@ impl Sandbox {
         cmd.arg(INIT_ARG)
             .env_clear()
             .stdin(match zygote {
-                Some(fd) => Stdio::from(fd),
+                Some((fd, _)) => Stdio::from(fd),
                 None if cfg.stdin => Stdio::piped(),
                 None => Stdio::null(),
             })
@@ -712,6 +715,7 @@ impl Sandbox {
         chan: HostChannel,
         scratch: Scratch,
         slot: Slot,
+        network: Option<GatewayAddrs>,
         landlock: String,
         started: Instant,
         stdio: (Option<ChildStdin>, Option<ChildStdout>, Option<ChildStderr>),
@@ -724,7 +728,7 @@ impl Sandbox {
             chan: Some(chan),
             scratch,
             _slot: slot,
-            network: None,
+            network,
             entry,
             landlock,
             started,

@@ -18,6 +18,10 @@
 //! `kernels/python/zygote.py`). What comes back is an ordinary [`Sandbox`]: same scratch API,
 //! cgroup, limits, kill and teardown.
 //!
+//! A child may have a network the zygote never has ([`Zygote::spawn_with`] in allowlist mode):
+//! the supervisor wires the namespace its spare made, when the spare is handed out (the
+//! addresses are the slot's, known only with the request).
+//!
 //! Differences from an init-born sandbox, by design:
 //! * Every child runs as its own slot's host uid, as a cold sandbox does, but its user namespace
 //!   lives below the zygote's, where the kernel charges some per-user counters to the zygote's
@@ -35,7 +39,7 @@
 //! `SCM_RIGHTS`): see `kernels/python/zygote.py`.
 
 use std::collections::HashMap;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -50,6 +54,7 @@ use crate::cgroup::CgroupVersion;
 use crate::channel::{self, FromInit, HostChannel, ToInit};
 use crate::error::{Error, Result};
 use crate::host::Host;
+use crate::network::{GatewayAddrs, Network};
 use crate::sandbox::{ProgramExit, Sandbox, SandboxConfig};
 use crate::scratch::Scratch;
 use crate::seccomp::SeccompPolicy;
@@ -103,6 +108,10 @@ pub struct ZygoteConfig {
     /// The most children it may have alive at once: the host's per-user limits are raised to
     /// hold that many at their own (see [`crate::ucounts::ensure_host_room`]).
     pub max_children: u64,
+    /// Whether its children may trust the egress gateway's CA (a pool with a network whose
+    /// gateway terminates TLS to inject credentials): the zygote's root then has an empty
+    /// `/etc/ampoule` for each child to mount its trust files on. Not for a zygote of an image.
+    pub trust_gateway_ca: bool,
 }
 
 /// What the zygote said when it was ready.
@@ -151,6 +160,8 @@ struct Inner {
     next_id: AtomicU64,
     forks: AtomicU64,
     started: Instant,
+    /// [`ZygoteConfig::trust_gateway_ca`].
+    trust_gateway_ca: bool,
 }
 
 impl Drop for Inner {
@@ -235,6 +246,11 @@ impl Zygote {
                     .into(),
             ));
         }
+        if cfg.trust_gateway_ca && cfg.sandbox.image_root.is_some() {
+            return Err(Error::Invalid(
+                "credential injection into a sandbox from an image is not supported yet".into(),
+            ));
+        }
         let policy = SeccompPolicy::default_policy()?;
         // Not fatal (a read-only /proc/sys in a container): each session keeps its own ceiling
         // at the zygote's level, but all of them then share the host's current maximums.
@@ -261,13 +277,18 @@ impl Zygote {
         // it and executes `/proc/self/fd/N`, so no host path of ours appears in the sandbox.
         let init_exe = std::fs::File::open(&host.init_exe)
             .map_err(|e| Error::io(format!("opening {}", host.init_exe.display()), e))?;
-        let sandbox = Sandbox::spawn_inner(host, &cfg.sandbox, Some(theirs), |p| {
-            for (name, contents) in &files {
-                p.scratch
-                    .write(crate::scratch::CODE, name, contents, 0o644)?;
-            }
-            Ok(())
-        })
+        let sandbox = Sandbox::spawn_inner(
+            host,
+            &cfg.sandbox,
+            Some((theirs, cfg.trust_gateway_ca)),
+            |p| {
+                for (name, contents) in &files {
+                    p.scratch
+                        .write(crate::scratch::CODE, name, contents, 0o644)?;
+                }
+                Ok(())
+            },
+        )
         .await?;
         nix::fcntl::fcntl(
             &ours,
@@ -345,6 +366,7 @@ impl Zygote {
                 next_id: AtomicU64::new(1),
                 forks: AtomicU64::new(0),
                 started: Instant::now(),
+                trust_gateway_ca: cfg.trust_gateway_ca,
             }),
         })
     }
@@ -392,7 +414,7 @@ impl Zygote {
     }
 
     /// Forks a new sandbox running the zygote's program, with `cfg`'s environment, working
-    /// directory and limits (`argv`, `ro_binds` and `network` are the zygote's). `prepare` runs
+    /// directory, limits and network (`argv` and `ro_binds` are the zygote's). `prepare` runs
     /// with the scratch space before the program continues, as in [`Sandbox::spawn`].
     pub async fn spawn(
         &self,
@@ -400,11 +422,66 @@ impl Zygote {
         cfg: &SandboxConfig,
         prepare: impl FnOnce(&Scratch) -> Result<()>,
     ) -> Result<Sandbox> {
+        self.spawn_with(host, cfg, |p| prepare(p.scratch)).await
+    }
+
+    /// [`Zygote::spawn`] with a hook that also sees the network addresses (allowlist mode), as
+    /// in [`Sandbox::spawn_with`]: start the egress gateway there.
+    ///
+    /// In allowlist mode the child is wired exactly as an init-born sandbox is (see
+    /// [`crate::network`]): its spare already made its network namespace (with `lo` up); once
+    /// the child has its request and says so (its scratch directory), the supervisor enters
+    /// that namespace through the child's pidfd and makes the veth pair, `eth0` without IPv6,
+    /// its address and default route; the child bind-mounts the slot's `/etc/resolv.conf` and,
+    /// when the gateway terminates TLS, the same trust files as `init` writes, from its own
+    /// scratch; the environment gets the same CA variables. The zygote itself has no network.
+    pub async fn spawn_with(
+        &self,
+        host: &Host,
+        cfg: &SandboxConfig,
+        prepare: impl FnOnce(crate::Prepare<'_>) -> Result<()>,
+    ) -> Result<Sandbox> {
         if !self.is_alive() {
             return Err(Error::Channel("the zygote has exited".into()));
         }
+        // `Some(ca)` in allowlist mode.
+        let allowlist = match &cfg.network {
+            Network::None => None,
+            Network::Allowlist { trusted_ca_pem } => {
+                if trusted_ca_pem.is_some() && !self.inner.trust_gateway_ca {
+                    return Err(Error::Invalid(
+                        "this zygote's children cannot trust the egress gateway's CA (start it \
+                         with `trust_gateway_ca`)"
+                            .into(),
+                    ));
+                }
+                crate::network::ensure_table(host)?;
+                Some(trusted_ca_pem.clone())
+            }
+        };
         let started = Instant::now();
         let slot = host.acquire_slot()?;
+        let addrs = allowlist
+            .as_ref()
+            .map(|_| GatewayAddrs::for_slot(slot.index()));
+        let trusted_ca_pem = allowlist.flatten();
+        let mut env = cfg.env.clone();
+        if trusted_ca_pem.is_some() {
+            for (k, v) in crate::network::ca_env() {
+                env.retain(|(name, _)| name != k);
+                env.push((k.to_owned(), v.to_owned()));
+            }
+        }
+        // What the child mounts over its `/etc` (see `network_files` in zygote.py).
+        let network = addrs.as_ref().map(|a| {
+            json!({
+                "resolv_conf": crate::network::resolv_conf(a),
+                "ca_pem": trusted_ca_pem,
+                "ca_bundle": crate::network::CA_BUNDLE,
+                "egress_ca": crate::network::EGRESS_CA,
+                "system_bundle": crate::network::SYSTEM_BUNDLE,
+            })
+        });
         let cgroup = match &host.cgroups {
             Some(root) => Some(root.create(&slot.cgroup_name(), &cfg.limits)?),
             None => None,
@@ -444,7 +521,7 @@ impl Zygote {
         let user = &self.inner.user_rlimits;
         let request = json!({"fork": {
             "id": id,
-            "env": cfg.env,
+            "env": env,
             "cwd": cfg.cwd,
             // The slot's ids, as the zygote's namespace maps them: the child runs as its own
             // host uid, like a cold sandbox (see `crate::ucounts`).
@@ -460,6 +537,7 @@ impl Zygote {
                 "msgqueue": user.msgqueue,
                 "memlock": user.memlock,
             },
+            "network": network,
         }});
         let mut fds: Vec<RawFd> = vec![
             theirs.as_raw_fd(),
@@ -515,15 +593,49 @@ impl Zygote {
             }
         };
         let scratch = Scratch::in_user_namespace(fd, Some(host.ids_for(&slot)));
-        prepare(&scratch)?;
-        if let Some(cg) = cgroup.as_ref().and_then(CgroupGuard::get)
-            && cg.version() == CgroupVersion::V2
-        {
-            let files = cg.procs_files();
-            tokio::task::spawn_blocking(move || crate::cgroup::attach_files(&files, pid))
+        // Moving a process into a cgroup waits for an RCU grace period: it runs while the
+        // network is wired and the hook runs.
+        let attach = match cgroup.as_ref().and_then(CgroupGuard::get) {
+            Some(cg) if cg.version() == CgroupVersion::V2 => {
+                let files = cg.procs_files();
+                Some(tokio::task::spawn_blocking(move || {
+                    crate::cgroup::attach_files(&files, pid)
+                }))
+            }
+            _ => None,
+        };
+        if let Some(a) = &addrs {
+            // Before the hook: the gateway listens on the host side's address. Netlink
+            // requests block: on a thread of the blocking pool, not on the runtime's workers,
+            // alongside the cgroup move.
+            let (a, pidfd) = (
+                a.clone(),
+                forked
+                    .pidfd
+                    .get_ref()
+                    .try_clone()
+                    .map_err(|e| Error::io("duplicating the pidfd", e))?,
+            );
+            let wiring = std::time::Instant::now();
+            tokio::task::spawn_blocking(move || crate::network::wire_forked(&a, pidfd.as_fd()))
+                .await
+                .map_err(|e| Error::Channel(format!("network wiring task: {e}")))??;
+            tracing::debug!(
+                elapsed = ?started.elapsed(),
+                wiring = ?wiring.elapsed(),
+                "network wired"
+            );
+        }
+        let prepared = prepare(crate::Prepare {
+            scratch: &scratch,
+            network: addrs.as_ref(),
+        });
+        if let Some(attach) = attach {
+            attach
                 .await
                 .map_err(|e| Error::Channel(format!("cgroup attach task: {e}")))??;
         }
+        prepared?;
         chan.send(&ToInit::Start).await?;
         let landlock = match chan.recv().await? {
             Some((FromInit::Ready { landlock }, _)) => landlock,
@@ -577,6 +689,7 @@ impl Zygote {
             chan,
             scratch,
             slot,
+            addrs,
             landlock,
             started,
             stdio,

@@ -263,8 +263,9 @@ pub struct PoolConfig {
     #[serde(default)]
     pub audit: PoolAuditConfig,
     /// Fork sessions from a pre-initialised interpreter (Python pools only). Default: on for
-    /// Python pools without a network; the server falls back to cold starts when it cannot run
-    /// a zygote (not root).
+    /// Python pools without a network; a pool with a network forks too when it says
+    /// `zygote = true` (each child wired to its own gateway, the zygote itself without
+    /// network). The server falls back to cold starts when it cannot run a zygote (not root).
     #[serde(default)]
     pub zygote: Option<bool>,
     /// The isolation tier: `namespaces` (default) or `gvisor` (gVisor's `runsc`; root, no
@@ -604,12 +605,6 @@ impl Config {
                     "pools.{name}.zygote: only Python pools can fork from a zygote"
                 ));
             }
-            if p.zygote == Some(true) && network.is_some() {
-                return Err(format!(
-                    "pools.{name}.zygote: pools with a network start their sessions cold; \
-                     remove `zygote = true` or the network rules"
-                ));
-            }
             let gvisor = p.isolation == ampoule_runtime::Isolation::Gvisor;
             if gvisor && p.zygote == Some(true) {
                 return Err(format!(
@@ -643,6 +638,7 @@ impl Config {
                 }),
                 None => None,
             };
+            // Network pools fork only when asked (`zygote = true`): opt-in while it is new.
             let zygote = p
                 .zygote
                 .unwrap_or(is_python && network.is_none() && !gvisor && !p.writable_root);
@@ -1235,6 +1231,20 @@ retention_days = 90
         assert_eq!(q.policy("a").languages, Some(vec![Language::Python]));
         assert_eq!(q.policy("b").executions_per_minute, Some(60));
         assert_eq!(q.policy("b").languages, None);
+    }
+
+    #[test]
+    fn network_pools_fork_from_a_zygote_when_asked() {
+        let cfg = Config::parse(
+            "[pools.cold.network]\nallow = [\"a.test\"]\n\
+             [pools.forked]\nzygote = true\n[pools.forked.network]\nallow = [\"a.test\"]\n",
+        )
+        .unwrap();
+        let pools = cfg.pool_settings().unwrap();
+        // Opt-in: a network pool without `zygote` keeps starting its sessions cold.
+        assert!(pools["cold"].spec.zygote.is_none());
+        let forked = &pools["forked"].spec;
+        assert!(forked.zygote.is_some() && forked.network.is_some());
     }
 
     #[test]

@@ -7,7 +7,9 @@
 //! sandbox.
 //!
 //! Pools with a network ([`PoolSpec::network`]) get sessions wired to their own egress gateway
-//! ([`Session::start_with`]); the engine holds the server's one [`Egress`] (pins, CA) for them.
+//! ([`Session::start_with`], or [`Session::start_forked_with`] in a pool with `zygote = true`,
+//! whose zygotes have no network themselves); the engine holds the server's one [`Egress`]
+//! (pins, CA) for them.
 //!
 //! Python pools fork their sessions from zygotes, one per pool and tenant: two tenants' sessions
 //! never share an interpreter's randomness (CPython's string-hash secret, the address-space
@@ -35,7 +37,7 @@ use ampoule_egress::Egress;
 use ampoule_runtime::{Host, Scratch, Zygote};
 use ampoule_session::language::image::ImageRoot;
 use ampoule_session::setup::EnvFingerprint;
-use ampoule_session::{ExecuteRequest, Session, SessionOptions};
+use ampoule_session::{ExecuteRequest, Session, SessionNetwork, SessionOptions};
 use ampoule_types::{ExecutionEvent, ExecutionResult, SessionState};
 use async_trait::async_trait;
 use tokio::sync::{Mutex, Notify};
@@ -98,16 +100,18 @@ async fn launch(
     warmup: &str,
     max_children: usize,
     image: Option<ImageRoot>,
+    trust_gateway_ca: bool,
 ) -> (ampoule_session::Result<Zygote>, Option<EnvFingerprint>) {
     let pool = key.pool.as_str();
     let env = env_fingerprint(pool);
     let begun = Instant::now();
-    let started = ampoule_session::zygote::start_python_in(
+    let started = ampoule_session::zygote::start_python_with(
         host,
         preload,
         warmup,
         max_children as u64,
         image.as_ref(),
+        trust_gateway_ca,
     )
     .await;
     if let Ok(z) = &started {
@@ -321,12 +325,13 @@ impl SessionEngine {
                         (entry.clone(), self.host.clone(), preload.to_vec());
                     let (key, budget) = (key.clone(), spec.zygote_children());
                     let (image, warmup) = (image_root(spec), spec.warmup.clone());
+                    let trust = trusts_gateway_ca(spec);
                     let pool = key.pool.clone();
                     let replaced = z.clone();
                     // A worker thread, which outlives the zygote (see ampoule_runtime::sandbox).
                     tokio::spawn(async move {
                         let (fresh, env) =
-                            launch(&host, &key, &preload, &warmup, budget, image).await;
+                            launch(&host, &key, &preload, &warmup, budget, image, trust).await;
                         let mut g = entry.lock().await;
                         g.replacing = false;
                         match fresh {
@@ -372,9 +377,11 @@ impl SessionEngine {
             let (entry, host, preload) = (entry.clone(), self.host.clone(), preload.to_vec());
             let (key, budget) = (key.clone(), spec.zygote_children());
             let (image, warmup) = (image_root(spec), spec.warmup.clone());
+            let trust = trusts_gateway_ca(spec);
             // A worker thread, which outlives the zygote (see ampoule_runtime::sandbox).
             tokio::spawn(async move {
-                let (started, env) = launch(&host, &key, &preload, &warmup, budget, image).await;
+                let (started, env) =
+                    launch(&host, &key, &preload, &warmup, budget, image, trust).await;
                 let mut g = entry.lock().await;
                 g.replacing = false;
                 g.install(started, env, &key);
@@ -388,6 +395,7 @@ impl SessionEngine {
             &spec.warmup,
             spec.zygote_children(),
             image_root(spec),
+            trusts_gateway_ca(spec),
         )
         .await;
         let installed = g.install(started, env, key);
@@ -404,6 +412,7 @@ impl SessionEngine {
         spec: &PoolSpec,
         tenant: Option<&str>,
         preload: &[String],
+        network: Option<SessionNetwork>,
     ) -> Option<(Session, Arc<AtomicBool>)> {
         // Warm stock is forked only where it can go to one tenant alone.
         let key = ZygoteKey {
@@ -425,9 +434,14 @@ impl SessionEngine {
             }
         };
         let image = image_root(spec);
-        let outcome =
-            Session::start_forked_in(&self.host, &zygote, spec.limits.clone(), image.as_ref())
-                .await;
+        let outcome = Session::start_forked_with(
+            &self.host,
+            &zygote,
+            spec.limits.clone(),
+            image.as_ref(),
+            network,
+        )
+        .await;
         let mut g = entry.lock().await;
         match outcome {
             Ok(session) => {
@@ -440,6 +454,16 @@ impl SessionEngine {
                 None
             }
         }
+    }
+
+    /// The egress service for a session of `spec`, a pool with a network.
+    fn egress(&self, spec: &PoolSpec) -> Result<Egress, EngineError> {
+        self.egress.clone().ok_or_else(|| {
+            EngineError::Start(format!(
+                "pool {} has a network policy but the server has no egress gateway",
+                spec.name
+            ))
+        })
     }
 
     /// The egress service that serves the sessions of pools with a network (see
@@ -470,7 +494,7 @@ impl Engine for SessionEngine {
             return;
         }
         // The configured tenants' zygotes now (one at a time: each import takes a core).
-        if let (Some(preload), None) = (&spec.zygote, &spec.network) {
+        if let Some(preload) = &spec.zygote {
             for tenant in spec.tenants.iter().take(MAX_TENANT_ZYGOTES) {
                 let key = ZygoteKey {
                     pool: spec.name.clone(),
@@ -489,7 +513,7 @@ impl Engine for SessionEngine {
 
     fn keeps_warm_stock(&self, spec: &PoolSpec) -> bool {
         // Warm stock is forked only where one tenant alone may get it (see `start_forked`).
-        let forks = self.host.privileged && spec.zygote.is_some() && spec.network.is_none();
+        let forks = self.host.privileged && spec.zygote.is_some();
         !forks || spec.sole_tenant().is_some()
     }
 
@@ -557,13 +581,7 @@ impl SessionEngine {
         let kernel = kernel(spec)?;
         let options = match &spec.network {
             Some(network) => {
-                let egress = self.egress.clone().ok_or_else(|| {
-                    EngineError::Start(format!(
-                        "pool {} has a network policy but the server has no egress gateway",
-                        spec.name
-                    ))
-                })?;
-                SessionOptions::with_network(egress, network.policy.clone())
+                SessionOptions::with_network(self.egress(spec)?, network.policy.clone())
             }
             None => SessionOptions::default(),
         }
@@ -584,9 +602,18 @@ impl SessionEngine {
         spec: &PoolSpec,
         tenant: Option<&str>,
     ) -> Result<Box<dyn LiveSession>, EngineError> {
-        let forked = match (&spec.zygote, &spec.network) {
-            (Some(preload), None) if self.host.privileged => {
-                self.start_forked(spec, tenant, preload).await
+        let forked = match &spec.zygote {
+            Some(preload) if self.host.privileged => {
+                // A pool with a network: the child is wired to its own gateway, as a cold
+                // session is (the zygote itself has none).
+                let network = match &spec.network {
+                    Some(network) => Some(SessionNetwork {
+                        egress: self.egress(spec)?,
+                        policy: network.policy.clone(),
+                    }),
+                    None => None,
+                };
+                self.start_forked(spec, tenant, preload, network).await
             }
             _ => None,
         };
@@ -599,14 +626,9 @@ impl SessionEngine {
                 None,
             ),
             (None, Some(network)) => {
-                let egress = self.egress.clone().ok_or_else(|| {
-                    EngineError::Start(format!(
-                        "pool {} has a network policy but the server has no egress gateway",
-                        spec.name
-                    ))
-                })?;
                 let kernel = kernel(spec)?;
-                let options = SessionOptions::with_network(egress, network.policy.clone());
+                let options =
+                    SessionOptions::with_network(self.egress(spec)?, network.policy.clone());
                 let session = Session::start_with(&self.host, kernel, spec.limits.clone(), options)
                     .await
                     .map_err(|e| EngineError::Start(chain(&e)))?;
@@ -635,6 +657,13 @@ fn kernel(spec: &PoolSpec) -> Result<ampoule_session::LanguageSpec, EngineError>
         kernel
     })
     .map_err(|e| EngineError::Start(chain(&e)))
+}
+
+/// Whether the children of `spec`'s zygotes trust the egress gateway's CA: its network policy
+/// injects credentials, so the gateway terminates TLS (as [`Egress::trusted_ca_pem`] decides
+/// for every session).
+fn trusts_gateway_ca(spec: &PoolSpec) -> bool {
+    spec.network.as_ref().is_some_and(|n| n.policy.injects())
 }
 
 /// The image root of a pool from an image.

@@ -162,6 +162,41 @@ for _ in range(n):
 print(json.dumps({"new": new, "kept": kept}))
 "#;
 
+/// The zygote twins of the `net` and `inject` pools: the same rules, sessions forked from a
+/// zygote (one per pool and tenant, without network itself), each child wired to its own
+/// gateway. No warm stock: every session of the trials is a fork made on request.
+const ZYGOTE_POOLS: &str = r#"
+[pools.netzygote]
+zygote = true
+warm = 0
+[pools.netzygote.network]
+allow = ["allowed.test", "denied.test", "private.test", "metadata.test"]
+deny = ["denied.test"]
+
+[pools.injectzygote]
+zygote = true
+warm = 0
+[pools.injectzygote.network]
+allow = ["inject.test"]
+[[pools.injectzygote.network.inject]]
+host = "inject.test"
+header = "Authorization"
+value_from_env = "EGRESS_E2E_SECRET"
+"#;
+
+/// Whether the session was forked from a zygote: a zygote's child has the zygote's preloads
+/// (pandas) imported before its first cell; a cold interpreter imports nothing of the kind
+/// by itself.
+const BORN_PROBE: &str = r#"
+import sys
+check("forked", lambda: "pandas" in sys.modules)
+"#;
+
+/// Whether `pool` forks its sessions from a zygote (the [`ZYGOTE_POOLS`]).
+fn forks(pool: &str) -> bool {
+    pool.ends_with("zygote")
+}
+
 /// The `gvisor` twins of the `net` and `inject` pools: the same rules on the gVisor tier.
 const GVISOR_POOLS: &str = r#"
 [pools.netgv]
@@ -187,8 +222,8 @@ fn runsc_here() -> bool {
     ampoule_runtime::gvisor::find().is_some()
 }
 
-/// The server's config: the pools (with their gVisor twins when runsc is here), the pins, the
-/// audit log in the case's directory.
+/// The server's config: the pools (with their zygote twins, and their gVisor twins when runsc
+/// is here), the pins, the audit log in the case's directory.
 fn config(t: &Path) -> String {
     let gvisor = if runsc_here() { GVISOR_POOLS } else { "" };
     format!(
@@ -252,7 +287,7 @@ allow = ["tinyok"]
 "allowed.test" = "10.77.0.2"
 "denied.test" = "10.77.0.2"
 "inject.test" = "10.77.0.2"
-{gvisor}"#,
+{ZYGOTE_POOLS}{gvisor}"#,
         data = t.join("data").display()
     )
 }
@@ -454,13 +489,21 @@ fn allowlist_gvisor(jail: &Jail) -> Result<(), Failed> {
     allowlist_in(jail, "netgv")
 }
 
-/// The checks of [`allowlist`] in `pool` (`net`: warm, namespaces; `netgv`: cold, gvisor).
+/// [`allowlist`] on the `netzygote` pool: the same rules and outcomes from a session forked
+/// from a zygote on request (its network namespace made by the zygote's spare, wired by the
+/// supervisor when it was handed out).
+fn allowlist_zygote(jail: &Jail) -> Result<(), Failed> {
+    allowlist_in(jail, "netzygote")
+}
+
+/// The checks of [`allowlist`] in `pool` (`net`: warm, namespaces; `netgv`: cold, gvisor;
+/// `netzygote`: forked from a zygote).
 fn allowlist_in(jail: &Jail, pool: &str) -> Result<(), Failed> {
     let port = jail.port;
     let gvisor = pool == "netgv";
     // The warm session is up: it was started with its gateway.
     let t0 = Instant::now();
-    while !gvisor
+    while pool == "net"
         && ok(port, "GET", "/v1/pools", None)?["pools"]
             .as_array()
             .and_then(|p| p.iter().find(|p| p["name"] == "net"))
@@ -485,13 +528,22 @@ fn allowlist_in(jail: &Jail, pool: &str) -> Result<(), Failed> {
     let first = execute(
         port,
         &sid,
-        &format!("{PRELUDE}check('kernel', lambda: os.uname().release)\n{ALLOWLIST_PROBE}"),
+        &format!(
+            "{PRELUDE}check('kernel', lambda: os.uname().release)\n{BORN_PROBE}{ALLOWLIST_PROBE}"
+        ),
     )?;
     let p = probes(&first)?;
     let mut errors = Vec::new();
     let e = &mut errors;
     // The tier is the one asked for: gVisor's kernel says 4.4.0.
     expect(&p, "kernel", |s| (s == "ok: 4.4.0") == gvisor, e);
+    // Forked from the zygote, or not, as the pool says (no silent fallback to a cold start).
+    expect(
+        &p,
+        "forked",
+        |s| s == format!("ok: {}", if forks(pool) { "True" } else { "False" }),
+        e,
+    );
     expect(&p, "dns_allowed", |s| s == "ok: 10.77.0.2", e);
     expect(
         &p,
@@ -659,6 +711,12 @@ fn injection_gvisor(jail: &Jail) -> Result<(), Failed> {
     injection_in(jail, "injectgv")
 }
 
+/// [`injection`] on the `injectzygote` pool: a zygote's child trusts the gateway's CA through
+/// the same files and variables as a cold session, and the secret stays out of it.
+fn injection_zygote(jail: &Jail) -> Result<(), Failed> {
+    injection_in(jail, "injectzygote")
+}
+
 /// The checks of [`injection`] in `pool`.
 fn injection_in(jail: &Jail, pool: &str) -> Result<(), Failed> {
     let port = jail.port;
@@ -666,7 +724,10 @@ fn injection_in(jail: &Jail, pool: &str) -> Result<(), Failed> {
     let result = execute(
         port,
         &sid,
-        &format!("{PRELUDE}{INJECT_PROBE}{}", upstream::SECRET_SCAN),
+        &format!(
+            "{PRELUDE}{BORN_PROBE}{INJECT_PROBE}{}",
+            upstream::SECRET_SCAN
+        ),
     )?;
     let p = probes(&result)?;
     let mut errors = Vec::new();
@@ -676,6 +737,12 @@ fn injection_in(jail: &Jail, pool: &str) -> Result<(), Failed> {
     expect(&p, "requests", |s| s == "ok: upstream-https auth=yes", e);
     expect(&p, "forged", |s| s == "ok: 200 upstream-https auth=yes", e);
     expect(&p, "trust_env", |s| s.contains("/etc/ampoule/"), e);
+    expect(
+        &p,
+        "forked",
+        |s| s == format!("ok: {}", if forks(pool) { "True" } else { "False" }),
+        e,
+    );
     if p.get("secret_hits") != Some(&json!([])) {
         errors.push(format!(
             "the secret is in the sandbox: {:?}",
@@ -1162,8 +1229,10 @@ fn main() {
         ("allowlist_gvisor", allowlist_gvisor),
         ("injection_gvisor", injection_gvisor),
     ];
-    let cases: [(&str, Body, bool); 7] = [
+    let cases: [(&str, Body, bool); 9] = [
         ("allowlist", allowlist, false),
+        ("allowlist_zygote", allowlist_zygote, false),
+        ("injection_zygote", injection_zygote, false),
         ("egress_approval", egress_approval, false),
         ("injection", injection, false),
         ("oauth", oauth, false),

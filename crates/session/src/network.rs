@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use ampoule_egress::{Egress, Endpoints, Gateway, Policy};
 use ampoule_runtime::scratch::CODE;
-use ampoule_runtime::{Host, Network, Sandbox};
+use ampoule_runtime::{Host, Network, Prepare, Sandbox, SandboxConfig};
 use ampoule_types::{EgressEvent, Limits};
 
 use crate::error::Result;
@@ -69,6 +69,42 @@ pub struct SessionNetwork {
     pub policy: Arc<Policy>,
 }
 
+impl SessionNetwork {
+    /// Puts the sandbox of a session with this network in allowlist mode, trusting the
+    /// gateway's CA when the policy injects credentials, with the policy's environment (a pool
+    /// with a package index points `pip` at it: `PIP_INDEX_URL`). The same for a cold sandbox
+    /// and a zygote's child.
+    pub(crate) fn configure(&self, cfg: &mut SandboxConfig) {
+        cfg.network = Network::Allowlist {
+            trusted_ca_pem: self.egress.trusted_ca_pem(&self.policy),
+        };
+        for (key, value) in self.policy.sandbox_env() {
+            match cfg.env.iter_mut().find(|(k, _)| *k == key) {
+                Some(slot) => slot.1 = value,
+                None => cfg.env.push((key, value)),
+            }
+        }
+    }
+
+    /// Starts the session's gateway on the link the runtime made (its `prepare` hook).
+    pub(crate) fn start_gateway(&self, p: &Prepare<'_>) -> ampoule_runtime::Result<Gateway> {
+        let addrs = p.network.ok_or_else(|| {
+            ampoule_runtime::Error::Network("the sandbox has no link to a gateway".into())
+        })?;
+        self.egress
+            .start(
+                Endpoints {
+                    proxy: addrs.proxy(),
+                    dns: addrs.dns(),
+                    peer: Some(addrs.sandbox.into()),
+                },
+                self.policy.clone(),
+                &addrs.interface,
+            )
+            .map_err(|e| ampoule_runtime::Error::Network(format!("egress gateway: {e}")))
+    }
+}
+
 impl Session {
     /// [`Session::start`] with options: with `options.network`, the sandbox is wired to its
     /// own egress gateway and to nothing else. When the policy injects credentials the sandbox
@@ -94,36 +130,12 @@ impl Session {
         }
         let mut cfg = sandbox_config(&spec, &limits);
         cfg.disk = options.disk;
-        cfg.network = Network::Allowlist {
-            trusted_ca_pem: net.egress.trusted_ca_pem(&net.policy),
-        };
-        // A pool with a package index points `pip` at it (`PIP_INDEX_URL`).
-        for (key, value) in net.policy.sandbox_env() {
-            match cfg.env.iter_mut().find(|(k, _)| *k == key) {
-                Some(slot) => slot.1 = value,
-                None => cfg.env.push((key, value)),
-            }
-        }
+        net.configure(&mut cfg);
         let files = spec.files.clone();
         let mut gateway = None;
         let sandbox = Sandbox::spawn_with(host, &cfg, |p| {
-            let addrs = p.network.ok_or_else(|| {
-                ampoule_runtime::Error::Network("the sandbox has no link to a gateway".into())
-            })?;
             // Listening before the hook returns: the kernel starts after it.
-            gateway = Some(
-                net.egress
-                    .start(
-                        Endpoints {
-                            proxy: addrs.proxy(),
-                            dns: addrs.dns(),
-                            peer: Some(addrs.sandbox.into()),
-                        },
-                        net.policy.clone(),
-                        &addrs.interface,
-                    )
-                    .map_err(|e| ampoule_runtime::Error::Network(format!("egress gateway: {e}")))?,
-            );
+            gateway = Some(net.start_gateway(&p)?);
             for f in &files {
                 p.scratch
                     .write(CODE, f.name, f.contents.as_bytes(), 0o644)?;

@@ -15,6 +15,7 @@ use ampoule_types::{Language, Limits};
 use crate::error::Result;
 use crate::language::image::ImageRoot;
 use crate::language::{Kernel, KernelFile, Python, in_sandbox};
+use crate::network::SessionNetwork;
 use crate::session::{Session, sandbox_config};
 use crate::setup::{EnvFingerprint, PythonEnv};
 
@@ -150,6 +151,21 @@ pub async fn start_python_in(
     max_children: u64,
     image: Option<&ImageRoot>,
 ) -> Result<Zygote> {
+    start_python_with(host, preload, warmup, max_children, image, false).await
+}
+
+/// [`start_python_in`] for a pool with a network whose gateway terminates TLS (credential
+/// injection) when `trust_gateway_ca`: its children trust the gateway's CA as a cold session
+/// does (see [`ampoule_runtime::ZygoteConfig::trust_gateway_ca`]). The zygote itself has no
+/// network either way.
+pub async fn start_python_with(
+    host: &Host,
+    preload: &[String],
+    warmup: &str,
+    max_children: u64,
+    image: Option<&ImageRoot>,
+    trust_gateway_ca: bool,
+) -> Result<Zygote> {
     let (memory_mib, pids) = zygote_budget(max_children);
     let (spec, mut cfg) = python_config(
         &Limits {
@@ -188,6 +204,7 @@ pub async fn start_python_in(
             preload: preload.to_vec(),
             warmup: warmup.to_owned(),
             max_children,
+            trust_gateway_ca,
         },
     )
     .await?)
@@ -208,8 +225,35 @@ impl Session {
         limits: Limits,
         image: Option<&ImageRoot>,
     ) -> Result<Self> {
-        let (_, cfg) = python_config(&limits, image)?;
-        let sandbox = zygote.spawn(host, &cfg, |_| Ok(())).await?;
-        Self::handshake(sandbox, "python", limits).await
+        Self::start_forked_with(host, zygote, limits, image, None).await
+    }
+
+    /// [`Session::start_forked_in`] with a network: the child is wired to its own egress
+    /// gateway exactly as a cold session of [`Session::start_with`] is (same link, resolver,
+    /// trust and environment; see [`ampoule_runtime::Zygote::spawn_with`]). A zygote whose
+    /// children trust the gateway's CA is started with [`start_python_with`]`(…, true)`.
+    pub async fn start_forked_with(
+        host: &Host,
+        zygote: &Zygote,
+        limits: Limits,
+        image: Option<&ImageRoot>,
+        network: Option<SessionNetwork>,
+    ) -> Result<Self> {
+        let (_, mut cfg) = python_config(&limits, image)?;
+        let Some(net) = network else {
+            let sandbox = zygote.spawn(host, &cfg, |_| Ok(())).await?;
+            return Self::handshake(sandbox, "python", limits).await;
+        };
+        net.configure(&mut cfg);
+        let mut gateway = None;
+        let sandbox = zygote
+            .spawn_with(host, &cfg, |p| {
+                gateway = Some(net.start_gateway(&p)?);
+                Ok(())
+            })
+            .await?;
+        let mut session = Self::handshake(sandbox, "python", limits).await?;
+        session.gateway = gateway;
+        Ok(session)
     }
 }
