@@ -55,7 +55,7 @@ const API_VERSION: &str = "2024-02-02-preview";
 const KEY_ENV: &str = "AMPOULE_BENCH_KEY";
 /// The code of a new session's first request.
 const FIRST_CODE: &str = "import pandas; 1+1";
-const PYTHON: &str = "/usr/bin/python3";
+pub(crate) const PYTHON: &str = "/usr/bin/python3";
 
 #[derive(Args)]
 pub(crate) struct BenchArgs {
@@ -245,7 +245,7 @@ impl Samples {
     }
 }
 
-fn round2(x: f64) -> f64 {
+pub(crate) fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
 
@@ -496,58 +496,17 @@ impl Drop for WorkDir {
 // 5. Baselines: whole processes from spawn to exit, output checked
 
 fn baselines(plan: &Plan, exe: &Path, venv_python: &Path) -> Result<Value> {
-    let bwrap = ["/usr/bin/bwrap", "/bin/bwrap"]
-        .into_iter()
-        .find(|p| Path::new(p).exists());
-    let python_pass = || {
-        let mut c = Command::new(PYTHON);
-        c.args(["-c", "pass"]);
-        c
-    };
+    use crate::bench_run::{ampoule_run, bare as python_pass, bubblewrap as bwrap_pass};
+    let bwrap = crate::bench_run::bwrap_binary();
     let venv_import = || {
         let mut c = Command::new(venv_python);
         c.args(["-c", "import numpy, pandas, matplotlib"]);
         c
     };
-    let bwrap_pass = |b: &str| {
-        let mut c = Command::new(b);
-        c.args([
-            "--ro-bind",
-            "/usr",
-            "/usr",
-            "--symlink",
-            "usr/lib",
-            "/lib",
-            "--symlink",
-            "usr/lib64",
-            "/lib64",
-            "--symlink",
-            "usr/bin",
-            "/bin",
-            "--proc",
-            "/proc",
-            "--dev",
-            "/dev",
-            "--tmpfs",
-            "/tmp",
-            "--unshare-all",
-            "--die-with-parent",
-            "--new-session",
-            PYTHON,
-            "-c",
-            "pass",
-        ]);
-        c
-    };
-    let ampoule_run = || {
-        let mut c = Command::new(exe);
-        c.args(["run", "-"]);
-        c
-    };
     // Warm the page cache once.
     let _ = time_process(python_pass(), None, "");
     let _ = time_process(venv_import(), None, "");
-    let _ = time_process(ampoule_run(), Some(b"print(1)\n"), "1\n");
+    let _ = time_process(ampoule_run(exe), Some(b"print(1)\n"), "1\n");
 
     let mut bare = Samples::default();
     let mut bw = Samples::default();
@@ -559,7 +518,7 @@ fn baselines(plan: &Plan, exe: &Path, venv_python: &Path) -> Result<Value> {
         if let Some(b) = bwrap {
             bw.record(time_process(bwrap_pass(b), None, ""));
         }
-        run.record(time_process(ampoule_run(), Some(b"print(1)\n"), "1\n"));
+        run.record(time_process(ampoule_run(exe), Some(b"print(1)\n"), "1\n"));
         pb.inc(1);
     }
     pb.finish_and_clear();
@@ -586,7 +545,7 @@ fn baselines(plan: &Plan, exe: &Path, venv_python: &Path) -> Result<Value> {
 }
 
 /// Runs `cmd` to its end; its wall time in ms when it exits 0 with exactly `expect` on stdout.
-fn time_process(mut cmd: Command, stdin: Option<&[u8]>, expect: &str) -> Result<f64> {
+pub(crate) fn time_process(mut cmd: Command, stdin: Option<&[u8]>, expect: &str) -> Result<f64> {
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     cmd.stdin(if stdin.is_some() {
         Stdio::piped()
@@ -1152,16 +1111,34 @@ async fn server_phase(
     }
     c.wait_warm(WARM_POOL, Duration::from_secs(600)).await?;
 
-    // 1. New identifier → first result, one pool after the other.
+    // 1. New identifier → first result, one pool after the other: back to back, then paced
+    // (arriving at PACED_PER_S) in the zygote pool and in a zygote pool whose warm stock
+    // refills between arrivals.
     let mut new_session = serde_json::Map::new();
-    for (pool, label, n) in [
-        (ZYGOTE_POOL, "zygote", plan.new_zygote),
-        (WARM_POOL, "warm_pool", plan.new_warm),
-        (COLD_POOL, "cold", plan.new_cold),
+    let paced = Some(Duration::from_secs_f64(1.0 / PACED_PER_S));
+    for (pool, label, n, period) in [
+        (ZYGOTE_POOL, "zygote", plan.new_zygote, None),
+        (WARM_POOL, "warm_pool", plan.new_warm, None),
+        (COLD_POOL, "cold", plan.new_cold, None),
+        (ZYGOTE_POOL, "zygote_paced", plan.new_zygote, paced),
+        (
+            ZYGOTE_WARM_POOL,
+            "zygote_warm_paced",
+            plan.new_zygote,
+            paced,
+        ),
     ] {
+        if pool == ZYGOTE_WARM_POOL {
+            c.wait_warm(pool, Duration::from_secs(600)).await?;
+        }
         let pb = progress(n, &format!("new session → first result ({label})"));
         let mut s = Samples::default();
+        let begun = tokio::time::Instant::now();
         for i in 0..n {
+            if let Some(period) = period {
+                let k = u32::try_from(i).unwrap_or(u32::MAX);
+                tokio::time::sleep_until(begun + period.saturating_mul(k)).await;
+            }
             let id = format!("new-{label}-{i}");
             s.record(c.execute(pool, &id, FIRST_CODE, Some("2")).await);
             if let Err(e) = c.delete(pool, &id).await {
@@ -1174,35 +1151,6 @@ async fn server_phase(
         if pool == WARM_POOL {
             c.wait_warm(WARM_POOL, Duration::from_secs(600)).await?;
         }
-    }
-
-    // 1b. Paced: new identifiers arriving at PACED_PER_S, one after the other, in the zygote
-    // pool and in a zygote pool with a warm stock (the stock refills between arrivals).
-    c.wait_warm(ZYGOTE_WARM_POOL, Duration::from_secs(600))
-        .await?;
-    let period = Duration::from_secs_f64(1.0 / PACED_PER_S);
-    for (pool, label) in [
-        (ZYGOTE_POOL, "zygote_paced"),
-        (ZYGOTE_WARM_POOL, "zygote_warm_paced"),
-    ] {
-        let pb = progress(
-            plan.new_zygote,
-            &format!("new session → first result ({label})"),
-        );
-        let mut s = Samples::default();
-        let begun = tokio::time::Instant::now();
-        for i in 0..plan.new_zygote {
-            let due = begun + period.saturating_mul(u32::try_from(i).unwrap_or(u32::MAX));
-            tokio::time::sleep_until(due).await;
-            let id = format!("paced-{label}-{i}");
-            s.record(c.execute(pool, &id, FIRST_CODE, Some("2")).await);
-            if let Err(e) = c.delete(pool, &id).await {
-                s.first_error.get_or_insert(format!("{e:#}"));
-            }
-            pb.inc(1);
-        }
-        pb.finish_and_clear();
-        new_session.insert(label.to_owned(), serde_json::to_value(s.stat())?);
     }
     new_session.insert("paced_per_s".into(), json!(PACED_PER_S));
     new_session.insert("zygote_warm".into(), json!(ZYGOTE_WARM));
@@ -1904,7 +1852,7 @@ fn kib_field(text: &str, name: &str) -> Option<u64> {
     })
 }
 
-fn load_average() -> String {
+pub(crate) fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_default()

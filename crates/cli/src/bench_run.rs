@@ -6,22 +6,19 @@
 
 use std::io::Write;
 use std::path::Path;
-use std::process::{Command, ExitCode, Stdio};
-use std::time::Instant;
+use std::process::{Command, ExitCode};
 
-use anyhow::{Context, Result, bail};
+use anyhow::Result;
 use serde_json::json;
 
-const PYTHON: &str = "/usr/bin/python3";
+use crate::bench::{PYTHON, load_average, round2, time_process as time};
 
 /// Samples of each of the three.
 pub(crate) const SAMPLES: usize = 40;
 
 /// Runs the comparison and prints one JSON object on stdout.
 pub(crate) fn run(exe: &Path, samples: usize) -> Result<ExitCode> {
-    let bwrap = ["/usr/bin/bwrap", "/bin/bwrap"]
-        .into_iter()
-        .find(|p| Path::new(p).exists());
+    let bwrap = bwrap_binary();
     let load_start = load_average();
     // Warm the page cache once.
     let _ = time(bare(), None, "");
@@ -65,14 +62,15 @@ pub(crate) fn run(exe: &Path, samples: usize) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn bare() -> Command {
+/// `python3 -c pass`.
+pub(crate) fn bare() -> Command {
     let mut c = Command::new(PYTHON);
     c.args(["-c", "pass"]);
     c
 }
 
-/// The same command as the full bench's bwrap baseline.
-fn bubblewrap(bin: &str) -> Command {
+/// `python3 -c pass` under bubblewrap (`bin`), every namespace unshared.
+pub(crate) fn bubblewrap(bin: &str) -> Command {
     let mut c = Command::new(bin);
     c.args([
         "--ro-bind",
@@ -103,7 +101,8 @@ fn bubblewrap(bin: &str) -> Command {
     c
 }
 
-fn ampoule_run(exe: &Path) -> Command {
+/// `ampoule run -` (the code on stdin).
+pub(crate) fn ampoule_run(exe: &Path) -> Command {
     let mut c = Command::new(exe);
     c.args(["run", "-"]);
     c
@@ -116,33 +115,6 @@ fn keep(r: Result<f64>, into: &mut Vec<f64>, errors: &mut Vec<String>) {
     }
 }
 
-/// Wall time in ms from spawn to exit (and end of output) of a run that exits 0 with exactly
-/// `expect` on stdout.
-fn time(mut cmd: Command, stdin: Option<&[u8]>, expect: &str) -> Result<f64> {
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    cmd.stdin(if stdin.is_some() {
-        Stdio::piped()
-    } else {
-        Stdio::null()
-    });
-    let start = Instant::now();
-    let mut child = cmd.spawn().context("starting the process")?;
-    if let (Some(data), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(data).context("writing its stdin")?;
-    }
-    let out = child.wait_with_output().context("waiting for it")?;
-    let ms = start.elapsed().as_secs_f64() * 1000.0;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() || stdout != expect {
-        bail!(
-            "{}: stdout {stdout:?}, stderr {:?}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(ms)
-}
-
 fn median(v: &[f64]) -> Option<f64> {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
@@ -153,12 +125,9 @@ fn median(v: &[f64]) -> Option<f64> {
     }
 }
 
-fn round2(x: f64) -> f64 {
-    (x * 100.0).round() / 100.0
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
+/// Where bubblewrap is installed, if it is.
+pub(crate) fn bwrap_binary() -> Option<&'static str> {
+    ["/usr/bin/bwrap", "/bin/bwrap"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
 }
