@@ -50,6 +50,8 @@ class Channel:
             except (AttributeError, ValueError):
                 pass
         self._lock = threading.RLock()
+        # Frames kept back by `hold()` until `done()` writes them with the `done` frame.
+        self._held = None
         # The execution that output is attributed to (the last one when idle: the host drops
         # output of executions that are over).
         self.current_id = ""
@@ -59,7 +61,7 @@ class Channel:
 
     # -- events ---------------------------------------------------------------------------
 
-    def send(self, msg):
+    def send(self, msg, release=False):
         payload = json.dumps(msg, ensure_ascii=False, separators=(",", ":")).encode(
             "utf-8", "surrogatepass"
         )
@@ -71,13 +73,29 @@ class Channel:
             old = signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT])
         try:
             with self._lock:
-                view = memoryview(frame)
-                while view:
-                    n = os.write(self._out, view)
-                    view = view[n:]
+                if self._held is not None:
+                    self._held.append(frame)
+                    if release:
+                        frame, self._held = b"".join(self._held), None
+                        self._write(frame)
+                else:
+                    self._write(frame)
         finally:
             if blocked:
                 signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+    def _write(self, frame):
+        view = memoryview(frame)
+        while view:
+            n = os.write(self._out, view)
+            view = view[n:]
+
+    def hold(self):
+        """Keeps every frame from now on (in order) until `done()` writes them with its own in
+        one write: an execution's last events reach the host in one wake-up, not several."""
+        with self._lock:
+            if self._held is None:
+                self._held = []
 
     def log(self, text):
         """Writes to the kernel's own stderr (the host keeps its tail for diagnostics)."""
@@ -125,7 +143,10 @@ class Channel:
             except (OSError, ValueError):
                 pass
         with self._lock:
-            self._drain_locked()
+            # Most executions print nothing more: one poll instead of a read of each pipe.
+            ready, _, _ = select.select(list(self._pipes), [], [], 0)
+            if ready:
+                self._drain_locked()
 
     # -- requests -------------------------------------------------------------------------
 
@@ -172,7 +193,7 @@ class Channel:
         msg = {"type": "done", "id": exec_id, "status": status, "execution_count": count}
         if exit_code is not None:
             msg["exit_code"] = exit_code
-        self.send(msg)
+        self.send(msg, release=True)
 
     def error(self, exec_id, ename, evalue, traceback):
         self.flush()

@@ -346,6 +346,8 @@ def execute(msg):
                     user_ns["_"] = value
                     data = mime_bundle(value)
                     chan.flush()
+                    # The result and what follows it (figures, then `done`) leave in one write.
+                    chan.hold()
                     chan.send(
                         {"type": "result", "id": exec_id, "data": data, "execution_count": count}
                     )

@@ -70,11 +70,13 @@ const COLUMNS: &str = "seq, time_ms, tenant, kind, pool, session, status, langua
                        cpu_time_ms, peak_memory_bytes, execution, identifier, request_id, run_id, \
                        body, prev_hash, hash";
 
-const INSERT: &str = "INSERT INTO audit_records (seq, time_ms, tenant, kind, pool, session, status, \
-                      language, duration_ms, cpu_time_ms, peak_memory_bytes, execution, identifier, \
-                      request_id, run_id, body, prev_hash, hash) \
-                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
-                      $18)";
+const INSERT_INTO: &str = "INSERT INTO audit_records (seq, time_ms, tenant, kind, pool, session, \
+                           status, language, duration_ms, cpu_time_ms, peak_memory_bytes, \
+                           execution, identifier, request_id, run_id, body, prev_hash, hash) ";
+
+/// Rows per `INSERT` statement: 18 parameters each, well under SQLite's limit of 32,766
+/// parameters per statement and PostgreSQL's 65,535.
+const ROWS_PER_INSERT: usize = 128;
 
 /// The columns of one row, as read back.
 struct Row_ {
@@ -277,33 +279,39 @@ impl AuditStore for SqlStore {
             let row = sqlx::query(head).fetch_one(&mut *tx).await?;
             let mut seq: i64 = row.try_get("head_seq")?;
             let mut prev: String = row.try_get("head_hash")?;
-            let insert = sql(pg, INSERT);
+            // The chain first (each hash covers the one before), then the rows, many to a
+            // statement: every statement is a round trip to sqlx's SQLite worker thread, and
+            // under a steady stream of executions a batch holds dozens of records.
+            let mut linked = Vec::with_capacity(records.len());
             for r in records {
                 seq += 1;
                 let body = r.body();
                 let hash = link(&prev, &body);
-                sqlx::query(&insert)
-                    .bind(seq)
-                    .bind(r.time_ms)
-                    .bind(&r.tenant)
-                    .bind(r.kind.as_str())
-                    .bind(&r.pool)
-                    .bind(&r.session)
-                    .bind(&r.status)
-                    .bind(&r.language)
-                    .bind(r.duration_ms)
-                    .bind(r.cpu_time_ms)
-                    .bind(r.peak_memory_bytes)
-                    .bind(&r.execution)
-                    .bind(&r.identifier)
-                    .bind(&r.request_id)
-                    .bind(&r.run_id)
-                    .bind(&body)
-                    .bind(&prev)
-                    .bind(&hash)
-                    .execute(&mut *tx)
-                    .await?;
-                prev = hash;
+                linked.push((seq, r, body, std::mem::replace(&mut prev, hash.clone()), hash));
+            }
+            for rows in linked.chunks(ROWS_PER_INSERT) {
+                let mut q = sqlx::QueryBuilder::new(INSERT_INTO);
+                q.push_values(rows, |mut b, (seq, r, body, prev, hash)| {
+                    b.push_bind(*seq)
+                        .push_bind(r.time_ms)
+                        .push_bind(&r.tenant)
+                        .push_bind(r.kind.as_str())
+                        .push_bind(&r.pool)
+                        .push_bind(&r.session)
+                        .push_bind(&r.status)
+                        .push_bind(&r.language)
+                        .push_bind(r.duration_ms)
+                        .push_bind(r.cpu_time_ms)
+                        .push_bind(r.peak_memory_bytes)
+                        .push_bind(&r.execution)
+                        .push_bind(&r.identifier)
+                        .push_bind(&r.request_id)
+                        .push_bind(&r.run_id)
+                        .push_bind(body)
+                        .push_bind(prev)
+                        .push_bind(hash);
+                });
+                q.build().execute(&mut *tx).await?;
             }
             sqlx::query(&sql(pg, "UPDATE audit_chain SET head_seq = $1, head_hash = $2 WHERE id = 1"))
                 .bind(seq)

@@ -11,6 +11,9 @@ use crate::{AuditStore, Error, Record};
 /// Most records appended in one transaction.
 const BATCH: usize = 512;
 
+/// How long the writer waits for more records before it writes a batch.
+const LINGER: Duration = Duration::from_millis(10);
+
 enum Msg {
     Record(Box<Record>),
     Flush(oneshot::Sender<()>),
@@ -76,6 +79,23 @@ async fn run(store: Arc<dyn AuditStore>, mut rx: mpsc::Receiver<Msg>) {
             }
             if batch.len() < BATCH {
                 next = rx.try_recv().ok();
+            }
+        }
+        // Nothing more queued: wait a little for more before writing, unless a flush waits.
+        // Every transaction costs the same few round trips to the database (and on SQLite
+        // as many hops to its worker thread) whatever it holds, and that work competes with
+        // the next executions for the CPUs. Records reach the store at most LINGER later.
+        if flushes.is_empty() && batch.len() < BATCH {
+            let deadline = tokio::time::Instant::now() + LINGER;
+            while batch.len() < BATCH {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(Msg::Record(r))) => batch.push(*r),
+                    Ok(Some(Msg::Flush(done))) => {
+                        flushes.push(done);
+                        break;
+                    }
+                    Ok(None) | Err(_) => break,
+                }
             }
         }
         if !batch.is_empty() {

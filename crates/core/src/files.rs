@@ -19,6 +19,9 @@ use crate::error::Error;
 /// The bytes of an upload, as they arrive.
 pub type ByteStream = std::pin::Pin<Box<dyn Stream<Item = Result<Bytes, std::io::Error>> + Send>>;
 
+/// Most files and directories in a listing taken on an async worker thread.
+const INLINE_LISTING: usize = 32;
+
 /// Runs a blocking scratch call off the async threads.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, Error> + Send + 'static,
@@ -66,6 +69,14 @@ pub(crate) async fn put(
 
 /// Every regular file in `/mnt/data`, recursively, names relative to it.
 pub(crate) async fn list(live: &Arc<dyn LiveSession>) -> Result<Vec<FileInfo>, Error> {
+    // Most sessions hold a handful of files: listing them takes a few system calls, less than
+    // the two thread hops of the blocking pool. A larger tree goes to the blocking pool.
+    if let Ok(Some(files)) = live.scratch().map_err(Error::from).and_then(|s| {
+        s.list_info_small(DATA, INLINE_LISTING)
+            .map_err(Error::internal)
+    }) {
+        return Ok(files);
+    }
     let live = live.clone();
     blocking(move || {
         live.scratch()?

@@ -452,6 +452,12 @@ impl Cgroup {
         while len < buf.len() {
             match f.read_at(&mut buf[len..], len as u64) {
                 Ok(0) => break,
+                // A short read is the end: the kernel's seq_file fills the buffer while it
+                // has more to render. One system call per counter instead of two.
+                Ok(n) if len + n < buf.len() => {
+                    len += n;
+                    break;
+                }
                 Ok(n) => len += n,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(_) => return None,

@@ -425,9 +425,24 @@ impl Scratch {
     pub fn list_info(&self, base: &str) -> Result<Vec<FileInfo>> {
         let mut out = Vec::new();
         let root = self.open_dir(base, &[], false)?;
-        self.walk(root, "", &mut out, 0)?;
+        let mut left = usize::MAX;
+        self.walk(root, "", &mut out, 0, &mut left)?;
         out.sort_by(|a, b| a.path.cmp(&b.path));
         Ok(out)
+    }
+
+    /// [`Scratch::list_info`] if `base` holds at most `entries` files and directories in all;
+    /// `None` (having looked at no more than that) if it holds more. A listing this small is
+    /// cheap enough to take on an async worker thread.
+    pub fn list_info_small(&self, base: &str, entries: usize) -> Result<Option<Vec<FileInfo>>> {
+        let mut out = Vec::new();
+        let root = self.open_dir(base, &[], false)?;
+        let mut left = entries;
+        if !self.walk(root, "", &mut out, 0, &mut left)? {
+            return Ok(None);
+        }
+        out.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(Some(out))
     }
 
     fn open_dir(&self, base: &str, comps: &[String], create: bool) -> Result<OwnedFd> {
@@ -538,9 +553,18 @@ impl Scratch {
             .collect())
     }
 
-    fn walk(&self, dir: OwnedFd, prefix: &str, out: &mut Vec<FileInfo>, depth: u32) -> Result<()> {
+    /// Adds the regular files below `dir` to `out`; `false` once more than `left` entries were
+    /// seen (the listing is then incomplete).
+    fn walk(
+        &self,
+        dir: OwnedFd,
+        prefix: &str,
+        out: &mut Vec<FileInfo>,
+        depth: u32,
+        left: &mut usize,
+    ) -> Result<bool> {
         if depth > 64 || out.len() > 100_000 {
-            return Ok(());
+            return Ok(true);
         }
         let names: Vec<String> = {
             let mut d = nix::dir::Dir::from_fd(dir.try_clone().ctx(|| "dup dir".into())?)
@@ -549,8 +573,13 @@ impl Scratch {
                 .filter_map(|e| e.ok())
                 .map(|e| e.file_name().to_string_lossy().into_owned())
                 .filter(|n| n != "." && n != ".." && !n.starts_with(UPLOAD_PREFIX))
+                .take(left.saturating_add(1))
                 .collect()
         };
+        if names.len() > *left {
+            return Ok(false);
+        }
+        *left -= names.len();
         for name in names {
             let st: FileStat = match fstatat(
                 &dir,
@@ -576,10 +605,12 @@ impl Scratch {
             } else if kind == SFlag::S_IFDIR
                 && let Ok(sub) = self.open_at(&dir, &name, OFlag::O_DIRECTORY | OFlag::O_RDONLY, 0)
             {
-                self.walk(sub, &path, out, depth + 1)?;
+                if !self.walk(sub, &path, out, depth + 1, left)? {
+                    return Ok(false);
+                }
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Copies every regular file below [`DATA`] into `dest` (created if missing), keeping the
