@@ -2,6 +2,9 @@
 //! sandbox installs ready instructions instead of compiling the JSON on every start (≈ 1 ms of
 //! each `ampoule run`). The result is embedded in the binary: there is no cache on disk to
 //! go stale or be tampered with. `seccomp::tests` checks it equals a run-time compilation.
+//!
+//! Also builds the zygote children's reaper (`reaper/reaper.c`) as a small static executable,
+//! embedded in the binary too (see `crate::reaper`).
 
 // A build script reports failure by panicking.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -59,4 +62,27 @@ fn main() {
     let dest = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets it"))
         .join("seccomp_default.rs");
     std::fs::write(dest, out).expect("writing the compiled policy");
+    build_reaper();
+}
+
+/// `reaper/reaper.c` → `$OUT_DIR/ampoule-reaper`: linked statically (no loader, no
+/// relocations when it starts), optimised for size, stripped.
+fn build_reaper() {
+    let src = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets it"))
+        .join("reaper/reaper.c");
+    println!("cargo::rerun-if-changed={}", src.display());
+    let dest =
+        PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets it")).join("ampoule-reaper");
+    let status = cc::Build::new()
+        .get_compiler()
+        .to_command()
+        .args(["-static", "-Os", "-s", "-Wall", "-Werror", "-o"])
+        .arg(&dest)
+        .arg(&src)
+        .status()
+        .expect("running the C compiler for reaper/reaper.c");
+    assert!(
+        status.success(),
+        "compiling reaper/reaper.c failed (a C compiler and static glibc, libc6-dev, are needed)"
+    );
 }

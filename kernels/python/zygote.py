@@ -853,27 +853,20 @@ HOT = []  # (address, length) of the pages a new session writes first
 def fork_spare(cfg, programs, own_pid_ns):
     """Forks the next session's process in a pid namespace of its own. After
     unshare(CLONE_NEWPID) our next children go into a new namespace: first its pid 1, a small
-    reaper (ampoule's init binary, spawned with vfork: no copy of this process), then the spare
+    reaper (a small static executable, spawned with vfork: no copy of this process), then the spare
     (pid 2). setns back to our own namespace re-arms it. The fork (a copy of this process's
     page tables, the costly part) and the setup that needs no request happen here, between
     requests, not while a caller waits."""
     check("unshare", libc.unshare(CLONE_NEWPID), "pid namespace")
     try:
+        # Statically linked: it needs nothing of the image's root (or the host's) to start.
         exe = f"/proc/self/fd/{cfg['reaper_fd']}"
-        argv = [exe, *cfg["reaper"]]
+        argv = ["reaper"]
         actions = [
             (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDWR, 0),
             (os.POSIX_SPAWN_DUP2, 0, 1),
             (os.POSIX_SPAWN_DUP2, 0, 2),
         ]
-        loader = cfg.get("reaper_loader")
-        if loader:
-            # In an image's root: the host's loader runs ampoule's binary (its descriptor
-            # as fd 3, without close-on-exec) with the host's libraries, never the image's.
-            actions.append((os.POSIX_SPAWN_DUP2, cfg["reaper_fd"], 3))
-            argv = [loader, "--library-path", cfg["reaper_libs"], "/proc/self/fd/3",
-                    *cfg["reaper_loader_args"]]
-            exe = loader
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             reaper = os.posix_spawn(exe, argv, {}, file_actions=actions)

@@ -86,11 +86,6 @@ pub(crate) struct InitSpec {
     /// The image root is writable (`SandboxConfig::writable_root`).
     #[serde(default)]
     pub(crate) writable_root: bool,
-    /// Host shared libraries bound read-only into an image's root at
-    /// `zygote::HOST_LIBS_DIR`, for a zygote to run ampoule's own binary (its children's
-    /// reaper) with the host's loader instead of the image's libraries.
-    #[serde(default)]
-    pub(crate) host_libs: Vec<PathBuf>,
 }
 
 /// Supervisor → init.

@@ -75,19 +75,9 @@ pub(crate) fn fail(stage: &'static str, message: impl Into<String>) -> StageErro
     }
 }
 
-/// With [`INIT_ARG`], makes the process the reaping pid 1 of a zygote-born sandbox (see
-/// [`reaper`]).
-pub const REAPER_ARG: &str = "--reaper";
-/// The reaper's second image (see [`reaper`]).
-const SEALED_ARG: &str = "--sealed";
-/// The reaper was started by the host's loader in an image's root (see
-/// `zygote::HOST_LIBS_DIR`), with this binary as its fd 3.
-pub(crate) const LOADER_ARG: &str = "--via-loader";
-
 /// Entry point of `ampoule __sandbox-init`. Never returns.
 pub fn main() -> ! {
     match std::env::args_os().nth(2).as_deref() {
-        Some(arg) if arg == REAPER_ARG => reaper(),
         Some(arg) if arg == crate::enter::ENTER_ARG => crate::enter::helper(),
         _ => {}
     }
@@ -229,67 +219,6 @@ fn outer(chan: &InitChannel) -> Stage<i32> {
                 }
             }
         }
-    }
-}
-
-/// Pid 1 of a sandbox forked from a zygote (`kernels/python/zygote.py` starts it in the new pid
-/// namespace just before forking the session's program into it): a small, fresh process
-/// instead of another copy of the interpreter. It holds nothing (no descriptor, no capability,
-/// not dumpable, so the code cannot inspect or trace it) and reaps the orphans re-parented to
-/// it; the zygote kills it when the program ends, which ends the namespace.
-pub fn reaper() -> ! {
-    use nix::sys::signal::SigSet;
-    use nix::sys::wait::WaitPidFlag;
-    let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
-    detach_stdio();
-    // Started by the host's loader (a zygote in an image's root): fd 3 is this binary, which
-    // the sealed re-exec below runs again through the loader.
-    let via_loader = std::env::args_os().nth(3).as_deref() == Some(LOADER_ARG.as_ref());
-    let _ = sys::close_from(if via_loader { 4 } else { 3 });
-    // Its hard limits as low as reaping allows, so the code (the same host uid) cannot raise
-    // them (prlimit raises nothing without CAP_SYS_RESOURCE on the host).
-    let _ = setrlimit(Resource::RLIMIT_FSIZE, 0, 0);
-    let _ = setrlimit(Resource::RLIMIT_CORE, 0, 0);
-    let _ = setrlimit(Resource::RLIMIT_NOFILE, 8, 8);
-    let _ = setrlimit(Resource::RLIMIT_CPU, 60, 60);
-    // A user namespace of its own, with nothing mapped, then a fresh image in it: the
-    // namespace an image was executed in decides who owns the /proc entries of a process that
-    // is not dumpable (its root, here nobody the code can be), and who holds capabilities.
-    if std::env::args_os().nth(3).as_deref() != Some(SEALED_ARG.as_ref())
-        && unshare(CloneFlags::CLONE_NEWUSER).is_ok()
-    {
-        let exe = CString::new("/proc/self/exe").unwrap_or_default();
-        if via_loader {
-            let args = [
-                "ld.so",
-                "--library-path",
-                crate::zygote::HOST_LIBS_DIR,
-                "/proc/self/fd/3",
-                INIT_ARG,
-                REAPER_ARG,
-                SEALED_ARG,
-            ]
-            .map(|a| CString::new(a).unwrap_or_default());
-            let _ = nix::unistd::execv(&exe, &args);
-        } else {
-            let args = ["ampoule", INIT_ARG, REAPER_ARG, SEALED_ARG]
-                .map(|a| CString::new(a).unwrap_or_default());
-            let _ = nix::unistd::execv(&exe, &args);
-        }
-    }
-    let _ = nix::sys::prctl::set_dumpable(false);
-    let _ = drop_capabilities();
-    let _ = nix::sys::prctl::set_no_new_privs();
-    let mut chld = SigSet::empty();
-    chld.add(Signal::SIGCHLD);
-    let _ = chld.thread_block();
-    loop {
-        while let Ok(status) = waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
-            if status == WaitStatus::StillAlive {
-                break;
-            }
-        }
-        let _ = chld.wait();
     }
 }
 
@@ -744,22 +673,6 @@ fn image_root(spec: &InitSpec, stage: &Path, image: &Path) -> Stage<()> {
             "image",
             "credential injection is not supported in image sandboxes",
         ));
-    }
-    if !spec.host_libs.is_empty() {
-        // A fresh directory in the upper layer: nothing of the image is under it.
-        let dir = real_dir(stage, crate::zygote::HOST_LIBS_DIR)?;
-        let ro = MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
-        for lib in &spec.host_libs {
-            let Some(name) = lib.file_name() else {
-                continue;
-            };
-            let dst = dir.join(name);
-            if fs::symlink_metadata(&dst).is_ok() {
-                continue;
-            }
-            touch(&dst)?;
-            bind(lib, &dst, ro)?;
-        }
     }
     Ok(())
 }

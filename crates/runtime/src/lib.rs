@@ -26,6 +26,7 @@ pub mod init;
 pub mod language;
 mod netlink;
 pub mod network;
+mod reaper;
 pub mod run;
 pub mod sandbox;
 pub mod scratch;

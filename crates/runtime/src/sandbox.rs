@@ -420,11 +420,6 @@ impl Sandbox {
             scratch_image: cfg.disk.clone(),
             image_root: cfg.image_root.clone(),
             writable_root: cfg.writable_root && cfg.image_root.is_some() && !is_zygote,
-            host_libs: if is_zygote && cfg.image_root.is_some() {
-                crate::zygote::host_libs()
-            } else {
-                Vec::new()
-            },
         };
 
         let (ours, theirs) = channel::pair()?;

@@ -62,34 +62,6 @@ use crate::seccomp::SeccompPolicy;
 /// How long a zygote may take to import its packages.
 const READY_TIMEOUT: Duration = Duration::from_secs(180);
 
-/// Where a zygote in an image's root finds the host's loader and the libraries ampoule's binary
-/// needs (bound read-only by the init): its children's reaper is ampoule's binary, which must
-/// not depend on what the image ships.
-pub(crate) const HOST_LIBS_DIR: &str = "/run/ampoule-host";
-
-/// The shared objects this process has mapped (the loader and the libraries of ampoule's
-/// binary), from `/proc/self/maps`.
-pub(crate) fn host_libs() -> Vec<std::path::PathBuf> {
-    let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
-    let mut out: Vec<std::path::PathBuf> = maps
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(5))
-        .filter(|p| p.starts_with('/') && (p.ends_with(".so") || p.contains(".so.")))
-        .map(std::path::PathBuf::from)
-        .collect();
-    out.sort();
-    out.dedup();
-    out
-}
-
-/// The loader among [`host_libs`], as the zygote in an image's root sees it.
-fn host_loader() -> Option<String> {
-    host_libs()
-        .iter()
-        .filter_map(|p| p.file_name()?.to_str().map(str::to_owned))
-        .find(|n| n.starts_with("ld-linux") || n.starts_with("ld64") || n.starts_with("ld-musl"))
-        .map(|n| format!("{HOST_LIBS_DIR}/{n}"))
-}
 /// How long one fork may take before the zygote is considered stuck.
 const FORK_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -273,10 +245,10 @@ impl Zygote {
         }
         let (ours, theirs) = channel::pair()?;
         let files = cfg.files.clone();
-        // The children's pid 1 is this binary (`init::reaper`): the zygote gets a descriptor of
-        // it and executes `/proc/self/fd/N`, so no host path of ours appears in the sandbox.
-        let init_exe = std::fs::File::open(&host.init_exe)
-            .map_err(|e| Error::io(format!("opening {}", host.init_exe.display()), e))?;
+        // The children's pid 1 is the reaper (`crate::reaper`): the zygote gets a descriptor of
+        // its sealed memfd and executes `/proc/self/fd/N`, so no host path of ours appears in
+        // the sandbox.
+        let reaper = crate::reaper::executable()?;
         let sandbox = Sandbox::spawn_inner(
             host,
             &cfg.sandbox,
@@ -307,14 +279,8 @@ impl Zygote {
             "landlock_rw_devs": crate::init::LANDLOCK_RW_DEVS,
             "sandbox_uid": crate::sandbox::SANDBOX_UID,
             "hostname": crate::sandbox::HOSTNAME,
-            "reaper": [crate::init::INIT_ARG, crate::init::REAPER_ARG],
-            // In an image's root: run the reaper with the host's loader and libraries.
-            "reaper_loader": cfg.sandbox.image_root.as_ref().and_then(|_| host_loader()),
-            "reaper_libs": HOST_LIBS_DIR,
-            "reaper_loader_args": [crate::init::INIT_ARG, crate::init::REAPER_ARG, crate::init::LOADER_ARG],
         }});
-        send(&sock, &config, &[init_exe.as_raw_fd()]).await?;
-        drop(init_exe);
+        send(&sock, &config, &[reaper.as_raw_fd()]).await?;
         let ready = tokio::time::timeout(READY_TIMEOUT, recv(&sock))
             .await
             .map_err(|_| Error::Channel("the zygote did not get ready in time".into()))??;
