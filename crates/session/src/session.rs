@@ -670,7 +670,6 @@ impl Session {
 
     /// Stops the interpreter and removes the sandbox.
     pub async fn close(mut self) {
-        self.sandbox.kill();
         self.sandbox.finish().await;
     }
 
@@ -691,7 +690,6 @@ impl Session {
         if self.lost.is_none() {
             self.lost = Some(why.to_owned());
         }
-        self.sandbox.kill();
         self.sandbox.finish().await;
     }
 }
@@ -734,13 +732,6 @@ impl Body {
         match self {
             Body::Sandbox(s) => s.wait().await,
             Body::Entered { process, .. } => process.wait().await,
-        }
-    }
-
-    fn kill(&mut self) {
-        match self {
-            Body::Sandbox(s) => s.kill(),
-            Body::Entered { process, .. } => process.kill(),
         }
     }
 
