@@ -1172,12 +1172,17 @@ async fn server_phase(
     let mut bursts = serde_json::Map::new();
     bursts.insert("simultaneous".into(), json!(plan.burst));
     bursts.insert("big".into(), json!(plan.big_burst));
-    for (pool, label, n) in [
-        (ZYGOTE_POOL, "zygote", plan.burst),
-        (WARM_POOL, "warm_pool", plan.burst),
-        (COLD_POOL, "cold", plan.burst),
+    // `held`: every session is deleted only once all have answered (new agents arriving at
+    // once keep their sessions), instead of each right after its own answer, when the
+    // tear-down of the first ones (their processes' memory unmapped) competes with the start
+    // of the last ones.
+    for (pool, label, n, held) in [
+        (ZYGOTE_POOL, "zygote", plan.burst, false),
+        (WARM_POOL, "warm_pool", plan.burst, false),
+        (COLD_POOL, "cold", plan.burst, false),
         // Its last answer is its max_ms: every request was sent at the same instant.
-        (ZYGOTE_POOL, "zygote_big", plan.big_burst),
+        (ZYGOTE_POOL, "zygote_big", plan.big_burst, false),
+        (ZYGOTE_POOL, "zygote_big_held", plan.big_burst, true),
     ] {
         let mut clients: Vec<Client> = (0..n).map(|_| server.client()).collect();
         for cl in &mut clients {
@@ -1186,12 +1191,20 @@ async fn server_phase(
         let runs = clients.iter_mut().enumerate().map(|(i, cl)| async move {
             let id = format!("burst-{label}-{i}");
             let r = cl.execute(pool, &id, FIRST_CODE, Some("2")).await;
-            let _ = cl.delete(pool, &id).await;
+            if !held {
+                let _ = cl.delete(pool, &id).await;
+            }
             r
         });
         let mut s = Samples::default();
         for r in join_all(runs).await {
             s.record(r);
+        }
+        if held {
+            let deletes = clients.iter_mut().enumerate().map(|(i, cl)| async move {
+                let _ = cl.delete(pool, &format!("burst-{label}-{i}")).await;
+            });
+            join_all(deletes).await;
         }
         bursts.insert(label.to_owned(), serde_json::to_value(s.stat())?);
         if pool == WARM_POOL {
@@ -1985,6 +1998,17 @@ fn print_tables(out: &mut impl Write, r: &Value) -> Result<()> {
         &b["zygote_big"],
     )?;
     if let Some(last) = b["zygote_big"]["max_ms"].as_f64() {
+        writeln!(out, "    the last of them answered after {last:.2} ms")?;
+    }
+    row(
+        out,
+        &format!(
+            "{} new sessions at once, zygote, held (deleted after all answered)",
+            b["big"].as_u64().unwrap_or(0)
+        ),
+        &b["zygote_big_held"],
+    )?;
+    if let Some(last) = b["zygote_big_held"]["max_ms"].as_f64() {
         writeln!(out, "    the last of them answered after {last:.2} ms")?;
     }
     row(out, "warm session round trip (1+1)", &r["warm_round_trip"])?;

@@ -55,10 +55,12 @@ fn quick_bench_reports_every_section() {
     for paced in ["zygote_paced", "zygote_warm_paced"] {
         check_stat(&format!("new_session.{paced}"), &r["new_session"][paced]);
     }
-    check_stat(
-        "new_session_burst.zygote_big",
-        &r["new_session_burst"]["zygote_big"],
-    );
+    for big in ["zygote_big", "zygote_big_held"] {
+        check_stat(
+            &format!("new_session_burst.{big}"),
+            &r["new_session_burst"][big],
+        );
+    }
     check_stat("warm_round_trip", &r["warm_round_trip"]);
     for k in [
         "pause",
