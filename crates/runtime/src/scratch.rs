@@ -604,10 +604,9 @@ impl Scratch {
                 });
             } else if kind == SFlag::S_IFDIR
                 && let Ok(sub) = self.open_at(&dir, &name, OFlag::O_DIRECTORY | OFlag::O_RDONLY, 0)
+                && !self.walk(sub, &path, out, depth + 1, left)?
             {
-                if !self.walk(sub, &path, out, depth + 1, left)? {
-                    return Ok(false);
-                }
+                return Ok(false);
             }
         }
         Ok(true)
