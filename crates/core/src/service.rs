@@ -824,10 +824,15 @@ impl Manager {
             })
     }
 
-    fn audit_store(&self) -> Result<Arc<dyn ampoule_audit::AuditStore>, Error> {
-        self.audit()
-            .map(|a| a.store.clone())
-            .ok_or(Error::NoAuditLog)
+    /// The audit store, once every record queued before this call is in it: the writer
+    /// holds a batch back for a few milliseconds (see `ampoule_audit::Writer`), and a caller
+    /// that reads the log right after its own calls must find them there.
+    async fn audit_store(&self) -> Result<Arc<dyn ampoule_audit::AuditStore>, Error> {
+        let audit = self.audit().ok_or(Error::NoAuditLog)?;
+        if let Err(e) = audit.writer.flush().await {
+            tracing::error!(error = %e, "audit writer not flushed before a read");
+        }
+        Ok(audit.store.clone())
     }
 
     /// The caller's audit records (never another tenant's).
@@ -836,7 +841,7 @@ impl Manager {
         caller: &Caller,
         q: AuditQuery,
     ) -> Result<ampoule_audit::Page, Error> {
-        let store = self.audit_store()?;
+        let store = self.audit_store().await?;
         let kind = match q.kind.as_deref() {
             None => None,
             Some(k) => Some(
@@ -881,7 +886,7 @@ impl Manager {
         since_ms: i64,
         until_ms: i64,
     ) -> Result<ampoule_audit::Usage, Error> {
-        let store = self.audit_store()?;
+        let store = self.audit_store().await?;
         store
             .usage(&caller.tenant, since_ms, until_ms)
             .await
