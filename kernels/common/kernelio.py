@@ -90,6 +90,21 @@ class Channel:
             n = os.write(self._out, view)
             view = view[n:]
 
+    def release(self):
+        """Writes what `hold()` kept, if anything (an execution that never reached `done`)."""
+        if self._held is not None:
+            blocked = threading.current_thread() is threading.main_thread()
+            if blocked:
+                old = signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT])
+            try:
+                with self._lock:
+                    held, self._held = self._held, None
+                    if held:
+                        self._write(b"".join(held))
+            finally:
+                if blocked:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
     def hold(self):
         """Keeps every frame from now on (in order) until `done()` writes them with its own in
         one write: an execution's last events reach the host in one wake-up, not several."""

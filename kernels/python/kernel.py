@@ -323,6 +323,8 @@ signal.signal(signal.SIGINT, _on_sigint)
 
 
 def execute(msg):
+    # Frames a previous execution held back and never sent (it broke before `done`).
+    chan.release()
     exec_id = msg["id"]
     state["count"] += 1
     count = state["count"]
