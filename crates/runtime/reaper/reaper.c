@@ -31,6 +31,10 @@ static void limit(int resource, rlim_t value) {
     setrlimit(resource, &r);
 }
 
+static void drop_bounding(void) {
+    for (int cap = 0; cap <= 63; cap++) prctl(PR_CAPBSET_DROP, cap, 0, 0, 0);
+}
+
 int main(int argc, char **argv) {
     prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
     /* Only /dev/null on stdio, so only the program holds the output pipes. */
@@ -50,6 +54,9 @@ int main(int argc, char **argv) {
      * capabilities. */
     int sealed = argc > 1 && strcmp(argv[1], SEALED) == 0;
     if (!sealed && unshare(CLONE_NEWUSER) == 0) {
+        /* Every capability of the new namespace is ours until the exec: empty the bounding
+         * set now, while that is allowed (it survives the exec; afterwards we hold none). */
+        drop_bounding();
         char *args[] = {"reaper", SEALED, NULL};
         char *env[] = {NULL};
         execve("/proc/self/exe", args, env);
@@ -57,7 +64,7 @@ int main(int argc, char **argv) {
     prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
     /* Every capability, in every set (best effort: after the sealed exec there are none). */
     prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0);
-    for (int cap = 0; cap <= 63; cap++) prctl(PR_CAPBSET_DROP, cap, 0, 0, 0);
+    drop_bounding();
     struct __user_cap_header_struct head = {_LINUX_CAPABILITY_VERSION_3, 0};
     struct __user_cap_data_struct data[2];
     memset(data, 0, sizeof data);

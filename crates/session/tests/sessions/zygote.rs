@@ -222,6 +222,24 @@ for what in ('/proc/1/environ', '/proc/1/mem', '/proc/1/ns/mnt'):
         !out.stdout.contains("READ") && out.stdout.contains("no"),
         out
     );
+    // And it holds nothing: no capability in any set (its bounding set too, emptied before its
+    // sealed re-execution), no_new_privs, not dumpable.
+    let out = run(
+        &mut b,
+        r#"
+fields = dict(l.split(':\t', 1) for l in open('/proc/1/status').read().splitlines() if ':\t' in l)
+print(sorted((k, v.strip()) for k, v in fields.items() if k.startswith('Cap') or k == 'NoNewPrivs'))
+"#,
+    )
+    .await?;
+    for set in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        check!(
+            out.stdout
+                .contains(&format!("('{set}', '0000000000000000')")),
+            (set, &out.stdout)
+        );
+    }
+    check!(out.stdout.contains("('NoNewPrivs', '1')"), &out.stdout);
     Ok(())
 }
 
