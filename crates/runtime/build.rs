@@ -76,7 +76,7 @@ fn build_reaper() {
     let status = cc::Build::new()
         .get_compiler()
         .to_command()
-        .args(["-static", "-Os", "-s", "-Wall", "-Werror", "-o"])
+        .args(["-static", "-Os", "-s", "-Wall", "-o"])
         .arg(&dest)
         .arg(&src)
         .status()

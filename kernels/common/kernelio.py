@@ -14,6 +14,7 @@ Owns the process's standard descriptors and the protocol streams (see crates/pro
 """
 
 import codecs
+import contextlib
 import json
 import os
 import select
@@ -66,20 +67,25 @@ class Channel:
             "utf-8", "surrogatepass"
         )
         frame = struct.pack(">I", len(payload)) + payload
-        # An interrupt (SIGINT to the main thread) must never cut a frame in half: it stays
-        # pending until the frame is out.
+        with self._writing():
+            if self._held is not None:
+                self._held.append(frame)
+                if release:
+                    frame, self._held = b"".join(self._held), None
+                    self._write(frame)
+            else:
+                self._write(frame)
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """Holds the lock; on the main thread, an interrupt (SIGINT) stays pending meanwhile:
+        it must never cut a frame in half."""
         blocked = threading.current_thread() is threading.main_thread()
         if blocked:
             old = signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT])
         try:
             with self._lock:
-                if self._held is not None:
-                    self._held.append(frame)
-                    if release:
-                        frame, self._held = b"".join(self._held), None
-                        self._write(frame)
-                else:
-                    self._write(frame)
+                yield
         finally:
             if blocked:
                 signal.pthread_sigmask(signal.SIG_SETMASK, old)
@@ -93,17 +99,10 @@ class Channel:
     def release(self):
         """Writes what `hold()` kept, if anything (an execution that never reached `done`)."""
         if self._held is not None:
-            blocked = threading.current_thread() is threading.main_thread()
-            if blocked:
-                old = signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT])
-            try:
-                with self._lock:
-                    held, self._held = self._held, None
-                    if held:
-                        self._write(b"".join(held))
-            finally:
-                if blocked:
-                    signal.pthread_sigmask(signal.SIG_SETMASK, old)
+            with self._writing():
+                held, self._held = self._held, None
+                if held:
+                    self._write(b"".join(held))
 
     def hold(self):
         """Keeps every frame from now on (in order) until `done()` writes them with its own in

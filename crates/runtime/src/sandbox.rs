@@ -626,10 +626,18 @@ impl Sandbox {
 
     /// Kills every process of the sandbox. Idempotent.
     pub fn kill(&mut self) {
+        self.mark_over();
         if let Some(cg) = &self.cgroup {
             cg.0.kill();
         }
         self.kill_first();
+    }
+
+    /// Nothing may enter the sandbox any more (see [`crate::enter`]).
+    fn mark_over(&self) {
+        if let Some(t) = &self.entry {
+            t.over.store(true, Ordering::Relaxed);
+        }
     }
 
     /// Kills the sandbox's first process on the host. Everything else dies with it: the
@@ -637,9 +645,7 @@ impl Sandbox {
     /// kills the namespace's reaper when its program ends), and pid 1's end kills the whole
     /// namespace. The cgroup is the backstop.
     fn kill_first(&mut self) {
-        if let Some(t) = &self.entry {
-            t.over.store(true, Ordering::Relaxed);
-        }
+        self.mark_over();
         match &mut self.child {
             Proc::Init(child) | Proc::Runsc(child) => {
                 let _ = child.start_kill();
@@ -656,9 +662,7 @@ impl Sandbox {
     /// Makes sure nothing of the sandbox runs any more, reaps it, reads the final figures and
     /// removes the cgroup. The scratch space stays readable until `self` is dropped.
     pub async fn finish(&mut self) -> Finished {
-        if let Some(t) = &self.entry {
-            t.over.store(true, Ordering::Relaxed);
-        }
+        self.mark_over();
         if self.exit.is_none() {
             self.kill_first();
         }

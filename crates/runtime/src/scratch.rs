@@ -673,6 +673,25 @@ mod tests {
     }
 
     #[test]
+    fn small_listing_is_the_full_listing_or_nothing() {
+        let (_tmp, s) = scratch();
+        s.write(DATA, "a.txt", b"1", 0o644).unwrap();
+        s.write(DATA, "sub/b.txt", b"22", 0o644).unwrap();
+        // a.txt, sub, sub/b.txt: three entries.
+        let full = s.list_info(DATA).unwrap();
+        assert_eq!(s.list_info_small(DATA, 3).unwrap(), Some(full.clone()));
+        assert_eq!(s.list_info_small(DATA, 2).unwrap(), None);
+        for i in 0..10 {
+            s.write(DATA, &format!("sub/many{i}"), b"", 0o644).unwrap();
+        }
+        assert_eq!(s.list_info_small(DATA, 3).unwrap(), None);
+        assert_eq!(
+            s.list_info_small(DATA, 32).unwrap().map(|v| v.len()),
+            Some(full.len() + 10)
+        );
+    }
+
+    #[test]
     fn planted_symlinks_are_never_followed() {
         let (tmp, s) = scratch();
         let outside = tempfile::tempdir().unwrap();
