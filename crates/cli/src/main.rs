@@ -185,6 +185,18 @@ fn main() -> ExitCode {
         return ExitCode::from(u8::try_from(code).unwrap_or(1));
     }
     let cli = Cli::parse();
+    // `ampoule run`'s sandbox init is forked now, while this process is single-threaded,
+    // rather than started again as the ampoule binary later (see `ampoule_runtime::prefork`).
+    let preforked = match &cli.command {
+        Command::Run(a)
+            if !a.zygote
+                && !a.as_command
+                && a.isolation == ampoule_runtime::Isolation::Namespaces =>
+        {
+            Some(ampoule_runtime::prefork::prefork(false))
+        }
+        _ => None,
+    };
     ampoule_server::logging::init(cli.log_format.parse().unwrap_or_default());
     // Sandboxes ask to die with the thread that spawned them: a current-thread runtime keeps
     // that thread (the main thread) alive for as long as they live. `serve` runs many at once
@@ -200,7 +212,17 @@ fn main() -> ExitCode {
     };
     let result = rt.block_on(async {
         match cli.command {
-            Command::Run(args) => run(args).await,
+            Command::Run(args) => {
+                let init = match preforked {
+                    Some(Ok(init)) => Some(init),
+                    Some(Err(e)) => {
+                        tracing::debug!(error = %e, "no init forked ahead: starting one");
+                        None
+                    }
+                    None => None,
+                };
+                run(args, init).await
+            }
             Command::Serve(args) => serve(args).await,
             Command::Mcp(args) => mcp(args).await,
             Command::Setup(args) => setup::run(args),
@@ -313,7 +335,10 @@ fn report(e: anyhow::Error) -> ExitCode {
     ExitCode::from(EXIT_INTERNAL)
 }
 
-async fn run(args: RunArgs) -> Result<ExitCode> {
+async fn run(
+    args: RunArgs,
+    preforked: Option<ampoule_runtime::prefork::PreforkedInit>,
+) -> Result<ExitCode> {
     let Some(language) = Language::parse(&args.lang) else {
         bail!(
             "unknown language {:?}\nhint: use python, javascript or shell",
@@ -414,8 +439,15 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
 
     tracing::debug!("preparing the host");
     let host = Host::detect().context("preparing the host")?;
-    host.sweep_orphans();
+    if let Some(init) = preforked {
+        host.give_preforked_init(init);
+    }
     tracing::debug!("host ready");
+    // Leftovers of killed runs are swept while the program runs, off its critical path.
+    let sweeper = {
+        let host = host.clone();
+        std::thread::spawn(move || host.sweep_orphans())
+    };
     let file_name = interpreter.file_name;
     // Without --json the program's output streams to ours as it is produced.
     let echo = if args.json {
@@ -456,6 +488,7 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
             .with_context(|| format!("copying outputs to {}", dir.display()))?;
     }
     drop(sandbox);
+    let _ = sweeper.join();
     tracing::debug!("sandbox gone");
     if let Some(gw) = gateway {
         result.egress = gw.events();

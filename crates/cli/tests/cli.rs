@@ -284,6 +284,53 @@ fn a_killed_supervisor_leaves_nothing_running_and_the_next_start_sweeps_its_cgro
     );
 }
 
+/// `ampoule run` forks its sandbox's init from itself (no exec with a cleared environment):
+/// the init must not keep the caller's environment where `/proc/<pid>/environ` shows it.
+fn the_sandbox_init_keeps_nothing_of_the_callers_environment() {
+    let secret = format!("s3cret-{}", std::process::id());
+    let mut child = ampoule()
+        .args(["run", "--lang", "bash", "--timeout", "30", "-"])
+        .env("AMPOULE_TEST_SECRET", &secret)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let marker = format!("environ-marker-{}", std::process::id());
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("exec -a {marker} sleep 30").as_bytes())
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sandbox_processes(&marker).is_empty() {
+        assert!(Instant::now() < deadline, "the program never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let cli = child.id();
+    let children = std::fs::read_to_string(format!("/proc/{cli}/task/{cli}/children")).unwrap();
+    let inits: Vec<&str> = children.split_whitespace().collect();
+    assert!(!inits.is_empty(), "the CLI has no sandbox init child");
+    let ours = std::fs::read(format!("/proc/{cli}/environ")).unwrap();
+    assert!(
+        text(&ours).contains(&secret),
+        "the test did not set the variable"
+    );
+    for pid in inits {
+        let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        assert!(
+            !text(&env).contains(&secret),
+            "the init {pid} shows the caller's environment"
+        );
+    }
+    let program = sandbox_processes(&marker)[0];
+    let env = std::fs::read(format!("/proc/{program}/environ")).unwrap();
+    assert!(!text(&env).contains(&secret));
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
 fn an_ordinary_user_gets_a_sandbox_and_doctor_says_what_is_weaker() {
     // A copy of the binary that user `nobody` can execute.
     let dir = tempfile::tempdir().unwrap();
@@ -382,6 +429,11 @@ fn main() {
         trial(
             "a_killed_supervisor_leaves_nothing_running_and_the_next_start_sweeps_its_cgroup",
             a_killed_supervisor_leaves_nothing_running_and_the_next_start_sweeps_its_cgroup,
+            root,
+        ),
+        trial(
+            "the_sandbox_init_keeps_nothing_of_the_callers_environment",
+            the_sandbox_init_keeps_nothing_of_the_callers_environment,
             root,
         ),
         trial(

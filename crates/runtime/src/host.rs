@@ -54,6 +54,8 @@ pub struct Host {
     /// (`/proc/self/exe`, which keeps working when the file is replaced during an upgrade), or
     /// `AMPOULE_INIT_EXE` for test binaries and embedders that are not the ampoule binary.
     pub init_exe: PathBuf,
+    /// An init forked ahead (see [`crate::prefork`]), for the first sandbox spawned here.
+    preforked: std::sync::Arc<std::sync::Mutex<Option<crate::prefork::PreforkedInit>>>,
 }
 
 /// A reserved slot. Dropping it releases the lock.
@@ -103,6 +105,7 @@ impl Host {
             init_exe: std::env::var_os("AMPOULE_INIT_EXE")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| PathBuf::from("/proc/self/exe")),
+            preforked: Default::default(),
         };
         for dir in [
             host.runtime_dir.clone(),
@@ -218,6 +221,28 @@ impl Host {
     /// in `slot`.
     pub fn zygote_ids_for(&self, slot: &Slot) -> (u32, u32) {
         (ZYGOTE_SLOT_IDS + slot.index, ZYGOTE_SLOT_IDS + slot.index)
+    }
+
+    /// Hands this host an init forked ahead: the next sandbox spawned on it (of the default
+    /// tier, not a zygote, with stdin as the init was made) uses it instead of starting one.
+    pub fn give_preforked_init(&self, init: crate::prefork::PreforkedInit) {
+        *self
+            .preforked
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(init);
+    }
+
+    /// The init forked ahead, if one is waiting and has the stdin asked for.
+    pub(crate) fn take_preforked_init(&self, stdin: bool) -> Option<crate::prefork::PreforkedInit> {
+        let mut slot = self
+            .preforked
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if slot.as_ref()?.has_stdin() == stdin {
+            slot.take()
+        } else {
+            None
+        }
     }
 
     /// Kills and removes every sandbox cgroup whose slot no live process holds: the leftovers of

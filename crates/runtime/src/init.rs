@@ -79,8 +79,14 @@ pub(crate) fn fail(stage: &'static str, message: impl Into<String>) -> StageErro
 pub fn main() -> ! {
     match std::env::args_os().nth(2).as_deref() {
         Some(arg) if arg == crate::enter::ENTER_ARG => crate::enter::helper(),
-        _ => {}
+        _ => main_forked(),
     }
+}
+
+/// The outer init's work, in a process that is either a fresh `exec` ([`main`]) or a child
+/// forked by a single-threaded supervisor (see [`crate::prefork`]), with stdio and the control
+/// channel (descriptor 3) in place. Never returns.
+pub(crate) fn main_forked() -> ! {
     // Die with the supervisor. If it already died, stop here.
     let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
     if nix::unistd::getppid().as_raw() == 1 {

@@ -26,6 +26,7 @@ pub mod init;
 pub mod language;
 mod netlink;
 pub mod network;
+pub mod prefork;
 mod reaper;
 pub mod run;
 pub mod sandbox;

@@ -422,31 +422,59 @@ impl Sandbox {
             writable_root: cfg.writable_root && cfg.image_root.is_some() && !is_zygote,
         };
 
-        let (ours, theirs) = channel::pair()?;
-        let mut cmd = tokio::process::Command::new(&host.init_exe);
-        cmd.arg(INIT_ARG)
-            .env_clear()
-            .stdin(match zygote {
-                Some((fd, _)) => Stdio::from(fd),
-                None if cfg.stdin => Stdio::piped(),
-                None => Stdio::null(),
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        {
-            use std::os::fd::AsRawFd;
-            crate::sys::pass_fd(&mut cmd, theirs.as_raw_fd(), 3);
-        }
+        let preforked = if is_zygote {
+            None
+        } else {
+            host.take_preforked_init(cfg.stdin)
+        };
         let started = Instant::now();
-        let spawned = cmd.spawn();
-        drop(theirs);
-        let mut child = spawned.map_err(|e| Error::io("starting the sandbox init", e))?;
-        let (stdin, stdout, stderr) =
-            (child.stdin.take(), child.stdout.take(), child.stderr.take());
-        // On v1 the init moves itself (see init.rs). On v2, move it while it builds the
-        // sandbox: moving a process waits for an RCU grace period, and nothing of the program
-        // runs before `Start`, which is only sent once the move is done.
+        let (child, ours, stdin, stdout, stderr) = match preforked {
+            Some(init) => {
+                let (child, chan, stdin, stdout, stderr) = init.into_parts()?;
+                let stdin = match stdin {
+                    Some(fd) => Some(
+                        ChildStdin::from_std(std::process::ChildStdin::from(fd))
+                            .map_err(|e| Error::io("stdin pipe", e))?,
+                    ),
+                    None => None,
+                };
+                let stdout = ChildStdout::from_std(std::process::ChildStdout::from(stdout))
+                    .map_err(|e| Error::io("stdout pipe", e))?;
+                let stderr = ChildStderr::from_std(std::process::ChildStderr::from(stderr))
+                    .map_err(|e| Error::io("stderr pipe", e))?;
+                (
+                    Proc::Preforked(child),
+                    chan,
+                    stdin,
+                    Some(stdout),
+                    Some(stderr),
+                )
+            }
+            None => {
+                let (ours, theirs) = channel::pair()?;
+                let mut cmd = tokio::process::Command::new(&host.init_exe);
+                cmd.arg(INIT_ARG)
+                    .env_clear()
+                    .stdin(match zygote {
+                        Some((fd, _)) => Stdio::from(fd),
+                        None if cfg.stdin => Stdio::piped(),
+                        None => Stdio::null(),
+                    })
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .kill_on_drop(true);
+                {
+                    use std::os::fd::AsRawFd;
+                    crate::sys::pass_fd(&mut cmd, theirs.as_raw_fd(), 3);
+                }
+                let spawned = cmd.spawn();
+                drop(theirs);
+                let mut child = spawned.map_err(|e| Error::io("starting the sandbox init", e))?;
+                let (stdin, stdout, stderr) =
+                    (child.stdin.take(), child.stdout.take(), child.stderr.take());
+                (Proc::Init(child), ours, stdin, stdout, stderr)
+            }
+        };
         let attach = match (&cgroup, child.id()) {
             (Some(cg), _) if cg.0.version() == crate::cgroup::CgroupVersion::V1 => None,
             (Some(cg), Some(pid)) => {
@@ -526,7 +554,7 @@ impl Sandbox {
             _ => None,
         };
         Ok(Self {
-            child: Proc::Init(child),
+            child,
             cgroup,
             gvisor: None,
             chan: Some(chan),
@@ -566,10 +594,7 @@ impl Sandbox {
 
     /// The host pid of the outer init (for diagnostics).
     pub fn pid(&self) -> Option<u32> {
-        match &self.child {
-            Proc::Init(child) | Proc::Runsc(child) => child.id(),
-            Proc::Forked(f) => Some(f.pid),
-        }
+        self.child.id()
     }
 
     /// Waits until the program ends (or the sandbox is killed). Cancel-safe.
@@ -651,6 +676,7 @@ impl Sandbox {
                 let _ = child.start_kill();
             }
             Proc::Forked(f) => f.kill(),
+            Proc::Preforked(c) => c.start_kill(),
         }
     }
 
@@ -686,6 +712,15 @@ impl Sandbox {
                     let _ = f.wait().await;
                 }
             }
+            Proc::Preforked(c) => {
+                if tokio::time::timeout(std::time::Duration::from_secs(2), c.wait())
+                    .await
+                    .is_err()
+                {
+                    c.start_kill();
+                    c.wait().await;
+                }
+            }
         }
         let cgroup = self.cgroup.take();
         let stats = cgroup.as_ref().map(|cg| cg.0.stats());
@@ -718,6 +753,18 @@ enum Proc {
     /// `runsc run` (gVisor tier): it lives as long as the sandbox and exits with its program.
     Runsc(Child),
     Forked(crate::zygote::Forked),
+    /// An outer init forked ahead by the supervisor (see [`crate::prefork`]).
+    Preforked(crate::prefork::InitChild),
+}
+
+impl Proc {
+    fn id(&self) -> Option<u32> {
+        match self {
+            Proc::Init(child) | Proc::Runsc(child) => child.id(),
+            Proc::Forked(f) => Some(f.pid),
+            Proc::Preforked(c) => c.id(),
+        }
+    }
 }
 
 impl Sandbox {

@@ -106,6 +106,43 @@ pub(crate) fn apply_seccomp(prog: &[seccompiler::sock_filter]) -> io::Result<()>
     seccompiler::apply_filter(prog).map_err(|e| io::Error::other(e.to_string()))
 }
 
+/// Wipes the environment this process started with, strings included: a child forked from
+/// the supervisor (see `crate::prefork`) must not keep the supervisor's variables where
+/// `/proc/<pid>/environ` shows them, as an exec'd init with a cleared environment does not.
+///
+/// Only in a single-threaded process.
+pub(crate) fn scrub_environ() {
+    // JUSTIFICATION: neither std nor nix can overwrite the environment's original bytes
+    // (`remove_var` only unlinks them from `environ`).
+    // SAFETY: single-threaded (the caller's contract), so nothing reads `environ` meanwhile;
+    // every entry up to the terminating null is a NUL-terminated string in writable memory
+    // (the initial stack, or a `setenv` copy), which we overwrite within its own length, and
+    // we keep the array terminated.
+    unsafe {
+        let mut entry = libc_environ();
+        if entry.is_null() {
+            return;
+        }
+        while !(*entry).is_null() {
+            let s = *entry;
+            let len = libc::strlen(s);
+            std::ptr::write_bytes(s, 0, len);
+            entry = entry.add(1);
+        }
+        *libc_environ() = std::ptr::null_mut();
+    }
+}
+
+unsafe extern "C" {
+    static mut environ: *mut *mut libc::c_char;
+}
+
+/// `environ`'s current value.
+fn libc_environ() -> *mut *mut libc::c_char {
+    // SAFETY: reads the pointer value only (no reference to the mutable static is formed).
+    unsafe { std::ptr::addr_of_mut!(environ).read() }
+}
+
 /// Takes ownership of a descriptor the kernel just handed us (`SCM_RIGHTS`, or descriptor 3
 /// passed to the init process).
 pub(crate) fn own_fd(fd: RawFd) -> std::os::fd::OwnedFd {

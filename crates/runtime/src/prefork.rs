@@ -1,0 +1,233 @@
+//! An init forked ahead of time: the cold path of `ampoule run`.
+//!
+//! A sandbox's outer init is normally the ampoule binary started again (`ampoule
+//! __sandbox-init`): a fresh, single-threaded process. A process that will run exactly one
+//! sandbox can have that process for less: [`prefork`] forks it at the very start of `main`,
+//! while the process is still single-threaded (no runtime, no logging thread), and the child
+//! waits on its control channel exactly as an exec'd init would. [`Sandbox::spawn`] takes it
+//! from the [`Host`] instead of starting the binary. That saves an `exec` of the 20+ MB binary
+//! (loading, relocation, page faults: ~1.4 ms of CPU), the fork of a supervisor that has grown
+//! an async runtime by then, and it overlaps the init's start with the supervisor's own
+//! preparations. What the init then does, and the protocol it speaks, are the same.
+//!
+//! [`Sandbox::spawn`]: crate::Sandbox::spawn
+//! [`Host`]: crate::Host
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+
+use nix::fcntl::OFlag;
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+use tokio::io::unix::AsyncFd;
+
+use crate::error::{Error, Result};
+use crate::sys::{self, Fork};
+
+/// An outer init forked by [`prefork`], waiting for its spec; consumed by the first sandbox
+/// spawned on the host it is given to.
+#[derive(Debug)]
+pub struct PreforkedInit {
+    pid: Pid,
+    pidfd: OwnedFd,
+    pub(crate) chan: OwnedFd,
+    pub(crate) stdin: Option<OwnedFd>,
+    pub(crate) stdout: OwnedFd,
+    pub(crate) stderr: OwnedFd,
+    reaped: bool,
+}
+
+/// Forks an outer init that waits for its spec on a control channel, with stdout and stderr on
+/// pipes (and stdin on a pipe when `stdin`, else on `/dev/null`).
+///
+/// Call it first thing in `main`: the process must be single-threaded, which is checked.
+pub fn prefork(stdin: bool) -> Result<PreforkedInit> {
+    if !single_threaded() {
+        return Err(Error::Invalid(
+            "an init can only be forked ahead by a single-threaded process".into(),
+        ));
+    }
+    let (chan, theirs) = crate::channel::pair()?;
+    let pipe = || nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| Error::io("pipe", e.into()));
+    let (out_r, out_w) = pipe()?;
+    let (err_r, err_w) = pipe()?;
+    let (in_r, in_w) = if stdin {
+        let (r, w) = pipe()?;
+        (Some(r), Some(w))
+    } else {
+        (None, None)
+    };
+    match sys::fork().map_err(|e| Error::io("forking the sandbox init", e))? {
+        Fork::Child => {
+            sys::scrub_environ();
+            let null = match &in_r {
+                Some(_) => None,
+                None => match std::fs::File::open("/dev/null") {
+                    Ok(null) => Some(OwnedFd::from(null)),
+                    Err(_) => std::process::exit(111),
+                },
+            };
+            let Some(stdin_fd) = in_r.as_ref().or(null.as_ref()) else {
+                std::process::exit(111)
+            };
+            let wanted = [
+                stdin_fd.as_fd(),
+                out_w.as_fd(),
+                err_w.as_fd(),
+                theirs.as_fd(),
+            ];
+            if place_fds(&wanted).is_err() {
+                std::process::exit(111);
+            }
+            crate::init::main_forked()
+        }
+        Fork::Parent(pid) => {
+            drop((theirs, out_w, err_w, in_r));
+            let pidfd = match sys::pidfd_open(pid.as_raw()) {
+                Ok(fd) => fd,
+                Err(e) => {
+                    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                    let _ = waitpid(pid, None);
+                    return Err(Error::io("pidfd of the sandbox init", e));
+                }
+            };
+            Ok(PreforkedInit {
+                pid,
+                pidfd,
+                chan,
+                stdin: in_w,
+                stdout: out_r,
+                stderr: err_r,
+                reaped: false,
+            })
+        }
+    }
+}
+
+impl PreforkedInit {
+    /// Whether its stdin is a pipe (what the sandbox it can serve asks for).
+    pub(crate) fn has_stdin(&self) -> bool {
+        self.stdin.is_some()
+    }
+
+    /// Splits off the process handle, for the sandbox to wait on and kill.
+    pub(crate) fn into_parts(
+        mut self,
+    ) -> Result<(InitChild, OwnedFd, Option<OwnedFd>, OwnedFd, OwnedFd)> {
+        // Moved out piecewise: `self` must not kill the child when it goes.
+        self.reaped = true;
+        let pidfd = self
+            .pidfd
+            .try_clone()
+            .map_err(|e| Error::io("pidfd of the sandbox init", e))?;
+        let child = InitChild {
+            pid: self.pid,
+            pidfd: sys::register_async(pidfd)
+                .map_err(|e| Error::io("pidfd of the sandbox init", e))?,
+            reaped: false,
+        };
+        let chan = self
+            .chan
+            .try_clone()
+            .map_err(|e| Error::io("the init's channel", e))?;
+        let stdout = self
+            .stdout
+            .try_clone()
+            .map_err(|e| Error::io("stdout pipe", e))?;
+        let stderr = self
+            .stderr
+            .try_clone()
+            .map_err(|e| Error::io("stderr pipe", e))?;
+        let stdin = self.stdin.take();
+        Ok((child, chan, stdin, stdout, stderr))
+    }
+}
+
+impl Drop for PreforkedInit {
+    /// Never used: the init is killed and reaped.
+    fn drop(&mut self) {
+        if !self.reaped {
+            let _ = sys::pidfd_kill(self.pidfd.as_raw_fd());
+            let _ = waitpid(self.pid, None);
+        }
+    }
+}
+
+/// The supervisor's handle on a preforked init, its own child: wait for it, kill it.
+#[derive(Debug)]
+pub(crate) struct InitChild {
+    pid: Pid,
+    pidfd: AsyncFd<OwnedFd>,
+    reaped: bool,
+}
+
+impl InitChild {
+    pub(crate) fn id(&self) -> Option<u32> {
+        (!self.reaped).then(|| self.pid.as_raw().unsigned_abs())
+    }
+
+    pub(crate) fn start_kill(&self) {
+        if !self.reaped {
+            let _ = sys::pidfd_kill(self.pidfd.get_ref().as_raw_fd());
+        }
+    }
+
+    /// Waits until it has exited, and reaps it. Cancel-safe.
+    pub(crate) async fn wait(&mut self) {
+        while !self.reaped {
+            // A pidfd turns readable when its process has exited.
+            if let Ok(mut guard) = self.pidfd.readable().await {
+                guard.clear_ready();
+            }
+            self.try_reap();
+        }
+    }
+
+    fn try_reap(&mut self) {
+        match waitpid(self.pid, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) | Err(nix::errno::Errno::EINTR) => {}
+            // Exited, or not our child any more (reaped elsewhere): either way it is gone.
+            _ => self.reaped = true,
+        }
+    }
+}
+
+impl Drop for InitChild {
+    fn drop(&mut self) {
+        if self.reaped {
+            return;
+        }
+        self.start_kill();
+        self.try_reap();
+        if !self.reaped {
+            // Dying, not yet dead: reap it off this thread rather than leave a zombie.
+            let pid = self.pid;
+            let _ = std::thread::Builder::new()
+                .name("reap-init".into())
+                .spawn(move || waitpid(pid, None));
+        }
+    }
+}
+
+/// Whether this process has one thread.
+fn single_threaded() -> bool {
+    std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("Threads:"))
+            .is_some_and(|n| n.trim() == "1")
+    })
+}
+
+/// Makes `wanted[i]` descriptor `i`, whatever their current numbers (they may collide with
+/// 0..wanted.len()): every one is first copied above the range, then into place.
+fn place_fds(wanted: &[BorrowedFd<'_>]) -> std::io::Result<()> {
+    // Copies at 10 and up are clear of 0..=3; the init closes them (everything above 3).
+    let mut high = Vec::with_capacity(wanted.len());
+    for fd in wanted {
+        high.push(nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD(10))?);
+    }
+    for (target, fd) in high.into_iter().enumerate() {
+        let target = RawFd::try_from(target).unwrap_or(RawFd::MAX);
+        sys::dup2_raw(fd, target)?;
+    }
+    Ok(())
+}
