@@ -722,14 +722,22 @@ impl Sandbox {
                 }
             }
         }
+        tracing::debug!(elapsed = ?self.started.elapsed(), "first process reaped");
         let cgroup = self.cgroup.take();
         let stats = cgroup.as_ref().map(|cg| cg.0.stats());
         // Dropping the cgroup kills whatever is left and removes it: on the blocking pool,
         // since that may wait (a freeze to settle, processes to end, `rmdir` to succeed),
         // and a runtime worker waiting there stalls every request it serves (a burst of
         // deleted sessions kept both workers asleep for 0.8 s of 2 s).
+        // A current-thread runtime (the CLI's one sandbox) serves nothing else meanwhile: no
+        // thread is started for it.
         if let Some(cg) = cgroup {
-            let _ = tokio::task::spawn_blocking(move || drop(cg)).await;
+            let flavor = tokio::runtime::Handle::current().runtime_flavor();
+            if flavor == tokio::runtime::RuntimeFlavor::CurrentThread {
+                drop(cg);
+            } else {
+                let _ = tokio::task::spawn_blocking(move || drop(cg)).await;
+            }
         }
         Finished { stats }
     }
