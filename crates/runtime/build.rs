@@ -49,15 +49,7 @@ fn main() {
                     .unwrap();
                     continue;
                 };
-                let reference: Vec<bpf::Insn> = reference
-                    .iter()
-                    .map(|i| bpf::Insn {
-                        code: i.code,
-                        jt: i.jt,
-                        jf: i.jf,
-                        k: i.k,
-                    })
-                    .collect();
+                let reference = insns(&reference);
                 let prog = match compact(&json, name, &target, arch, &mut numbers, &reference) {
                     Ok(prog) => prog,
                     Err(why) => {
@@ -121,19 +113,23 @@ fn compact(
     Ok(prog)
 }
 
-/// `name`'s number on `arch`, from seccompiler's table: the `k` of the `nr` comparison in the
-/// program it compiles for a one-syscall filter (`ld arch; jeq; ret kill; ld nr; jeq NR …`).
+/// `name`'s number on `arch`, from seccompiler's table (see `bpf::probe_policy`).
 fn syscall_nr(arch: seccompiler::TargetArch, name: &str) -> Option<u32> {
-    let policy = serde_json::json!({
-        "probe": {"default_action": "allow", "filter_action": "trap", "filter": [{"syscall": name}]}
-    });
-    let prog = seccompiler::compile_from_json(policy.to_string().as_bytes(), arch)
+    let prog = seccompiler::compile_from_json(bpf::probe_policy(name).as_bytes(), arch)
         .ok()?
         .remove("probe")?;
-    match prog.get(3..5)? {
-        [ld, jeq] if ld.code == bpf::LD_W_ABS && ld.k == 0 && jeq.code == bpf::JEQ_K => Some(jeq.k),
-        _ => None,
-    }
+    bpf::probed_nr(&insns(&prog))
+}
+
+fn insns(prog: &[seccompiler::sock_filter]) -> Vec<bpf::Insn> {
+    prog.iter()
+        .map(|i| bpf::Insn {
+            code: i.code,
+            jt: i.jt,
+            jf: i.jf,
+            k: i.k,
+        })
+        .collect()
 }
 
 /// `reaper/reaper.c` → `$OUT_DIR/ampoule-reaper`: linked statically (no loader, no

@@ -88,6 +88,25 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
+/// A policy with one filter, `probe`, that names only `syscall`: compiled by seccompiler, its
+/// program tells that syscall's number ([`probed_nr`]). How `build.rs` (and the tests) map
+/// names to numbers with seccompiler's own table, which it does not export.
+pub(crate) fn probe_policy(syscall: &str) -> String {
+    serde_json::json!({
+        "probe": {"default_action": "allow", "filter_action": "trap", "filter": [{"syscall": syscall}]}
+    })
+    .to_string()
+}
+
+/// The syscall number in seccompiler's program for [`probe_policy`]: the `k` of its `nr`
+/// comparison (`ld arch; jeq; ret kill; ld nr; jeq NR …`).
+pub(crate) fn probed_nr(prog: &[Insn]) -> Option<u32> {
+    match prog.get(3..5)? {
+        [ld, jeq] if ld.code == LD_W_ABS && ld.k == NR_OFFSET && jeq.code == JEQ_K => Some(jeq.k),
+        _ => None,
+    }
+}
+
 // Classic BPF opcodes (linux/bpf_common.h): the only ones emitted, and interpreted.
 /// `BPF_LD | BPF_W | BPF_ABS`
 pub(crate) const LD_W_ABS: u16 = 0x20;
@@ -1092,21 +1111,14 @@ mod tests {
 
     /// `name`'s number on `arch` from seccompiler's table, as `build.rs` finds it.
     fn syscall_nr(arch: TargetArch, name: &str) -> Option<u32> {
-        let policy = serde_json::json!({
-            "probe": {"default_action": "allow", "filter_action": "trap", "filter": [{"syscall": name}]}
-        });
-        let prog = seccompiler::compile_from_json(policy.to_string().as_bytes(), arch)
+        let prog = seccompiler::compile_from_json(probe_policy(name).as_bytes(), arch)
             .ok()?
             .remove("probe")?;
-        match prog.get(3..5)? {
-            [ld, jeq] if ld.code == LD_W_ABS && ld.k == 0 && jeq.code == JEQ_K => Some(jeq.k),
-            _ => None,
-        }
+        probed_nr(&insns(&prog))
     }
 
-    fn seccompiler_program(json: &str, name: &str, arch: TargetArch) -> Vec<Insn> {
-        seccompiler::compile_from_json(json.as_bytes(), arch).unwrap()[name]
-            .iter()
+    fn insns(prog: &[seccompiler::sock_filter]) -> Vec<Insn> {
+        prog.iter()
             .map(|i| Insn {
                 code: i.code,
                 jt: i.jt,
@@ -1114,6 +1126,10 @@ mod tests {
                 k: i.k,
             })
             .collect()
+    }
+
+    fn seccompiler_program(json: &str, name: &str, arch: TargetArch) -> Vec<Insn> {
+        insns(&seccompiler::compile_from_json(json.as_bytes(), arch).unwrap()[name])
     }
 
     const ARCHES: [(Arch, TargetArch); 2] = [
