@@ -475,6 +475,9 @@ impl Sandbox {
                 (Proc::Init(child), ours, stdin, stdout, stderr)
             }
         };
+        // On v1 the init moves itself (see init.rs). On v2, move it while it builds the
+        // sandbox: moving a process waits for an RCU grace period, and nothing of the program
+        // runs before `Start`, which is only sent once the move is done.
         let attach = match (&cgroup, child.id()) {
             (Some(cg), _) if cg.0.version() == crate::cgroup::CgroupVersion::V1 => None,
             (Some(cg), Some(pid)) => {
