@@ -1,0 +1,64 @@
+#!/usr/bin/python3
+"""A/B of two `ampoule` binaries' `ampoule run print(1)`, interleaved with a bare interpreter
+and bubblewrap so machine noise hits all four alike (docs/BENCHMARKS.md, issue 19 round four).
+
+    /usr/bin/python3 scripts/bench-ab-run.py OLD_AMPOULE NEW_AMPOULE [SAMPLES]
+
+Prints, for each, the median wall time and the median CPU of its whole process tree
+(RUSAGE_CHILDREN), and both as overheads over the bare interpreter. Needs root (like
+`ampoule run` with cgroups) and bubblewrap.
+"""
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+OLD, NEW = sys.argv[1], sys.argv[2]
+N = int(sys.argv[3]) if len(sys.argv) > 3 else 60
+PY = "/usr/bin/python3"
+BWRAP = ["bwrap", "--ro-bind", "/usr", "/usr", "--symlink", "usr/lib", "/lib",
+         "--symlink", "usr/lib64", "/lib64", "--symlink", "usr/bin", "/bin", "--proc", "/proc",
+         "--dev", "/dev", "--tmpfs", "/tmp", "--unshare-all", "--die-with-parent",
+         "--new-session", PY, "-c", "pass"]
+CMDS = {
+    "bare": ([PY, "-c", "pass"], None),
+    "bwrap": (BWRAP, None),
+    "old": ([OLD, "run", "-"], b"print(1)\n"),
+    "new": ([NEW, "run", "-"], b"print(1)\n"),
+}
+wall = {k: [] for k in CMDS}
+cpu = {k: [] for k in CMDS}
+
+
+def cpu_ms(r):
+    return (r.ru_utime + r.ru_stime) * 1000
+
+
+def one(k):
+    argv, stdin = CMDS[k]
+    r0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+    p = subprocess.run(argv, input=stdin, capture_output=True)
+    t1, r1 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    if p.returncode != 0:
+        sys.exit(f"{k} failed: {p.stderr.decode(errors='replace')}")
+    wall[k].append((t1 - t0) * 1000)
+    cpu[k].append(cpu_ms(r1) - cpu_ms(r0))
+
+
+for k in CMDS:  # warm the page cache
+    one(k)
+for k in CMDS:
+    wall[k].clear()
+    cpu[k].clear()
+for _ in range(N):
+    for k in CMDS:
+        one(k)
+bare_wall, bare_cpu = statistics.median(wall["bare"]), statistics.median(cpu["bare"])
+print("load", " ".join(open("/proc/loadavg").read().split()[:3]), "samples", N)
+for k in CMDS:
+    w, c = statistics.median(wall[k]), statistics.median(cpu[k])
+    # bubblewrap's program is reaped inside its namespace: its tree's CPU is not all counted.
+    note = "  (cpu undercounted)" if k == "bwrap" else ""
+    print(f"{k:6} wall p50 {w:6.2f} ms (+{w - bare_wall:5.2f})  "
+          f"cpu p50 {c:6.2f} ms (+{c - bare_cpu:5.2f}){note}")
