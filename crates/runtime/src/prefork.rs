@@ -27,14 +27,24 @@ use crate::sys::{self, Fork};
 /// spawned on the host it is given to.
 #[derive(Debug)]
 pub struct PreforkedInit {
+    /// Our own child, not reaped before `parts` are taken: its pid cannot be reused meanwhile.
     pid: Pid,
-    pidfd: OwnedFd,
-    pub(crate) chan: OwnedFd,
-    pub(crate) stdin: Option<OwnedFd>,
-    pub(crate) stdout: OwnedFd,
-    pub(crate) stderr: OwnedFd,
-    reaped: bool,
+    /// `None` once handed to a sandbox.
+    parts: Option<Parts>,
 }
+
+#[derive(Debug)]
+struct Parts {
+    pidfd: OwnedFd,
+    chan: OwnedFd,
+    stdin: Option<OwnedFd>,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+}
+
+/// What a sandbox takes of a [`PreforkedInit`]: the process handle, the control channel, stdin
+/// (if a pipe), stdout and stderr.
+pub(crate) type InitParts = (InitChild, OwnedFd, Option<OwnedFd>, OwnedFd, OwnedFd);
 
 /// Forks an outer init that waits for its spec on a control channel, with stdout and stderr on
 /// pipes (and stdin on a pipe when `stdin`, else on `/dev/null`).
@@ -92,12 +102,13 @@ pub fn prefork(stdin: bool) -> Result<PreforkedInit> {
             };
             Ok(PreforkedInit {
                 pid,
-                pidfd,
-                chan,
-                stdin: in_w,
-                stdout: out_r,
-                stderr: err_r,
-                reaped: false,
+                parts: Some(Parts {
+                    pidfd,
+                    chan,
+                    stdin: in_w,
+                    stdout: out_r,
+                    stderr: err_r,
+                }),
             })
         }
     }
@@ -106,48 +117,43 @@ pub fn prefork(stdin: bool) -> Result<PreforkedInit> {
 impl PreforkedInit {
     /// Whether its stdin is a pipe (what the sandbox it can serve asks for).
     pub(crate) fn has_stdin(&self) -> bool {
-        self.stdin.is_some()
+        self.parts.as_ref().is_some_and(|p| p.stdin.is_some())
     }
 
-    /// Splits off the process handle, for the sandbox to wait on and kill.
-    pub(crate) fn into_parts(
-        mut self,
-    ) -> Result<(InitChild, OwnedFd, Option<OwnedFd>, OwnedFd, OwnedFd)> {
-        // Moved out piecewise: `self` must not kill the child when it goes.
-        self.reaped = true;
-        let pidfd = self
-            .pidfd
-            .try_clone()
-            .map_err(|e| Error::io("pidfd of the sandbox init", e))?;
+    /// Hands the process and its descriptors to a sandbox.
+    pub(crate) fn into_parts(mut self) -> Result<InitParts> {
+        let Some(p) = self.parts.take() else {
+            return Err(Error::Invalid(
+                "the forked init was handed out already".into(),
+            ));
+        };
+        let pidfd = match sys::register_async(p.pidfd) {
+            Ok(fd) => fd,
+            Err(e) => {
+                self.end();
+                return Err(Error::io("pidfd of the sandbox init", e));
+            }
+        };
         let child = InitChild {
             pid: self.pid,
-            pidfd: sys::register_async(pidfd)
-                .map_err(|e| Error::io("pidfd of the sandbox init", e))?,
+            pidfd,
             reaped: false,
         };
-        let chan = self
-            .chan
-            .try_clone()
-            .map_err(|e| Error::io("the init's channel", e))?;
-        let stdout = self
-            .stdout
-            .try_clone()
-            .map_err(|e| Error::io("stdout pipe", e))?;
-        let stderr = self
-            .stderr
-            .try_clone()
-            .map_err(|e| Error::io("stderr pipe", e))?;
-        let stdin = self.stdin.take();
-        Ok((child, chan, stdin, stdout, stderr))
+        Ok((child, p.chan, p.stdin, p.stdout, p.stderr))
+    }
+
+    /// Kills and reaps the child (it dies at once: it only waits for its spec).
+    fn end(&self) {
+        let _ = nix::sys::signal::kill(self.pid, nix::sys::signal::Signal::SIGKILL);
+        let _ = waitpid(self.pid, None);
     }
 }
 
 impl Drop for PreforkedInit {
-    /// Never used: the init is killed and reaped.
+    /// Never handed to a sandbox (the CLI refused its arguments, say): it goes too.
     fn drop(&mut self) {
-        if !self.reaped {
-            let _ = sys::pidfd_kill(self.pidfd.as_raw_fd());
-            let _ = waitpid(self.pid, None);
+        if self.parts.is_some() {
+            self.end();
         }
     }
 }
