@@ -49,7 +49,9 @@ pub(crate) type InitParts = (InitChild, OwnedFd, Option<OwnedFd>, OwnedFd, Owned
 /// Forks an outer init that waits for its spec on a control channel, with stdout and stderr on
 /// pipes (and stdin on a pipe when `stdin`, else on `/dev/null`).
 ///
-/// Call it first thing in `main`: the process must be single-threaded, which is checked.
+/// Call it first thing in `main`: the process must be single-threaded, which is checked. The
+/// child is a copy of the caller's memory at this point (its environment is wiped, the rest
+/// stays until the program's `exec` replaces it): call it before anything secret is read.
 pub fn prefork(stdin: bool) -> Result<PreforkedInit> {
     if !single_threaded() {
         return Err(Error::Invalid(
