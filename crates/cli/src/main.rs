@@ -193,7 +193,7 @@ fn main() -> ExitCode {
                 && !a.as_command
                 && a.isolation == ampoule_runtime::Isolation::Namespaces =>
         {
-            Some(ampoule_runtime::prefork::prefork(false))
+            Some(ampoule_runtime::prefork::prefork())
         }
         _ => None,
     };

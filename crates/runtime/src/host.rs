@@ -224,7 +224,7 @@ impl Host {
     }
 
     /// Hands this host an init forked ahead: the next sandbox spawned on it (of the default
-    /// tier, not a zygote, with stdin as the init was made) uses it instead of starting one.
+    /// tier, not a zygote, whose program reads no stdin) uses it instead of starting one.
     pub fn give_preforked_init(&self, init: crate::prefork::PreforkedInit) {
         *self
             .preforked
@@ -232,17 +232,12 @@ impl Host {
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(init);
     }
 
-    /// The init forked ahead, if one is waiting and has the stdin asked for.
-    pub(crate) fn take_preforked_init(&self, stdin: bool) -> Option<crate::prefork::PreforkedInit> {
-        let mut slot = self
-            .preforked
+    /// The init forked ahead, if one is waiting.
+    pub(crate) fn take_preforked_init(&self) -> Option<crate::prefork::PreforkedInit> {
+        self.preforked
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if slot.as_ref()?.has_stdin() == stdin {
-            slot.take()
-        } else {
-            None
-        }
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
     }
 
     /// Kills and removes every sandbox cgroup whose slot no live process holds: the leftovers of

@@ -37,22 +37,21 @@ pub struct PreforkedInit {
 struct Parts {
     pidfd: OwnedFd,
     chan: OwnedFd,
-    stdin: Option<OwnedFd>,
     stdout: OwnedFd,
     stderr: OwnedFd,
 }
 
-/// What a sandbox takes of a [`PreforkedInit`]: the process handle, the control channel, stdin
-/// (if a pipe), stdout and stderr.
-pub(crate) type InitParts = (InitChild, OwnedFd, Option<OwnedFd>, OwnedFd, OwnedFd);
+/// What a sandbox takes of a [`PreforkedInit`]: the process handle, the control channel,
+/// stdout and stderr.
+pub(crate) type InitParts = (InitChild, OwnedFd, OwnedFd, OwnedFd);
 
-/// Forks an outer init that waits for its spec on a control channel, with stdout and stderr on
-/// pipes (and stdin on a pipe when `stdin`, else on `/dev/null`).
+/// Forks an outer init that waits for its spec on a control channel, with stdin on `/dev/null`
+/// and stdout and stderr on pipes (it serves a sandbox whose program reads no stdin).
 ///
 /// Call it first thing in `main`: the process must be single-threaded, which is checked. The
 /// child is a copy of the caller's memory at this point (its environment is wiped, the rest
 /// stays until the program's `exec` replaces it): call it before anything secret is read.
-pub fn prefork(stdin: bool) -> Result<PreforkedInit> {
+pub fn prefork() -> Result<PreforkedInit> {
     if !single_threaded() {
         return Err(Error::Invalid(
             "an init can only be forked ahead by a single-threaded process".into(),
@@ -62,38 +61,20 @@ pub fn prefork(stdin: bool) -> Result<PreforkedInit> {
     let pipe = || nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| Error::io("pipe", e.into()));
     let (out_r, out_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
-    let (in_r, in_w) = if stdin {
-        let (r, w) = pipe()?;
-        (Some(r), Some(w))
-    } else {
-        (None, None)
-    };
     match sys::fork().map_err(|e| Error::io("forking the sandbox init", e))? {
         Fork::Child => {
             sys::scrub_environ();
-            let null = match &in_r {
-                Some(_) => None,
-                None => match std::fs::File::open("/dev/null") {
-                    Ok(null) => Some(OwnedFd::from(null)),
-                    Err(_) => std::process::exit(111),
-                },
-            };
-            let Some(stdin_fd) = in_r.as_ref().or(null.as_ref()) else {
+            let Ok(null) = std::fs::File::open("/dev/null") else {
                 std::process::exit(111)
             };
-            let wanted = [
-                stdin_fd.as_fd(),
-                out_w.as_fd(),
-                err_w.as_fd(),
-                theirs.as_fd(),
-            ];
+            let wanted = [null.as_fd(), out_w.as_fd(), err_w.as_fd(), theirs.as_fd()];
             if place_fds(&wanted).is_err() {
                 std::process::exit(111);
             }
             crate::init::main_forked()
         }
         Fork::Parent(pid) => {
-            drop((theirs, out_w, err_w, in_r));
+            drop((theirs, out_w, err_w));
             let pidfd = match sys::pidfd_open(pid.as_raw()) {
                 Ok(fd) => fd,
                 Err(e) => {
@@ -107,7 +88,6 @@ pub fn prefork(stdin: bool) -> Result<PreforkedInit> {
                 parts: Some(Parts {
                     pidfd,
                     chan,
-                    stdin: in_w,
                     stdout: out_r,
                     stderr: err_r,
                 }),
@@ -117,11 +97,6 @@ pub fn prefork(stdin: bool) -> Result<PreforkedInit> {
 }
 
 impl PreforkedInit {
-    /// Whether its stdin is a pipe (what the sandbox it can serve asks for).
-    pub(crate) fn has_stdin(&self) -> bool {
-        self.parts.as_ref().is_some_and(|p| p.stdin.is_some())
-    }
-
     /// Hands the process and its descriptors to a sandbox.
     pub(crate) fn into_parts(mut self) -> Result<InitParts> {
         let Some(p) = self.parts.take() else {
@@ -141,7 +116,7 @@ impl PreforkedInit {
             pidfd,
             reaped: false,
         };
-        Ok((child, p.chan, p.stdin, p.stdout, p.stderr))
+        Ok((child, p.chan, p.stdout, p.stderr))
     }
 
     /// Kills and reaps the child (it dies at once: it only waits for its spec).

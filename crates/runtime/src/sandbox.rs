@@ -422,33 +422,17 @@ impl Sandbox {
             writable_root: cfg.writable_root && cfg.image_root.is_some() && !is_zygote,
         };
 
-        let preforked = if is_zygote {
+        let preforked = if is_zygote || cfg.stdin {
             None
         } else {
-            host.take_preforked_init(cfg.stdin)
+            host.take_preforked_init()
         };
         let started = Instant::now();
         let (child, ours, stdin, stdout, stderr) = match preforked {
             Some(init) => {
-                let (child, chan, stdin, stdout, stderr) = init.into_parts()?;
-                let stdin = match stdin {
-                    Some(fd) => Some(
-                        ChildStdin::from_std(std::process::ChildStdin::from(fd))
-                            .map_err(|e| Error::io("stdin pipe", e))?,
-                    ),
-                    None => None,
-                };
-                let stdout = ChildStdout::from_std(std::process::ChildStdout::from(stdout))
-                    .map_err(|e| Error::io("stdout pipe", e))?;
-                let stderr = ChildStderr::from_std(std::process::ChildStderr::from(stderr))
-                    .map_err(|e| Error::io("stderr pipe", e))?;
-                (
-                    Proc::Preforked(child),
-                    chan,
-                    stdin,
-                    Some(stdout),
-                    Some(stderr),
-                )
+                let (child, chan, stdout, stderr) = init.into_parts()?;
+                let (stdin, stdout, stderr) = async_stdio(None, stdout, stderr)?;
+                (Proc::Preforked(child), chan, stdin, stdout, stderr)
             }
             None => {
                 let (ours, theirs) = channel::pair()?;
@@ -757,6 +741,30 @@ pub(crate) fn nproc_backstop(host: &Host, limits: &Limits) -> u64 {
     }
 }
 
+/// The program's stdio as the supervisor holds it (its stdin's write end, if a pipe; the read
+/// ends of stdout and stderr), made asynchronous.
+pub(crate) type Stdio3 = (Option<ChildStdin>, Option<ChildStdout>, Option<ChildStderr>);
+
+/// [`Stdio3`] from the pipe ends of a process we did not start with `Command`.
+pub(crate) fn async_stdio(
+    stdin: Option<std::os::fd::OwnedFd>,
+    stdout: std::os::fd::OwnedFd,
+    stderr: std::os::fd::OwnedFd,
+) -> Result<Stdio3> {
+    let stdin = match stdin {
+        Some(fd) => Some(
+            ChildStdin::from_std(std::process::ChildStdin::from(fd))
+                .map_err(|e| Error::io("stdin pipe", e))?,
+        ),
+        None => None,
+    };
+    let stdout = ChildStdout::from_std(std::process::ChildStdout::from(stdout))
+        .map_err(|e| Error::io("stdout pipe", e))?;
+    let stderr = ChildStderr::from_std(std::process::ChildStderr::from(stderr))
+        .map_err(|e| Error::io("stderr pipe", e))?;
+    Ok((stdin, Some(stdout), Some(stderr)))
+}
+
 /// The sandbox's first process on the host: the outer init (our child), or a zygote's child.
 #[derive(Debug)]
 enum Proc {
@@ -790,7 +798,7 @@ impl Sandbox {
         network: Option<GatewayAddrs>,
         landlock: String,
         started: Instant,
-        stdio: (Option<ChildStdin>, Option<ChildStdout>, Option<ChildStderr>),
+        stdio: Stdio3,
         entry: Option<Arc<Target>>,
     ) -> Self {
         Self {
@@ -821,7 +829,7 @@ impl Sandbox {
         scratch: Scratch,
         slot: Slot,
         started: Instant,
-        stdio: (Option<ChildStdin>, Option<ChildStdout>, Option<ChildStderr>),
+        stdio: Stdio3,
     ) -> Self {
         Self {
             child: Proc::Runsc(child),

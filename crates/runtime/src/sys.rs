@@ -20,8 +20,10 @@ pub(crate) enum Fork {
 
 /// Forks the calling process.
 ///
-/// Only called from the sandbox init process, which is single-threaded (it is a fresh `exec` of
-/// the ampoule binary that never starts a runtime), so the child may allocate and take locks.
+/// Only called by single-threaded processes — the sandbox init (a fresh `exec` of the ampoule
+/// binary that never starts a runtime, or a child of `crate::prefork`) and the CLI before it
+/// starts any thread (`crate::prefork`, which checks) — so the child may allocate and take
+/// locks.
 pub(crate) fn fork() -> io::Result<Fork> {
     // JUSTIFICATION: neither nix nor rustix offers a safe fork; it cannot be safe in general.
     // SAFETY: the caller is single-threaded (see above), so no lock can be held by another

@@ -47,7 +47,6 @@ use std::time::{Duration, Instant};
 use nix::sys::socket::MsgFlags;
 use serde_json::{Value, json};
 use tokio::io::unix::AsyncFd;
-use tokio::process::{ChildStderr, ChildStdin, ChildStdout};
 use tokio::sync::{oneshot, watch};
 
 use crate::cgroup::CgroupVersion;
@@ -632,23 +631,7 @@ impl Zygote {
             scratch: scratch.try_clone().ok(),
             over: Default::default(),
         });
-        let stdio = (
-            match stdin_w {
-                Some(w) => Some(
-                    ChildStdin::from_std(std::process::ChildStdin::from(w))
-                        .map_err(|e| Error::io("stdin pipe", e))?,
-                ),
-                None => None,
-            },
-            Some(
-                ChildStdout::from_std(std::process::ChildStdout::from(stdout_r))
-                    .map_err(|e| Error::io("stdout pipe", e))?,
-            ),
-            Some(
-                ChildStderr::from_std(std::process::ChildStderr::from(stderr_r))
-                    .map_err(|e| Error::io("stderr pipe", e))?,
-            ),
-        );
+        let stdio = crate::sandbox::async_stdio(stdin_w, stdout_r, stderr_r)?;
         Ok(Sandbox::from_fork(
             forked,
             cgroup.and_then(CgroupGuard::into_inner),
