@@ -36,8 +36,6 @@ pub(crate) struct InitSpec {
     pub(crate) host_gid: u32,
     pub(crate) sandbox_uid: u32,
     pub(crate) sandbox_gid: u32,
-    /// cgroup v1 `tasks` files the outer init writes `0` to (moves itself, see init.rs).
-    pub(crate) cgroup_tasks: Vec<PathBuf>,
     pub(crate) stage_dir: PathBuf,
     pub(crate) scratch_dir: PathBuf,
     pub(crate) ro_binds: Vec<PathBuf>,
@@ -93,7 +91,10 @@ pub(crate) struct InitSpec {
 pub(crate) enum ToInit {
     /// Build the sandbox described here (first message).
     Spec(Box<InitSpec>),
-    /// The supervisor has put the inputs in place: start the program.
+    /// The supervisor has put the inputs in place: start the program. On cgroup v1 the message
+    /// carries the sandbox cgroup's `tasks` files, opened by the supervisor, which the outer
+    /// init writes `0` to (see init.rs): the supervisor creates the cgroup while the init
+    /// builds the root, so neither waits for the other.
     Start,
 }
 
@@ -183,7 +184,16 @@ fn recv_raw(fd: RawFd, flags: MsgFlags) -> nix::Result<Option<(Vec<u8>, Option<O
 
 /// Receives one datagram and the descriptors it carries; `Ok(None)` on end of stream.
 pub(crate) fn recv_fds(fd: RawFd, flags: MsgFlags) -> nix::Result<Option<(Vec<u8>, Vec<OwnedFd>)>> {
-    let mut buf = vec![0u8; MAX_MESSAGE];
+    // The datagram's length first (a peek with MSG_TRUNC returns it whole, and leaves the
+    // datagram and its descriptors queued), so the buffer is the message's size: a zeroed
+    // buffer of MAX_MESSAGE per call cost 64 page faults and a 256 KiB memset, several times
+    // on the path of every `ampoule run` (about a third of its extra page faults).
+    let len = nix::sys::socket::recv(
+        fd,
+        &mut [],
+        flags | MsgFlags::MSG_PEEK | MsgFlags::MSG_TRUNC,
+    )?;
+    let mut buf = vec![0u8; len.min(MAX_MESSAGE)];
     let mut cmsg = nix::cmsg_space!([RawFd; 16]);
     let (len, received) = {
         let mut iov = [IoSliceMut::new(&mut buf)];
@@ -234,9 +244,14 @@ impl InitChannel {
     }
 
     pub(crate) fn recv(&self) -> Result<ToInit> {
+        self.recv_with_fds().map(|(msg, _)| msg)
+    }
+
+    /// The next message and the descriptors it carries.
+    pub(crate) fn recv_with_fds(&self) -> Result<(ToInit, Vec<OwnedFd>)> {
         loop {
-            match recv_raw(self.fd.as_raw_fd(), MsgFlags::empty()) {
-                Ok(Some((buf, _))) => return decode(&buf),
+            match recv_fds(self.fd.as_raw_fd(), MsgFlags::empty()) {
+                Ok(Some((buf, fds))) => return Ok((decode(&buf)?, fds)),
                 Ok(None) => return Err(Error::Channel("supervisor went away".into())),
                 Err(nix::errno::Errno::EINTR) => continue,
                 Err(e) => return Err(Error::Channel(format!("recv: {e}"))),
@@ -265,6 +280,11 @@ impl HostChannel {
     }
 
     pub(crate) async fn send(&self, msg: &ToInit) -> Result<()> {
+        self.send_with_fds(msg, &[]).await
+    }
+
+    /// Sends `msg` with `fds` (duplicated into the receiver).
+    pub(crate) async fn send_with_fds(&self, msg: &ToInit, fds: &[RawFd]) -> Result<()> {
         let buf = encode(msg)?;
         loop {
             let mut guard = self
@@ -272,10 +292,10 @@ impl HostChannel {
                 .writable()
                 .await
                 .map_err(|e| Error::io("control socket", e))?;
-            match send_raw(
+            match send_fds(
                 self.fd.get_ref().as_raw_fd(),
                 &buf,
-                None,
+                fds,
                 MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
             ) {
                 Ok(_) => return Ok(()),

@@ -118,13 +118,6 @@ fn outer(chan: &InitChannel) -> Stage<i32> {
     };
     let seccomp = SeccompPolicy::default_policy().stage("seccomp")?;
 
-    // cgroup v1: moving *ourselves* by thread through `tasks` skips the kernel's global
-    // threadgroup lock, whose write side waits for an RCU grace period (~14 ms) when a whole
-    // process is moved through `cgroup.procs`. We are single-threaded, so this moves the
-    // process, and every child forked later inherits the cgroup.
-    for tasks in &spec.cgroup_tasks {
-        fs::write(tasks, "0").stage("cgroup")?;
-    }
     set_rlimits(&spec).stage("rlimit")?;
 
     let namespaces = CloneFlags::CLONE_NEWUSER
@@ -186,9 +179,17 @@ fn outer(chan: &InitChannel) -> Stage<i32> {
     chan.send(&FromInit::Scratch, Some(scratch.as_raw_fd()))
         .stage("channel")?;
     drop(scratch);
-    match chan.recv().stage("channel")? {
-        ToInit::Start => {}
-        ToInit::Spec(_) => return Err(fail("channel", "unexpected second spec")),
+    let cgroup_tasks = match chan.recv_with_fds().stage("channel")? {
+        (ToInit::Start, fds) => fds,
+        (ToInit::Spec(_), _) => return Err(fail("channel", "unexpected second spec")),
+    };
+    // cgroup v1: moving *ourselves* by thread through `tasks` skips the kernel's global
+    // threadgroup lock, whose write side waits for an RCU grace period (~14 ms) when a whole
+    // process is moved through `cgroup.procs`. We are single-threaded, so this moves the
+    // process, and every child forked from here on inherits the cgroup. The files were opened
+    // by the supervisor (real root), whose credentials the kernel checks: we have none left.
+    for tasks in cgroup_tasks {
+        nix::unistd::write(&tasks, b"0").stage("cgroup")?;
     }
     if let Some(net) = &spec.network {
         crate::network::configure_inside(net).stage("network")?;

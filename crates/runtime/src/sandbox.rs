@@ -334,10 +334,6 @@ impl Sandbox {
             }
         }
         let (host_uid, host_gid) = host.ids_for(&slot);
-        let cgroup = match &host.cgroups {
-            Some(root) => Some(OwnedCgroup(root.create(&slot.cgroup_name(), &cfg.limits)?)),
-            None => None,
-        };
         let limits = &cfg.limits;
         let disk_bytes = limits.disk_mib.saturating_mul(1024 * 1024);
         let spec = InitSpec {
@@ -352,10 +348,6 @@ impl Sandbox {
             // its children become SANDBOX_UID in user namespaces of their own.
             sandbox_uid: if is_zygote { 0 } else { SANDBOX_UID },
             sandbox_gid: if is_zygote { 0 } else { SANDBOX_UID },
-            cgroup_tasks: cgroup
-                .as_ref()
-                .map(|c| c.0.self_join_files())
-                .unwrap_or_default(),
             stage_dir: host.stage_dir(),
             scratch_dir: host.scratch_mount_dir(),
             ro_binds: cfg.ro_binds.clone(),
@@ -459,9 +451,29 @@ impl Sandbox {
                 (Proc::Init(child), ours, stdin, stdout, stderr)
             }
         };
-        // On v1 the init moves itself (see init.rs). On v2, move it while it builds the
-        // sandbox: moving a process waits for an RCU grace period, and nothing of the program
-        // runs before `Start`, which is only sent once the move is done.
+        let chan = HostChannel::new(ours)?;
+        // From here on, an error (or the caller dropping this future) drops `child`, which kills
+        // the init and with it the pid namespace, and `cgroup`, which kills and removes it.
+        let rlimits = crate::init::Rlimits::of(&spec);
+        chan.send(&ToInit::Spec(Box::new(spec))).await?;
+        // The cgroup is made while the init builds the root (nothing of the sandbox's may run
+        // before `Start`, which waits for it). On v1 the init moves itself when `Start` brings
+        // it the `tasks` files (see init.rs). On v2, move it now: moving a process waits for an
+        // RCU grace period, meanwhile the init works on.
+        let cgroup = match &host.cgroups {
+            Some(root) => Some(OwnedCgroup(root.create(&slot.cgroup_name(), &cfg.limits)?)),
+            None => None,
+        };
+        let mut cgroup_tasks = Vec::new();
+        if let Some(cg) = &cgroup {
+            for path in cg.0.self_join_files() {
+                let file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+                cgroup_tasks.push(std::os::fd::OwnedFd::from(file));
+            }
+        }
         let attach = match (&cgroup, child.id()) {
             (Some(cg), _) if cg.0.version() == crate::cgroup::CgroupVersion::V1 => None,
             (Some(cg), Some(pid)) => {
@@ -475,11 +487,6 @@ impl Sandbox {
             }
             (None, _) => None,
         };
-        let chan = HostChannel::new(ours)?;
-        // From here on, an error (or the caller dropping this future) drops `child`, which kills
-        // the init and with it the pid namespace, and `cgroup`, which kills and removes it.
-        let rlimits = crate::init::Rlimits::of(&spec);
-        chan.send(&ToInit::Spec(Box::new(spec))).await?;
         let fd = match chan.recv().await? {
             Some((FromInit::Scratch, Some(fd))) => {
                 tracing::debug!(elapsed = ?started.elapsed(), "sandbox root built");
@@ -512,7 +519,12 @@ impl Sandbox {
                 .map_err(|e| Error::Channel(format!("cgroup attach task: {e}")))??;
             tracing::debug!(elapsed = ?started.elapsed(), "init moved into its cgroup");
         }
-        chan.send(&ToInit::Start).await?;
+        {
+            use std::os::fd::AsRawFd;
+            let fds: Vec<_> = cgroup_tasks.iter().map(AsRawFd::as_raw_fd).collect();
+            chan.send_with_fds(&ToInit::Start, &fds).await?;
+        }
+        drop(cgroup_tasks);
         let (landlock, pid1) = match chan.recv().await? {
             Some((FromInit::Ready { landlock }, pid1)) => {
                 tracing::debug!(elapsed = ?started.elapsed(), "sandbox ready, program starting");
