@@ -980,6 +980,29 @@ impl Client {
     }
 }
 
+/// Processes on the host now (the entries of `/proc` that are pids).
+fn process_count() -> usize {
+    std::fs::read_dir("/proc").map_or(0, |d| {
+        d.filter_map(|e| e.ok())
+            .filter(|e| {
+                e.file_name()
+                    .to_str()
+                    .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+            })
+            .count()
+    })
+}
+
+/// Waits until the host has at most a few more processes than `baseline` (what sessions
+/// deleted a moment ago leave while they exit), or `timeout`; returns the milliseconds waited.
+async fn settle(baseline: usize, timeout: Duration) -> f64 {
+    let t = Instant::now();
+    while process_count() > baseline + 4 && t.elapsed() < timeout {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    t.elapsed().as_secs_f64() * 1000.0
+}
+
 // ---------------------------------------------------------------------------------------------
 // 1–3. New sessions, round trips, throughput: one server with four pools
 
@@ -1176,6 +1199,7 @@ async fn server_phase(
     // once keep their sessions), instead of each right after its own answer, when the
     // tear-down of the first ones (their processes' memory unmapped) competes with the start
     // of the last ones.
+    let baseline_procs = process_count();
     for (pool, label, n, held) in [
         (ZYGOTE_POOL, "zygote", plan.burst, false),
         (WARM_POOL, "warm_pool", plan.burst, false),
@@ -1184,6 +1208,10 @@ async fn server_phase(
         (ZYGOTE_POOL, "zygote_big", plan.big_burst, false),
         (ZYGOTE_POOL, "zygote_big_held", plan.big_burst, true),
     ] {
+        // The previous burst's sessions are deleted, but their processes may still be exiting
+        // (the tear-down is asynchronous): wait until the host's process count is back where
+        // it was, so that no burst pays for the one before it.
+        let settled_ms = settle(baseline_procs, Duration::from_secs(20)).await;
         let mut clients: Vec<Client> = (0..n).map(|_| server.client()).collect();
         for cl in &mut clients {
             cl.ready().await?;
@@ -1206,7 +1234,11 @@ async fn server_phase(
             });
             join_all(deletes).await;
         }
-        bursts.insert(label.to_owned(), serde_json::to_value(s.stat())?);
+        let mut stat = serde_json::to_value(s.stat())?;
+        if let Some(o) = stat.as_object_mut() {
+            o.insert("settled_before_ms".into(), json!(settled_ms));
+        }
+        bursts.insert(label.to_owned(), stat);
         if pool == WARM_POOL {
             c.wait_warm(WARM_POOL, Duration::from_secs(600)).await?;
         }
