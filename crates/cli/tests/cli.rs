@@ -61,6 +61,57 @@ fn every_language_runs() {
     assert_eq!(out.status.code(), Some(4));
 }
 
+/// The host's public `/etc` files reach the code unchanged, whether bound (larger ones) or
+/// copied into the root's tmpfs (small ones), and neither kind can be written.
+fn public_etc_files_match_the_host_and_are_read_only() {
+    let names = [
+        "services",
+        "protocols",
+        "ssl/openssl.cnf",
+        "ld.so.conf",
+        "ca-certificates.conf",
+        "ld.so.cache",
+        "mime.types",
+    ];
+    let present: Vec<&str> = names
+        .into_iter()
+        .filter(|n| std::path::Path::new("/etc").join(n).is_file())
+        .collect();
+    assert!(
+        present.contains(&"services"),
+        "this host has no /etc/services"
+    );
+    let code = format!(
+        "import hashlib, os\n\
+         for n in {present:?}:\n\
+         \x20   p = '/etc/' + n\n\
+         \x20   print(n, hashlib.sha256(open(p, 'rb').read()).hexdigest())\n\
+         \x20   try:\n\
+         \x20       open(p, 'ab').write(b'x')\n\
+         \x20       print('WROTE', n)\n\
+         \x20   except OSError:\n\
+         \x20       pass\n"
+    );
+    let out = run_stdin(&[], &code);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let want: String = present
+        .iter()
+        .map(|n| {
+            let bytes = std::fs::read(std::path::Path::new("/etc").join(n)).unwrap();
+            format!("{n} {}\n", sha256_hex(&bytes))
+        })
+        .collect();
+    assert_eq!(text(&out.stdout), want);
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 fn code_from_a_file_inputs_in_and_outputs_out() {
     let dir = tempfile::tempdir().unwrap();
     let code = dir.path().join("job.py");
@@ -406,6 +457,11 @@ fn main() {
             root,
         ),
         trial("every_language_runs", every_language_runs, root),
+        trial(
+            "public_etc_files_match_the_host_and_are_read_only",
+            public_etc_files_match_the_host_and_are_read_only,
+            root,
+        ),
         trial(
             "code_from_a_file_inputs_in_and_outputs_out",
             code_from_a_file_inputs_in_and_outputs_out,
