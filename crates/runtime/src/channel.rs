@@ -152,13 +152,6 @@ fn decode<T: DeserializeOwned>(buf: &[u8]) -> Result<T> {
     serde_json::from_slice(buf).map_err(|e| Error::Channel(format!("decode: {e}")))
 }
 
-fn send_raw(fd: RawFd, buf: &[u8], pass: Option<RawFd>, flags: MsgFlags) -> nix::Result<usize> {
-    match pass {
-        Some(p) => send_fds(fd, buf, &[p], flags),
-        None => send_fds(fd, buf, &[], flags),
-    }
-}
-
 /// Sends one datagram carrying `fds`.
 pub(crate) fn send_fds(
     fd: RawFd,
@@ -172,14 +165,6 @@ pub(crate) fn send_fds(
     } else {
         sendmsg::<()>(fd, &iov, &[ControlMessage::ScmRights(fds)], flags, None)
     }
-}
-
-/// Receives one datagram; `Ok(None)` on end of stream.
-fn recv_raw(fd: RawFd, flags: MsgFlags) -> nix::Result<Option<(Vec<u8>, Option<OwnedFd>)>> {
-    Ok(recv_fds(fd, flags)?.map(|(buf, mut fds)| {
-        let fd = fds.pop();
-        (buf, fd)
-    }))
 }
 
 /// Receives one datagram and the descriptors it carries; `Ok(None)` on end of stream.
@@ -237,8 +222,13 @@ impl InitChannel {
     }
 
     pub(crate) fn send(&self, msg: &FromInit, pass: Option<RawFd>) -> Result<()> {
+        self.send_with_fds(msg, pass.as_slice())
+    }
+
+    /// Sends `msg` carrying `fds` (the receiver gets them in this order).
+    pub(crate) fn send_with_fds(&self, msg: &FromInit, fds: &[RawFd]) -> Result<()> {
         let buf = encode(msg)?;
-        send_raw(self.fd.as_raw_fd(), &buf, pass, MsgFlags::MSG_NOSIGNAL)
+        send_fds(self.fd.as_raw_fd(), &buf, fds, MsgFlags::MSG_NOSIGNAL)
             .map(drop)
             .map_err(|e| Error::Channel(format!("send: {e}")))
     }
@@ -306,16 +296,26 @@ impl HostChannel {
         }
     }
 
-    /// Next message and its descriptor; `Ok(None)` when every init process has exited.
+    /// Next message and its first descriptor (any others are closed); `Ok(None)` when every
+    /// init process has exited.
     pub(crate) async fn recv(&self) -> Result<Option<(FromInit, Option<OwnedFd>)>> {
+        Ok(self
+            .recv_with_fds()
+            .await?
+            .map(|(msg, fds)| (msg, fds.into_iter().next())))
+    }
+
+    /// Next message and every descriptor it carries, in the order sent; `Ok(None)` when every
+    /// init process has exited.
+    pub(crate) async fn recv_with_fds(&self) -> Result<Option<(FromInit, Vec<OwnedFd>)>> {
         loop {
             let mut guard = self
                 .fd
                 .readable()
                 .await
                 .map_err(|e| Error::io("control socket", e))?;
-            match recv_raw(self.fd.get_ref().as_raw_fd(), MsgFlags::MSG_DONTWAIT) {
-                Ok(Some((buf, fd))) => return Ok(Some((decode(&buf)?, fd))),
+            match recv_fds(self.fd.get_ref().as_raw_fd(), MsgFlags::MSG_DONTWAIT) {
+                Ok(Some((buf, fds))) => return Ok(Some((decode(&buf)?, fds))),
                 Ok(None) => return Ok(None),
                 Err(nix::errno::Errno::EAGAIN) => guard.clear_ready(),
                 Err(nix::errno::Errno::EINTR) => continue,

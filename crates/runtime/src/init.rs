@@ -126,9 +126,14 @@ fn outer(chan: &InitChannel) -> Stage<i32> {
         | CloneFlags::CLONE_NEWNET
         | CloneFlags::CLONE_NEWIPC
         | CloneFlags::CLONE_NEWUTS;
+    // Root mode's first mount namespace, held open across the second `unshare` and handed to
+    // the supervisor with the scratch directory: freeing it (a copy of every host mount, and
+    // an RCU grace period) is then the supervisor's work, beside ours, not a step of ours.
+    let mut first_mount_ns = None;
     if spec.privileged {
         // Build everything as real root in a private mount namespace first.
         unshare(CloneFlags::CLONE_NEWNS).stage("unshare mount")?;
+        first_mount_ns = Some(fs::File::open("/proc/self/ns/mnt").stage("unshare mount")?);
         make_private().stage("mount private")?;
         mount_scratch(&spec)?;
         build_root(&spec)?;
@@ -176,9 +181,11 @@ fn outer(chan: &InitChannel) -> Stage<i32> {
     }
 
     let scratch = fs::File::open(&spec.scratch_dir).stage("scratch")?;
-    chan.send(&FromInit::Scratch, Some(scratch.as_raw_fd()))
+    let mut pass = vec![scratch.as_raw_fd()];
+    pass.extend(first_mount_ns.as_ref().map(AsRawFd::as_raw_fd));
+    chan.send_with_fds(&FromInit::Scratch, &pass)
         .stage("channel")?;
-    drop(scratch);
+    drop((scratch, first_mount_ns));
     let cgroup_tasks = match chan.recv_with_fds().stage("channel")? {
         (ToInit::Start, fds) => fds,
         (ToInit::Spec(_), _) => return Err(fail("channel", "unexpected second spec")),

@@ -487,10 +487,17 @@ impl Sandbox {
             }
             (None, _) => None,
         };
-        let fd = match chan.recv().await? {
-            Some((FromInit::Scratch, Some(fd))) => {
+        // Root mode: the init's first mount namespace comes with the scratch directory (see
+        // `init::outer`), and its last reference goes here, after `Start`: freeing its mounts
+        // then overlaps the init's own steps instead of preceding them.
+        let (fd, first_mount_ns) = match chan.recv_with_fds().await? {
+            Some((FromInit::Scratch, fds)) if !fds.is_empty() => {
                 tracing::debug!(elapsed = ?started.elapsed(), "sandbox root built");
-                fd
+                let mut fds = fds.into_iter();
+                let scratch = fds
+                    .next()
+                    .ok_or_else(|| Error::Channel("no scratch directory".into()))?;
+                (scratch, fds.collect::<Vec<_>>())
             }
             Some((FromInit::Failed { stage, message }, _)) => {
                 return Err(Error::Setup { stage, message });
@@ -525,6 +532,16 @@ impl Sandbox {
             chan.send_with_fds(&ToInit::Start, &fds).await?;
         }
         drop(cgroup_tasks);
+        if !first_mount_ns.is_empty() {
+            // A worker of a shared runtime must not wait for the grace period that freeing
+            // mounts takes; the CLI's current-thread runtime has nothing else to do meanwhile.
+            let flavor = tokio::runtime::Handle::current().runtime_flavor();
+            if flavor == tokio::runtime::RuntimeFlavor::CurrentThread {
+                drop(first_mount_ns);
+            } else {
+                drop(tokio::task::spawn_blocking(move || drop(first_mount_ns)));
+            }
+        }
         let (landlock, pid1) = match chan.recv().await? {
             Some((FromInit::Ready { landlock }, pid1)) => {
                 tracing::debug!(elapsed = ?started.elapsed(), "sandbox ready, program starting");
