@@ -568,14 +568,13 @@ fn host_root(spec: &InitSpec, stage: &Path) -> Stage<()> {
                 if let Some(parent) = dst.parent() {
                     mkdir_p(parent)?;
                 }
-                if m.len() <= ETC_COPY_MAX {
-                    // A small file is copied: two mount calls fewer, and one mount fewer for
-                    // the namespace copies and the tear-down to walk. Read-only all the same
-                    // (the root is remounted read-only), and a snapshot as a bind of a file is
-                    // too (the host replaces such files by renaming a new one into place).
-                    fs::copy(&src, &dst)
-                        .map_err(|e| fail("rootfs", format!("copy /etc/{name}: {e}")))?;
-                } else {
+                // A small file is copied: two mount calls fewer, and one mount fewer for the
+                // namespace copies and the tear-down to walk. Read-only all the same (the root
+                // is remounted read-only), and a snapshot as a bind of a file is too (the host
+                // replaces such files by renaming a new one into place). One we cannot read
+                // (a host that made it private) is bound instead, as before.
+                let copied = m.len() <= ETC_COPY_MAX && fs::copy(&src, &dst).is_ok();
+                if !copied {
                     touch(&dst)?;
                     bind(&src, &dst, ro)?;
                 }
