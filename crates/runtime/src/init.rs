@@ -186,6 +186,8 @@ fn outer(chan: &InitChannel) -> Stage<i32> {
     chan.send_with_fds(&FromInit::Scratch, &pass)
         .stage("channel")?;
     drop((scratch, first_mount_ns));
+    // While the supervisor writes the code and inputs.
+    pivot(&spec.stage_dir)?;
     let cgroup_tasks = match chan.recv_with_fds().stage("channel")? {
         (ToInit::Start, fds) => fds,
         (ToInit::Spec(_), _) => return Err(fail("channel", "unexpected second spec")),
@@ -202,9 +204,21 @@ fn outer(chan: &InitChannel) -> Stage<i32> {
         crate::network::configure_inside(net).stage("network")?;
     }
 
+    // Pid 1 and we hand the old root over in two words (a byte each; end of file: no): pid 1's
+    // that `/proc` is mounted (the kernel lets a user namespace mount proc only while another
+    // proc mount is fully visible in the mount namespace: the old root's), ours that the old
+    // root is gone.
+    let cloexec = nix::fcntl::OFlag::O_CLOEXEC;
+    let (proc_r, proc_w) = nix::unistd::pipe2(cloexec).stage("pipe")?;
+    let (detached_r, detached_w) = nix::unistd::pipe2(cloexec).stage("pipe")?;
     match sys::fork().stage("fork")? {
         Fork::Child => {
-            let code = match inner(&spec, chan, &seccomp) {
+            drop((proc_r, detached_w));
+            let handover = Handover {
+                proc_mounted: proc_w,
+                old_root_detached: detached_r,
+            };
+            let code = match inner(&spec, chan, &seccomp, handover) {
                 Ok(code) => code,
                 Err(e) => {
                     let _ = chan.send(
@@ -220,6 +234,17 @@ fn outer(chan: &InitChannel) -> Stage<i32> {
             std::process::exit(code)
         }
         Fork::Parent(child) => {
+            drop((proc_w, detached_r));
+            // End of file: pid 1 failed before (and said why); it is reaped below.
+            if read_word(&proc_r) {
+                if let Err(e) = detach_old_root() {
+                    // Pid 1 reads end of file and stops; it must not outlive our report either.
+                    let _ = nix::sys::signal::kill(child, Signal::SIGKILL);
+                    return Err(e);
+                }
+                nix::unistd::write(&detached_w, b"1").stage("pivot_root")?;
+            }
+            drop((proc_r, detached_w));
             detach_stdio();
             loop {
                 match waitpid(child, None) {
@@ -916,6 +941,10 @@ fn mount_proc(stage: &Path) -> Stage<()> {
     Ok(())
 }
 
+/// Makes the stage the root of our mount namespace: every process of it (the inner init we
+/// fork later too) then resolves `/` in the new tree. `pivot_root(".", ".")` stacks the old root
+/// on top of the new one, where `..` of `/` still leads: [`detach_old_root`] must follow
+/// before any code of the sandbox runs.
 fn pivot(stage: &Path) -> Stage<()> {
     // In root mode the stage is a locked mount (made before the user namespace existed), and
     // pivot_root refuses a locked new root: a bind of it onto itself is a fresh, unlocked mount.
@@ -928,12 +957,17 @@ fn pivot(stage: &Path) -> Stage<()> {
     )
     .map_err(|e| fail("pivot_root", format!("bind stage: {e}")))?;
     nix::unistd::chdir(stage).stage("pivot_root")?;
-    // pivot_root(".", ".") stacks the old root on top of the new one; detaching it leaves only
-    // the new tree, with no directory for the old root to hide in.
-    nix::unistd::pivot_root(".", ".").stage("pivot_root")?;
+    nix::unistd::pivot_root(".", ".").stage("pivot_root")
+}
+
+/// Detaches the old root [`pivot`] left stacked on `/`, leaving only the new tree, with no
+/// directory for the old root to hide in. The call returns only after an RCU grace period
+/// (the kernel frees the detached mounts then): the outer init makes it while pid 1 sets up,
+/// and pid 1 waits for its word before it reports ready or starts the program.
+fn detach_old_root() -> Stage<()> {
+    // Our working directory is the new root's, under the old root: `.` reaches the top one.
     umount2(".", MntFlags::MNT_DETACH).stage("pivot_root")?;
-    nix::unistd::chdir("/").stage("pivot_root")?;
-    Ok(())
+    nix::unistd::chdir("/").stage("pivot_root")
 }
 
 /// Where the sandbox may write (everything else is read and execute only).
@@ -1039,7 +1073,30 @@ fn cstrings(items: impl IntoIterator<Item = String>) -> Stage<Vec<CString>> {
 }
 
 /// Pid 1 of the sandbox.
-fn inner(spec: &InitSpec, chan: &InitChannel, seccomp: &SeccompPolicy) -> Stage<i32> {
+/// Pid 1's ends of the two words with the outer init about the old root (see `outer`).
+struct Handover {
+    proc_mounted: std::os::fd::OwnedFd,
+    old_root_detached: std::os::fd::OwnedFd,
+}
+
+/// Whether the other end wrote its byte (rather than closing the pipe).
+fn read_word(fd: &std::os::fd::OwnedFd) -> bool {
+    let mut word = [0u8; 1];
+    loop {
+        match nix::unistd::read(fd, &mut word) {
+            Ok(n) => return n == 1,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
+fn inner(
+    spec: &InitSpec,
+    chan: &InitChannel,
+    seccomp: &SeccompPolicy,
+    handover: Handover,
+) -> Stage<i32> {
     let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
     // The supervisor moved the outer init into the sandbox cgroup before sending `Start`; only
     // now is the current cgroup the right root for the sandbox's cgroup namespace.
@@ -1050,8 +1107,11 @@ fn inner(spec: &InitSpec, chan: &InitChannel, seccomp: &SeccompPolicy) -> Stage<
         return Err(fail("exec", "empty argv"));
     };
 
-    mount_proc(&spec.stage_dir)?;
-    pivot(&spec.stage_dir)?;
+    // The outer init made the stage our root (see `pivot`), and detaches the old one once
+    // our `/proc` is mounted, while we go on.
+    mount_proc(Path::new("/"))?;
+    nix::unistd::write(&handover.proc_mounted, b"1").stage("pivot_root")?;
+    drop(handover.proc_mounted);
     nix::unistd::sethostname(&spec.hostname).stage("hostname")?;
     sys::loopback_up().stage("loopback")?;
     nix::unistd::chdir(spec.cwd.as_str()).stage("cwd")?;
@@ -1079,6 +1139,11 @@ fn inner(spec: &InitSpec, chan: &InitChannel, seccomp: &SeccompPolicy) -> Stage<
         seccomp.apply().stage("seccomp")?;
         landlock
     };
+    // Nothing of the sandbox may run, nor anything enter it, while the old root is attached.
+    if !read_word(&handover.old_root_detached) {
+        return Err(fail("pivot_root", "the old root was not detached"));
+    }
+    drop(handover.old_root_detached);
     chan.send(
         &FromInit::Ready { landlock },
         me.as_ref().map(AsRawFd::as_raw_fd),
