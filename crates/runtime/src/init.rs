@@ -1072,7 +1072,6 @@ fn cstrings(items: impl IntoIterator<Item = String>) -> Stage<Vec<CString>> {
         .collect()
 }
 
-/// Pid 1 of the sandbox.
 /// Pid 1's ends of the two words with the outer init about the old root (see `outer`).
 struct Handover {
     proc_mounted: std::os::fd::OwnedFd,
@@ -1091,6 +1090,7 @@ fn read_word(fd: &std::os::fd::OwnedFd) -> bool {
     }
 }
 
+/// Pid 1 of the sandbox.
 fn inner(
     spec: &InitSpec,
     chan: &InitChannel,

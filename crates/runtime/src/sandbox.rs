@@ -491,7 +491,7 @@ impl Sandbox {
         // `init::outer`), and its last reference goes here, after `Start`: freeing its mounts
         // then overlaps the init's own steps instead of preceding them.
         let (fd, first_mount_ns) = match chan.recv_with_fds().await? {
-            Some((FromInit::Scratch, fds)) if !fds.is_empty() => {
+            Some((FromInit::Scratch, fds)) => {
                 tracing::debug!(elapsed = ?started.elapsed(), "sandbox root built");
                 let mut fds = fds.into_iter();
                 let scratch = fds
@@ -533,14 +533,8 @@ impl Sandbox {
         }
         drop(cgroup_tasks);
         if !first_mount_ns.is_empty() {
-            // A worker of a shared runtime must not wait for the grace period that freeing
-            // mounts takes; the CLI's current-thread runtime has nothing else to do meanwhile.
-            let flavor = tokio::runtime::Handle::current().runtime_flavor();
-            if flavor == tokio::runtime::RuntimeFlavor::CurrentThread {
-                drop(first_mount_ns);
-            } else {
-                drop(tokio::task::spawn_blocking(move || drop(first_mount_ns)));
-            }
+            // Freeing mounts waits for an RCU grace period; nothing awaits it.
+            drop(drop_off_workers(first_mount_ns));
         }
         let (landlock, pid1) = match chan.recv().await? {
             Some((FromInit::Ready { landlock }, pid1)) => {
@@ -745,17 +739,26 @@ impl Sandbox {
         // since that may wait (a freeze to settle, processes to end, `rmdir` to succeed),
         // and a runtime worker waiting there stalls every request it serves (a burst of
         // deleted sessions kept both workers asleep for 0.8 s of 2 s).
-        // A current-thread runtime (the CLI's one sandbox) serves nothing else meanwhile: no
-        // thread is started for it.
-        if let Some(cg) = cgroup {
-            let flavor = tokio::runtime::Handle::current().runtime_flavor();
-            if flavor == tokio::runtime::RuntimeFlavor::CurrentThread {
-                drop(cg);
-            } else {
-                let _ = tokio::task::spawn_blocking(move || drop(cg)).await;
-            }
+        if let Some(cg) = cgroup
+            && let Some(dropping) = drop_off_workers(cg)
+        {
+            let _ = dropping.await;
         }
         Finished { stats }
+    }
+}
+
+/// Drops `value`, whose drop may wait, where no other request waits behind it: on the blocking
+/// pool (the returned task, to await if the caller must know it is done), or at once on a
+/// current-thread runtime (the CLI's one sandbox), which serves nothing else meanwhile and
+/// starts no thread for it.
+fn drop_off_workers<T: Send + 'static>(value: T) -> Option<tokio::task::JoinHandle<()>> {
+    let flavor = tokio::runtime::Handle::current().runtime_flavor();
+    if flavor == tokio::runtime::RuntimeFlavor::CurrentThread {
+        drop(value);
+        None
+    } else {
+        Some(tokio::task::spawn_blocking(move || drop(value)))
     }
 }
 
