@@ -25,10 +25,15 @@ BASH = os.environ.get("AMPOULE_BASH", "/usr/bin/bash")
 CELL_DIR = "/tmp/.ampoule-shell"
 
 # Runs in the main bash process. $1: fd with "CELL<TAB>PRELUDE" lines, $2: fd for statuses.
+# Its first line on $2 is bash's version, written once SIGINT can no longer kill it: until then
+# the driver says no hello, so no execution (and no interrupt) reaches a shell that a SIGINT
+# would end (a slow start on a busy host otherwise lost the session to its first timeout).
 LOOP = r"""
+trap '' INT
 __ampoule_cmd_fd=$1
 __ampoule_status_fd=$2
 set --
+printf '%s\n' "$BASH_VERSION" >&"$__ampoule_status_fd"
 while :; do
   # Armed afresh for every cell: after a trap has returned from a wait for a child, bash
   # would not run it again.
@@ -65,9 +70,10 @@ def main():
     os.close(cmd_r)
     os.close(status_w)
     status_file = os.fdopen(status_r, "r")
-    version = subprocess.run(
-        [BASH, "-c", "echo $BASH_VERSION"], capture_output=True, text=True
-    ).stdout.strip()
+    version = status_file.readline().strip()
+    if not version:
+        chan.log(f"ampoule shell kernel: bash exited at start with status {bash.wait()}\n")
+        os._exit(1)
     chan.hello("shell", f"GNU bash {version}")
 
     state = {"executing": False, "interrupted": False}

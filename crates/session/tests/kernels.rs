@@ -41,6 +41,11 @@ impl Drop for Kernel {
 
 /// Starts `name`'s kernel from a copy of its files; `None` when the runtime is missing.
 fn start(name: &str) -> Option<Kernel> {
+    start_with(name, &[])
+}
+
+/// [`start`], with `env` added after the plug-in's environment.
+fn start_with(name: &str, env: &[(&str, &str)]) -> Option<Kernel> {
     let spec = match language::find(name).unwrap().locate(&Limits::default()) {
         Ok(spec) => spec,
         Err(e) => {
@@ -64,6 +69,7 @@ fn start(name: &str) -> Option<Kernel> {
         .env_clear()
         .envs(ampoule_runtime::language::base_env())
         .envs(spec.env.iter().cloned())
+        .envs(env.iter().copied())
         .env("HOME", &dir)
         .current_dir(&dir)
         .stdin(Stdio::piped())
@@ -96,6 +102,11 @@ impl Kernel {
 
     /// Runs code and returns its events, `done` last.
     fn execute(&mut self, id: &str, code: &str) -> Vec<Event> {
+        self.execute_then(id, code, None)
+    }
+
+    /// Runs code, sending `then` (an interrupt) 100 ms after it, and returns its events.
+    fn execute_then(&mut self, id: &str, code: &str, then: Option<Request>) -> Vec<Event> {
         let req = Request::Execute(Execute {
             id: id.into(),
             code: code.into(),
@@ -105,6 +116,12 @@ impl Kernel {
         let stdin = self.stdin.as_mut().unwrap();
         write_message(stdin, &req).unwrap();
         stdin.flush().unwrap();
+        if let Some(then) = then {
+            // Late enough that the kernel has handed the cell to its runtime.
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            write_message(stdin, &then).unwrap();
+            stdin.flush().unwrap();
+        }
         let mut events = Vec::new();
         loop {
             let ev = self.next();
@@ -178,4 +195,40 @@ fn python_kernel_speaks_the_protocol() {
 #[test]
 fn javascript_kernel_speaks_the_protocol() {
     conversation("javascript", "console.log('hi')", "6 * 7", "42");
+}
+
+/// An interrupt that arrives before the shell's bash has finished starting (a cell with a tiny
+/// timeout, the first in a context, on a busy host) must not end the shell: the kernel says
+/// hello only once a SIGINT can no longer kill bash. The main bash here starts 300 ms late, as
+/// on a loaded machine; the version probe of the old kernel did not, so its hello came early.
+#[test]
+fn shell_survives_an_interrupt_right_after_its_hello() {
+    let dir = tempfile::tempdir().unwrap();
+    let slow = dir.path().join("slow-bash");
+    let Some(bash) = ["/usr/bin/bash", "/bin/bash"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+    else {
+        eprintln!("skipping: no bash");
+        return;
+    };
+    std::fs::write(
+        &slow,
+        format!("#!/bin/sh\ncase \"$1\" in --noprofile) sleep 0.3;; esac\nexec {bash} \"$@\"\n"),
+    )
+    .unwrap();
+    std::fs::set_permissions(&slow, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let slow = slow.to_string_lossy().into_owned();
+    let Some(mut k) = start_with("shell", &[("AMPOULE_BASH", &slow)]) else {
+        return;
+    };
+    assert!(matches!(k.next(), Event::Hello { .. }));
+    let events = k.execute_then("a", "echo first", Some(Request::Interrupt));
+    assert!(
+        matches!(events.last(), Some(Event::Done { .. })),
+        "{events:?}"
+    );
+    // The shell lives on, with its state.
+    let events = k.execute("b", "x=42; echo alive $x");
+    assert_eq!(stdout_of(&events), "alive 42\n", "{events:?}");
 }
