@@ -24,6 +24,12 @@ pub(crate) struct SetupArgs {
     /// Only check: exit 1 when the environment is missing or differs from the pins.
     #[arg(long, conflicts_with = "list")]
     check: bool,
+    /// The CPython to build the environment with (default: the host's `python3`, or the one
+    /// an existing environment was built with). CPython 3.12 or newer makes zygote pools
+    /// denser: their shared objects are made immortal, so sessions stop copying the pages
+    /// that hold them.
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["list", "check"])]
+    python: Option<std::path::PathBuf>,
 }
 
 pub(crate) fn run(args: SetupArgs) -> Result<ExitCode> {
@@ -60,9 +66,19 @@ pub(crate) fn run(args: SetupArgs) -> Result<ExitCode> {
         return Ok(ExitCode::FAILURE);
     }
 
-    let python = ampoule_runtime::Interpreter::find(ampoule_types::Language::Python)
-        .context("finding the host's Python 3")?
-        .path;
+    let python = match args.python {
+        Some(path) => {
+            std::path::absolute(&path).with_context(|| format!("resolving {}", path.display()))?
+        }
+        None => match env.base_interpreter().filter(|p| p.exists()) {
+            Some(built_with) if env.exists() => built_with,
+            _ => {
+                ampoule_runtime::Interpreter::find(ampoule_types::Language::Python)
+                    .context("finding the host's Python 3")?
+                    .path
+            }
+        },
+    };
     let pins: HashSet<String> = setup::requirements().into_iter().map(|r| r.name).collect();
     let bar = ProgressBar::new(pins.len() as u64);
     bar.set_style(

@@ -56,6 +56,18 @@ pub enum Error {
         /// The base interpreter.
         python: PathBuf,
     },
+    /// The environment exists, built from another interpreter than the one asked for.
+    #[error(
+        "{env} was built with {built_with}, not {asked}; hint: remove it (rm -rf {env}) and run the setup again"
+    )]
+    OtherInterpreter {
+        /// The environment's directory.
+        env: PathBuf,
+        /// The interpreter it was built with (`executable` in its `pyvenv.cfg`).
+        built_with: PathBuf,
+        /// The interpreter asked for.
+        asked: PathBuf,
+    },
     /// A setup step failed.
     #[error("{step} failed: {detail}")]
     Setup {

@@ -97,6 +97,16 @@ impl PythonEnv {
         self.dir.join("bin/python3")
     }
 
+    /// The interpreter the environment was built with (`executable` in its `pyvenv.cfg`), if
+    /// it says.
+    pub fn base_interpreter(&self) -> Option<PathBuf> {
+        let cfg = std::fs::read_to_string(self.dir.join("pyvenv.cfg")).ok()?;
+        cfg.lines().find_map(|line| {
+            let (key, value) = line.split_once('=')?;
+            (key.trim() == "executable").then(|| PathBuf::from(value.trim()))
+        })
+    }
+
     /// Whether the environment has been created.
     pub fn exists(&self) -> bool {
         crate::language::is_executable(&self.python())
@@ -287,6 +297,15 @@ pub enum SetupEvent {
     Verifying,
 }
 
+/// Whether two paths name the same file once links are followed (`/usr/bin/python3` and
+/// `/usr/bin/python3.11`); the paths themselves when either cannot be resolved.
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
+}
+
 /// How [`setup_python`] ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SetupOutcome {
@@ -296,14 +315,26 @@ pub enum SetupOutcome {
     Installed,
 }
 
-/// Builds or refreshes the environment with `base_python` (`/usr/bin/python3`), reporting
-/// progress to `on_event`. Needs network access to the package index unless the wheels are
-/// cached.
+/// Builds or refreshes the environment with `base_python` (`/usr/bin/python3`, or another
+/// CPython: a newer one gives denser zygote pools, see `immortalize` in
+/// kernels/python/zygote.py), reporting progress to `on_event`. An environment built from
+/// another interpreter is refused ([`Error::OtherInterpreter`]), never rebuilt behind the
+/// user's back. Needs network access to the package index unless the wheels are cached.
 pub fn setup_python(
     env: &PythonEnv,
     base_python: &Path,
     on_event: &mut dyn FnMut(SetupEvent),
 ) -> Result<SetupOutcome> {
+    if env.exists()
+        && let Some(built_with) = env.base_interpreter()
+        && !same_file(&built_with, base_python)
+    {
+        return Err(Error::OtherInterpreter {
+            env: env.dir().to_owned(),
+            built_with,
+            asked: base_python.to_owned(),
+        });
+    }
     if env.exists() && env.outdated()?.is_empty() {
         return Ok(SetupOutcome::UpToDate);
     }
@@ -562,6 +593,39 @@ mod tests {
         drop(held);
         drop(lock(&env).unwrap());
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn an_environment_of_another_interpreter_is_refused_and_left_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (old, new) = (dir.path().join("python3.11"), dir.path().join("python3.12"));
+        for p in [&old, &new] {
+            std::fs::write(p, "").unwrap();
+        }
+        let env = PythonEnv::at(dir.path().join("python"));
+        std::fs::create_dir_all(env.dir().join("bin")).unwrap();
+        std::fs::write(env.python(), "").unwrap();
+        std::fs::set_permissions(env.python(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let cfg = format!(
+            "home = {}\nversion = 3.11.2\nexecutable = {}\n",
+            dir.path().display(),
+            old.display()
+        );
+        std::fs::write(env.dir().join("pyvenv.cfg"), &cfg).unwrap();
+        assert_eq!(env.base_interpreter(), Some(old.clone()));
+
+        let err = setup_python(&env, &new, &mut |_| {}).unwrap_err();
+        assert!(
+            matches!(&err, Error::OtherInterpreter { built_with, asked, .. }
+                if *built_with == old && *asked == new),
+            "{err}"
+        );
+        assert!(err.to_string().contains("rm -rf"), "{err}");
+        assert_eq!(
+            std::fs::read_to_string(env.dir().join("pyvenv.cfg")).unwrap(),
+            cfg
+        );
     }
 
     /// A fake venv at `dir`: the layout `python3 -m venv` makes, with one distribution.
