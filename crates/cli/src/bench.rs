@@ -283,6 +283,11 @@ struct Throughput {
 struct Density {
     /// Sessions asked for.
     sessions: usize,
+    /// Servers holding them (more than one only where the open-file limit is too low for one
+    /// server to hold them all: see [`density_servers`]).
+    servers: usize,
+    /// The sessions' interpreter (`Python 3.12.1`).
+    runtime: String,
     /// Whether the pool's zygote ran its warm-up (`[pools.X] warmup`, the default) before
     /// freezing its heap; the baseline runs without (`warmup = ""`).
     warmup: bool,
@@ -309,7 +314,7 @@ struct Density {
     pss_added_per_session_mib: f64,
     /// `MemAvailable` drop from before the sessions to after, per session.
     mem_available_drop_per_session_mib: f64,
-    /// The server process's own PSS and open descriptors with every session live.
+    /// The server processes' own PSS and open descriptors with every session live (summed).
     server_pss_mib: f64,
     server_open_files: usize,
     /// Whether the page cache was dropped before each memory reading.
@@ -1662,6 +1667,18 @@ async fn densities(plan: &Plan, exe: &Path, work: &WorkDir) -> Result<Vec<Densit
 /// Each density session's first cell: a small DataFrame, as a real first cell would.
 const DENSITY_CELL: &str = "import pandas as pd\nint(pd.DataFrame({'a': range(100)}).a.sum())";
 
+/// How many servers hold `n` density sessions: one, unless this process's open-file limit (the
+/// servers inherit it and can raise it no further without `CAP_SYS_RESOURCE`) is below what
+/// one server needs for all of them ([`ampoule_server::listener::FILES_PER_SESSION`] each,
+/// plus room for its own files). The box holds the same sessions either way.
+fn density_servers(n: usize) -> usize {
+    use nix::sys::resource::{Resource, getrlimit};
+    let per_session = ampoule_server::listener::FILES_PER_SESSION;
+    let limit = getrlimit(Resource::RLIMIT_NOFILE).map_or(u64::MAX, |(_, hard)| hard);
+    let fits = (limit.saturating_sub(2048) / per_session).max(1);
+    (n as u64).div_ceil(fits).max(1) as usize
+}
+
 async fn density_phase(
     n: usize,
     warmup: bool,
@@ -1670,29 +1687,40 @@ async fn density_phase(
     work: &WorkDir,
 ) -> Result<Density> {
     let label = if warmup { "warm-up" } else { "no warm-up" };
+    let k = density_servers(n);
     note(&format!(
-        "density: starting a server for {n} sessions ({label})"
+        "density: starting {} for {n} sessions ({label})",
+        if k == 1 {
+            "a server".to_owned()
+        } else {
+            format!("{k} servers (the open-file limit holds ~{} sessions per server)", n.div_ceil(k))
+        }
     ));
-    let mut toml = pool_toml(true, 0, n + DENSITY_CLIENTS);
+    let mut toml = pool_toml(true, 0, n.div_ceil(k) + DENSITY_CLIENTS);
     if !warmup {
         toml.push_str("warmup = \"\"\n");
     }
     let pools = [(DENSITY_POOL, toml)];
-    let server = Server::start(
-        exe,
-        work,
-        &format!("density-{n}-{}", if warmup { "w" } else { "nw" }),
-        &pools,
-    )?;
-    let mut c = server.client();
-    c.execute(DENSITY_POOL, "warm-up", FIRST_CODE, Some("2"))
-        .await
-        .with_context(|| format!("the first density session\n{}", server.log_tail()))?;
-    c.delete(DENSITY_POOL, "warm-up").await?;
+    let mut servers = Vec::with_capacity(k);
+    for i in 0..k {
+        let server = Server::start(
+            exe,
+            work,
+            &format!("density-{n}-{}-{i}", if warmup { "w" } else { "nw" }),
+            &pools,
+        )?;
+        let mut c = server.client();
+        c.execute(DENSITY_POOL, "warm-up", FIRST_CODE, Some("2"))
+            .await
+            .with_context(|| format!("the first density session\n{}", server.log_tail()))?;
+        c.delete(DENSITY_POOL, "warm-up").await?;
+        servers.push(server);
+    }
     tokio::time::sleep(Duration::from_secs(1)).await;
     settle_memory(plan.drop_caches).await;
 
-    let before = memory_reading(server.pid(), plan.drop_caches)?;
+    let pids: Vec<u32> = servers.iter().map(Server::pid).collect();
+    let before = memory_reading(&pids, plan.drop_caches)?;
     let pb = progress(
         n,
         &format!("density: {n} sessions run a DataFrame cell ({label})"),
@@ -1700,8 +1728,9 @@ async fn density_phase(
     let next = AtomicUsize::new(0);
     let created = AtomicUsize::new(0);
     let start = Instant::now();
+    // Session i lives on server i % k.
     let creators = (0..DENSITY_CLIENTS).map(|_| {
-        let mut cl = server.client();
+        let mut cls: Vec<Client> = servers.iter().map(Server::client).collect();
         let (next, created, pb) = (&next, &created, &pb);
         async move {
             let mut first_error = None;
@@ -1710,7 +1739,7 @@ async fn density_phase(
                 if i >= n {
                     break;
                 }
-                match cl
+                match cls[i % k]
                     .execute(DENSITY_POOL, &format!("d-{i}"), DENSITY_CELL, Some("4950"))
                     .await
                 {
@@ -1733,15 +1762,18 @@ async fn density_phase(
         note(&format!("density: a session failed to start: {e}"));
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let after = memory_reading(server.pid(), plan.drop_caches)?;
-    let alive = c.pool(DENSITY_POOL).await?["sessions"]
-        .as_u64()
-        .unwrap_or(0) as usize;
+    let after = memory_reading(&pids, plan.drop_caches)?;
+    let mut alive = 0;
+    for server in &servers {
+        alive += server.client().pool(DENSITY_POOL).await?["sessions"]
+            .as_u64()
+            .unwrap_or(0) as usize;
+    }
 
     let pb = progress(n, &format!("density: {n} sessions answer 1+1"));
     let next = AtomicUsize::new(0);
     let answers = (0..DENSITY_CLIENTS).map(|_| {
-        let mut cl = server.client();
+        let mut cls: Vec<Client> = servers.iter().map(Server::client).collect();
         let (next, pb) = (&next, &pb);
         async move {
             let mut s = Samples::default();
@@ -1751,7 +1783,8 @@ async fn density_phase(
                     break;
                 }
                 s.record(
-                    cl.execute(DENSITY_POOL, &format!("d-{i}"), "1+1", Some("2"))
+                    cls[i % k]
+                        .execute(DENSITY_POOL, &format!("d-{i}"), "1+1", Some("2"))
                         .await,
                 );
                 pb.inc(1);
@@ -1764,17 +1797,26 @@ async fn density_phase(
         answered.merge(s);
     }
     pb.finish_and_clear();
-    note(&format!("density: stopping the server ({n} sessions)"));
-    let zygote_cold_fallbacks = server.cold_fallbacks.load(Ordering::Relaxed);
-    let zygote_deaths = server.zygote_deaths.load(Ordering::Relaxed);
-    drop(c);
-    server.stop(Duration::from_secs(300));
+    note(&format!("density: stopping the servers ({n} sessions)"));
+    let zygote_cold_fallbacks = servers
+        .iter()
+        .map(|s| s.cold_fallbacks.load(Ordering::Relaxed))
+        .sum();
+    let zygote_deaths = servers
+        .iter()
+        .map(|s| s.zygote_deaths.load(Ordering::Relaxed))
+        .sum();
+    for server in servers {
+        server.stop(Duration::from_secs(300));
+    }
 
     let mib = |kib: u64| round2(kib as f64 / 1024.0);
     let per = |kib: f64| round2(kib / 1024.0 / n.max(1) as f64);
     let answer_latency = answered.stat();
     Ok(Density {
         sessions: n,
+        servers: k,
+        runtime: python_runtime(),
         warmup,
         first_cell: DENSITY_CELL,
         created: created.load(Ordering::Relaxed),
@@ -1797,6 +1839,19 @@ async fn density_phase(
         zygote_deaths,
         answer_latency,
     })
+}
+
+/// The session environment's interpreter, as `python -VV` names it (`Python 3.12.1 (main, …)`):
+/// the density depends on it (CPython 3.12+ has immortal objects).
+fn python_runtime() -> String {
+    let python = ampoule_session::setup::PythonEnv::default_location().python();
+    std::process::Command::new(&python)
+        .arg("-V")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| format!("{} (unknown version)", python.display()))
 }
 
 struct MemoryReading {
@@ -1830,21 +1885,26 @@ async fn settle_memory(drop_caches: bool) {
     }
 }
 
-fn memory_reading(server: u32, drop_caches: bool) -> Result<MemoryReading> {
+fn memory_reading(servers: &[u32], drop_caches: bool) -> Result<MemoryReading> {
     if drop_caches {
         std::fs::write("/proc/sys/vm/drop_caches", "1").context("dropping the page cache")?;
     }
-    let pids = descendants(server);
+    let pids: Vec<u32> = servers.iter().flat_map(|&s| descendants(s)).collect();
     let total: u64 = pids.iter().filter_map(|&p| pss_kib(p)).sum();
     let mem_available_kib = meminfo("MemAvailable").context("reading /proc/meminfo")?;
     Ok(MemoryReading {
         pss_kib: total,
         processes: pids.len(),
         mem_available_kib,
-        server_pss_kib: pss_kib(server).unwrap_or(0),
-        server_open_files: std::fs::read_dir(format!("/proc/{server}/fd"))
-            .map(|d| d.count())
-            .unwrap_or(0),
+        server_pss_kib: servers.iter().filter_map(|&s| pss_kib(s)).sum(),
+        server_open_files: servers
+            .iter()
+            .map(|s| {
+                std::fs::read_dir(format!("/proc/{s}/fd"))
+                    .map(|d| d.count())
+                    .unwrap_or(0)
+            })
+            .sum(),
     })
 }
 
@@ -2121,13 +2181,18 @@ fn print_tables(out: &mut impl Write, r: &Value) -> Result<()> {
     for d in r["density"].as_array().into_iter().flatten() {
         writeln!(
             out,
-            "density, {} pandas sessions after a DataFrame cell, zygote {}: {} created in {} s, \
-             {} alive, {} answering 1+1 ({:.1} %, p50 {} ms); {} processes",
+            "density, {} pandas sessions ({}) after a DataFrame cell, zygote {}{}: {} created in \
+             {} s, {} alive, {} answering 1+1 ({:.1} %, p50 {} ms); {} processes",
             d["sessions"],
+            d["runtime"].as_str().unwrap_or("?"),
             if d["warmup"] == true {
                 "warmed up"
             } else {
                 "without warm-up"
+            },
+            match d["servers"].as_u64() {
+                Some(k) if k > 1 => format!(", over {k} servers (open-file limit)"),
+                _ => String::new(),
             },
             d["created"],
             d["create_seconds"],

@@ -283,7 +283,6 @@ fn main() -> ExitCode {
 }
 
 async fn serve(args: ServeArgs) -> Result<ExitCode> {
-    raise_nofile_limit();
     let cfg = match &args.config {
         Some(path) => ampoule_server::Config::load(path)?,
         None => ampoule_server::Config::default(),
@@ -308,19 +307,6 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
     }
     served?;
     Ok(ExitCode::SUCCESS)
-}
-
-/// Raises the soft open-files limit to the hard one: every live session holds a few
-/// descriptors in the server (its control socket, pipes, pidfd, scratch), and a thousand
-/// sessions overrun the usual soft limit of 1024. Sandboxes set their own limits.
-fn raise_nofile_limit() {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
-        && soft < hard
-        && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
-    {
-        tracing::warn!(soft, hard, "could not raise the open-files limit: {e}");
-    }
 }
 
 /// `ampoule mcp`: MCP on stdio (stdout is the protocol: nothing else may be printed there).

@@ -84,15 +84,45 @@ impl Limits {
     }
 }
 
-/// Raises the process's soft open-file limit to its hard limit: each connection holds a
-/// descriptor, and the caps above are what decides how many, not a default of 1024.
-pub fn raise_open_files() {
+/// Descriptors the server holds for each live session (its control socket, pipes, pidfd,
+/// scratch directory and cgroup files: 14 measured, with room).
+pub const FILES_PER_SESSION: u64 = 16;
+
+/// Raises the process's open-file limit to what `needed` descriptors take: the soft limit to
+/// the hard one, and past the hard one up to `fs.nr_open` when the process may
+/// (`CAP_SYS_RESOURCE`, root). Each connection and each live session holds descriptors, and
+/// the configured caps, not a default of 1024 or a service manager's 20,000, decide how many
+/// (3,000 sessions need ~48,000). Warns when the limit stays below `needed`.
+pub fn raise_open_files(needed: u64) {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
-        && soft < hard
-        && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
-    {
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    let ceiling = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(hard);
+    let wanted = hard.max(needed.min(ceiling));
+    let set = if wanted > hard {
+        setrlimit(Resource::RLIMIT_NOFILE, wanted, wanted)
+            .or_else(|_| setrlimit(Resource::RLIMIT_NOFILE, hard, hard))
+    } else if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+    } else {
+        Ok(())
+    };
+    if let Err(e) = set {
         tracing::warn!(error = %e, "could not raise the open-file limit");
+    }
+    if let Ok((now, _)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && now < needed
+    {
+        tracing::warn!(
+            limit = now,
+            needed,
+            "the open-file limit is below what the pools' max_sessions and the door's \
+             max_connections may hold: sessions past it fail to start (raise LimitNOFILE)"
+        );
     }
 }
 

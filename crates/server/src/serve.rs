@@ -405,7 +405,13 @@ pub async fn serve_noting(
         .map(str::to_owned)
         .or_else(|| cfg.server.listen.clone())
         .unwrap_or_else(|| config::DEFAULT_LISTEN.to_owned());
-    crate::listener::raise_open_files();
+    // Every session a pool may hold, every connection the door may take, and room for the
+    // audit store, the egress gateways and the runtime.
+    let sessions: u64 = cfg.pools.values().map(|p| p.max_sessions as u64).sum();
+    let connections = cfg.door_limits()?.max_connections as u64;
+    crate::listener::raise_open_files(
+        sessions * crate::listener::FILES_PER_SESSION + connections + 1024,
+    );
     let tcp = tokio::net::TcpListener::bind(&addr)
         .await
         .map_err(|e| Error::io(format!("listening on {addr}"), e))?;
