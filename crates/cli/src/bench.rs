@@ -1693,7 +1693,10 @@ async fn density_phase(
         if k == 1 {
             "a server".to_owned()
         } else {
-            format!("{k} servers (the open-file limit holds ~{} sessions per server)", n.div_ceil(k))
+            format!(
+                "{k} servers (the open-file limit holds ~{} sessions per server)",
+                n.div_ceil(k)
+            )
         }
     ));
     let mut toml = pool_toml(true, 0, n.div_ceil(k) + DENSITY_CLIENTS);

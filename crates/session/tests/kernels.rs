@@ -232,3 +232,84 @@ fn shell_survives_an_interrupt_right_after_its_hello() {
     let events = k.execute("b", "x=42; echo alive $x");
     assert_eq!(stdout_of(&events), "alive 42\n", "{events:?}");
 }
+
+/// What the zygote's `immortalize` does, on every CPython this host has: on 3.12 and newer the
+/// objects it held are immortal afterwards (a new reference leaves an object's count as it
+/// was: nothing for a forked session to copy), and a socket it held stays mortal (dropping it
+/// still closes its descriptor); before 3.12 it changes nothing. CI's Debian has 3.11 only;
+/// hosts with a newer CPython (pyenv's, `/usr/bin/python3.12`…) run the other branch too.
+#[test]
+fn zygote_objects_become_immortal_on_cpython_3_12_and_newer() {
+    let zygote = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../kernels/python/zygote.py");
+    let mut pythons: Vec<std::path::PathBuf> = ["/usr/bin/python3", "/usr/local/bin/python3"]
+        .into_iter()
+        .map(String::from)
+        .chain((12..=14).map(|m| format!("/usr/bin/python3.{m}")))
+        .map(std::path::PathBuf::from)
+        .filter(|p| p.exists())
+        .collect();
+    if let Ok(dir) = std::fs::read_dir("/root/.pyenv/versions") {
+        pythons.extend(
+            dir.flatten()
+                .map(|e| e.path().join("bin/python3"))
+                .filter(|p| p.exists()),
+        );
+    }
+    let script = r#"
+import ctypes, gc, importlib.util, json, os, socket, sys
+spec = importlib.util.spec_from_file_location("zygote", sys.argv[1])
+z = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(z)
+class Thing: pass
+held = [Thing() for _ in range(10)]
+sock = socket.socket(socket.AF_UNIX)
+fd = sock.fileno()
+gc.collect()
+marked = z.immortalize()
+count = lambda o: ctypes.c_uint32.from_address(id(o)).value
+before = count(held[3])
+more = [held[3]] * 100
+unchanged = count(held[3]) == before
+del sock
+print(json.dumps({"version": list(sys.version_info[:2]), "marked": marked,
+                  "unchanged": unchanged, "closed": not os.path.exists(f"/proc/self/fd/{fd}")}))
+"#;
+    let mut checked_new = false;
+    for python in &pythons {
+        let out = Command::new(python)
+            .args(["-c", script])
+            .arg(&zygote)
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            // A pyenv build without ctypes or sockets is no host runtime of ours.
+            eprintln!(
+                "{}: {}",
+                python.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let minor = v["version"][1].as_u64().unwrap();
+        let major = v["version"][0].as_u64().unwrap();
+        assert_eq!(v["closed"], true, "{}: {v}", python.display());
+        if (major, minor) >= (3, 12) && minor < 15 {
+            assert!(
+                v["marked"].as_u64().unwrap() > 1000,
+                "{}: {v}",
+                python.display()
+            );
+            assert_eq!(v["unchanged"], true, "{}: {v}", python.display());
+            checked_new = true;
+        } else if (major, minor) < (3, 12) {
+            assert_eq!(v["marked"], 0, "{}: {v}", python.display());
+            assert_eq!(v["unchanged"], false, "{}: {v}", python.display());
+        }
+    }
+    if !checked_new {
+        eprintln!("no CPython 3.12+ here: only the older interpreters' branch was checked");
+    }
+}
