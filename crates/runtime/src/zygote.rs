@@ -103,6 +103,9 @@ pub struct ZygoteInfo {
     /// KiB of free heap chunks it filled before forking, so its children allocate in pages
     /// of their own (`fill_heap_holes` in zygote.py).
     pub holes_kib: u64,
+    /// Objects it made immortal before forking, so that its children never write their
+    /// reference counts (CPython 3.12+; 0 before: see `immortalize` in zygote.py).
+    pub immortal: u64,
     /// Its threads when it got ready (1: a fork copies only the calling thread, so any other
     /// would be missing in the children, with whatever lock it held).
     pub threads: u64,
@@ -303,6 +306,7 @@ impl Zygote {
                     huge_mib: r["huge_mib"].as_u64().unwrap_or_default(),
                     hot_kib: r["hot_kib"].as_u64().unwrap_or_default(),
                     holes_kib: r["holes_kib"].as_u64().unwrap_or_default(),
+                    immortal: r["immortal"].as_u64().unwrap_or_default(),
                     threads: r["threads"].as_u64().unwrap_or_default(),
                 }
             }

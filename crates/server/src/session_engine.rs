@@ -126,6 +126,7 @@ async fn launch(
             huge_mib = info.huge_mib,
             hot_kib = info.hot_kib,
             holes_kib = info.holes_kib,
+            immortal = info.immortal,
             "zygote ready"
         );
         if info.threads != 1 {
