@@ -241,6 +241,15 @@ impl Sandbox {
     ) -> Result<Self> {
         let is_zygote = zygote.is_some();
         let ca_mount_point = zygote.as_ref().is_some_and(|(_, ca)| *ca);
+        if let Some((bind, area)) = hidden_bind(&cfg.ro_binds) {
+            return Err(Error::Invalid(format!(
+                "{} cannot be bound into a sandbox: it lies under {area}, which every sandbox \
+                 mounts afresh over it (the program would not find it)\n\
+                 hint: keep runtimes and the data directory (AMPOULE_DATA_DIR) outside {}",
+                bind.display(),
+                crate::init::LANDLOCK_RW_DIRS.join(", ")
+            )));
+        }
         if cfg.isolation == crate::gvisor::Isolation::Gvisor {
             if is_zygote {
                 return Err(Error::Invalid(
@@ -914,5 +923,38 @@ pub(crate) struct OwnedCgroup(pub(crate) Cgroup);
 impl Drop for OwnedCgroup {
     fn drop(&mut self) {
         self.0.kill_and_remove();
+    }
+}
+
+/// The first of `binds` that a sandbox's own writable areas (`/tmp`, `/mnt/data`…) would hide,
+/// with that area: a runtime or environment there is invisible to the program.
+fn hidden_bind(binds: &[PathBuf]) -> Option<(&Path, &'static str)> {
+    binds.iter().find_map(|bind| {
+        crate::init::LANDLOCK_RW_DIRS
+            .iter()
+            .find(|area| bind.starts_with(area))
+            .map(|area| (bind.as_path(), *area))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn binds_under_a_writable_area_are_found() {
+        let binds = [
+            PathBuf::from("/opt/python"),
+            PathBuf::from("/tmp/data/python"),
+        ];
+        assert_eq!(
+            hidden_bind(&binds),
+            Some((Path::new("/tmp/data/python"), "/tmp"))
+        );
+        assert_eq!(hidden_bind(&[PathBuf::from("/tmpfoo/python")]), None);
+        assert_eq!(
+            hidden_bind(&[PathBuf::from("/var/lib/ampoule/python")]),
+            None
+        );
     }
 }
