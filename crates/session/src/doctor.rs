@@ -63,7 +63,47 @@ pub fn checks() -> Vec<Check> {
             fix: Some("ampoule setup".into()),
         },
     });
+    if env.exists()
+        && let Some(check) = zygote_sharing(&env)
+    {
+        out.push(check);
+    }
     out
+}
+
+/// Whether a Python zygote's children share its objects' pages: only where its interpreter
+/// has immortal objects (CPython 3.12+; `immortalize` in kernels/python/zygote.py). Older
+/// ones write the reference count of every object a session touches, copying those pages.
+fn zygote_sharing(env: &PythonEnv) -> Option<Check> {
+    let (major, minor) = env.python_version()?;
+    let name = "python zygote sharing".to_owned();
+    Some(if (major, minor) >= (3, 12) {
+        Check {
+            name,
+            level: Level::Ok,
+            detail: format!(
+                "CPython {major}.{minor}: a zygote makes its objects immortal, so its sessions \
+                 share their pages instead of copying them"
+            ),
+            fix: None,
+        }
+    } else {
+        Check {
+            name,
+            level: Level::Warn,
+            detail: format!(
+                "CPython {major}.{minor} writes the reference count of every object a session \
+                 touches, so zygote-born sessions copy pages of their zygote that 3.12 would \
+                 share (a pandas session after a first cell: 8.8 MiB against 4.5, \
+                 docs/BENCHMARKS.md)"
+            ),
+            fix: Some(format!(
+                "for denser pools, rebuild the environment with CPython 3.12 or newer: \
+                 rm -rf {dir} && ampoule setup --python /path/to/python3.12",
+                dir = env.dir().display()
+            )),
+        }
+    })
 }
 
 #[cfg(test)]
@@ -86,5 +126,24 @@ mod tests {
         for c in &checks {
             eprintln!("{:?} {} {} {:?}", c.level, c.name, c.detail, c.fix);
         }
+    }
+
+    #[test]
+    fn zygote_sharing_follows_the_environment_interpreter() {
+        let dir = std::env::temp_dir().join(format!("ampoule-doctor-{}", std::process::id()));
+        let env = PythonEnv::at(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = dir.join("pyvenv.cfg");
+        std::fs::write(&cfg, "home = /usr/bin\nversion = 3.11.2\n").unwrap();
+        let old = zygote_sharing(&env).unwrap();
+        assert_eq!(old.level, Level::Warn, "{old:?}");
+        assert!(old.fix.as_deref().unwrap().contains("--python"), "{old:?}");
+        std::fs::write(&cfg, "home = /opt/py/bin\nversion_info = 3.13.0.final.0\n").unwrap();
+        let new = zygote_sharing(&env).unwrap();
+        assert_eq!(new.level, Level::Ok, "{new:?}");
+        assert!(new.detail.contains("3.13"), "{new:?}");
+        std::fs::write(&cfg, "home = /usr/bin\n").unwrap();
+        assert!(zygote_sharing(&env).is_none());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -107,6 +107,20 @@ impl PythonEnv {
         })
     }
 
+    /// The version of its interpreter (`version` or `version_info` in its `pyvenv.cfg`:
+    /// `(3, 12)`), if it says.
+    pub fn python_version(&self) -> Option<(u32, u32)> {
+        let cfg = std::fs::read_to_string(self.dir.join("pyvenv.cfg")).ok()?;
+        cfg.lines().find_map(|line| {
+            let (key, value) = line.split_once('=')?;
+            if !matches!(key.trim(), "version" | "version_info") {
+                return None;
+            }
+            let mut parts = value.trim().split('.');
+            Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+        })
+    }
+
     /// Whether the environment has been created.
     pub fn exists(&self) -> bool {
         crate::language::is_executable(&self.python())
@@ -614,6 +628,7 @@ mod tests {
         );
         std::fs::write(env.dir().join("pyvenv.cfg"), &cfg).unwrap();
         assert_eq!(env.base_interpreter(), Some(old.clone()));
+        assert_eq!(env.python_version(), Some((3, 11)));
 
         let err = setup_python(&env, &new, &mut |_| {}).unwrap_err();
         assert!(
