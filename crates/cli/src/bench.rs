@@ -308,11 +308,11 @@ struct Density {
     pss_total_mib: f64,
     /// Σ PSS before the sessions existed (the zygote and its sandbox).
     pss_before_mib: f64,
-    /// `pss_total_mib / sessions`: the zygote's share included.
+    /// `pss_total_mib / alive`: the zygote's share included.
     pss_per_session_mib: f64,
-    /// `(pss_total_mib - pss_before_mib) / sessions`.
+    /// `(pss_total_mib - pss_before_mib) / alive`.
     pss_added_per_session_mib: f64,
-    /// `MemAvailable` drop from before the sessions to after, per session.
+    /// `MemAvailable` drop from before the sessions to after, per live session.
     mem_available_drop_per_session_mib: f64,
     /// The server processes' own PSS and open descriptors with every session live (summed).
     server_pss_mib: f64,
@@ -1814,7 +1814,9 @@ async fn density_phase(
     }
 
     let mib = |kib: u64| round2(kib as f64 / 1024.0);
-    let per = |kib: f64| round2(kib / 1024.0 / n.max(1) as f64);
+    // Per session that lived: when some failed to start (a limit reached), the memory is
+    // that of the others.
+    let per = |kib: f64| round2(kib / 1024.0 / alive.max(1) as f64);
     let answer_latency = answered.stat();
     Ok(Density {
         sessions: n,
