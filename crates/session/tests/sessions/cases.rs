@@ -654,10 +654,13 @@ async fn setup_again(_host: Host) -> Result<(), Failed> {
     let env = PythonEnv::default_location();
     let started = Instant::now();
     let mut events = Vec::new();
-    let outcome = setup_python(&env, std::path::Path::new("/usr/bin/python3"), &mut |e| {
-        events.push(e)
-    })
-    .map_err(|e| crate::chain(&e))?;
+    // With the interpreter the environment was built with (`ampoule setup --python` may have
+    // named another than the host's python3; asking for a different one is refused).
+    let base = env
+        .base_interpreter()
+        .unwrap_or_else(|| "/usr/bin/python3".into());
+    let outcome =
+        setup_python(&env, &base, &mut |e| events.push(e)).map_err(|e| crate::chain(&e))?;
     check!(
         outcome == SetupOutcome::UpToDate && events.is_empty(),
         (outcome, events)
