@@ -341,7 +341,8 @@ def execute(msg):
             last = None
             if tree.body and isinstance(tree.body[-1], ast.Expr):
                 last = tree.body.pop()
-            _run(ast.Module(body=tree.body, type_ignores=[]), filename, "exec")
+            if tree.body:  # a cell that is one expression compiles once, not twice
+                _run(ast.Module(body=tree.body, type_ignores=[]), filename, "exec")
             if last is not None:
                 value = _run(ast.Expression(body=last.value), filename, "eval")
                 if value is not None:

@@ -193,6 +193,11 @@ pub(crate) fn all() -> Vec<Case> {
         unresponsive,
     ));
     cases.push(Case::new("python", "exiting_interpreter_is_lost", exiting));
+    cases.push(Case::new(
+        "python",
+        "top_level_await_alone_and_after_statements",
+        py_await,
+    ));
     cases.push(Case::new("python", "pip_installs_an_uploaded_wheel", wheel).needs_packages());
     cases.push(Case::new(
         "javascript",
@@ -225,6 +230,23 @@ async fn state_persists(host: Host, lang: &'static Lang) -> Result<(), Failed> {
     let out = last.ok_or("no execution")?;
     check!(lang.state_expect.holds(&out), out);
     check!(out.execution_count == Some(3), out);
+    Ok(())
+}
+
+/// A cell that is only an awaited expression (the kernel compiles it once, without an empty
+/// module before it) and one whose statements await before its last expression.
+async fn py_await(host: Host) -> Result<(), Failed> {
+    let mut s = start(&host, "python", quick()).await?;
+    for (code, want) in [
+        ("import asyncio\nawait asyncio.sleep(0, result=42)", "42"),
+        ("await asyncio.sleep(0, result=21)", "21"),
+        ("x = await asyncio.sleep(0, result=7)\nx * 6", "42"),
+        ("6 * 7", "42"),
+    ] {
+        let out = run(&mut s, code).await?;
+        check!(out.status == ExecutionStatus::Succeeded, out);
+        check!(text_plain(&out).as_deref() == Some(want), (code, out));
+    }
     Ok(())
 }
 
