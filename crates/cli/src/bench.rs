@@ -1656,9 +1656,12 @@ const DENSITY_CLIENTS: usize = 8;
 /// Every density figure of the plan, each without and then with the zygote's warm-up.
 async fn densities(plan: &Plan, exe: &Path, work: &WorkDir) -> Result<Vec<Density>> {
     let mut out = Vec::new();
+    // MemAvailable before any phase started a server: each next phase waits until memory is
+    // back to about it.
+    let baseline = meminfo("MemAvailable");
     for &n in &plan.density {
         for warmup in [false, true] {
-            out.push(density_phase(n, warmup, plan, exe, work).await?);
+            out.push(density_phase(n, warmup, plan, exe, work, baseline).await?);
         }
     }
     Ok(out)
@@ -1685,8 +1688,11 @@ async fn density_phase(
     plan: &Plan,
     exe: &Path,
     work: &WorkDir,
+    baseline_kib: Option<u64>,
 ) -> Result<Density> {
     let label = if warmup { "warm-up" } else { "no warm-up" };
+    // What an earlier phase held is given back before this one's servers start.
+    settle_memory(plan.drop_caches, baseline_kib).await;
     let k = density_servers(n);
     note(&format!(
         "density: starting {} for {n} sessions ({label})",
@@ -1720,7 +1726,7 @@ async fn density_phase(
         servers.push(server);
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    settle_memory(plan.drop_caches).await;
+    settle_memory(plan.drop_caches, None).await;
 
     let pids: Vec<u32> = servers.iter().map(Server::pid).collect();
     let before = memory_reading(&pids, plan.drop_caches)?;
@@ -1868,10 +1874,12 @@ struct MemoryReading {
     server_open_files: usize,
 }
 
-/// Waits (at most 60 s) until `MemAvailable` stops rising: what an earlier phase's server
-/// and sandboxes held is still being freed for a while after they exit, and a "before" reading
-/// taken meanwhile would make the next phase's drop look smaller than it is.
-async fn settle_memory(drop_caches: bool) {
+/// Waits until `MemAvailable` stops rising: what an earlier phase's server and sandboxes held
+/// is still being freed for a while after they exit (thousands of sessions: tens of seconds,
+/// in bursts), and a "before" reading taken meanwhile would make the next phase's drop look
+/// smaller than it is. Settled: less than 4 MiB freed in each of 3 seconds in a row and, when
+/// the first phase's reading is known, back within 1 % of it; at most 120 s.
+async fn settle_memory(drop_caches: bool, baseline_kib: Option<u64>) {
     let read = || {
         if drop_caches {
             let _ = std::fs::write("/proc/sys/vm/drop_caches", "1");
@@ -1879,15 +1887,18 @@ async fn settle_memory(drop_caches: bool) {
         meminfo("MemAvailable").unwrap_or(0)
     };
     let mut last = read();
-    for _ in 0..60 {
+    let mut quiet = 0;
+    for _ in 0..120 {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let now = read();
-        // Less than 4 MiB freed in a second: settled.
-        if now < last + 4 * 1024 {
+        quiet = if now < last + 4 * 1024 { quiet + 1 } else { 0 };
+        last = now;
+        let back = baseline_kib.is_none_or(|b| now + b / 100 >= b);
+        if quiet >= 3 && back {
             return;
         }
-        last = now;
     }
+    note("density: MemAvailable did not settle within 120 s; reading it anyway");
 }
 
 fn memory_reading(servers: &[u32], drop_caches: bool) -> Result<MemoryReading> {
