@@ -798,28 +798,35 @@ def immortalize():
     import io
     import mmap
 
+    # mmap and epoll objects are not tracked by the collector: they are met among referents,
+    # and a tuple holding only such objects is untracked too.
     mortal = (io.IOBase, socket.socket, mmap.mmap, select.epoll)
     write = ctypes.c_uint32.from_address
     count = 0
+
+    def mark(obj):
+        nonlocal count
+        if not isinstance(obj, mortal):
+            write(id(obj)).value = marker
+            count += 1
+
     # Every object the collector tracks, and what those refer to that it does not track
     # (strings, numbers, bytes; tuples and dicts of such, followed one level further down):
     # no set of visited objects, which would cost the zygote tens of MiB; marking twice is
     # harmless.
     objects = gc.get_objects()
     for obj in objects:
-        if obj is objects or isinstance(obj, mortal):
+        if obj is objects:
             continue
-        write(id(obj)).value = marker
-        count += 1
+        mark(obj)
         for ref in gc.get_referents(obj):
-            if gc.is_tracked(ref) or isinstance(ref, mortal):
+            if gc.is_tracked(ref):
                 continue
-            write(id(ref)).value = marker
-            count += 1
+            mark(ref)
             if isinstance(ref, (tuple, dict, frozenset)):
                 for leaf in gc.get_referents(ref):
                     if not gc.is_tracked(leaf):
-                        write(id(leaf)).value = marker
+                        mark(leaf)
     del objects
     return count
 

@@ -1856,7 +1856,7 @@ async fn density_phase(
     })
 }
 
-/// The session environment's interpreter, as `python -VV` names it (`Python 3.12.1 (main, …)`):
+/// The session environment's interpreter, as `python -V` names it (`Python 3.12.1`):
 /// the density depends on it (CPython 3.12+ has immortal objects).
 fn python_runtime() -> String {
     let python = ampoule_session::setup::PythonEnv::default_location().python();

@@ -970,7 +970,8 @@ fn detach_old_root() -> Stage<()> {
     nix::unistd::chdir("/").stage("pivot_root")
 }
 
-/// Where the sandbox may write (everything else is read and execute only).
+/// Where the sandbox may write (everything else is read and execute only): its scratch areas,
+/// mounted afresh over whatever the host has there (so nothing may be bound under them).
 pub(crate) const LANDLOCK_RW_DIRS: &[&str] = &["/mnt/data", "/tmp", "/dev/shm", "/var/tmp"];
 /// Devices the sandbox may open for writing.
 pub(crate) const LANDLOCK_RW_DEVS: &[&str] = &[

@@ -100,24 +100,23 @@ impl PythonEnv {
     /// The interpreter the environment was built with (`executable` in its `pyvenv.cfg`), if
     /// it says.
     pub fn base_interpreter(&self) -> Option<PathBuf> {
-        let cfg = std::fs::read_to_string(self.dir.join("pyvenv.cfg")).ok()?;
-        cfg.lines().find_map(|line| {
-            let (key, value) = line.split_once('=')?;
-            (key.trim() == "executable").then(|| PathBuf::from(value.trim()))
-        })
+        self.pyvenv_value(&["executable"]).map(PathBuf::from)
     }
 
     /// The version of its interpreter (`version` or `version_info` in its `pyvenv.cfg`:
     /// `(3, 12)`), if it says.
     pub fn python_version(&self) -> Option<(u32, u32)> {
+        let value = self.pyvenv_value(&["version", "version_info"])?;
+        let mut parts = value.split('.');
+        Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+    }
+
+    /// The value of the first `key = value` line of its `pyvenv.cfg` whose key is one of `keys`.
+    fn pyvenv_value(&self, keys: &[&str]) -> Option<String> {
         let cfg = std::fs::read_to_string(self.dir.join("pyvenv.cfg")).ok()?;
         cfg.lines().find_map(|line| {
             let (key, value) = line.split_once('=')?;
-            if !matches!(key.trim(), "version" | "version_info") {
-                return None;
-            }
-            let mut parts = value.trim().split('.');
-            Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+            keys.contains(&key.trim()).then(|| value.trim().to_owned())
         })
     }
 
