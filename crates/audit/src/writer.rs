@@ -85,16 +85,19 @@ async fn run(store: Arc<dyn AuditStore>, mut rx: mpsc::Receiver<Msg>) {
         // Every transaction costs the same few round trips to the database (and on SQLite
         // as many hops to its worker thread) whatever it holds, and that work competes with
         // the next executions for the CPUs. Records reach the store at most LINGER later.
+        // It sleeps rather than waits on the channel: a record sent meanwhile is only queued.
+        // Waking this task for each one would, in the middle of the execution that sent it,
+        // hand the task to another worker thread (a futex wake and an idle CPU woken).
         if flushes.is_empty() && batch.len() < BATCH {
-            let deadline = tokio::time::Instant::now() + LINGER;
+            tokio::time::sleep(LINGER).await;
             while batch.len() < BATCH {
-                match tokio::time::timeout_at(deadline, rx.recv()).await {
-                    Ok(Some(Msg::Record(r))) => batch.push(*r),
-                    Ok(Some(Msg::Flush(done))) => {
+                match rx.try_recv() {
+                    Ok(Msg::Record(r)) => batch.push(*r),
+                    Ok(Msg::Flush(done)) => {
                         flushes.push(done);
                         break;
                     }
-                    Ok(None) | Err(_) => break,
+                    Err(_) => break,
                 }
             }
         }

@@ -192,14 +192,6 @@ fn outer(chan: &InitChannel) -> Stage<i32> {
         (ToInit::Start, fds) => fds,
         (ToInit::Spec(_), _) => return Err(fail("channel", "unexpected second spec")),
     };
-    // cgroup v1: moving *ourselves* by thread through `tasks` skips the kernel's global
-    // threadgroup lock, whose write side waits for an RCU grace period (~14 ms) when a whole
-    // process is moved through `cgroup.procs`. We are single-threaded, so this moves the
-    // process, and every child forked from here on inherits the cgroup. The files were opened
-    // by the supervisor (real root), whose credentials the kernel checks: we have none left.
-    for tasks in cgroup_tasks {
-        nix::unistd::write(&tasks, b"0").stage("cgroup")?;
-    }
     if let Some(net) = &spec.network {
         crate::network::configure_inside(net).stage("network")?;
     }
@@ -207,13 +199,35 @@ fn outer(chan: &InitChannel) -> Stage<i32> {
     // Pid 1 and we hand the old root over in two words (a byte each; end of file: no): pid 1's
     // that `/proc` is mounted (the kernel lets a user namespace mount proc only while another
     // proc mount is fully visible in the mount namespace: the old root's), ours that the old
-    // root is gone.
+    // root is gone and `/proc` masked (see `mask_proc`: done here, beside pid 1's own steps).
     let cloexec = nix::fcntl::OFlag::O_CLOEXEC;
     let (proc_r, proc_w) = nix::unistd::pipe2(cloexec).stage("pipe")?;
     let (detached_r, detached_w) = nix::unistd::pipe2(cloexec).stage("pipe")?;
     match sys::fork().stage("fork")? {
         Fork::Child => {
             drop((proc_r, detached_w));
+            // cgroup v1: pid 1, not we, joins the sandbox's cgroup, so that the cgroup is empty
+            // once pid 1's namespace has died, whether or not we have finished exiting (freeing
+            // our namespaces, mounts first, takes a while): the supervisor may then remove it
+            // without waiting for us (see `Sandbox::finish`). Moving *ourselves* by thread
+            // through `tasks` skips the kernel's global threadgroup lock, whose write side waits
+            // for an RCU grace period (~14 ms) when a whole process is moved through
+            // `cgroup.procs`. Pid 1 is single-threaded, so this moves the process, and
+            // everything it forks inherits the cgroup. The files were opened by the supervisor
+            // (real root), whose credentials the kernel checks: we have none left.
+            for tasks in &cgroup_tasks {
+                if let Err(e) = nix::unistd::write(tasks, b"0") {
+                    let _ = chan.send(
+                        &FromInit::Failed {
+                            stage: "cgroup".to_owned(),
+                            message: e.to_string(),
+                        },
+                        None,
+                    );
+                    std::process::exit(112);
+                }
+            }
+            drop(cgroup_tasks);
             let handover = Handover {
                 proc_mounted: proc_w,
                 old_root_detached: detached_r,
@@ -234,10 +248,10 @@ fn outer(chan: &InitChannel) -> Stage<i32> {
             std::process::exit(code)
         }
         Fork::Parent(child) => {
-            drop((proc_w, detached_r));
+            drop((proc_w, detached_r, cgroup_tasks));
             // End of file: pid 1 failed before (and said why); it is reaped below.
             if read_word(&proc_r) {
-                if let Err(e) = detach_old_root() {
+                if let Err(e) = detach_old_root().and_then(|()| mask_proc(Path::new("/"))) {
                     // Pid 1 reads end of file and stops; it must not outlive our report either.
                     let _ = nix::sys::signal::kill(child, Signal::SIGKILL);
                     return Err(e);
@@ -904,38 +918,67 @@ pub(crate) const PROC_MASKED_FILES: &[&str] = &[
 pub(crate) const PROC_MASKED_DIRS: &[&str] =
     &["acpi", "scsi", "irq", "bus", "fs", "driver", "tty", "sys"];
 
+/// Mounts pid 1's namespace's `/proc` (a process in the namespace must: a proc mount shows the
+/// mounting process's pid namespace). The masks follow with [`mask_proc`].
 fn mount_proc(stage: &Path) -> Stage<()> {
-    let proc_dir = stage.join("proc");
     mount(
         Some("proc"),
-        &proc_dir,
+        &stage.join("proc"),
         Some("proc"),
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
         None::<&str>,
     )
-    .map_err(|e| fail("proc", format!("mount /proc: {e}")))?;
+    .map_err(|e| fail("proc", format!("mount /proc: {e}")))
+}
+
+/// Hides what `/proc` tells of the host: `/dev/null` over each masked file, an empty read-only
+/// directory over each masked directory. The outer init does it, in the mount namespace it
+/// shares with pid 1, while pid 1 goes on with its own steps; the program starts after both.
+fn mask_proc(stage: &Path) -> Stage<()> {
+    let proc_dir = stage.join("proc");
     let null = stage.join("dev/null");
+    // Absent on this kernel (no `/proc/kcore` without CONFIG_PROC_KCORE, say): nothing to hide.
+    let absent = |e: nix::errno::Errno| e == nix::errno::Errno::ENOENT;
     for f in PROC_MASKED_FILES {
-        let p = proc_dir.join(f);
-        if p.exists() {
-            mount(
-                Some(&null),
+        match mount(
+            Some(&null),
+            &proc_dir.join(f),
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        ) {
+            Ok(()) => {}
+            Err(e) if absent(e) => {}
+            Err(e) => return Err(fail("proc", format!("mask /proc/{f}: {e}"))),
+        }
+    }
+    // One small read-only tmpfs, bound over every masked directory: a bind shares the first
+    // mount's superblock (read-only with it), cheaper than a tmpfs instance per directory.
+    let mut empty: Option<PathBuf> = None;
+    for d in PROC_MASKED_DIRS {
+        let p = proc_dir.join(d);
+        let done = match &empty {
+            None => mount(
+                Some("tmpfs"),
+                &p,
+                Some("tmpfs"),
+                MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+                Some("size=4k,nr_inodes=4,mode=0555"),
+            ),
+            Some(first) => mount(
+                Some(first),
                 &p,
                 None::<&str>,
                 MsFlags::MS_BIND,
                 None::<&str>,
-            )
-            .map_err(|e| fail("proc", format!("mask /proc/{f}: {e}")))?;
-        }
-    }
-    for d in PROC_MASKED_DIRS {
-        let p = proc_dir.join(d);
-        if p.is_dir() {
-            tmpfs(
-                &p,
-                "size=4k,nr_inodes=4,mode=0555",
-                MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-            )?;
+            ),
+        };
+        match done {
+            Ok(()) => {
+                empty.get_or_insert(p);
+            }
+            Err(e) if absent(e) => {}
+            Err(e) => return Err(fail("proc", format!("mask /proc/{d}: {e}"))),
         }
     }
     Ok(())
@@ -1099,8 +1142,8 @@ fn inner(
     handover: Handover,
 ) -> Stage<i32> {
     let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
-    // The supervisor moved the outer init into the sandbox cgroup before sending `Start`; only
-    // now is the current cgroup the right root for the sandbox's cgroup namespace.
+    // We joined the sandbox's cgroup (v1; on v2 the supervisor moved the outer init before
+    // `Start`): only now is the current cgroup the right root for its cgroup namespace.
     unshare(CloneFlags::CLONE_NEWCGROUP).stage("unshare cgroup")?;
     let argv = cstrings(spec.argv.iter().cloned())?;
     let env = cstrings(spec.env.iter().map(|(k, v)| format!("{k}={v}")))?;

@@ -115,6 +115,7 @@ impl PreforkedInit {
             pid: self.pid,
             pidfd,
             reaped: false,
+            released: false,
         };
         Ok((child, p.chan, p.stdout, p.stderr))
     }
@@ -141,6 +142,7 @@ pub(crate) struct InitChild {
     pid: Pid,
     pidfd: AsyncFd<OwnedFd>,
     reaped: bool,
+    released: bool,
 }
 
 impl InitChild {
@@ -152,6 +154,20 @@ impl InitChild {
         if !self.reaped {
             let _ = sys::pidfd_kill(self.pidfd.get_ref().as_raw_fd());
         }
+    }
+
+    /// Kills it and lets it go unreaped: it has no more to do for the sandbox than exit (see
+    /// [`crate::Sandbox::finish`]), and the process that forked it ahead runs one sandbox and
+    /// exits soon, its children re-parented and reaped by whoever reaps orphans.
+    pub(crate) fn release(&mut self) {
+        self.start_kill();
+        self.try_reap();
+        self.released = true;
+    }
+
+    /// Whether [`InitChild::release`] let it go.
+    pub(crate) fn released(&self) -> bool {
+        self.released
     }
 
     /// Waits until it has exited, and reaps it. Cancel-safe.
@@ -176,7 +192,7 @@ impl InitChild {
 
 impl Drop for InitChild {
     fn drop(&mut self) {
-        if self.reaped {
+        if self.reaped || self.released {
             return;
         }
         self.start_kill();

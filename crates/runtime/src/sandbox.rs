@@ -26,7 +26,7 @@ use tokio::process::{Child, ChildStderr, ChildStdin, ChildStdout};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use crate::cgroup::{Cgroup, CgroupStats};
+use crate::cgroup::{Cgroup, CgroupStats, CgroupVersion};
 use crate::channel::{self, FromInit, HostChannel, InitSpec, ToInit};
 use crate::enter::{Entrance, Target};
 use crate::error::{Error, Result};
@@ -484,7 +484,7 @@ impl Sandbox {
             }
         }
         let attach = match (&cgroup, child.id()) {
-            (Some(cg), _) if cg.0.version() == crate::cgroup::CgroupVersion::V1 => None,
+            (Some(cg), _) if cg.0.version() == CgroupVersion::V1 => None,
             (Some(cg), Some(pid)) => {
                 let files = cg.0.procs_files();
                 Some(tokio::task::spawn_blocking(move || {
@@ -711,7 +711,23 @@ impl Sandbox {
         if self.exit.is_none() {
             self.kill_first();
         }
-        // The outer init exits right after pid 1; make sure, then reap it.
+        // `ampoule run`'s init, forked ahead, on cgroup v1: the outer init is outside the
+        // sandbox's cgroup (pid 1 joined it, see `init::outer`), so once pid 1 is gone — and
+        // with it every process of its namespace — nothing of the sandbox runs and the cgroup
+        // can go. The outer init is still freeing its namespaces (its mount table first, an
+        // RCU grace period); that is its own business, not a step of this run: it is killed
+        // and left to exit (the process that forked it runs this one sandbox and exits soon).
+        if let Proc::Preforked(c) = &mut self.child
+            && self
+                .cgroup
+                .as_ref()
+                .is_some_and(|c| c.0.version() == CgroupVersion::V1)
+            && let Some(target) = &self.entry
+            && wait_gone(&target.pidfd, std::time::Duration::from_secs(2)).await
+        {
+            c.release();
+        }
+        // Otherwise the outer init exits right after pid 1; make sure, then reap it.
         match &mut self.child {
             Proc::Init(child) | Proc::Runsc(child) => {
                 if tokio::time::timeout(std::time::Duration::from_secs(2), child.wait())
@@ -731,6 +747,7 @@ impl Sandbox {
                     let _ = f.wait().await;
                 }
             }
+            Proc::Preforked(c) if c.released() => {}
             Proc::Preforked(c) => {
                 if tokio::time::timeout(std::time::Duration::from_secs(2), c.wait())
                     .await
@@ -755,6 +772,22 @@ impl Sandbox {
         }
         Finished { stats }
     }
+}
+
+/// Waits until the process of `pidfd` has exited, for at most `patience`; false if it has not
+/// (or its pidfd cannot be waited on).
+async fn wait_gone(pidfd: &std::os::fd::OwnedFd, patience: std::time::Duration) -> bool {
+    let Ok(fd) = pidfd.try_clone() else {
+        return false;
+    };
+    let Ok(fd) = crate::sys::register_async(fd) else {
+        return false;
+    };
+    // A pidfd turns readable when its process has exited (and, for a pid namespace's init,
+    // after the kernel has killed and reaped the rest of the namespace).
+    tokio::time::timeout(patience, fd.readable())
+        .await
+        .is_ok_and(|r| r.is_ok())
 }
 
 /// Drops `value`, whose drop may wait, where no other request waits behind it: on the blocking

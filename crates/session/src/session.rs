@@ -331,6 +331,10 @@ impl Session {
                 )));
             }
         };
+        // Every execution reads the cgroup's counters before and after; the first read opens
+        // their files (a path walk in cgroupfs each). Done now, while the session waits in a
+        // warm stock, rather than on its first request (≈ 60 µs of it).
+        let _ = sandbox.stats();
         Ok(Self {
             language,
             runtime,

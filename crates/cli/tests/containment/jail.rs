@@ -99,6 +99,15 @@ read line < /tmp/canary/secret.txt || intact=no
 read line < /root/secret.txt || intact=no
 [ "$line" = "$JAIL_CANARY" ] || intact=no
 echo "CANARIES=$intact"
+# `ampoule run` answers once pid 1 of its sandbox is gone; the outer init may still be freeing
+# its namespaces then (see `Sandbox::finish`). What is still here after two seconds stayed.
+i=0
+while [ $i -lt 200 ]; do
+  set -- /proc/[0-9]*
+  [ $# -le 1 ] && break
+  sleep 0.01
+  i=$((i + 1))
+done
 for d in /proc/[0-9]*; do
   p=${d#/proc/}
   [ "$p" = "$$" ] && continue
