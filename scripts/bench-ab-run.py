@@ -2,7 +2,7 @@
 """A/B of two `ampoule` binaries' `ampoule run print(1)`, interleaved with a bare interpreter
 and bubblewrap so machine noise hits all four alike (docs/BENCHMARKS.md, issue 19 round four).
 
-    /usr/bin/python3 scripts/bench-ab-run.py OLD_AMPOULE NEW_AMPOULE [SAMPLES]
+    /usr/bin/python3 scripts/bench-ab-run.py OLD_AMPOULE NEW_AMPOULE [SAMPLES [GAP_S]]
 
 Prints, for each, the median wall time and the median CPU of its whole process tree
 (RUSAGE_CHILDREN), and both as overheads over the bare interpreter. Needs root (like
@@ -16,6 +16,9 @@ import time
 
 OLD, NEW = sys.argv[1], sys.argv[2]
 N = int(sys.argv[3]) if len(sys.argv) > 3 else 60
+# Seconds of quiet before each sample, so that what one run leaves the kernel to finish (its
+# network namespace's clean-up, `ampoule run`'s outer init exiting) does not land on the next.
+GAP = float(sys.argv[4]) if len(sys.argv) > 4 else 0.03
 PY = "/usr/bin/python3"
 BWRAP = ["bwrap", "--ro-bind", "/usr", "/usr", "--symlink", "usr/lib", "/lib",
          "--symlink", "usr/lib64", "/lib64", "--symlink", "usr/bin", "/bin", "--proc", "/proc",
@@ -37,6 +40,7 @@ def cpu_ms(r):
 
 def one(k):
     argv, stdin = CMDS[k]
+    time.sleep(GAP)
     r0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     p = subprocess.run(argv, input=stdin, capture_output=True)
     t1, r1 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -51,8 +55,11 @@ for k in CMDS:  # warm the page cache
 for k in CMDS:
     wall[k].clear()
     cpu[k].clear()
-for _ in range(N):
-    for k in CMDS:
+# Alternate the two binaries' order every round: a run's own tear-down may go on after it has
+# answered (the kernel's, and `ampoule run`'s outer init), and would otherwise always fall on
+# the same neighbour.
+for i in range(N):
+    for k in (["bare", "bwrap", "old", "new"] if i % 2 == 0 else ["bare", "bwrap", "new", "old"]):
         one(k)
 bare_wall, bare_cpu = statistics.median(wall["bare"]), statistics.median(cpu["bare"])
 print("load", " ".join(open("/proc/loadavg").read().split()[:3]), "samples", N)
