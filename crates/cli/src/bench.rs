@@ -501,7 +501,7 @@ impl Drop for WorkDir {
 // 5. Baselines: whole processes from spawn to exit, output checked
 
 fn baselines(plan: &Plan, exe: &Path, venv_python: &Path) -> Result<Value> {
-    use crate::bench_run::{ampoule_run, bare as python_pass, bubblewrap as bwrap_pass};
+    use crate::bench_run::{Which, ampoule_run, bare as python_pass};
     let bwrap = crate::bench_run::bwrap_binary();
     let venv_import = || {
         let mut c = Command::new(venv_python);
@@ -517,13 +517,13 @@ fn baselines(plan: &Plan, exe: &Path, venv_python: &Path) -> Result<Value> {
     let mut bw = Samples::default();
     let mut run = Samples::default();
     let pb = progress(plan.baseline, "baselines: python3, bwrap, ampoule run");
-    // Interleaved, so machine noise hits all alike.
-    for _ in 0..plan.baseline {
-        bare.record(time_process(python_pass(), None, ""));
-        if let Some(b) = bwrap {
-            bw.record(time_process(bwrap_pass(b), None, ""));
-        }
-        run.record(time_process(ampoule_run(exe), Some(b"print(1)\n"), "1\n"));
+    // Interleaved, in rotating orders, so machine noise hits all alike.
+    for i in 0..plan.baseline {
+        crate::bench_run::round(i, exe, bwrap, |which, sample| match which {
+            Which::Bare => bare.record(sample),
+            Which::Bubblewrap => bw.record(sample),
+            Which::AmpouleRun => run.record(sample),
+        });
         pb.inc(1);
     }
     pb.finish_and_clear();

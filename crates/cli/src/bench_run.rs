@@ -1,6 +1,7 @@
 //! `ampoule bench --run-only`: issue 19's comparison alone, in a few seconds — a bare
 //! `python3 -c pass`, the same under bubblewrap, and `ampoule run` of `print(1)`, interleaved
-//! sample by sample so the machine's noise hits all three alike. What counts is each one's
+//! sample by sample, in rotating orders (see [`round`]), so the machine's noise hits all three
+//! alike. What counts is each one's
 //! overhead over the bare interpreter *in the same run* (the goal: `ampoule run`'s at most
 //! bubblewrap's + 1 ms). The full `ampoule bench` measures the same three among its baselines.
 
@@ -16,6 +17,47 @@ use crate::bench::{PYTHON, load_average, round2, time_process as time};
 /// Samples of each of the three.
 pub(crate) const SAMPLES: usize = 40;
 
+/// The three commands of the comparison.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Which {
+    Bare,
+    Bubblewrap,
+    AmpouleRun,
+}
+
+/// Round `i` of the comparison: each of the three once (bubblewrap only when `bwrap` names
+/// it), back to back, in the `i`-th of their six orders. What a run leaves the kernel to finish
+/// after it has answered (its network namespace's clean-up; `ampoule run`'s outer init, still
+/// exiting) lands on whichever sample comes next: over every six rounds each command follows
+/// each other equally often, so that falls on all alike.
+pub(crate) fn round(
+    i: usize,
+    exe: &Path,
+    bwrap: Option<&str>,
+    mut record: impl FnMut(Which, Result<f64>),
+) {
+    use Which::{AmpouleRun as R, Bare as P, Bubblewrap as B};
+    const ORDERS: [[Which; 3]; 6] = [
+        [P, B, R],
+        [P, R, B],
+        [B, P, R],
+        [B, R, P],
+        [R, P, B],
+        [R, B, P],
+    ];
+    for which in ORDERS[i % ORDERS.len()] {
+        let sample = match which {
+            P => time(bare(), None, ""),
+            B => match bwrap {
+                Some(b) => time(bubblewrap(b), None, ""),
+                None => continue,
+            },
+            R => time(ampoule_run(exe), Some(b"print(1)\n"), "1\n"),
+        };
+        record(which, sample);
+    }
+}
+
 /// Runs the comparison and prints one JSON object on stdout.
 pub(crate) fn run(exe: &Path, samples: usize) -> Result<ExitCode> {
     let bwrap = bwrap_binary();
@@ -28,16 +70,15 @@ pub(crate) fn run(exe: &Path, samples: usize) -> Result<ExitCode> {
     let _ = time(ampoule_run(exe), Some(b"print(1)\n"), "1\n");
     let (mut bare_ms, mut bwrap_ms, mut run_ms) = (Vec::new(), Vec::new(), Vec::new());
     let mut errors = Vec::new();
-    for _ in 0..samples {
-        keep(time(bare(), None, ""), &mut bare_ms, &mut errors);
-        if let Some(b) = bwrap {
-            keep(time(bubblewrap(b), None, ""), &mut bwrap_ms, &mut errors);
-        }
-        keep(
-            time(ampoule_run(exe), Some(b"print(1)\n"), "1\n"),
-            &mut run_ms,
-            &mut errors,
-        );
+    for i in 0..samples {
+        round(i, exe, bwrap, |which, sample| {
+            let into = match which {
+                Which::Bare => &mut bare_ms,
+                Which::Bubblewrap => &mut bwrap_ms,
+                Which::AmpouleRun => &mut run_ms,
+            };
+            keep(sample, into, &mut errors);
+        });
     }
     let bare_p50 = median(&bare_ms);
     let over = |v: &[f64]| match (median(v), bare_p50) {
