@@ -206,29 +206,8 @@ fn outer(chan: &InitChannel) -> Stage<i32> {
     match sys::fork().stage("fork")? {
         Fork::Child => {
             drop((proc_r, detached_w));
-            // cgroup v1: pid 1, not we, joins the sandbox's cgroup, so that the cgroup is empty
-            // once pid 1's namespace has died, whether or not we have finished exiting (freeing
-            // our namespaces, mounts first, takes a while): the supervisor may then remove it
-            // without waiting for us (see `Sandbox::finish`). Moving *ourselves* by thread
-            // through `tasks` skips the kernel's global threadgroup lock, whose write side waits
-            // for an RCU grace period (~14 ms) when a whole process is moved through
-            // `cgroup.procs`. Pid 1 is single-threaded, so this moves the process, and
-            // everything it forks inherits the cgroup. The files were opened by the supervisor
-            // (real root), whose credentials the kernel checks: we have none left.
-            for tasks in &cgroup_tasks {
-                if let Err(e) = nix::unistd::write(tasks, b"0") {
-                    let _ = chan.send(
-                        &FromInit::Failed {
-                            stage: "cgroup".to_owned(),
-                            message: e.to_string(),
-                        },
-                        None,
-                    );
-                    std::process::exit(112);
-                }
-            }
-            drop(cgroup_tasks);
             let handover = Handover {
+                cgroup_tasks,
                 proc_mounted: proc_w,
                 old_root_detached: detached_r,
             };
@@ -1116,8 +1095,11 @@ fn cstrings(items: impl IntoIterator<Item = String>) -> Stage<Vec<CString>> {
         .collect()
 }
 
-/// Pid 1's ends of the two words with the outer init about the old root (see `outer`).
+/// What pid 1 gets from the outer init: the cgroup to join, and its ends of the two words
+/// about the old root (see `outer`).
 struct Handover {
+    /// cgroup v1: the sandbox cgroup's `tasks` files, which pid 1 joins (see [`inner`]).
+    cgroup_tasks: Vec<std::os::fd::OwnedFd>,
     proc_mounted: std::os::fd::OwnedFd,
     old_root_detached: std::os::fd::OwnedFd,
 }
@@ -1142,8 +1124,21 @@ fn inner(
     handover: Handover,
 ) -> Stage<i32> {
     let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
-    // We joined the sandbox's cgroup (v1; on v2 the supervisor moved the outer init before
-    // `Start`): only now is the current cgroup the right root for its cgroup namespace.
+    // cgroup v1: pid 1, not the outer init, joins the sandbox's cgroup, so that the cgroup is
+    // empty once pid 1's namespace has died, whether or not the outer init has finished
+    // exiting (freeing its namespaces, mounts first, takes a while): the supervisor may then
+    // remove it without waiting (see `Sandbox::finish`). Moving *ourselves* by thread through
+    // `tasks` skips the kernel's global threadgroup lock, whose write side waits for an RCU
+    // grace period (~14 ms) when a whole process is moved through `cgroup.procs`. Pid 1 is
+    // single-threaded, so this moves the process, and everything it forks inherits the
+    // cgroup. The files were opened by the supervisor (real root), whose credentials the
+    // kernel checks: we have none left. (v2: the supervisor moved the outer init before
+    // `Start`, and we inherited its cgroup.)
+    for tasks in &handover.cgroup_tasks {
+        nix::unistd::write(tasks, b"0").stage("cgroup")?;
+    }
+    drop(handover.cgroup_tasks);
+    // Only now is the current cgroup the right root for the sandbox's cgroup namespace.
     unshare(CloneFlags::CLONE_NEWCGROUP).stage("unshare cgroup")?;
     let argv = cstrings(spec.argv.iter().cloned())?;
     let env = cstrings(spec.env.iter().map(|(k, v)| format!("{k}={v}")))?;
