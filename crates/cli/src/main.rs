@@ -472,11 +472,13 @@ async fn run(
         host.give_preforked_init(init);
     }
     tracing::debug!("host ready");
-    // Leftovers of killed runs are swept while the program runs, off its critical path.
-    let sweeper = {
+    // Leftovers of killed runs are swept while the program runs, off its critical path; and
+    // only when a cgroup exists to be swept (asked before ours is made: one `stat` per
+    // hierarchy instead of a thread listing each hierarchy's directory on every run).
+    let sweeper = host.may_have_orphans().then(|| {
         let host = host.clone();
         std::thread::spawn(move || host.sweep_orphans())
-    };
+    });
     let file_name = interpreter.file_name;
     // Without --json the program's output streams to ours as it is produced.
     let echo = if args.json {
@@ -517,7 +519,9 @@ async fn run(
             .with_context(|| format!("copying outputs to {}", dir.display()))?;
     }
     drop(sandbox);
-    let _ = sweeper.join();
+    if let Some(sweeper) = sweeper {
+        let _ = sweeper.join();
+    }
     tracing::debug!("sandbox gone");
     if let Some(gw) = gateway {
         result.egress = gw.events();

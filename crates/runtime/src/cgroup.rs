@@ -328,9 +328,23 @@ impl CgroupRoot {
         Ok(cg)
     }
 
+    /// Whether any base directory may hold a sandbox cgroup. A directory's link count is two
+    /// plus its subdirectories on cgroupfs (kernfs) as on most filesystems, so one `stat` per
+    /// base tells "none" without listing the ~30 control files of each; a count of 1 means the
+    /// filesystem does not keep it, and answers "maybe".
+    pub fn may_have_children(&self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        self.bases
+            .iter()
+            .any(|(_, base)| fs::metadata(base).is_ok_and(|m| m.nlink() != 2))
+    }
+
     /// Names of the sandbox cgroups that exist under the base directories.
     pub fn children(&self) -> Vec<String> {
         let mut names = Vec::new();
+        if !self.may_have_children() {
+            return names;
+        }
         for (_, base) in &self.bases {
             let Ok(rd) = fs::read_dir(base) else { continue };
             for entry in rd.flatten() {
@@ -804,6 +818,18 @@ mod tests {
     fn mountinfo_escapes_are_decoded() {
         assert_eq!(unescape_octal(r"/a\040b"), "/a b");
         assert_eq!(unescape_octal(r"/plain"), "/plain");
+    }
+
+    #[test]
+    fn children_are_listed_only_when_a_base_has_subdirectories() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = CgroupRoot::v2_at(tmp.path());
+        fs::write(tmp.path().join("memory.max"), "max\n").unwrap();
+        assert!(!root.may_have_children(), "control files are not children");
+        assert!(root.children().is_empty());
+        fs::create_dir(tmp.path().join("sbx-3")).unwrap();
+        assert!(root.may_have_children());
+        assert_eq!(root.children(), ["sbx-3"]);
     }
 
     #[test]

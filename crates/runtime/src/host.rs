@@ -240,6 +240,14 @@ impl Host {
             .take()
     }
 
+    /// Whether a sandbox cgroup (a live sandbox's, or a leftover) may exist: when not,
+    /// [`Host::sweep_orphans`] has nothing to do. One `stat` per cgroup hierarchy.
+    pub fn may_have_orphans(&self) -> bool {
+        self.cgroups
+            .as_ref()
+            .is_some_and(crate::cgroup::CgroupRoot::may_have_children)
+    }
+
     /// Kills and removes every sandbox cgroup whose slot no live process holds: the leftovers of
     /// a supervisor that was killed mid-run. Returns how many were swept.
     pub fn sweep_orphans(&self) -> usize {
