@@ -335,6 +335,31 @@ fn a_killed_supervisor_leaves_nothing_running_and_the_next_start_sweeps_its_cgro
     );
 }
 
+/// `ampoule run` pins itself and its forked-ahead init to different CPUs while both prepare
+/// (crates/runtime/src/cpus.rs): the program must still get every CPU the caller had.
+fn the_program_gets_every_cpu_of_the_caller() {
+    let ours = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).unwrap();
+    let expected: Vec<usize> = (0..nix::sched::CpuSet::count())
+        .filter(|&c| ours.is_set(c).unwrap())
+        .collect();
+    let out = run_stdin(
+        &[],
+        "import os, subprocess\n\
+         print(sorted(os.sched_getaffinity(0)))\n\
+         print(subprocess.run(['/usr/bin/python3', '-c', \
+         'import os; print(sorted(os.sched_getaffinity(0)))'], capture_output=True, \
+         text=True).stdout.strip())",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let want = format!("{expected:?}");
+    let lines: Vec<String> = text(&out.stdout).lines().map(str::to_owned).collect();
+    assert_eq!(
+        lines,
+        [want.clone(), want],
+        "the program's CPUs (and its child's)"
+    );
+}
+
 /// `ampoule run` forks its sandbox's init from itself (no exec with a cleared environment):
 /// the init must not keep the caller's environment where `/proc/<pid>/environ` shows it.
 fn the_sandbox_init_keeps_nothing_of_the_callers_environment() {
@@ -485,6 +510,11 @@ fn main() {
         trial(
             "a_killed_supervisor_leaves_nothing_running_and_the_next_start_sweeps_its_cgroup",
             a_killed_supervisor_leaves_nothing_running_and_the_next_start_sweeps_its_cgroup,
+            root,
+        ),
+        trial(
+            "the_program_gets_every_cpu_of_the_caller",
+            the_program_gets_every_cpu_of_the_caller,
             root,
         ),
         trial(

@@ -192,6 +192,8 @@ fn outer(chan: &InitChannel) -> Stage<i32> {
         (ToInit::Start, fds) => fds,
         (ToInit::Spec(_), _) => return Err(fail("channel", "unexpected second spec")),
     };
+    // Pid 1 and the program get every CPU the supervisor had.
+    crate::cpus::rejoin();
     if let Some(net) = &spec.network {
         crate::network::configure_inside(net).stage("network")?;
     }

@@ -19,6 +19,7 @@ pub mod cgroup;
 #[cfg(test)]
 mod bpf;
 mod channel;
+mod cpus;
 pub mod disk;
 pub mod doctor;
 pub mod enter;

@@ -61,6 +61,9 @@ pub fn prefork() -> Result<PreforkedInit> {
     let pipe = || nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| Error::io("pipe", e.into()));
     let (out_r, out_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
+    // Read before the fork, so that the child knows the whole set without asking after the
+    // parent may have narrowed it.
+    let split = crate::cpus::CpuSplit::plan();
     match sys::fork().map_err(|e| Error::io("forking the sandbox init", e))? {
         Fork::Child => {
             sys::scrub_environ();
@@ -75,6 +78,9 @@ pub fn prefork() -> Result<PreforkedInit> {
         }
         Fork::Parent(pid) => {
             drop((theirs, out_w, err_w));
+            if let Some(split) = &split {
+                split.apply(pid);
+            }
             let pidfd = match sys::pidfd_open(pid.as_raw()) {
                 Ok(fd) => fd,
                 Err(e) => {
@@ -132,6 +138,7 @@ impl Drop for PreforkedInit {
     fn drop(&mut self) {
         if self.parts.is_some() {
             self.end();
+            crate::cpus::rejoin();
         }
     }
 }

@@ -540,6 +540,7 @@ impl Sandbox {
             let fds: Vec<_> = cgroup_tasks.iter().map(AsRawFd::as_raw_fd).collect();
             chan.send_with_fds(&ToInit::Start, &fds).await?;
         }
+        crate::cpus::rejoin();
         drop(cgroup_tasks);
         if !first_mount_ns.is_empty() {
             // Freeing mounts waits for an RCU grace period; nothing awaits it.
