@@ -6,7 +6,7 @@
 #![allow(unsafe_code)]
 
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 
 use nix::unistd::Pid;
 
@@ -46,6 +46,24 @@ pub(crate) fn close_from(first: u32) -> io::Result<()> {
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+/// Writes what it can of `buf` to `fd` at its current offset without blocking (`pwritev2`
+/// with `RWF_NOWAIT`): how many bytes, or `WouldBlock` when none could go now, `Unsupported`
+/// where the file does not take the flag (a terminal, a regular file on most filesystems).
+///
+/// For a descriptor this process shares with others (its stdout, say), whose `O_NONBLOCK` it
+/// must not set. Hand-written: neither nix nor std wraps `pwritev2`, and rustix's takes no
+/// "current offset".
+pub(crate) fn write_nowait(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
+    let iov = libc::iovec {
+        iov_base: buf.as_ptr().cast_mut().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: one iovec describing `buf`, which outlives the call and which the kernel only
+    // reads; offset -1 is the file's current offset; `fd` is borrowed, so open.
+    let n = unsafe { libc::pwritev2(fd.as_raw_fd(), &iov, 1, -1, libc::RWF_NOWAIT) };
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
 }
 
 /// Makes `fd` become descriptor `target` in a child about to `exec`, for `pre_exec`.
