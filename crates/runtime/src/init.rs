@@ -1126,6 +1126,12 @@ fn inner(
     handover: Handover,
 ) -> Stage<i32> {
     let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+    // The outer init made the stage our root (see `pivot`), and detaches the old one once
+    // our `/proc` is mounted, then masks it: our first step, so that its part (the detach's
+    // RCU grace period, the masks) starts as early as it can beside ours.
+    mount_proc(Path::new("/"))?;
+    nix::unistd::write(&handover.proc_mounted, b"1").stage("pivot_root")?;
+    drop(handover.proc_mounted);
     // cgroup v1: pid 1, not the outer init, joins the sandbox's cgroup, so that the cgroup is
     // empty once pid 1's namespace has died, whether or not the outer init has finished
     // exiting (freeing its namespaces, mounts first, takes a while): the supervisor may then
@@ -1148,11 +1154,6 @@ fn inner(
         return Err(fail("exec", "empty argv"));
     };
 
-    // The outer init made the stage our root (see `pivot`), and detaches the old one once
-    // our `/proc` is mounted, while we go on.
-    mount_proc(Path::new("/"))?;
-    nix::unistd::write(&handover.proc_mounted, b"1").stage("pivot_root")?;
-    drop(handover.proc_mounted);
     nix::unistd::sethostname(&spec.hostname).stage("hostname")?;
     sys::loopback_up().stage("loopback")?;
     nix::unistd::chdir(spec.cwd.as_str()).stage("cwd")?;
