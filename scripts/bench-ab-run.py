@@ -4,7 +4,7 @@ and bubblewrap so machine noise hits all four alike (docs/BENCHMARKS.md, issue 1
 
     /usr/bin/python3 scripts/bench-ab-run.py OLD_AMPOULE NEW_AMPOULE [SAMPLES [GAP_S]]
 
-Prints, for each, the median wall time and the median CPU of its whole process tree
+Prints, for each, the median (and 90th percentile) wall time and the median CPU of its whole process tree
 (RUSAGE_CHILDREN), and both as overheads over the bare interpreter. Needs root (like
 `ampoule run` with cgroups) and bubblewrap.
 """
@@ -67,5 +67,6 @@ for k in CMDS:
     w, c = statistics.median(wall[k]), statistics.median(cpu[k])
     # bubblewrap's program is reaped inside its namespace: its tree's CPU is not all counted.
     note = "  (cpu undercounted)" if k == "bwrap" else ""
-    print(f"{k:6} wall p50 {w:6.2f} ms (+{w - bare_wall:5.2f})  "
+    p90 = sorted(wall[k])[int(len(wall[k]) * 0.9)]
+    print(f"{k:6} wall p50 {w:6.2f} ms (+{w - bare_wall:5.2f})  p90 {p90:6.2f}  "
           f"cpu p50 {c:6.2f} ms (+{c - bare_cpu:5.2f}){note}")

@@ -79,14 +79,15 @@ pub(crate) fn fail(stage: &'static str, message: impl Into<String>) -> StageErro
 pub fn main() -> ! {
     match std::env::args_os().nth(2).as_deref() {
         Some(arg) if arg == crate::enter::ENTER_ARG => crate::enter::helper(),
-        _ => main_forked(),
+        _ => main_forked(false),
     }
 }
 
 /// The outer init's work, in a process that is either a fresh `exec` ([`main`]) or a child
 /// forked by a single-threaded supervisor (see [`crate::prefork`]), with stdio and the control
-/// channel (descriptor 3) in place. Never returns.
-pub(crate) fn main_forked() -> ! {
+/// channel (descriptor 3) in place. `ahead`: forked ahead of its spec by `ampoule run`, which
+/// then has time to spare (see [`network_ahead`]). Never returns.
+pub(crate) fn main_forked(ahead: bool) -> ! {
     // Die with the supervisor. If it already died, stop here.
     let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
     if nix::unistd::getppid().as_raw() == 1 {
@@ -95,7 +96,8 @@ pub(crate) fn main_forked() -> ! {
     // Nothing inherited beyond stdio and the channel may reach the sandbox.
     let _ = sys::close_from(CHANNEL_FD as u32 + 1);
     let chan = InitChannel::new(sys::own_fd(CHANNEL_FD));
-    let code = match outer(&chan) {
+    let net_ahead = ahead && network_ahead();
+    let code = match outer(&chan, net_ahead) {
         Ok(code) => code,
         Err(e) => {
             let _ = chan.send(
@@ -111,7 +113,23 @@ pub(crate) fn main_forked() -> ! {
     std::process::exit(code)
 }
 
-fn outer(chan: &InitChannel) -> Stage<i32> {
+/// A network namespace made while the spec is on its way, by real root, loopback up: the
+/// costliest namespace to make (~1 ms of CPU here: every network subsystem's per-namespace
+/// set-up), and `ampoule run`'s init forked ahead waits ~0.6 ms for its spec on a CPU of its
+/// own (see `crate::cpus`). Whether it is used is the spec's call (see [`outer`]); if it is
+/// not, the sandbox makes its own as usual and this one goes with the outer init.
+///
+/// Owned by the host's user namespace rather than the sandbox's: the sandbox's processes hold
+/// no capability in either (pid 1 drops them all before the program), so nothing they may do
+/// in it changes; only pid 1 no longer brings loopback up (it could not: that needs
+/// `CAP_NET_ADMIN` over the namespace), which is why it is up already.
+fn network_ahead() -> bool {
+    nix::unistd::geteuid().is_root()
+        && unshare(CloneFlags::CLONE_NEWNET).is_ok()
+        && sys::loopback_up().is_ok()
+}
+
+fn outer(chan: &InitChannel, net_ahead: bool) -> Stage<i32> {
     let spec = match chan.recv().stage("channel")? {
         ToInit::Spec(spec) => *spec,
         ToInit::Start => return Err(fail("channel", "expected the spec first")),
@@ -120,12 +138,19 @@ fn outer(chan: &InitChannel) -> Stage<i32> {
 
     set_rlimits(&spec).stage("rlimit")?;
 
-    let namespaces = CloneFlags::CLONE_NEWUSER
+    // The network namespace made ahead serves a sandbox without network built by real root;
+    // one with a network (the gateway's set-up inside needs the namespace owned by the
+    // sandbox's user namespace) or built without root makes its own.
+    let net_ready = net_ahead && spec.privileged && spec.network.is_none();
+    let mut namespaces = CloneFlags::CLONE_NEWUSER
         | CloneFlags::CLONE_NEWNS
         | CloneFlags::CLONE_NEWPID
         | CloneFlags::CLONE_NEWNET
         | CloneFlags::CLONE_NEWIPC
         | CloneFlags::CLONE_NEWUTS;
+    if net_ready {
+        namespaces.remove(CloneFlags::CLONE_NEWNET);
+    }
     // Root mode's first mount namespace, held open across the second `unshare` and handed to
     // the supervisor with the scratch directory: freeing it (a copy of every host mount, and
     // an RCU grace period) is then the supervisor's work, beside ours, not a step of ours.
@@ -212,6 +237,7 @@ fn outer(chan: &InitChannel) -> Stage<i32> {
                 cgroup_tasks,
                 proc_mounted: proc_w,
                 old_root_detached: detached_r,
+                loopback_up: net_ready,
             };
             let code = match inner(&spec, chan, &seccomp, handover) {
                 Ok(code) => code,
@@ -1104,6 +1130,8 @@ struct Handover {
     cgroup_tasks: Vec<std::os::fd::OwnedFd>,
     proc_mounted: std::os::fd::OwnedFd,
     old_root_detached: std::os::fd::OwnedFd,
+    /// The network namespace was made ahead, loopback up (see [`network_ahead`]).
+    loopback_up: bool,
 }
 
 /// Whether the other end wrote its byte (rather than closing the pipe).
@@ -1155,7 +1183,9 @@ fn inner(
     };
 
     nix::unistd::sethostname(&spec.hostname).stage("hostname")?;
-    sys::loopback_up().stage("loopback")?;
+    if !handover.loopback_up {
+        sys::loopback_up().stage("loopback")?;
+    }
     nix::unistd::chdir(spec.cwd.as_str()).stage("cwd")?;
     // A handle on ourselves for the supervisor: the process whose namespaces later processes
     // join (`crate::enter`). Taken before seccomp; close-on-exec, and dropped before the fork.

@@ -74,7 +74,7 @@ pub fn prefork() -> Result<PreforkedInit> {
             if place_fds(&wanted).is_err() {
                 std::process::exit(111);
             }
-            crate::init::main_forked()
+            crate::init::main_forked(true)
         }
         Fork::Parent(pid) => {
             drop((theirs, out_w, err_w));

@@ -122,6 +122,34 @@ else:
             expect_blocked,
         ),
         py(
+            // `ampoule run` makes the network namespace ahead, as real root (owned by the
+            // host's user namespace, loopback up): loopback must work for the program, and
+            // the namespace must not be reconfigurable from inside, either way.
+            "network/loopback_works_and_cannot_be_reconfigured",
+            r#"
+import errno, fcntl, socket, struct
+srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(1)
+try:
+    socket.create_connection(srv.getsockname(), 2).close()
+except OSError as e:
+    print("INVALID loopback does not work:", e)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+SIOCSIFFLAGS, SIOCSIFADDR = 0x8914, 0x8916
+attempts = {
+    "lo down": (SIOCSIFFLAGS, struct.pack("16sH14s", b"lo", 0, bytes(14))),
+    "address on lo": (SIOCSIFADDR, struct.pack("16sHH4s8s", b"lo", socket.AF_INET, 0,
+                                               socket.inet_aton("10.9.9.9"), bytes(8))),
+}
+for what, (req, ifr) in attempts.items():
+    try:
+        fcntl.ioctl(s, req, ifr)
+        print("ESCAPED", what)
+    except OSError as e:
+        print("BLOCKED", what, errno.errorcode.get(e.errno, e.errno))
+"#,
+            expect_blocked,
+        ),
+        py(
             "network/no_routes_or_neighbours",
             r#"
 routes = open("/proc/net/route").read().splitlines()[1:]
