@@ -533,9 +533,17 @@ async fn run(
         }
     }
     print_result(&result, &cfg.limits, args.json)?;
-    Ok(ExitCode::from(
-        u8::try_from(result.exit_code & 0xff).unwrap_or(1),
-    ))
+    let code = u8::try_from(result.exit_code & 0xff).unwrap_or(1);
+    if egress.is_none() {
+        // Nothing of the run is left (sandbox, cgroup, scratch, slot): only this process's own
+        // teardown, whose libc exit path (destructors of the loaded objects, thread-local
+        // ones, the runtime's threads) faults in pages a forked process never touched. Skip it
+        // (an egress gateway's clean-up is not skipped: that run returns).
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        ampoule_runtime::prefork::exit_now(i32::from(code));
+    }
+    Ok(ExitCode::from(code))
 }
 
 /// The limits `ampoule run`'s flags set.

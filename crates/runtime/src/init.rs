@@ -252,7 +252,10 @@ fn outer(chan: &InitChannel, net_ahead: bool) -> Stage<i32> {
                     112
                 }
             };
-            std::process::exit(code)
+            // Pid 1's end is a step of the run (the supervisor waits for its pidfd): straight to
+            // the kernel, without libc's exit handlers and thread-local destructors (nothing of
+            // ours is buffered: the channel is written directly).
+            sys::exit_now(code)
         }
         Fork::Parent(child) => {
             drop((proc_w, detached_r, cgroup_tasks));

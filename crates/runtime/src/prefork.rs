@@ -23,6 +23,12 @@ use tokio::io::unix::AsyncFd;
 use crate::error::{Error, Result};
 use crate::sys::{self, Fork};
 
+/// Ends the process that ran its one sandbox, at once (`_exit(2)`), once it has flushed what
+/// it prints: no libc exit handlers, no destructors, no joining of threads.
+pub fn exit_now(code: i32) -> ! {
+    sys::exit_now(code)
+}
+
 /// An outer init forked by [`prefork`], waiting for its spec; consumed by the first sandbox
 /// spawned on the host it is given to.
 #[derive(Debug)]

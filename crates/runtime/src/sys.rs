@@ -48,6 +48,13 @@ pub(crate) fn close_from(first: u32) -> io::Result<()> {
     }
 }
 
+/// Ends this process at once with `code` (`_exit(2)`): no libc exit handlers, no thread-local
+/// destructors, no stdio flush. Hand-written: neither nix nor std has it.
+pub(crate) fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit takes an integer and does not return; it touches no memory of ours.
+    unsafe { libc::_exit(code) }
+}
+
 /// Writes what it can of `buf` to `fd` at its current offset without blocking (`pwritev2`
 /// with `RWF_NOWAIT`): how many bytes, or `WouldBlock` when none could go now, `Unsupported`
 /// where the file does not take the flag (a terminal, a regular file on most filesystems).
