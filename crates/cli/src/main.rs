@@ -236,7 +236,7 @@ fn main() -> ExitCode {
                 && !a.as_command
                 && a.isolation == ampoule_runtime::Isolation::Namespaces =>
         {
-            Some(ampoule_runtime::prefork::prefork())
+            Some(ampoule_runtime::prefork::prefork(a.allow_host.is_empty()))
         }
         _ => None,
     };

@@ -85,9 +85,10 @@ pub fn main() -> ! {
 
 /// The outer init's work, in a process that is either a fresh `exec` ([`main`]) or a child
 /// forked by a single-threaded supervisor (see [`crate::prefork`]), with stdio and the control
-/// channel (descriptor 3) in place. `ahead`: forked ahead of its spec by `ampoule run`, which
-/// then has time to spare (see [`network_ahead`]). Never returns.
-pub(crate) fn main_forked(ahead: bool) -> ! {
+/// channel (descriptor 3) in place. `net_ahead`: forked ahead of its spec, for a sandbox
+/// without network, it has time to spare for the network namespace (see [`network_ahead`]).
+/// Never returns.
+pub(crate) fn main_forked(net_ahead: bool) -> ! {
     // Die with the supervisor. If it already died, stop here.
     let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
     if nix::unistd::getppid().as_raw() == 1 {
@@ -96,7 +97,7 @@ pub(crate) fn main_forked(ahead: bool) -> ! {
     // Nothing inherited beyond stdio and the channel may reach the sandbox.
     let _ = sys::close_from(CHANNEL_FD as u32 + 1);
     let chan = InitChannel::new(sys::own_fd(CHANNEL_FD));
-    let net_ahead = ahead && network_ahead();
+    let net_ahead = net_ahead && network_ahead();
     let code = match outer(&chan, net_ahead) {
         Ok(code) => code,
         Err(e) => {

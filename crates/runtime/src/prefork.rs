@@ -57,7 +57,11 @@ pub(crate) type InitParts = (InitChild, OwnedFd, OwnedFd, OwnedFd);
 /// Call it first thing in `main`: the process must be single-threaded, which is checked. The
 /// child is a copy of the caller's memory at this point (its environment is wiped, the rest
 /// stays until the program's `exec` replaces it): call it before anything secret is read.
-pub fn prefork() -> Result<PreforkedInit> {
+///
+/// `network_ahead`: the sandbox will have no network, so the init may make its network
+/// namespace while it waits for the spec (see `init::network_ahead`); a sandbox with allowed
+/// hosts makes its own, and one made ahead would be thrown away.
+pub fn prefork(network_ahead: bool) -> Result<PreforkedInit> {
     if !single_threaded() {
         return Err(Error::Invalid(
             "an init can only be forked ahead by a single-threaded process".into(),
@@ -80,7 +84,7 @@ pub fn prefork() -> Result<PreforkedInit> {
             if place_fds(&wanted).is_err() {
                 std::process::exit(111);
             }
-            crate::init::main_forked(true)
+            crate::init::main_forked(network_ahead)
         }
         Fork::Parent(pid) => {
             drop((theirs, out_w, err_w));
