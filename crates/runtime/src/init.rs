@@ -493,18 +493,42 @@ fn locked_flags(path: &Path) -> MsFlags {
     out
 }
 
-/// Binds `src` onto `dst` (non-recursively: submounts of the host stay invisible) and remounts
-/// it with `extra` flags.
-fn bind(src: &Path, dst: &Path, extra: MsFlags) -> Stage<()> {
+/// Binds `src` onto `dst` (non-recursively: submounts of the host stay invisible). The bind
+/// keeps the source mount's flags; [`seal`] makes the read-only ones so.
+fn bind(src: &Path, dst: &Path) -> Stage<()> {
     mount(Some(src), dst, None::<&str>, MsFlags::MS_BIND, None::<&str>).map_err(|e| {
         fail(
             "mount",
             format!("bind {} on {}: {e}", src.display(), dst.display()),
         )
-    })?;
-    let flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | extra | locked_flags(src);
-    mount(None::<&str>, dst, None::<&str>, flags, None::<&str>)
-        .map_err(|e| fail("mount", format!("remount {}: {e}", dst.display())))
+    })
+}
+
+/// Makes the mount at `top` and every mount below it (`below`: those are all there are)
+/// read-only, nosuid and nodev, in one `mount_setattr` call: a bind remount per mount took two
+/// calls each (a `statfs` for the flags the kernel locked, then the remount).
+fn seal(top: &Path, below: &[PathBuf]) -> Stage<()> {
+    match sys::mount_setattr(top, true, sys::MOUNT_ATTR_SEALED) {
+        Ok(()) => Ok(()),
+        // Before Linux 5.12.
+        Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
+            for p in below.iter().map(PathBuf::as_path).chain([top]) {
+                let flags = MsFlags::MS_REMOUNT
+                    | MsFlags::MS_BIND
+                    | MsFlags::MS_RDONLY
+                    | MsFlags::MS_NOSUID
+                    | MsFlags::MS_NODEV
+                    | locked_flags(p);
+                mount(None::<&str>, p, None::<&str>, flags, None::<&str>)
+                    .map_err(|e| fail("mount", format!("remount {}: {e}", p.display())))?;
+            }
+            Ok(())
+        }
+        Err(e) => Err(fail(
+            "mount",
+            format!("make {} read-only: {e}", top.display()),
+        )),
+    }
 }
 
 fn mkdir_p(p: &Path) -> Stage<()> {
@@ -566,7 +590,6 @@ fn host_root(spec: &InitSpec, stage: &Path) -> Stage<()> {
     ] {
         mkdir_p(&stage.join(d))?;
     }
-    let ro = MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
 
     // Merged-/usr hosts have /bin → usr/bin and friends; keep the same shape.
     let mut binds: Vec<PathBuf> = vec![PathBuf::from("/usr")];
@@ -582,6 +605,8 @@ fn host_root(spec: &InitSpec, stage: &Path) -> Stage<()> {
         }
     }
     binds.extend(spec.ro_binds.iter().cloned());
+    // Every mount made under the stage, for `seal`.
+    let mut mounted = Vec::with_capacity(binds.len() + spec.etc_binds.len());
     for src in &binds {
         let dst = under(stage, src);
         if src.is_dir() {
@@ -592,7 +617,8 @@ fn host_root(spec: &InitSpec, stage: &Path) -> Stage<()> {
             }
             touch(&dst)?;
         }
-        bind(src, &dst, ro)?;
+        bind(src, &dst)?;
+        mounted.push(dst);
     }
 
     // /etc: generated files, plus a few public host files (CA certificates, linker cache).
@@ -612,7 +638,8 @@ fn host_root(spec: &InitSpec, stage: &Path) -> Stage<()> {
             }
             Ok(m) if m.is_dir() => {
                 mkdir_p(&dst)?;
-                bind(&src, &dst, ro)?;
+                bind(&src, &dst)?;
+                mounted.push(dst);
             }
             Ok(m) => {
                 if let Some(parent) = dst.parent() {
@@ -626,7 +653,8 @@ fn host_root(spec: &InitSpec, stage: &Path) -> Stage<()> {
                 let copied = m.len() <= ETC_COPY_MAX && fs::copy(&src, &dst).is_ok();
                 if !copied {
                     touch(&dst)?;
-                    bind(&src, &dst, ro)?;
+                    bind(&src, &dst)?;
+                    mounted.push(dst);
                 }
             }
             Err(_) => {}
@@ -634,7 +662,7 @@ fn host_root(spec: &InitSpec, stage: &Path) -> Stage<()> {
     }
 
     if let Some(ca) = &spec.trusted_ca_pem {
-        trust_ca(stage, ca)?;
+        mounted.extend(trust_ca(stage, ca)?);
     }
     if spec.ca_mount_point {
         // Empty in the zygote: each child of a pool whose gateway terminates TLS mounts its
@@ -644,7 +672,9 @@ fn host_root(spec: &InitSpec, stage: &Path) -> Stage<()> {
             mkdir_p(parent)?;
         }
     }
-    Ok(())
+    // The root and all its binds read-only, before `/dev` and the scratch parts are mounted
+    // on it (mount points need no write access).
+    seal(stage, &mounted)
 }
 
 /// An OCI image's root (root mode): an overlay whose lower layer is the image's unpacked root
@@ -810,7 +840,6 @@ fn real_dir(stage: &Path, rel: &str) -> Stage<PathBuf> {
 
 /// `/dev`, the scratch parts and the read-only remounts, over either kind of root.
 fn devices_and_scratch(spec: &InitSpec, stage: &Path) -> Stage<()> {
-    let ro = MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     // /dev: a small tmpfs with bind-mounted character devices (mknod is impossible in a user
     // namespace, and unnecessary).
     let dev = stage.join("dev");
@@ -841,15 +870,17 @@ fn devices_and_scratch(spec: &InitSpec, stage: &Path) -> Stage<()> {
     }
     mkdir_p(&dev.join("shm"))?;
 
-    // The scratch parts.
+    // The scratch parts: writable, nosuid and nodev as the scratch mount is (`mount_scratch`;
+    // a bind keeps its source mount's flags).
     let scratch = spec.scratch_dir.as_path();
-    let rw = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
-    bind(&scratch.join("data"), &stage.join("mnt/data"), rw)?;
-    bind(&scratch.join("tmp"), &stage.join("tmp"), rw)?;
-    bind(&scratch.join("shm"), &dev.join("shm"), rw)?;
-    bind(&scratch.join("tmp"), &stage.join("var/tmp"), rw)?;
+    bind(&scratch.join("data"), &stage.join("mnt/data"))?;
+    bind(&scratch.join("tmp"), &stage.join("tmp"))?;
+    bind(&scratch.join("shm"), &dev.join("shm"))?;
+    bind(&scratch.join("tmp"), &stage.join("var/tmp"))?;
     // The code the supervisor hands over lives here, read-only to the sandbox.
-    bind(&scratch.join(".ampoule"), &stage.join("run/ampoule"), ro)?;
+    let code = stage.join("run/ampoule");
+    bind(&scratch.join(".ampoule"), &code)?;
+    seal(&code, &[])?;
 
     mount(
         None::<&str>,
@@ -859,8 +890,9 @@ fn devices_and_scratch(spec: &InitSpec, stage: &Path) -> Stage<()> {
         None::<&str>,
     )
     .map_err(|e| fail("mount", format!("remount /dev read-only: {e}")))?;
-    // A writable image root stays writable (its writes land in the sandbox's own layer).
-    if !spec.writable_root {
+    // A host root is read-only already (`host_root`); a writable image root stays writable
+    // (its writes land in the sandbox's own layer).
+    if spec.image_root.is_some() && !spec.writable_root {
         mount(
             None::<&str>,
             stage,
@@ -875,8 +907,9 @@ fn devices_and_scratch(spec: &InitSpec, stage: &Path) -> Stage<()> {
 
 /// Adds the egress gateway's CA to the sandbox's trust: a combined bundle (the host's bundle
 /// plus the CA) at `network::CA_BUNDLE`, the CA alone at `network::EGRESS_CA`, and the combined
-/// bundle bound read-only over the host bundle's path for tools that read only the system store.
-fn trust_ca(stage: &Path, ca_pem: &str) -> Stage<()> {
+/// bundle bound over the host bundle's path for tools that read only the system store (made
+/// read-only with the root: the bind's path is returned for [`seal`]).
+fn trust_ca(stage: &Path, ca_pem: &str) -> Stage<Option<PathBuf>> {
     use crate::network::{CA_BUNDLE, EGRESS_CA, SYSTEM_BUNDLE};
     let system = Path::new(SYSTEM_BUNDLE);
     let regular = fs::symlink_metadata(system).is_ok_and(|m| m.is_file());
@@ -899,13 +932,10 @@ fn trust_ca(stage: &Path, ca_pem: &str) -> Stage<()> {
     let target = under(stage, system);
     // Only over a regular file: binding onto a symlink would follow it out of the stage.
     if regular && fs::symlink_metadata(&target).is_ok_and(|m| m.is_file()) {
-        bind(
-            &combined,
-            &target,
-            MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        )?;
+        bind(&combined, &target)?;
+        return Ok(Some(target));
     }
-    Ok(())
+    Ok(None)
 }
 
 /// `/proc` entries that reveal or change host state; masked as runc does.
