@@ -76,6 +76,9 @@ pub fn prefork(network_ahead: bool) -> Result<PreforkedInit> {
     let split = crate::cpus::CpuSplit::plan();
     match sys::fork().map_err(|e| Error::io("forking the sandbox init", e))? {
         Fork::Child => {
+            if let Some(split) = &split {
+                split.apply_child();
+            }
             sys::scrub_environ();
             let Ok(null) = std::fs::File::open("/dev/null") else {
                 std::process::exit(111)
