@@ -70,3 +70,9 @@ for k in CMDS:
     p90 = sorted(wall[k])[int(len(wall[k]) * 0.9)]
     print(f"{k:6} wall p50 {w:6.2f} ms (+{w - bare_wall:5.2f})  p90 {p90:6.2f}  "
           f"cpu p50 {c:6.2f} ms (+{c - bare_cpu:5.2f}){note}")
+# Per round, each binary against the bubblewrap run next to it: the machine's slow spells move
+# both alike, so the median of these differences holds steadier than a difference of medians.
+for k in ("old", "new"):
+    d = sorted(a - b for a, b in zip(wall[k], wall["bwrap"]))
+    print(f"{k:6} minus bwrap, paired by round: p50 {statistics.median(d):+5.2f} ms  "
+          f"p25 {d[len(d) // 4]:+5.2f}  p75 {d[3 * len(d) // 4]:+5.2f}")

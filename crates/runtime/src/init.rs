@@ -1250,13 +1250,10 @@ fn inner(
         return Err(fail("pivot_root", "the old root was not detached"));
     }
     drop(handover.old_root_detached);
-    chan.send(
-        &FromInit::Ready { landlock },
-        me.as_ref().map(AsRawFd::as_raw_fd),
-    )
-    .stage("channel")?;
-    drop(me);
 
+    // The program first, then the word to the supervisor: that wake-up (a synchronous one,
+    // which may run the supervisor on our CPU) is not a step of the program's start. The
+    // child has `me` until its `exec` (close-on-exec).
     match sys::fork().stage("fork")? {
         Fork::Child => {
             let _ = nix::unistd::setsid();
@@ -1275,6 +1272,15 @@ fn inner(
             std::process::exit(127)
         }
         Fork::Parent(program) => {
+            let ready = chan.send(
+                &FromInit::Ready { landlock },
+                me.as_ref().map(AsRawFd::as_raw_fd),
+            );
+            drop(me);
+            if let Err(e) = ready {
+                let _ = nix::sys::signal::kill(program, Signal::SIGKILL);
+                return Err(fail("channel", e.to_string()));
+            }
             detach_stdio();
             reap_until(program, chan)
         }
