@@ -71,6 +71,16 @@ pub struct CgroupRoot {
     bases: Vec<(Vec<Controller>, PathBuf)>,
 }
 
+/// Reads a small generated file (`/proc`): with room for the whole of it from the first
+/// `read`. (`fs::read_to_string` sees a size of 0 and starts at 32 bytes, doubling: 6–9
+/// reads of a 1–3 KiB file, each a system call, on every `ampoule run`.)
+pub(crate) fn read_proc(path: &str) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut text = String::with_capacity(16 * 1024);
+    fs::File::open(path)?.read_to_string(&mut text)?;
+    Ok(text)
+}
+
 /// What one line of `/proc/self/mountinfo` says about a cgroup mount.
 #[derive(Debug, Clone, PartialEq)]
 struct CgroupMount {
@@ -170,8 +180,8 @@ impl CgroupRoot {
     /// Like [`CgroupRoot::detect`], with another directory name under our own cgroup (the
     /// containment suite gives every test its own).
     pub fn detect_with_leaf(leaf: &str) -> Option<Self> {
-        let mountinfo = fs::read_to_string("/proc/self/mountinfo").ok()?;
-        let own = fs::read_to_string("/proc/self/cgroup").ok()?;
+        let mountinfo = read_proc("/proc/self/mountinfo").ok()?;
+        let own = read_proc("/proc/self/cgroup").ok()?;
         Self::from_tables(&mountinfo, &own, leaf)
     }
 
@@ -273,7 +283,11 @@ impl CgroupRoot {
     /// Creates the base directories and, on v2, delegates the controllers down to them.
     pub fn prepare(&self) -> Result<()> {
         for (_, dir) in &self.bases {
-            fs::create_dir_all(dir).map_err(|e| cg_err(dir, "create", &e))?;
+            // Made on the host's first run: one `stat` each after that (`create_dir_all` tries
+            // `mkdir` first, then checks what exists).
+            if !dir.is_dir() {
+                fs::create_dir_all(dir).map_err(|e| cg_err(dir, "create", &e))?;
+            }
         }
         if self.version == CgroupVersion::V2 {
             let (_, base) = &self.bases[0];

@@ -113,11 +113,14 @@ impl Host {
             host.stage_dir(),
             host.scratch_mount_dir(),
         ] {
-            fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o755)
-                .create(&dir)
-                .ctx(|| format!("creating {}", dir.display()))?;
+            // They exist but on a host's first run: one `stat` each, not `mkdir` and `stat`.
+            if !dir.is_dir() {
+                fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o755)
+                    .create(&dir)
+                    .ctx(|| format!("creating {}", dir.display()))?;
+            }
         }
         // The slots directory holds lock files only the supervisor should touch.
         let _ = fs::set_permissions(host.slots_dir(), fs::Permissions::from_mode(0o700));

@@ -539,6 +539,20 @@ fn mkdir_p(p: &Path) -> Stage<()> {
         .map_err(|e| fail("rootfs", format!("mkdir {}: {e}", p.display())))
 }
 
+/// Copies a small host file (`meta` is its `lstat`): read whole, written with its permission
+/// bits. (`fs::copy` tries `copy_file_range`, which fails across file systems, then `sendfile`
+/// until end of file, then `fchmod`: ten system calls where this takes seven.)
+fn copy_small(src: &Path, dst: &Path, meta: &fs::Metadata) -> std::io::Result<()> {
+    use std::io::Write;
+    let data = fs::read(src)?;
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(meta.permissions().mode() & 0o777)
+        .open(dst)?
+        .write_all(&data)
+}
+
 fn touch(p: &Path) -> Stage<()> {
     fs::OpenOptions::new()
         .create(true)
@@ -578,6 +592,17 @@ fn host_root(spec: &InitSpec, stage: &Path) -> Stage<()> {
         "size=8m,nr_inodes=4096,mode=0755",
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
     )?;
+    // Directories known to exist in the new root: a mount point or file below one needs no
+    // `mkdir` (which would fail with EEXIST and then `stat` it, two system calls each).
+    let mut made = std::collections::HashSet::new();
+    let mut dir = |p: &Path| -> Stage<()> {
+        if made.contains(p) {
+            return Ok(());
+        }
+        mkdir_p(p)?;
+        made.extend(p.ancestors().map(Path::to_path_buf));
+        Ok(())
+    };
     for d in [
         "etc",
         "proc",
@@ -588,7 +613,7 @@ fn host_root(spec: &InitSpec, stage: &Path) -> Stage<()> {
         "run/ampoule",
         "var/tmp",
     ] {
-        mkdir_p(&stage.join(d))?;
+        dir(&stage.join(d))?;
     }
 
     // Merged-/usr hosts have /bin → usr/bin and friends; keep the same shape.
@@ -610,10 +635,10 @@ fn host_root(spec: &InitSpec, stage: &Path) -> Stage<()> {
     for src in &binds {
         let dst = under(stage, src);
         if src.is_dir() {
-            mkdir_p(&dst)?;
+            dir(&dst)?;
         } else {
             if let Some(parent) = dst.parent() {
-                mkdir_p(parent)?;
+                dir(parent)?;
             }
             touch(&dst)?;
         }
@@ -637,20 +662,20 @@ fn host_root(spec: &InitSpec, stage: &Path) -> Stage<()> {
                 std::os::unix::fs::symlink(&target, &dst).stage("rootfs")?;
             }
             Ok(m) if m.is_dir() => {
-                mkdir_p(&dst)?;
+                dir(&dst)?;
                 bind(&src, &dst)?;
                 mounted.push(dst);
             }
             Ok(m) => {
                 if let Some(parent) = dst.parent() {
-                    mkdir_p(parent)?;
+                    dir(parent)?;
                 }
                 // A small file is copied: two mount calls fewer, and one mount fewer for the
                 // namespace copies and the tear-down to walk. Read-only all the same (the root
                 // is remounted read-only), and a snapshot as a bind of a file is too (the host
                 // replaces such files by renaming a new one into place). One we cannot read
                 // (a host that made it private) is bound instead, as before.
-                let copied = m.len() <= ETC_COPY_MAX && fs::copy(&src, &dst).is_ok();
+                let copied = m.len() <= ETC_COPY_MAX && copy_small(&src, &dst, &m).is_ok();
                 if !copied {
                     touch(&dst)?;
                     bind(&src, &dst)?;
@@ -667,9 +692,9 @@ fn host_root(spec: &InitSpec, stage: &Path) -> Stage<()> {
     if spec.ca_mount_point {
         // Empty in the zygote: each child of a pool whose gateway terminates TLS mounts its
         // own trust files here (kernels/python/zygote.py `network_files`).
-        let dir = under(stage, Path::new(crate::network::CA_BUNDLE));
-        if let Some(parent) = dir.parent() {
-            mkdir_p(parent)?;
+        let bundle = under(stage, Path::new(crate::network::CA_BUNDLE));
+        if let Some(parent) = bundle.parent() {
+            dir(parent)?;
         }
     }
     // The root and all its binds read-only, before `/dev` and the scratch parts are mounted

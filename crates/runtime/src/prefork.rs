@@ -229,7 +229,7 @@ impl Drop for InitChild {
 
 /// Whether this process has one thread.
 fn single_threaded() -> bool {
-    std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
+    crate::cgroup::read_proc("/proc/self/status").is_ok_and(|s| {
         s.lines()
             .find_map(|l| l.strip_prefix("Threads:"))
             .is_some_and(|n| n.trim() == "1")
