@@ -214,6 +214,17 @@ fn outer(chan: &InitChannel, net_ahead: bool) -> Stage<i32> {
     drop((scratch, first_mount_ns));
     // While the supervisor writes the code and inputs.
     pivot(&spec.stage_dir)?;
+    // And the parts of pid 1's confinement that need nothing of `Start`: the capability
+    // bounding set (pid 1 inherits it: its capabilities in this user namespace are untouched)
+    // and the Landlock ruleset (its rules name this root's inodes; pid 1 only applies it). 41
+    // and 40 system calls pid 1 no longer makes between `Start` and the program. Not for a
+    // zygote, whose children apply every layer themselves.
+    let landlock = if spec.zygote {
+        None
+    } else {
+        drop_bounding_set()?;
+        Some(landlock_ruleset()?)
+    };
     let cgroup_tasks = match chan.recv_with_fds().stage("channel")? {
         (ToInit::Start, fds) => fds,
         (ToInit::Spec(_), _) => return Err(fail("channel", "unexpected second spec")),
@@ -239,6 +250,7 @@ fn outer(chan: &InitChannel, net_ahead: bool) -> Stage<i32> {
                 proc_mounted: proc_w,
                 old_root_detached: detached_r,
                 loopback_up: net_ready,
+                landlock,
             };
             let code = match inner(&spec, chan, &seccomp, handover) {
                 Ok(code) => code,
@@ -259,7 +271,7 @@ fn outer(chan: &InitChannel, net_ahead: bool) -> Stage<i32> {
             sys::exit_now(code)
         }
         Fork::Parent(child) => {
-            drop((proc_w, detached_r, cgroup_tasks));
+            drop((proc_w, detached_r, cgroup_tasks, landlock));
             // End of file: pid 1 failed before (and said why); it is reaped below.
             if read_word(&proc_r) {
                 if let Err(e) = detach_old_root().and_then(|()| mask_proc(Path::new("/"))) {
@@ -1116,15 +1128,24 @@ fn writable_root_dirs() -> Vec<String> {
     dirs
 }
 
+/// Confines this process (and what it forks) with the sandbox's Landlock ruleset; returns
+/// the kernel's verdict.
 pub(crate) fn landlock() -> Stage<String> {
+    landlock_restrict(landlock_ruleset()?)
+}
+
+/// The sandbox's Landlock ruleset, not yet applied: read-only below `/`, writable in the
+/// scratch areas and a few devices. Its rules name inodes (each path is opened), so any
+/// process that sees the sandbox's root may build it for another to apply.
+fn landlock_ruleset() -> Stage<landlock::RulesetCreated> {
     use landlock::{
         ABI, Access, AccessFs, CompatLevel, Compatible, PathBeneath, PathFd, Ruleset, RulesetAttr,
-        RulesetCreatedAttr, RulesetStatus, Scope,
+        RulesetCreatedAttr, Scope,
     };
     let abi = ABI::V6;
     let (rw_dirs, rw_devs) = (LANDLOCK_RW_DIRS, LANDLOCK_RW_DEVS);
     let root_dirs = writable_root_dirs();
-    let status = (|| -> std::result::Result<RulesetStatus, String> {
+    (|| -> std::result::Result<landlock::RulesetCreated, String> {
         let fd = |p: &str| PathFd::new(p).map_err(|e| format!("{p}: {e}"));
         let e = |e: landlock::RulesetError| e.to_string();
         let mut ruleset = Ruleset::default()
@@ -1152,9 +1173,15 @@ pub(crate) fn landlock() -> Stage<String> {
                 .add_rule(PathBeneath::new(fd(d)?, AccessFs::from_file(abi)))
                 .map_err(e)?;
         }
-        Ok(ruleset.restrict_self().map_err(e)?.ruleset)
+        Ok(ruleset)
     })()
-    .stage("landlock")?;
+    .stage("landlock")
+}
+
+/// Applies a ruleset of [`landlock_ruleset`] to this process.
+fn landlock_restrict(ruleset: landlock::RulesetCreated) -> Stage<String> {
+    use landlock::RulesetStatus;
+    let status = ruleset.restrict_self().stage("landlock")?.ruleset;
     Ok(match status {
         RulesetStatus::FullyEnforced => "fully_enforced",
         RulesetStatus::PartiallyEnforced => "partially_enforced",
@@ -1163,12 +1190,20 @@ pub(crate) fn landlock() -> Stage<String> {
     .to_owned())
 }
 
+/// Empties the capability bounding set (one system call per capability): what no `execve`
+/// below may gain. Inherited across `fork`; it bounds nothing this process holds already, so
+/// the outer init drops it for pid 1 (see `outer`) and keeps its own capabilities.
+fn drop_bounding_set() -> Stage<()> {
+    for cap in caps::all() {
+        caps::drop(None, caps::CapSet::Bounding, cap).stage("capabilities")?;
+    }
+    Ok(())
+}
+
+/// Clears every capability set but the bounding set (emptied before: [`drop_bounding_set`]).
 fn drop_capabilities() -> Stage<()> {
     use caps::CapSet;
     caps::clear(None, CapSet::Ambient).stage("capabilities")?;
-    for cap in caps::all() {
-        caps::drop(None, CapSet::Bounding, cap).stage("capabilities")?;
-    }
     caps::clear(None, CapSet::Inheritable).stage("capabilities")?;
     caps::clear(None, CapSet::Effective).stage("capabilities")?;
     caps::clear(None, CapSet::Permitted).stage("capabilities")?;
@@ -1191,6 +1226,8 @@ struct Handover {
     old_root_detached: std::os::fd::OwnedFd,
     /// The network namespace was made ahead, loopback up (see [`network_ahead`]).
     loopback_up: bool,
+    /// The Landlock ruleset to apply, built by the outer init (none for a zygote).
+    landlock: Option<landlock::RulesetCreated>,
 }
 
 /// Whether the other end wrote its byte (rather than closing the pipe).
@@ -1254,7 +1291,10 @@ fn inner(
         // apply every layer below themselves (kernels/python/zygote.py).
         "per_session".to_owned()
     } else {
-        let landlock = landlock()?;
+        let ruleset = handover
+            .landlock
+            .ok_or_else(|| fail("landlock", "no ruleset from the outer init"))?;
+        let landlock = landlock_restrict(ruleset)?;
         drop_capabilities()?;
         nix::sys::prctl::set_no_new_privs().stage("no_new_privs")?;
         // Speculative store bypass: seccomp no longer turns the mitigation on by itself
