@@ -518,7 +518,17 @@ async fn run(
             .copy_out(dir, cfg.limits.disk_mib.saturating_mul(1024 * 1024))
             .with_context(|| format!("copying outputs to {}", dir.display()))?;
     }
-    drop(sandbox);
+    // With a gateway the sandbox goes before its events are read. Without one it is finished
+    // (cgroup removed, init killed) and what is left of it, descriptors (the scratch, the
+    // slot's lock, the channel), goes with this process at `exit_now` below: the kernel
+    // closes them without a system call each.
+    let _finished = match egress {
+        Some(_) => {
+            drop(sandbox);
+            None
+        }
+        None => Some(sandbox),
+    };
     if let Some(sweeper) = sweeper {
         let _ = sweeper.join();
     }
@@ -535,7 +545,8 @@ async fn run(
     print_result(&result, &cfg.limits, args.json)?;
     let code = u8::try_from(result.exit_code & 0xff).unwrap_or(1);
     if egress.is_none() {
-        // Nothing of the run is left (sandbox, cgroup, scratch, slot): only this process's own
+        // Nothing of the run is left but descriptors (the sandbox and its cgroup are gone; the
+        // scratch and the slot go with our descriptors at exit): only this process's own
         // teardown, whose libc exit path (destructors of the loaded objects, thread-local
         // ones, the runtime's threads) faults in pages a forked process never touched. Skip it
         // (an egress gateway's clean-up is not skipped: that run returns).
