@@ -398,6 +398,44 @@ impl Drop for RunDir {
     }
 }
 
+/// Where the run directories of gVisor sandboxes live (`sbx-<slot>` each).
+pub(crate) fn runs_dir(host: &Host) -> PathBuf {
+    host.runtime_dir.join("gvisor")
+}
+
+/// Removes every run directory whose slot no live process holds: what a supervisor killed
+/// mid-run left behind (a tmpfs mounted on the host, maybe a runsc sandbox still running),
+/// removed as a new run on the same slot would remove it (see [`spawn`]), which might be
+/// long in coming among 16,384 slots. Returns how many.
+pub(crate) fn sweep_orphans(host: &Host) -> usize {
+    let Ok(entries) = fs::read_dir(runs_dir(host)) else {
+        return 0;
+    };
+    let mut swept = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(index) = name
+            .strip_prefix("sbx-")
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // Holding the slot's lock while sweeping keeps a new sandbox from taking it meanwhile.
+        let Ok(Some(_slot)) = host.try_slot(index) else {
+            continue;
+        };
+        drop(RunDir {
+            dir: entry.path(),
+            runsc: find().unwrap_or_else(|| PathBuf::from("runsc")),
+            id: format!("ampoule-{name}"),
+            network: None,
+        });
+        tracing::info!(dir = %name, "swept an orphaned gvisor sandbox directory");
+        swept += 1;
+    }
+    swept
+}
+
 /// Unmounts what a sandbox directory may hold and removes it.
 fn clean_dir(dir: &Path) {
     let scratch = dir.join("scratch");
@@ -949,6 +987,55 @@ pub(crate) fn program_exit(status: std::process::ExitStatus) -> crate::sandbox::
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A run directory left by a killed supervisor (its scratch tmpfs still mounted) is
+    /// swept, mount and all; one whose slot is held (a live sandbox's) is not touched.
+    #[test]
+    fn orphaned_run_directories_are_swept_and_live_ones_kept() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: mounting a tmpfs needs root");
+            return;
+        }
+        // This test's own mount namespace: a failure leaves no mount on the host.
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).expect("unshare");
+        nix::mount::mount(
+            None::<&str>,
+            "/",
+            None::<&str>,
+            MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+            None::<&str>,
+        )
+        .expect("private mounts");
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let host = Host::with(true, tmp.path().to_path_buf(), None).expect("host");
+        let scratch = |slot: u32| runs_dir(&host).join(format!("sbx-{slot}")).join("scratch");
+        for slot in [7, 8] {
+            fs::create_dir_all(scratch(slot)).expect("mkdir");
+            nix::mount::mount(
+                Some("tmpfs"),
+                &scratch(slot),
+                Some("tmpfs"),
+                MsFlags::empty(),
+                Some("size=1m"),
+            )
+            .expect("mount tmpfs");
+            fs::write(scratch(slot).join("left.txt"), "x").expect("write");
+        }
+        let live = host.try_slot(8).expect("lock").expect("slot 8 free");
+        assert!(host.may_have_orphans(), "the run directories count");
+        assert_eq!(sweep_orphans(&host), 1);
+        assert!(!runs_dir(&host).join("sbx-7").exists());
+        assert!(
+            scratch(8).join("left.txt").exists(),
+            "a held slot's directory stays"
+        );
+        let mounts = fs::read_to_string("/proc/self/mounts").expect("mounts");
+        let gone = scratch(7).to_string_lossy().into_owned();
+        assert!(!mounts.contains(&gone), "the orphan's tmpfs is unmounted");
+        drop(live);
+        assert_eq!(sweep_orphans(&host), 1);
+        assert!(!runs_dir(&host).join("sbx-8").exists());
+    }
 
     #[test]
     fn isolation_parses_and_prints() {

@@ -160,7 +160,7 @@ impl Host {
         Err(Error::NoSlot(SLOTS as usize))
     }
 
-    fn try_slot(&self, index: u32) -> Result<Option<Slot>> {
+    pub(crate) fn try_slot(&self, index: u32) -> Result<Option<Slot>> {
         let path = self.slots_dir().join(format!("{index}.lock"));
         let file = OpenOptions::new()
             .create(true)
@@ -243,19 +243,26 @@ impl Host {
             .take()
     }
 
-    /// Whether a sandbox cgroup (a live sandbox's, or a leftover) may exist: when not,
-    /// [`Host::sweep_orphans`] has nothing to do. One `stat` per cgroup hierarchy.
+    /// Whether a sandbox cgroup or gVisor run directory (a live sandbox's, or a leftover) may
+    /// exist: when not, [`Host::sweep_orphans`] has nothing to do. One `stat` per cgroup
+    /// hierarchy and one of the gVisor runs' directory (its link count: two plus its
+    /// subdirectories).
     pub fn may_have_orphans(&self) -> bool {
+        use std::os::unix::fs::MetadataExt;
         self.cgroups
             .as_ref()
             .is_some_and(crate::cgroup::CgroupRoot::may_have_children)
+            || fs::metadata(crate::gvisor::runs_dir(self)).is_ok_and(|m| m.nlink() != 2)
     }
 
-    /// Kills and removes every sandbox cgroup whose slot no live process holds: the leftovers of
-    /// a supervisor that was killed mid-run. Returns how many were swept.
+    /// Kills and removes every sandbox cgroup, and every gVisor run directory, whose slot no
+    /// live process holds: the leftovers of a supervisor that was killed mid-run. Returns how
+    /// many were swept.
     pub fn sweep_orphans(&self) -> usize {
-        let Some(root) = &self.cgroups else { return 0 };
-        let mut swept = 0;
+        let mut swept = crate::gvisor::sweep_orphans(self);
+        let Some(root) = &self.cgroups else {
+            return swept;
+        };
         for name in root.children() {
             let Some(index) = name
                 .strip_prefix("sbx-")
