@@ -686,8 +686,10 @@ fn host_root(spec: &InitSpec, stage: &Path) -> Stage<()> {
                 // namespace copies and the tear-down to walk. Read-only all the same (the root
                 // is remounted read-only), and a snapshot as a bind of a file is too (the host
                 // replaces such files by renaming a new one into place). One we cannot read
-                // (a host that made it private) is bound instead, as before.
-                let copied = m.len() <= ETC_COPY_MAX && copy_small(&src, &dst, &m).is_ok();
+                // (a host that made it private), or no regular file (a FIFO would block the
+                // read), is bound instead.
+                let copied =
+                    m.is_file() && m.len() <= ETC_COPY_MAX && copy_small(&src, &dst, &m).is_ok();
                 if !copied {
                     touch(&dst)?;
                     bind(&src, &dst)?;
