@@ -414,14 +414,7 @@ pub(crate) fn sweep_orphans(host: &Host) -> usize {
     let mut swept = 0;
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(index) = name
-            .strip_prefix("sbx-")
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        // Holding the slot's lock while sweeping keeps a new sandbox from taking it meanwhile.
-        let Ok(Some(_slot)) = host.try_slot(index) else {
+        let Some(_slot) = host.orphan_slot(&name) else {
             continue;
         };
         drop(RunDir {
@@ -1021,7 +1014,7 @@ mod tests {
             .expect("mount tmpfs");
             fs::write(scratch(slot).join("left.txt"), "x").expect("write");
         }
-        let live = host.try_slot(8).expect("lock").expect("slot 8 free");
+        let live = host.orphan_slot("sbx-8").expect("slot 8 free");
         assert!(host.may_have_orphans(), "the run directories count");
         assert_eq!(sweep_orphans(&host), 1);
         assert!(!runs_dir(&host).join("sbx-7").exists());

@@ -160,7 +160,7 @@ impl Host {
         Err(Error::NoSlot(SLOTS as usize))
     }
 
-    pub(crate) fn try_slot(&self, index: u32) -> Result<Option<Slot>> {
+    fn try_slot(&self, index: u32) -> Result<Option<Slot>> {
         let path = self.slots_dir().join(format!("{index}.lock"));
         let file = OpenOptions::new()
             .create(true)
@@ -264,14 +264,7 @@ impl Host {
             return swept;
         };
         for name in root.children() {
-            let Some(index) = name
-                .strip_prefix("sbx-")
-                .and_then(|n| n.parse::<u32>().ok())
-            else {
-                continue;
-            };
-            // Holding the lock while we sweep keeps a new sandbox from taking the slot meanwhile.
-            let Ok(Some(_slot)) = self.try_slot(index) else {
+            let Some(_slot) = self.orphan_slot(&name) else {
                 continue;
             };
             let cg = root.open(&name);
@@ -280,6 +273,14 @@ impl Host {
             swept += 1;
         }
         swept
+    }
+
+    /// The slot of the sandbox named `name` (`sbx-<n>`: its cgroup, its gVisor run directory),
+    /// locked, when no live process holds it: then the name is an orphan's. Holding the lock
+    /// while sweeping keeps a new sandbox from taking the slot meanwhile.
+    pub(crate) fn orphan_slot(&self, name: &str) -> Option<Slot> {
+        let index = name.strip_prefix("sbx-")?.parse::<u32>().ok()?;
+        self.try_slot(index).ok().flatten()
     }
 
     /// Whether `path` is inside the runtime directory (used to refuse binding it).
