@@ -518,13 +518,11 @@ async fn run(
             .copy_out(dir, cfg.limits.disk_mib.saturating_mul(1024 * 1024))
             .with_context(|| format!("copying outputs to {}", dir.display()))?;
     }
-    // With a gateway the sandbox goes before its events are read, and a gVisor sandbox's
-    // drop unmounts its run directory on the host. Otherwise it is finished (cgroup removed,
-    // init killed, its mounts in the init's own mount namespace) and what is left of it,
-    // descriptors (the scratch, the slot's lock, the channel), goes with this process at
-    // `exit_now` below: the kernel closes them without a system call each.
-    let _finished = if egress.is_none() && args.isolation == ampoule_runtime::Isolation::Namespaces
-    {
+    // With a gateway the sandbox goes before its events are read. Without one, a finished
+    // sandbox of which only descriptors are left (not a gVisor one: its drop unmounts its run
+    // directory) goes with this process at `exit_now` below: the kernel closes them without
+    // a system call each.
+    let _finished = if egress.is_none() && sandbox.only_descriptors_left() {
         Some(sandbox)
     } else {
         drop(sandbox);

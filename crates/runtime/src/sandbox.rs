@@ -591,6 +591,13 @@ impl Sandbox {
         })
     }
 
+    /// Whether dropping this sandbox would only close descriptors (its scratch, its slot's
+    /// lock, its channel): it is finished (no cgroup left) and holds no gVisor run directory
+    /// to unmount. A process about to exit may then leave it to the kernel.
+    pub fn only_descriptors_left(&self) -> bool {
+        self.cgroup.is_none() && self.gvisor.is_none()
+    }
+
     /// The addresses of the sandbox's link to the egress gateway (allowlist mode).
     pub fn network(&self) -> Option<&GatewayAddrs> {
         self.network.as_ref()
