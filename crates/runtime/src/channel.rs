@@ -84,6 +84,11 @@ pub(crate) struct InitSpec {
     /// The image root is writable (`SandboxConfig::writable_root`).
     #[serde(default)]
     pub(crate) writable_root: bool,
+    /// Pid 1 joins the sandbox's cgroup itself (cgroup v1, or no cgroup), so the outer init
+    /// forks it before `Start`, which pid 1 then waits for (see `init::outer`). On cgroup v2
+    /// the supervisor moves the outer init, and pid 1 is forked after `Start` to inherit that.
+    #[serde(default)]
+    pub(crate) early_pid1: bool,
 }
 
 /// Supervisor → init.
@@ -92,9 +97,9 @@ pub(crate) enum ToInit {
     /// Build the sandbox described here (first message).
     Spec(Box<InitSpec>),
     /// The supervisor has put the inputs in place: start the program. On cgroup v1 the message
-    /// carries the sandbox cgroup's `tasks` files, opened by the supervisor, which the outer
-    /// init writes `0` to (see init.rs): the supervisor creates the cgroup while the init
-    /// builds the root, so neither waits for the other.
+    /// carries the sandbox cgroup's `tasks` files, opened by the supervisor, which pid 1
+    /// writes `0` to (see init.rs): the supervisor creates the cgroup while the init builds
+    /// the root, so neither waits for the other.
     Start,
 }
 

@@ -214,26 +214,34 @@ fn outer(chan: &InitChannel, net_ahead: bool) -> Stage<i32> {
     drop((scratch, first_mount_ns));
     // While the supervisor writes the code and inputs.
     pivot(&spec.stage_dir)?;
-    // And the parts of pid 1's confinement that need nothing of `Start`: the capability
-    // bounding set (pid 1 inherits it: its capabilities in this user namespace are untouched)
-    // and the Landlock ruleset (its rules name this root's inodes; pid 1 only applies it). 41
-    // and 40 system calls pid 1 no longer makes between `Start` and the program. Not for a
-    // zygote, whose children apply every layer themselves.
-    let landlock = if spec.zygote {
+    // Pid 1 is forked now, before `Start`, when it joins the sandbox's cgroup itself (cgroup
+    // v1, or no cgroup): the capability bounding set, the Landlock ruleset and the wait for
+    // `Start` are then its own steps, on a CPU of its own, beside ours (the old root's
+    // detach and the masks of `/proc`) instead of before them. On cgroup v2 the supervisor
+    // moves us into the cgroup before `Start`, and pid 1 must be forked after that to inherit
+    // it: we wait for `Start` and prepare those parts of pid 1's confinement meanwhile (pid 1
+    // inherits the bounding set and only applies the ruleset). Neither for a zygote, whose
+    // children apply every layer themselves.
+    let started = if spec.early_pid1 {
         None
     } else {
-        drop_bounding_set()?;
-        Some(landlock_ruleset()?)
+        let landlock = if spec.zygote {
+            None
+        } else {
+            drop_bounding_set()?;
+            Some(landlock_ruleset()?)
+        };
+        let cgroup_tasks = recv_start(chan)?;
+        // Pid 1 and the program get every CPU the supervisor had.
+        crate::cpus::rejoin();
+        if let Some(net) = &spec.network {
+            crate::network::configure_inside(net).stage("network")?;
+        }
+        Some(Started {
+            cgroup_tasks,
+            landlock,
+        })
     };
-    let cgroup_tasks = match chan.recv_with_fds().stage("channel")? {
-        (ToInit::Start, fds) => fds,
-        (ToInit::Spec(_), _) => return Err(fail("channel", "unexpected second spec")),
-    };
-    // Pid 1 and the program get every CPU the supervisor had.
-    crate::cpus::rejoin();
-    if let Some(net) = &spec.network {
-        crate::network::configure_inside(net).stage("network")?;
-    }
 
     // Pid 1 and we hand the old root over in two words (a byte each; end of file: no): pid 1's
     // that `/proc` is mounted (the kernel lets a user namespace mount proc only while another
@@ -246,11 +254,10 @@ fn outer(chan: &InitChannel, net_ahead: bool) -> Stage<i32> {
         Fork::Child => {
             drop((proc_r, detached_w));
             let handover = Handover {
-                cgroup_tasks,
+                started,
                 proc_mounted: proc_w,
                 old_root_detached: detached_r,
                 loopback_up: net_ready,
-                landlock,
             };
             let code = match inner(&spec, chan, &seccomp, handover) {
                 Ok(code) => code,
@@ -271,7 +278,7 @@ fn outer(chan: &InitChannel, net_ahead: bool) -> Stage<i32> {
             sys::exit_now(code)
         }
         Fork::Parent(child) => {
-            drop((proc_w, detached_r, cgroup_tasks, landlock));
+            drop((proc_w, detached_r, started));
             // End of file: pid 1 failed before (and said why); it is reaped below.
             if read_word(&proc_r) {
                 if let Err(e) = detach_old_root().and_then(|()| mask_proc(Path::new("/"))) {
@@ -1222,14 +1229,29 @@ fn cstrings(items: impl IntoIterator<Item = String>) -> Stage<Vec<CString>> {
 /// What pid 1 gets from the outer init: the cgroup to join, and its ends of the two words
 /// about the old root (see `outer`).
 struct Handover {
-    /// cgroup v1: the sandbox cgroup's `tasks` files, which pid 1 joins (see [`inner`]).
-    cgroup_tasks: Vec<std::os::fd::OwnedFd>,
+    /// What the outer init received and prepared when it forked pid 1 after `Start`; `None`:
+    /// pid 1 was forked before it, and waits for `Start` itself (see `outer`).
+    started: Option<Started>,
     proc_mounted: std::os::fd::OwnedFd,
     old_root_detached: std::os::fd::OwnedFd,
     /// The network namespace was made ahead, loopback up (see [`network_ahead`]).
     loopback_up: bool,
-    /// The Landlock ruleset to apply, built by the outer init (none for a zygote).
+}
+
+/// `Start`'s part of pid 1's hand-over.
+struct Started {
+    /// The sandbox cgroup's files pid 1 writes itself into (see [`inner`]).
+    cgroup_tasks: Vec<std::os::fd::OwnedFd>,
+    /// The Landlock ruleset to apply (none for a zygote).
     landlock: Option<landlock::RulesetCreated>,
+}
+
+/// Waits for `Start`; returns the cgroup files it carries.
+fn recv_start(chan: &InitChannel) -> Stage<Vec<std::os::fd::OwnedFd>> {
+    match chan.recv_with_fds().stage("channel")? {
+        (ToInit::Start, fds) => Ok(fds),
+        (ToInit::Spec(_), _) => Err(fail("channel", "unexpected second spec")),
+    }
 }
 
 /// Whether the other end wrote its byte (rather than closing the pipe).
@@ -1258,6 +1280,31 @@ fn inner(
     mount_proc(Path::new("/"))?;
     nix::unistd::write(&handover.proc_mounted, b"1").stage("pivot_root")?;
     drop(handover.proc_mounted);
+    // Forked before `Start`: what the outer init otherwise does while it waits for it, here
+    // while it detaches the old root and the supervisor writes the inputs.
+    let Started {
+        cgroup_tasks,
+        landlock: ruleset,
+    } = match handover.started {
+        Some(started) => started,
+        None => {
+            crate::cpus::rejoin();
+            let landlock = if spec.zygote {
+                None
+            } else {
+                drop_bounding_set()?;
+                Some(landlock_ruleset()?)
+            };
+            let cgroup_tasks = recv_start(chan)?;
+            if let Some(net) = &spec.network {
+                crate::network::configure_inside(net).stage("network")?;
+            }
+            Started {
+                cgroup_tasks,
+                landlock,
+            }
+        }
+    };
     // cgroup v1: pid 1, not the outer init, joins the sandbox's cgroup, so that the cgroup is
     // empty once pid 1's namespace has died, whether or not the outer init has finished
     // exiting (freeing its namespaces, mounts first, takes a while): the supervisor may then
@@ -1268,10 +1315,10 @@ fn inner(
     // cgroup. The files were opened by the supervisor (real root), whose credentials the
     // kernel checks: we have none left. (v2: the supervisor moved the outer init before
     // `Start`, and we inherited its cgroup.)
-    for tasks in &handover.cgroup_tasks {
+    for tasks in &cgroup_tasks {
         nix::unistd::write(tasks, b"0").stage("cgroup")?;
     }
-    drop(handover.cgroup_tasks);
+    drop(cgroup_tasks);
     // Only now is the current cgroup the right root for the sandbox's cgroup namespace.
     unshare(CloneFlags::CLONE_NEWCGROUP).stage("unshare cgroup")?;
     let argv = cstrings(spec.argv.iter().cloned())?;
@@ -1293,9 +1340,7 @@ fn inner(
         // apply every layer below themselves (kernels/python/zygote.py).
         "per_session".to_owned()
     } else {
-        let ruleset = handover
-            .landlock
-            .ok_or_else(|| fail("landlock", "no ruleset from the outer init"))?;
+        let ruleset = ruleset.ok_or_else(|| fail("landlock", "no ruleset"))?;
         let landlock = landlock_restrict(ruleset)?;
         drop_capabilities()?;
         nix::sys::prctl::set_no_new_privs().stage("no_new_privs")?;

@@ -421,6 +421,10 @@ impl Sandbox {
             scratch_image: cfg.disk.clone(),
             image_root: cfg.image_root.clone(),
             writable_root: cfg.writable_root && cfg.image_root.is_some() && !is_zygote,
+            early_pid1: host
+                .cgroups
+                .as_ref()
+                .is_none_or(|root| root.version() == CgroupVersion::V1),
         };
 
         let preforked = if is_zygote || cfg.stdin {
