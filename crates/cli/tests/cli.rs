@@ -360,6 +360,44 @@ fn the_program_gets_every_cpu_of_the_caller() {
     );
 }
 
+/// Ignored signals survive `execve`: the supervisor's (Rust ignores SIGPIPE; a caller started
+/// with `nohup` or as a background job ignores SIGHUP, SIGINT, SIGQUIT) must not reach the
+/// program, where a pipeline's writer would then see EPIPE instead of dying quietly.
+fn the_program_starts_with_no_signal_ignored() {
+    // The caller ignores SIGHUP and SIGINT too (as `nohup` would), through bash's `trap ''`.
+    let out = Command::new("/bin/bash")
+        .arg("-c")
+        .arg(format!(
+            "trap '' HUP INT; exec {} run --lang bash -",
+            env!("CARGO_BIN_EXE_ampoule")
+        ))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(b"grep SigIgn /proc/self/status\nyes | head -n 1\n")?;
+            child.wait_with_output()
+        })
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "SigIgn:\t0000000000000000\ny\n",
+        "stderr: {}",
+        text(&out.stderr)
+    );
+    assert!(
+        !text(&out.stderr).contains("Broken pipe"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
 /// `ampoule run` forks its sandbox's init from itself (no exec with a cleared environment):
 /// the init must not keep the caller's environment where `/proc/<pid>/environ` shows it.
 fn the_sandbox_init_keeps_nothing_of_the_callers_environment() {
@@ -510,6 +548,11 @@ fn main() {
         trial(
             "a_killed_supervisor_leaves_nothing_running_and_the_next_start_sweeps_its_cgroup",
             a_killed_supervisor_leaves_nothing_running_and_the_next_start_sweeps_its_cgroup,
+            root,
+        ),
+        trial(
+            "the_program_starts_with_no_signal_ignored",
+            the_program_starts_with_no_signal_ignored,
             root,
         ),
         trial(

@@ -89,6 +89,10 @@ pub(crate) struct InitSpec {
     /// the supervisor moves the outer init, and pid 1 is forked after `Start` to inherit that.
     #[serde(default)]
     pub(crate) early_pid1: bool,
+    /// The supervisor's ignored signals, which the init inherited and the program must not
+    /// (see `sys::spawn_program`): bit `n - 1` for signal `n`.
+    #[serde(default)]
+    pub(crate) ignored_signals: u64,
 }
 
 /// Supervisor → init.

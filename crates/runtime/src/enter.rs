@@ -587,6 +587,9 @@ fn child(
 ) -> Stage<std::convert::Infallible> {
     use caps::CapSet;
     let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+    // Ignored signals survive `execve`: the command starts with every signal at its default.
+    // (Read while the host's `/proc` is still ours.)
+    let ignored = sys::ignored_signals();
     if spec.privileged {
         // While still host root: the sandbox's user namespace denies setgroups.
         nix::unistd::setgroups(&[Gid::from_raw(spec.host_gid)]).stage("setgroups")?;
@@ -632,6 +635,7 @@ fn child(
         _ => {}
     }
     seccomp.apply().stage("seccomp")?;
+    sys::default_signals(ignored);
     let err = nix::unistd::execve(path, argv, env)
         .err()
         .map(|e| e.desc())

@@ -1366,37 +1366,28 @@ fn inner(
     // The program first, then the word to the supervisor: that wake-up (a synchronous one,
     // which may run the supervisor on our CPU) is not a step of the program's start. The
     // child has `me` until its `exec` (close-on-exec).
-    match sys::fork().stage("fork")? {
-        Fork::Child => {
-            let _ = nix::unistd::setsid();
-            let err = nix::unistd::execve(&path, &argv, &env).err();
-            let _ = chan.send(
-                &FromInit::Failed {
-                    stage: "exec".into(),
-                    message: format!(
-                        "{}: {}",
-                        spec.argv.first().map(String::as_str).unwrap_or(""),
-                        err.map(|e| e.desc()).unwrap_or("exec failed")
-                    ),
-                },
-                None,
-            );
-            std::process::exit(127)
-        }
-        Fork::Parent(program) => {
-            let ready = chan.send(
-                &FromInit::Ready { landlock },
-                me.as_ref().map(AsRawFd::as_raw_fd),
-            );
-            drop(me);
-            if let Err(e) = ready {
-                let _ = nix::sys::signal::kill(program, Signal::SIGKILL);
-                return Err(fail("channel", e.to_string()));
-            }
-            detach_stdio();
-            reap_until(program, chan)
-        }
+    let program = sys::spawn_program(&path, &argv, &env, spec.ignored_signals).map_err(|e| {
+        let errno = nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(0));
+        fail(
+            "exec",
+            format!(
+                "{}: {}",
+                spec.argv.first().map(String::as_str).unwrap_or(""),
+                errno.desc()
+            ),
+        )
+    })?;
+    let ready = chan.send(
+        &FromInit::Ready { landlock },
+        me.as_ref().map(AsRawFd::as_raw_fd),
+    );
+    drop(me);
+    if let Err(e) = ready {
+        let _ = nix::sys::signal::kill(program, Signal::SIGKILL);
+        return Err(fail("channel", e.to_string()));
     }
+    detach_stdio();
+    reap_until(program, chan)
 }
 
 /// Reaps every child (orphans are re-parented to pid 1) until the program itself exits, then

@@ -230,6 +230,7 @@ impl Drop for InitChild {
 /// Whether this process has one thread.
 fn single_threaded() -> bool {
     crate::cgroup::read_proc("/proc/self/status").is_ok_and(|s| {
+        crate::sys::note_ignored_signals(&s);
         s.lines()
             .find_map(|l| l.strip_prefix("Threads:"))
             .is_some_and(|n| n.trim() == "1")

@@ -425,6 +425,7 @@ impl Sandbox {
                 .cgroups
                 .as_ref()
                 .is_none_or(|root| root.version() == CgroupVersion::V1),
+            ignored_signals: crate::sys::ignored_signals(),
         };
 
         let preforked = if is_zygote || cfg.stdin {

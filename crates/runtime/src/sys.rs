@@ -622,3 +622,135 @@ fn shim_sysctls(s: &SysctlShim) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// What [`spawn_program`] hands its child: everything is read before `execve`, while the
+/// parent is suspended, and the child writes only `errno`.
+struct SpawnArgs {
+    path: *const libc::c_char,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+    /// Signals to set back to their default action (ignored ones survive `execve`).
+    reset: u64,
+    /// The `execve` error, 0 until then.
+    errno: libc::c_int,
+}
+
+/// The child of [`spawn_program`], on its own stack in the parent's memory: a new session,
+/// the ignored signals back to default, `execve`. Only system calls (and writes to its own
+/// `SpawnArgs`), no allocation, no lock: the parent's memory must be as it left it.
+extern "C" fn spawned_child(arg: *mut libc::c_void) -> libc::c_int {
+    let args = arg.cast::<SpawnArgs>();
+    // SAFETY: `arg` is the `SpawnArgs` of `spawn_program`'s frame, alive and otherwise
+    // untouched until we exec or exit (the parent is suspended by CLONE_VFORK). setsid and
+    // sigaction take plain values; execve reads the NUL-terminated arrays built from CStrings
+    // that outlive the call; _exit does not return.
+    unsafe {
+        libc::setsid();
+        default_signals((*args).reset);
+        libc::execve((*args).path, (*args).argv, (*args).envp);
+        (*args).errno = *libc::__errno_location();
+        libc::_exit(127)
+    }
+}
+
+/// Starts `path` (`argv`, `env`) as a child in a session of its own, with the signals of
+/// `reset` (a `SigIgn`-style mask: bit `n - 1` for signal `n`) back to their default action.
+/// The child shares our memory until its `execve` and we wait meanwhile
+/// (`clone(CLONE_VM | CLONE_VFORK)`, what `vfork` does, on a stack of its own): no page
+/// table is copied, no page of ours is write-protected, where a `fork` copies them all and
+/// its `execve` throws the copy away. Returns the child's pid, or the `execve` error (the
+/// child, which exited, is reaped).
+///
+/// Hand-written: nix has no vfork-style spawn but `posix_spawn`, whose glibc child reads and
+/// resets the disposition of every signal (120 `rt_sigaction` calls before the `execve`).
+pub(crate) fn spawn_program(
+    path: &std::ffi::CStr,
+    argv: &[std::ffi::CString],
+    env: &[std::ffi::CString],
+    reset: u64,
+) -> io::Result<Pid> {
+    let argv_ptrs: Vec<*const libc::c_char> = argv
+        .iter()
+        .map(|a| a.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
+    let env_ptrs: Vec<*const libc::c_char> = env
+        .iter()
+        .map(|e| e.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
+    let mut args = SpawnArgs {
+        path: path.as_ptr(),
+        argv: argv_ptrs.as_ptr(),
+        envp: env_ptrs.as_ptr(),
+        reset,
+        errno: 0,
+    };
+    // The child's stack: a few system calls deep, no more (16-byte aligned top).
+    let mut stack = vec![0u128; 1024];
+    let top = stack.as_mut_ptr_range().end.cast::<libc::c_void>();
+    // SAFETY: `spawned_child` runs on `stack`, which outlives it (we are suspended until the
+    // child execs or exits, CLONE_VFORK); `args` stays in place for the same time. Without
+    // CLONE_SIGHAND and CLONE_FILES the child gets its own copies of the signal actions and
+    // the descriptor table. The caller is single-threaded (pid 1), so no other thread can
+    // change memory the child reads.
+    let pid = unsafe {
+        libc::clone(
+            spawned_child,
+            top,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            std::ptr::from_mut(&mut args).cast(),
+        )
+    };
+    drop(stack);
+    if pid < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let pid = Pid::from_raw(pid);
+    if args.errno != 0 {
+        let _ = nix::sys::wait::waitpid(pid, None);
+        return Err(io::Error::from_raw_os_error(args.errno));
+    }
+    Ok(pid)
+}
+
+/// Sets the signals of `mask` (bit `n - 1` for signal `n`) back to their default action.
+/// Allocation-free and async-signal-safe: only sigaction(2).
+pub(crate) fn default_signals(mask: u64) {
+    for sig in 1..=64 {
+        if mask & (1u64 << (sig - 1)) != 0 {
+            // SAFETY: SIG_DFL installs no handler; a number that cannot be changed (SIGKILL,
+            // SIGSTOP) fails with EINVAL and changes nothing.
+            unsafe { libc::signal(sig, libc::SIG_DFL) };
+        }
+    }
+}
+
+/// This process's ignored signals (`SigIgn` of `/proc/self/status`, bit `n - 1` for signal
+/// `n`): the sandbox's processes inherit them across `execve` and set them back to default
+/// (see [`spawn_program`]). Read once (or taken from a read of that file made anyway, see
+/// [`note_ignored_signals`]); 0 if it cannot be.
+pub(crate) fn ignored_signals() -> u64 {
+    *IGNORED_SIGNALS.get_or_init(|| {
+        crate::cgroup::read_proc("/proc/self/status")
+            .ok()
+            .and_then(|s| sig_ign(&s))
+            .unwrap_or(0)
+    })
+}
+
+/// Keeps the ignored signals of a `/proc/self/status` just read, for [`ignored_signals`].
+pub(crate) fn note_ignored_signals(status: &str) {
+    if let Some(mask) = sig_ign(status) {
+        let _ = IGNORED_SIGNALS.set(mask);
+    }
+}
+
+static IGNORED_SIGNALS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+
+fn sig_ign(status: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigIgn:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+}
