@@ -756,8 +756,21 @@ impl Cgroup {
         self.write(ctl, file, value)?;
         // v1 reports FREEZING until every task is in the refrigerator; v2 `frozen 1` once the
         // whole cgroup is. Thawing is immediate on both.
+        //
+        // v1 asks each task to freeze once, when FROZEN is written. A task caught between its
+        // `vfork` and its sleep waiting for the child (dash runs every command so, and
+        // `posix_spawn` too) is asked while running, then sleeps unfrozen, waiting for a child
+        // that froze before its `exec`: FREEZING for good. Thawing and asking again gets past
+        // it (the child execs meanwhile); v2 counts a `vfork` parent as frozen by itself.
         let deadline = Instant::now() + Duration::from_secs(5);
+        let mut ask_again = Instant::now() + Duration::from_millis(20);
         while on && !self.frozen() {
+            if self.version == CgroupVersion::V1 && Instant::now() >= ask_again {
+                self.write(ctl, file, "THAWED")?;
+                std::thread::sleep(Duration::from_millis(1));
+                self.write(ctl, file, value)?;
+                ask_again = Instant::now() + Duration::from_millis(20);
+            }
             if Instant::now() >= deadline {
                 let _ = self.write(
                     ctl,

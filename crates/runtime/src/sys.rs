@@ -715,13 +715,27 @@ pub(crate) fn spawn_program(
 }
 
 /// Sets the signals of `mask` (bit `n - 1` for signal `n`) back to their default action.
-/// Allocation-free and async-signal-safe: only sigaction(2).
+/// Allocation-free and async-signal-safe: only rt_sigaction(2), made directly because glibc's
+/// `sigaction` refuses its own internal signals (32 and 33), which a caller may ignore too.
 pub(crate) fn default_signals(mask: u64) {
+    // The kernel's `struct sigaction` (handler, flags, restorer, mask on x86-64 and arm64):
+    // all zero is SIG_DFL, no flags, nothing blocked.
+    let default = [0u64; 4];
     for sig in 1..=64 {
         if mask & (1u64 << (sig - 1)) != 0 {
-            // SAFETY: SIG_DFL installs no handler; a number that cannot be changed (SIGKILL,
-            // SIGSTOP) fails with EINVAL and changes nothing.
-            unsafe { libc::signal(sig, libc::SIG_DFL) };
+            // SAFETY: `default` is a valid kernel sigaction (SIG_DFL installs no handler) that
+            // outlives the call, the old action is not asked for, and 8 is the kernel's
+            // sigset size; a number that cannot be changed (SIGKILL, SIGSTOP) fails with
+            // EINVAL and changes nothing.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_rt_sigaction,
+                    sig,
+                    default.as_ptr(),
+                    std::ptr::null::<u64>(),
+                    8usize,
+                )
+            };
         }
     }
 }

@@ -135,8 +135,47 @@ async fn a_frozen_sandbox_runs_nothing(host: Host) -> Result<(), Failed> {
     Ok(())
 }
 
+/// A sandbox whose program cannot be executed reports the `exec` stage with the reason (pid 1
+/// starts the program vfork-style and reports instead of `Ready`), and leaves no cgroup.
+async fn a_missing_program_is_an_exec_error(host: Host) -> Result<(), Failed> {
+    let cfg = ampoule_runtime::SandboxConfig::new(vec!["/nonexistent/program".into()]);
+    let before = sandbox_cgroups(&host);
+    let spawned = ampoule_runtime::Sandbox::spawn_with(&host, &cfg, |_| Ok(())).await;
+    let err = match spawned {
+        Ok(_) => return Err("a sandbox started a missing program".into()),
+        Err(e) => e,
+    };
+    check!(
+        matches!(&err, ampoule_runtime::Error::Setup { stage, message }
+            if stage == "exec" && message.contains("/nonexistent/program")
+                && message.contains("No such file or directory")),
+        err
+    );
+    // Its cgroup goes with it (removal may lag the error by a moment).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while sandbox_cgroups(&host).len() > before.len() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let after = sandbox_cgroups(&host);
+    check!(after.iter().all(|c| before.contains(c)), after);
+    Ok(())
+}
+
+/// The sandbox cgroups that exist now.
+fn sandbox_cgroups(host: &Host) -> Vec<String> {
+    host.cgroups
+        .as_ref()
+        .map(ampoule_runtime::cgroup::CgroupRoot::children)
+        .unwrap_or_default()
+}
+
 pub(crate) fn cases() -> Vec<Case> {
     vec![
+        Case::new(
+            "python",
+            "a_missing_program_is_an_exec_error",
+            a_missing_program_is_an_exec_error,
+        ),
         Case::new(
             "python",
             "durable_files_outlive_the_session",
