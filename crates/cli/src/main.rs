@@ -512,6 +512,9 @@ async fn run(
         Ok(())
     })
     .await?;
+    if args.json {
+        result.files = sandbox.scratch().list(DATA).unwrap_or_default();
+    }
     if let Some(dir) = &args.out {
         sandbox
             .scratch()

@@ -143,12 +143,16 @@ pub async fn run(
     echo: Echo,
     prepare: impl FnOnce(&Scratch) -> Result<()>,
 ) -> Result<(RunResult, Sandbox)> {
-    run_with(host, cfg, echo, |p| prepare(p.scratch)).await
+    let (mut result, sb) = run_with(host, cfg, echo, |p| prepare(p.scratch)).await?;
+    result.files = sb.scratch().list(crate::scratch::DATA).unwrap_or_default();
+    Ok((result, sb))
 }
 
 /// [`run`] with the hook of [`Sandbox::spawn_with`], which also sees the network addresses
-/// (start the egress gateway there). The result's `egress` list is left empty: the caller owns
-/// the gateway and fills it in.
+/// (start the egress gateway there). The result's `egress` and `files` lists are left empty:
+/// the caller owns the gateway and fills the first in, and lists the scratch's files (from
+/// the returned sandbox) if it reports them; `ampoule run` without `--json` does not (ten
+/// system calls off the run's tail).
 pub async fn run_with(
     host: &Host,
     cfg: &SandboxConfig,
@@ -239,7 +243,6 @@ pub async fn run_with(
         limits_hit.push(LimitKind::Cpu);
     }
     let (status, limit, exit_code) = classify(exit, timed_out, output_killed, &limits_hit);
-    let files = sb.scratch().list(crate::scratch::DATA).unwrap_or_default();
     let result = RunResult {
         status,
         exit_code,
@@ -253,7 +256,7 @@ pub async fn run_with(
         duration_ms: duration.as_secs_f64() * 1000.0,
         cpu_time_ms: stats_opt(finished.stats.map(|s| s.cpu_ns)).map(|ns| ns as f64 / 1e6),
         peak_memory_bytes: stats_opt(finished.stats.map(|s| s.peak_memory)),
-        files,
+        files: Vec::new(),
         egress: Vec::new(),
     };
     Ok((result, sb))
