@@ -9,7 +9,8 @@ if ! command -v cargo >/dev/null 2>&1; then
   exit 1
 fi
 bash scripts/deps.sh
-cargo build --release --locked -p ampoule-cli
+# Statically linked where the toolchain can (scripts/build.sh says why).
+bash scripts/build.sh --release >/dev/null
 bin=target/release/ampoule
 # The Python environment sessions use (numpy, pandas, matplotlib, ...): idempotent.
 "$bin" setup

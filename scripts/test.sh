@@ -11,12 +11,16 @@ echo "== clippy" >&2
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== build" >&2
 cargo build --workspace --locked
+# The binary the end-to-end tests start (crates/testkit/src/paths.rs): linked as quickstart.sh
+# links it, statically where the toolchain can (scripts/build.sh).
+AMPOULE_BIN="$PWD/$(bash scripts/build.sh)"
+export AMPOULE_BIN
 if [ -f crates/cli/src/setup.rs ]; then
   echo "== ampoule setup (python environment for sessions)" >&2
-  target/debug/ampoule setup
+  "$AMPOULE_BIN" setup
 fi
 echo "== doctor" >&2
-target/debug/ampoule doctor || true
+"$AMPOULE_BIN" doctor || true
 # A Python venv at $1 with the pinned requirements $2 (with Debian's interpreter: `python3` on
 # PATH may be a slow shim). Created once; recreated when the requirements change.
 venv() {

@@ -459,11 +459,14 @@ fn note(msg: &str) {
     eprintln!("bench: {msg}");
 }
 
-fn build_kind() -> &'static str {
-    if cfg!(debug_assertions) {
-        "debug"
-    } else {
-        "release"
+/// The build and how it is linked: `ampoule run`'s start depends on both (static: no
+/// dynamic loader at each exec, see scripts/build.sh).
+pub(crate) fn build_kind() -> &'static str {
+    match (cfg!(debug_assertions), cfg!(target_feature = "crt-static")) {
+        (true, true) => "debug, static",
+        (true, false) => "debug, dynamic",
+        (false, true) => "release, static",
+        (false, false) => "release, dynamic",
     }
 }
 

@@ -86,6 +86,7 @@ pub(crate) fn run(exe: &Path, samples: usize) -> Result<ExitCode> {
         _ => None,
     };
     let report = json!({
+        "build": crate::bench::build_kind(),
         "samples": samples,
         "load_average_start": load_start,
         "load_average_end": load_average(),
