@@ -225,22 +225,7 @@ fn outer(chan: &InitChannel, net_ahead: bool) -> Stage<i32> {
     let started = if spec.early_pid1 {
         None
     } else {
-        let landlock = if spec.zygote {
-            None
-        } else {
-            drop_bounding_set()?;
-            Some(landlock_ruleset()?)
-        };
-        let cgroup_tasks = recv_start(chan)?;
-        // Pid 1 and the program get every CPU the supervisor had.
-        crate::cpus::rejoin();
-        if let Some(net) = &spec.network {
-            crate::network::configure_inside(net).stage("network")?;
-        }
-        Some(Started {
-            cgroup_tasks,
-            landlock,
-        })
+        Some(Started::prepare(&spec, chan)?)
     };
 
     // Pid 1 and we hand the old root over in two words (a byte each; end of file: no): pid 1's
@@ -1246,11 +1231,31 @@ struct Started {
     landlock: Option<landlock::RulesetCreated>,
 }
 
-/// Waits for `Start`; returns the cgroup files it carries.
-fn recv_start(chan: &InitChannel) -> Stage<Vec<std::os::fd::OwnedFd>> {
-    match chan.recv_with_fds().stage("channel")? {
-        (ToInit::Start, fds) => Ok(fds),
-        (ToInit::Spec(_), _) => Err(fail("channel", "unexpected second spec")),
+impl Started {
+    /// What comes before pid 1's own steps, by whichever process waits for `Start`: every CPU
+    /// the supervisor had back (for pid 1 and the program), the capability bounding set
+    /// emptied and the Landlock ruleset built (not for a zygote), `Start` received, and in
+    /// allowlist mode the network configured (by then the supervisor has moved the sandbox end
+    /// of the veth pair in).
+    fn prepare(spec: &InitSpec, chan: &InitChannel) -> Stage<Self> {
+        crate::cpus::rejoin();
+        let landlock = if spec.zygote {
+            None
+        } else {
+            drop_bounding_set()?;
+            Some(landlock_ruleset()?)
+        };
+        let cgroup_tasks = match chan.recv_with_fds().stage("channel")? {
+            (ToInit::Start, fds) => fds,
+            (ToInit::Spec(_), _) => return Err(fail("channel", "unexpected second spec")),
+        };
+        if let Some(net) = &spec.network {
+            crate::network::configure_inside(net).stage("network")?;
+        }
+        Ok(Self {
+            cgroup_tasks,
+            landlock,
+        })
     }
 }
 
@@ -1287,23 +1292,7 @@ fn inner(
         landlock: ruleset,
     } = match handover.started {
         Some(started) => started,
-        None => {
-            crate::cpus::rejoin();
-            let landlock = if spec.zygote {
-                None
-            } else {
-                drop_bounding_set()?;
-                Some(landlock_ruleset()?)
-            };
-            let cgroup_tasks = recv_start(chan)?;
-            if let Some(net) = &spec.network {
-                crate::network::configure_inside(net).stage("network")?;
-            }
-            Started {
-                cgroup_tasks,
-                landlock,
-            }
-        }
+        None => Started::prepare(spec, chan)?,
     };
     // cgroup v1: pid 1, not the outer init, joins the sandbox's cgroup, so that the cgroup is
     // empty once pid 1's namespace has died, whether or not the outer init has finished
