@@ -761,15 +761,19 @@ impl Cgroup {
         // `vfork` and its sleep waiting for the child (dash runs every command so, and
         // `posix_spawn` too) is asked while running, then sleeps unfrozen, waiting for a child
         // that froze before its `exec`: FREEZING for good. Thawing and asking again gets past
-        // it (the child execs meanwhile); v2 counts a `vfork` parent as frozen by itself.
+        // it (the child execs meanwhile); v2 counts a `vfork` parent as frozen by itself. The
+        // wait before asking again doubles (20, 40, 80 ms…), so a large cgroup that is merely
+        // slow to freeze is not thawed over and over.
         let deadline = Instant::now() + Duration::from_secs(5);
-        let mut ask_again = Instant::now() + Duration::from_millis(20);
+        let mut patience = Duration::from_millis(20);
+        let mut ask_again = Instant::now() + patience;
         while on && !self.frozen() {
             if self.version == CgroupVersion::V1 && Instant::now() >= ask_again {
                 self.write(ctl, file, "THAWED")?;
                 std::thread::sleep(Duration::from_millis(1));
                 self.write(ctl, file, value)?;
-                ask_again = Instant::now() + Duration::from_millis(20);
+                patience = patience.saturating_mul(2);
+                ask_again = Instant::now() + patience;
             }
             if Instant::now() >= deadline {
                 let _ = self.write(

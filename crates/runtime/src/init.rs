@@ -1206,7 +1206,8 @@ fn landlock_restrict(ruleset: landlock::RulesetCreated) -> Stage<String> {
 
 /// Empties the capability bounding set (one system call per capability): what no `execve`
 /// below may gain. Inherited across `fork`; it bounds nothing this process holds already, so
-/// the outer init drops it for pid 1 (see `outer`) and keeps its own capabilities.
+/// whichever process waits for `Start` drops it (see [`Started::prepare`]) and keeps its
+/// capabilities for the steps that follow.
 fn drop_bounding_set() -> Stage<()> {
     for cap in caps::all() {
         caps::drop(None, caps::CapSet::Bounding, cap).stage("capabilities")?;
