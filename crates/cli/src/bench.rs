@@ -519,14 +519,19 @@ fn baselines(plan: &Plan, exe: &Path, venv_python: &Path) -> Result<Value> {
     let mut bare = Samples::default();
     let mut bw = Samples::default();
     let mut run = Samples::default();
+    let mut paired = crate::bench_run::Paired::default();
     let pb = progress(plan.baseline, "baselines: python3, bwrap, ampoule run");
     // Interleaved, in rotating orders, so machine noise hits all alike.
     for i in 0..plan.baseline {
-        crate::bench_run::round(i, exe, bwrap, |which, sample| match which {
-            Which::Bare => bare.record(sample),
-            Which::Bubblewrap => bw.record(sample),
-            Which::AmpouleRun => run.record(sample),
+        crate::bench_run::round(i, exe, bwrap, |which, sample| {
+            paired.note(which, &sample);
+            match which {
+                Which::Bare => bare.record(sample),
+                Which::Bubblewrap => bw.record(sample),
+                Which::AmpouleRun => run.record(sample),
+            }
         });
+        paired.end_round();
         pb.inc(1);
     }
     pb.finish_and_clear();
@@ -549,6 +554,7 @@ fn baselines(plan: &Plan, exe: &Path, venv_python: &Path) -> Result<Value> {
         "venv_import_numpy_pandas_matplotlib": import.stat(),
         "bwrap_python3_pass": bwrap_value,
         "ampoule_run_print": run.stat(),
+        "ampoule_run_minus_bwrap_paired": paired.summary(),
     }))
 }
 
@@ -2175,6 +2181,17 @@ fn print_tables(out: &mut impl Write, r: &Value) -> Result<()> {
         "baseline: ampoule run print(1)",
         &bl["ampoule_run_print"],
     )?;
+    let paired = &bl["ampoule_run_minus_bwrap_paired"];
+    if let (Some(p25), Some(p50), Some(p75)) = (
+        paired["p25_ms"].as_f64(),
+        paired["p50_ms"].as_f64(),
+        paired["p75_ms"].as_f64(),
+    ) {
+        writeln!(
+            out,
+            "ampoule run less bwrap, round by round: p50 {p50:+.2} ms (p25 {p25:+.2}, p75 {p75:+.2})"
+        )?;
+    }
     if let (Some(z), Some(imp)) = (
         ns["zygote"]["p50_ms"].as_f64(),
         bl["venv_import_numpy_pandas_matplotlib"]["p50_ms"].as_f64(),

@@ -3,7 +3,9 @@
 //! sample by sample, in rotating orders (see [`round`]), so the machine's noise hits all three
 //! alike. What counts is each one's
 //! overhead over the bare interpreter *in the same run* (the goal: `ampoule run`'s at most
-//! bubblewrap's + 1 ms). The full `ampoule bench` measures the same three among its baselines.
+//! bubblewrap's + 1 ms), and, steadier on a noisy machine, the median of `ampoule run`'s time
+//! less bubblewrap's round by round (see [`Paired`]). The full `ampoule bench` measures the
+//! same three among its baselines.
 
 use std::io::Write;
 use std::path::Path;
@@ -14,8 +16,56 @@ use serde_json::json;
 
 use crate::bench::{PYTHON, load_average, round2, time_process as time};
 
-/// Samples of each of the three.
-pub(crate) const SAMPLES: usize = 40;
+/// Samples of each of the three: enough for the paired differences' quartiles to settle
+/// (their spread here is ~3 ms), in about ten seconds.
+pub(crate) const SAMPLES: usize = 100;
+
+/// `ampoule run`'s time less bubblewrap's, round by round (each pair from one [`round`]): a
+/// slow spell of the machine moves both samples of a round alike, so the median of these
+/// differences holds steadier than the difference of the two medians (docs/BENCHMARKS.md,
+/// issue 19, rounds four and eleven, where `scripts/bench-ab-run.py` does the same).
+#[derive(Default)]
+pub(crate) struct Paired {
+    bwrap: Option<f64>,
+    run: Option<f64>,
+    diffs: Vec<f64>,
+}
+
+impl Paired {
+    /// Notes one sample of the current round.
+    pub(crate) fn note(&mut self, which: Which, sample: &Result<f64>) {
+        let Ok(ms) = sample else { return };
+        match which {
+            Which::Bubblewrap => self.bwrap = Some(*ms),
+            Which::AmpouleRun => self.run = Some(*ms),
+            Which::Bare => {}
+        }
+    }
+
+    /// Ends the round: its difference counts when both samples succeeded.
+    pub(crate) fn end_round(&mut self) {
+        if let (Some(b), Some(r)) = (self.bwrap.take(), self.run.take()) {
+            self.diffs.push(r - b);
+        }
+    }
+
+    /// Quartiles and median of the differences, with how many rounds gave one; `null` without
+    /// bubblewrap.
+    pub(crate) fn summary(&self) -> serde_json::Value {
+        let mut d = self.diffs.clone();
+        d.sort_by(f64::total_cmp);
+        if d.is_empty() {
+            return serde_json::Value::Null;
+        }
+        let at = |q: f64| round2(d[((d.len() - 1) as f64 * q).round() as usize]);
+        json!({
+            "rounds": d.len(),
+            "p25_ms": at(0.25),
+            "p50_ms": median(&d).map(round2),
+            "p75_ms": at(0.75),
+        })
+    }
+}
 
 /// The three commands of the comparison.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,8 +120,10 @@ pub(crate) fn run(exe: &Path, samples: usize) -> Result<ExitCode> {
     let _ = time(ampoule_run(exe), Some(b"print(1)\n"), "1\n");
     let (mut bare_ms, mut bwrap_ms, mut run_ms) = (Vec::new(), Vec::new(), Vec::new());
     let mut errors = Vec::new();
+    let mut paired = Paired::default();
     for i in 0..samples {
         round(i, exe, bwrap, |which, sample| {
+            paired.note(which, &sample);
             let into = match which {
                 Which::Bare => &mut bare_ms,
                 Which::Bubblewrap => &mut bwrap_ms,
@@ -79,6 +131,7 @@ pub(crate) fn run(exe: &Path, samples: usize) -> Result<ExitCode> {
             };
             keep(sample, into, &mut errors);
         });
+        paired.end_round();
     }
     let bare_p50 = median(&bare_ms);
     let over = |v: &[f64]| match (median(v), bare_p50) {
@@ -95,6 +148,7 @@ pub(crate) fn run(exe: &Path, samples: usize) -> Result<ExitCode> {
         "ampoule_run_print_p50_ms": median(&run_ms).map(round2),
         "bwrap_overhead_ms": over(&bwrap_ms),
         "ampoule_run_overhead_ms": over(&run_ms),
+        "ampoule_run_minus_bwrap_paired_ms": paired.summary(),
         "failures": errors.len(),
         "first_error": errors.first(),
     });

@@ -210,6 +210,15 @@ fn run_only_compares_the_three_in_one_run() {
     assert!((run - bare - over).abs() < 0.02, "{r}");
     if std::path::Path::new("/usr/bin/bwrap").exists() {
         assert!(r["bwrap_overhead_ms"].as_f64().is_some(), "{r}");
+        // Every round gave a pair (no sample failed), ordered quartiles.
+        let p = &r["ampoule_run_minus_bwrap_paired_ms"];
+        assert_eq!(p["rounds"].as_u64(), r["samples"].as_u64(), "{r}");
+        let (p25, p50, p75) = (
+            p["p25_ms"].as_f64().unwrap(),
+            p["p50_ms"].as_f64().unwrap(),
+            p["p75_ms"].as_f64().unwrap(),
+        );
+        assert!(p25 <= p50 && p50 <= p75, "{r}");
     }
 }
 
