@@ -268,26 +268,25 @@ impl CgroupRoot {
         self.bases.iter().map(|(_, d)| d.as_path())
     }
 
-    /// Whether this process may create sandbox cgroups under every base directory (as root, or
-    /// in a cgroup delegated to the user).
-    pub fn writable(&self) -> bool {
-        self.bases.iter().all(|(_, d)| {
+    /// Creates the base directories and, on v2, delegates the controllers down to them; fails
+    /// unless this process may create sandbox cgroups under every one of them (as root, or in a
+    /// cgroup delegated to the user).
+    pub fn prepare(&self) -> Result<()> {
+        let writable = |dir: &Path| {
             nix::unistd::access(
-                d.as_path(),
+                dir,
                 nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK,
             )
-            .is_ok()
-        })
-    }
-
-    /// Creates the base directories and, on v2, delegates the controllers down to them.
-    pub fn prepare(&self) -> Result<()> {
+        };
         for (_, dir) in &self.bases {
-            // Made on the host's first run: one `stat` each after that (`create_dir_all` tries
-            // `mkdir` first, then checks what exists).
-            if !dir.is_dir() {
-                fs::create_dir_all(dir).map_err(|e| cg_err(dir, "create", &e))?;
+            // Made on the host's first run: after that one `access` each, which both finds the
+            // directory and says whether we may make cgroups in it (`create_dir_all` would try
+            // `mkdir` first, then check what exists).
+            if writable(dir).is_ok() {
+                continue;
             }
+            fs::create_dir_all(dir).map_err(|e| cg_err(dir, "create", &e))?;
+            writable(dir).map_err(|e| cg_err(dir, "write in", &std::io::Error::from(e)))?;
         }
         if self.version == CgroupVersion::V2 {
             let (_, base) = &self.bases[0];

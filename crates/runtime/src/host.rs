@@ -88,7 +88,7 @@ impl Host {
         } else {
             PathBuf::from(format!("/tmp/ampoule-{}", nix::unistd::geteuid()))
         };
-        let cgroups = CgroupRoot::detect().filter(|root| root.prepare().is_ok() && root.writable());
+        let cgroups = CgroupRoot::detect().filter(|root| root.prepare().is_ok());
         Self::with(privileged, runtime_dir, cgroups)
     }
 
@@ -114,16 +114,23 @@ impl Host {
             host.scratch_mount_dir(),
         ] {
             // They exist but on a host's first run: one `stat` each, not `mkdir` and `stat`.
-            if !dir.is_dir() {
-                fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o755)
-                    .create(&dir)
-                    .ctx(|| format!("creating {}", dir.display()))?;
+            let meta = match fs::metadata(&dir) {
+                Ok(m) if m.is_dir() => m,
+                _ => {
+                    fs::DirBuilder::new()
+                        .recursive(true)
+                        .mode(0o755)
+                        .create(&dir)
+                        .ctx(|| format!("creating {}", dir.display()))?;
+                    fs::metadata(&dir).ctx(|| format!("reading {}", dir.display()))?
+                }
+            };
+            // The slots directory holds lock files only the supervisor should touch (set
+            // again whenever someone changed it).
+            if dir == host.slots_dir() && meta.permissions().mode() & 0o7777 != 0o700 {
+                let _ = fs::set_permissions(&dir, fs::Permissions::from_mode(0o700));
             }
         }
-        // The slots directory holds lock files only the supervisor should touch.
-        let _ = fs::set_permissions(host.slots_dir(), fs::Permissions::from_mode(0o700));
         Ok(host)
     }
 
