@@ -74,7 +74,6 @@ struct GlobalArgs {
     log_format: String,
 }
 
-/// The command line, through [`RunCli`] when it starts with `run`.
 /// Forks `ampoule run`'s sandbox init before the arguments are parsed, when they cannot ask
 /// for anything but a fresh sandbox of the default tier without network (no argument names
 /// another tier, a zygote, a command or an allowed host): the init's first step, making its
@@ -100,6 +99,7 @@ fn usual_run(mut args: impl Iterator<Item = std::ffi::OsString>) -> bool {
     })
 }
 
+/// The command line, through [`RunCli`] when it starts with `run`.
 fn parse_cli() -> Cli {
     if std::env::args_os().nth(1).as_deref() == Some("run".as_ref()) {
         let RunCli {
@@ -267,8 +267,11 @@ fn main() -> ExitCode {
                 early.unwrap_or_else(|| ampoule_runtime::prefork::prefork(a.allow_host.is_empty())),
             )
         }
-        // Not wanted after all: dropping it ends it.
-        _ => None,
+        // Not wanted after all (the scan keeps this from happening): dropping it ends it.
+        _ => {
+            drop(early);
+            None
+        }
     };
     ampoule_server::logging::init(cli.global.log_format.parse().unwrap_or_default());
     // Sandboxes ask to die with the thread that spawned them: a current-thread runtime keeps
