@@ -76,7 +76,8 @@ struct GlobalArgs {
 
 /// Forks `ampoule run`'s sandbox init before the arguments are parsed, when they cannot ask
 /// for anything but a fresh sandbox of the default tier without network (no argument names
-/// another tier, a zygote, a command or an allowed host): the init's first step, making its
+/// another tier, a zygote, a command or an allowed host, and none asks for help, which clap
+/// answers by exiting): the init's first step, making its
 /// network namespace (~0.5 ms), then overlaps the parsing (~0.2 ms) instead of following it.
 /// `None` otherwise, and for every other subcommand: `main` forks after the parsing, as it
 /// decides. An argument that merely looks like one of those flags (a value, say) only costs
@@ -92,10 +93,16 @@ fn usual_run(mut args: impl Iterator<Item = std::ffi::OsString>) -> bool {
     if args.next().as_deref() != Some("run".as_ref()) {
         return false;
     }
-    let other = ["--zygote", "--as-command", "--isolation", "--allow-host"];
+    let other = [
+        "--zygote",
+        "--as-command",
+        "--isolation",
+        "--allow-host",
+        "--help",
+    ];
     args.all(|a| {
         let a = a.as_encoded_bytes();
-        !other.iter().any(|f| a.starts_with(f.as_bytes()))
+        a != b"-h" && !other.iter().any(|f| a.starts_with(f.as_bytes()))
     })
 }
 
@@ -847,12 +854,15 @@ mod tests {
             &["run", "--isolation=gvisor", "-"],
             &["run", "--allow-host", "example.com", "-"],
             &["run", "--allow-host=example.com", "-"],
+            &["run", "--help"],
+            &["run", "-h"],
             &["serve"],
             &["--log-format", "json", "run", "-"],
             &[],
         ] {
             assert!(!usual(other), "{other:?}");
-            // And parsing agrees wherever it is a run: it asks for something else.
+            // And parsing agrees wherever it is a run: it asks for something else (help is
+            // an "error" of clap's, so it never gets here).
             if other.first() == Some(&"run")
                 && let Ok(RunCli {
                     command: RunCommand::Run(a),

@@ -286,7 +286,8 @@ impl CgroupRoot {
                 continue;
             }
             fs::create_dir_all(dir).map_err(|e| cg_err(dir, "create", &e))?;
-            writable(dir).map_err(|e| cg_err(dir, "write in", &std::io::Error::from(e)))?;
+            writable(dir)
+                .map_err(|e| cg_err(dir, "may not make cgroups in it", &std::io::Error::from(e)))?;
         }
         if self.version == CgroupVersion::V2 {
             let (_, base) = &self.bases[0];
