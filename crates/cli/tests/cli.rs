@@ -510,6 +510,75 @@ fn an_ordinary_user_gets_a_sandbox_and_doctor_says_what_is_weaker() {
     assert!(cg["fix"].is_string());
 }
 
+/// The binary begins with the functions of crates/cli/hot-code.txt (crates/cli/build.rs): the
+/// list reached the linker, and the linker read it. Checked on the binary under test and on
+/// the statically linked one of scripts/build.sh when the suite names it (`AMPOULE_BIN`). A
+/// build the list does not apply to (another linker than lld, `AMPOULE_HOT_CODE=0`) is
+/// skipped with a note; a stale list still places its glibc names (they carry no hash) first.
+fn the_hot_code_list_leads_the_binary() {
+    let list = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/hot-code.txt"))
+        .expect("crates/cli/hot-code.txt");
+    let listed: std::collections::HashSet<&str> = list
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect();
+    assert!(
+        listed.len() > 100,
+        "the list names {} functions",
+        listed.len()
+    );
+    let mut bins = vec![env!("CARGO_BIN_EXE_ampoule").to_owned()];
+    bins.extend(std::env::var("AMPOULE_BIN").ok());
+    for bin in bins {
+        let comment = Command::new("readelf")
+            .args(["-p", ".comment", &bin])
+            .output()
+            .expect("readelf");
+        if !text(&comment.stdout).contains("LLD")
+            || std::env::var("AMPOULE_HOT_CODE").is_ok_and(|v| v == "0")
+        {
+            eprintln!("{bin}: not linked by lld with the list; skipped");
+            continue;
+        }
+        let nm = Command::new("nm")
+            .args(["-n", "-S", "--defined-only", "--no-demangle", &bin])
+            .output()
+            .expect("nm");
+        assert!(nm.status.success(), "nm {bin}: {}", text(&nm.stderr));
+        // Code symbols: (address, size, name).
+        let symbols = text(&nm.stdout);
+        let code: Vec<(u64, u64, &str)> = symbols
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                let [addr, size, "t" | "T", name] = f[..] else {
+                    return None;
+                };
+                let hex = |s| u64::from_str_radix(s, 16).ok();
+                Some((hex(addr)?, hex(size)?, name))
+            })
+            .collect();
+        let start = code.iter().map(|c| c.0).min().expect("code symbols");
+        let hot: Vec<(u64, u64)> = code
+            .iter()
+            .filter(|c| listed.contains(c.2))
+            .map(|c| (c.0, c.1))
+            .collect();
+        assert!(!hot.is_empty(), "{bin} has none of the listed functions");
+        // Placed first, the listed functions lie within twice their size from the start of
+        // the code (the rest of a listed function's object section comes along); unordered,
+        // about 6 % of them do.
+        let size: u64 = hot.iter().map(|h| h.1).sum();
+        let near = hot.iter().filter(|h| h.0 < start + 2 * size).count();
+        assert!(
+            near * 10 >= hot.len() * 9,
+            "{bin}: {near} of its {} listed functions lie in the first {size} × 2 bytes of code",
+            hot.len()
+        );
+    }
+}
+
 fn main() {
     let args = Arguments::from_args();
     let root = (!is_root()).then_some("starting sandboxes in tests needs root");
@@ -534,6 +603,11 @@ fn main() {
             "json_result_reports_the_limit_that_decided",
             json_result_reports_the_limit_that_decided,
             root,
+        ),
+        trial(
+            "the_hot_code_list_leads_the_binary",
+            the_hot_code_list_leads_the_binary,
+            None,
         ),
         trial(
             "bad_input_gets_a_clear_error_and_a_nonzero_exit",
