@@ -107,18 +107,18 @@ fn usual_run(mut args: impl Iterator<Item = std::ffi::OsString>) -> bool {
 }
 
 /// The command line, through [`RunCli`] when it starts with `run`.
-fn parse_cli() -> Cli {
+fn parse_cli() -> Result<Cli, clap::Error> {
     if std::env::args_os().nth(1).as_deref() == Some("run".as_ref()) {
         let RunCli {
             command: RunCommand::Run(args),
             global,
-        } = RunCli::parse();
-        return Cli {
+        } = RunCli::try_parse()?;
+        return Ok(Cli {
             command: Command::Run(args),
             global,
-        };
+        });
     }
-    Cli::parse()
+    Cli::try_parse()
 }
 
 #[derive(Subcommand)]
@@ -263,7 +263,15 @@ fn main() -> ExitCode {
     // than started again as the ampoule binary later (see `ampoule_runtime::prefork`); in
     // the usual form of the command, before the arguments are parsed (see `early_prefork`).
     let early = early_prefork();
-    let cli = parse_cli();
+    let cli = match parse_cli() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // An init forked early ends (killed and reaped) before clap's message and exit,
+            // rather than outliving us as a zombie for our parent's reaper to find.
+            drop(early);
+            e.exit()
+        }
+    };
     let preforked = match &cli.command {
         Command::Run(a)
             if !a.zygote

@@ -222,6 +222,43 @@ fn bad_input_gets_a_clear_error_and_a_nonzero_exit() {
     assert_eq!(out.status.code(), Some(2));
 }
 
+/// A command line `ampoule run` refuses, before or after parsing it, ends the sandbox init it
+/// forked early (see `early_prefork` in main.rs) before it exits: nothing is left for the
+/// caller's reaper. The CLI runs under a Python that is a child subreaper
+/// (`PR_SET_CHILD_SUBREAPER`), so any process it leaves behind becomes that Python's child.
+fn a_refused_command_line_leaves_no_process_behind() {
+    const WATCH: &str = r#"
+import ctypes, os, signal, subprocess, sys
+ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)
+out = subprocess.run(sys.argv[1:], stdin=subprocess.DEVNULL, capture_output=True)
+signal.alarm(10)
+try:
+    pid, status = os.wait()
+    print(f"left behind: pid {pid}, status {status}; exit {out.returncode}")
+except ChildProcessError:
+    print(f"nothing left; exit {out.returncode}")
+"#;
+    let exe = env!("CARGO_BIN_EXE_ampoule");
+    for (args, code) in [
+        (&["run", "--no-such-flag", "-"][..], 2),
+        (&["run", "--timeout", "soon", "-"][..], 2),
+        (&["run", "--lang", "cobol", "-"][..], 125),
+        (&["run", "/nonexistent/code.py"][..], 125),
+    ] {
+        let out = Command::new("/usr/bin/python3")
+            .args(["-c", WATCH, exe])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert_eq!(
+            text(&out.stdout).trim(),
+            format!("nothing left; exit {code}"),
+            "ampoule {args:?}"
+        );
+    }
+}
+
 fn doctor_reports_every_layer_and_runtime() {
     let out = ampoule().args(["doctor", "--json"]).output().unwrap();
     let checks: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -612,6 +649,11 @@ fn main() {
         trial(
             "bad_input_gets_a_clear_error_and_a_nonzero_exit",
             bad_input_gets_a_clear_error_and_a_nonzero_exit,
+            None,
+        ),
+        trial(
+            "a_refused_command_line_leaves_no_process_behind",
+            a_refused_command_line_leaves_no_process_behind,
             None,
         ),
         trial(
