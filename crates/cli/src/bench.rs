@@ -104,6 +104,10 @@ pub(crate) struct BenchArgs {
     /// allowed host, forked from a zygote and started cold, as JSON.
     #[arg(long)]
     network_only: bool,
+    /// Only the zygote pool's burst of 100 new sessions at once (20 with --quick), deleted and
+    /// held in turn, five times each (once with --quick): each burst's last answer, as JSON.
+    #[arg(long)]
+    burst_only: bool,
 }
 
 mod gvisor;
@@ -396,6 +400,25 @@ pub(crate) async fn run(args: BenchArgs) -> Result<ExitCode> {
     }
     if args.network_only {
         let report = network::report(args.quick, &exe, &work).await?;
+        let mut out = std::io::stdout().lock();
+        serde_json::to_writer_pretty(&mut out, &report)?;
+        writeln!(out)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if args.burst_only {
+        let rounds = if args.quick { 1 } else { 5 };
+        let bursts = burst_phase(&plan, &exe, &work, rounds).await?;
+        let report = json!({
+            "version": 1,
+            "date": utc_now(),
+            "build": build_kind(),
+            "host": {
+                "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+                "load_average_start": load_before,
+                "load_average_end": load_average(),
+            },
+            "burst": bursts,
+        });
         let mut out = std::io::stdout().lock();
         serde_json::to_writer_pretty(&mut out, &report)?;
         writeln!(out)?;
@@ -1222,36 +1245,7 @@ async fn server_phase(
         (ZYGOTE_POOL, "zygote_big", plan.big_burst, false),
         (ZYGOTE_POOL, "zygote_big_held", plan.big_burst, true),
     ] {
-        // The previous burst's sessions are deleted, but their processes may still be exiting
-        // (the tear-down is asynchronous): wait until the host's process count is back where
-        // it was, so that no burst pays for the one before it.
-        let settled_ms = settle(baseline_procs, Duration::from_secs(20)).await;
-        let mut clients: Vec<Client> = (0..n).map(|_| server.client()).collect();
-        for cl in &mut clients {
-            cl.ready().await?;
-        }
-        let runs = clients.iter_mut().enumerate().map(|(i, cl)| async move {
-            let id = format!("burst-{label}-{i}");
-            let r = cl.execute(pool, &id, FIRST_CODE, Some("2")).await;
-            if !held {
-                let _ = cl.delete(pool, &id).await;
-            }
-            r
-        });
-        let mut s = Samples::default();
-        for r in join_all(runs).await {
-            s.record(r);
-        }
-        if held {
-            let deletes = clients.iter_mut().enumerate().map(|(i, cl)| async move {
-                let _ = cl.delete(pool, &format!("burst-{label}-{i}")).await;
-            });
-            join_all(deletes).await;
-        }
-        let mut stat = serde_json::to_value(s.stat())?;
-        if let Some(o) = stat.as_object_mut() {
-            o.insert("settled_before_ms".into(), json!(settled_ms));
-        }
+        let stat = burst(&server, pool, label, n, held, baseline_procs).await?;
         bursts.insert(label.to_owned(), stat);
         if pool == WARM_POOL {
             c.wait_warm(WARM_POOL, Duration::from_secs(600)).await?;
@@ -1292,6 +1286,104 @@ async fn server_phase(
         rt.stat(),
         throughput,
     ))
+}
+
+/// `n` new identifiers of `pool` at the same instant, each on a connection opened before;
+/// `held`: every session is deleted only once all have answered (new agents arriving at once
+/// keep their sessions), instead of each right after its own answer, when the tear-down of
+/// the first ones (their processes' memory unmapped) competes with the start of the last ones.
+async fn burst(
+    server: &Server,
+    pool: &str,
+    label: &str,
+    n: usize,
+    held: bool,
+    baseline_procs: usize,
+) -> Result<Value> {
+    // The previous burst's sessions are deleted, but their processes may still be exiting
+    // (the tear-down is asynchronous): wait until the host's process count is back where
+    // it was, so that no burst pays for the one before it.
+    let settled_ms = settle(baseline_procs, Duration::from_secs(20)).await;
+    let mut clients: Vec<Client> = (0..n).map(|_| server.client()).collect();
+    for cl in &mut clients {
+        cl.ready().await?;
+    }
+    let runs = clients.iter_mut().enumerate().map(|(i, cl)| async move {
+        let id = format!("burst-{label}-{i}");
+        let r = cl.execute(pool, &id, FIRST_CODE, Some("2")).await;
+        if !held {
+            let _ = cl.delete(pool, &id).await;
+        }
+        r
+    });
+    let mut s = Samples::default();
+    for r in join_all(runs).await {
+        s.record(r);
+    }
+    if held {
+        let deletes = clients.iter_mut().enumerate().map(|(i, cl)| async move {
+            let _ = cl.delete(pool, &format!("burst-{label}-{i}")).await;
+        });
+        join_all(deletes).await;
+    }
+    let mut stat = serde_json::to_value(s.stat())?;
+    if let Some(o) = stat.as_object_mut() {
+        o.insert("settled_before_ms".into(), json!(settled_ms));
+    }
+    Ok(stat)
+}
+
+/// `--burst-only`: the zygote pool's burst of `big_burst` new sessions at once, deleted and
+/// held in turn, `rounds` times each, in a server of its own: the spread of the figure the
+/// full bench takes once of each, and a workload short enough to profile.
+async fn burst_phase(plan: &Plan, exe: &Path, work: &WorkDir, rounds: usize) -> Result<Value> {
+    let pools = [(ZYGOTE_POOL, pool_toml(true, 0, plan.big_burst + 16))];
+    note("starting ampoule serve with pool bench-zygote");
+    let server = Server::start(exe, work, "burst", &pools)?;
+    let mut c = server.client();
+    c.execute(ZYGOTE_POOL, "warm-up", FIRST_CODE, Some("2"))
+        .await
+        .with_context(|| format!("the first session\n{}", server.log_tail()))?;
+    c.delete(ZYGOTE_POOL, "warm-up").await?;
+    let baseline_procs = process_count();
+    let mut out = serde_json::Map::new();
+    for label in ["deleted", "held"] {
+        out.insert(label.to_owned(), json!([]));
+    }
+    let mut last = |label: &str, v: &Value| {
+        if let Some(Value::Array(a)) = out.get_mut(label) {
+            a.push(v["max_ms"].clone());
+        }
+    };
+    let pb = progress(
+        rounds * 2,
+        &format!("bursts of {} new sessions", plan.big_burst),
+    );
+    let mut failures = 0;
+    for _ in 0..rounds {
+        for (label, held) in [("deleted", false), ("held", true)] {
+            let stat = burst(
+                &server,
+                ZYGOTE_POOL,
+                label,
+                plan.big_burst,
+                held,
+                baseline_procs,
+            )
+            .await?;
+            if stat["success_rate"].as_f64() != Some(1.0) {
+                failures += 1;
+            }
+            last(label, &stat);
+            pb.inc(1);
+        }
+    }
+    pb.finish_and_clear();
+    drop(c);
+    server.stop(Duration::from_secs(120));
+    out.insert("sessions_per_burst".into(), json!(plan.big_burst));
+    out.insert("bursts_with_a_failure".into(), json!(failures));
+    Ok(Value::Object(out))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -242,6 +242,28 @@ fn quick_network_bench_reports_both_pools() {
     assert_eq!(net["zygote_no_warm"]["zygote_cold_fallbacks"], 0, "{net}");
 }
 
+/// `--burst-only --quick`: one burst of 20 new sessions deleted and one held, every session
+/// answered, and each burst's last answer reported.
+fn quick_burst_bench_reports_each_burst() {
+    let out = Command::new(env!("CARGO_BIN_EXE_ampoule"))
+        .args(["bench", "--quick", "--burst-only"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "ampoule bench failed: {stderr}");
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let b = &r["burst"];
+    assert_eq!(b["sessions_per_burst"], 20, "{b}");
+    assert_eq!(b["bursts_with_a_failure"], 0, "{b}");
+    for kind in ["deleted", "held"] {
+        let last = b[kind]
+            .as_array()
+            .unwrap_or_else(|| panic!("no {kind}: {b}"));
+        assert_eq!(last.len(), 1, "{b}");
+        assert!(last[0].as_f64().is_some_and(|ms| ms > 0.0), "{b}");
+    }
+}
+
 fn bench_refuses_without_root() {
     let out = Command::new(env!("CARGO_BIN_EXE_ampoule"))
         .args(["bench", "--quick"])
@@ -288,6 +310,11 @@ fn main() {
         (
             "quick_network_bench_reports_both_pools",
             quick_network_bench_reports_both_pools,
+            (!root).then_some("ampoule bench needs root"),
+        ),
+        (
+            "quick_burst_bench_reports_each_burst",
+            quick_burst_bench_reports_each_burst,
             (!root).then_some("ampoule bench needs root"),
         ),
         (
