@@ -379,21 +379,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<ExitCode> {
             .unwrap_or(if args.quick { 20 } else { 100 });
         let rounds = if args.quick { 2 } else { 5 };
         let cluster = cluster_phase(&exe, &work, per_replica, rounds).await?;
-        let report = json!({
-            "version": 1,
-            "date": utc_now(),
-            "build": build_kind(),
-            "host": {
-                "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-                "load_average_start": load_before,
-                "load_average_end": load_average(),
-            },
-            "cluster": cluster,
-        });
-        let mut out = std::io::stdout().lock();
-        serde_json::to_writer_pretty(&mut out, &report)?;
-        writeln!(out)?;
-        return Ok(ExitCode::SUCCESS);
+        return section_report("cluster", cluster, &load_before);
     }
     if args.gvisor_only {
         return gvisor::run(args.quick, &exe, &work).await;
@@ -408,21 +394,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<ExitCode> {
     if args.burst_only {
         let rounds = if args.quick { 1 } else { 5 };
         let bursts = burst_phase(&plan, &exe, &work, rounds).await?;
-        let report = json!({
-            "version": 1,
-            "date": utc_now(),
-            "build": build_kind(),
-            "host": {
-                "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-                "load_average_start": load_before,
-                "load_average_end": load_average(),
-            },
-            "burst": bursts,
-        });
-        let mut out = std::io::stdout().lock();
-        serde_json::to_writer_pretty(&mut out, &report)?;
-        writeln!(out)?;
-        return Ok(ExitCode::SUCCESS);
+        return section_report("burst", bursts, &load_before);
     }
     if args.density_only {
         let density = densities(&plan, &exe, &work).await?;
@@ -475,6 +447,26 @@ pub(crate) async fn run(args: BenchArgs) -> Result<ExitCode> {
     } else {
         print_tables(&mut out, &report)?;
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints the report of a run of one section (`--cluster-only`, `--burst-only`) as one JSON
+/// object, with the host's CPUs and load average around it.
+fn section_report(name: &str, section: Value, load_before: &str) -> Result<ExitCode> {
+    let mut report = json!({
+        "version": 1,
+        "date": utc_now(),
+        "build": build_kind(),
+        "host": {
+            "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            "load_average_start": load_before,
+            "load_average_end": load_average(),
+        },
+    });
+    report[name] = section;
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, &report)?;
+    writeln!(out)?;
     Ok(ExitCode::SUCCESS)
 }
 
