@@ -8,8 +8,9 @@ says why; docs/BENCHMARKS.md, issue 19 round twelve, what it is worth).
 Needs root, perf (Debian: linux-perf) and an lld-linked build (rustc >= 1.90 on x86_64);
 takes about ten minutes here: a release build, RUNS (default 300) `ampoule run print(1)`
 under a 100 kHz CPU-clock sampler, then rounds of page-fault tracing and relinking until no
-code outside the list faults (`--refine`: only those rounds, from the list as it is). Run it again when the toolchain or Cargo.lock changes: the
-list's Rust names carry their crates' hashes, and names the new binary lacks are ignored.
+code outside the list faults (at most five; `--refine`: only those rounds, from the list as
+it is). Run it again when the toolchain or Cargo.lock changes: the list's Rust names carry
+their crates' hashes, and names the new binary lacks are ignored (the build warns).
 
 Order of the list: functions the forked inits ran first (they touch only those, so they
 fault in fewer windows), then those only the command-line process ran, each group by how
