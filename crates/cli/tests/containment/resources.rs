@@ -119,9 +119,12 @@ sys.exit(1 if failed else 0)
         .args(&["--pids", "32", "--timeout", "20"]),
         sh(
             "resources/bash_fork_bomb",
-            // The classic bomb, while the main shell stays busy (builtins only: it cannot
-            // fork any more) and then exits, which must take the whole bomb down with it.
-            ":(){ :|:& };:\nend=$((SECONDS + 3))\nwhile [ $SECONDS -lt $end ]; do true; done\necho MAIN survived\n",
+            // The classic bomb, started in the background, while the main shell stays busy
+            // (builtins only: it cannot fork any more) and then exits, which must take the
+            // whole bomb down with it. The main shell forks once, first (`: &`): were it to
+            // run `:` itself, its fork of the pipeline's second half could meet the limit the
+            // first half's bomb has already filled, and bash exits when a fork fails for good.
+            ":(){ :|:& };: &\nend=$((SECONDS + 3))\nwhile [ $SECONDS -lt $end ]; do true; done\necho MAIN survived\n",
             |o| {
                 if !o.result.limits_hit.contains(&LimitKind::Pids)
                     || o.result.status != ExecutionStatus::Succeeded
