@@ -36,7 +36,10 @@ TMP = tempfile.mkdtemp(prefix="hot-code.")
 
 
 def sh(*args, **kw):
-    return subprocess.run(args, check=True, text=True, capture_output=True, **kw).stdout
+    r = subprocess.run(args, text=True, capture_output=True, **kw)
+    if r.returncode != 0:
+        sys.exit(f"{' '.join(args)} failed (exit {r.returncode}):\n{r.stderr[-4000:]}")
+    return r.stdout
 
 
 def build():

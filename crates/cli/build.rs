@@ -15,9 +15,10 @@
 //! whole of it: each process faults in every 64 KiB window of it that it touches (the kernel
 //! maps the window's pages together), about 140 windows per `ampoule run`. The list names
 //! the functions that path runs (scripts/hot-code.py measures and writes it); the linker
-//! puts them first, so the path touches about 50 windows. On the benchmark VM that is 0.2 ms
-//! of CPU per `ampoule run` with the binary's page cache as an install leaves it and 0.6 ms
-//! with the cache refilled by the binary's own faults (docs/BENCHMARKS.md, round twelve).
+//! puts them first, so the path touches about 30 windows. On the benchmark VM that is
+//! 0.2–0.3 ms of CPU per `ampoule run` with the binary's page cache as an install leaves it
+//! and 0.6–1 ms with the cache refilled by the binary's own faults (docs/BENCHMARKS.md,
+//! issue 19 round twelve).
 //! Only lld reads the list (`--symbol-ordering-file`): rustc links with its own lld on
 //! x86_64 Linux since 1.90, so it is passed only there and when the build does not choose
 //! another linker. Names the binary does not have (another rustc, another Cargo.lock: the
@@ -30,6 +31,7 @@ fn main() {
     println!("cargo:rerun-if-env-changed=AMPOULE_PIE");
     println!("cargo:rerun-if-env-changed=AMPOULE_HOT_CODE");
     println!("cargo:rerun-if-changed=hot-code.txt");
+    println!("cargo:rerun-if-env-changed=RUSTC_LINKER");
     let env = |k: &str| std::env::var(k).unwrap_or_default();
     let linux = env("CARGO_CFG_TARGET_OS") == "linux";
     if linux && env("AMPOULE_PIE") != "1" {
@@ -71,7 +73,6 @@ fn rustc_version() -> String {
 /// Whether rustc links this target with its own lld: x86_64 GNU/Linux from rustc 1.90 on,
 /// unless the flags pick a linker or turn lld off.
 fn links_with_rust_lld(target: &str, rustc_vv: &str) -> bool {
-    println!("cargo:rerun-if-env-changed=RUSTC_LINKER");
     if target != "x86_64-unknown-linux-gnu" || std::env::var_os("RUSTC_LINKER").is_some() {
         return false;
     }

@@ -1338,44 +1338,45 @@ async fn burst_phase(plan: &Plan, exe: &Path, work: &WorkDir, rounds: usize) -> 
         .with_context(|| format!("the first session\n{}", server.log_tail()))?;
     c.delete(ZYGOTE_POOL, "warm-up").await?;
     let baseline_procs = process_count();
-    let mut out = serde_json::Map::new();
-    for label in ["deleted", "held"] {
-        out.insert(label.to_owned(), json!([]));
-    }
-    let mut last = |label: &str, v: &Value| {
-        if let Some(Value::Array(a)) = out.get_mut(label) {
-            a.push(v["max_ms"].clone());
-        }
-    };
     let pb = progress(
         rounds * 2,
         &format!("bursts of {} new sessions", plan.big_burst),
     );
+    // Each burst's last answer, by kind.
+    let (mut deleted, mut held) = (Vec::new(), Vec::new());
     let mut failures = 0;
     for _ in 0..rounds {
-        for (label, held) in [("deleted", false), ("held", true)] {
+        for (label, keep) in [("deleted", false), ("held", true)] {
             let stat = burst(
                 &server,
                 ZYGOTE_POOL,
                 label,
                 plan.big_burst,
-                held,
+                keep,
                 baseline_procs,
             )
             .await?;
             if stat["success_rate"].as_f64() != Some(1.0) {
                 failures += 1;
             }
-            last(label, &stat);
+            let last = stat["max_ms"].clone();
+            if keep {
+                held.push(last)
+            } else {
+                deleted.push(last)
+            }
             pb.inc(1);
         }
     }
     pb.finish_and_clear();
     drop(c);
     server.stop(Duration::from_secs(120));
-    out.insert("sessions_per_burst".into(), json!(plan.big_burst));
-    out.insert("bursts_with_a_failure".into(), json!(failures));
-    Ok(Value::Object(out))
+    Ok(json!({
+        "deleted": deleted,
+        "held": held,
+        "sessions_per_burst": plan.big_burst,
+        "bursts_with_a_failure": failures,
+    }))
 }
 
 // ---------------------------------------------------------------------------------------------
